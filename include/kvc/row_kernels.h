@@ -1,0 +1,75 @@
+// Batch row kernels: quantize / dequantize KV rows and index keys with SIMD,
+// dispatched at run time to the best target the CPU supports (Highway).
+//
+// Every kernel gives exactly the bits of its scalar reference in
+// reference_codecs.h, on every target (tested). Every entry point validates
+// its arguments first and, on error, returns kInvalidArgument (or
+// kOutOfRange for row indices) and writes nothing.
+//
+// Non-finite inputs: a row or key containing ±inf or NaN is rejected (the
+// FP8/FP4 block rules are defined for finite values only); so is an index key
+// element with |x| > 2^120, for which the Hadamard sums could overflow fp32.
+// Real activations are many orders of magnitude below that bound.
+#ifndef KVC_ROW_KERNELS_H_
+#define KVC_ROW_KERNELS_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+#include "kvc/number_formats.h"
+#include "kvc/row_formats.h"
+
+namespace kvc {
+
+// ---------------------------------------------------------------------------
+// KV rows: 512-dim bf16 <-> 584-byte FP8 rows (RowFormat::kKvFp8).
+
+// Quantizes out.count rows; `in` holds out.count * 512 bf16 values, row-major.
+// Cost: one validation pass over `in`, then ~1 read of `in` + 584 B written
+// per row. Allocates nothing.
+absl::Status QuantizeKvRows(absl::Span<const Bf16> in, PackedRows out);
+
+// Dequantizes in.count rows into `out` (in.count * 512 values, row-major).
+// Exact: values are E4M3 codes times powers of two. Any byte pattern is
+// accepted (NaN codes and 255 scale bytes give NaN).
+absl::Status DequantizeKvRows(ConstPackedRows in, absl::Span<Bf16> out);
+absl::Status DequantizeKvRows(ConstPackedRows in, absl::Span<float> out);
+
+// Dequantizes rows in[rows[0]], in[rows[1]], ... into consecutive 512-value
+// rows of `out` (rows.size() * 512 values). kOutOfRange if an index is
+// outside [0, in.count).
+absl::Status GatherDequantizeKvRows(ConstPackedRows in, absl::Span<const int64_t> rows,
+                                    absl::Span<Bf16> out);
+absl::Status GatherDequantizeKvRows(ConstPackedRows in, absl::Span<const int64_t> rows,
+                                    absl::Span<float> out);
+
+// ---------------------------------------------------------------------------
+// Index keys and prepared index queries: 128-dim bf16 -> Hadamard-128, bf16,
+// FP4 -> 68-byte keys (RowFormat::kIndexFp4).
+
+// Quantizes out.count keys; `in` holds out.count * 128 bf16 values.
+absl::Status QuantizeIndexKeys(absl::Span<const Bf16> in, PackedRows out);
+
+// Dequantizes in.count keys into `out` (in.count * 128 fp32 values). Exact.
+absl::Status DequantizeIndexKeys(ConstPackedRows in, absl::Span<float> out);
+
+// ---------------------------------------------------------------------------
+// SIMD targets.
+
+// The Highway targets (HWY_AVX3_DL, HWY_AVX2, ...) that kvc was compiled for
+// and this CPU supports, best first. Tests run every kernel on each of them
+// via hwy::SetSupportedTargetsForTest.
+std::vector<int64_t> SimdTargets();
+
+// Name of the target the kernels dispatch to right now (e.g. "AVX3_DL").
+std::string ActiveSimdTargetName();
+
+// Name of any Highway target bit, e.g. for test names.
+std::string SimdTargetName(int64_t target);
+
+}  // namespace kvc
+
+#endif  // KVC_ROW_KERNELS_H_

@@ -1,0 +1,82 @@
+// Reader for the safetensors format (8-byte little-endian header length, a
+// JSON header naming each tensor's dtype, shape and byte range, then the raw
+// little-endian data). kvc uses it for the golden vectors; engines can use it
+// to load test data. Every structural fact is validated on open, so accessors
+// never read out of bounds, whatever the file holds.
+#ifndef KVC_SAFETENSORS_H_
+#define KVC_SAFETENSORS_H_
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+#include "kvc/json.h"
+
+namespace kvc {
+
+enum class DType : uint8_t { kBool, kU8, kI8, kU16, kI16, kF16, kBF16, kU32, kI32, kF32, kU64, kI64, kF64 };
+
+// "BF16", "F32", ... as safetensors spells them.
+const char* DTypeName(DType dtype);
+int DTypeSize(DType dtype);  // bytes per element
+
+struct TensorInfo {
+  std::string name;
+  DType dtype;
+  std::vector<int64_t> shape;
+  int64_t elements;  // product of shape
+  int64_t offset;    // bytes from the start of the data section
+  int64_t bytes;     // elements * DTypeSize(dtype)
+};
+
+class SafetensorsFile {
+ public:
+  // Largest header accepted (the format's own limit is 100 MB).
+  static constexpr int64_t kMaxHeaderBytes = 100 << 20;
+
+  // Reads and validates a whole file. kNotFound if it cannot be opened.
+  static absl::StatusOr<SafetensorsFile> Read(const std::string& path);
+  // Validates an in-memory file image (takes ownership).
+  static absl::StatusOr<SafetensorsFile> Parse(std::string bytes);
+
+  const std::vector<TensorInfo>& tensors() const { return tensors_; }
+  const TensorInfo* Find(absl::string_view name) const;
+
+  // The `__metadata__` object of the header (string values only), or null.
+  const JsonValue* metadata() const { return header_.Find("__metadata__"); }
+
+  // The raw little-endian bytes of a tensor of this file.
+  absl::Span<const uint8_t> Bytes(const TensorInfo& tensor) const;
+
+  // Copies tensor `name` into a vector of T, checking that T matches its
+  // dtype's size and kind and that its shape equals `shape` (-1 = any extent).
+  template <typename T>
+  absl::StatusOr<std::vector<T>> Get(absl::string_view name, DType dtype,
+                                     const std::vector<int64_t>& shape,
+                                     const TensorInfo** info = nullptr) const {
+    const TensorInfo* t = nullptr;
+    absl::Status status = Check(name, dtype, sizeof(T), shape, &t);
+    if (!status.ok()) return status;
+    std::vector<T> out(static_cast<size_t>(t->elements));
+    if (t->bytes > 0) std::memcpy(out.data(), Bytes(*t).data(), static_cast<size_t>(t->bytes));
+    if (info != nullptr) *info = t;
+    return out;
+  }
+
+ private:
+  absl::Status Check(absl::string_view name, DType dtype, size_t element_size,
+                     const std::vector<int64_t>& shape, const TensorInfo** out) const;
+
+  std::string bytes_;
+  int64_t data_start_ = 0;
+  JsonValue header_;
+  std::vector<TensorInfo> tensors_;
+};
+
+}  // namespace kvc
+
+#endif  // KVC_SAFETENSORS_H_

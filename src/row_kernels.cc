@@ -1,0 +1,471 @@
+// SIMD kernels behind row_kernels.h, compiled once per Highway target
+// (hwy/foreach_target.h re-includes this file). The HWY_ONCE section at the
+// end validates arguments and dispatches.
+//
+// Bit-exactness: every kernel performs the same fp32 operations, in the same
+// order per element, as its scalar reference in reference_codecs.h; the only
+// reductions (block amax) are max(), which is order-independent. Scales are
+// computed by the very same scalar functions (number_formats.h).
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "src/row_kernels.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
+#include "kvc/number_formats.h"
+#include "kvc/reference_codecs.h"
+#include "kvc/row_formats.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace kvc {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+using DF = hn::ScalableTag<float>;
+using DU32 = hn::RebindToUnsigned<DF>;
+using DI32 = hn::RebindToSigned<DF>;
+using DU16 = hn::Rebind<uint16_t, DF>;  // as many u16 lanes as DF has floats
+using DU8 = hn::Rebind<uint8_t, DF>;    // as many u8 lanes as DF has floats
+using VF = hn::Vec<DF>;
+using VU32 = hn::Vec<DU32>;
+
+// N bf16 values at p, as fp32 lanes (exact).
+HWY_INLINE VF LoadBf16(DF df, const Bf16* p) {
+  const DU32 du32;
+  const DU16 du16;
+  const auto bits = hn::PromoteTo(du32, hn::LoadU(du16, reinterpret_cast<const uint16_t*>(p)));
+  return hn::BitCast(df, hn::ShiftLeft<16>(bits));
+}
+
+// bf16 bits of v (round-to-nearest-even) in the low half of u32 lanes; NaN
+// becomes the canonical quiet NaN with v's sign (as Bf16BitsFromF32).
+HWY_INLINE VU32 Bf16BitsRne(DF df, VF v) {
+  const DU32 du32;
+  const VU32 u = hn::BitCast(du32, v);
+  const VU32 lsb = hn::And(hn::ShiftRight<16>(u), hn::Set(du32, 1u));
+  const VU32 rounded = hn::ShiftRight<16>(hn::Add(hn::Add(u, hn::Set(du32, 0x7FFFu)), lsb));
+  const VU32 nan = hn::Or(hn::And(hn::ShiftRight<16>(u), hn::Set(du32, 0x8000u)),
+                          hn::Set(du32, 0x7FC0u));
+  (void)df;
+  return hn::IfThenElse(hn::RebindMask(du32, hn::IsNaN(v)), nan, rounded);
+}
+
+HWY_INLINE VF RoundToBf16(DF df, VF v) {
+  return hn::BitCast(df, hn::ShiftLeft<16>(Bf16BitsRne(df, v)));
+}
+
+HWY_INLINE void StoreValues(DF df, VF v, float* out) { hn::StoreU(v, df, out); }
+
+HWY_INLINE void StoreValues(DF df, VF v, Bf16* out) {
+  const DI32 di32;
+  const DU16 du16;
+  hn::StoreU(hn::DemoteTo(du16, hn::BitCast(di32, Bf16BitsRne(df, v))), du16,
+             reinterpret_cast<uint16_t*>(out));
+}
+
+// E4M3 codes of y (as E4M3FromF32 after clamping to ±448), in u32 lanes.
+HWY_INLINE VU32 E4M3Codes(DF df, VF y) {
+  const DU32 du32;
+  const DI32 di32;
+  const VF clamped = hn::Min(hn::Max(y, hn::Set(df, -kE4M3Max)), hn::Set(df, kE4M3Max));
+  const VU32 u = hn::BitCast(du32, clamped);
+  const VU32 sign = hn::And(hn::ShiftRight<24>(u), hn::Set(du32, 0x80u));
+  const VU32 a = hn::And(u, hn::Set(du32, 0x7FFFFFFFu));
+  // Normal range: keep 3 mantissa bits, RNE; rebias the exponent 127 -> 7.
+  const VU32 lsb = hn::And(hn::ShiftRight<20>(a), hn::Set(du32, 1u));
+  const VU32 rounded = hn::Add(hn::Add(a, hn::Set(du32, 0x7FFFFu)), lsb);
+  const VU32 normal = hn::Sub(hn::ShiftRight<20>(rounded), hn::Set(du32, 120u << 3));
+  // Below 2^-6: round to multiples of 2^-9 by adding 2^14 (ulp 2^-9).
+  const VF shifted = hn::Add(hn::BitCast(df, a), hn::Set(df, 16384.0f));
+  const VU32 subnormal = hn::Sub(hn::BitCast(du32, shifted), hn::Set(du32, 0x46800000u));
+  const auto is_subnormal =
+      hn::RebindMask(du32, hn::Lt(hn::BitCast(di32, a), hn::Set(di32, 0x3C800000)));
+  return hn::Or(sign, hn::IfThenElse(is_subnormal, subnormal, normal));
+}
+
+// fp32 values of E4M3 codes (as F32FromE4M3), codes in u32 lanes.
+HWY_INLINE VF E4M3Values(DF df, VU32 code) {
+  const DU32 du32;
+  const DI32 di32;
+  const VU32 sign = hn::ShiftLeft<24>(hn::And(code, hn::Set(du32, 0x80u)));
+  const VU32 em = hn::And(code, hn::Set(du32, 0x7Fu));
+  const VF normal = hn::BitCast(df, hn::Add(hn::ShiftLeft<20>(em), hn::Set(du32, 120u << 23)));
+  const VF subnormal = hn::Mul(hn::ConvertTo(df, hn::BitCast(di32, em)), hn::Set(df, 1.0f / 512.0f));
+  const auto is_subnormal = hn::RebindMask(df, hn::Lt(hn::BitCast(di32, em), hn::Set(di32, 8)));
+  const auto is_nan = hn::RebindMask(df, hn::Eq(em, hn::Set(du32, 0x7Fu)));
+  VF magnitude = hn::IfThenElse(is_subnormal, subnormal, normal);
+  magnitude = hn::IfThenElse(is_nan, hn::BitCast(df, hn::Set(du32, 0x7FC00000u)), magnitude);
+  return hn::BitCast(df, hn::Or(hn::BitCast(du32, magnitude), sign));
+}
+
+// E2M1 nibbles of y (as E2M1FromF32 after clamping to ±6), in u32 lanes.
+HWY_INLINE VU32 E2M1Codes(DF df, VF y) {
+  const DU32 du32;
+  const VF clamped = hn::Min(hn::Max(y, hn::Set(df, -kE2M1Max)), hn::Set(df, kE2M1Max));
+  const VF a = hn::Abs(clamped);
+  const VU32 one = hn::Set(du32, 1u);
+  // Sum of the thresholds |y| passes: the magnitude index (ties to even).
+  VU32 index = hn::IfThenElseZero(hn::RebindMask(du32, hn::Gt(a, hn::Set(df, 0.25f))), one);
+  index = hn::Add(index, hn::IfThenElseZero(hn::RebindMask(du32, hn::Ge(a, hn::Set(df, 0.75f))), one));
+  index = hn::Add(index, hn::IfThenElseZero(hn::RebindMask(du32, hn::Gt(a, hn::Set(df, 1.25f))), one));
+  index = hn::Add(index, hn::IfThenElseZero(hn::RebindMask(du32, hn::Ge(a, hn::Set(df, 1.75f))), one));
+  index = hn::Add(index, hn::IfThenElseZero(hn::RebindMask(du32, hn::Gt(a, hn::Set(df, 2.5f))), one));
+  index = hn::Add(index, hn::IfThenElseZero(hn::RebindMask(du32, hn::Ge(a, hn::Set(df, 3.5f))), one));
+  index = hn::Add(index, hn::IfThenElseZero(hn::RebindMask(du32, hn::Gt(a, hn::Set(df, 5.0f))), one));
+  const VU32 sign =
+      hn::IfThenElseZero(hn::RebindMask(du32, hn::Lt(clamped, hn::Zero(df))), hn::Set(du32, 8u));
+  return hn::Or(index, sign);
+}
+
+// max |x| over `count` floats produced by `load(i)` (count a multiple of N).
+template <class LoadFn>
+HWY_INLINE float BlockAmax(DF df, size_t count, const LoadFn& load) {
+  VF vmax = hn::Zero(df);
+  for (size_t i = 0; i < count; i += hn::Lanes(df)) vmax = hn::Max(vmax, hn::Abs(load(i)));
+  return hn::GetLane(hn::MaxOfLanes(df, vmax));
+}
+
+// ---------------------------------------------------------------------------
+// Validation: index of the first bf16 with (bits & 0x7FFF) > max_abs_bits, or
+// -1. With max_abs_bits = 0x7F7F this finds the first ±inf/NaN.
+
+int64_t FindFirstAbove(const Bf16* in, int64_t count, uint16_t max_abs_bits) {
+  const hn::ScalableTag<int16_t> d16;
+  const size_t lanes = hn::Lanes(d16);
+  const auto mask_abs = hn::Set(d16, static_cast<int16_t>(0x7FFF));
+  const auto limit = hn::Set(d16, static_cast<int16_t>(max_abs_bits));
+  const int16_t* bits = reinterpret_cast<const int16_t*>(in);
+  int64_t i = 0;
+  for (; i + static_cast<int64_t>(lanes) <= count; i += static_cast<int64_t>(lanes)) {
+    const auto v = hn::And(hn::LoadU(d16, bits + i), mask_abs);
+    if (!hn::AllFalse(d16, hn::Gt(v, limit))) break;  // the scalar tail pinpoints it
+  }
+  for (; i < count; ++i) {
+    if ((in[i].bits & 0x7FFFu) > max_abs_bits) return i;
+  }
+  return -1;
+}
+
+// ---------------------------------------------------------------------------
+// KV rows.
+
+void QuantizeKvRows(const Bf16* in, int64_t count, uint8_t* data, int64_t data_stride,
+                    uint8_t* scales, int64_t scale_stride) {
+  const DF df;
+  const DU8 du8;
+  const size_t lanes = hn::Lanes(df);
+  for (int64_t r = 0; r < count; ++r) {
+    const Bf16* x = in + r * kHeadDim;
+    uint8_t* row = data + r * data_stride;
+    uint8_t* row_scales = scales + r * scale_stride;
+    for (int block = 0; block < kNopeDim / kFp8BlockSize; ++block) {
+      const Bf16* xb = x + block * kFp8BlockSize;
+      const float amax =
+          BlockAmax(df, kFp8BlockSize, [&](size_t i) { return LoadBf16(df, xb + i); });
+      const BlockScale s = Fp8BlockScale(amax);
+      const VF inverse = hn::Set(df, s.inverse);
+      for (size_t i = 0; i < kFp8BlockSize; i += lanes) {
+        const VU32 codes = E4M3Codes(df, hn::Mul(LoadBf16(df, xb + i), inverse));
+        hn::StoreU(hn::U8FromU32(codes), du8, row + block * kFp8BlockSize + i);
+      }
+      row_scales[block] = s.byte;
+    }
+    std::memcpy(row + kNopeDim, x + kNopeDim, 2 * kRopeDim);
+    row_scales[kNopeDim / kFp8BlockSize] = 0;
+  }
+}
+
+// Dequantizes one row (data, scales) into 512 values of `out`.
+template <typename Out>
+HWY_INLINE void DequantizeKvRow(const uint8_t* data, const uint8_t* scales, Out* out) {
+  const DF df;
+  const DU32 du32;
+  const DU8 du8;
+  const size_t lanes = hn::Lanes(df);
+  for (int block = 0; block < kNopeDim / kFp8BlockSize; ++block) {
+    const VF scale = hn::Set(df, F32FromUe8m0(scales[block]));
+    const int base = block * kFp8BlockSize;
+    for (size_t i = 0; i < kFp8BlockSize; i += lanes) {
+      const VU32 codes = hn::PromoteTo(du32, hn::LoadU(du8, data + base + i));
+      StoreValues(df, hn::Mul(E4M3Values(df, codes), scale), out + base + i);
+    }
+  }
+  const Bf16* rope = reinterpret_cast<const Bf16*>(data + kNopeDim);
+  for (size_t i = 0; i < kRopeDim; i += lanes) {
+    StoreValues(df, LoadBf16(df, rope + i), out + kNopeDim + i);
+  }
+}
+
+template <typename Out>
+void DequantizeKvRowsT(const uint8_t* data, int64_t data_stride, const uint8_t* scales,
+                       int64_t scale_stride, const int64_t* rows, int64_t count, Out* out) {
+  for (int64_t r = 0; r < count; ++r) {
+    const int64_t src = rows != nullptr ? rows[r] : r;
+    DequantizeKvRow(data + src * data_stride, scales + src * scale_stride, out + r * kHeadDim);
+  }
+}
+
+void DequantizeKvRowsToBf16(const uint8_t* data, int64_t data_stride, const uint8_t* scales,
+                            int64_t scale_stride, const int64_t* rows, int64_t count, Bf16* out) {
+  DequantizeKvRowsT(data, data_stride, scales, scale_stride, rows, count, out);
+}
+
+void DequantizeKvRowsToF32(const uint8_t* data, int64_t data_stride, const uint8_t* scales,
+                           int64_t scale_stride, const int64_t* rows, int64_t count, float* out) {
+  DequantizeKvRowsT(data, data_stride, scales, scale_stride, rows, count, out);
+}
+
+// ---------------------------------------------------------------------------
+// Index keys: Hadamard-128 -> bf16 -> FP4.
+
+void QuantizeIndexKeys(const Bf16* in, int64_t count, uint8_t* data, int64_t data_stride,
+                       uint8_t* scales, int64_t scale_stride) {
+  const DF df;
+  const DU32 du32;
+  const DU8 du8;
+  const size_t lanes = hn::Lanes(df);
+
+  // Butterfly stages with h < lanes happen inside a vector: lane i pairs with
+  // lane i ^ h. With p = v[i ^ h], the result is p + v on lanes without bit h
+  // (a + b) and p + (-v) on lanes with it (a - b): exactly the reference's
+  // two operations. One permutation table and sign mask per in-vector stage.
+  constexpr size_t kMaxLanes = 64;
+  HWY_ALIGN int32_t permute[8][kMaxLanes];
+  HWY_ALIGN uint32_t negate[8][kMaxLanes];
+  int in_vector_stages = 0;
+  for (size_t h = 1; h < lanes; h *= 2, ++in_vector_stages) {
+    for (size_t i = 0; i < lanes; ++i) {
+      permute[in_vector_stages][i] = static_cast<int32_t>(i ^ h);
+      negate[in_vector_stages][i] = (i & h) ? 0x80000000u : 0u;
+    }
+  }
+
+  HWY_ALIGN float x[kIndexDim];
+  HWY_ALIGN uint8_t nibbles[kIndexDim];
+  const VF hadamard_scale = hn::Set(df, kHadamardScale);
+  for (int64_t r = 0; r < count; ++r) {
+    const Bf16* key = in + r * kIndexDim;
+    for (size_t i = 0; i < kIndexDim; i += lanes) {
+      VF v = LoadBf16(df, key + i);
+      for (int stage = 0; stage < in_vector_stages; ++stage) {
+        const VF partner = hn::TableLookupLanes(v, hn::SetTableIndices(df, permute[stage]));
+        const VF signed_v = hn::BitCast(df, hn::Xor(hn::BitCast(du32, v), hn::Load(du32, negate[stage])));
+        v = hn::Add(partner, signed_v);
+      }
+      hn::Store(v, df, x + i);
+    }
+    for (size_t h = lanes; h < kIndexDim; h *= 2) {
+      for (size_t base = 0; base < kIndexDim; base += 2 * h) {
+        for (size_t k = base; k < base + h; k += lanes) {
+          const VF a = hn::Load(df, x + k);
+          const VF b = hn::Load(df, x + k + h);
+          hn::Store(hn::Add(a, b), df, x + k);
+          hn::Store(hn::Sub(a, b), df, x + k + h);
+        }
+      }
+    }
+    for (size_t i = 0; i < kIndexDim; i += lanes) {
+      hn::Store(RoundToBf16(df, hn::Mul(hn::Load(df, x + i), hadamard_scale)), df, x + i);
+    }
+
+    uint8_t* key_scales = scales + r * scale_stride;
+    for (int block = 0; block < kIndexDim / kFp4BlockSize; ++block) {
+      const float* xb = x + block * kFp4BlockSize;
+      const float amax =
+          BlockAmax(df, kFp4BlockSize, [&](size_t i) { return hn::Load(df, xb + i); });
+      const BlockScale s = Fp4BlockScale(amax);
+      const VF inverse = hn::Set(df, s.inverse);
+      for (size_t i = 0; i < kFp4BlockSize; i += lanes) {
+        const VU32 codes = E2M1Codes(df, hn::Mul(hn::Load(df, xb + i), inverse));
+        hn::StoreU(hn::U8FromU32(codes), du8, nibbles + block * kFp4BlockSize + i);
+      }
+      key_scales[block] = s.byte;
+    }
+
+    // Pack nibble pairs: read byte pairs as little-endian u16 (n0 | n1 << 8)
+    // and form n0 | n1 << 4.
+    const hn::ScalableTag<uint16_t> d16;
+    const hn::RebindToSigned<decltype(d16)> di16;
+    const hn::Rebind<uint8_t, decltype(d16)> d8;
+    uint8_t* packed = data + r * data_stride;
+    for (size_t k = 0; k < kIndexDim / 2; k += hn::Lanes(d16)) {
+      const auto pair = hn::LoadU(d16, reinterpret_cast<const uint16_t*>(nibbles) + k);
+      const auto low = hn::And(pair, hn::Set(d16, 0x000Fu));
+      const auto high = hn::And(hn::ShiftRight<4>(pair), hn::Set(d16, 0x00F0u));
+      hn::StoreU(hn::DemoteTo(d8, hn::BitCast(di16, hn::Or(low, high))), d8, packed + k);
+    }
+  }
+}
+
+int64_t TargetForDispatch() { return HWY_TARGET; }
+
+// NOLINTNEXTLINE(google-readability-namespace-comments)
+}  // namespace HWY_NAMESPACE
+}  // namespace kvc
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/types/span.h"
+#include "kvc/row_kernels.h"
+#include "kvc/status.h"
+
+namespace kvc {
+
+HWY_EXPORT(FindFirstAbove);
+HWY_EXPORT(QuantizeKvRows);
+HWY_EXPORT(DequantizeKvRowsToBf16);
+HWY_EXPORT(DequantizeKvRowsToF32);
+HWY_EXPORT(QuantizeIndexKeys);
+HWY_EXPORT(TargetForDispatch);
+
+namespace {
+
+constexpr uint16_t kLargestFiniteBf16Bits = 0x7F7F;
+// bf16 bits of 2^120: index-key inputs above it could overflow the Hadamard
+// sums (128 * 2^120 < FLT_MAX).
+constexpr uint16_t kIndexKeyInputLimitBits = (120 + 127) << 7;
+
+absl::Status CheckRows(const ConstPackedRows& rows, RowFormat format, const char* what) {
+  const RowFormatInfo& f = FormatInfo(format);
+  if (rows.count < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": negative row count ", rows.count));
+  }
+  if (rows.count == 0) return absl::OkStatus();
+  if (rows.data == nullptr || rows.scales == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": null data or scale pointer for ",
+                                              rows.count, " rows"));
+  }
+  if (rows.data_stride < f.data_bytes || rows.scale_stride < f.scale_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, ": strides (data ", rows.data_stride, " B, scales ", rows.scale_stride,
+        " B) are smaller than a ", f.name, " row's parts (", f.data_bytes, " B, ",
+        f.scale_bytes, " B)"));
+  }
+  return absl::OkStatus();
+}
+
+// `values` must hold exactly rows * dims elements.
+absl::Status CheckValueCount(size_t values, int64_t rows, int dims, const char* what) {
+  if (rows < 0 || values % static_cast<size_t>(dims) != 0 ||
+      values / static_cast<size_t>(dims) != static_cast<uint64_t>(rows)) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": expected ", rows, " rows x ", dims,
+                                              " values, got ", values, " values"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckInputValues(absl::Span<const Bf16> in, int dims, uint16_t max_abs_bits,
+                              const char* what) {
+  const int64_t bad =
+      HWY_DYNAMIC_DISPATCH(FindFirstAbove)(in.data(), static_cast<int64_t>(in.size()), max_abs_bits);
+  if (bad < 0) return absl::OkStatus();
+  const uint16_t bits = in[static_cast<size_t>(bad)].bits;
+  const char* kind = !IsNonFiniteBf16(bits) ? "exceeds 2^120 in magnitude"
+                     : (bits & 0x7Fu) != 0  ? "is NaN"
+                                            : "is infinite";
+  return absl::InvalidArgumentError(absl::StrCat(what, ": input row ", bad / dims, " dim ", bad % dims,
+                                            " ", kind, " (bf16 bits 0x",
+                                            absl::Hex(bits, absl::kZeroPad4), ")"));
+}
+
+absl::Status CheckGatherIndices(absl::Span<const int64_t> rows, int64_t available) {
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (rows[i] < 0 || rows[i] >= available) {
+      return absl::OutOfRangeError(absl::StrCat("GatherDequantizeKvRows: rows[", i, "] = ",
+                                                rows[i], " is outside [0, ", available, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+template <typename Out>
+absl::Status DequantizeKvRowsImpl(ConstPackedRows in, const int64_t* rows, int64_t count,
+                                  absl::Span<Out> out, const char* what) {
+  KVC_RETURN_IF_ERROR(CheckRows(in, RowFormat::kKvFp8, what));
+  KVC_RETURN_IF_ERROR(CheckValueCount(out.size(), count, kHeadDim, what));
+  if (count == 0) return absl::OkStatus();
+  if constexpr (std::is_same<Out, float>::value) {
+    HWY_DYNAMIC_DISPATCH(DequantizeKvRowsToF32)(in.data, in.data_stride, in.scales,
+                                                in.scale_stride, rows, count, out.data());
+  } else {
+    HWY_DYNAMIC_DISPATCH(DequantizeKvRowsToBf16)(in.data, in.data_stride, in.scales,
+                                                 in.scale_stride, rows, count, out.data());
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status QuantizeKvRows(absl::Span<const Bf16> in, PackedRows out) {
+  constexpr const char* kWhat = "QuantizeKvRows";
+  KVC_RETURN_IF_ERROR(CheckRows(out, RowFormat::kKvFp8, kWhat));
+  KVC_RETURN_IF_ERROR(CheckValueCount(in.size(), out.count, kHeadDim, kWhat));
+  KVC_RETURN_IF_ERROR(CheckInputValues(in, kHeadDim, kLargestFiniteBf16Bits, kWhat));
+  if (out.count == 0) return absl::OkStatus();
+  HWY_DYNAMIC_DISPATCH(QuantizeKvRows)(in.data(), out.count, out.data, out.data_stride,
+                                       out.scales, out.scale_stride);
+  return absl::OkStatus();
+}
+
+absl::Status DequantizeKvRows(ConstPackedRows in, absl::Span<Bf16> out) {
+  return DequantizeKvRowsImpl(in, nullptr, in.count, out, "DequantizeKvRows");
+}
+
+absl::Status DequantizeKvRows(ConstPackedRows in, absl::Span<float> out) {
+  return DequantizeKvRowsImpl(in, nullptr, in.count, out, "DequantizeKvRows");
+}
+
+absl::Status GatherDequantizeKvRows(ConstPackedRows in, absl::Span<const int64_t> rows,
+                                    absl::Span<Bf16> out) {
+  KVC_RETURN_IF_ERROR(CheckGatherIndices(rows, in.count));
+  return DequantizeKvRowsImpl(in, rows.data(), static_cast<int64_t>(rows.size()), out,
+                              "GatherDequantizeKvRows");
+}
+
+absl::Status GatherDequantizeKvRows(ConstPackedRows in, absl::Span<const int64_t> rows,
+                                    absl::Span<float> out) {
+  KVC_RETURN_IF_ERROR(CheckGatherIndices(rows, in.count));
+  return DequantizeKvRowsImpl(in, rows.data(), static_cast<int64_t>(rows.size()), out,
+                              "GatherDequantizeKvRows");
+}
+
+absl::Status QuantizeIndexKeys(absl::Span<const Bf16> in, PackedRows out) {
+  constexpr const char* kWhat = "QuantizeIndexKeys";
+  KVC_RETURN_IF_ERROR(CheckRows(out, RowFormat::kIndexFp4, kWhat));
+  KVC_RETURN_IF_ERROR(CheckValueCount(in.size(), out.count, kIndexDim, kWhat));
+  KVC_RETURN_IF_ERROR(CheckInputValues(in, kIndexDim, kIndexKeyInputLimitBits, kWhat));
+  if (out.count == 0) return absl::OkStatus();
+  HWY_DYNAMIC_DISPATCH(QuantizeIndexKeys)(in.data(), out.count, out.data, out.data_stride,
+                                          out.scales, out.scale_stride);
+  return absl::OkStatus();
+}
+
+absl::Status DequantizeIndexKeys(ConstPackedRows in, absl::Span<float> out) {
+  constexpr const char* kWhat = "DequantizeIndexKeys";
+  KVC_RETURN_IF_ERROR(CheckRows(in, RowFormat::kIndexFp4, kWhat));
+  KVC_RETURN_IF_ERROR(CheckValueCount(out.size(), in.count, kIndexDim, kWhat));
+  for (int64_t r = 0; r < in.count; ++r) {
+    DequantizeIndexKeyRef(in.row_data(r), in.row_scales(r), out.data() + r * kIndexDim);
+  }
+  return absl::OkStatus();
+}
+
+std::vector<int64_t> SimdTargets() { return hwy::SupportedAndGeneratedTargets(); }
+
+std::string ActiveSimdTargetName() {
+  return hwy::TargetName(HWY_DYNAMIC_DISPATCH(TargetForDispatch)());
+}
+
+std::string SimdTargetName(int64_t target) { return hwy::TargetName(target); }
+
+}  // namespace kvc
+#endif  // HWY_ONCE

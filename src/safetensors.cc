@@ -1,0 +1,187 @@
+#include "kvc/safetensors.h"
+
+#include <cstdint>
+#include <fstream>
+#include <iterator>
+#include <limits>
+#include <string>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace kvc {
+namespace {
+
+struct DTypeFacts {
+  DType dtype;
+  const char* name;
+  int size;
+};
+
+constexpr DTypeFacts kDTypes[] = {
+    {DType::kBool, "BOOL", 1}, {DType::kU8, "U8", 1},     {DType::kI8, "I8", 1},
+    {DType::kU16, "U16", 2},   {DType::kI16, "I16", 2},   {DType::kF16, "F16", 2},
+    {DType::kBF16, "BF16", 2}, {DType::kU32, "U32", 4},   {DType::kI32, "I32", 4},
+    {DType::kF32, "F32", 4},   {DType::kU64, "U64", 8},   {DType::kI64, "I64", 8},
+    {DType::kF64, "F64", 8},
+};
+
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
+}
+
+absl::Status ParseTensor(const std::string& name, const JsonValue& entry, int64_t data_bytes,
+                         TensorInfo& out) {
+  auto bad = [&](absl::string_view what) {
+    return absl::InvalidArgumentError(absl::StrCat("safetensors: tensor \"", name, "\": ", what));
+  };
+  if (!entry.is_object()) return bad("header entry is not an object");
+  const JsonValue* dtype = entry.Find("dtype");
+  const JsonValue* shape = entry.Find("shape");
+  const JsonValue* offsets = entry.Find("data_offsets");
+  if (dtype == nullptr || !dtype->is_string()) return bad("missing string \"dtype\"");
+  if (shape == nullptr || !shape->is_array()) return bad("missing array \"shape\"");
+  if (offsets == nullptr || !offsets->is_array() || offsets->array().size() != 2) {
+    return bad("\"data_offsets\" must be [begin, end]");
+  }
+  const DTypeFacts* facts = nullptr;
+  for (const DTypeFacts& f : kDTypes) {
+    if (dtype->string() == f.name) facts = &f;
+  }
+  if (facts == nullptr) return bad(absl::StrCat("unknown dtype \"", dtype->string(), "\""));
+
+  out.name = name;
+  out.dtype = facts->dtype;
+  out.elements = 1;
+  for (const JsonValue& extent : shape->array()) {
+    if (!extent.is_integer() || extent.number() < 0) return bad("shape extents must be integers >= 0");
+    const int64_t e = static_cast<int64_t>(extent.number());
+    if (e != 0 && out.elements > std::numeric_limits<int64_t>::max() / 8 / e) {
+      return bad("shape is too large");
+    }
+    out.shape.push_back(e);
+    out.elements *= e;
+  }
+  for (const JsonValue& o : offsets->array()) {
+    if (!o.is_integer() || o.number() < 0) return bad("data_offsets must be integers >= 0");
+  }
+  const int64_t begin = static_cast<int64_t>(offsets->array()[0].number());
+  const int64_t end = static_cast<int64_t>(offsets->array()[1].number());
+  out.offset = begin;
+  out.bytes = out.elements * facts->size;
+  if (begin > end || end > data_bytes) {
+    return bad(absl::StrCat("data_offsets [", begin, ", ", end, "] outside the ", data_bytes,
+                            "-byte data section"));
+  }
+  if (end - begin != out.bytes) {
+    return bad(absl::StrCat("data_offsets span ", end - begin, " bytes but ", facts->name, " ",
+                            ShapeString(out.shape), " needs ", out.bytes));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+const char* DTypeName(DType dtype) {
+  for (const DTypeFacts& f : kDTypes) {
+    if (f.dtype == dtype) return f.name;
+  }
+  return "?";
+}
+
+int DTypeSize(DType dtype) {
+  for (const DTypeFacts& f : kDTypes) {
+    if (f.dtype == dtype) return f.size;
+  }
+  return 0;
+}
+
+absl::StatusOr<SafetensorsFile> SafetensorsFile::Read(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (in.bad()) return absl::DataLossError(absl::StrCat("error reading ", path));
+  absl::StatusOr<SafetensorsFile> file = Parse(std::move(bytes));
+  if (!file.ok()) {
+    return absl::Status(file.status().code(), absl::StrCat(path, ": ", file.status().message()));
+  }
+  return file;
+}
+
+absl::StatusOr<SafetensorsFile> SafetensorsFile::Parse(std::string bytes) {
+  SafetensorsFile file;
+  file.bytes_ = std::move(bytes);
+  const int64_t size = static_cast<int64_t>(file.bytes_.size());
+  if (size < 8) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("safetensors: file is ", size, " bytes, shorter than the 8-byte header length"));
+  }
+  uint64_t header_bytes = 0;
+  for (int i = 7; i >= 0; --i) {
+    header_bytes = (header_bytes << 8) | static_cast<uint8_t>(file.bytes_[static_cast<size_t>(i)]);
+  }
+  if (header_bytes > static_cast<uint64_t>(kMaxHeaderBytes) ||
+      static_cast<int64_t>(header_bytes) > size - 8) {
+    return absl::InvalidArgumentError(absl::StrCat("safetensors: header length ", header_bytes,
+                                              " exceeds the file (", size, " bytes)"));
+  }
+  file.data_start_ = 8 + static_cast<int64_t>(header_bytes);
+  absl::StatusOr<JsonValue> header =
+      JsonValue::Parse(absl::string_view(file.bytes_).substr(8, header_bytes));
+  if (!header.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("safetensors header: ", header.status().message()));
+  }
+  if (!header->is_object()) return absl::InvalidArgumentError("safetensors: header is not a JSON object");
+  file.header_ = *std::move(header);
+  const int64_t data_bytes = size - file.data_start_;
+  for (const JsonValue::Member& member : file.header_.object()) {
+    if (member.first == "__metadata__") {
+      if (!member.second.is_object()) return absl::InvalidArgumentError("safetensors: __metadata__ is not an object");
+      continue;
+    }
+    TensorInfo info;
+    absl::Status status = ParseTensor(member.first, member.second, data_bytes, info);
+    if (!status.ok()) return status;
+    file.tensors_.push_back(std::move(info));
+  }
+  return file;
+}
+
+const TensorInfo* SafetensorsFile::Find(absl::string_view name) const {
+  for (const TensorInfo& t : tensors_) {
+    if (t.name == name) return &t;
+  }
+  return nullptr;
+}
+
+absl::Span<const uint8_t> SafetensorsFile::Bytes(const TensorInfo& tensor) const {
+  return absl::Span<const uint8_t>(
+      reinterpret_cast<const uint8_t*>(bytes_.data()) + data_start_ + tensor.offset,
+      static_cast<size_t>(tensor.bytes));
+}
+
+absl::Status SafetensorsFile::Check(absl::string_view name, DType dtype, size_t element_size,
+                                    const std::vector<int64_t>& shape,
+                                    const TensorInfo** out) const {
+  const TensorInfo* t = Find(name);
+  if (t == nullptr) return absl::NotFoundError(absl::StrCat("no tensor \"", name, "\""));
+  if (t->dtype != dtype || static_cast<size_t>(DTypeSize(dtype)) != element_size) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\" is ", DTypeName(t->dtype),
+                                              ", expected ", DTypeName(dtype)));
+  }
+  bool matches = t->shape.size() == shape.size();
+  for (size_t i = 0; matches && i < shape.size(); ++i) {
+    matches = shape[i] < 0 || shape[i] == t->shape[i];
+  }
+  if (!matches) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\" has shape ",
+                                              ShapeString(t->shape), ", expected ",
+                                              ShapeString(shape), " (-1 = any)"));
+  }
+  *out = t;
+  return absl::OkStatus();
+}
+
+}  // namespace kvc
