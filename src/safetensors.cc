@@ -184,4 +184,64 @@ absl::Status SafetensorsFile::Check(absl::string_view name, DType dtype, size_t 
   return absl::OkStatus();
 }
 
+namespace {
+
+// JSON string literal for `s` (kvc only writes ASCII names and metadata).
+std::string JsonQuote(const std::string& s) {
+  std::string out = "\"";
+  for (const char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      out += absl::StrCat("\\u00", absl::Hex(static_cast<unsigned char>(c), absl::kZeroPad2));
+    } else {
+      out += c;
+    }
+  }
+  return out + "\"";
+}
+
+}  // namespace
+
+absl::Status SafetensorsWriter::Add(const std::string& name, DType dtype,
+                                    const std::vector<int64_t>& shape,
+                                    absl::Span<const uint8_t> bytes) {
+  int64_t elements = 1;
+  for (const int64_t e : shape) {
+    if (e < 0) return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\": negative extent"));
+    elements *= e;
+  }
+  if (static_cast<int64_t>(bytes.size()) != elements * DTypeSize(dtype)) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor \"", name, "\": ", bytes.size(),
+                                                   " bytes for ", ShapeString(shape), " ",
+                                                   DTypeName(dtype)));
+  }
+  for (const Entry& e : entries_) {
+    if (e.name == name) return absl::AlreadyExistsError(absl::StrCat("tensor \"", name, "\" added twice"));
+  }
+  entries_.push_back({name, dtype, shape, static_cast<int64_t>(data_.size()),
+                      static_cast<int64_t>(bytes.size())});
+  data_.append(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+  return absl::OkStatus();
+}
+
+std::string SafetensorsWriter::Serialize() const {
+  std::string header = "{";
+  if (!meta_.empty()) header += absl::StrCat("\"__metadata__\":{\"meta\":", JsonQuote(meta_), "}");
+  for (const Entry& e : entries_) {
+    if (header.size() > 1) header += ",";
+    header += absl::StrCat(JsonQuote(e.name), ":{\"dtype\":\"", DTypeName(e.dtype),
+                           "\",\"shape\":", ShapeString(e.shape), ",\"data_offsets\":[",
+                           e.offset, ",", e.offset + e.bytes, "]}");
+  }
+  header += "}";
+  while ((header.size() + 8) % 8 != 0) header += ' ';  // align the data section
+  std::string out(8, '\0');
+  for (int i = 0; i < 8; ++i) {
+    out[static_cast<size_t>(i)] = static_cast<char>((header.size() >> (8 * i)) & 0xFF);
+  }
+  return out + header + data_;
+}
+
 }  // namespace kvc

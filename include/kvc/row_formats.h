@@ -104,6 +104,11 @@ struct PackedRowsView {
   Byte* row_data(int64_t i) const { return data + i * data_stride; }
   Byte* row_scales(int64_t i) const { return scales + i * scale_stride; }
 
+  // Rows [first, first + n) of this view. Requires 0 <= first, first + n <= count.
+  PackedRowsView Slice(int64_t first, int64_t n) const {
+    return {row_data(first), row_scales(first), data_stride, scale_stride, n};
+  }
+
   // A mutable view converts to a read-only one.
   operator PackedRowsView<const uint8_t>() const {  // NOLINT(google-explicit-constructor)
     return {data, scales, data_stride, scale_stride, count};

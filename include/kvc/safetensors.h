@@ -77,6 +77,29 @@ class SafetensorsFile {
   std::vector<TensorInfo> tensors_;
 };
 
+// Builds a safetensors file image: tensors are laid out in the order added.
+class SafetensorsWriter {
+ public:
+  // `bytes` must hold exactly product(shape) * DTypeSize(dtype) bytes.
+  absl::Status Add(const std::string& name, DType dtype, const std::vector<int64_t>& shape,
+                   absl::Span<const uint8_t> bytes);
+  // `meta` becomes __metadata__ = {"meta": meta}, as in kvc's golden files.
+  void SetMetadata(const std::string& meta) { meta_ = meta; }
+  std::string Serialize() const;
+
+ private:
+  struct Entry {
+    std::string name;
+    DType dtype;
+    std::vector<int64_t> shape;
+    int64_t offset;
+    int64_t bytes;
+  };
+  std::vector<Entry> entries_;
+  std::string data_;
+  std::string meta_;
+};
+
 }  // namespace kvc
 
 #endif  // KVC_SAFETENSORS_H_

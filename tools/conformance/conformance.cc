@@ -1,0 +1,71 @@
+#include "tools/conformance/conformance.h"
+
+#include <ostream>
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace kvc::conformance {
+
+void Report::Add(const std::string& case_name, const std::string& check, bool passed,
+                 const std::string& figure) {
+  const std::string name = absl::StrCat(case_name, "/", check);
+  out_ << (passed ? "PASS " : "FAIL ") << name << "  " << figure << "\n" << std::flush;
+  if (passed) {
+    ++passed_;
+  } else {
+    ++failed_;
+    failed_checks_.push_back(name);
+  }
+}
+
+absl::StatusOr<GoldenCase> GoldenCase::Open(const std::string& dir, const std::string& name) {
+  GoldenCase golden;
+  golden.name_ = name;
+  absl::StatusOr<SafetensorsFile> file = SafetensorsFile::Read(absl::StrCat(dir, "/", name, ".safetensors"));
+  if (!file.ok()) return file.status();
+  golden.file_ = *std::move(file);
+  const JsonValue* metadata = golden.file_.metadata();
+  const JsonValue* meta = metadata != nullptr ? metadata->Find("meta") : nullptr;
+  if (meta != nullptr) {
+    if (!meta->is_string()) return absl::InvalidArgumentError("__metadata__.meta is not a string");
+    absl::StatusOr<JsonValue> parsed = JsonValue::Parse(meta->string());
+    if (!parsed.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("__metadata__.meta: ", parsed.status().message()));
+    }
+    golden.meta_ = *std::move(parsed);
+  }
+  return golden;
+}
+
+absl::StatusOr<int64_t> GoldenCase::MetaInt(const std::string& key) const {
+  const JsonValue* v = meta_.Find(key);
+  if (v == nullptr || !v->is_integer()) {
+    return absl::InvalidArgumentError(absl::StrCat(name_, ": metadata has no integer \"", key, "\""));
+  }
+  return static_cast<int64_t>(v->number());
+}
+
+Summary RunConformance(const std::string& dir, std::ostream& out) {
+  Report report(out);
+  struct Case {
+    const char* name;
+    void (*run)(const GoldenCase&, Report&);
+  };
+  // Cases the library can check today; the window, CSA and HCA cases join as
+  // the cache, compressors and indexer land.
+  const Case cases[] = {{"codec", RunCodecChecks}};
+  for (const Case& c : cases) {
+    absl::StatusOr<GoldenCase> golden = GoldenCase::Open(dir, c.name);
+    if (!golden.ok()) {
+      report.Error(c.name, "load", golden.status());
+      continue;
+    }
+    c.run(*golden, report);
+  }
+  out << report.passed() << " passed, " << report.failed() << " failed\n";
+  return {report.passed(), report.failed()};
+}
+
+}  // namespace kvc::conformance
