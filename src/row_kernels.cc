@@ -67,12 +67,15 @@ HWY_INLINE void StoreValues(DF df, VF v, Bf16* out) {
              reinterpret_cast<uint16_t*>(out));
 }
 
-// E4M3 codes of y (as E4M3FromF32 after clamping to ±448), in u32 lanes.
-HWY_INLINE VU32 E4M3Codes(DF df, VF y) {
+// E4M3 codes of y = x / s inside an FP8 block, in u32 lanes: the bits of
+// E4M3FromF32(clamp(y, ±448)) without the clamp. The block rule bounds
+// |y| <= amax / v <= 448 * (1 + 2^-22) (v = amax * fp32(1/448) has two
+// roundings of 2^-24 each, and s >= v), and every |y| in (448, 464) rounds to
+// 448 anyway, so the clamp could never change a code. Saves two ops/vector.
+HWY_INLINE VU32 E4M3CodesInBlock(DF df, VF y) {
   const DU32 du32;
   const DI32 di32;
-  const VF clamped = hn::Min(hn::Max(y, hn::Set(df, -kE4M3Max)), hn::Set(df, kE4M3Max));
-  const VU32 u = hn::BitCast(du32, clamped);
+  const VU32 u = hn::BitCast(du32, y);
   const VU32 sign = hn::And(hn::ShiftRight<24>(u), hn::Set(du32, 0x80u));
   const VU32 a = hn::And(u, hn::Set(du32, 0x7FFFFFFFu));
   // Normal range: keep 3 mantissa bits, RNE; rebias the exponent 127 -> 7.
@@ -121,62 +124,81 @@ HWY_INLINE VU32 E2M1Codes(DF df, VF y) {
   return hn::Or(index, sign);
 }
 
-// max |x| over `count` floats produced by `load(i)` (count a multiple of N).
+// Largest |x| bit pattern over `count` floats produced by `load(i)` (count a
+// multiple of N). Non-negative IEEE floats order like their bit patterns, so
+// one integer max yields both the block amax (as bits) and a non-finite test
+// (result >= 0x7F800000); unlike a float max it cannot lose a NaN.
 template <class LoadFn>
-HWY_INLINE float BlockAmax(DF df, size_t count, const LoadFn& load) {
-  VF vmax = hn::Zero(df);
-  for (size_t i = 0; i < count; i += hn::Lanes(df)) vmax = hn::Max(vmax, hn::Abs(load(i)));
-  return hn::GetLane(hn::MaxOfLanes(df, vmax));
+HWY_INLINE uint32_t MaxAbsBits(DF df, size_t count, const LoadFn& load) {
+  const DI32 di32;
+  auto vmax = hn::Zero(di32);
+  const auto abs_mask = hn::Set(di32, 0x7FFFFFFF);
+  for (size_t i = 0; i < count; i += hn::Lanes(df)) {
+    vmax = hn::Max(vmax, hn::And(hn::BitCast(di32, load(i)), abs_mask));
+  }
+  return static_cast<uint32_t>(hn::GetLane(hn::MaxOfLanes(di32, vmax)));
 }
 
-// ---------------------------------------------------------------------------
-// Validation: index of the first bf16 with (bits & 0x7FFF) > max_abs_bits, or
-// -1. With max_abs_bits = 0x7F7F this finds the first ±inf/NaN.
-
-int64_t FindFirstAbove(const Bf16* in, int64_t count, uint16_t max_abs_bits) {
+// The same from `count` bf16 values at p, read as int16 lanes (twice the
+// values per vector, no widening): bf16 |bits| order like |values| too.
+// Returns fp32 bits (the bf16 bits << 16). count: a multiple of the lanes.
+HWY_INLINE uint32_t MaxAbsBitsBf16(const Bf16* p, size_t count) {
   const hn::ScalableTag<int16_t> d16;
-  const size_t lanes = hn::Lanes(d16);
-  const auto mask_abs = hn::Set(d16, static_cast<int16_t>(0x7FFF));
-  const auto limit = hn::Set(d16, static_cast<int16_t>(max_abs_bits));
-  const int16_t* bits = reinterpret_cast<const int16_t*>(in);
-  int64_t i = 0;
-  for (; i + static_cast<int64_t>(lanes) <= count; i += static_cast<int64_t>(lanes)) {
-    const auto v = hn::And(hn::LoadU(d16, bits + i), mask_abs);
-    if (!hn::AllFalse(d16, hn::Gt(v, limit))) break;  // the scalar tail pinpoints it
+  auto vmax = hn::Zero(d16);
+  const auto abs_mask = hn::Set(d16, static_cast<int16_t>(0x7FFF));
+  const int16_t* bits = reinterpret_cast<const int16_t*>(p);
+  for (size_t i = 0; i < count; i += hn::Lanes(d16)) {
+    vmax = hn::Max(vmax, hn::And(hn::LoadU(d16, bits + i), abs_mask));
   }
-  for (; i < count; ++i) {
-    if ((in[i].bits & 0x7FFFu) > max_abs_bits) return i;
-  }
-  return -1;
+  return static_cast<uint32_t>(static_cast<uint16_t>(hn::GetLane(hn::MaxOfLanes(d16, vmax)))) << 16;
 }
+
+constexpr uint32_t kInfinityBits = 0x7F800000u;
+// Index-key inputs above 2^120 could overflow the Hadamard sums in fp32
+// (128 * 2^120 < FLT_MAX); real keys are O(1).
+constexpr uint32_t kIndexKeyLimitBits = (120u + 127u) << 23;
 
 // ---------------------------------------------------------------------------
 // KV rows.
 
-void QuantizeKvRows(const Bf16* in, int64_t count, uint8_t* data, int64_t data_stride,
-                    uint8_t* scales, int64_t scale_stride) {
+// Returns -1, or the index of the first row holding ±inf/NaN; that row and
+// all after it are left unwritten.
+int64_t QuantizeKvRows(const Bf16* in, int64_t count, uint8_t* data, int64_t data_stride,
+                       uint8_t* scales, int64_t scale_stride) {
   const DF df;
   const DU8 du8;
   const size_t lanes = hn::Lanes(df);
+  constexpr int kBlocks = kNopeDim / kFp8BlockSize;
   for (int64_t r = 0; r < count; ++r) {
     const Bf16* x = in + r * kHeadDim;
+    // Pass 1 (brings the 1 KiB row into L1): block maxima and the finiteness
+    // check of all 512 dims, before anything of this row is written.
+    uint32_t amax_bits[kBlocks];
+    for (int block = 0; block < kBlocks; ++block) {
+      amax_bits[block] = MaxAbsBitsBf16(x + block * kFp8BlockSize, kFp8BlockSize);
+    }
+    const uint32_t rope_bits = MaxAbsBitsBf16(x + kNopeDim, kRopeDim);
+    uint32_t row_max = rope_bits;
+    for (const uint32_t b : amax_bits) row_max = b > row_max ? b : row_max;
+    if (row_max >= kInfinityBits) return r;
+
+    // Pass 2: encode from L1.
     uint8_t* row = data + r * data_stride;
     uint8_t* row_scales = scales + r * scale_stride;
-    for (int block = 0; block < kNopeDim / kFp8BlockSize; ++block) {
+    for (int block = 0; block < kBlocks; ++block) {
       const Bf16* xb = x + block * kFp8BlockSize;
-      const float amax =
-          BlockAmax(df, kFp8BlockSize, [&](size_t i) { return LoadBf16(df, xb + i); });
-      const BlockScale s = Fp8BlockScale(amax);
+      const BlockScale s = Fp8BlockScale(F32FromBits(amax_bits[block]));
       const VF inverse = hn::Set(df, s.inverse);
       for (size_t i = 0; i < kFp8BlockSize; i += lanes) {
-        const VU32 codes = E4M3Codes(df, hn::Mul(LoadBf16(df, xb + i), inverse));
+        const VU32 codes = E4M3CodesInBlock(df, hn::Mul(LoadBf16(df, xb + i), inverse));
         hn::StoreU(hn::U8FromU32(codes), du8, row + block * kFp8BlockSize + i);
       }
       row_scales[block] = s.byte;
     }
     std::memcpy(row + kNopeDim, x + kNopeDim, 2 * kRopeDim);
-    row_scales[kNopeDim / kFp8BlockSize] = 0;
+    row_scales[kBlocks] = 0;
   }
+  return -1;
 }
 
 // Dequantizes one row (data, scales) into 512 values of `out`.
@@ -222,8 +244,10 @@ void DequantizeKvRowsToF32(const uint8_t* data, int64_t data_stride, const uint8
 // ---------------------------------------------------------------------------
 // Index keys: Hadamard-128 -> bf16 -> FP4.
 
-void QuantizeIndexKeys(const Bf16* in, int64_t count, uint8_t* data, int64_t data_stride,
-                       uint8_t* scales, int64_t scale_stride) {
+// Returns -1, or the index of the first key holding a value with
+// |x| > 2^120 or ±inf/NaN; that key and all after it are left unwritten.
+int64_t QuantizeIndexKeys(const Bf16* in, int64_t count, uint8_t* data, int64_t data_stride,
+                          uint8_t* scales, int64_t scale_stride) {
   const DF df;
   const DU32 du32;
   const DU8 du8;
@@ -249,6 +273,9 @@ void QuantizeIndexKeys(const Bf16* in, int64_t count, uint8_t* data, int64_t dat
   const VF hadamard_scale = hn::Set(df, kHadamardScale);
   for (int64_t r = 0; r < count; ++r) {
     const Bf16* key = in + r * kIndexDim;
+    if (MaxAbsBitsBf16(key, kIndexDim) > kIndexKeyLimitBits) {
+      return r;
+    }
     for (size_t i = 0; i < kIndexDim; i += lanes) {
       VF v = LoadBf16(df, key + i);
       for (int stage = 0; stage < in_vector_stages; ++stage) {
@@ -275,9 +302,8 @@ void QuantizeIndexKeys(const Bf16* in, int64_t count, uint8_t* data, int64_t dat
     uint8_t* key_scales = scales + r * scale_stride;
     for (int block = 0; block < kIndexDim / kFp4BlockSize; ++block) {
       const float* xb = x + block * kFp4BlockSize;
-      const float amax =
-          BlockAmax(df, kFp4BlockSize, [&](size_t i) { return hn::Load(df, xb + i); });
-      const BlockScale s = Fp4BlockScale(amax);
+      const uint32_t amax_bits = MaxAbsBits(df, kFp4BlockSize, [&](size_t i) { return hn::Load(df, xb + i); });
+      const BlockScale s = Fp4BlockScale(F32FromBits(amax_bits));
       const VF inverse = hn::Set(df, s.inverse);
       for (size_t i = 0; i < kFp4BlockSize; i += lanes) {
         const VU32 codes = E2M1Codes(df, hn::Mul(hn::Load(df, xb + i), inverse));
@@ -299,6 +325,7 @@ void QuantizeIndexKeys(const Bf16* in, int64_t count, uint8_t* data, int64_t dat
       hn::StoreU(hn::DemoteTo(d8, hn::BitCast(di16, hn::Or(low, high))), d8, packed + k);
     }
   }
+  return -1;
 }
 
 int64_t TargetForDispatch() { return HWY_TARGET; }
@@ -309,6 +336,8 @@ int64_t TargetForDispatch() { return HWY_TARGET; }
 HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
+#include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -320,7 +349,6 @@ HWY_AFTER_NAMESPACE();
 
 namespace kvc {
 
-HWY_EXPORT(FindFirstAbove);
 HWY_EXPORT(QuantizeKvRows);
 HWY_EXPORT(DequantizeKvRowsToBf16);
 HWY_EXPORT(DequantizeKvRowsToF32);
@@ -328,11 +356,6 @@ HWY_EXPORT(QuantizeIndexKeys);
 HWY_EXPORT(TargetForDispatch);
 
 namespace {
-
-constexpr uint16_t kLargestFiniteBf16Bits = 0x7F7F;
-// bf16 bits of 2^120: index-key inputs above it could overflow the Hadamard
-// sums (128 * 2^120 < FLT_MAX).
-constexpr uint16_t kIndexKeyInputLimitBits = (120 + 127) << 7;
 
 absl::Status CheckRows(const ConstPackedRows& rows, RowFormat format, const char* what) {
   const RowFormatInfo& f = FormatInfo(format);
@@ -363,18 +386,20 @@ absl::Status CheckValueCount(size_t values, int64_t rows, int dims, const char* 
   return absl::OkStatus();
 }
 
-absl::Status CheckInputValues(absl::Span<const Bf16> in, int dims, uint16_t max_abs_bits,
-                              const char* what) {
-  const int64_t bad =
-      HWY_DYNAMIC_DISPATCH(FindFirstAbove)(in.data(), static_cast<int64_t>(in.size()), max_abs_bits);
-  if (bad < 0) return absl::OkStatus();
-  const uint16_t bits = in[static_cast<size_t>(bad)].bits;
-  const char* kind = !IsNonFiniteBf16(bits) ? "exceeds 2^120 in magnitude"
-                     : (bits & 0x7Fu) != 0  ? "is NaN"
-                                            : "is infinite";
-  return absl::InvalidArgumentError(absl::StrCat(what, ": input row ", bad / dims, " dim ", bad % dims,
-                                            " ", kind, " (bf16 bits 0x",
-                                            absl::Hex(bits, absl::kZeroPad4), ")"));
+// The error for row `bad_row` of `in`, which the kernel refused: names the
+// first offending dim and what is wrong with it.
+absl::Status RejectedRow(absl::Span<const Bf16> in, int64_t bad_row, int dims, float limit,
+                         const char* what) {
+  for (int i = 0; i < dims; ++i) {
+    const Bf16 v = in[static_cast<size_t>(bad_row * dims + i)];
+    const float x = ToF32(v);
+    if (std::isfinite(x) && std::fabs(x) <= limit) continue;
+    const char* kind = std::isnan(x) ? "is NaN" : std::isinf(x) ? "is infinite" : "exceeds 2^120 in magnitude";
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, ": input row ", bad_row, " dim ", i, " ", kind, " (bf16 bits 0x",
+        absl::Hex(v.bits, absl::kZeroPad4), "); rows before it were written, it and later rows were not"));
+  }
+  return absl::InternalError(absl::StrCat(what, ": row ", bad_row, " rejected without cause"));
 }
 
 absl::Status CheckGatherIndices(absl::Span<const int64_t> rows, int64_t available) {
@@ -409,10 +434,10 @@ absl::Status QuantizeKvRows(absl::Span<const Bf16> in, PackedRows out) {
   constexpr const char* kWhat = "QuantizeKvRows";
   KVC_RETURN_IF_ERROR(CheckRows(out, RowFormat::kKvFp8, kWhat));
   KVC_RETURN_IF_ERROR(CheckValueCount(in.size(), out.count, kHeadDim, kWhat));
-  KVC_RETURN_IF_ERROR(CheckInputValues(in, kHeadDim, kLargestFiniteBf16Bits, kWhat));
   if (out.count == 0) return absl::OkStatus();
-  HWY_DYNAMIC_DISPATCH(QuantizeKvRows)(in.data(), out.count, out.data, out.data_stride,
-                                       out.scales, out.scale_stride);
+  const int64_t bad = HWY_DYNAMIC_DISPATCH(QuantizeKvRows)(in.data(), out.count, out.data,
+                                                           out.data_stride, out.scales, out.scale_stride);
+  if (bad >= 0) return RejectedRow(in, bad, kHeadDim, std::numeric_limits<float>::max(), kWhat);
   return absl::OkStatus();
 }
 
@@ -442,10 +467,10 @@ absl::Status QuantizeIndexKeys(absl::Span<const Bf16> in, PackedRows out) {
   constexpr const char* kWhat = "QuantizeIndexKeys";
   KVC_RETURN_IF_ERROR(CheckRows(out, RowFormat::kIndexFp4, kWhat));
   KVC_RETURN_IF_ERROR(CheckValueCount(in.size(), out.count, kIndexDim, kWhat));
-  KVC_RETURN_IF_ERROR(CheckInputValues(in, kIndexDim, kIndexKeyInputLimitBits, kWhat));
   if (out.count == 0) return absl::OkStatus();
-  HWY_DYNAMIC_DISPATCH(QuantizeIndexKeys)(in.data(), out.count, out.data, out.data_stride,
-                                          out.scales, out.scale_stride);
+  const int64_t bad = HWY_DYNAMIC_DISPATCH(QuantizeIndexKeys)(in.data(), out.count, out.data,
+                                                              out.data_stride, out.scales, out.scale_stride);
+  if (bad >= 0) return RejectedRow(in, bad, kIndexDim, std::exp2(120.0f), kWhat);
   return absl::OkStatus();
 }
 

@@ -205,27 +205,37 @@ TEST_P(RowKernelsTest, QuantizeIndexKeysMatchesReference) {
   }
 }
 
-TEST_P(RowKernelsTest, NonFiniteInputIsRejectedAndNothingIsWritten) {
+TEST_P(RowKernelsTest, NonFiniteRowIsRejectedAndItAndLaterRowsAreUntouched) {
   const int rows = 5;
+  const int bad_row = 3;
   for (const float bad : {std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
                           std::numeric_limits<float>::quiet_NaN()}) {
-    std::vector<Bf16> in = TestRows(rows, kHeadDim, 8);
-    in[3 * kHeadDim + 100] = ToBf16(bad);
-    std::vector<uint8_t> out(static_cast<size_t>(rows) * kKv, 0x5A);
-    const absl::Status status = QuantizeKvRows(in, ContiguousRows(RowFormat::kKvFp8, out.data(), rows));
-    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
-    EXPECT_THAT(std::string(status.message()), HasSubstr("row 3 dim 100"));
-    EXPECT_THAT(std::string(status.message()), HasSubstr(std::isnan(bad) ? "NaN" : "infinite"));
-    EXPECT_EQ(out, std::vector<uint8_t>(out.size(), 0x5A));
+    // A bad value in the FP8 part, and one in the bf16 RoPE part.
+    for (const int bad_dim : {100, kHeadDim - 1}) {
+      std::vector<Bf16> in = TestRows(rows, kHeadDim, 8);
+      std::vector<uint8_t> expected(static_cast<size_t>(rows) * kKv, 0x5A);
+      ASSERT_TRUE(QuantizeKvRows(absl::MakeConstSpan(in).first(bad_row * kHeadDim),
+                                 ContiguousRows(RowFormat::kKvFp8, expected.data(), bad_row)).ok());
+      in[bad_row * kHeadDim + bad_dim] = ToBf16(bad);
+      std::vector<uint8_t> out(expected.size(), 0x5A);
+      const absl::Status status = QuantizeKvRows(in, ContiguousRows(RowFormat::kKvFp8, out.data(), rows));
+      EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+      EXPECT_THAT(std::string(status.message()),
+                  HasSubstr("row 3 dim " + std::to_string(bad_dim) + (std::isnan(bad) ? " is NaN" : " is infinite")));
+      EXPECT_EQ(out, expected);
+    }
 
     std::vector<Bf16> keys = TestRows(rows, kIndexDim, 9);
+    std::vector<uint8_t> expected(static_cast<size_t>(rows) * kKey, 0x5A);
+    ASSERT_TRUE(QuantizeIndexKeys(absl::MakeConstSpan(keys).first(4 * kIndexDim),
+                                  ContiguousRows(RowFormat::kIndexFp4, expected.data(), 4)).ok());
     keys[4 * kIndexDim + 127] = ToBf16(bad);
-    std::vector<uint8_t> key_out(static_cast<size_t>(rows) * kKey, 0x5A);
+    std::vector<uint8_t> key_out(expected.size(), 0x5A);
     const absl::Status key_status =
         QuantizeIndexKeys(keys, ContiguousRows(RowFormat::kIndexFp4, key_out.data(), rows));
     EXPECT_EQ(key_status.code(), absl::StatusCode::kInvalidArgument);
     EXPECT_THAT(std::string(key_status.message()), HasSubstr("row 4 dim 127"));
-    EXPECT_EQ(key_out, std::vector<uint8_t>(key_out.size(), 0x5A));
+    EXPECT_EQ(key_out, expected);
   }
 }
 

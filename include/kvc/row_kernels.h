@@ -2,14 +2,18 @@
 // dispatched at run time to the best target the CPU supports (Highway).
 //
 // Every kernel gives exactly the bits of its scalar reference in
-// reference_codecs.h, on every target (tested). Every entry point validates
-// its arguments first and, on error, returns kInvalidArgument (or
-// kOutOfRange for row indices) and writes nothing.
+// reference_codecs.h, on every target (tested).
 //
-// Non-finite inputs: a row or key containing ±inf or NaN is rejected (the
-// FP8/FP4 block rules are defined for finite values only); so is an index key
-// element with |x| > 2^120, for which the Hadamard sums could overflow fp32.
-// Real activations are many orders of magnitude below that bound.
+// Errors. Shapes, strides, pointers and row indices are checked before
+// anything is written: a bad argument returns kInvalidArgument (kOutOfRange
+// for row indices) and writes nothing. Values are checked row by row, fused
+// into the kernel (a separate pass would stream the input from DRAM twice): a
+// row or key holding ±inf or NaN (the FP8/FP4 block rules are defined for
+// finite values only), or an index-key value with |x| > 2^120 (its Hadamard
+// sums could overflow fp32; real keys are O(1)), returns kInvalidArgument
+// naming the row and dim; the rows before it have been written, it and all
+// rows after it have not. Callers that need all-or-nothing (the cache)
+// quantize into memory they have not yet published.
 #ifndef KVC_ROW_KERNELS_H_
 #define KVC_ROW_KERNELS_H_
 

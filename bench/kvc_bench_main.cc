@@ -1,0 +1,75 @@
+// kvc_bench: Google Benchmark main with a reporter that, after the usual
+// table, prints every benchmark's throughput as a ratio to its roofline
+// measured in the same run.
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "bench/roofline.h"
+#include "benchmark/benchmark.h"
+#include "fmt/core.h"
+#include "kvc/row_kernels.h"
+
+namespace kvc::bench {
+namespace {
+
+// Benchmark base name -> reference base name, filled by RegisterRoofline().
+std::map<std::string, std::string>& References() {
+  static auto* references = new std::map<std::string, std::string>;
+  return *references;
+}
+
+std::string BaseName(const std::string& run_name) { return run_name.substr(0, run_name.find('/')); }
+std::string Suffix(const std::string& run_name) {
+  const size_t slash = run_name.find('/');
+  return slash == std::string::npos ? "" : run_name.substr(slash);
+}
+
+class RooflineReporter : public benchmark::ConsoleReporter {
+ public:
+  void ReportRuns(const std::vector<Run>& runs) override {
+    for (const Run& run : runs) {
+      if (run.run_type != Run::RT_Iteration || run.error_occurred) continue;
+      const auto it = run.counters.find("bytes_per_second");
+      if (it != run.counters.end()) bytes_per_second_[run.benchmark_name()] = it->second.value;
+    }
+    ConsoleReporter::ReportRuns(runs);
+  }
+
+  void Finalize() override {
+    ConsoleReporter::Finalize();
+    fmt::print("\nRatios to rooflines measured in this run (SIMD target {}):\n", ActiveSimdTargetName());
+    fmt::print("{:<52}{:>12}{:>14}{:>8}\n", "benchmark", "GB/s", "roofline GB/s", "ratio");
+    for (const auto& [name, bps] : bytes_per_second_) {
+      const auto ref = References().find(BaseName(name));
+      if (ref == References().end()) continue;
+      const auto roof = bytes_per_second_.find(ref->second + Suffix(name));
+      if (roof == bytes_per_second_.end()) continue;
+      fmt::print("{:<52}{:>12.2f}{:>14.2f}{:>8.2f}  (vs {})\n", name, bps / 1e9, roof->second / 1e9,
+                 bps / roof->second, ref->second);
+    }
+  }
+
+ private:
+  std::map<std::string, double> bytes_per_second_;
+};
+
+}  // namespace
+
+bool RegisterRoofline(const std::string& name, const std::string& reference) {
+  References()[name] = reference;
+  return true;
+}
+
+}  // namespace kvc::bench
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::AddCustomContext("kvc_simd_target", kvc::ActiveSimdTargetName());
+  kvc::bench::RooflineReporter reporter;
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  benchmark::Shutdown();
+  return 0;
+}

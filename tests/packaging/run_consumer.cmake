@@ -1,0 +1,23 @@
+# cmake -P script: [install kvc from KVC_BUILD_DIR into a prefix,] configure
+# and build the consumer project, then run its `consumer` program.
+function(run)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE out)
+  if(NOT rc EQUAL 0)
+    string(REPLACE ";" " " cmd "${ARGN}")
+    message(FATAL_ERROR "`${cmd}` failed (${rc}):\n${out}")
+  endif()
+  message(STATUS "${out}")
+endfunction()
+
+file(REMOVE_RECURSE ${WORK_DIR})
+set(configure_args ${CONSUMER_ARGS})
+if(KVC_BUILD_DIR)
+  run(${CMAKE_COMMAND} --install ${KVC_BUILD_DIR} --prefix ${WORK_DIR}/prefix)
+  list(APPEND configure_args -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix)
+endif()
+if(KVC_SOURCE_DIR)
+  list(APPEND configure_args -DKVC_SOURCE_DIR=${KVC_SOURCE_DIR})
+endif()
+run(${CMAKE_COMMAND} -S ${CONSUMER_SOURCE_DIR} -B ${WORK_DIR}/build ${configure_args})
+run(${CMAKE_COMMAND} --build ${WORK_DIR}/build)
+run(${WORK_DIR}/build/consumer)
