@@ -7,10 +7,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
 #include <random>
 #include <string>
 #include <vector>
+
+#include <unistd.h>
 
 #include "fmt/core.h"
 #include "kvc/reference_codecs.h"
@@ -24,12 +27,18 @@ double Seconds(Clock::time_point since) {
   return std::chrono::duration<double>(Clock::now() - since).count();
 }
 
-void Progress(const char* what, int64_t done, int64_t total) {
-  const int width = 40;
-  const int filled = static_cast<int>(width * done / (total > 0 ? total : 1));
-  fmt::print(stderr, "\r  {:<22} [{}{}] {:3}%", what, std::string(static_cast<size_t>(filled), '#'),
-             std::string(static_cast<size_t>(width - filled), '.'), 100 * done / (total > 0 ? total : 1));
-  if (done == total) fmt::print(stderr, "\n");
+// A bar redrawn in place on a terminal; a line per quarter in a log.
+void Progress(const char* what, int64_t done, int64_t total, int64_t step) {
+  const int64_t percent = 100 * done / total;
+  if (isatty(fileno(stderr))) {
+    const int width = 40;
+    const int filled = static_cast<int>(width * done / total);
+    fmt::print(stderr, "\r  {:<22} [{}{}] {:3}%", what, std::string(static_cast<size_t>(filled), '#'),
+               std::string(static_cast<size_t>(width - filled), '.'), percent);
+    if (done == total) fmt::print(stderr, "\n");
+  } else if (done == total || (4 * done / total) != (4 * (done - step) / total)) {
+    fmt::print(stderr, "  {:<22} {:3}%\n", what, percent);
+  }
 }
 
 // Rows shaped like post-RMSNorm activations: unit-scale Gaussians with a few
@@ -76,7 +85,7 @@ double Timed(const char* what, int64_t total, const Fn& fn) {
   for (int64_t first = 0; first < total; first += chunk) {
     const int64_t n = first + chunk < total ? chunk : total - first;
     if (!fn(first, n)) std::exit(1);
-    Progress(what, first + n, total);
+    Progress(what, first + n, total, n);
   }
   return Seconds(start);
 }
@@ -103,6 +112,7 @@ int main(int argc, char** argv) {
   const kvc::RowFormatInfo& key = kvc::FormatInfo(kvc::RowFormat::kIndexFp4);
   fmt::print("kvc-demo: {} KV rows ({} dims) and {} index keys ({} dims), SIMD target {}\n", rows,
              kHeadDim, rows, kIndexDim, kvc::ActiveSimdTargetName());
+  std::fflush(stdout);  // before the progress lines on stderr
 
   auto report = [](const absl::Status& s) {
     if (!s.ok()) fmt::print(stderr, "\nkvc-demo: {}\n", s.ToString());

@@ -1,0 +1,16 @@
+# Sourced by run.sh and test.sh: installs kvc's build dependencies from
+# Debian's packages (apt) when any is missing. Nothing is fetched elsewhere.
+kvc_install_deps() {
+  local packages=(cmake ninja-build g++ pkg-config libhwy-dev libabsl-dev libfmt-dev
+                  libbenchmark-dev libgtest-dev libgmock-dev)
+  local missing=() p
+  for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  ((${#missing[@]} == 0)) && return 0
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "kvc: installing ${missing[*]} (apt)"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Builds kvc and runs every test, twice: a release build with warnings as
+# errors, then an AddressSanitizer + UndefinedBehaviorSanitizer build.
+# Installs missing packages first. This is what CI runs (.ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/deps.sh
+kvc_install_deps
+jobs=$(nproc)
+
+echo "== release build (-Werror)"
+cmake -S . -B build/release -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVC_WERROR=ON > /dev/null
+cmake --build build/release -j "$jobs"
+ctest --test-dir build/release --output-on-failure -j "$jobs"
+
+echo "== ASan + UBSan build (-Werror)"
+cmake -S . -B build/asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVC_WERROR=ON \
+  -DKVC_SANITIZE=address,undefined -DKVC_BUILD_BENCH=OFF > /dev/null
+cmake --build build/asan -j "$jobs"
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  ctest --test-dir build/asan --output-on-failure -j "$jobs"
