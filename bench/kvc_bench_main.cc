@@ -2,6 +2,7 @@
 // table, prints every benchmark's throughput as a ratio to its roofline
 // measured in the same run.
 #include <map>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -29,10 +30,17 @@ std::string Suffix(const std::string& run_name) {
 class RooflineReporter : public benchmark::ConsoleReporter {
  public:
   void ReportRuns(const std::vector<Run>& runs) override {
+    // With --benchmark_repetitions the median aggregate stands for the run.
     for (const Run& run : runs) {
-      if (run.run_type != Run::RT_Iteration || run.error_occurred) continue;
+      if (run.error_occurred) continue;
+      const bool median = run.run_type == Run::RT_Aggregate && run.aggregate_name == "median";
+      if (run.run_type != Run::RT_Iteration && !median) continue;
+      const std::string name = run.run_name.str();
+      if (!median && medians_.count(name) != 0) continue;
       const auto it = run.counters.find("bytes_per_second");
-      if (it != run.counters.end()) bytes_per_second_[run.benchmark_name()] = it->second.value;
+      if (it == run.counters.end()) continue;
+      bytes_per_second_[name] = it->second.value;
+      if (median) medians_.insert(name);
     }
     ConsoleReporter::ReportRuns(runs);
   }
@@ -53,6 +61,7 @@ class RooflineReporter : public benchmark::ConsoleReporter {
 
  private:
   std::map<std::string, double> bytes_per_second_;
+  std::set<std::string> medians_;
 };
 
 }  // namespace
