@@ -428,17 +428,25 @@ absl::Status DequantizeKvRowsImpl(ConstPackedRows in, const int64_t* rows, int64
   return absl::OkStatus();
 }
 
+// Shared front end of the quantizing kernels: argument checks, dispatch, and
+// the error for a row the kernel refused (values beyond `limit` or non-finite).
+using QuantizeKernel = int64_t (*)(const Bf16*, int64_t, uint8_t*, int64_t, uint8_t*, int64_t);
+absl::Status QuantizeRows(absl::Span<const Bf16> in, PackedRows out, RowFormat format, float limit,
+                          QuantizeKernel kernel, const char* what) {
+  const int dims = FormatInfo(format).dims;
+  KVC_RETURN_IF_ERROR(CheckRows(out, format, what));
+  KVC_RETURN_IF_ERROR(CheckValueCount(in.size(), out.count, dims, what));
+  if (out.count == 0) return absl::OkStatus();
+  const int64_t bad = kernel(in.data(), out.count, out.data, out.data_stride, out.scales, out.scale_stride);
+  if (bad >= 0) return RejectedRow(in, bad, dims, limit, what);
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status QuantizeKvRows(absl::Span<const Bf16> in, PackedRows out) {
-  constexpr const char* kWhat = "QuantizeKvRows";
-  KVC_RETURN_IF_ERROR(CheckRows(out, RowFormat::kKvFp8, kWhat));
-  KVC_RETURN_IF_ERROR(CheckValueCount(in.size(), out.count, kHeadDim, kWhat));
-  if (out.count == 0) return absl::OkStatus();
-  const int64_t bad = HWY_DYNAMIC_DISPATCH(QuantizeKvRows)(in.data(), out.count, out.data,
-                                                           out.data_stride, out.scales, out.scale_stride);
-  if (bad >= 0) return RejectedRow(in, bad, kHeadDim, std::numeric_limits<float>::max(), kWhat);
-  return absl::OkStatus();
+  return QuantizeRows(in, out, RowFormat::kKvFp8, std::numeric_limits<float>::max(),
+                      HWY_DYNAMIC_DISPATCH(QuantizeKvRows), "QuantizeKvRows");
 }
 
 absl::Status DequantizeKvRows(ConstPackedRows in, absl::Span<Bf16> out) {
@@ -464,14 +472,8 @@ absl::Status GatherDequantizeKvRows(ConstPackedRows in, absl::Span<const int64_t
 }
 
 absl::Status QuantizeIndexKeys(absl::Span<const Bf16> in, PackedRows out) {
-  constexpr const char* kWhat = "QuantizeIndexKeys";
-  KVC_RETURN_IF_ERROR(CheckRows(out, RowFormat::kIndexFp4, kWhat));
-  KVC_RETURN_IF_ERROR(CheckValueCount(in.size(), out.count, kIndexDim, kWhat));
-  if (out.count == 0) return absl::OkStatus();
-  const int64_t bad = HWY_DYNAMIC_DISPATCH(QuantizeIndexKeys)(in.data(), out.count, out.data,
-                                                              out.data_stride, out.scales, out.scale_stride);
-  if (bad >= 0) return RejectedRow(in, bad, kIndexDim, std::exp2(120.0f), kWhat);
-  return absl::OkStatus();
+  return QuantizeRows(in, out, RowFormat::kIndexFp4, std::exp2(120.0f),
+                      HWY_DYNAMIC_DISPATCH(QuantizeIndexKeys), "QuantizeIndexKeys");
 }
 
 absl::Status DequantizeIndexKeys(ConstPackedRows in, absl::Span<float> out) {

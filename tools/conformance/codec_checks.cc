@@ -55,40 +55,42 @@ absl::Status CheckE4M3Table(const GoldenCase& golden, Report& report) {
   return absl::OkStatus();
 }
 
-absl::Status CheckE4M3Cast(const GoldenCase& golden, Report& report) {
+// Element-wise check: `expected[i]` must equal `fn(in[i])` bit for bit, for
+// 1-D tensors `in_name` and `expected_name` of equal length.
+template <typename In, typename Out, typename Fn>
+absl::Status CheckElementwise(const GoldenCase& golden, Report& report, const char* check,
+                              const char* in_name, DType in_dtype, const char* expected_name,
+                              DType expected_dtype, const Fn& fn) {
   const TensorInfo* info = nullptr;
-  KVC_ASSIGN_OR_RETURN(std::vector<float> in, golden.file().Get<float>("e4m3_cast_in", DType::kF32, {-1}, &info));
-  KVC_ASSIGN_OR_RETURN(std::vector<uint8_t> codes,
-                       golden.file().Get<uint8_t>("e4m3_cast_codes", DType::kU8, {info->shape[0]}));
-  std::vector<uint8_t> got(in.size());
-  for (size_t i = 0; i < in.size(); ++i) got[i] = E4M3FromF32(in[i]);
-  Compare(report, golden, "e4m3_cast", got, codes, "values");
+  KVC_ASSIGN_OR_RETURN(std::vector<In> in, golden.file().Get<In>(in_name, in_dtype, {-1}, &info));
+  KVC_ASSIGN_OR_RETURN(std::vector<Out> expected,
+                       golden.file().Get<Out>(expected_name, expected_dtype, {info->shape[0]}));
+  std::vector<Out> got(in.size());
+  for (size_t i = 0; i < in.size(); ++i) got[i] = fn(in[i]);
+  Compare(report, golden, check, got, expected, "values");
   return absl::OkStatus();
+}
+
+absl::Status CheckE4M3Cast(const GoldenCase& golden, Report& report) {
+  return CheckElementwise<float, uint8_t>(golden, report, "e4m3_cast", "e4m3_cast_in", DType::kF32,
+                                          "e4m3_cast_codes", DType::kU8, E4M3FromF32);
 }
 
 absl::Status CheckBf16Cast(const GoldenCase& golden, Report& report) {
-  const TensorInfo* info = nullptr;
-  KVC_ASSIGN_OR_RETURN(std::vector<float> in, golden.file().Get<float>("bf16_cast_in", DType::kF32, {-1}, &info));
-  KVC_ASSIGN_OR_RETURN(std::vector<int16_t> bits,
-                       golden.file().Get<int16_t>("bf16_cast_bits", DType::kI16, {info->shape[0]}));
-  std::vector<uint16_t> got(in.size()), expected(bits.size());
-  for (size_t i = 0; i < in.size(); ++i) got[i] = Bf16BitsFromF32(in[i]);
-  for (size_t i = 0; i < bits.size(); ++i) expected[i] = static_cast<uint16_t>(bits[i]);
-  Compare(report, golden, "bf16_cast", got, expected, "values");
-  return absl::OkStatus();
+  return CheckElementwise<float, int16_t>(golden, report, "bf16_cast", "bf16_cast_in", DType::kF32,
+                                          "bf16_cast_bits", DType::kI16, [](float x) {
+                                            return static_cast<int16_t>(Bf16BitsFromF32(x));
+                                          });
 }
 
 absl::Status CheckE2M1Ties(const GoldenCase& golden, Report& report) {
-  const TensorInfo* info = nullptr;
-  KVC_ASSIGN_OR_RETURN(std::vector<float> in, golden.file().Get<float>("e2m1_tie_in", DType::kF32, {-1}, &info));
-  KVC_ASSIGN_OR_RETURN(std::vector<float> out,
-                       golden.file().Get<float>("e2m1_tie_out", DType::kF32, {info->shape[0]}));
-  const BlockScale unit = BlockScaleFromByte(127);  // scale 1: plain E2M1 rounding with the clamp
-  std::vector<uint32_t> got(in.size()), expected(out.size());
-  for (size_t i = 0; i < in.size(); ++i) got[i] = F32Bits(F32FromE2M1(Fp4Encode(in[i], unit)));
-  for (size_t i = 0; i < out.size(); ++i) expected[i] = F32Bits(out[i]);
-  Compare(report, golden, "e2m1_ties", got, expected, "values");
-  return absl::OkStatus();
+  // Scale 1: plain E2M1 rounding, with the block rule's clamp. Compared as
+  // bits, so -0.0 and +0.0 differ.
+  const BlockScale unit = BlockScaleFromByte(127);
+  return CheckElementwise<float, uint32_t>(golden, report, "e2m1_ties", "e2m1_tie_in", DType::kF32,
+                                           "e2m1_tie_out", DType::kF32, [&](float x) {
+                                             return F32Bits(F32FromE2M1(Fp4Encode(x, unit)));
+                                           });
 }
 
 // --- FP8 rows through the SIMD kernels -------------------------------------
