@@ -1,0 +1,111 @@
+// Paged storage: arenas and fixed-size page pools with reference counts.
+//
+// An Arena is the memory of one lifetime class ("history": append-only,
+// shareable pages; "state": per-sequence, constant-size pages), either
+// allocated by kvc on demand up to a byte limit or carved from a region the
+// engine hands in. A PagePool hands out pages of one size from one arena,
+// keeps freed pages on its own free list (pages never return to the arena),
+// and counts references so forks can share pages. All methods are
+// thread-safe; page addresses are stable for the pool's lifetime.
+#ifndef KVC_PAGE_POOL_H_
+#define KVC_PAGE_POOL_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
+
+namespace kvc {
+
+// Alignment of every page (bytes); page sizes are multiples of it.
+constexpr int64_t kPageAlignment = 64;
+
+class Arena {
+ public:
+  // kvc allocates blocks on demand, up to `limit_bytes` in total.
+  Arena(std::string name, int64_t limit_bytes);
+  // Pages are carved from `region` (engine memory, which must outlive the
+  // arena); the limit is its size, rounded down to the alignment.
+  Arena(std::string name, absl::Span<uint8_t> region);
+  ~Arena();
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+
+  // `bytes` (a multiple of kPageAlignment) of memory aligned to it, or
+  // kResourceExhausted naming the arena when the limit would be exceeded.
+  absl::StatusOr<uint8_t*> Allocate(int64_t bytes);
+
+  const std::string& name() const { return name_; }
+  int64_t limit_bytes() const { return limit_; }
+  int64_t reserved_bytes() const;  // handed out so far
+  // Bytes still available for new pages.
+  int64_t available_bytes() const { return limit_ - reserved_bytes(); }
+
+ private:
+  const std::string name_;
+  const int64_t limit_;
+  uint8_t* const region_;  // null: kvc allocates
+  mutable absl::Mutex mu_;
+  int64_t reserved_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<uint8_t*> owned_ ABSL_GUARDED_BY(mu_);
+};
+
+using PageId = int32_t;
+constexpr PageId kNoPage = -1;
+
+struct PoolStats {
+  int64_t page_bytes = 0;
+  int64_t used_pages = 0;  // referenced at least once
+  int64_t free_pages = 0;  // obtained from the arena, on the free list
+  int64_t used_bytes() const { return used_pages * page_bytes; }
+  int64_t reserved_bytes() const { return (used_pages + free_pages) * page_bytes; }
+};
+
+class PagePool {
+ public:
+  // `page_bytes` is rounded up to kPageAlignment. The pool can never hold
+  // more than arena->limit_bytes() / page_bytes pages.
+  PagePool(std::string name, int64_t page_bytes, Arena* arena);
+  PagePool(const PagePool&) = delete;
+  PagePool& operator=(const PagePool&) = delete;
+
+  // Appends `n` new pages (reference count 1, zero-filled) to `out`: all or
+  // nothing. kResourceExhausted naming the pool when the arena cannot supply
+  // them; nothing changes then.
+  absl::Status Allocate(int64_t n, std::vector<PageId>* out);
+  // Whether Allocate(n) would succeed now (racy under concurrency; used for
+  // error messages, not for correctness).
+  bool CanAllocate(int64_t n) const;
+
+  void Ref(PageId id);    // requires a live page
+  void Unref(PageId id);  // frees the page when the last reference goes
+  int32_t RefCount(PageId id) const;
+
+  uint8_t* Data(PageId id) const { return pages_[static_cast<size_t>(id)]; }
+  int64_t page_bytes() const { return page_bytes_; }
+  const std::string& name() const { return name_; }
+  PoolStats Stats() const;
+
+ private:
+  const std::string name_;
+  const int64_t page_bytes_;
+  Arena* const arena_;
+  // Sized to the most pages the arena could ever give this pool and never
+  // reallocated, so Data() needs no lock.
+  std::vector<uint8_t*> pages_;
+  mutable absl::Mutex mu_;
+  std::vector<int32_t> refcount_ ABSL_GUARDED_BY(mu_);
+  std::vector<PageId> free_ ABSL_GUARDED_BY(mu_);
+  int64_t created_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t used_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace kvc
+
+#endif  // KVC_PAGE_POOL_H_
