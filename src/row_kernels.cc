@@ -328,6 +328,15 @@ int64_t QuantizeIndexKeys(const Bf16* in, int64_t count, uint8_t* data, int64_t 
   return -1;
 }
 
+// Returns -1, or the first of `count` rows of `dims` bf16 values (dims a
+// multiple of the int16 lanes) that holds ±inf or NaN.
+int64_t FindNonFiniteRow(const Bf16* in, int64_t count, int64_t dims) {
+  for (int64_t r = 0; r < count; ++r) {
+    if (MaxAbsBitsBf16(in + r * dims, static_cast<size_t>(dims)) >= kInfinityBits) return r;
+  }
+  return -1;
+}
+
 int64_t TargetForDispatch() { return HWY_TARGET; }
 
 // NOLINTNEXTLINE(google-readability-namespace-comments)
@@ -353,6 +362,7 @@ HWY_EXPORT(QuantizeKvRows);
 HWY_EXPORT(DequantizeKvRowsToBf16);
 HWY_EXPORT(DequantizeKvRowsToF32);
 HWY_EXPORT(QuantizeIndexKeys);
+HWY_EXPORT(FindNonFiniteRow);
 HWY_EXPORT(TargetForDispatch);
 
 namespace {
@@ -397,7 +407,7 @@ absl::Status RejectedRow(absl::Span<const Bf16> in, int64_t bad_row, int dims, f
     const char* kind = std::isnan(x) ? "is NaN" : std::isinf(x) ? "is infinite" : "exceeds 2^120 in magnitude";
     return absl::InvalidArgumentError(absl::StrCat(
         what, ": input row ", bad_row, " dim ", i, " ", kind, " (bf16 bits 0x",
-        absl::Hex(v.bits, absl::kZeroPad4), "); rows before it were written, it and later rows were not"));
+        absl::Hex(v.bits, absl::kZeroPad4), ")"));
   }
   return absl::InternalError(absl::StrCat(what, ": row ", bad_row, " rejected without cause"));
 }
@@ -438,7 +448,10 @@ absl::Status QuantizeRows(absl::Span<const Bf16> in, PackedRows out, RowFormat f
   KVC_RETURN_IF_ERROR(CheckValueCount(in.size(), out.count, dims, what));
   if (out.count == 0) return absl::OkStatus();
   const int64_t bad = kernel(in.data(), out.count, out.data, out.data_stride, out.scales, out.scale_stride);
-  if (bad >= 0) return RejectedRow(in, bad, dims, limit, what);
+  if (bad >= 0) {
+    const absl::Status rejected = RejectedRow(in, bad, dims, limit, what);
+    return absl::InvalidArgumentError(absl::StrCat(rejected.message(), "; rows before it were written, it and later rows were not"));
+  }
   return absl::OkStatus();
 }
 
@@ -447,6 +460,19 @@ absl::Status QuantizeRows(absl::Span<const Bf16> in, PackedRows out, RowFormat f
 absl::Status QuantizeKvRows(absl::Span<const Bf16> in, PackedRows out) {
   return QuantizeRows(in, out, RowFormat::kKvFp8, std::numeric_limits<float>::max(),
                       HWY_DYNAMIC_DISPATCH(QuantizeKvRows), "QuantizeKvRows");
+}
+
+absl::Status CheckFiniteRows(absl::Span<const Bf16> values, int dims, const char* what) {
+  if (dims <= 0 || dims % 64 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": rows of ", dims, " values; expected a multiple of 64"));
+  }
+  if (values.size() % static_cast<size_t>(dims) != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": ", values.size(), " values are not whole rows of ", dims));
+  }
+  const int64_t rows = static_cast<int64_t>(values.size()) / dims;
+  const int64_t bad = HWY_DYNAMIC_DISPATCH(FindNonFiniteRow)(values.data(), rows, dims);
+  if (bad < 0) return absl::OkStatus();
+  return RejectedRow(values, bad, dims, std::numeric_limits<float>::max(), what);
 }
 
 absl::Status DequantizeKvRows(ConstPackedRows in, absl::Span<Bf16> out) {

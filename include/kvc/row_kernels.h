@@ -60,6 +60,12 @@ absl::Status QuantizeIndexKeys(absl::Span<const Bf16> in, PackedRows out);
 // Dequantizes in.count keys into `out` (in.count * 128 fp32 values). Exact.
 absl::Status DequantizeIndexKeys(ConstPackedRows in, absl::Span<float> out);
 
+// Checks rows of `dims` bf16 values (dims a multiple of 64) for ±inf/NaN
+// without writing anything: kInvalidArgument naming `what`, the first bad row
+// and dim. Reads each value once (SIMD). For callers that must validate a
+// whole batch before changing anything.
+absl::Status CheckFiniteRows(absl::Span<const Bf16> values, int dims, const char* what);
+
 // ---------------------------------------------------------------------------
 // SIMD targets.
 

@@ -1,0 +1,160 @@
+// kvc::Cache: the one object an engine embeds. Built from a ModelSpec, it
+// holds any number of sequences; each sequence has, per layer, the streams of
+// its layer kind (spec §1), stored in pages whose bytes are the engines'
+// layout (docs/layout.md):
+//
+//   window ring        W rows of 584 B, slot = position mod W       (state)
+//   rollback rows      the last D ring rows overwritten, to undo    (state)
+//   compressor state   projections of the open windows, fp32        (state)
+//   compressed rows    one 584-byte row per m tokens (CSA, HCA)     (history)
+//   index keys         one 68-byte key per 4 tokens (CSA)           (history)
+//
+// History pages are append-only and shared between forks (copied only when a
+// fork writes into a shared partial page); state pages are private. The two
+// lifetime classes draw from separate arenas with separate byte limits.
+//
+// Every mutation validates its arguments and plans its allocations before it
+// changes anything: a failed call leaves the cache exactly as it was
+// (contents, lengths and used bytes). No exceptions.
+//
+// Thread safety: all methods may be called concurrently. Calls on different
+// sequences run in parallel; calls on the same sequence are serialised by a
+// per-sequence lock. Views returned by Window() stay valid until the next
+// mutation of that sequence or its Free().
+#ifndef KVC_CACHE_H_
+#define KVC_CACHE_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "kvc/model_spec.h"
+#include "kvc/number_formats.h"
+#include "kvc/row_formats.h"
+
+namespace kvc {
+
+struct CacheOptions {
+  // Byte limits of the two lifetime classes (kvc allocates on demand).
+  int64_t history_bytes = int64_t{8} << 30;  // compressed rows + index keys
+  int64_t state_bytes = int64_t{1} << 30;    // window rings, rollback rows, compressor state
+  // Engine memory to carve pages from instead; when set, its size is the limit.
+  absl::Span<uint8_t> history_region;
+  absl::Span<uint8_t> state_region;
+  // Tokens a sequence can always be rolled back by (speculative decoding
+  // needs <= 16). Costs per layer: D * 584 B of rollback rows, plus D token
+  // rows of compressor state (8 KiB CSA + 2 KiB CSA indexer, 4 KiB HCA).
+  int32_t rollback_depth = 16;
+  int32_t rows_per_page = 64;  // 584-byte rows per page (window ring and compressed rows)
+  int32_t keys_per_page = 64;  // 68-byte index keys per page
+};
+
+// What memory is for. Stable numbering.
+enum class Component : uint8_t {
+  kWindowRing = 0,        // ring pages and rollback rows
+  kCompressedRows = 1,    // 584-byte compressed entries (history)
+  kIndexKeys = 2,         // 68-byte index keys (history)
+  kCompressorState = 3,   // fp32 projections of open windows (state)
+};
+constexpr int kNumComponents = 4;
+const char* ComponentName(Component component);
+
+struct ComponentUsage {
+  int64_t used_bytes = 0;      // pages in use, counted once however many sequences share them
+  int64_t reserved_bytes = 0;  // pages obtained from the arena (in use + free lists)
+  int64_t pages = 0;           // pages in use
+};
+
+struct CacheUsage {
+  ComponentUsage components[kNumComponents];
+  int64_t history_limit_bytes = 0;
+  int64_t state_limit_bytes = 0;
+  int64_t sequences = 0;
+  int64_t used_bytes() const;
+  int64_t reserved_bytes() const;
+};
+
+struct SequenceUsage {
+  int64_t bytes[kNumComponents] = {};  // pages this sequence references
+  int64_t shared_bytes = 0;            // of which also referenced by another sequence
+  int64_t total_bytes() const;
+};
+
+using SequenceId = int64_t;
+
+// What the engine hands in for `n` consecutive tokens of one layer.
+struct LayerTokens {
+  // n x 512 bf16: the layer's KV after its RMSNorm and RoPE (spec §2).
+  absl::Span<const Bf16> window_rows;
+};
+
+// Zero-copy view of one layer's window ring: slot s (= position mod window)
+// is row s % rows_per_page of pages[s / rows_per_page]; pages are in the
+// engines' footer layout. Slots never written read as zero.
+struct WindowRingView {
+  std::vector<ConstPackedRows> pages;
+  int32_t rows_per_page = 0;
+  int32_t window = 0;
+  int64_t length = 0;  // tokens appended to this layer
+};
+
+class Cache {
+ public:
+  // kInvalidArgument if the spec or options are inconsistent.
+  static absl::StatusOr<std::unique_ptr<Cache>> Create(ModelSpec spec, CacheOptions options = {});
+  ~Cache();
+  Cache(const Cache&) = delete;
+  Cache& operator=(const Cache&) = delete;
+
+  // A new, empty sequence. Allocates its state pages (ring, rollback rows,
+  // compressor state for every layer): kResourceExhausted naming the pool
+  // when the state arena is full.
+  absl::StatusOr<SequenceId> CreateSequence();
+
+  // Appends tokens [position, position + n) to `layer` of `seq`. Requires
+  // position == Length(seq, layer) (no gaps, no repeats) and
+  // position + n <= max_context. Validates every row (finite values) before
+  // writing. Appending a chunk gives exactly the bytes that appending its
+  // tokens one by one gives.
+  absl::Status Append(SequenceId seq, int layer, int64_t position, const LayerTokens& tokens);
+
+  // A new sequence equal to `seq`: history pages shared, state copied.
+  // Requires every layer of `seq` at the same length (kFailedPrecondition).
+  absl::StatusOr<SequenceId> Fork(SequenceId seq);
+
+  // Rolls `seq` back to `length` tokens in every layer; afterwards it equals
+  // a sequence that never saw the later tokens (ring contents included).
+  // Requires every layer at the same length and length >= RollbackFloor(seq)
+  // (kFailedPrecondition otherwise, with the floor).
+  absl::Status Truncate(SequenceId seq, int64_t length);
+
+  // Releases the sequence's pages. Its id is never reused.
+  absl::Status Free(SequenceId seq);
+
+  absl::StatusOr<int64_t> Length(SequenceId seq, int layer) const;
+  // The smallest length Truncate(seq, ...) accepts.
+  absl::StatusOr<int64_t> RollbackFloor(SequenceId seq) const;
+
+  // The window ring of `layer` dequantized into `out` (window x 512 bf16, in
+  // slot order). Unwritten slots are zero.
+  absl::Status ReadWindow(SequenceId seq, int layer, absl::Span<Bf16> out) const;
+  absl::StatusOr<WindowRingView> Window(SequenceId seq, int layer) const;
+
+  CacheUsage Usage() const;
+  absl::StatusOr<SequenceUsage> Usage(SequenceId seq) const;
+
+  const ModelSpec& spec() const;
+  const CacheOptions& options() const;
+
+ private:
+  struct Impl;
+  explicit Cache(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvc
+
+#endif  // KVC_CACHE_H_

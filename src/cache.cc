@@ -1,0 +1,587 @@
+#include "kvc/cache.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "kvc/page_pool.h"
+#include "kvc/row_kernels.h"
+#include "kvc/status.h"
+
+namespace kvc {
+namespace {
+
+constexpr int64_t kKvDataBytes = 576;   // of a 584-byte row: codes + bf16 RoPE dims
+constexpr int64_t kKvScaleBytes = 8;    // UE8M0 scales + padding
+constexpr int64_t kKvRowBytes = kKvDataBytes + kKvScaleBytes;
+constexpr int64_t kIndexKeyBytes = 68;
+
+int64_t RoundUp(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// A page of `rows` KV rows in the engines' layout (data parts, then the scale
+// footer), padded to a multiple of 576 bytes as FlashMLA requires.
+int64_t KvPageBytes(int64_t rows) { return RoundUp(rows * kKvRowBytes, kKvDataBytes); }
+
+// fp32 values per token row of a compressor's state: kv and score (+ape), each
+// width_factor * dim wide (spec §5).
+int64_t StateRowFloats(int width_factor, int dim) { return 2 * int64_t{width_factor} * dim; }
+
+// Compressed entries (and index keys) that exist once `length` tokens are in.
+int64_t EntriesAt(LayerKind kind, int64_t length) {
+  const int ratio = CompressRatio(kind);
+  return ratio == 0 ? 0 : length / ratio;
+}
+
+// One layer of one sequence.
+struct LayerStreams {
+  int64_t length = 0;  // tokens appended
+  int64_t floor = 0;   // smallest length a Truncate may restore
+  std::vector<PageId> ring;         // ceil(window / rows_per_page) pages, private
+  PageId rollback = kNoPage;        // rollback_depth records, private (none if depth 0)
+  std::vector<PageId> compressed;   // history pages, shared between forks
+  int64_t compressed_rows = 0;
+  std::vector<PageId> keys;         // history pages (CSA), shared between forks
+  int64_t key_rows = 0;
+  PageId state = kNoPage;           // main compressor state (CSA, HCA), private
+  PageId indexer_state = kNoPage;   // indexer compressor state (CSA), private
+};
+
+struct Sequence {
+  mutable absl::Mutex mu;
+  bool freed ABSL_GUARDED_BY(mu) = false;
+  std::vector<LayerStreams> layers ABSL_GUARDED_BY(mu);
+};
+
+}  // namespace
+
+const char* ComponentName(Component component) {
+  switch (component) {
+    case Component::kWindowRing: return "window ring";
+    case Component::kCompressedRows: return "compressed rows";
+    case Component::kIndexKeys: return "index keys";
+    case Component::kCompressorState: return "compressor state";
+  }
+  return "?";
+}
+
+int64_t CacheUsage::used_bytes() const {
+  int64_t total = 0;
+  for (const ComponentUsage& c : components) total += c.used_bytes;
+  return total;
+}
+
+int64_t CacheUsage::reserved_bytes() const {
+  int64_t total = 0;
+  for (const ComponentUsage& c : components) total += c.reserved_bytes;
+  return total;
+}
+
+int64_t SequenceUsage::total_bytes() const {
+  int64_t total = 0;
+  for (const int64_t b : bytes) total += b;
+  return total;
+}
+
+struct Cache::Impl {
+  ModelSpec spec;
+  CacheOptions options;
+  std::unique_ptr<Arena> history_arena;
+  std::unique_ptr<Arena> state_arena;
+  // State class.
+  std::unique_ptr<PagePool> ring_pool;
+  std::unique_ptr<PagePool> rollback_pool;
+  std::unique_ptr<PagePool> csa_state_pool;
+  std::unique_ptr<PagePool> csa_indexer_state_pool;
+  std::unique_ptr<PagePool> hca_state_pool;
+  // History class.
+  std::unique_ptr<PagePool> compressed_pool;
+  std::unique_ptr<PagePool> keys_pool;
+
+  mutable absl::Mutex mu;
+  std::unordered_map<SequenceId, std::shared_ptr<Sequence>> sequences ABSL_GUARDED_BY(mu);
+  SequenceId next_id ABSL_GUARDED_BY(mu) = 1;
+
+  int32_t window() const { return spec.window; }
+  int32_t depth() const { return options.rollback_depth; }
+  int32_t rows_per_page() const { return options.rows_per_page; }
+  int64_t ring_pages() const { return (window() + rows_per_page() - 1) / rows_per_page(); }
+
+  absl::StatusOr<std::shared_ptr<Sequence>> Find(SequenceId id) const {
+    absl::MutexLock lock(&mu);
+    const auto it = sequences.find(id);
+    if (it == sequences.end()) return absl::NotFoundError(absl::StrCat("no sequence ", id));
+    return it->second;
+  }
+
+  absl::Status CheckLayer(int layer) const {
+    if (layer < 0 || layer >= static_cast<int>(spec.layers.size())) {
+      return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " is outside [0, ", spec.layers.size(), ")"));
+    }
+    return absl::OkStatus();
+  }
+
+  PagePool* StatePool(LayerKind kind) const {
+    return kind == LayerKind::kCsa ? csa_state_pool.get() : kind == LayerKind::kHca ? hca_state_pool.get() : nullptr;
+  }
+
+  // --- Window ring and rollback records ---------------------------------
+
+  PackedRows RingPage(const LayerStreams& ls, int64_t page) const {
+    return PageFooterRows(RowFormat::kKvFp8, ring_pool->Data(ls.ring[static_cast<size_t>(page)]), rows_per_page());
+  }
+  // The one-row view of ring slot `slot`.
+  PackedRows RingSlot(const LayerStreams& ls, int64_t slot) const {
+    return RingPage(ls, slot / rows_per_page()).Slice(slot % rows_per_page(), 1);
+  }
+  // Rollback record i: a contiguous 584-byte row, plus the position whose
+  // append evicted it (-1: none).
+  PackedRows RollbackRow(const LayerStreams& ls, int64_t i) const {
+    return ContiguousRows(RowFormat::kKvFp8, rollback_pool->Data(ls.rollback), depth()).Slice(i, 1);
+  }
+  int64_t* RollbackEvictors(const LayerStreams& ls) const {
+    return reinterpret_cast<int64_t*>(rollback_pool->Data(ls.rollback) + depth() * kKvRowBytes);
+  }
+
+  WindowRingView RingView(const LayerStreams& ls) const {
+    WindowRingView view;
+    view.rows_per_page = rows_per_page();
+    view.window = window();
+    view.length = ls.length;
+    for (int64_t p = 0; p < ring_pages(); ++p) view.pages.push_back(RingPage(ls, p));
+    return view;
+  }
+
+  static void CopyRow(ConstPackedRows from, PackedRows to) {
+    std::memcpy(to.data, from.data, kKvDataBytes);
+    std::memcpy(to.scales, from.scales, kKvScaleBytes);
+  }
+  static void ZeroRow(PackedRows row) {
+    std::memset(row.data, 0, kKvDataBytes);
+    std::memset(row.scales, 0, kKvScaleBytes);
+  }
+
+  // Writes tokens [L, L + n) (rows validated finite) into the ring. Only the
+  // rows that survive are quantized: the last `window` into their slots, and
+  // for the last `depth` positions q the row each evicts (position q - W,
+  // from the old ring or from this chunk) into rollback record q mod depth.
+  void WriteWindow(LayerStreams& ls, absl::Span<const Bf16> rows) const {
+    const int64_t L = ls.length;
+    const int64_t n = static_cast<int64_t>(rows.size()) / kHeadDim;
+    const int64_t W = window();
+    auto quantize = [&](int64_t position, PackedRows to) {
+      const absl::Status s = QuantizeKvRows(rows.subspan(static_cast<size_t>((position - L) * kHeadDim), kHeadDim), to);
+      (void)s;  // cannot fail: the rows were validated and the view is well-formed
+    };
+    if (depth() > 0) {
+      int64_t* evictors = RollbackEvictors(ls);
+      for (int64_t q = std::max(L, L + n - depth()); q < L + n; ++q) {
+        const int64_t evicted = q - W;
+        const PackedRows record = RollbackRow(ls, q % depth());
+        if (evicted < 0) {
+          ZeroRow(record);
+        } else if (evicted < L) {
+          CopyRow(RingSlot(ls, evicted % W), record);
+        } else {
+          quantize(evicted, record);
+        }
+        evictors[q % depth()] = q;
+      }
+    }
+    // Ring slots, in runs that stay inside one page.
+    for (int64_t p = std::max(L, L + n - W); p < L + n;) {
+      const int64_t slot = p % W;
+      const int64_t in_page = slot % rows_per_page();
+      int64_t run = std::min({L + n - p, W - slot, rows_per_page() - in_page});
+      const absl::Status s = QuantizeKvRows(rows.subspan(static_cast<size_t>((p - L) * kHeadDim), static_cast<size_t>(run * kHeadDim)),
+                                            RingPage(ls, slot / rows_per_page()).Slice(in_page, run));
+      (void)s;  // cannot fail, as above
+      p += run;
+    }
+  }
+
+  // --- Page ownership ---------------------------------------------------
+
+  // The private state pages of a new sequence (or fork), all or nothing.
+  absl::Status AllocateState(std::vector<LayerStreams>& layers) const {
+    int64_t csa = 0, hca = 0;
+    for (const LayerSpec& l : spec.layers) {
+      csa += l.kind == LayerKind::kCsa ? 1 : 0;
+      hca += l.kind == LayerKind::kHca ? 1 : 0;
+    }
+    const int64_t n_layers = static_cast<int64_t>(spec.layers.size());
+    struct Need {
+      PagePool* pool;
+      int64_t n;
+      std::vector<PageId> pages;
+    } needs[] = {{ring_pool.get(), n_layers * ring_pages(), {}},
+                 {rollback_pool.get(), depth() > 0 ? n_layers : 0, {}},
+                 {csa_state_pool.get(), csa, {}},
+                 {csa_indexer_state_pool.get(), csa, {}},
+                 {hca_state_pool.get(), hca, {}}};
+    for (Need& need : needs) {
+      const absl::Status s = need.n > 0 ? need.pool->Allocate(need.n, &need.pages) : absl::OkStatus();
+      if (!s.ok()) {
+        for (Need& taken : needs) {
+          for (const PageId id : taken.pages) taken.pool->Unref(id);
+        }
+        return s;
+      }
+    }
+    layers.assign(spec.layers.size(), LayerStreams{});
+    size_t ring_i = 0, csa_i = 0, hca_i = 0;
+    for (size_t i = 0; i < layers.size(); ++i) {
+      LayerStreams& ls = layers[i];
+      for (int64_t p = 0; p < ring_pages(); ++p) ls.ring.push_back(needs[0].pages[ring_i++]);
+      if (depth() > 0) {
+        ls.rollback = needs[1].pages[i];
+        std::fill_n(RollbackEvictors(ls), depth(), int64_t{-1});
+      }
+      if (spec.layers[i].kind == LayerKind::kCsa) {
+        ls.state = needs[2].pages[csa_i];
+        ls.indexer_state = needs[3].pages[csa_i++];
+      } else if (spec.layers[i].kind == LayerKind::kHca) {
+        ls.state = needs[4].pages[hca_i++];
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  // Drops every page reference of `layers`.
+  void Release(std::vector<LayerStreams>& layers) const {
+    for (size_t i = 0; i < layers.size(); ++i) {
+      LayerStreams& ls = layers[i];
+      for (const PageId id : ls.ring) ring_pool->Unref(id);
+      if (ls.rollback != kNoPage) rollback_pool->Unref(ls.rollback);
+      for (const PageId id : ls.compressed) compressed_pool->Unref(id);
+      for (const PageId id : ls.keys) keys_pool->Unref(id);
+      if (ls.state != kNoPage) StatePool(spec.layers[i].kind)->Unref(ls.state);
+      if (ls.indexer_state != kNoPage) csa_indexer_state_pool->Unref(ls.indexer_state);
+    }
+    layers.clear();
+  }
+
+  absl::Status SameLengthEverywhere(const std::vector<LayerStreams>& layers, SequenceId id, const char* what) const {
+    for (size_t i = 1; i < layers.size(); ++i) {
+      if (layers[i].length != layers[0].length) {
+        return absl::FailedPreconditionError(absl::StrCat(what, " sequence ", id, ": layer ", i, " holds ",
+                                                          layers[i].length, " tokens but layer 0 holds ",
+                                                          layers[0].length, "; finish the step first"));
+      }
+    }
+    return absl::OkStatus();
+  }
+};
+
+Cache::Cache(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Cache::~Cache() {
+  absl::MutexLock lock(&impl_->mu);
+  for (auto& [id, seq] : impl_->sequences) {
+    absl::MutexLock seq_lock(&seq->mu);
+    impl_->Release(seq->layers);
+  }
+}
+
+absl::StatusOr<std::unique_ptr<Cache>> Cache::Create(ModelSpec spec, CacheOptions options) {
+  KVC_RETURN_IF_ERROR(spec.Validate());
+  if (options.rollback_depth < 0 || options.rollback_depth > spec.window) {
+    return absl::InvalidArgumentError(absl::StrCat("rollback_depth ", options.rollback_depth,
+                                                   " must be in [0, window = ", spec.window, "]"));
+  }
+  if (options.rows_per_page < 1 || options.rows_per_page > 4096 || options.keys_per_page < 1 ||
+      options.keys_per_page > 65536) {
+    return absl::InvalidArgumentError("rows_per_page must be in [1, 4096] and keys_per_page in [1, 65536]");
+  }
+  if (options.history_region.empty() && options.history_bytes < 0) {
+    return absl::InvalidArgumentError("history_bytes must be >= 0");
+  }
+  if (options.state_region.empty() && options.state_bytes < 0) {
+    return absl::InvalidArgumentError("state_bytes must be >= 0");
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->spec = std::move(spec);
+  impl->options = options;
+  impl->history_arena = options.history_region.empty()
+                            ? std::make_unique<Arena>("history", options.history_bytes)
+                            : std::make_unique<Arena>("history", options.history_region);
+  impl->state_arena = options.state_region.empty() ? std::make_unique<Arena>("state", options.state_bytes)
+                                                   : std::make_unique<Arena>("state", options.state_region);
+  const int64_t D = options.rollback_depth;
+  const int64_t d = impl->spec.head_dim, di = impl->spec.index_dim;
+  Arena* state = impl->state_arena.get();
+  Arena* history = impl->history_arena.get();
+  impl->ring_pool = std::make_unique<PagePool>("window ring", KvPageBytes(options.rows_per_page), state);
+  impl->rollback_pool = std::make_unique<PagePool>("rollback rows", D * (kKvRowBytes + 8), state);
+  // Compressor state keeps the open window(s) plus D token rows for rollback.
+  impl->csa_state_pool = std::make_unique<PagePool>(
+      "CSA compressor state", (2 * 4 + D) * StateRowFloats(2, static_cast<int>(d)) * 4, state);
+  impl->csa_indexer_state_pool = std::make_unique<PagePool>(
+      "CSA indexer state", (2 * 4 + D) * StateRowFloats(2, static_cast<int>(di)) * 4, state);
+  impl->hca_state_pool = std::make_unique<PagePool>(
+      "HCA compressor state", (128 + D) * StateRowFloats(1, static_cast<int>(d)) * 4, state);
+  impl->compressed_pool = std::make_unique<PagePool>("compressed rows", KvPageBytes(options.rows_per_page), history);
+  impl->keys_pool = std::make_unique<PagePool>("index keys", options.keys_per_page * kIndexKeyBytes, history);
+  return std::unique_ptr<Cache>(new Cache(std::move(impl)));
+}
+
+absl::StatusOr<SequenceId> Cache::CreateSequence() {
+  auto seq = std::make_shared<Sequence>();
+  {
+    absl::MutexLock seq_lock(&seq->mu);
+    KVC_RETURN_IF_ERROR(impl_->AllocateState(seq->layers));
+  }
+  absl::MutexLock lock(&impl_->mu);
+  const SequenceId id = impl_->next_id++;
+  impl_->sequences.emplace(id, std::move(seq));
+  return id;
+}
+
+absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const LayerTokens& tokens) {
+  KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
+  KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
+  absl::MutexLock lock(&seq->mu);
+  if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
+  LayerStreams& ls = seq->layers[static_cast<size_t>(layer)];
+  if (tokens.window_rows.size() % kHeadDim != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("Append: window_rows holds ", tokens.window_rows.size(),
+                                                   " values, not a whole number of 512-value rows"));
+  }
+  const int64_t n = static_cast<int64_t>(tokens.window_rows.size()) / kHeadDim;
+  if (position != ls.length) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "Append: sequence ", id, " layer ", layer, " holds ", ls.length, " tokens; position ", position,
+        position < ls.length ? " repeats tokens already appended" : " would leave a gap"));
+  }
+  if (n > impl_->spec.max_context - position) {
+    return absl::OutOfRangeError(absl::StrCat("Append: ", position, " + ", n, " tokens exceed max_context ",
+                                              impl_->spec.max_context));
+  }
+  KVC_RETURN_IF_ERROR(CheckFiniteRows(tokens.window_rows, kHeadDim, "Append: window_rows"));
+  if (n == 0) return absl::OkStatus();
+  // Everything is validated and nothing needs new pages: apply (cannot fail).
+  impl_->WriteWindow(ls, tokens.window_rows);
+  ls.length += n;
+  ls.floor = std::max(ls.floor, ls.length - impl_->depth());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SequenceId> Cache::Fork(SequenceId id) {
+  KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> parent, impl_->Find(id));
+  auto child = std::make_shared<Sequence>();
+  {
+    absl::MutexLock parent_lock(&parent->mu);
+    if (parent->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
+    KVC_RETURN_IF_ERROR(impl_->SameLengthEverywhere(parent->layers, id, "Fork:"));
+    absl::MutexLock child_lock(&child->mu);
+    KVC_RETURN_IF_ERROR(impl_->AllocateState(child->layers));
+    // Apply (cannot fail): copy private state, share history.
+    for (size_t i = 0; i < parent->layers.size(); ++i) {
+      const LayerStreams& from = parent->layers[i];
+      LayerStreams& to = child->layers[i];
+      for (size_t p = 0; p < from.ring.size(); ++p) {
+        std::memcpy(impl_->ring_pool->Data(to.ring[p]), impl_->ring_pool->Data(from.ring[p]),
+                    static_cast<size_t>(impl_->ring_pool->page_bytes()));
+      }
+      if (from.rollback != kNoPage) {
+        std::memcpy(impl_->rollback_pool->Data(to.rollback), impl_->rollback_pool->Data(from.rollback),
+                    static_cast<size_t>(impl_->rollback_pool->page_bytes()));
+      }
+      if (from.state != kNoPage) {
+        PagePool* pool = impl_->StatePool(impl_->spec.layers[i].kind);
+        std::memcpy(pool->Data(to.state), pool->Data(from.state), static_cast<size_t>(pool->page_bytes()));
+      }
+      if (from.indexer_state != kNoPage) {
+        PagePool* pool = impl_->csa_indexer_state_pool.get();
+        std::memcpy(pool->Data(to.indexer_state), pool->Data(from.indexer_state),
+                    static_cast<size_t>(pool->page_bytes()));
+      }
+      for (const PageId page : from.compressed) impl_->compressed_pool->Ref(page);
+      for (const PageId page : from.keys) impl_->keys_pool->Ref(page);
+      to.compressed = from.compressed;
+      to.compressed_rows = from.compressed_rows;
+      to.keys = from.keys;
+      to.key_rows = from.key_rows;
+      to.length = from.length;
+      to.floor = from.floor;
+    }
+  }
+  absl::MutexLock lock(&impl_->mu);
+  const SequenceId child_id = impl_->next_id++;
+  impl_->sequences.emplace(child_id, std::move(child));
+  return child_id;
+}
+
+absl::Status Cache::Truncate(SequenceId id, int64_t length) {
+  KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
+  absl::MutexLock lock(&seq->mu);
+  if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
+  KVC_RETURN_IF_ERROR(impl_->SameLengthEverywhere(seq->layers, id, "Truncate:"));
+  const int64_t current = seq->layers[0].length;
+  if (length < 0 || length > current) {
+    return absl::InvalidArgumentError(absl::StrCat("Truncate: sequence ", id, " holds ", current,
+                                                   " tokens; cannot truncate to ", length));
+  }
+  int64_t floor = 0;
+  for (const LayerStreams& ls : seq->layers) floor = std::max(floor, ls.floor);
+  if (length < floor) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "Truncate: sequence ", id, " can be rolled back to ", floor, " tokens at the least (rollback_depth ",
+        impl_->depth(), "), not to ", length));
+  }
+  const int64_t W = impl_->window();
+  const int64_t D = impl_->depth();
+  for (const LayerStreams& ls : seq->layers) {  // the invariant the floor guarantees
+    for (int64_t q = length; q < current; ++q) {
+      if (impl_->RollbackEvictors(ls)[q % D] != q) {
+        return absl::InternalError(absl::StrCat("Truncate: rollback record of position ", q, " is missing"));
+      }
+    }
+  }
+  // Apply (cannot fail).
+  for (size_t i = 0; i < seq->layers.size(); ++i) {
+    LayerStreams& ls = seq->layers[i];
+    int64_t* evictors = length < current ? impl_->RollbackEvictors(ls) : nullptr;
+    for (int64_t q = current - 1; q >= length; --q) {
+      Impl::CopyRow(impl_->RollbackRow(ls, q % D), impl_->RingSlot(ls, q % W));
+      evictors[q % D] = -1;
+    }
+    const LayerKind kind = impl_->spec.layers[i].kind;
+    auto shrink = [](std::vector<PageId>& pages, int64_t& rows, int64_t keep_rows, int64_t per_page, PagePool* pool) {
+      rows = std::min(rows, keep_rows);
+      const size_t keep_pages = static_cast<size_t>((rows + per_page - 1) / per_page);
+      while (pages.size() > keep_pages) {
+        pool->Unref(pages.back());
+        pages.pop_back();
+      }
+    };
+    shrink(ls.compressed, ls.compressed_rows, EntriesAt(kind, length), impl_->rows_per_page(),
+           impl_->compressed_pool.get());
+    shrink(ls.keys, ls.key_rows, kind == LayerKind::kCsa ? EntriesAt(kind, length) : 0,
+           impl_->options.keys_per_page, impl_->keys_pool.get());
+    ls.length = length;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Cache::Free(SequenceId id) {
+  std::shared_ptr<Sequence> seq;
+  {
+    absl::MutexLock lock(&impl_->mu);
+    const auto it = impl_->sequences.find(id);
+    if (it == impl_->sequences.end()) return absl::NotFoundError(absl::StrCat("no sequence ", id));
+    seq = std::move(it->second);
+    impl_->sequences.erase(it);
+  }
+  absl::MutexLock seq_lock(&seq->mu);
+  seq->freed = true;
+  impl_->Release(seq->layers);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> Cache::Length(SequenceId id, int layer) const {
+  KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
+  KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
+  absl::MutexLock lock(&seq->mu);
+  if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
+  return seq->layers[static_cast<size_t>(layer)].length;
+}
+
+absl::StatusOr<int64_t> Cache::RollbackFloor(SequenceId id) const {
+  KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
+  absl::MutexLock lock(&seq->mu);
+  if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
+  int64_t floor = 0;
+  for (const LayerStreams& ls : seq->layers) floor = std::max(floor, ls.floor);
+  return floor;
+}
+
+absl::StatusOr<WindowRingView> Cache::Window(SequenceId id, int layer) const {
+  KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
+  KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
+  absl::MutexLock lock(&seq->mu);
+  if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
+  return impl_->RingView(seq->layers[static_cast<size_t>(layer)]);
+}
+
+absl::Status Cache::ReadWindow(SequenceId id, int layer, absl::Span<Bf16> out) const {
+  KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
+  if (out.size() != static_cast<size_t>(impl_->window()) * kHeadDim) {
+    return absl::InvalidArgumentError(absl::StrCat("ReadWindow: out holds ", out.size(), " values, expected ",
+                                                   impl_->window(), " x ", kHeadDim));
+  }
+  KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
+  absl::MutexLock lock(&seq->mu);  // held while reading: no Append can interleave
+  if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
+  const WindowRingView view = impl_->RingView(seq->layers[static_cast<size_t>(layer)]);
+  for (size_t p = 0; p < view.pages.size(); ++p) {
+    const int64_t first = static_cast<int64_t>(p) * view.rows_per_page;
+    const int64_t rows = std::min<int64_t>(view.rows_per_page, view.window - first);
+    KVC_RETURN_IF_ERROR(DequantizeKvRows(view.pages[p].Slice(0, rows),
+                                         out.subspan(static_cast<size_t>(first * kHeadDim),
+                                                     static_cast<size_t>(rows * kHeadDim))));
+  }
+  return absl::OkStatus();
+}
+
+CacheUsage Cache::Usage() const {
+  CacheUsage usage;
+  const struct {
+    Component component;
+    const PagePool* pool;
+  } pools[] = {{Component::kWindowRing, impl_->ring_pool.get()},
+               {Component::kWindowRing, impl_->rollback_pool.get()},
+               {Component::kCompressorState, impl_->csa_state_pool.get()},
+               {Component::kCompressorState, impl_->csa_indexer_state_pool.get()},
+               {Component::kCompressorState, impl_->hca_state_pool.get()},
+               {Component::kCompressedRows, impl_->compressed_pool.get()},
+               {Component::kIndexKeys, impl_->keys_pool.get()}};
+  for (const auto& p : pools) {
+    const PoolStats stats = p.pool->Stats();
+    ComponentUsage& c = usage.components[static_cast<int>(p.component)];
+    c.used_bytes += stats.used_bytes();
+    c.reserved_bytes += stats.reserved_bytes();
+    c.pages += stats.used_pages;
+  }
+  usage.history_limit_bytes = impl_->history_arena->limit_bytes();
+  usage.state_limit_bytes = impl_->state_arena->limit_bytes();
+  absl::MutexLock lock(&impl_->mu);
+  usage.sequences = static_cast<int64_t>(impl_->sequences.size());
+  return usage;
+}
+
+absl::StatusOr<SequenceUsage> Cache::Usage(SequenceId id) const {
+  KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
+  absl::MutexLock lock(&seq->mu);
+  if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
+  SequenceUsage usage;
+  auto add = [&](Component c, const PagePool* pool, PageId page) {
+    usage.bytes[static_cast<int>(c)] += pool->page_bytes();
+    if (pool->RefCount(page) > 1) usage.shared_bytes += pool->page_bytes();
+  };
+  for (size_t i = 0; i < seq->layers.size(); ++i) {
+    const LayerStreams& ls = seq->layers[i];
+    for (const PageId p : ls.ring) add(Component::kWindowRing, impl_->ring_pool.get(), p);
+    if (ls.rollback != kNoPage) add(Component::kWindowRing, impl_->rollback_pool.get(), ls.rollback);
+    for (const PageId p : ls.compressed) add(Component::kCompressedRows, impl_->compressed_pool.get(), p);
+    for (const PageId p : ls.keys) add(Component::kIndexKeys, impl_->keys_pool.get(), p);
+    if (ls.state != kNoPage) add(Component::kCompressorState, impl_->StatePool(impl_->spec.layers[i].kind), ls.state);
+    if (ls.indexer_state != kNoPage) {
+      add(Component::kCompressorState, impl_->csa_indexer_state_pool.get(), ls.indexer_state);
+    }
+  }
+  return usage;
+}
+
+const ModelSpec& Cache::spec() const { return impl_->spec; }
+const CacheOptions& Cache::options() const { return impl_->options; }
+
+}  // namespace kvc
