@@ -53,9 +53,12 @@ Summary RunConformance(const std::string& dir, std::ostream& out) {
     const char* name;
     void (*run)(const GoldenCase&, Report&);
   };
-  // Cases the library can check today; the window, CSA and HCA cases join as
-  // the cache, compressors and indexer land.
-  const Case cases[] = {{"codec", RunCodecChecks}};
+  // Cases and the checks the library can run on them today; compressor and
+  // indexer checks join the csa and hca cases as those land.
+  const Case cases[] = {{"codec", RunCodecChecks},
+                        {"win", RunWindowChecks},
+                        {"csa", RunWindowChecks},
+                        {"hca", RunWindowChecks}};
   for (const Case& c : cases) {
     absl::StatusOr<GoldenCase> golden = GoldenCase::Open(dir, c.name);
     if (!golden.ok()) {

@@ -77,6 +77,10 @@ int64_t CountMismatches(const std::vector<T>& a, const std::vector<T>& b, int64_
 // fp4_scales, fp4_values, index_key_kernel.
 void RunCodecChecks(const GoldenCase& golden, Report& report);
 
+// Window-stream checks through kvc::Cache on a layer case (win, csa, hca):
+// <case>/window_rows, ring_after_prefill, ring_final, ring_rechunked.
+void RunWindowChecks(const GoldenCase& golden, Report& report);
+
 struct Summary {
   int passed;
   int failed;
