@@ -21,3 +21,6 @@ endif()
 run(${CMAKE_COMMAND} -S ${CONSUMER_SOURCE_DIR} -B ${WORK_DIR}/build ${configure_args})
 run(${CMAKE_COMMAND} --build ${WORK_DIR}/build)
 run(${WORK_DIR}/build/consumer)
+if(KVC_BUILD_DIR)  # the find_package consumer also has a C program
+  run(${WORK_DIR}/build/consumer_c)
+endif()

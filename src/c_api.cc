@@ -1,0 +1,185 @@
+// The C API (kvc.h) over kvc::Cache: argument checks for what C can get
+// wrong (null pointers, negative counts), status codes, thread-local errors.
+#include "kvc/kvc.h"
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "kvc/cache.h"
+
+struct kvc_cache {
+  std::unique_ptr<kvc::Cache> cache;
+};
+
+namespace {
+
+thread_local std::string last_error;
+
+int Fail(int code, std::string message) {
+  last_error = std::move(message);
+  return code;
+}
+
+int FromStatus(const absl::Status& status) {
+  if (status.ok()) return KVC_OK;
+  int code = KVC_ERR_INTERNAL;
+  switch (status.code()) {
+    case absl::StatusCode::kInvalidArgument: code = KVC_ERR_INVALID_ARGUMENT; break;
+    case absl::StatusCode::kNotFound: code = KVC_ERR_NOT_FOUND; break;
+    case absl::StatusCode::kOutOfRange: code = KVC_ERR_OUT_OF_RANGE; break;
+    case absl::StatusCode::kFailedPrecondition: code = KVC_ERR_FAILED_PRECONDITION; break;
+    case absl::StatusCode::kResourceExhausted: code = KVC_ERR_RESOURCE_EXHAUSTED; break;
+    default: break;
+  }
+  return Fail(code, std::string(status.message()));
+}
+
+#define KVC_C_REQUIRE(pointer)                                                                  \
+  do {                                                                                          \
+    if ((pointer) == nullptr) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(__func__, ": " #pointer " is NULL")); \
+  } while (0)
+
+kvc::CacheOptions ToOptions(const kvc_options* options) {
+  kvc::CacheOptions out;
+  if (options != nullptr) {
+    out.history_bytes = options->history_bytes;
+    out.state_bytes = options->state_bytes;
+    out.rollback_depth = options->rollback_depth;
+    out.rows_per_page = options->rows_per_page;
+    out.keys_per_page = options->keys_per_page;
+  }
+  return out;
+}
+
+int Create(absl::StatusOr<kvc::ModelSpec> spec, const kvc_options* options, kvc_cache** out) {
+  if (!spec.ok()) return FromStatus(spec.status());
+  absl::StatusOr<std::unique_ptr<kvc::Cache>> cache = kvc::Cache::Create(*std::move(spec), ToOptions(options));
+  if (!cache.ok()) return FromStatus(cache.status());
+  *out = new kvc_cache{*std::move(cache)};
+  return KVC_OK;
+}
+
+}  // namespace
+
+extern "C" {
+
+void kvc_options_default(kvc_options* options) {
+  if (options == nullptr) return;
+  const kvc::CacheOptions d;
+  *options = kvc_options{d.history_bytes, d.state_bytes, d.rollback_depth, d.rows_per_page, d.keys_per_page};
+}
+
+int kvc_cache_create(const char* preset, const kvc_options* options, kvc_cache** out) {
+  KVC_C_REQUIRE(preset);
+  KVC_C_REQUIRE(out);
+  return Create(kvc::ModelSpec::Preset(preset), options, out);
+}
+
+int kvc_cache_create_from_config(const char* config_json, size_t length, const kvc_options* options,
+                                 kvc_cache** out) {
+  KVC_C_REQUIRE(config_json);
+  KVC_C_REQUIRE(out);
+  return Create(kvc::ModelSpec::FromHuggingFaceConfig(absl::string_view(config_json, length)), options, out);
+}
+
+void kvc_cache_destroy(kvc_cache* cache) { delete cache; }
+
+int kvc_cache_num_layers(const kvc_cache* cache, int32_t* out) {
+  KVC_C_REQUIRE(cache);
+  KVC_C_REQUIRE(out);
+  *out = static_cast<int32_t>(cache->cache->spec().layers.size());
+  return KVC_OK;
+}
+
+int kvc_cache_usage(const kvc_cache* cache, kvc_usage* out) {
+  KVC_C_REQUIRE(cache);
+  KVC_C_REQUIRE(out);
+  const kvc::CacheUsage usage = cache->cache->Usage();
+  for (int i = 0; i < KVC_NUM_COMPONENTS; ++i) {
+    out->used_bytes[i] = usage.components[i].used_bytes;
+    out->reserved_bytes[i] = usage.components[i].reserved_bytes;
+  }
+  out->history_limit_bytes = usage.history_limit_bytes;
+  out->state_limit_bytes = usage.state_limit_bytes;
+  out->sequences = usage.sequences;
+  return KVC_OK;
+}
+
+int kvc_seq_create(kvc_cache* cache, kvc_seq* out) {
+  KVC_C_REQUIRE(cache);
+  KVC_C_REQUIRE(out);
+  absl::StatusOr<kvc::SequenceId> seq = cache->cache->CreateSequence();
+  if (!seq.ok()) return FromStatus(seq.status());
+  *out = *seq;
+  return KVC_OK;
+}
+
+int kvc_seq_append(kvc_cache* cache, kvc_seq seq, int32_t layer, int64_t position, const uint16_t* window_rows,
+                   int64_t count) {
+  KVC_C_REQUIRE(cache);
+  if (count < 0 || count > INT64_MAX / KVC_HEAD_DIM) {
+    return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat("kvc_seq_append: count ", count, " is out of range"));
+  }
+  if (count > 0) KVC_C_REQUIRE(window_rows);
+  const auto* rows = reinterpret_cast<const kvc::Bf16*>(window_rows);
+  return FromStatus(cache->cache->Append(seq, layer, position,
+                                         {absl::MakeConstSpan(rows, static_cast<size_t>(count * KVC_HEAD_DIM))}));
+}
+
+int kvc_seq_fork(kvc_cache* cache, kvc_seq seq, kvc_seq* out) {
+  KVC_C_REQUIRE(cache);
+  KVC_C_REQUIRE(out);
+  absl::StatusOr<kvc::SequenceId> child = cache->cache->Fork(seq);
+  if (!child.ok()) return FromStatus(child.status());
+  *out = *child;
+  return KVC_OK;
+}
+
+int kvc_seq_truncate(kvc_cache* cache, kvc_seq seq, int64_t length) {
+  KVC_C_REQUIRE(cache);
+  return FromStatus(cache->cache->Truncate(seq, length));
+}
+
+int kvc_seq_free(kvc_cache* cache, kvc_seq seq) {
+  KVC_C_REQUIRE(cache);
+  return FromStatus(cache->cache->Free(seq));
+}
+
+int kvc_seq_length(const kvc_cache* cache, kvc_seq seq, int32_t layer, int64_t* out) {
+  KVC_C_REQUIRE(cache);
+  KVC_C_REQUIRE(out);
+  absl::StatusOr<int64_t> length = cache->cache->Length(seq, layer);
+  if (!length.ok()) return FromStatus(length.status());
+  *out = *length;
+  return KVC_OK;
+}
+
+int kvc_seq_rollback_floor(const kvc_cache* cache, kvc_seq seq, int64_t* out) {
+  KVC_C_REQUIRE(cache);
+  KVC_C_REQUIRE(out);
+  absl::StatusOr<int64_t> floor = cache->cache->RollbackFloor(seq);
+  if (!floor.ok()) return FromStatus(floor.status());
+  *out = *floor;
+  return KVC_OK;
+}
+
+int kvc_seq_read_window(const kvc_cache* cache, kvc_seq seq, int32_t layer, uint16_t* out, int64_t out_values) {
+  KVC_C_REQUIRE(cache);
+  KVC_C_REQUIRE(out);
+  if (out_values < 0) return Fail(KVC_ERR_INVALID_ARGUMENT, "kvc_seq_read_window: out_values < 0");
+  return FromStatus(cache->cache->ReadWindow(
+      seq, layer, absl::MakeSpan(reinterpret_cast<kvc::Bf16*>(out), static_cast<size_t>(out_values))));
+}
+
+const char* kvc_last_error(void) { return last_error.c_str(); }
+
+const char* kvc_component_name(int component) {
+  if (component < 0 || component >= KVC_NUM_COMPONENTS) return "?";
+  return kvc::ComponentName(static_cast<kvc::Component>(component));
+}
+
+}  // extern "C"
