@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds kvc and runs every test, twice: a release build with warnings as
-# errors, then an AddressSanitizer + UndefinedBehaviorSanitizer build.
+# errors, then an AddressSanitizer + UndefinedBehaviorSanitizer build; in
+# between, the concurrent parts (cache, page pools, the stress test) under
+# ThreadSanitizer.
 # Installs missing packages first. This is what CI runs (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +14,13 @@ echo "== release build (-Werror)"
 cmake -S . -B build/release -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVC_WERROR=ON > /dev/null
 cmake --build build/release -j "$jobs"
 ctest --test-dir build/release --output-on-failure -j "$jobs"
+
+echo "== ThreadSanitizer build of the concurrent parts (-Werror)"
+cmake -S . -B build/tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVC_WERROR=ON \
+  -DKVC_SANITIZE=thread -DKVC_BUILD_BENCH=OFF -DKVC_BUILD_TOOLS=OFF -DKVC_BUILD_EXAMPLES=OFF > /dev/null
+cmake --build build/tsan -j "$jobs" --target cache_stress_test cache_test page_pool_test
+TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
+  ctest --test-dir build/tsan --output-on-failure -j "$jobs" -R '^(CacheStress|Cache|PagePool)\.'
 
 echo "== ASan + UBSan build (-Werror)"
 cmake -S . -B build/asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVC_WERROR=ON \

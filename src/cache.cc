@@ -4,15 +4,14 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
 #include "kvc/page_pool.h"
 #include "kvc/row_kernels.h"
 #include "kvc/status.h"
@@ -56,9 +55,9 @@ struct LayerStreams {
 };
 
 struct Sequence {
-  mutable absl::Mutex mu;
-  bool freed ABSL_GUARDED_BY(mu) = false;
-  std::vector<LayerStreams> layers ABSL_GUARDED_BY(mu);
+  mutable std::mutex mu;  // guards the members below
+  bool freed = false;
+  std::vector<LayerStreams> layers;
 };
 
 }  // namespace
@@ -106,9 +105,9 @@ struct Cache::Impl {
   std::unique_ptr<PagePool> compressed_pool;
   std::unique_ptr<PagePool> keys_pool;
 
-  mutable absl::Mutex mu;
-  std::unordered_map<SequenceId, std::shared_ptr<Sequence>> sequences ABSL_GUARDED_BY(mu);
-  SequenceId next_id ABSL_GUARDED_BY(mu) = 1;
+  mutable std::mutex mu;  // guards the members below
+  std::unordered_map<SequenceId, std::shared_ptr<Sequence>> sequences;
+  SequenceId next_id = 1;
 
   int32_t window() const { return spec.window; }
   int32_t depth() const { return options.rollback_depth; }
@@ -116,7 +115,7 @@ struct Cache::Impl {
   int64_t ring_pages() const { return (window() + rows_per_page() - 1) / rows_per_page(); }
 
   absl::StatusOr<std::shared_ptr<Sequence>> Find(SequenceId id) const {
-    absl::MutexLock lock(&mu);
+    std::lock_guard<std::mutex> lock(mu);
     const auto it = sequences.find(id);
     if (it == sequences.end()) return absl::NotFoundError(absl::StrCat("no sequence ", id));
     return it->second;
@@ -284,9 +283,9 @@ struct Cache::Impl {
 Cache::Cache(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 Cache::~Cache() {
-  absl::MutexLock lock(&impl_->mu);
+  std::lock_guard<std::mutex> lock(impl_->mu);
   for (auto& [id, seq] : impl_->sequences) {
-    absl::MutexLock seq_lock(&seq->mu);
+    std::lock_guard<std::mutex> seq_lock(seq->mu);
     impl_->Release(seq->layers);
   }
 }
@@ -336,10 +335,10 @@ absl::StatusOr<std::unique_ptr<Cache>> Cache::Create(ModelSpec spec, CacheOption
 absl::StatusOr<SequenceId> Cache::CreateSequence() {
   auto seq = std::make_shared<Sequence>();
   {
-    absl::MutexLock seq_lock(&seq->mu);
+    std::lock_guard<std::mutex> seq_lock(seq->mu);
     KVC_RETURN_IF_ERROR(impl_->AllocateState(seq->layers));
   }
-  absl::MutexLock lock(&impl_->mu);
+  std::lock_guard<std::mutex> lock(impl_->mu);
   const SequenceId id = impl_->next_id++;
   impl_->sequences.emplace(id, std::move(seq));
   return id;
@@ -348,7 +347,7 @@ absl::StatusOr<SequenceId> Cache::CreateSequence() {
 absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const LayerTokens& tokens) {
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
   KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
-  absl::MutexLock lock(&seq->mu);
+  std::lock_guard<std::mutex> lock(seq->mu);
   if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
   LayerStreams& ls = seq->layers[static_cast<size_t>(layer)];
   if (tokens.window_rows.size() % kHeadDim != 0) {
@@ -378,10 +377,10 @@ absl::StatusOr<SequenceId> Cache::Fork(SequenceId id) {
   KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> parent, impl_->Find(id));
   auto child = std::make_shared<Sequence>();
   {
-    absl::MutexLock parent_lock(&parent->mu);
+    std::lock_guard<std::mutex> parent_lock(parent->mu);
     if (parent->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
     KVC_RETURN_IF_ERROR(impl_->SameLengthEverywhere(parent->layers, id, "Fork:"));
-    absl::MutexLock child_lock(&child->mu);
+    std::lock_guard<std::mutex> child_lock(child->mu);
     KVC_RETURN_IF_ERROR(impl_->AllocateState(child->layers));
     // Apply (cannot fail): copy private state, share history.
     for (size_t i = 0; i < parent->layers.size(); ++i) {
@@ -414,7 +413,7 @@ absl::StatusOr<SequenceId> Cache::Fork(SequenceId id) {
       to.floor = from.floor;
     }
   }
-  absl::MutexLock lock(&impl_->mu);
+  std::lock_guard<std::mutex> lock(impl_->mu);
   const SequenceId child_id = impl_->next_id++;
   impl_->sequences.emplace(child_id, std::move(child));
   return child_id;
@@ -422,7 +421,7 @@ absl::StatusOr<SequenceId> Cache::Fork(SequenceId id) {
 
 absl::Status Cache::Truncate(SequenceId id, int64_t length) {
   KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
-  absl::MutexLock lock(&seq->mu);
+  std::lock_guard<std::mutex> lock(seq->mu);
   if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
   KVC_RETURN_IF_ERROR(impl_->SameLengthEverywhere(seq->layers, id, "Truncate:"));
   const int64_t current = seq->layers[0].length;
@@ -475,13 +474,13 @@ absl::Status Cache::Truncate(SequenceId id, int64_t length) {
 absl::Status Cache::Free(SequenceId id) {
   std::shared_ptr<Sequence> seq;
   {
-    absl::MutexLock lock(&impl_->mu);
+    std::lock_guard<std::mutex> lock(impl_->mu);
     const auto it = impl_->sequences.find(id);
     if (it == impl_->sequences.end()) return absl::NotFoundError(absl::StrCat("no sequence ", id));
     seq = std::move(it->second);
     impl_->sequences.erase(it);
   }
-  absl::MutexLock seq_lock(&seq->mu);
+  std::lock_guard<std::mutex> seq_lock(seq->mu);
   seq->freed = true;
   impl_->Release(seq->layers);
   return absl::OkStatus();
@@ -490,14 +489,14 @@ absl::Status Cache::Free(SequenceId id) {
 absl::StatusOr<int64_t> Cache::Length(SequenceId id, int layer) const {
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
   KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
-  absl::MutexLock lock(&seq->mu);
+  std::lock_guard<std::mutex> lock(seq->mu);
   if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
   return seq->layers[static_cast<size_t>(layer)].length;
 }
 
 absl::StatusOr<int64_t> Cache::RollbackFloor(SequenceId id) const {
   KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
-  absl::MutexLock lock(&seq->mu);
+  std::lock_guard<std::mutex> lock(seq->mu);
   if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
   int64_t floor = 0;
   for (const LayerStreams& ls : seq->layers) floor = std::max(floor, ls.floor);
@@ -507,7 +506,7 @@ absl::StatusOr<int64_t> Cache::RollbackFloor(SequenceId id) const {
 absl::StatusOr<WindowRingView> Cache::Window(SequenceId id, int layer) const {
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
   KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
-  absl::MutexLock lock(&seq->mu);
+  std::lock_guard<std::mutex> lock(seq->mu);
   if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
   return impl_->RingView(seq->layers[static_cast<size_t>(layer)]);
 }
@@ -519,7 +518,7 @@ absl::Status Cache::ReadWindow(SequenceId id, int layer, absl::Span<Bf16> out) c
                                                    impl_->window(), " x ", kHeadDim));
   }
   KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
-  absl::MutexLock lock(&seq->mu);  // held while reading: no Append can interleave
+  std::lock_guard<std::mutex> lock(seq->mu);  // held while reading: no Append can interleave
   if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
   const WindowRingView view = impl_->RingView(seq->layers[static_cast<size_t>(layer)]);
   for (size_t p = 0; p < view.pages.size(); ++p) {
@@ -553,14 +552,14 @@ CacheUsage Cache::Usage() const {
   }
   usage.history_limit_bytes = impl_->history_arena->limit_bytes();
   usage.state_limit_bytes = impl_->state_arena->limit_bytes();
-  absl::MutexLock lock(&impl_->mu);
+  std::lock_guard<std::mutex> lock(impl_->mu);
   usage.sequences = static_cast<int64_t>(impl_->sequences.size());
   return usage;
 }
 
 absl::StatusOr<SequenceUsage> Cache::Usage(SequenceId id) const {
   KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
-  absl::MutexLock lock(&seq->mu);
+  std::lock_guard<std::mutex> lock(seq->mu);
   if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
   SequenceUsage usage;
   auto add = [&](Component c, const PagePool* pool, PageId page) {

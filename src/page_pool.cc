@@ -33,12 +33,12 @@ Arena::Arena(std::string name, absl::Span<uint8_t> region)
     : name_(std::move(name)), limit_(UsableBytes(region)), region_(AlignUp(region.data())) {}
 
 Arena::~Arena() {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   for (uint8_t* block : owned_) std::free(block);
 }
 
 absl::StatusOr<uint8_t*> Arena::Allocate(int64_t bytes) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (bytes <= 0 || bytes % kPageAlignment != 0) {
     return absl::InvalidArgumentError(absl::StrCat(name_, " arena: bad request of ", bytes, " bytes"));
   }
@@ -61,7 +61,7 @@ absl::StatusOr<uint8_t*> Arena::Allocate(int64_t bytes) {
 }
 
 int64_t Arena::reserved_bytes() const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   return reserved_;
 }
 
@@ -73,7 +73,7 @@ PagePool::PagePool(std::string name, int64_t page_bytes, Arena* arena)
       refcount_(pages_.size(), 0) {}
 
 absl::Status PagePool::Allocate(int64_t n, std::vector<PageId>* out) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   const int64_t from_free = n < static_cast<int64_t>(free_.size()) ? n : static_cast<int64_t>(free_.size());
   const int64_t fresh = n - from_free;
   if (fresh > 0) {
@@ -103,19 +103,19 @@ absl::Status PagePool::Allocate(int64_t n, std::vector<PageId>* out) {
 }
 
 bool PagePool::CanAllocate(int64_t n) const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   const int64_t fresh = n - static_cast<int64_t>(free_.size());
   return fresh <= 0 || (created_ + fresh <= static_cast<int64_t>(pages_.size()) &&
                         fresh * page_bytes_ <= arena_->available_bytes());
 }
 
 void PagePool::Ref(PageId id) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   ++refcount_[static_cast<size_t>(id)];
 }
 
 void PagePool::Unref(PageId id) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (--refcount_[static_cast<size_t>(id)] == 0) {
     free_.push_back(id);
     --used_;
@@ -123,12 +123,12 @@ void PagePool::Unref(PageId id) {
 }
 
 int32_t PagePool::RefCount(PageId id) const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   return refcount_[static_cast<size_t>(id)];
 }
 
 PoolStats PagePool::Stats() const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   return PoolStats{page_bytes_, used_, static_cast<int64_t>(free_.size())};
 }
 

@@ -12,13 +12,12 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 
 namespace kvc {
@@ -51,9 +50,9 @@ class Arena {
   const std::string name_;
   const int64_t limit_;
   uint8_t* const region_;  // null: kvc allocates
-  mutable absl::Mutex mu_;
-  int64_t reserved_ ABSL_GUARDED_BY(mu_) = 0;
-  std::vector<uint8_t*> owned_ ABSL_GUARDED_BY(mu_);
+  mutable std::mutex mu_;  // guards the members below
+  int64_t reserved_ = 0;
+  std::vector<uint8_t*> owned_;
 };
 
 using PageId = int32_t;
@@ -99,11 +98,11 @@ class PagePool {
   // Sized to the most pages the arena could ever give this pool and never
   // reallocated, so Data() needs no lock.
   std::vector<uint8_t*> pages_;
-  mutable absl::Mutex mu_;
-  std::vector<int32_t> refcount_ ABSL_GUARDED_BY(mu_);
-  std::vector<PageId> free_ ABSL_GUARDED_BY(mu_);
-  int64_t created_ ABSL_GUARDED_BY(mu_) = 0;
-  int64_t used_ ABSL_GUARDED_BY(mu_) = 0;
+  mutable std::mutex mu_;  // guards the members below
+  std::vector<int32_t> refcount_;
+  std::vector<PageId> free_;
+  int64_t created_ = 0;
+  int64_t used_ = 0;
 };
 
 }  // namespace kvc
