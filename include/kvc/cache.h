@@ -9,9 +9,11 @@
 //   compressed rows    one 584-byte row per m tokens (CSA, HCA)     (history)
 //   index keys         one 68-byte key per 4 tokens (CSA)           (history)
 //
-// History pages are append-only and shared between forks (copied only when a
-// fork writes into a shared partial page); state pages are private. The two
-// lifetime classes draw from separate arenas with separate byte limits.
+// History pages are append-only and shared between forks; state pages are
+// private. The two lifetime classes draw from separate arenas with separate
+// byte limits. (Compressed rows and index keys are written by the compressor
+// pools, which build on this cache; until they append, those streams are
+// empty. Their write path copies a shared partial page before writing it.)
 //
 // Every mutation validates its arguments and plans its allocations before it
 // changes anything: a failed call leaves the cache exactly as it was
