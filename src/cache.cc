@@ -1,6 +1,7 @@
 #include "kvc/cache.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -207,6 +208,64 @@ struct Cache::Impl {
     }
   }
 
+  // --- History streams ----------------------------------------------------
+
+  struct History {
+    std::vector<PageId>* pages;
+    int64_t* rows;
+    PagePool* pool;
+    RowFormat format;
+    int64_t per_page;
+  };
+  History CompressedOf(LayerStreams& ls) const {
+    return {&ls.compressed, &ls.compressed_rows, compressed_pool.get(), RowFormat::kKvFp8, rows_per_page()};
+  }
+  History KeysOf(LayerStreams& ls) const {
+    return {&ls.keys, &ls.key_rows, keys_pool.get(), RowFormat::kIndexFp4, options.keys_per_page};
+  }
+  PackedRows HistoryPage(const History& h, size_t page) const {
+    return PageFooterRows(h.format, h.pool->Data((*h.pages)[page]), h.per_page);
+  }
+
+  // Appends rows (validated) to a history stream: plans every page first
+  // (new pages, plus a private copy of a partial last page shared with a
+  // fork), all or nothing; then writes, which cannot fail.
+  absl::Status AppendHistory(const History& h, absl::Span<const Bf16> values, int dims,
+                             absl::Status (*quantize)(absl::Span<const Bf16>, PackedRows)) const {
+    const int64_t n = static_cast<int64_t>(values.size()) / dims;
+    const int64_t rows = *h.rows;
+    const bool copy_last = rows % h.per_page != 0 && h.pool->RefCount(h.pages->back()) > 1;
+    const int64_t new_pages = (rows + n + h.per_page - 1) / h.per_page - static_cast<int64_t>(h.pages->size());
+    std::vector<PageId> fresh;
+    KVC_RETURN_IF_ERROR(h.pool->Allocate(new_pages + (copy_last ? 1 : 0), &fresh));
+    size_t next = 0;
+    if (copy_last) {  // copy-on-write of the page this sequence shares
+      const PageId shared = h.pages->back();
+      std::memcpy(h.pool->Data(fresh[next]), h.pool->Data(shared), static_cast<size_t>(h.pool->page_bytes()));
+      h.pool->Unref(shared);
+      h.pages->back() = fresh[next++];
+    }
+    while (next < fresh.size()) h.pages->push_back(fresh[next++]);
+    for (int64_t i = 0; i < n;) {
+      const int64_t at = rows + i;
+      const int64_t run = std::min(n - i, h.per_page - at % h.per_page);
+      const absl::Status s = quantize(values.subspan(static_cast<size_t>(i * dims), static_cast<size_t>(run * dims)),
+                                      HistoryPage(h, static_cast<size_t>(at / h.per_page)).Slice(at % h.per_page, run));
+      (void)s;  // cannot fail: validated values, well-formed view
+      i += run;
+    }
+    *h.rows += n;
+    return absl::OkStatus();
+  }
+
+  HistoryView ViewOf(const History& h) const {
+    HistoryView view;
+    view.rows_per_page = static_cast<int32_t>(h.per_page);
+    view.rows = *h.rows;
+    for (size_t p = 0; p < h.pages->size(); ++p) view.pages.push_back(HistoryPage(h, p));
+    return view;
+  }
+
   // --- Page ownership ---------------------------------------------------
 
   // The private state pages of a new sequence (or fork), all or nothing.
@@ -371,6 +430,87 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
   ls.length += n;
   ls.floor = std::max(ls.floor, ls.length - impl_->depth());
   return absl::OkStatus();
+}
+
+namespace {
+
+// Shared checks of the two history appends; returns the number of rows.
+absl::StatusOr<int64_t> CheckHistoryAppend(const ModelSpec& spec, int layer, const LayerStreams& ls, int64_t stored,
+                                           int64_t first, size_t values, int dims, bool keys, const char* what) {
+  const LayerKind kind = spec.layers[static_cast<size_t>(layer)].kind;
+  if (keys ? kind != LayerKind::kCsa : kind == LayerKind::kWindow) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": layer ", layer, " is a ", LayerKindName(kind),
+                                                   " layer, which has no ", keys ? "index keys" : "compressed rows"));
+  }
+  if (values % static_cast<size_t>(dims) != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": ", values, " values are not whole ", dims, "-value rows"));
+  }
+  const int64_t n = static_cast<int64_t>(values) / dims;
+  if (first != stored) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": layer ", layer, " holds ", stored, " entries; entry ",
+                                                   first, first < stored ? " repeats one" : " would leave a gap"));
+  }
+  const int64_t closed = EntriesAt(kind, ls.length);
+  if (n > closed - first) {
+    return absl::OutOfRangeError(absl::StrCat(what, ": entries up to ", first + n, " but layer ", layer, " has ",
+                                              ls.length, " tokens, which close ", closed, " windows"));
+  }
+  return n;
+}
+
+}  // namespace
+
+absl::Status Cache::AppendCompressedRows(SequenceId id, int layer, int64_t first, absl::Span<const Bf16> rows) {
+  constexpr const char* kWhat = "AppendCompressedRows";
+  KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
+  KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
+  std::lock_guard<std::mutex> lock(seq->mu);
+  if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
+  LayerStreams& ls = seq->layers[static_cast<size_t>(layer)];
+  KVC_ASSIGN_OR_RETURN(const int64_t n, CheckHistoryAppend(impl_->spec, layer, ls, ls.compressed_rows, first,
+                                                           rows.size(), kHeadDim, false, kWhat));
+  KVC_RETURN_IF_ERROR(CheckFiniteRows(rows, kHeadDim, kWhat));
+  if (n == 0) return absl::OkStatus();
+  return impl_->AppendHistory(impl_->CompressedOf(ls), rows, kHeadDim, QuantizeKvRows);
+}
+
+absl::Status Cache::AppendIndexKeys(SequenceId id, int layer, int64_t first, absl::Span<const Bf16> keys) {
+  constexpr const char* kWhat = "AppendIndexKeys";
+  KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
+  KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
+  std::lock_guard<std::mutex> lock(seq->mu);
+  if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
+  LayerStreams& ls = seq->layers[static_cast<size_t>(layer)];
+  KVC_ASSIGN_OR_RETURN(const int64_t n, CheckHistoryAppend(impl_->spec, layer, ls, ls.key_rows, first, keys.size(),
+                                                           kIndexDim, true, kWhat));
+  // The key kernel also refuses |x| > 2^120 (its Hadamard could overflow);
+  // check here too so that nothing is written on a refusal.
+  for (size_t i = 0; i < keys.size(); ++i) {
+    const float x = ToF32(keys[i]);
+    if (!(std::fabs(x) <= 0x1p120f)) {
+      return absl::InvalidArgumentError(absl::StrCat(kWhat, ": key ", i / kIndexDim, " dim ", i % kIndexDim,
+                                                     std::isnan(x) ? " is NaN" : std::isinf(x) ? " is infinite"
+                                                                                                : " exceeds 2^120"));
+    }
+  }
+  if (n == 0) return absl::OkStatus();
+  return impl_->AppendHistory(impl_->KeysOf(ls), keys, kIndexDim, QuantizeIndexKeys);
+}
+
+absl::StatusOr<HistoryView> Cache::CompressedRows(SequenceId id, int layer) const {
+  KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
+  KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
+  std::lock_guard<std::mutex> lock(seq->mu);
+  if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
+  return impl_->ViewOf(impl_->CompressedOf(seq->layers[static_cast<size_t>(layer)]));
+}
+
+absl::StatusOr<HistoryView> Cache::IndexKeys(SequenceId id, int layer) const {
+  KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
+  KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
+  std::lock_guard<std::mutex> lock(seq->mu);
+  if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
+  return impl_->ViewOf(impl_->KeysOf(seq->layers[static_cast<size_t>(layer)]));
 }
 
 absl::StatusOr<SequenceId> Cache::Fork(SequenceId id) {

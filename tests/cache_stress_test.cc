@@ -75,6 +75,19 @@ TEST(CacheStress, ConcurrentOperationsOnManySequences) {
   const std::vector<Bf16> parent_rows = RandomRows(20, setup_rng);
   const SequenceId parent = *cache->CreateSequence();
   for (int layer = 0; layer < kLayers; ++layer) ASSERT_TRUE(cache->Append(parent, layer, 0, {parent_rows}).ok());
+  // 3 of the 5 closed CSA windows' entries on layer 1: a partial page that
+  // every fork shares and must copy on its first compressed-row write.
+  ASSERT_TRUE(cache->AppendCompressedRows(parent, 1, 0, RandomRows(3, setup_rng)).ok());
+  auto compressed_bytes = [&](SequenceId seq) {
+    std::vector<uint8_t> bytes;
+    const HistoryView view = *cache->CompressedRows(seq, 1);
+    for (int64_t i = 0; i < view.rows; ++i) {
+      const ConstPackedRows& page = view.pages[static_cast<size_t>(i / view.rows_per_page)];
+      bytes.insert(bytes.end(), page.row_data(i % view.rows_per_page), page.row_data(i % view.rows_per_page) + 576);
+    }
+    return bytes;
+  };
+  const std::vector<uint8_t> parent_compressed = compressed_bytes(parent);
 
   constexpr int kThreads = 4;
   constexpr int kSteps = 300;
@@ -115,6 +128,11 @@ TEST(CacheStress, ConcurrentOperationsOnManySequences) {
           for (int layer = 0; layer < kLayers; ++layer) {
             if (!cache->Append(seq, layer, length, {rows}).ok()) failures.fetch_add(1);
           }
+          // Compressed rows for the CSA windows now closed: forks of the
+          // parent copy its shared page on their first write.
+          const int64_t have = cache->CompressedRows(seq, 1)->rows;
+          const int64_t closed = (length + static_cast<int64_t>(rows.size()) / kHeadDim) / 4;
+          if (!cache->AppendCompressedRows(seq, 1, have, RandomRows(closed - have, rng)).ok()) failures.fetch_add(1);
           history.insert(history.end(), rows.begin(), rows.end());
           floors[seq] = std::max(floors[seq], length + static_cast<int64_t>(rows.size()) / kHeadDim - kDepth);
         } else if (op == 5) {
@@ -143,6 +161,7 @@ TEST(CacheStress, ConcurrentOperationsOnManySequences) {
   EXPECT_EQ(failures.load(), 0);
   EXPECT_GT(operations.load(), kThreads * kSteps / 2);
   EXPECT_TRUE(WindowMatches(*cache, parent, parent_rows));
+  EXPECT_EQ(compressed_bytes(parent), parent_compressed);  // no fork wrote into the shared page
   ASSERT_TRUE(cache->Free(parent).ok());
   const CacheUsage end = cache->Usage();
   EXPECT_EQ(end.sequences, 0);

@@ -11,6 +11,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kvc/reference_codecs.h"
+#include "kvc/row_kernels.h"
 
 namespace kvc {
 namespace {
@@ -78,6 +79,33 @@ std::vector<uint8_t> RingBytes(const Cache& cache, SequenceId seq, int layer) {
     }
   }
   return bytes;
+}
+
+// A history stream read back through its view (dequantized KV rows).
+std::vector<uint16_t> CompressedBits(const Cache& cache, SequenceId seq, int layer) {
+  auto view = cache.CompressedRows(seq, layer);
+  EXPECT_TRUE(view.ok());
+  std::vector<uint16_t> bits;
+  std::vector<Bf16> row(kHeadDim);
+  for (int64_t i = 0; i < view->rows; ++i) {
+    EXPECT_TRUE(DequantizeKvRows(view->pages[static_cast<size_t>(i / view->rows_per_page)].Slice(i % view->rows_per_page, 1),
+                                 absl::MakeSpan(row)).ok());
+    for (const Bf16& v : row) bits.push_back(v.bits);
+  }
+  return bits;
+}
+
+// Quantize-dequantize of rows by the scalar reference, as bf16 bits.
+std::vector<uint16_t> ReferenceBits(const std::vector<Bf16>& rows) {
+  std::vector<uint16_t> bits;
+  for (size_t r = 0; r < rows.size() / kHeadDim; ++r) {
+    KvRowFp8 stored;
+    QuantizeKvRowRef(&rows[r * kHeadDim], stored.nope_codes, stored.scales);
+    float values[kHeadDim];
+    DequantizeKvRowRef(stored.nope_codes, stored.scales, values);
+    for (const float v : values) bits.push_back(Bf16BitsFromF32(v));
+  }
+  return bits;
 }
 
 // The full-precision reference: every row ever appended to a layer.
@@ -247,6 +275,7 @@ TEST(Cache, SimulationAgainstAFullPrecisionReference) {
     std::vector<Bf16> history;  // all layers get the same rows here
     int64_t length = 0;
     int64_t floor = 0;
+    std::vector<Bf16> entries[3];  // compressed rows of layers 1 (CSA) and 2 (HCA)
   };
   std::map<SequenceId, Model> live;
   for (int step = 0; step < 600; ++step) {
@@ -269,6 +298,14 @@ TEST(Cache, SimulationAgainstAFullPrecisionReference) {
     } else if (op == 6) {
       const SequenceId child = *cache->Fork(seq);
       live[child] = m;
+    } else if (op == 9) {  // compressed entries for every closed window
+      for (int layer = 1; layer < 3; ++layer) {
+        const int64_t have = static_cast<int64_t>(m.entries[layer].size()) / kHeadDim;
+        const int64_t closed = m.length / (layer == 1 ? 4 : 128);
+        const std::vector<Bf16> rows = RandomRows(closed - have, rng);
+        ASSERT_TRUE(cache->AppendCompressedRows(seq, layer, have, rows).ok());
+        m.entries[layer].insert(m.entries[layer].end(), rows.begin(), rows.end());
+      }
     } else if (op == 7) {  // truncate, sometimes beyond the floor (must fail)
       const int64_t target = m.length - static_cast<int64_t>(rng() % 8);
       const absl::Status s = cache->Truncate(seq, target);
@@ -276,6 +313,10 @@ TEST(Cache, SimulationAgainstAFullPrecisionReference) {
         ASSERT_TRUE(s.ok()) << s;
         m.length = target;
         m.history.resize(static_cast<size_t>(target * kHeadDim));
+        for (int layer = 1; layer < 3; ++layer) {
+          const size_t keep = static_cast<size_t>(target / (layer == 1 ? 4 : 128)) * kHeadDim;
+          if (m.entries[layer].size() > keep) m.entries[layer].resize(keep);
+        }
       } else {
         ASSERT_FALSE(s.ok());
       }
@@ -289,10 +330,20 @@ TEST(Cache, SimulationAgainstAFullPrecisionReference) {
       ASSERT_EQ(*cache->Length(seq, layer), m.length);
     }
     ASSERT_EQ(*cache->RollbackFloor(seq), m.floor);
+    for (int layer = 1; layer < 3; ++layer) {
+      ASSERT_EQ(CompressedBits(*cache, seq, layer), ReferenceBits(m.entries[layer])) << "step " << step;
+    }
+    // Shared pages are counted once in the cache's total and in full by each
+    // sequence that references them.
     const CacheUsage usage = cache->Usage();
-    int64_t per_sequence = 0;
-    for (const auto& [id, model] : live) per_sequence += cache->Usage(id)->total_bytes();
-    ASSERT_EQ(usage.used_bytes(), per_sequence);  // no history pages yet, so nothing shared
+    int64_t referenced = 0, unshared = 0;
+    for (const auto& [id, model] : live) {
+      const SequenceUsage u = *cache->Usage(id);
+      referenced += u.total_bytes();
+      unshared += u.total_bytes() - u.shared_bytes;
+    }
+    ASSERT_LE(usage.used_bytes(), referenced);
+    ASSERT_GE(usage.used_bytes(), unshared);
     ASSERT_EQ(usage.sequences, static_cast<int64_t>(live.size()));
   }
   for (const auto& [id, model] : live) ASSERT_TRUE(cache->Free(id).ok());
@@ -338,6 +389,119 @@ TEST(Cache, AccountingMatchesTheLayoutFormulas) {
   EXPECT_EQ(usage.bytes[static_cast<int>(Component::kCompressedRows)], 0);
   EXPECT_EQ(cache->Usage().used_bytes(), usage.total_bytes());
   EXPECT_EQ(cache->Usage().components[static_cast<int>(Component::kWindowRing)].pages, 61 * 3);
+}
+
+TEST(Cache, HistoryAppendsAreValidatedAndOrdered) {
+  std::mt19937 rng(8);
+  auto cache = MakeCache();
+  const SequenceId seq = *cache->CreateSequence();
+  for (int layer = 0; layer < 3; ++layer) ASSERT_TRUE(cache->Append(seq, layer, 0, {RandomRows(10, rng)}).ok());
+  const std::vector<Bf16> entries = RandomRows(3, rng);
+  // Window-only layers have no compressed rows; HCA layers have no keys.
+  EXPECT_THAT(std::string(cache->AppendCompressedRows(seq, 0, 0, entries).message()), HasSubstr("window layer"));
+  EXPECT_THAT(std::string(cache->AppendIndexKeys(seq, 2, 0, std::vector<Bf16>(128)).message()), HasSubstr("hca layer"));
+  // 10 tokens close 2 CSA windows: a third entry does not exist yet.
+  EXPECT_EQ(cache->AppendCompressedRows(seq, 1, 0, entries).code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(cache->AppendCompressedRows(seq, 2, 0, Rows(entries, 0, 1)).code(), absl::StatusCode::kOutOfRange);
+  ASSERT_TRUE(cache->AppendCompressedRows(seq, 1, 0, Rows(entries, 0, 1)).ok());
+  EXPECT_THAT(std::string(cache->AppendCompressedRows(seq, 1, 0, Rows(entries, 1, 1)).message()), HasSubstr("repeats"));
+  EXPECT_THAT(std::string(cache->AppendCompressedRows(seq, 1, 2, Rows(entries, 1, 1)).message()), HasSubstr("gap"));
+  std::vector<Bf16> keys = RandomRows(1, rng);
+  keys.resize(2 * kIndexDim, ToBf16(0.5f));
+  keys[kIndexDim + 3] = ToBf16(std::exp2(121.0f));
+  EXPECT_THAT(std::string(cache->AppendIndexKeys(seq, 1, 0, keys).message()), HasSubstr("key 1 dim 3 exceeds 2^120"));
+  EXPECT_EQ(cache->IndexKeys(seq, 1)->rows, 0);
+  keys[kIndexDim + 3] = ToBf16(1.0f);
+  ASSERT_TRUE(cache->AppendIndexKeys(seq, 1, 0, keys).ok());
+  // The stored keys are the kernels' bytes.
+  const HistoryView view = *cache->IndexKeys(seq, 1);
+  ASSERT_EQ(view.rows, 2);
+  IndexKeyFp4 expected;
+  QuantizeIndexKeyRef(&keys[kIndexDim], expected.codes, expected.scales);
+  EXPECT_EQ(0, std::memcmp(view.pages[0].row_data(1), expected.codes, 64));
+  EXPECT_EQ(0, std::memcmp(view.pages[0].row_scales(1), expected.scales, 4));
+  EXPECT_EQ(CompressedBits(*cache, seq, 1), ReferenceBits(std::vector<Bf16>(entries.begin(), entries.begin() + kHeadDim)));
+}
+
+TEST(Cache, ForksShareHistoryPagesAndCopyAPartialPageOnWrite) {
+  std::mt19937 rng(9);
+  auto cache = MakeCache();  // 5 rows per page
+  const SequenceId parent = *cache->CreateSequence();
+  for (int layer = 0; layer < 3; ++layer) ASSERT_TRUE(cache->Append(parent, layer, 0, {RandomRows(40, rng)}).ok());
+  const std::vector<Bf16> first = RandomRows(7, rng);  // pages: 5 + 2 (partial)
+  ASSERT_TRUE(cache->AppendCompressedRows(parent, 1, 0, first).ok());
+  const SequenceId child = *cache->Fork(parent);
+  const int64_t page = 3456;  // 5 rows x 584 B = 2,920, padded to 6 x 576
+  const int64_t history_used = cache->Usage().components[static_cast<int>(Component::kCompressedRows)].used_bytes;
+  EXPECT_EQ(history_used, 2 * page);  // shared pages counted once
+  EXPECT_EQ(cache->Usage(child)->shared_bytes, 2 * page);
+
+  // The child writes into the shared partial page: it gets its own copy.
+  const std::vector<Bf16> child_rows = RandomRows(2, rng);
+  ASSERT_TRUE(cache->AppendCompressedRows(child, 1, 7, child_rows).ok());
+  EXPECT_EQ(cache->Usage().components[static_cast<int>(Component::kCompressedRows)].used_bytes, 3 * page);
+  EXPECT_EQ(cache->Usage(child)->shared_bytes, page);
+  EXPECT_EQ(CompressedBits(*cache, parent, 1), ReferenceBits(first));
+  std::vector<Bf16> child_all = first;
+  child_all.insert(child_all.end(), child_rows.begin(), child_rows.end());
+  EXPECT_EQ(CompressedBits(*cache, child, 1), ReferenceBits(child_all));
+  // The parent's partial page is now its own: writing needs no copy.
+  ASSERT_TRUE(cache->AppendCompressedRows(parent, 1, 7, RandomRows(1, rng)).ok());
+  EXPECT_EQ(cache->Usage().components[static_cast<int>(Component::kCompressedRows)].used_bytes, 3 * page);
+
+  // Truncating drops entries past the new length and pages no longer needed.
+  ASSERT_TRUE(cache->Truncate(child, 36).ok());  // 9 entries still exist at 36 tokens
+  EXPECT_EQ(cache->CompressedRows(child, 1)->rows, 9);
+  ASSERT_TRUE(cache->Free(parent).ok());
+  EXPECT_EQ(cache->Usage(child)->shared_bytes, 0);
+  EXPECT_EQ(CompressedBits(*cache, child, 1), ReferenceBits(child_all));
+}
+
+TEST(Cache, HistoryExhaustionNamesThePoolAndChangesNothing) {
+  CacheOptions options = SmallOptions();
+  options.history_bytes = 2 * 3456;  // two compressed-row pages of 5 rows
+  auto cache = MakeCache(SmallSpec(), options);
+  std::mt19937 rng(10);
+  const SequenceId seq = *cache->CreateSequence();
+  for (int layer = 0; layer < 3; ++layer) ASSERT_TRUE(cache->Append(seq, layer, 0, {RandomRows(60, rng)}).ok());
+  ASSERT_TRUE(cache->AppendCompressedRows(seq, 1, 0, RandomRows(8, rng)).ok());
+  const std::vector<uint16_t> before = CompressedBits(*cache, seq, 1);
+  const absl::Status s = cache->AppendCompressedRows(seq, 1, 8, RandomRows(5, rng));  // needs a third page
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("compressed rows"));
+  EXPECT_EQ(CompressedBits(*cache, seq, 1), before);
+  EXPECT_EQ(cache->CompressedRows(seq, 1)->rows, 8);
+  EXPECT_TRUE(cache->AppendCompressedRows(seq, 1, 8, RandomRows(2, rng)).ok());  // still fits
+}
+
+TEST(Cache, LongSequenceFootprintIsSpecSixPlusPageRounding) {
+  // One CSA and one HCA layer at 65,536 tokens, real geometry.
+  ModelSpec spec = ModelSpec::V4Pro();
+  spec.layers.resize(2);
+  spec.layers[0].kind = LayerKind::kCsa;
+  spec.layers[1].kind = LayerKind::kHca;
+  auto cache = MakeCache(spec, CacheOptions{});
+  std::mt19937 rng(11);
+  const SequenceId seq = *cache->CreateSequence();
+  const int64_t tokens = 65536;
+  const std::vector<Bf16> rows = RandomRows(128, rng);
+  for (int64_t at = 0; at < tokens; at += 128) {
+    for (int layer = 0; layer < 2; ++layer) ASSERT_TRUE(cache->Append(seq, layer, at, {rows}).ok());
+  }
+  ASSERT_TRUE(cache->AppendCompressedRows(seq, 0, 0, RandomRows(tokens / 4, rng)).ok());
+  std::vector<Bf16> keys(static_cast<size_t>(tokens / 4) * kIndexDim, ToBf16(0.25f));
+  ASSERT_TRUE(cache->AppendIndexKeys(seq, 0, 0, keys).ok());
+  ASSERT_TRUE(cache->AppendCompressedRows(seq, 1, 0, RandomRows(tokens / 128, rng)).ok());
+
+  const SequenceUsage usage = *cache->Usage(seq);
+  const int64_t rows_bytes = usage.bytes[static_cast<int>(Component::kCompressedRows)];
+  const int64_t keys_bytes = usage.bytes[static_cast<int>(Component::kIndexKeys)];
+  // Pages: CSA 16,384 rows / 64 = 256 pages, HCA 512 rows = 8 pages; keys 256 pages.
+  EXPECT_EQ(rows_bytes, (256 + 8) * 37440);
+  EXPECT_EQ(keys_bytes, 256 * 4352);
+  // Spec §6: 163 B/token (CSA) + 4.5625 B/token (HCA); pages add 64 B per 37,376.
+  const double spec_bytes = (163.0 + 4.5625) * tokens;
+  EXPECT_NEAR(static_cast<double>(rows_bytes + keys_bytes) / spec_bytes, 1.0, 0.002);
 }
 
 TEST(Cache, RejectsInconsistentOptions) {

@@ -12,8 +12,9 @@
 // History pages are append-only and shared between forks; state pages are
 // private. The two lifetime classes draw from separate arenas with separate
 // byte limits. (Compressed rows and index keys are written by the compressor
-// pools, which build on this cache; until they append, those streams are
-// empty. Their write path copies a shared partial page before writing it.)
+// pools through AppendCompressedRows / AppendIndexKeys, which an engine with
+// its own compressor can call too; they copy a partial page shared with a
+// fork before writing into it.)
 //
 // Every mutation validates its arguments and plans its allocations before it
 // changes anything: a failed call leaves the cache exactly as it was
@@ -93,6 +94,14 @@ struct LayerTokens {
   absl::Span<const Bf16> window_rows;
 };
 
+// Zero-copy view of a history stream (compressed rows or index keys): row i
+// is row i % rows_per_page of pages[i / rows_per_page], in the footer layout.
+struct HistoryView {
+  std::vector<ConstPackedRows> pages;
+  int32_t rows_per_page = 0;
+  int64_t rows = 0;
+};
+
 // Zero-copy view of one layer's window ring: slot s (= position mod window)
 // is row s % rows_per_page of pages[s / rows_per_page]; pages are in the
 // engines' footer layout. Slots never written read as zero.
@@ -123,6 +132,18 @@ class Cache {
   // tokens one by one gives.
   absl::Status Append(SequenceId seq, int layer, int64_t position, const LayerTokens& tokens);
 
+  // Bring-your-own-compressor path (kvc's compressor pools write through the
+  // same code): appends compressed entries [first, first + n) of a CSA or HCA
+  // layer, given as n x 512 bf16 (after RMSNorm and RoPE; stored as 584-byte
+  // rows). Requires first == the entries already stored and
+  // first + n <= Length(seq, layer) / ratio (an entry exists once its window
+  // has closed). Allocates history pages (and copies a partial page shared
+  // with a fork before writing it): kResourceExhausted naming the pool.
+  absl::Status AppendCompressedRows(SequenceId seq, int layer, int64_t first, absl::Span<const Bf16> rows);
+  // The same for the index keys of a CSA layer: n x 128 bf16 (after RoPE,
+  // before the Hadamard; stored as 68-byte FP4 keys).
+  absl::Status AppendIndexKeys(SequenceId seq, int layer, int64_t first, absl::Span<const Bf16> keys);
+
   // A new sequence equal to `seq`: history pages shared, state copied.
   // Requires every layer of `seq` at the same length (kFailedPrecondition).
   absl::StatusOr<SequenceId> Fork(SequenceId seq);
@@ -144,6 +165,9 @@ class Cache {
   // slot order). Unwritten slots are zero.
   absl::Status ReadWindow(SequenceId seq, int layer, absl::Span<Bf16> out) const;
   absl::StatusOr<WindowRingView> Window(SequenceId seq, int layer) const;
+
+  absl::StatusOr<HistoryView> CompressedRows(SequenceId seq, int layer) const;
+  absl::StatusOr<HistoryView> IndexKeys(SequenceId seq, int layer) const;
 
   CacheUsage Usage() const;
   absl::StatusOr<SequenceUsage> Usage(SequenceId seq) const;
