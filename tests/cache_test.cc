@@ -10,6 +10,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kvc/page_pool.h"
 #include "kvc/reference_codecs.h"
 #include "kvc/row_kernels.h"
 
@@ -502,6 +503,28 @@ TEST(Cache, LongSequenceFootprintIsSpecSixPlusPageRounding) {
   // Spec §6: 163 B/token (CSA) + 4.5625 B/token (HCA); pages add 64 B per 37,376.
   const double spec_bytes = (163.0 + 4.5625) * tokens;
   EXPECT_NEAR(static_cast<double>(rows_bytes + keys_bytes) / spec_bytes, 1.0, 0.002);
+}
+
+TEST(Cache, CarvesPagesFromEngineRegions) {
+  std::vector<uint8_t> state(4 << 20), history(1 << 20);
+  CacheOptions options = SmallOptions();
+  options.state_region = absl::MakeSpan(state);
+  options.history_region = absl::MakeSpan(history);
+  auto cache = MakeCache(SmallSpec(), options);
+  std::mt19937 rng(12);
+  const SequenceId seq = *cache->CreateSequence();
+  for (int layer = 0; layer < 3; ++layer) ASSERT_TRUE(cache->Append(seq, layer, 0, {RandomRows(8, rng)}).ok());
+  ASSERT_TRUE(cache->AppendCompressedRows(seq, 1, 0, RandomRows(2, rng)).ok());
+  const WindowRingView ring = *cache->Window(seq, 0);
+  const HistoryView rows = *cache->CompressedRows(seq, 1);
+  auto inside = [](const uint8_t* p, const std::vector<uint8_t>& region) {
+    return p >= region.data() && p < region.data() + region.size();
+  };
+  EXPECT_TRUE(inside(ring.pages[0].data, state));
+  EXPECT_TRUE(inside(rows.pages[0].data, history));
+  // The limit is the region less its unaligned start and end (< 64 B each).
+  EXPECT_LE(cache->Usage().state_limit_bytes, static_cast<int64_t>(state.size()));
+  EXPECT_GT(cache->Usage().state_limit_bytes, static_cast<int64_t>(state.size()) - 2 * kPageAlignment);
 }
 
 TEST(Cache, RejectsInconsistentOptions) {
