@@ -122,6 +122,19 @@ struct Cache::Impl {
     return it->second;
   }
 
+  // A live sequence with its lock held; kNotFound for unknown or freed ids.
+  struct Locked {
+    std::shared_ptr<Sequence> seq;
+    std::unique_lock<std::mutex> lock;
+    std::vector<LayerStreams>& layers() const { return seq->layers; }
+  };
+  absl::StatusOr<Locked> Lock(SequenceId id) const {
+    KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, Find(id));
+    std::unique_lock<std::mutex> lock(seq->mu);
+    if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
+    return Locked{std::move(seq), std::move(lock)};
+  }
+
   absl::Status CheckLayer(int layer) const {
     if (layer < 0 || layer >= static_cast<int>(spec.layers.size())) {
       return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " is outside [0, ", spec.layers.size(), ")"));
@@ -405,10 +418,8 @@ absl::StatusOr<SequenceId> Cache::CreateSequence() {
 
 absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const LayerTokens& tokens) {
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
-  KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
-  std::lock_guard<std::mutex> lock(seq->mu);
-  if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
-  LayerStreams& ls = seq->layers[static_cast<size_t>(layer)];
+  KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
+  LayerStreams& ls = seq.layers()[static_cast<size_t>(layer)];
   if (tokens.window_rows.size() % kHeadDim != 0) {
     return absl::InvalidArgumentError(absl::StrCat("Append: window_rows holds ", tokens.window_rows.size(),
                                                    " values, not a whole number of 512-value rows"));
@@ -463,10 +474,8 @@ absl::StatusOr<int64_t> CheckHistoryAppend(const ModelSpec& spec, int layer, con
 absl::Status Cache::AppendCompressedRows(SequenceId id, int layer, int64_t first, absl::Span<const Bf16> rows) {
   constexpr const char* kWhat = "AppendCompressedRows";
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
-  KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
-  std::lock_guard<std::mutex> lock(seq->mu);
-  if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
-  LayerStreams& ls = seq->layers[static_cast<size_t>(layer)];
+  KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
+  LayerStreams& ls = seq.layers()[static_cast<size_t>(layer)];
   KVC_ASSIGN_OR_RETURN(const int64_t n, CheckHistoryAppend(impl_->spec, layer, ls, ls.compressed_rows, first,
                                                            rows.size(), kHeadDim, false, kWhat));
   KVC_RETURN_IF_ERROR(CheckFiniteRows(rows, kHeadDim, kWhat));
@@ -477,10 +486,8 @@ absl::Status Cache::AppendCompressedRows(SequenceId id, int layer, int64_t first
 absl::Status Cache::AppendIndexKeys(SequenceId id, int layer, int64_t first, absl::Span<const Bf16> keys) {
   constexpr const char* kWhat = "AppendIndexKeys";
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
-  KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
-  std::lock_guard<std::mutex> lock(seq->mu);
-  if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
-  LayerStreams& ls = seq->layers[static_cast<size_t>(layer)];
+  KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
+  LayerStreams& ls = seq.layers()[static_cast<size_t>(layer)];
   KVC_ASSIGN_OR_RETURN(const int64_t n, CheckHistoryAppend(impl_->spec, layer, ls, ls.key_rows, first, keys.size(),
                                                            kIndexDim, true, kWhat));
   // The key kernel also refuses |x| > 2^120 (its Hadamard could overflow);
@@ -499,18 +506,14 @@ absl::Status Cache::AppendIndexKeys(SequenceId id, int layer, int64_t first, abs
 
 absl::StatusOr<HistoryView> Cache::CompressedRows(SequenceId id, int layer) const {
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
-  KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
-  std::lock_guard<std::mutex> lock(seq->mu);
-  if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
-  return impl_->ViewOf(impl_->CompressedOf(seq->layers[static_cast<size_t>(layer)]));
+  KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
+  return impl_->ViewOf(impl_->CompressedOf(seq.layers()[static_cast<size_t>(layer)]));
 }
 
 absl::StatusOr<HistoryView> Cache::IndexKeys(SequenceId id, int layer) const {
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
-  KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
-  std::lock_guard<std::mutex> lock(seq->mu);
-  if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
-  return impl_->ViewOf(impl_->KeysOf(seq->layers[static_cast<size_t>(layer)]));
+  KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
+  return impl_->ViewOf(impl_->KeysOf(seq.layers()[static_cast<size_t>(layer)]));
 }
 
 absl::StatusOr<SequenceId> Cache::Fork(SequenceId id) {
@@ -560,17 +563,15 @@ absl::StatusOr<SequenceId> Cache::Fork(SequenceId id) {
 }
 
 absl::Status Cache::Truncate(SequenceId id, int64_t length) {
-  KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
-  std::lock_guard<std::mutex> lock(seq->mu);
-  if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
-  KVC_RETURN_IF_ERROR(impl_->SameLengthEverywhere(seq->layers, id, "Truncate:"));
-  const int64_t current = seq->layers[0].length;
+  KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
+  KVC_RETURN_IF_ERROR(impl_->SameLengthEverywhere(seq.layers(), id, "Truncate:"));
+  const int64_t current = seq.layers()[0].length;
   if (length < 0 || length > current) {
     return absl::InvalidArgumentError(absl::StrCat("Truncate: sequence ", id, " holds ", current,
                                                    " tokens; cannot truncate to ", length));
   }
   int64_t floor = 0;
-  for (const LayerStreams& ls : seq->layers) floor = std::max(floor, ls.floor);
+  for (const LayerStreams& ls : seq.layers()) floor = std::max(floor, ls.floor);
   if (length < floor) {
     return absl::FailedPreconditionError(absl::StrCat(
         "Truncate: sequence ", id, " can be rolled back to ", floor, " tokens at the least (rollback_depth ",
@@ -578,7 +579,7 @@ absl::Status Cache::Truncate(SequenceId id, int64_t length) {
   }
   const int64_t W = impl_->window();
   const int64_t D = impl_->depth();
-  for (const LayerStreams& ls : seq->layers) {  // the invariant the floor guarantees
+  for (const LayerStreams& ls : seq.layers()) {  // the invariant the floor guarantees
     for (int64_t q = length; q < current; ++q) {
       if (impl_->RollbackEvictors(ls)[q % D] != q) {
         return absl::InternalError(absl::StrCat("Truncate: rollback record of position ", q, " is missing"));
@@ -586,8 +587,8 @@ absl::Status Cache::Truncate(SequenceId id, int64_t length) {
     }
   }
   // Apply (cannot fail).
-  for (size_t i = 0; i < seq->layers.size(); ++i) {
-    LayerStreams& ls = seq->layers[i];
+  for (size_t i = 0; i < seq.layers().size(); ++i) {
+    LayerStreams& ls = seq.layers()[i];
     int64_t* evictors = length < current ? impl_->RollbackEvictors(ls) : nullptr;
     for (int64_t q = current - 1; q >= length; --q) {
       Impl::CopyRow(impl_->RollbackRow(ls, q % D), impl_->RingSlot(ls, q % W));
@@ -628,27 +629,21 @@ absl::Status Cache::Free(SequenceId id) {
 
 absl::StatusOr<int64_t> Cache::Length(SequenceId id, int layer) const {
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
-  KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
-  std::lock_guard<std::mutex> lock(seq->mu);
-  if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
-  return seq->layers[static_cast<size_t>(layer)].length;
+  KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
+  return seq.layers()[static_cast<size_t>(layer)].length;
 }
 
 absl::StatusOr<int64_t> Cache::RollbackFloor(SequenceId id) const {
-  KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
-  std::lock_guard<std::mutex> lock(seq->mu);
-  if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
+  KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
   int64_t floor = 0;
-  for (const LayerStreams& ls : seq->layers) floor = std::max(floor, ls.floor);
+  for (const LayerStreams& ls : seq.layers()) floor = std::max(floor, ls.floor);
   return floor;
 }
 
 absl::StatusOr<WindowRingView> Cache::Window(SequenceId id, int layer) const {
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
-  KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
-  std::lock_guard<std::mutex> lock(seq->mu);
-  if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
-  return impl_->RingView(seq->layers[static_cast<size_t>(layer)]);
+  KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
+  return impl_->RingView(seq.layers()[static_cast<size_t>(layer)]);
 }
 
 absl::Status Cache::ReadWindow(SequenceId id, int layer, absl::Span<Bf16> out) const {
@@ -657,10 +652,8 @@ absl::Status Cache::ReadWindow(SequenceId id, int layer, absl::Span<Bf16> out) c
     return absl::InvalidArgumentError(absl::StrCat("ReadWindow: out holds ", out.size(), " values, expected ",
                                                    impl_->window(), " x ", kHeadDim));
   }
-  KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
-  std::lock_guard<std::mutex> lock(seq->mu);  // held while reading: no Append can interleave
-  if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
-  const WindowRingView view = impl_->RingView(seq->layers[static_cast<size_t>(layer)]);
+  KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));  // held while reading: no Append interleaves
+  const WindowRingView view = impl_->RingView(seq.layers()[static_cast<size_t>(layer)]);
   for (size_t p = 0; p < view.pages.size(); ++p) {
     const int64_t first = static_cast<int64_t>(p) * view.rows_per_page;
     const int64_t rows = std::min<int64_t>(view.rows_per_page, view.window - first);
@@ -698,16 +691,14 @@ CacheUsage Cache::Usage() const {
 }
 
 absl::StatusOr<SequenceUsage> Cache::Usage(SequenceId id) const {
-  KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl_->Find(id));
-  std::lock_guard<std::mutex> lock(seq->mu);
-  if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
+  KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
   SequenceUsage usage;
   auto add = [&](Component c, const PagePool* pool, PageId page) {
     usage.bytes[static_cast<int>(c)] += pool->page_bytes();
     if (pool->RefCount(page) > 1) usage.shared_bytes += pool->page_bytes();
   };
-  for (size_t i = 0; i < seq->layers.size(); ++i) {
-    const LayerStreams& ls = seq->layers[i];
+  for (size_t i = 0; i < seq.layers().size(); ++i) {
+    const LayerStreams& ls = seq.layers()[i];
     for (const PageId p : ls.ring) add(Component::kWindowRing, impl_->ring_pool.get(), p);
     if (ls.rollback != kNoPage) add(Component::kWindowRing, impl_->rollback_pool.get(), ls.rollback);
     for (const PageId p : ls.compressed) add(Component::kCompressedRows, impl_->compressed_pool.get(), p);

@@ -13,7 +13,7 @@
 
 #include "gtest/gtest.h"
 #include "kvc/cache.h"
-#include "kvc/reference_codecs.h"
+#include "tests/testing/reference_model.h"
 
 namespace kvc {
 namespace {
@@ -29,22 +29,8 @@ std::vector<Bf16> RandomRows(int64_t rows, std::mt19937& rng) {
   return out;
 }
 
-// Quantize-dequantize of the ring a layer should hold after `history`.
-std::vector<uint16_t> ExpectedWindow(const std::vector<Bf16>& history) {
-  const int64_t length = static_cast<int64_t>(history.size()) / kHeadDim;
-  std::vector<uint16_t> out(static_cast<size_t>(kWindow) * kHeadDim, 0);
-  for (int64_t p = std::max<int64_t>(0, length - kWindow); p < length; ++p) {
-    KvRowFp8 row;
-    QuantizeKvRowRef(&history[static_cast<size_t>(p * kHeadDim)], row.nope_codes, row.scales);
-    float values[kHeadDim];
-    DequantizeKvRowRef(row.nope_codes, row.scales, values);
-    for (int i = 0; i < kHeadDim; ++i) out[static_cast<size_t>((p % kWindow) * kHeadDim + i)] = Bf16BitsFromF32(values[i]);
-  }
-  return out;
-}
-
 bool WindowMatches(const Cache& cache, SequenceId seq, const std::vector<Bf16>& history) {
-  const std::vector<uint16_t> expected = ExpectedWindow(history);
+  const std::vector<uint16_t> expected = testing::ExpectedWindow(history, kWindow);
   std::vector<Bf16> got(expected.size());
   for (int layer = 0; layer < kLayers; ++layer) {
     if (!cache.ReadWindow(seq, layer, absl::MakeSpan(got)).ok()) return false;

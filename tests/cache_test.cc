@@ -13,6 +13,7 @@
 #include "kvc/page_pool.h"
 #include "kvc/reference_codecs.h"
 #include "kvc/row_kernels.h"
+#include "tests/testing/reference_model.h"
 
 namespace kvc {
 namespace {
@@ -96,32 +97,11 @@ std::vector<uint16_t> CompressedBits(const Cache& cache, SequenceId seq, int lay
   return bits;
 }
 
-// Quantize-dequantize of rows by the scalar reference, as bf16 bits.
-std::vector<uint16_t> ReferenceBits(const std::vector<Bf16>& rows) {
-  std::vector<uint16_t> bits;
-  for (size_t r = 0; r < rows.size() / kHeadDim; ++r) {
-    KvRowFp8 stored;
-    QuantizeKvRowRef(&rows[r * kHeadDim], stored.nope_codes, stored.scales);
-    float values[kHeadDim];
-    DequantizeKvRowRef(stored.nope_codes, stored.scales, values);
-    for (const float v : values) bits.push_back(Bf16BitsFromF32(v));
-  }
-  return bits;
-}
+using testing::ReferenceBits;
 
-// The full-precision reference: every row ever appended to a layer.
-// Expected ring slot s: quantize-dequantize of the latest position p < length
-// with p mod W == s, or zero.
+// The ring after the first `length` rows of `history`.
 std::vector<uint16_t> ExpectedWindow(const std::vector<Bf16>& history, int64_t length, int window) {
-  std::vector<uint16_t> out(static_cast<size_t>(window) * kHeadDim, 0);
-  for (int64_t p = std::max<int64_t>(0, length - window); p < length; ++p) {
-    KvRowFp8 row;
-    QuantizeKvRowRef(&history[static_cast<size_t>(p * kHeadDim)], row.nope_codes, row.scales);
-    float values[kHeadDim];
-    DequantizeKvRowRef(row.nope_codes, row.scales, values);
-    for (int i = 0; i < kHeadDim; ++i) out[static_cast<size_t>((p % window) * kHeadDim + i)] = Bf16BitsFromF32(values[i]);
-  }
-  return out;
+  return testing::ExpectedWindow(std::vector<Bf16>(history.begin(), history.begin() + length * kHeadDim), window);
 }
 
 TEST(Cache, AnyChunkingGivesTheBytesOfOneByOneAppends) {
