@@ -32,8 +32,9 @@ namespace kvc {
 // KV rows: 512-dim bf16 <-> 584-byte FP8 rows (RowFormat::kKvFp8).
 
 // Quantizes out.count rows; `in` holds out.count * 512 bf16 values, row-major.
-// Cost: one validation pass over `in`, then ~1 read of `in` + 584 B written
-// per row. Allocates nothing.
+// Cost per row: one read of its 1 KiB from memory (block maxima and the
+// finiteness check), a second from L1 (encode), 584 B written. Allocates
+// nothing.
 absl::Status QuantizeKvRows(absl::Span<const Bf16> in, PackedRows out);
 
 // Dequantizes in.count rows into `out` (in.count * 512 values, row-major).
