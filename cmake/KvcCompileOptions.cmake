@@ -10,7 +10,8 @@ function(kvc_target_options target)
   target_compile_definitions(${target} PRIVATE HWY_WANT_AVX3_DL)
   if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
     target_compile_options(${target} PRIVATE -Wall -Wextra -Wshadow -Wconversion
-                                             -Wno-sign-conversion -ffp-contract=off)
+                                             -Wno-sign-conversion -Wno-missing-field-initializers
+                                             -ffp-contract=off)
     if(KVC_WERROR)
       target_compile_options(${target} PRIVATE -Werror)
     endif()

@@ -10,6 +10,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "kvc/cache.h"
+#include "kvc/compressor.h"
 
 struct kvc_cache {
   std::unique_ptr<kvc::Cache> cache;
@@ -128,6 +129,36 @@ int kvc_seq_append(kvc_cache* cache, kvc_seq seq, int32_t layer, int64_t positio
   const auto* rows = reinterpret_cast<const kvc::Bf16*>(window_rows);
   return FromStatus(cache->cache->Append(seq, layer, position,
                                          {absl::MakeConstSpan(rows, static_cast<size_t>(count * KVC_HEAD_DIM))}));
+}
+
+int kvc_seq_append_tokens(kvc_cache* cache, kvc_seq seq, int32_t layer, int64_t position,
+                          const kvc_layer_tokens* tokens) {
+  KVC_C_REQUIRE(cache);
+  KVC_C_REQUIRE(tokens);
+  const kvc::ModelSpec& spec = cache->cache->spec();
+  if (layer < 0 || layer >= static_cast<int32_t>(spec.layers.size())) {
+    return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat("kvc_seq_append_tokens: layer ", layer, " is out of range"));
+  }
+  const int64_t count = tokens->count;
+  if (count < 0 || count > INT64_MAX / 1024) {
+    return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat("kvc_seq_append_tokens: count ", count, " is out of range"));
+  }
+  if (count > 0) KVC_C_REQUIRE(tokens->window_rows);
+  const kvc::LayerKind kind = spec.layers[static_cast<size_t>(layer)].kind;
+  const int64_t main_width = kvc::MainCompressor(kind, spec.head_dim).width();
+  const int64_t index_width = kvc::IndexerCompressor(spec.index_dim).width();
+  // A NULL array is an empty span; a non-NULL one spans count rows.
+  auto floats = [&](const float* p, int64_t width) {
+    return p == nullptr ? absl::Span<const float>() : absl::MakeConstSpan(p, static_cast<size_t>(count * width));
+  };
+  kvc::LayerTokens t;
+  t.window_rows = absl::MakeConstSpan(reinterpret_cast<const kvc::Bf16*>(tokens->window_rows),
+                                      static_cast<size_t>(count * KVC_HEAD_DIM));
+  t.compressor_kv = floats(tokens->compressor_kv, main_width);
+  t.compressor_score = floats(tokens->compressor_score, main_width);
+  t.indexer_kv = floats(tokens->indexer_kv, index_width);
+  t.indexer_score = floats(tokens->indexer_score, index_width);
+  return FromStatus(cache->cache->Append(seq, layer, position, t));
 }
 
 int kvc_seq_fork(kvc_cache* cache, kvc_seq seq, kvc_seq* out) {

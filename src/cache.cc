@@ -13,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "kvc/compressor.h"
 #include "kvc/page_pool.h"
 #include "kvc/row_kernels.h"
 #include "kvc/status.h"
@@ -105,6 +106,7 @@ struct Cache::Impl {
   // History class.
   std::unique_ptr<PagePool> compressed_pool;
   std::unique_ptr<PagePool> keys_pool;
+  std::unique_ptr<RopeTable> compressed_rope;  // CSA/HCA layers' RoPE
 
   mutable std::mutex mu;  // guards the members below
   std::unordered_map<SequenceId, std::shared_ptr<Sequence>> sequences;
@@ -240,25 +242,38 @@ struct Cache::Impl {
     return PageFooterRows(h.format, h.pool->Data((*h.pages)[page]), h.per_page);
   }
 
-  // Appends rows (validated) to a history stream: plans every page first
-  // (new pages, plus a private copy of a partial last page shared with a
-  // fork), all or nothing; then writes, which cannot fail.
-  absl::Status AppendHistory(const History& h, absl::Span<const Bf16> values, int dims,
-                             absl::Status (*quantize)(absl::Span<const Bf16>, PackedRows)) const {
+  // The pages `n` more rows of a history stream need: new pages, plus a
+  // private copy of a partial last page shared with a fork. Allocated now
+  // (all or nothing); Commit uses them, Abandon returns them.
+  struct HistoryPlan {
+    std::vector<PageId> fresh;
+    bool copy_last = false;
+  };
+  absl::StatusOr<HistoryPlan> PlanHistory(const History& h, int64_t n) const {
+    HistoryPlan plan;
+    const int64_t rows = *h.rows;
+    plan.copy_last = n > 0 && rows % h.per_page != 0 && h.pool->RefCount(h.pages->back()) > 1;
+    const int64_t new_pages = (rows + n + h.per_page - 1) / h.per_page - static_cast<int64_t>(h.pages->size());
+    KVC_RETURN_IF_ERROR(h.pool->Allocate(new_pages + (plan.copy_last ? 1 : 0), &plan.fresh));
+    return plan;
+  }
+  static void AbandonHistory(const History& h, const HistoryPlan& plan) {
+    for (const PageId id : plan.fresh) h.pool->Unref(id);
+  }
+
+  // Writes validated rows into the planned pages (cannot fail).
+  void CommitHistory(const History& h, const HistoryPlan& plan, absl::Span<const Bf16> values, int dims,
+                     absl::Status (*quantize)(absl::Span<const Bf16>, PackedRows)) const {
     const int64_t n = static_cast<int64_t>(values.size()) / dims;
     const int64_t rows = *h.rows;
-    const bool copy_last = rows % h.per_page != 0 && h.pool->RefCount(h.pages->back()) > 1;
-    const int64_t new_pages = (rows + n + h.per_page - 1) / h.per_page - static_cast<int64_t>(h.pages->size());
-    std::vector<PageId> fresh;
-    KVC_RETURN_IF_ERROR(h.pool->Allocate(new_pages + (copy_last ? 1 : 0), &fresh));
     size_t next = 0;
-    if (copy_last) {  // copy-on-write of the page this sequence shares
+    if (plan.copy_last) {  // copy-on-write of the page this sequence shares
       const PageId shared = h.pages->back();
-      std::memcpy(h.pool->Data(fresh[next]), h.pool->Data(shared), static_cast<size_t>(h.pool->page_bytes()));
+      std::memcpy(h.pool->Data(plan.fresh[next]), h.pool->Data(shared), static_cast<size_t>(h.pool->page_bytes()));
       h.pool->Unref(shared);
-      h.pages->back() = fresh[next++];
+      h.pages->back() = plan.fresh[next++];
     }
-    while (next < fresh.size()) h.pages->push_back(fresh[next++]);
+    while (next < plan.fresh.size()) h.pages->push_back(plan.fresh[next++]);
     for (int64_t i = 0; i < n;) {
       const int64_t at = rows + i;
       const int64_t run = std::min(n - i, h.per_page - at % h.per_page);
@@ -268,7 +283,93 @@ struct Cache::Impl {
       i += run;
     }
     *h.rows += n;
+  }
+
+  absl::Status AppendHistory(const History& h, absl::Span<const Bf16> values, int dims,
+                             absl::Status (*quantize)(absl::Span<const Bf16>, PackedRows)) const {
+    KVC_ASSIGN_OR_RETURN(const HistoryPlan plan, PlanHistory(h, static_cast<int64_t>(values.size()) / dims));
+    CommitHistory(h, plan, values, dims, quantize);
     return absl::OkStatus();
+  }
+
+  // --- Compressors ---------------------------------------------------------
+
+  // One compressor of one layer: its geometry, the engine's parameters, its
+  // state ring (token rows kv ‖ score + ape, slot = t mod capacity) and the
+  // chunk being appended.
+  struct CompressorRun {
+    CompressorGeometry g;
+    const CompressorParams* params;
+    float* state;
+    int64_t capacity;  // token rows in the state ring
+    const float* kv;     // chunk projections, n x width
+    const float* score;  // without ape
+    int64_t first;       // position of the chunk's first token
+  };
+
+  int64_t StateCapacity(const CompressorGeometry& g) const { return g.span() + depth(); }
+
+  CompressorRun RunFor(const LayerStreams& ls, bool indexer, const LayerSpec& spec_layer, const LayerTokens& t) const {
+    CompressorRun run;
+    run.g = indexer ? IndexerCompressor(spec.index_dim) : MainCompressor(spec_layer.kind, spec.head_dim);
+    run.params = indexer ? &spec_layer.indexer : &spec_layer.compressor;
+    PagePool* pool = indexer ? csa_indexer_state_pool.get() : StatePool(spec_layer.kind);
+    run.state = reinterpret_cast<float*>(pool->Data(indexer ? ls.indexer_state : ls.state));
+    run.capacity = StateCapacity(run.g);
+    run.kv = indexer ? t.indexer_kv.data() : t.compressor_kv.data();
+    run.score = indexer ? t.indexer_score.data() : t.compressor_score.data();
+    run.first = ls.length;
+    return run;
+  }
+
+  // Token t's `half` (0 or 1) as a pooling slot: from the state ring if it
+  // was appended before this chunk (its score already holds ape), else from
+  // the chunk (ape added on the fly).
+  static PoolSlot Slot(const CompressorRun& run, int64_t t, int half) {
+    const int64_t width = run.g.width();
+    const int64_t offset = half * run.g.dim;
+    if (t < run.first) {
+      const float* row = run.state + (t % run.capacity) * 2 * width;
+      return {row + offset, row + width + offset, nullptr};
+    }
+    const int64_t i = t - run.first;
+    return {run.kv + i * width + offset, run.score + i * width + offset,
+            run.params->ape.data() + (t % run.g.ratio) * width + offset};
+  }
+
+  // The entries of windows closed by tokens [first, first + n): bf16 rows
+  // (dim values each) ready to store, computed without changing anything.
+  std::vector<Bf16> ComputeEntries(const CompressorRun& run, int64_t n) const {
+    const CompressorGeometry& g = run.g;
+    const int64_t begin = run.first / g.ratio, end = (run.first + n) / g.ratio;
+    std::vector<Bf16> rows(static_cast<size_t>((end - begin) * g.dim));
+    std::vector<float> pooled(static_cast<size_t>(g.dim));
+    PoolSlot slots[256];
+    float cos_sin[64];
+    for (int64_t i = begin; i < end; ++i) {
+      int count = 0;
+      if (g.overlap && i > 0) {  // the previous window's first halves (none for entry 0)
+        for (int j = 0; j < g.ratio; ++j) slots[count++] = Slot(run, (i - 1) * g.ratio + j, 0);
+      }
+      for (int j = 0; j < g.ratio; ++j) slots[count++] = Slot(run, i * g.ratio + j, g.overlap ? 1 : 0);
+      PoolChannels(slots, count, g.dim, pooled.data());
+      compressed_rope->At(i * g.ratio, cos_sin);
+      NormRope(pooled.data(), g.dim, run.params->norm_weight.data(), static_cast<float>(spec.norm_eps), cos_sin,
+               &rows[static_cast<size_t>((i - begin) * g.dim)]);
+    }
+    return rows;
+  }
+
+  // Keeps the chunk's last tokens (as many as the ring holds) in the state
+  // ring: kv, then score + ape.
+  static void WriteState(const CompressorRun& run, int64_t n) {
+    const int64_t width = run.g.width();
+    for (int64_t t = std::max(run.first, run.first + n - run.capacity); t < run.first + n; ++t) {
+      const PoolSlot src = Slot(run, t, 0);
+      float* row = run.state + (t % run.capacity) * 2 * width;
+      std::memcpy(row, src.kv, static_cast<size_t>(width) * sizeof(float));
+      for (int64_t c = 0; c < width; ++c) row[width + c] = src.score[c] + src.ape[c];
+    }
   }
 
   HistoryView ViewOf(const History& h) const {
@@ -401,6 +502,7 @@ absl::StatusOr<std::unique_ptr<Cache>> Cache::Create(ModelSpec spec, CacheOption
       "HCA compressor state", (128 + D) * StateRowFloats(1, static_cast<int>(d)) * 4, state);
   impl->compressed_pool = std::make_unique<PagePool>("compressed rows", KvPageBytes(options.rows_per_page), history);
   impl->keys_pool = std::make_unique<PagePool>("index keys", options.keys_per_page * kIndexKeyBytes, history);
+  impl->compressed_rope = std::make_unique<RopeTable>(impl->spec.compressed_rope);
   return std::unique_ptr<Cache>(new Cache(std::move(impl)));
 }
 
@@ -416,10 +518,66 @@ absl::StatusOr<SequenceId> Cache::CreateSequence() {
   return id;
 }
 
+namespace {
+
+// True if kvc computes this layer's compressed entries (its ModelSpec carries
+// the compressor parameters); false for window-only layers and for compressed
+// layers whose engine brings its own entries.
+bool KvcCompresses(const LayerSpec& layer) {
+  return layer.kind != LayerKind::kWindow && !layer.compressor.ape.empty();
+}
+
+absl::Status CheckFiniteFloats(absl::Span<const float> values, int64_t width, const char* what) {
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (!std::isfinite(values[i])) {
+      return absl::InvalidArgumentError(absl::StrCat("Append: ", what, " row ", static_cast<int64_t>(i) / width, " column ",
+                                                     static_cast<int64_t>(i) % width,
+                                                     std::isnan(values[i]) ? " is NaN" : " is infinite"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The projections a chunk of n tokens must carry on this layer.
+absl::Status CheckProjections(const ModelSpec& spec, int layer, const LayerTokens& t, int64_t n) {
+  const LayerSpec& l = spec.layers[static_cast<size_t>(layer)];
+  const bool indexer = l.kind == LayerKind::kCsa;
+  const struct {
+    absl::Span<const float> values;
+    const char* name;
+    bool used;
+    int64_t width;
+  } inputs[] = {
+      {t.compressor_kv, "compressor_kv", KvcCompresses(l), MainCompressor(l.kind, spec.head_dim).width()},
+      {t.compressor_score, "compressor_score", KvcCompresses(l), MainCompressor(l.kind, spec.head_dim).width()},
+      {t.indexer_kv, "indexer_kv", KvcCompresses(l) && indexer, IndexerCompressor(spec.index_dim).width()},
+      {t.indexer_score, "indexer_score", KvcCompresses(l) && indexer, IndexerCompressor(spec.index_dim).width()},
+  };
+  for (const auto& input : inputs) {
+    if (!input.used) {
+      if (!input.values.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "Append: layer ", layer, " (", LayerKindName(l.kind), ") takes no ", input.name,
+            l.kind == LayerKind::kWindow ? "" : "; set ModelSpec.layers[i].compressor (and .indexer) for kvc to compress it"));
+      }
+      continue;
+    }
+    if (static_cast<int64_t>(input.values.size()) != n * input.width) {
+      return absl::InvalidArgumentError(absl::StrCat("Append: layer ", layer, " ", input.name, " holds ",
+                                                     input.values.size(), " values; expected ", n, " x ", input.width));
+    }
+    KVC_RETURN_IF_ERROR(CheckFiniteFloats(input.values, input.width, input.name));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const LayerTokens& tokens) {
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
   LayerStreams& ls = seq.layers()[static_cast<size_t>(layer)];
+  const LayerSpec& layer_spec = impl_->spec.layers[static_cast<size_t>(layer)];
   if (tokens.window_rows.size() % kHeadDim != 0) {
     return absl::InvalidArgumentError(absl::StrCat("Append: window_rows holds ", tokens.window_rows.size(),
                                                    " values, not a whole number of 512-value rows"));
@@ -435,9 +593,43 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
                                               impl_->spec.max_context));
   }
   KVC_RETURN_IF_ERROR(CheckFiniteRows(tokens.window_rows, kHeadDim, "Append: window_rows"));
+  KVC_RETURN_IF_ERROR(CheckProjections(impl_->spec, layer, tokens, n));
   if (n == 0) return absl::OkStatus();
-  // Everything is validated and nothing needs new pages: apply (cannot fail).
+
+  // Compute the closed windows' entries and plan their pages: nothing has
+  // changed yet, so a refusal leaves the cache as it was.
+  const bool compresses = KvcCompresses(layer_spec);
+  const bool indexes = compresses && layer_spec.kind == LayerKind::kCsa;
+  Impl::CompressorRun main_run, indexer_run;
+  std::vector<Bf16> entries, keys;
+  Impl::HistoryPlan entry_plan, key_plan;
+  if (compresses) {
+    main_run = impl_->RunFor(ls, false, layer_spec, tokens);
+    entries = impl_->ComputeEntries(main_run, n);
+    KVC_ASSIGN_OR_RETURN(entry_plan, impl_->PlanHistory(impl_->CompressedOf(ls), static_cast<int64_t>(entries.size()) / kHeadDim));
+  }
+  if (indexes) {
+    indexer_run = impl_->RunFor(ls, true, layer_spec, tokens);
+    keys = impl_->ComputeEntries(indexer_run, n);
+    absl::StatusOr<Impl::HistoryPlan> plan =
+        impl_->PlanHistory(impl_->KeysOf(ls), static_cast<int64_t>(keys.size()) / kIndexDim);
+    if (!plan.ok()) {
+      Impl::AbandonHistory(impl_->CompressedOf(ls), entry_plan);
+      return plan.status();
+    }
+    key_plan = *std::move(plan);
+  }
+
+  // Apply (cannot fail).
   impl_->WriteWindow(ls, tokens.window_rows);
+  if (compresses) {
+    Impl::WriteState(main_run, n);
+    impl_->CommitHistory(impl_->CompressedOf(ls), entry_plan, entries, kHeadDim, QuantizeKvRows);
+  }
+  if (indexes) {
+    Impl::WriteState(indexer_run, n);
+    impl_->CommitHistory(impl_->KeysOf(ls), key_plan, keys, kIndexDim, QuantizeIndexKeys);
+  }
   ls.length += n;
   ls.floor = std::max(ls.floor, ls.length - impl_->depth());
   return absl::OkStatus();
@@ -449,6 +641,10 @@ namespace {
 absl::StatusOr<int64_t> CheckHistoryAppend(const ModelSpec& spec, int layer, const LayerStreams& ls, int64_t stored,
                                            int64_t first, size_t values, int dims, bool keys, const char* what) {
   const LayerKind kind = spec.layers[static_cast<size_t>(layer)].kind;
+  if (KvcCompresses(spec.layers[static_cast<size_t>(layer)])) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        what, ": kvc computes layer ", layer, "'s entries from the projections passed to Append"));
+  }
   if (keys ? kind != LayerKind::kCsa : kind == LayerKind::kWindow) {
     return absl::InvalidArgumentError(absl::StrCat(what, ": layer ", layer, " is a ", LayerKindName(kind),
                                                    " layer, which has no ", keys ? "index keys" : "compressed rows"));

@@ -305,6 +305,10 @@ absl::Status ModelSpec::Validate() const {
     KVC_RETURN_IF_ERROR(CheckParams(layer.compressor, ratio, width, head_dim, i, "compressor"));
     if (layer.kind == LayerKind::kCsa) {
       KVC_RETURN_IF_ERROR(CheckParams(layer.indexer, ratio, width, index_dim, i, "indexer"));
+      if (layer.compressor.ape.empty() != layer.indexer.ape.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "layer ", i, ": a CSA layer needs both compressor and indexer parameters, or neither"));
+      }
     } else if (!layer.indexer.ape.empty()) {
       return absl::InvalidArgumentError(absl::StrCat("layer ", i, ": an HCA layer has no indexer"));
     }

@@ -88,10 +88,20 @@ struct SequenceUsage {
 
 using SequenceId = int64_t;
 
-// What the engine hands in for `n` consecutive tokens of one layer.
+// What the engine hands in for `n` consecutive tokens of one layer (spec §2).
+// The projections are required on CSA and HCA layers whose ModelSpec carries
+// compressor parameters (kvc then computes their compressed entries and index
+// keys), and must be empty otherwise.
 struct LayerTokens {
-  // n x 512 bf16: the layer's KV after its RMSNorm and RoPE (spec §2).
+  // n x 512 bf16: the layer's KV after its RMSNorm and RoPE.
   absl::Span<const Bf16> window_rows;
+  // n x (c * 512) fp32 each (c = 2 on CSA, 1 on HCA): wkv(x) and wgate(x) of
+  // the main compressor; the score without ape.
+  absl::Span<const float> compressor_kv;
+  absl::Span<const float> compressor_score;
+  // CSA only: n x 256 fp32 each, the indexer's own compressor projections.
+  absl::Span<const float> indexer_kv;
+  absl::Span<const float> indexer_score;
 };
 
 // Zero-copy view of a history stream (compressed rows or index keys): row i
@@ -127,14 +137,16 @@ class Cache {
 
   // Appends tokens [position, position + n) to `layer` of `seq`. Requires
   // position == Length(seq, layer) (no gaps, no repeats) and
-  // position + n <= max_context. Validates every row (finite values) before
-  // writing. Appending a chunk gives exactly the bytes that appending its
-  // tokens one by one gives.
+  // position + n <= max_context. Validates every row (shapes, finite values)
+  // before writing. On a compressed layer with parameters, every window the
+  // chunk closes yields its entry (and index key), computed from the state and
+  // the chunk, and the state keeps the open window(s). Appending a chunk gives
+  // exactly the bytes that appending its tokens one by one gives.
   absl::Status Append(SequenceId seq, int layer, int64_t position, const LayerTokens& tokens);
 
-  // Bring-your-own-compressor path (kvc's compressor pools write through the
-  // same code): appends compressed entries [first, first + n) of a CSA or HCA
-  // layer, given as n x 512 bf16 (after RMSNorm and RoPE; stored as 584-byte
+  // Bring-your-own-compressor path, for compressed layers whose ModelSpec has
+  // no compressor parameters (kvc's compressor writes through the same code):
+  // appends compressed entries [first, first + n) of a CSA or HCA layer, given as n x 512 bf16 (after RMSNorm and RoPE; stored as 584-byte
   // rows). Requires first == the entries already stored and
   // first + n <= Length(seq, layer) / ratio (an entry exists once its window
   // has closed). Allocates history pages (and copies a partial page shared

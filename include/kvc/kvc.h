@@ -63,6 +63,20 @@ int kvc_seq_create(kvc_cache* cache, kvc_seq* out);
 /* Appends `count` tokens at `position` of `layer`: window_rows holds count x 512 bf16. */
 int kvc_seq_append(kvc_cache* cache, kvc_seq seq, int32_t layer, int64_t position,
                    const uint16_t* window_rows, int64_t count);
+/* All of a layer's inputs for `count` tokens (kvc::LayerTokens): the
+ * projections are required on compressed layers whose model carries
+ * compressor parameters and must be NULL otherwise. Widths: compressor_*
+ * count x 1024 (CSA) or x 512 (HCA) fp32; indexer_* count x 256 fp32 (CSA). */
+typedef struct kvc_layer_tokens {
+  const uint16_t* window_rows;
+  const float* compressor_kv;
+  const float* compressor_score;
+  const float* indexer_kv;
+  const float* indexer_score;
+  int64_t count;
+} kvc_layer_tokens;
+int kvc_seq_append_tokens(kvc_cache* cache, kvc_seq seq, int32_t layer, int64_t position,
+                          const kvc_layer_tokens* tokens);
 int kvc_seq_fork(kvc_cache* cache, kvc_seq seq, kvc_seq* out);
 int kvc_seq_truncate(kvc_cache* cache, kvc_seq seq, int64_t length);
 int kvc_seq_free(kvc_cache* cache, kvc_seq seq);

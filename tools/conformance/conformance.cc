@@ -47,25 +47,32 @@ absl::StatusOr<int64_t> GoldenCase::MetaInt(const std::string& key) const {
   return static_cast<int64_t>(v->number());
 }
 
+absl::StatusOr<double> GoldenCase::MetaNumber(const std::string& key) const {
+  const JsonValue* v = meta_.Find(key);
+  if (v == nullptr || !v->is_number()) {
+    return absl::InvalidArgumentError(absl::StrCat(name_, ": metadata has no number \"", key, "\""));
+  }
+  return v->number();
+}
+
 Summary RunConformance(const std::string& dir, std::ostream& out) {
   Report report(out);
-  struct Case {
+  // Each case and the checks the library can run on it; the indexer's
+  // checks join the csa and hca cases when it lands.
+  const struct {
     const char* name;
-    void (*run)(const GoldenCase&, Report&);
-  };
-  // Cases and the checks the library can run on them today; compressor and
-  // indexer checks join the csa and hca cases as those land.
-  const Case cases[] = {{"codec", RunCodecChecks},
-                        {"win", RunWindowChecks},
-                        {"csa", RunWindowChecks},
-                        {"hca", RunWindowChecks}};
-  for (const Case& c : cases) {
+    std::vector<void (*)(const GoldenCase&, Report&)> checks;
+  } cases[] = {{"codec", {RunCodecChecks}},
+               {"win", {RunWindowChecks, RunCompressorChecks}},
+               {"csa", {RunWindowChecks, RunCompressorChecks}},
+               {"hca", {RunWindowChecks, RunCompressorChecks}}};
+  for (const auto& c : cases) {
     absl::StatusOr<GoldenCase> golden = GoldenCase::Open(dir, c.name);
     if (!golden.ok()) {
       report.Error(c.name, "load", golden.status());
       continue;
     }
-    c.run(*golden, report);
+    for (const auto& run : c.checks) run(*golden, report);
   }
   out << report.passed() << " passed, " << report.failed() << " failed\n";
   return {report.passed(), report.failed()};

@@ -52,6 +52,8 @@ class GoldenCase {
   const SafetensorsFile& file() const { return file_; }
   // An integer parameter of the metadata (e.g. "ratio", "prefill").
   absl::StatusOr<int64_t> MetaInt(const std::string& key) const;
+  // A numeric parameter (e.g. "norm_eps", "rope_theta").
+  absl::StatusOr<double> MetaNumber(const std::string& key) const;
 
  private:
   std::string name_;
@@ -80,6 +82,11 @@ void RunCodecChecks(const GoldenCase& golden, Report& report);
 // Window-stream checks through kvc::Cache on a layer case (win, csa, hca):
 // <case>/window_rows, ring_after_prefill, ring_final, ring_rechunked.
 void RunWindowChecks(const GoldenCase& golden, Report& report);
+
+// Compressor checks through kvc::Cache on the csa and hca cases
+// (compressed_entries[_rechunked], csa: index_keys[_rechunked]) and
+// <case>/rope_table on every layer case.
+void RunCompressorChecks(const GoldenCase& golden, Report& report);
 
 struct Summary {
   int passed;
