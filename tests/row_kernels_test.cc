@@ -14,6 +14,7 @@
 #include "gtest/gtest.h"
 #include "hwy/targets.h"
 #include "kvc/reference_codecs.h"
+#include "tests/testing/every_target.h"
 
 namespace kvc {
 namespace {
@@ -64,18 +65,8 @@ std::vector<uint16_t> BitsOf(const std::vector<Bf16>& v) {
   return bits;
 }
 
-class RowKernelsTest : public ::testing::TestWithParam<int64_t> {
- protected:
-  void SetUp() override { hwy::SetSupportedTargetsForTest(GetParam()); }
-  void TearDown() override { hwy::SetSupportedTargetsForTest(0); }
-};
-
-std::string TargetTestName(const ::testing::TestParamInfo<int64_t>& info) {
-  return SimdTargetName(info.param);
-}
-
-INSTANTIATE_TEST_SUITE_P(EveryTarget, RowKernelsTest, ::testing::ValuesIn(SimdTargets()),
-                         TargetTestName);
+class RowKernelsTest : public testing::EveryTargetTest {};
+KVC_INSTANTIATE_EVERY_TARGET(RowKernelsTest);
 
 TEST_P(RowKernelsTest, DispatchesToTheTargetUnderTest) {
   EXPECT_EQ(ActiveSimdTargetName(), SimdTargetName(GetParam()));

@@ -1,0 +1,322 @@
+// The compressor: its kernels against the scalar reference on every SIMD
+// target, the RoPE tables, and the cache's compressed streams under any
+// chunking, rollback, fork and bad input.
+#include "kvc/compressor.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kvc/cache.h"
+#include "kvc/row_kernels.h"
+#include "tests/testing/every_target.h"
+
+namespace kvc {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(SoftmaxExp, WithinTwoUlpOfExpOverItsRange) {
+  int64_t worst = 0;
+  for (float x = -86.9f; x <= 0.0f; x += 0.0013f) {
+    const float got = SoftmaxExp(x);
+    const float want = static_cast<float>(std::exp(static_cast<double>(x)));
+    if (want < 1.2e-38f) continue;  // subnormal results: absolute error only
+    const int64_t d = std::abs(static_cast<int64_t>(F32Bits(got)) - static_cast<int64_t>(F32Bits(want)));
+    worst = std::max(worst, d);
+  }
+  EXPECT_LE(worst, 2);
+  EXPECT_EQ(SoftmaxExp(0.0f), 1.0f);
+  EXPECT_EQ(SoftmaxExp(-100.0f), 0.0f);
+  EXPECT_EQ(SoftmaxExp(-std::numeric_limits<float>::infinity()), 0.0f);
+}
+
+class CompressorKernelsTest : public testing::EveryTargetTest {};
+KVC_INSTANTIATE_EVERY_TARGET(CompressorKernelsTest);
+
+std::vector<float> Random(size_t n, std::mt19937& rng, float scale) {
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = normal(rng);
+  return v;
+}
+
+TEST_P(CompressorKernelsTest, PoolChannelsMatchesReference) {
+  std::mt19937 rng(1);
+  for (const int n : {1, 4, 7, 8, 128, 200}) {
+    for (const int64_t channels : {int64_t{128}, int64_t{512}}) {
+      std::vector<std::vector<float>> kv, score, ape;
+      std::vector<PoolSlot> slots;
+      for (int j = 0; j < n; ++j) {
+        kv.push_back(Random(static_cast<size_t>(channels), rng, 2.0f));
+        score.push_back(Random(static_cast<size_t>(channels), rng, j % 3 == 0 ? 30.0f : 1.0f));  // wide score ranges
+        ape.push_back(Random(static_cast<size_t>(channels), rng, 0.5f));
+      }
+      for (int j = 0; j < n; ++j) slots.push_back({kv[j].data(), score[j].data(), j % 2 ? ape[j].data() : nullptr});
+      std::vector<float> simd(static_cast<size_t>(channels)), ref(static_cast<size_t>(channels));
+      PoolChannels(slots.data(), n, channels, simd.data());
+      PoolRef(slots.data(), n, channels, ref.data());
+      for (int64_t c = 0; c < channels; ++c) {
+        ASSERT_EQ(F32Bits(simd[static_cast<size_t>(c)]), F32Bits(ref[static_cast<size_t>(c)])) << n << " slots, channel " << c;
+      }
+    }
+  }
+}
+
+TEST_P(CompressorKernelsTest, NormRopeMatchesReference) {
+  std::mt19937 rng(2);
+  for (const int dim : {128, 512}) {
+    for (int trial = 0; trial < 20; ++trial) {
+      const std::vector<float> pooled = Random(static_cast<size_t>(dim), rng, trial % 2 ? 1e-3f : 40.0f);
+      const std::vector<float> weight = Random(static_cast<size_t>(dim), rng, 1.0f);
+      std::vector<float> cos_sin(64);
+      for (int j = 0; j < 32; ++j) {
+        cos_sin[2 * j] = std::cos(0.3f * static_cast<float>(j + trial));
+        cos_sin[2 * j + 1] = std::sin(0.3f * static_cast<float>(j + trial));
+      }
+      std::vector<Bf16> simd(static_cast<size_t>(dim)), ref(static_cast<size_t>(dim));
+      NormRope(pooled.data(), dim, weight.data(), 1e-6f, cos_sin.data(), simd.data());
+      NormRopeRef(pooled.data(), dim, weight.data(), 1e-6f, cos_sin.data(), ref.data());
+      for (int i = 0; i < dim; ++i) ASSERT_EQ(simd[static_cast<size_t>(i)].bits, ref[static_cast<size_t>(i)].bits) << dim << "/" << i;
+    }
+  }
+}
+
+TEST(RopeTable, YarnSlowsOnlyTheLowFrequencies) {
+  const ModelSpec spec = ModelSpec::V4Pro();
+  const RopeTable plain([&] {
+    RopeSpec r = spec.compressed_rope;
+    r.yarn.factor = 1.0;
+    return r;
+  }());
+  const RopeTable yarn(spec.compressed_rope);
+  // High frequencies (j small) are untouched; the lowest are divided by 16.
+  EXPECT_EQ(yarn.frequencies()[0], plain.frequencies()[0]);
+  EXPECT_EQ(yarn.frequencies()[31], plain.frequencies()[31] / 16.0f);
+  for (int j = 1; j < 32; ++j) EXPECT_LT(yarn.frequencies()[j], yarn.frequencies()[j - 1]);
+  float row[64];
+  yarn.At(0, row);
+  for (int j = 0; j < 32; ++j) {
+    EXPECT_EQ(row[2 * j], 1.0f);
+    EXPECT_EQ(row[2 * j + 1], 0.0f);
+  }
+  // An engine table is used as given.
+  std::vector<float> table(64 * 3);
+  for (size_t i = 0; i < table.size(); ++i) table[i] = static_cast<float>(i);
+  RopeSpec engine = spec.compressed_rope;
+  engine.engine_table = table;
+  RopeTable(engine).At(2, row);
+  EXPECT_EQ(row[5], 133.0f);
+}
+
+// --- The cache's compressed streams ---------------------------------------
+
+// A CSA and an HCA layer with random parameters, window 16.
+struct Model {
+  std::vector<float> csa_ape, csa_norm, idx_ape, idx_norm, hca_ape, hca_norm;
+  ModelSpec spec;
+  explicit Model(std::mt19937& rng)
+      : csa_ape(Random(4 * 1024, rng, 0.5f)), csa_norm(Random(512, rng, 1.0f)),
+        idx_ape(Random(4 * 256, rng, 0.5f)), idx_norm(Random(128, rng, 1.0f)),
+        hca_ape(Random(128 * 512, rng, 0.5f)), hca_norm(Random(512, rng, 1.0f)) {
+    spec = ModelSpec::V4Flash();
+    spec.layers.assign(2, LayerSpec{});
+    spec.layers[0] = {LayerKind::kCsa, {csa_ape, csa_norm}, {idx_ape, idx_norm}};
+    spec.layers[1] = {LayerKind::kHca, {hca_ape, hca_norm}, {}};
+    spec.window = 16;
+    spec.max_context = 1 << 16;
+  }
+};
+
+// Inputs for tokens [0, n) of both layers.
+struct Tokens {
+  std::vector<Bf16> rows;
+  std::vector<float> csa_kv, csa_score, idx_kv, idx_score, hca_kv, hca_score;
+  Tokens(int64_t n, std::mt19937& rng) {
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    rows.resize(static_cast<size_t>(n) * kHeadDim);
+    for (Bf16& v : rows) v = ToBf16(normal(rng));
+    const size_t un = static_cast<size_t>(n);
+    csa_kv = Random(un * 1024, rng, 1.0f);
+    csa_score = Random(un * 1024, rng, 2.0f);
+    idx_kv = Random(un * 256, rng, 1.0f);
+    idx_score = Random(un * 256, rng, 2.0f);
+    hca_kv = Random(un * 512, rng, 1.0f);
+    hca_score = Random(un * 512, rng, 2.0f);
+  }
+  LayerTokens For(int layer, int64_t first, int64_t n) const {
+    auto part = [&](const std::vector<float>& v, int64_t w) {
+      return absl::MakeConstSpan(v).subspan(static_cast<size_t>(first * w), static_cast<size_t>(n * w));
+    };
+    LayerTokens t;
+    t.window_rows = absl::MakeConstSpan(rows).subspan(static_cast<size_t>(first * kHeadDim), static_cast<size_t>(n * kHeadDim));
+    if (layer == 0) {
+      t.compressor_kv = part(csa_kv, 1024);
+      t.compressor_score = part(csa_score, 1024);
+      t.indexer_kv = part(idx_kv, 256);
+      t.indexer_score = part(idx_score, 256);
+    } else {
+      t.compressor_kv = part(hca_kv, 512);
+      t.compressor_score = part(hca_score, 512);
+    }
+    return t;
+  }
+};
+
+CacheOptions Options() {
+  CacheOptions options;
+  options.state_bytes = int64_t{256} << 20;
+  options.history_bytes = int64_t{64} << 20;
+  options.rows_per_page = 8;
+  options.keys_per_page = 8;
+  return options;
+}
+
+// Every byte of both layers' compressed rows and index keys.
+std::vector<uint8_t> HistoryBytes(const Cache& cache, SequenceId seq) {
+  std::vector<uint8_t> bytes;
+  for (int layer = 0; layer < 2; ++layer) {
+    for (const bool keys : {false, true}) {
+      if (keys && layer == 1) continue;
+      const HistoryView view = keys ? *cache.IndexKeys(seq, layer) : *cache.CompressedRows(seq, layer);
+      const int64_t data = keys ? 64 : 576, scales = keys ? 4 : 8;
+      for (int64_t i = 0; i < view.rows; ++i) {
+        const ConstPackedRows& page = view.pages[static_cast<size_t>(i / view.rows_per_page)];
+        const int64_t r = i % view.rows_per_page;
+        bytes.insert(bytes.end(), page.row_data(r), page.row_data(r) + data);
+        bytes.insert(bytes.end(), page.row_scales(r), page.row_scales(r) + scales);
+      }
+    }
+  }
+  return bytes;
+}
+
+absl::Status AppendAll(Cache& cache, SequenceId seq, const Tokens& tokens, int64_t first, int64_t n) {
+  for (int layer = 0; layer < 2; ++layer) {
+    const absl::Status s = cache.Append(seq, layer, first, tokens.For(layer, first, n));
+    if (!s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+TEST(CompressedStreams, AnyChunkingGivesTheSameEntries) {
+  std::mt19937 rng(3);
+  const Model model(rng);
+  const int64_t total = 600;  // 150 CSA entries, 4 HCA entries
+  const Tokens tokens(total, rng);
+  auto cache = *Cache::Create(model.spec, Options());
+  std::vector<uint8_t> reference;
+  for (const std::vector<int64_t>& chunks :
+       {std::vector<int64_t>{1}, {600}, {3, 5}, {127, 1, 129}, {4}, {260, 9, 1}}) {
+    const SequenceId seq = *cache->CreateSequence();
+    for (int64_t at = 0, i = 0; at < total; ++i) {
+      const int64_t n = std::min(chunks[static_cast<size_t>(i) % chunks.size()], total - at);
+      ASSERT_TRUE(AppendAll(*cache, seq, tokens, at, n).ok());
+      at += n;
+    }
+    EXPECT_EQ(cache->CompressedRows(seq, 0)->rows, 150);
+    EXPECT_EQ(cache->IndexKeys(seq, 0)->rows, 150);
+    EXPECT_EQ(cache->CompressedRows(seq, 1)->rows, 4);
+    const std::vector<uint8_t> bytes = HistoryBytes(*cache, seq);
+    if (reference.empty()) reference = bytes;
+    EXPECT_EQ(bytes, reference) << "chunking starting " << chunks[0];
+    ASSERT_TRUE(cache->Free(seq).ok());
+  }
+}
+
+TEST(CompressedStreams, RollbackAndForkContinueExactlyLikeAnUninterruptedRun) {
+  std::mt19937 rng(4);
+  const Model model(rng);
+  const Tokens tokens(400, rng), drafts(400, rng);
+  auto cache = *Cache::Create(model.spec, Options());
+  const SequenceId straight = *cache->CreateSequence();
+  ASSERT_TRUE(AppendAll(*cache, straight, tokens, 0, 400).ok());
+
+  // The same tokens with speculative detours: drafts appended, rolled back.
+  const SequenceId detour = *cache->CreateSequence();
+  for (int64_t at = 0; at < 400;) {
+    const int64_t n = std::min<int64_t>(37, 400 - at);
+    ASSERT_TRUE(AppendAll(*cache, detour, tokens, at, n).ok());
+    at += n;
+    const int64_t draft = std::min<int64_t>(1 + at % 13, 400 - at);  // up to 13 <= depth 16
+    if (draft == 0) continue;
+    // Drafts are other tokens at the same positions.
+    for (int layer = 0; layer < 2; ++layer) ASSERT_TRUE(cache->Append(detour, layer, at, drafts.For(layer, at, draft)).ok());
+    ASSERT_TRUE(cache->Truncate(detour, at).ok());
+  }
+  EXPECT_EQ(HistoryBytes(*cache, detour), HistoryBytes(*cache, straight));
+
+  // A fork continues exactly like its parent given the same tokens.
+  const Tokens more(64, rng);
+  const SequenceId child = *cache->Fork(straight);
+  for (int layer = 0; layer < 2; ++layer) {
+    LayerTokens t = more.For(layer, 0, 64);
+    ASSERT_TRUE(cache->Append(child, layer, 400, t).ok());
+    ASSERT_TRUE(cache->Append(straight, layer, 400, t).ok());
+  }
+  EXPECT_EQ(HistoryBytes(*cache, child), HistoryBytes(*cache, straight));
+}
+
+TEST(CompressedStreams, BadProjectionsAreRejectedAndChangeNothing) {
+  std::mt19937 rng(5);
+  const Model model(rng);
+  Tokens tokens(20, rng);
+  auto cache = *Cache::Create(model.spec, Options());
+  const SequenceId seq = *cache->CreateSequence();
+  ASSERT_TRUE(AppendAll(*cache, seq, tokens, 0, 6).ok());
+  const std::vector<uint8_t> before = HistoryBytes(*cache, seq);
+
+  auto expect_rejected = [&](LayerTokens t, int layer, absl::StatusCode code, const std::string& message) {
+    const absl::Status s = cache->Append(seq, layer, 6, t);
+    EXPECT_EQ(s.code(), code) << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr(message));
+    EXPECT_EQ(*cache->Length(seq, layer), 6);
+    EXPECT_EQ(HistoryBytes(*cache, seq), before);
+  };
+  LayerTokens t = tokens.For(0, 6, 4);
+  t.compressor_kv = t.compressor_kv.first(100);
+  expect_rejected(t, 0, absl::StatusCode::kInvalidArgument, "compressor_kv holds 100 values; expected 4 x 1024");
+  t = tokens.For(0, 6, 4);
+  t.indexer_score = {};
+  expect_rejected(t, 0, absl::StatusCode::kInvalidArgument, "indexer_score holds 0 values; expected 4 x 256");
+  t = tokens.For(1, 6, 4);
+  t.indexer_kv = tokens.For(0, 6, 4).indexer_kv;  // HCA layers have no indexer
+  expect_rejected(t, 1, absl::StatusCode::kInvalidArgument, "takes no indexer_kv");
+  tokens.csa_score[7 * 1024 + 5] = std::numeric_limits<float>::infinity();
+  expect_rejected(tokens.For(0, 6, 4), 0, absl::StatusCode::kInvalidArgument, "compressor_score row 1 column 5 is infinite");
+  // kvc computes this layer's entries: external ones are refused.
+  EXPECT_EQ(cache->AppendCompressedRows(seq, 0, 1, std::vector<Bf16>(512)).code(), absl::StatusCode::kFailedPrecondition);
+
+  // Projections for a compressed layer without parameters: name the field.
+  ModelSpec bare = model.spec;
+  bare.layers[1].compressor = {};
+  auto no_params = *Cache::Create(bare, Options());
+  const SequenceId s2 = *no_params->CreateSequence();
+  const absl::Status s = no_params->Append(s2, 1, 0, tokens.For(1, 0, 4));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("set ModelSpec.layers[i].compressor"));
+}
+
+TEST(CompressedStreams, HistoryExhaustionDuringAppendChangesNothing) {
+  std::mt19937 rng(6);
+  const Model model(rng);
+  const Tokens tokens(200, rng);
+  CacheOptions options = Options();
+  options.history_bytes = 3 * 5184;  // three 8-row pages (8 x 584 = 4,672 B padded to 9 x 576)
+  auto cache = *Cache::Create(model.spec, options);
+  const SequenceId seq = *cache->CreateSequence();
+  const absl::Status s = AppendAll(*cache, seq, tokens, 0, 200);  // needs 7 CSA row pages
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(*cache->Length(seq, 0), 0);
+  EXPECT_EQ(cache->CompressedRows(seq, 0)->rows, 0);
+  EXPECT_EQ(cache->Usage().components[static_cast<int>(Component::kCompressedRows)].used_bytes, 0);
+}
+
+}  // namespace
+}  // namespace kvc
