@@ -527,17 +527,6 @@ bool KvcCompresses(const LayerSpec& layer) {
   return layer.kind != LayerKind::kWindow && !layer.compressor.ape.empty();
 }
 
-absl::Status CheckFiniteFloats(absl::Span<const float> values, int64_t width, const char* what) {
-  for (size_t i = 0; i < values.size(); ++i) {
-    if (!std::isfinite(values[i])) {
-      return absl::InvalidArgumentError(absl::StrCat("Append: ", what, " row ", static_cast<int64_t>(i) / width, " column ",
-                                                     static_cast<int64_t>(i) % width,
-                                                     std::isnan(values[i]) ? " is NaN" : " is infinite"));
-    }
-  }
-  return absl::OkStatus();
-}
-
 // The projections a chunk of n tokens must carry on this layer.
 absl::Status CheckProjections(const ModelSpec& spec, int layer, const LayerTokens& t, int64_t n) {
   const LayerSpec& l = spec.layers[static_cast<size_t>(layer)];
@@ -566,7 +555,7 @@ absl::Status CheckProjections(const ModelSpec& spec, int layer, const LayerToken
       return absl::InvalidArgumentError(absl::StrCat("Append: layer ", layer, " ", input.name, " holds ",
                                                      input.values.size(), " values; expected ", n, " x ", input.width));
     }
-    KVC_RETURN_IF_ERROR(CheckFiniteFloats(input.values, input.width, input.name));
+    KVC_RETURN_IF_ERROR(CheckFiniteF32(input.values, input.width, absl::StrCat("Append: ", input.name).c_str()));
   }
   return absl::OkStatus();
 }

@@ -337,6 +337,27 @@ int64_t FindNonFiniteRow(const Bf16* in, int64_t count, int64_t dims) {
   return -1;
 }
 
+// Returns -1, or the index of the first of `count` floats that is ±inf/NaN.
+int64_t FindNonFiniteF32(const float* in, int64_t count) {
+  const DF df;
+  const DI32 di32;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
+  const auto abs_mask = hn::Set(di32, 0x7FFFFFFF);
+  const auto largest_finite = hn::Set(di32, static_cast<int32_t>(kInfinityBits - 1));
+  int64_t i = 0;
+  for (; i + 4 * lanes <= count; i += 4 * lanes) {  // 4 vectors per test: one branch per 64 floats
+    auto m = hn::Max(hn::And(hn::BitCast(di32, hn::LoadU(df, in + i)), abs_mask),
+                     hn::And(hn::BitCast(di32, hn::LoadU(df, in + i + lanes)), abs_mask));
+    m = hn::Max(m, hn::And(hn::BitCast(di32, hn::LoadU(df, in + i + 2 * lanes)), abs_mask));
+    m = hn::Max(m, hn::And(hn::BitCast(di32, hn::LoadU(df, in + i + 3 * lanes)), abs_mask));
+    if (!hn::AllFalse(di32, hn::Gt(m, largest_finite))) break;  // the scalar tail pinpoints it
+  }
+  for (; i < count; ++i) {
+    if ((F32Bits(in[i]) & 0x7FFFFFFFu) >= kInfinityBits) return i;
+  }
+  return -1;
+}
+
 int64_t TargetForDispatch() { return HWY_TARGET; }
 
 // NOLINTNEXTLINE(google-readability-namespace-comments)
@@ -363,6 +384,7 @@ HWY_EXPORT(DequantizeKvRowsToBf16);
 HWY_EXPORT(DequantizeKvRowsToF32);
 HWY_EXPORT(QuantizeIndexKeys);
 HWY_EXPORT(FindNonFiniteRow);
+HWY_EXPORT(FindNonFiniteF32);
 HWY_EXPORT(TargetForDispatch);
 
 namespace {
@@ -473,6 +495,14 @@ absl::Status CheckFiniteRows(absl::Span<const Bf16> values, int dims, const char
   const int64_t bad = HWY_DYNAMIC_DISPATCH(FindNonFiniteRow)(values.data(), rows, dims);
   if (bad < 0) return absl::OkStatus();
   return RejectedRow(values, bad, dims, std::numeric_limits<float>::max(), what);
+}
+
+absl::Status CheckFiniteF32(absl::Span<const float> values, int64_t width, const char* what) {
+  const int64_t bad = HWY_DYNAMIC_DISPATCH(FindNonFiniteF32)(values.data(), static_cast<int64_t>(values.size()));
+  if (bad < 0) return absl::OkStatus();
+  const float x = values[static_cast<size_t>(bad)];
+  return absl::InvalidArgumentError(absl::StrCat(what, " row ", bad / width, " column ", bad % width,
+                                                 std::isnan(x) ? " is NaN" : " is infinite"));
 }
 
 absl::Status DequantizeKvRows(ConstPackedRows in, absl::Span<Bf16> out) {

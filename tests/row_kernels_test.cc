@@ -230,6 +230,22 @@ TEST_P(RowKernelsTest, NonFiniteRowIsRejectedAndItAndLaterRowsAreUntouched) {
   }
 }
 
+TEST_P(RowKernelsTest, CheckFiniteF32FindsTheFirstBadValueAnywhere) {
+  std::vector<float> values(1000, 3.0e38f);  // large but finite
+  EXPECT_TRUE(CheckFiniteF32(values, 100, "x").ok());
+  for (const size_t at : {size_t{0}, size_t{63}, size_t{64}, size_t{517}, size_t{999}}) {  // body and tail
+    for (const float bad : {std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::quiet_NaN()}) {
+      std::vector<float> v = values;
+      v[at] = bad;
+      v[std::min<size_t>(at + 3, 999)] = bad;  // a later one must not be reported
+      const absl::Status s = CheckFiniteF32(v, 100, "proj");
+      EXPECT_THAT(std::string(s.message()),
+                  HasSubstr("proj row " + std::to_string(at / 100) + " column " + std::to_string(at % 100) +
+                            (std::isnan(bad) ? " is NaN" : " is infinite")));
+    }
+  }
+}
+
 TEST_P(RowKernelsTest, IndexKeysThatCouldOverflowTheHadamardAreRejected) {
   std::vector<Bf16> keys(2 * kIndexDim, ToBf16(1.0f));
   keys[kIndexDim + 3] = ToBf16(std::exp2(120.0f));  // at the limit: accepted

@@ -67,6 +67,9 @@ absl::Status DequantizeIndexKeys(ConstPackedRows in, absl::Span<float> out);
 // whole batch before changing anything.
 absl::Status CheckFiniteRows(absl::Span<const Bf16> values, int dims, const char* what);
 
+// The same for fp32 values in rows of `width` (e.g. compressor projections).
+absl::Status CheckFiniteF32(absl::Span<const float> values, int64_t width, const char* what);
+
 // ---------------------------------------------------------------------------
 // SIMD targets.
 
