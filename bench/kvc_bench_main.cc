@@ -1,6 +1,8 @@
 // kvc_bench: Google Benchmark main with a reporter that, after the usual
 // table, prints every benchmark's throughput as a ratio to its roofline
 // measured in the same run.
+#include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <set>
 #include <string>
@@ -22,9 +24,10 @@ std::map<std::string, std::string>& References() {
 }
 
 std::string BaseName(const std::string& run_name) { return run_name.substr(0, run_name.find('/')); }
-std::string Suffix(const std::string& run_name) {
-  const size_t slash = run_name.find('/');
-  return slash == std::string::npos ? "" : run_name.substr(slash);
+// "threads:N" in a run name, else 1.
+int Threads(const std::string& run_name) {
+  const size_t at = run_name.find("threads:");
+  return at == std::string::npos ? 1 : std::atoi(run_name.c_str() + at + 8);
 }
 
 class RooflineReporter : public benchmark::ConsoleReporter {
@@ -52,10 +55,13 @@ class RooflineReporter : public benchmark::ConsoleReporter {
     for (const auto& [name, bps] : bytes_per_second_) {
       const auto ref = References().find(BaseName(name));
       if (ref == References().end()) continue;
-      const auto roof = bytes_per_second_.find(ref->second + Suffix(name));
+      // The roofline run at the same thread count.
+      const auto roof = std::find_if(bytes_per_second_.begin(), bytes_per_second_.end(), [&](const auto& run) {
+        return BaseName(run.first) == ref->second && Threads(run.first) == Threads(name);
+      });
       if (roof == bytes_per_second_.end()) continue;
-      fmt::print("{:<52}{:>12.2f}{:>14.2f}{:>8.2f}  (vs {})\n", name, bps / 1e9, roof->second / 1e9,
-                 bps / roof->second, ref->second);
+      fmt::print("{:<52}{:>12.2f}{:>14.2f}{:>8.2f}  (vs {}, {} thread{})\n", name, bps / 1e9, roof->second / 1e9,
+                 bps / roof->second, ref->second, Threads(name), Threads(name) > 1 ? "s" : "");
     }
   }
 

@@ -337,27 +337,37 @@ struct Cache::Impl {
             run.params->ape.data() + (t % run.g.ratio) * width + offset};
   }
 
-  // The entries of windows closed by tokens [first, first + n): bf16 rows
-  // (dim values each) ready to store, computed without changing anything.
-  std::vector<Bf16> ComputeEntries(const CompressorRun& run, int64_t n) const {
+  // Entry i of a compressor: pools its window's slots, then norm + RoPE with
+  // the given (cos, sin) pairs into `out` (dim bf16 values).
+  void ComputeEntry(const CompressorRun& run, int64_t i, const float* cos_sin, float* pooled, Bf16* out) const {
     const CompressorGeometry& g = run.g;
-    const int64_t begin = run.first / g.ratio, end = (run.first + n) / g.ratio;
-    std::vector<Bf16> rows(static_cast<size_t>((end - begin) * g.dim));
-    std::vector<float> pooled(static_cast<size_t>(g.dim));
     PoolSlot slots[256];
-    float cos_sin[64];
-    for (int64_t i = begin; i < end; ++i) {
-      int count = 0;
-      if (g.overlap && i > 0) {  // the previous window's first halves (none for entry 0)
-        for (int j = 0; j < g.ratio; ++j) slots[count++] = Slot(run, (i - 1) * g.ratio + j, 0);
-      }
-      for (int j = 0; j < g.ratio; ++j) slots[count++] = Slot(run, i * g.ratio + j, g.overlap ? 1 : 0);
-      PoolChannels(slots, count, g.dim, pooled.data());
-      compressed_rope->At(i * g.ratio, cos_sin);
-      NormRope(pooled.data(), g.dim, run.params->norm_weight.data(), static_cast<float>(spec.norm_eps), cos_sin,
-               &rows[static_cast<size_t>((i - begin) * g.dim)]);
+    int count = 0;
+    if (g.overlap && i > 0) {  // the previous window's first halves (none for entry 0)
+      for (int j = 0; j < g.ratio; ++j) slots[count++] = Slot(run, (i - 1) * g.ratio + j, 0);
     }
-    return rows;
+    for (int j = 0; j < g.ratio; ++j) slots[count++] = Slot(run, i * g.ratio + j, g.overlap ? 1 : 0);
+    PoolChannels(slots, count, g.dim, pooled);
+    NormRope(pooled, g.dim, run.params->norm_weight.data(), static_cast<float>(spec.norm_eps), cos_sin, out);
+  }
+
+  // The entries (and, with an indexer, keys) of the windows that close with
+  // tokens [from, to) of the chunk, written at their index relative to the
+  // chunk's first closed window; changes nothing in the cache.
+  void ComputeEntries(const CompressorRun& main, const CompressorRun* indexer, int64_t from, int64_t to,
+                      std::vector<Bf16>& entries, std::vector<Bf16>& keys) const {
+    const int m = main.g.ratio;
+    const int64_t first_entry = main.first / m;
+    std::vector<float> pooled(static_cast<size_t>(main.g.dim));
+    float cos_sin[64];
+    for (int64_t i = from / m; i < to / m; ++i) {
+      compressed_rope->At(i * m, cos_sin);       // shared by the entry and its index key
+      const size_t at = static_cast<size_t>(i - first_entry);
+      ComputeEntry(main, i, cos_sin, pooled.data(), &entries[at * static_cast<size_t>(main.g.dim)]);
+      if (indexer != nullptr) {
+        ComputeEntry(*indexer, i, cos_sin, pooled.data(), &keys[at * static_cast<size_t>(indexer->g.dim)]);
+      }
+    }
   }
 
   // Keeps the chunk's last tokens (as many as the ring holds) in the state
@@ -527,8 +537,8 @@ bool KvcCompresses(const LayerSpec& layer) {
   return layer.kind != LayerKind::kWindow && !layer.compressor.ape.empty();
 }
 
-// The projections a chunk of n tokens must carry on this layer.
-absl::Status CheckProjections(const ModelSpec& spec, int layer, const LayerTokens& t, int64_t n) {
+// The projections a chunk of n tokens must carry on this layer (shapes only).
+absl::Status CheckProjectionShapes(const ModelSpec& spec, int layer, const LayerTokens& t, int64_t n) {
   const LayerSpec& l = spec.layers[static_cast<size_t>(layer)];
   const bool indexer = l.kind == LayerKind::kCsa;
   const struct {
@@ -555,7 +565,37 @@ absl::Status CheckProjections(const ModelSpec& spec, int layer, const LayerToken
       return absl::InvalidArgumentError(absl::StrCat("Append: layer ", layer, " ", input.name, " holds ",
                                                      input.values.size(), " values; expected ", n, " x ", input.width));
     }
-    KVC_RETURN_IF_ERROR(CheckFiniteF32(input.values, input.width, absl::StrCat("Append: ", input.name).c_str()));
+  }
+  return absl::OkStatus();
+}
+
+// Finiteness of tokens [from, to) of every input of a chunk (shapes checked);
+// errors name the row within the chunk.
+absl::Status CheckFiniteSlice(const LayerTokens& t, int64_t from, int64_t to, const LayerSpec& l, const ModelSpec& spec) {
+  auto rows = [&](auto span, int64_t width) {
+    return span.subspan(static_cast<size_t>(from * width), static_cast<size_t>((to - from) * width));
+  };
+  // On a refusal, the whole input is checked again: its message then names
+  // the row within the chunk.
+  if (!CheckFiniteRows(rows(t.window_rows, kHeadDim), kHeadDim, "Append: window_rows").ok()) {
+    return CheckFiniteRows(t.window_rows, kHeadDim, "Append: window_rows");
+  }
+  if (!KvcCompresses(l)) return absl::OkStatus();
+  const int64_t w = MainCompressor(l.kind, spec.head_dim).width();
+  const int64_t iw = IndexerCompressor(spec.index_dim).width();
+  const struct {
+    absl::Span<const float> values;
+    int64_t width;
+    const char* name;
+  } inputs[] = {{t.compressor_kv, w, "Append: compressor_kv"},
+                {t.compressor_score, w, "Append: compressor_score"},
+                {t.indexer_kv, iw, "Append: indexer_kv"},
+                {t.indexer_score, iw, "Append: indexer_score"}};
+  for (const auto& input : inputs) {
+    if (input.values.empty()) continue;
+    if (!CheckFiniteF32(rows(input.values, input.width), input.width, input.name).ok()) {
+      return CheckFiniteF32(input.values, input.width, input.name);
+    }
   }
   return absl::OkStatus();
 }
@@ -581,25 +621,38 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
     return absl::OutOfRangeError(absl::StrCat("Append: ", position, " + ", n, " tokens exceed max_context ",
                                               impl_->spec.max_context));
   }
-  KVC_RETURN_IF_ERROR(CheckFiniteRows(tokens.window_rows, kHeadDim, "Append: window_rows"));
-  KVC_RETURN_IF_ERROR(CheckProjections(impl_->spec, layer, tokens, n));
-  if (n == 0) return absl::OkStatus();
-
-  // Compute the closed windows' entries and plan their pages: nothing has
-  // changed yet, so a refusal leaves the cache as it was.
+  KVC_RETURN_IF_ERROR(CheckProjectionShapes(impl_->spec, layer, tokens, n));
   const bool compresses = KvcCompresses(layer_spec);
   const bool indexes = compresses && layer_spec.kind == LayerKind::kCsa;
   Impl::CompressorRun main_run, indexer_run;
   std::vector<Bf16> entries, keys;
-  Impl::HistoryPlan entry_plan, key_plan;
   if (compresses) {
     main_run = impl_->RunFor(ls, false, layer_spec, tokens);
-    entries = impl_->ComputeEntries(main_run, n);
+    const int64_t closed = (position + n) / main_run.g.ratio - position / main_run.g.ratio;
+    entries.resize(static_cast<size_t>(closed * kHeadDim));
+    if (indexes) {
+      indexer_run = impl_->RunFor(ls, true, layer_spec, tokens);
+      keys.resize(static_cast<size_t>(closed * kIndexDim));
+    }
+  }
+  // Validate and compute slice by slice, so a slice's inputs are still in
+  // cache when its entries are pooled. Nothing in the cache changes here.
+  constexpr int64_t kSlice = 512;
+  for (int64_t from = 0; from < n; from += kSlice) {
+    const int64_t to = std::min(n, from + kSlice);
+    KVC_RETURN_IF_ERROR(CheckFiniteSlice(tokens, from, to, layer_spec, impl_->spec));
+    if (compresses) {
+      impl_->ComputeEntries(main_run, indexes ? &indexer_run : nullptr, position + from, position + to, entries, keys);
+    }
+  }
+  if (n == 0) return absl::OkStatus();
+
+  // Plan the entries' pages: a refusal still leaves the cache as it was.
+  Impl::HistoryPlan entry_plan, key_plan;
+  if (compresses) {
     KVC_ASSIGN_OR_RETURN(entry_plan, impl_->PlanHistory(impl_->CompressedOf(ls), static_cast<int64_t>(entries.size()) / kHeadDim));
   }
   if (indexes) {
-    indexer_run = impl_->RunFor(ls, true, layer_spec, tokens);
-    keys = impl_->ComputeEntries(indexer_run, n);
     absl::StatusOr<Impl::HistoryPlan> plan =
         impl_->PlanHistory(impl_->KeysOf(ls), static_cast<int64_t>(keys.size()) / kIndexDim);
     if (!plan.ok()) {

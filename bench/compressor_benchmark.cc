@@ -1,0 +1,164 @@
+// Append throughput of the cache's streams: window rows, and the CSA / HCA
+// compressors (pooling, norm, RoPE, FP8 rows, Hadamard + FP4 keys), per layer
+// kind and for whole V4 models, at 1M tokens.
+//
+// Bytes counted: the compulsory traffic, i.e. every input read once (window
+// row 1 KiB, projections: CSA 8 KiB + indexer 2 KiB, HCA 4 KiB per token)
+// and every stored entry written once (584 B per entry, 68 B per key). The
+// ratio to BM_Memcpy (same run) is then the fraction of the memory floor.
+// Inputs cycle through two chunks of 8,192 tokens (88 MiB for CSA), so they
+// come from DRAM, not cache.
+#include <cstdint>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "bench/roofline.h"
+#include "benchmark/benchmark.h"
+#include "kvc/cache.h"
+#include "absl/strings/str_cat.h"
+#include "kvc/compressor.h"
+
+namespace kvc::bench {
+namespace {
+
+constexpr int64_t kChunk = 8192;
+constexpr int64_t kMillion = int64_t{1} << 20;
+
+std::vector<float> RandomFloats(size_t n, uint32_t seed, float scale) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = normal(rng);
+  return v;
+}
+
+// Synthetic inputs and parameters, shared by all layers of a kind.
+struct Inputs {
+  std::vector<Bf16> rows[2];
+  std::vector<float> csa_kv[2], csa_score[2], idx_kv[2], idx_score[2], hca_kv[2], hca_score[2];
+  std::vector<float> csa_ape, csa_norm, idx_ape, idx_norm, hca_ape, hca_norm;
+
+  explicit Inputs(bool csa, bool hca) {
+    for (int c = 0; c < 2; ++c) {
+      const std::vector<float> r = RandomFloats(static_cast<size_t>(kChunk) * kHeadDim, 10 + c, 1.0f);
+      rows[c].resize(r.size());
+      for (size_t i = 0; i < r.size(); ++i) rows[c][i] = ToBf16(r[i]);
+      if (csa) {
+        csa_kv[c] = RandomFloats(static_cast<size_t>(kChunk) * 1024, 20 + c, 1.0f);
+        csa_score[c] = RandomFloats(static_cast<size_t>(kChunk) * 1024, 30 + c, 2.0f);
+        idx_kv[c] = RandomFloats(static_cast<size_t>(kChunk) * 256, 40 + c, 1.0f);
+        idx_score[c] = RandomFloats(static_cast<size_t>(kChunk) * 256, 50 + c, 2.0f);
+      }
+      if (hca) {
+        hca_kv[c] = RandomFloats(static_cast<size_t>(kChunk) * 512, 60 + c, 1.0f);
+        hca_score[c] = RandomFloats(static_cast<size_t>(kChunk) * 512, 70 + c, 2.0f);
+      }
+    }
+    csa_ape = RandomFloats(4 * 1024, 1, 0.5f);
+    csa_norm = RandomFloats(512, 2, 1.0f);
+    idx_ape = RandomFloats(4 * 256, 3, 0.5f);
+    idx_norm = RandomFloats(128, 4, 1.0f);
+    hca_ape = RandomFloats(128 * 512, 5, 0.5f);
+    hca_norm = RandomFloats(512, 6, 1.0f);
+  }
+
+  void SetParams(ModelSpec& spec) const {
+    for (LayerSpec& layer : spec.layers) {
+      if (layer.kind == LayerKind::kCsa) {
+        layer.compressor = {csa_ape, csa_norm};
+        layer.indexer = {idx_ape, idx_norm};
+      } else if (layer.kind == LayerKind::kHca) {
+        layer.compressor = {hca_ape, hca_norm};
+      }
+    }
+  }
+
+  LayerTokens For(LayerKind kind, int chunk) const {
+    LayerTokens t;
+    t.window_rows = rows[chunk];
+    if (kind == LayerKind::kCsa) {
+      t.compressor_kv = csa_kv[chunk];
+      t.compressor_score = csa_score[chunk];
+      t.indexer_kv = idx_kv[chunk];
+      t.indexer_score = idx_score[chunk];
+    } else if (kind == LayerKind::kHca) {
+      t.compressor_kv = hca_kv[chunk];
+      t.compressor_score = hca_score[chunk];
+    }
+    return t;
+  }
+};
+
+// Compulsory bytes per token of one layer: inputs read once, entries written once.
+double BytesPerToken(LayerKind kind) {
+  const double window = 2.0 * kHeadDim;
+  switch (kind) {
+    case LayerKind::kWindow: return window;
+    case LayerKind::kCsa: return window + 2 * 1024 * 4 + 2 * 256 * 4 + 584.0 / 4 + 68.0 / 4;
+    case LayerKind::kHca: return window + 2 * 512 * 4 + 584.0 / 128;
+  }
+  return 0;
+}
+
+// Appends `tokens` tokens to every layer of a fresh sequence of a fresh cache.
+void RunAppend(benchmark::State& state, ModelSpec spec, int64_t tokens) {
+  bool csa = false, hca = false;
+  for (const LayerSpec& l : spec.layers) {
+    csa |= l.kind == LayerKind::kCsa;
+    hca |= l.kind == LayerKind::kHca;
+  }
+  const Inputs inputs(csa, hca);
+  inputs.SetParams(spec);
+  CacheOptions options;
+  options.history_bytes = int64_t{12} << 30;
+  double bytes_per_token = 0;
+  for (const LayerSpec& l : spec.layers) bytes_per_token += BytesPerToken(l.kind);
+  for (auto _ : state) {
+    auto cache = Cache::Create(spec, options);
+    if (!cache.ok()) return state.SkipWithError(cache.status().ToString().c_str());
+    const SequenceId seq = *(*cache)->CreateSequence();
+    for (int64_t at = 0, i = 0; at < tokens; at += kChunk, ++i) {
+      for (int layer = 0; layer < static_cast<int>(spec.layers.size()); ++layer) {
+        const absl::Status s =
+            (*cache)->Append(seq, layer, at, inputs.For(spec.layers[static_cast<size_t>(layer)].kind, static_cast<int>(i % 2)));
+        if (!s.ok()) return state.SkipWithError(s.ToString().c_str());
+      }
+    }
+    state.PauseTiming();
+    cache->reset();  // freeing 5 GiB is not part of appending
+    state.ResumeTiming();
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations()) * tokens);
+  state.SetBytesProcessed(static_cast<int64_t>(static_cast<double>(state.iterations()) * static_cast<double>(tokens) * bytes_per_token));
+  state.counters["layers"] = static_cast<double>(spec.layers.size());
+  state.SetLabel(absl::StrCat(spec.name, ", ", tokens, " tokens"));
+}
+
+ModelSpec OneLayer(LayerKind kind) {
+  ModelSpec spec = ModelSpec::V4Pro();
+  spec.layers.assign(1, LayerSpec{});
+  spec.layers[0].kind = kind;
+  spec.name = LayerKindName(kind);
+  return spec;
+}
+
+void BM_Append_Window(benchmark::State& state) { RunAppend(state, OneLayer(LayerKind::kWindow), kMillion); }
+void BM_Append_Csa(benchmark::State& state) { RunAppend(state, OneLayer(LayerKind::kCsa), kMillion); }
+void BM_Append_Hca(benchmark::State& state) { RunAppend(state, OneLayer(LayerKind::kHca), kMillion); }
+void BM_Append_V4Flash_1M(benchmark::State& state) { RunAppend(state, ModelSpec::V4Flash(), kMillion); }
+void BM_Append_V4Pro_1M(benchmark::State& state) { RunAppend(state, ModelSpec::V4Pro(), kMillion); }
+
+BENCHMARK(BM_Append_Window)->Iterations(1)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Append_Csa)->Iterations(1)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Append_Hca)->Iterations(1)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Append_V4Flash_1M)->Iterations(1)->UseRealTime()->Unit(benchmark::kSecond);
+BENCHMARK(BM_Append_V4Pro_1M)->Iterations(1)->UseRealTime()->Unit(benchmark::kSecond);
+KVC_BENCHMARK_ROOFLINE(BM_Append_Window, "BM_Memcpy");
+KVC_BENCHMARK_ROOFLINE(BM_Append_Csa, "BM_Memcpy");
+KVC_BENCHMARK_ROOFLINE(BM_Append_Hca, "BM_Memcpy");
+KVC_BENCHMARK_ROOFLINE(BM_Append_V4Flash_1M, "BM_Memcpy");
+KVC_BENCHMARK_ROOFLINE(BM_Append_V4Pro_1M, "BM_Memcpy");
+
+}  // namespace
+}  // namespace kvc::bench
