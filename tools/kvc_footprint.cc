@@ -1,0 +1,337 @@
+// kvc-footprint: how much KV-cache memory a model needs at given context
+// lengths, by component, against a baseline; optionally measured on a real
+// kvc::Cache, and plotted.
+//
+//   kvc-footprint [--model M[,M...]] [--tokens N[,N...]] [--baseline M]
+//                 [--format fp8|bf16] [--json] [--svg FILE] [--measure]
+//
+// Models: v4-pro, v4-flash, deepseek-v3.2, deepseek-v3, llama3-70b,
+// mha:LAYERS:HEADS:HEAD_DIM[:BYTES], gqa:LAYERS:KV_HEADS:HEAD_DIM[:BYTES],
+// or a path to a DeepSeek-V4 config.json.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "fmt/core.h"
+#include "kvc/cache.h"
+#include "kvc/footprint.h"
+#include "kvc/status.h"
+
+namespace {
+
+using kvc::FootprintModel;
+
+struct Options {
+  std::vector<std::string> models;
+  std::vector<int64_t> tokens;
+  std::string baseline;
+  kvc::StorageFormat format = kvc::StorageFormat::kFp8;
+  bool json = false;
+  bool measure = false;
+  std::string svg;
+};
+
+int Usage(const char* error) {
+  if (error != nullptr) fmt::print(stderr, "kvc-footprint: {}\n", error);
+  fmt::print(stderr,
+             "usage: kvc-footprint [--model M[,M...]] [--tokens N[,N...]] [--baseline M]\n"
+             "                     [--format fp8|bf16] [--json] [--svg FILE] [--measure]\n"
+             "models: v4-pro, v4-flash, deepseek-v3.2, deepseek-v3, llama3-70b,\n"
+             "        mha:LAYERS:HEADS:HEAD_DIM[:BYTES], gqa:LAYERS:KV_HEADS:HEAD_DIM[:BYTES], a config.json\n");
+  return 2;
+}
+
+std::string Human(double bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (bytes >= 1024 && u < 4) {
+    bytes /= 1024;
+    ++u;
+  }
+  return fmt::format("{:.{}f} {}", bytes, u == 0 ? 0 : 2, units[u]);
+}
+
+// Peak resident set of this process, bytes (0 if unknown).
+int64_t PeakRss() {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::atoll(line.c_str() + 6) * 1024;
+  }
+  return 0;
+}
+
+struct Measurement {
+  double measured_bytes = 0;   // the cache's own accounting (used bytes)
+  double page_rounding = 0;    // bytes pages add over whole rows, from the layout formulas
+  int64_t peak_rss = 0;
+  double seconds = 0;
+};
+
+// Appends `tokens` tokens of synthetic projections to one sequence of a real
+// cache (rollback depth 0, so the cache holds exactly the spec's streams) and
+// reads its accounting.
+absl::StatusOr<Measurement> Measure(const FootprintModel& model, int64_t tokens) {
+  kvc::ModelSpec spec = model.spec;
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  auto random = [&](size_t n, float scale) {
+    std::vector<float> v(n);
+    for (float& x : v) x = normal(rng) * scale;
+    return v;
+  };
+  const std::vector<float> csa_ape = random(4 * 1024, 0.5f), idx_ape = random(4 * 256, 0.5f),
+                           hca_ape = random(128 * 512, 0.5f), ones(512, 1.0f);
+  for (kvc::LayerSpec& l : spec.layers) {
+    if (l.kind == kvc::LayerKind::kCsa) {
+      l.compressor = {csa_ape, ones};
+      l.indexer = {idx_ape, absl::MakeConstSpan(ones).first(128)};
+    } else if (l.kind == kvc::LayerKind::kHca) {
+      l.compressor = {hca_ape, ones};
+    }
+  }
+  spec.max_context = std::max<int64_t>(spec.max_context, tokens);
+  kvc::CacheOptions options;
+  options.rollback_depth = 0;
+  options.history_bytes = static_cast<int64_t>(model.TotalBytes(tokens) * 1.01) + (int64_t{64} << 20);
+  options.state_bytes = static_cast<int64_t>(model.ConstantBytes() * 1.01) + (int64_t{64} << 20);
+  KVC_ASSIGN_OR_RETURN(std::unique_ptr<kvc::Cache> cache, kvc::Cache::Create(spec, options));
+  KVC_ASSIGN_OR_RETURN(const kvc::SequenceId seq, cache->CreateSequence());
+
+  constexpr int64_t kChunk = 2048;
+  std::vector<kvc::Bf16> rows(kChunk * kvc::kHeadDim);
+  for (kvc::Bf16& v : rows) v = kvc::ToBf16(normal(rng));
+  const std::vector<float> csa_kv = random(kChunk * 1024, 1), csa_score = random(kChunk * 1024, 2),
+                           idx_kv = random(kChunk * 256, 1), idx_score = random(kChunk * 256, 2),
+                           hca_kv = random(kChunk * 512, 1), hca_score = random(kChunk * 512, 2);
+  const auto start = std::chrono::steady_clock::now();
+  int last_percent = -1;
+  for (int64_t at = 0; at < tokens; at += kChunk) {
+    const int64_t n = std::min(kChunk, tokens - at);
+    for (size_t layer = 0; layer < spec.layers.size(); ++layer) {
+      kvc::LayerTokens t;
+      const size_t un = static_cast<size_t>(n);
+      t.window_rows = absl::MakeConstSpan(rows).first(un * kvc::kHeadDim);
+      if (spec.layers[layer].kind == kvc::LayerKind::kCsa) {
+        t.compressor_kv = absl::MakeConstSpan(csa_kv).first(un * 1024);
+        t.compressor_score = absl::MakeConstSpan(csa_score).first(un * 1024);
+        t.indexer_kv = absl::MakeConstSpan(idx_kv).first(un * 256);
+        t.indexer_score = absl::MakeConstSpan(idx_score).first(un * 256);
+      } else if (spec.layers[layer].kind == kvc::LayerKind::kHca) {
+        t.compressor_kv = absl::MakeConstSpan(hca_kv).first(un * 512);
+        t.compressor_score = absl::MakeConstSpan(hca_score).first(un * 512);
+      }
+      KVC_RETURN_IF_ERROR(cache->Append(seq, static_cast<int>(layer), at, t));
+    }
+    const int percent = static_cast<int>(100 * (at + n) / tokens);
+    if (percent / 5 != last_percent / 5) {
+      fmt::print(stderr, "  measuring {}: {:3}% ({} of {} tokens)\n", model.name, percent, at + n, tokens);
+      last_percent = percent;
+    }
+  }
+  Measurement m;
+  m.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  m.measured_bytes = static_cast<double>(cache->Usage().used_bytes());
+  m.peak_rss = PeakRss();
+  // Page rounding, from the layout formulas (docs/layout.md).
+  const int64_t rpp = options.rows_per_page, kpp = options.keys_per_page;
+  const int64_t kv_page = (rpp * 584 + 575) / 576 * 576;
+  auto rounding = [&](int64_t count, int64_t per_page, int64_t page, int64_t row) {
+    return static_cast<double>((count + per_page - 1) / per_page * page - count * row);
+  };
+  for (const kvc::LayerSpec& l : spec.layers) {
+    m.page_rounding += rounding(spec.window, rpp, kv_page, 584);
+    if (l.kind == kvc::LayerKind::kCsa) {
+      m.page_rounding += rounding(tokens / 4, rpp, kv_page, 584) + rounding(tokens / 4, kpp, (kpp * 68 + 63) / 64 * 64, 68);
+    } else if (l.kind == kvc::LayerKind::kHca) {
+      m.page_rounding += rounding(tokens / 128, rpp, kv_page, 584);
+    }
+  }
+  return m;
+}
+
+// A log-log plot of total bytes against context length, one line per model.
+std::string Svg(const std::vector<FootprintModel>& models, const std::vector<int64_t>& points) {
+  const double w = 820, h = 520, left = 90, right = 250, top = 40, bottom = 60;
+  const double x0 = std::log10(static_cast<double>(points.front())), x1 = std::log10(static_cast<double>(points.back()));
+  double y_min = 1e300, y_max = 0;
+  for (const FootprintModel& m : models) {
+    for (const int64_t t : points) {
+      y_min = std::min(y_min, m.TotalBytes(t));
+      y_max = std::max(y_max, m.TotalBytes(t));
+    }
+  }
+  const double y0 = std::floor(std::log10(std::max(y_min, 1.0))), y1 = std::ceil(std::log10(y_max));
+  auto px = [&](double t) { return left + (std::log10(t) - x0) / std::max(x1 - x0, 1e-9) * (w - left - right); };
+  auto py = [&](double b) { return h - bottom - (std::log10(b) - y0) / std::max(y1 - y0, 1e-9) * (h - top - bottom); };
+  const char* colors[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"};
+  std::string svg = fmt::format(
+      "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"12\">\n"
+      "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+      "<text x=\"{}\" y=\"22\" font-size=\"15\">KV-cache memory per sequence vs context length (log-log)</text>\n",
+      w, h, left);
+  for (double e = y0; e <= y1; ++e) {  // horizontal grid at powers of ten bytes
+    const double y = py(std::pow(10.0, e));
+    svg += fmt::format("<line x1=\"{}\" y1=\"{:.1f}\" x2=\"{}\" y2=\"{:.1f}\" stroke=\"#ddd\"/>\n"
+                       "<text x=\"{}\" y=\"{:.1f}\" text-anchor=\"end\">{}</text>\n",
+                       left, y, w - right, y, left - 6, y + 4, Human(std::pow(10.0, e)));
+  }
+  for (const int64_t t : points) {  // vertical grid at the lengths plotted
+    const double x = px(static_cast<double>(t));
+    svg += fmt::format("<line x1=\"{:.1f}\" y1=\"{}\" x2=\"{:.1f}\" y2=\"{}\" stroke=\"#eee\"/>\n"
+                       "<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n",
+                       x, top, x, h - bottom, x, h - bottom + 16,
+                       t >= 1048576 ? fmt::format("{}M", t / 1048576) : t >= 1024 ? fmt::format("{}K", t / 1024) : std::to_string(t));
+  }
+  svg += fmt::format("<line x1=\"{0}\" y1=\"{1}\" x2=\"{2}\" y2=\"{1}\" stroke=\"black\"/>\n"
+                     "<line x1=\"{0}\" y1=\"{3}\" x2=\"{0}\" y2=\"{1}\" stroke=\"black\"/>\n"
+                     "<text x=\"{4}\" y=\"{5}\" text-anchor=\"middle\">context length (tokens)</text>\n"
+                     "<text x=\"20\" y=\"{6}\" transform=\"rotate(-90 20 {6})\" text-anchor=\"middle\">KV cache (bytes, log scale)</text>\n",
+                     left, h - bottom, w - right, top, (left + w - right) / 2, h - 18, (top + h - bottom) / 2);
+  for (size_t i = 0; i < models.size(); ++i) {
+    std::string path;
+    for (const int64_t t : points) {
+      path += fmt::format("{}{:.1f},{:.1f} ", path.empty() ? "M" : "L", px(static_cast<double>(t)), py(models[i].TotalBytes(t)));
+    }
+    const char* color = colors[i % 8];
+    svg += fmt::format("<path d=\"{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"2.5\"/>\n", path, color);
+    const double ly = top + 20 + 22.0 * static_cast<double>(i);
+    svg += fmt::format("<line x1=\"{0}\" y1=\"{1}\" x2=\"{2}\" y2=\"{1}\" stroke=\"{3}\" stroke-width=\"3\"/>"
+                       "<text x=\"{4}\" y=\"{5}\">{6}</text>\n",
+                       w - right + 15, ly, w - right + 40, color, w - right + 46, ly + 4, models[i].name);
+  }
+  return svg + "</svg>\n";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options options;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto value = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
+    if (arg == "--model") {
+      const char* v = value();
+      if (v == nullptr) return Usage("--model needs a value");
+      for (const absl::string_view m : absl::StrSplit(v, ',')) options.models.emplace_back(m);
+    } else if (arg == "--tokens") {
+      const char* v = value();
+      if (v == nullptr) return Usage("--tokens needs a value");
+      for (const absl::string_view t : absl::StrSplit(v, ',')) {
+        int64_t n = 0;
+        if (!absl::SimpleAtoi(t, &n) || n < 1 || n > (int64_t{1} << 40)) return Usage("--tokens takes positive integers");
+        options.tokens.push_back(n);
+      }
+    } else if (arg == "--baseline") {
+      const char* v = value();
+      if (v == nullptr) return Usage("--baseline needs a value");
+      options.baseline = v;
+    } else if (arg == "--format") {
+      const char* v = value();
+      if (v == nullptr || (std::strcmp(v, "fp8") != 0 && std::strcmp(v, "bf16") != 0)) return Usage("--format is fp8 or bf16");
+      options.format = std::strcmp(v, "bf16") == 0 ? kvc::StorageFormat::kBf16 : kvc::StorageFormat::kFp8;
+    } else if (arg == "--svg") {
+      const char* v = value();
+      if (v == nullptr) return Usage("--svg needs a file");
+      options.svg = v;
+    } else if (arg == "--json") {
+      options.json = true;
+    } else if (arg == "--measure") {
+      options.measure = true;
+    } else {
+      return Usage(arg == "--help" || arg == "-h" ? nullptr : ("unknown argument " + arg).c_str());
+    }
+  }
+  if (options.models.empty()) options.models = {"v4-pro", "v4-flash", "deepseek-v3.2", "deepseek-v3", "gqa:61:8:128", "llama3-70b"};
+  if (options.tokens.empty()) options.tokens = {1048576};
+  std::sort(options.tokens.begin(), options.tokens.end());
+
+  std::vector<FootprintModel> models;
+  for (const std::string& name : options.models) {
+    absl::StatusOr<FootprintModel> m = kvc::FootprintByName(name, options.format);
+    if (!m.ok()) {
+      fmt::print(stderr, "kvc-footprint: {}\n", std::string(m.status().message()));
+      return 1;
+    }
+    models.push_back(*std::move(m));
+  }
+  std::unique_ptr<FootprintModel> baseline;
+  if (!options.baseline.empty()) {
+    absl::StatusOr<FootprintModel> b = kvc::FootprintByName(options.baseline, kvc::StorageFormat::kFp8);
+    if (!b.ok()) {
+      fmt::print(stderr, "kvc-footprint: baseline: {}\n", std::string(b.status().message()));
+      return 1;
+    }
+    baseline = std::make_unique<FootprintModel>(*std::move(b));
+  }
+
+  std::string json = "[";
+  for (const int64_t tokens : options.tokens) {
+    if (!options.json) {
+      fmt::print("\n{} tokens{}\n", tokens, baseline ? fmt::format(" (baseline: {})", baseline->name) : "");
+      fmt::print("{:<36}{:>14}{:>14}{:>16}{:>12}\n", "model", "B/token", "total", "per-sequence", baseline ? "ratio" : "");
+    }
+    for (const FootprintModel& m : models) {
+      const double total = m.TotalBytes(tokens);
+      const double ratio = baseline ? total / baseline->TotalBytes(tokens) : 0;
+      absl::StatusOr<Measurement> measured = absl::UnavailableError("not measured");
+      if (options.measure && m.is_v4) measured = Measure(m, tokens);
+      if (options.measure && m.is_v4 && !measured.ok()) {
+        fmt::print(stderr, "kvc-footprint: --measure {}: {}\n", m.name, std::string(measured.status().message()));
+        return 1;
+      }
+      const std::vector<double> parts = m.ComponentBytes(tokens);
+      if (options.json) {
+        std::string components;
+        for (size_t i = 0; i < m.per_token.size(); ++i) {
+          components += fmt::format("{}\"{}\": {:.0f}", components.empty() ? "" : ", ", m.per_token[i].name, parts[i]);
+        }
+        for (const kvc::FootprintComponent& c : m.per_sequence) {
+          components += fmt::format("{}\"{}\": {:.0f}", components.empty() ? "" : ", ", c.name, c.bytes);
+        }
+        json += fmt::format("{}\n  {{\"model\": \"{}\", \"tokens\": {}, \"bytes_per_token\": {:.4f}, \"total_bytes\": {:.0f}, "
+                            "\"per_sequence_constant_bytes\": {:.0f}, \"components\": {{{}}}",
+                            json.size() > 1 ? "," : "", m.name, tokens, m.BytesPerToken(), total, m.ConstantBytes(), components);
+        if (baseline) json += fmt::format(", \"baseline\": \"{}\", \"ratio_to_baseline\": {:.6f}", baseline->name, ratio);
+        if (measured.ok()) {
+          json += fmt::format(", \"measured_total_bytes\": {:.0f}, \"page_rounding_bytes\": {:.0f}, \"peak_rss_bytes\": {}, "
+                              "\"measure_seconds\": {:.2f}",
+                              measured->measured_bytes, measured->page_rounding, measured->peak_rss, measured->seconds);
+        }
+        json += "}";
+        continue;
+      }
+      fmt::print("{:<36}{:>14.2f}{:>14}{:>16}{:>11.1f}{}\n", m.name, m.BytesPerToken(), Human(total),
+                 Human(m.ConstantBytes()), baseline ? 100 * ratio : 0.0, baseline ? "%" : "");
+      for (size_t i = 0; i < m.per_token.size() && m.per_token.size() > 1; ++i) {
+        fmt::print("    {:<32}{:>14.2f}{:>14}\n", m.per_token[i].name, m.per_token[i].bytes, Human(parts[i]));
+      }
+      for (const kvc::FootprintComponent& c : m.per_sequence) fmt::print("    {:<32}{:>14}{:>14}\n", c.name, "", Human(c.bytes));
+      if (measured.ok()) {
+        fmt::print("    measured on a kvc::Cache: {} ({:.0f} B); analytic + page rounding = {:.0f} B; "
+                   "peak RSS {} ({:.1f}% over); {:.1f} s\n",
+                   Human(measured->measured_bytes), measured->measured_bytes, total + measured->page_rounding,
+                   Human(static_cast<double>(measured->peak_rss)),
+                   100.0 * (static_cast<double>(measured->peak_rss) / measured->measured_bytes - 1), measured->seconds);
+      }
+    }
+  }
+  if (options.json) fmt::print("{}\n]\n", json);
+
+  if (!options.svg.empty()) {
+    std::vector<int64_t> points = options.tokens;
+    if (points.size() < 2) points = {1024, 4096, 16384, 65536, 262144, 1048576};
+    std::ofstream(options.svg) << Svg(models, points);
+    if (!options.json) fmt::print("\nwrote {}\n", options.svg);
+  }
+  return 0;
+}
