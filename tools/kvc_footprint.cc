@@ -159,9 +159,20 @@ absl::StatusOr<Measurement> Measure(const FootprintModel& model, int64_t tokens)
   return m;
 }
 
+// "10 MB", "1 GB", ...: decimal units, for ticks at powers of ten bytes.
+std::string DecimalBytes(double bytes) {
+  const char* units[] = {"B", "kB", "MB", "GB", "TB", "PB"};
+  int u = 0;
+  while (bytes >= 1000 && u < 5) {
+    bytes /= 1000;
+    ++u;
+  }
+  return fmt::format("{:.0f} {}", bytes, units[u]);
+}
+
 // A log-log plot of total bytes against context length, one line per model.
 std::string Svg(const std::vector<FootprintModel>& models, const std::vector<int64_t>& points) {
-  const double w = 820, h = 520, left = 90, right = 250, top = 40, bottom = 60;
+  const double w = 920, h = 540, left = 100, right = 300, top = 40, bottom = 60;
   const double x0 = std::log10(static_cast<double>(points.front())), x1 = std::log10(static_cast<double>(points.back()));
   double y_min = 1e300, y_max = 0;
   for (const FootprintModel& m : models) {
@@ -183,7 +194,7 @@ std::string Svg(const std::vector<FootprintModel>& models, const std::vector<int
     const double y = py(std::pow(10.0, e));
     svg += fmt::format("<line x1=\"{}\" y1=\"{:.1f}\" x2=\"{}\" y2=\"{:.1f}\" stroke=\"#ddd\"/>\n"
                        "<text x=\"{}\" y=\"{:.1f}\" text-anchor=\"end\">{}</text>\n",
-                       left, y, w - right, y, left - 6, y + 4, Human(std::pow(10.0, e)));
+                       left, y, w - right, y, left - 6, y + 4, DecimalBytes(std::pow(10.0, e)));
   }
   for (const int64_t t : points) {  // vertical grid at the lengths plotted
     const double x = px(static_cast<double>(t));
@@ -195,7 +206,7 @@ std::string Svg(const std::vector<FootprintModel>& models, const std::vector<int
   svg += fmt::format("<line x1=\"{0}\" y1=\"{1}\" x2=\"{2}\" y2=\"{1}\" stroke=\"black\"/>\n"
                      "<line x1=\"{0}\" y1=\"{3}\" x2=\"{0}\" y2=\"{1}\" stroke=\"black\"/>\n"
                      "<text x=\"{4}\" y=\"{5}\" text-anchor=\"middle\">context length (tokens)</text>\n"
-                     "<text x=\"20\" y=\"{6}\" transform=\"rotate(-90 20 {6})\" text-anchor=\"middle\">KV cache (bytes, log scale)</text>\n",
+                     "<text x=\"22\" y=\"{6}\" transform=\"rotate(-90 22 {6})\" text-anchor=\"middle\">KV cache per sequence (log scale)</text>\n",
                      left, h - bottom, w - right, top, (left + w - right) / 2, h - 18, (top + h - bottom) / 2);
   for (size_t i = 0; i < models.size(); ++i) {
     std::string path;
@@ -310,8 +321,8 @@ int main(int argc, char** argv) {
         json += "}";
         continue;
       }
-      fmt::print("{:<36}{:>14.2f}{:>14}{:>16}{:>11.1f}{}\n", m.name, m.BytesPerToken(), Human(total),
-                 Human(m.ConstantBytes()), baseline ? 100 * ratio : 0.0, baseline ? "%" : "");
+      fmt::print("{:<36}{:>14.2f}{:>14}{:>16}{:>12}\n", m.name, m.BytesPerToken(), Human(total), Human(m.ConstantBytes()),
+                 baseline ? fmt::format("{:.1f}%", 100 * ratio) : "");
       for (size_t i = 0; i < m.per_token.size() && m.per_token.size() > 1; ++i) {
         fmt::print("    {:<32}{:>14.2f}{:>14}\n", m.per_token[i].name, m.per_token[i].bytes, Human(parts[i]));
       }
