@@ -949,6 +949,81 @@ absl::StatusOr<SequenceUsage> Cache::Usage(SequenceId id) const {
   return usage;
 }
 
+absl::StatusOr<IndexQuery> Cache::PrepareIndexQuery(int64_t position, absl::Span<const Bf16> q_raw,
+                                                    absl::Span<const float> weights) const {
+  if (position < 0 || position >= impl_->spec.max_context) {
+    return absl::OutOfRangeError(absl::StrCat("PrepareIndexQuery: position ", position, " is outside [0, ",
+                                              impl_->spec.max_context, ")"));
+  }
+  float cos_sin[64];
+  impl_->compressed_rope->At(position, cos_sin);
+  return IndexQuery::Prepare(q_raw, weights, cos_sin);
+}
+
+absl::StatusOr<AttentionSet> Cache::SelectAttentionSet(SequenceId id, int layer, const IndexQuery* query,
+                                                       std::vector<float>* index_scores) const {
+  KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
+  const LayerKind kind = impl_->spec.layers[static_cast<size_t>(layer)].kind;
+  if (kind == LayerKind::kCsa && query == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("SelectAttentionSet: layer ", layer, " is a CSA layer; it needs an index query"));
+  }
+  KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
+  LayerStreams& ls = seq.layers()[static_cast<size_t>(layer)];
+  if (ls.length == 0) return absl::FailedPreconditionError("SelectAttentionSet: the layer holds no tokens");
+  AttentionSet set;
+  set.position = ls.length - 1;
+  const int64_t W = impl_->window();
+  for (int64_t p = std::max<int64_t>(0, ls.length - W); p < ls.length; ++p) {
+    const PackedRows row = impl_->RingSlot(ls, p % W);
+    set.indices.push_back(static_cast<int32_t>(p % W));
+    set.rows.push_back({row.data, row.scales});
+  }
+  if (kind == LayerKind::kWindow) return set;
+  const int64_t visible = std::min(EntriesAt(kind, ls.length), ls.compressed_rows);
+  std::vector<int64_t> entries;
+  if (kind == LayerKind::kHca) {
+    for (int64_t j = 0; j < visible; ++j) entries.push_back(j);
+  } else {
+    const int64_t keyed = std::min(visible, ls.key_rows);
+    std::vector<float> scores(static_cast<size_t>(keyed));
+    const Impl::History keys = impl_->KeysOf(ls);
+    for (int64_t first = 0; first < keyed; first += keys.per_page) {
+      const int64_t n = std::min(keys.per_page, keyed - first);
+      KVC_RETURN_IF_ERROR(ScoreIndexKeys(*query, impl_->HistoryPage(keys, static_cast<size_t>(first / keys.per_page)).Slice(0, n),
+                                         absl::MakeSpan(scores).subspan(static_cast<size_t>(first))));
+    }
+    entries = TopK(scores, impl_->spec.index_topk);
+    if (index_scores != nullptr) *index_scores = std::move(scores);
+  }
+  const Impl::History rows = impl_->CompressedOf(ls);
+  for (const int64_t j : entries) {
+    const PackedRows row = impl_->HistoryPage(rows, static_cast<size_t>(j / rows.per_page)).Slice(j % rows.per_page, 1);
+    set.indices.push_back(static_cast<int32_t>(W + j));
+    set.rows.push_back({row.data, row.scales});
+  }
+  return set;
+}
+
+namespace {
+
+template <typename Out>
+absl::Status GatherRows(const AttentionSet& set, absl::Span<Out> out) {
+  if (out.size() != set.rows.size() * kHeadDim) {
+    return absl::InvalidArgumentError(absl::StrCat("GatherAttentionRows: out holds ", out.size(), " values, expected ",
+                                                   set.rows.size(), " x 512"));
+  }
+  for (size_t i = 0; i < set.rows.size(); ++i) {
+    const ConstPackedRows row{set.rows[i].data, set.rows[i].scales, 576, 8, 1};
+    KVC_RETURN_IF_ERROR(DequantizeKvRows(row, out.subspan(i * kHeadDim, kHeadDim)));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status GatherAttentionRows(const AttentionSet& set, absl::Span<float> out) { return GatherRows(set, out); }
+absl::Status GatherAttentionRows(const AttentionSet& set, absl::Span<Bf16> out) { return GatherRows(set, out); }
+
 const ModelSpec& Cache::spec() const { return impl_->spec; }
 const CacheOptions& Cache::options() const { return impl_->options; }
 

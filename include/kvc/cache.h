@@ -34,6 +34,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "kvc/indexer.h"
 #include "kvc/model_spec.h"
 #include "kvc/number_formats.h"
 #include "kvc/row_formats.h"
@@ -122,6 +123,27 @@ struct WindowRingView {
   int64_t length = 0;  // tokens appended to this layer
 };
 
+// One stored 584-byte row, zero-copy: its 576 data bytes and 8 scale bytes
+// (valid until the next mutation of its sequence).
+struct RowRef {
+  const uint8_t* data;
+  const uint8_t* scales;
+};
+
+// What the query at a layer's last position attends to (spec §3, Selection).
+struct AttentionSet {
+  int64_t position = 0;  // the query's position: the layer's last token
+  // Engine index space: window ring slots [0, window), then window + j for
+  // compressed entry j. Window positions first (oldest first), then entries
+  // in ascending order.
+  std::vector<int32_t> indices;
+  std::vector<RowRef> rows;  // the stored rows, in the same order
+};
+
+// Dequantizes the set's rows into `out` (rows.size() x 512, in order).
+absl::Status GatherAttentionRows(const AttentionSet& set, absl::Span<float> out);
+absl::Status GatherAttentionRows(const AttentionSet& set, absl::Span<Bf16> out);
+
 class Cache {
  public:
   // kInvalidArgument if the spec or options are inconsistent.
@@ -177,6 +199,23 @@ class Cache {
   // slot order). Unwritten slots are zero.
   absl::Status ReadWindow(SequenceId seq, int layer, absl::Span<Bf16> out) const;
   absl::StatusOr<WindowRingView> Window(SequenceId seq, int layer) const;
+
+  // The index query of the token at `position` for the CSA layers: the
+  // compressed-layer RoPE at that position (kvc's table or the engine's),
+  // Hadamard, FP4 (IndexQuery::Prepare). q_raw: heads x 128 bf16; weights:
+  // heads fp32.
+  absl::StatusOr<IndexQuery> PrepareIndexQuery(int64_t position, absl::Span<const Bf16> q_raw,
+                                               absl::Span<const float> weights) const;
+
+  // The rows the query at `layer`'s last position t attends to: the window
+  // positions max(0, t - window + 1) .. t, then on CSA layers the top
+  // min(index_topk, visible) compressed entries by `query`'s index scores
+  // (required there; ties to the lower entry), on HCA layers all visible
+  // entries (visible: j < (t + 1) / ratio). If `index_scores` is given, it
+  // receives the scores of every visible entry (CSA). kFailedPrecondition
+  // for an empty layer.
+  absl::StatusOr<AttentionSet> SelectAttentionSet(SequenceId seq, int layer, const IndexQuery* query,
+                                                  std::vector<float>* index_scores = nullptr) const;
 
   absl::StatusOr<HistoryView> CompressedRows(SequenceId seq, int layer) const;
   absl::StatusOr<HistoryView> IndexKeys(SequenceId seq, int layer) const;

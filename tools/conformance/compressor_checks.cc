@@ -22,50 +22,15 @@
 #include "kvc/row_kernels.h"
 #include "kvc/status.h"
 #include "tools/conformance/conformance.h"
+#include "tools/conformance/golden_layer.h"
 
 namespace kvc::conformance {
 namespace {
 
-struct CompressorCase {
-  LayerKind kind = LayerKind::kWindow;
-  int64_t tokens = 0, prefill = 0, ratio = 0;
-  double norm_eps = 1e-6;
-  std::vector<uint16_t> window_rows;
-  std::vector<float> kv, score, ape, norm_w;              // main compressor
-  std::vector<float> idx_kv, idx_score, idx_ape, idx_norm_w;  // CSA indexer
-  std::vector<float> rope;                                // official (cos, sin), tokens x 32 x 2
-  std::vector<uint16_t> entries, keys;                    // expected, bf16 bits
+// The official entries and keys, bf16 bits.
+struct Expected {
+  std::vector<uint16_t> entries, keys;
 };
-
-absl::StatusOr<CompressorCase> Load(const GoldenCase& golden) {
-  CompressorCase c;
-  KVC_ASSIGN_OR_RETURN(c.ratio, golden.MetaInt("ratio"));
-  KVC_ASSIGN_OR_RETURN(c.prefill, golden.MetaInt("prefill"));
-  KVC_ASSIGN_OR_RETURN(c.norm_eps, golden.MetaNumber("norm_eps"));
-  if (c.ratio != 4 && c.ratio != 128) return absl::InvalidArgumentError(absl::StrCat("ratio ", c.ratio, " has no compressor"));
-  c.kind = c.ratio == 4 ? LayerKind::kCsa : LayerKind::kHca;
-  const int64_t width = MainCompressor(c.kind, kHeadDim).width();
-  const SafetensorsFile& f = golden.file();
-  const TensorInfo* info = nullptr;
-  KVC_ASSIGN_OR_RETURN(c.window_rows, f.Get<uint16_t>("win_kv_in", DType::kBF16, {-1, kHeadDim}, &info));
-  c.tokens = info->shape[0];
-  if (c.prefill < 0 || c.prefill > c.tokens) return absl::InvalidArgumentError("metadata prefill out of range");
-  KVC_ASSIGN_OR_RETURN(c.kv, f.Get<float>("comp_kv_in", DType::kF32, {c.tokens, width}));
-  KVC_ASSIGN_OR_RETURN(c.score, f.Get<float>("comp_score_in", DType::kF32, {c.tokens, width}));
-  KVC_ASSIGN_OR_RETURN(c.ape, f.Get<float>("comp_ape", DType::kF32, {c.ratio, width}));
-  KVC_ASSIGN_OR_RETURN(c.norm_w, f.Get<float>("comp_norm_w", DType::kF32, {kHeadDim}));
-  KVC_ASSIGN_OR_RETURN(c.rope, f.Get<float>("rope_freqs", DType::kF32, {c.tokens, 32, 2}));
-  KVC_ASSIGN_OR_RETURN(c.entries, f.Get<uint16_t>("comp_entries", DType::kBF16, {c.tokens / c.ratio, kHeadDim}));
-  if (c.kind == LayerKind::kCsa) {
-    const int64_t iw = IndexerCompressor(kIndexDim).width();
-    KVC_ASSIGN_OR_RETURN(c.idx_kv, f.Get<float>("idx_kv_in", DType::kF32, {c.tokens, iw}));
-    KVC_ASSIGN_OR_RETURN(c.idx_score, f.Get<float>("idx_score_in", DType::kF32, {c.tokens, iw}));
-    KVC_ASSIGN_OR_RETURN(c.idx_ape, f.Get<float>("idx_ape", DType::kF32, {4, iw}));
-    KVC_ASSIGN_OR_RETURN(c.idx_norm_w, f.Get<float>("idx_norm_w", DType::kF32, {kIndexDim}));
-    KVC_ASSIGN_OR_RETURN(c.keys, f.Get<uint16_t>("idx_entries", DType::kBF16, {c.tokens / 4, kIndexDim}));
-  }
-  return c;
-}
 
 struct Stored {
   std::vector<uint16_t> entries, keys;  // dequantized, bf16 bits
@@ -73,40 +38,14 @@ struct Stored {
 
 // Appends the case in the given chunk sizes (the first entry of `chunks` is
 // the first chunk; the rest cycle) and reads back what the cache stored.
-absl::StatusOr<Stored> Run(const CompressorCase& c, const std::vector<int64_t>& chunks) {
-  ModelSpec spec = ModelSpec::V4Flash();
-  spec.name = "conformance";
-  spec.layers.assign(1, LayerSpec{});
-  spec.layers[0].kind = c.kind;
-  spec.layers[0].compressor = {c.ape, c.norm_w};
-  if (c.kind == LayerKind::kCsa) spec.layers[0].indexer = {c.idx_ape, c.idx_norm_w};
-  spec.max_context = c.tokens;
-  spec.norm_eps = c.norm_eps;
-  spec.compressed_rope.engine_table = c.rope;
-  CacheOptions options;
-  options.state_bytes = int64_t{64} << 20;
-  options.history_bytes = int64_t{64} << 20;
-  KVC_ASSIGN_OR_RETURN(std::unique_ptr<Cache> cache, Cache::Create(spec, options));
+absl::StatusOr<Stored> Run(const GoldenLayer& c, const std::vector<int64_t>& chunks) {
+  KVC_ASSIGN_OR_RETURN(std::unique_ptr<Cache> cache, c.MakeCache());
   KVC_ASSIGN_OR_RETURN(const SequenceId seq, cache->CreateSequence());
-  const int64_t width = MainCompressor(c.kind, kHeadDim).width();
-  const int64_t iw = IndexerCompressor(kIndexDim).width();
   const bool csa = c.kind == LayerKind::kCsa;
   for (int64_t at = 0, i = 0; at < c.tokens; ++i) {
     const int64_t n = std::min(i == 0 ? chunks[0] : chunks[static_cast<size_t>(1 + (i - 1) % static_cast<int64_t>(chunks.size() - 1))],
                                c.tokens - at);
-    LayerTokens t;
-    t.window_rows = absl::MakeConstSpan(reinterpret_cast<const Bf16*>(c.window_rows.data()) + at * kHeadDim,
-                                        static_cast<size_t>(n * kHeadDim));
-    auto rows = [&](const std::vector<float>& v, int64_t w) {
-      return absl::MakeConstSpan(v).subspan(static_cast<size_t>(at * w), static_cast<size_t>(n * w));
-    };
-    t.compressor_kv = rows(c.kv, width);
-    t.compressor_score = rows(c.score, width);
-    if (csa) {
-      t.indexer_kv = rows(c.idx_kv, iw);
-      t.indexer_score = rows(c.idx_score, iw);
-    }
-    KVC_RETURN_IF_ERROR(cache->Append(seq, 0, at, t));
+    KVC_RETURN_IF_ERROR(c.Append(*cache, seq, at, n));
     at += n;
   }
   Stored out;
@@ -135,18 +74,18 @@ std::string Differ(int64_t mismatches, int64_t values, int64_t first, int64_t di
   return s;
 }
 
-absl::Status CheckCompressor(const GoldenCase& golden, const CompressorCase& c, Report& report) {
+absl::Status CheckCompressor(const GoldenCase& golden, const GoldenLayer& c, const Expected& expected, Report& report) {
   // The golden's own chunking: the prefill, then one token at a time.
   std::vector<int64_t> golden_chunks = {std::max<int64_t>(c.prefill, 1), 1};
   KVC_ASSIGN_OR_RETURN(const Stored stored, Run(c, golden_chunks));
   int64_t first = -1;
-  int64_t bad = CountMismatches(stored.entries, c.entries, &first);
-  report.Add(golden.name(), "compressed_entries", bad == 0 && !c.entries.empty(),
-             Differ(bad, static_cast<int64_t>(c.entries.size()), first, kHeadDim));
+  int64_t bad = CountMismatches(stored.entries, expected.entries, &first);
+  report.Add(golden.name(), "compressed_entries", bad == 0 && !expected.entries.empty(),
+             Differ(bad, static_cast<int64_t>(expected.entries.size()), first, kHeadDim));
   if (c.kind == LayerKind::kCsa) {
-    bad = CountMismatches(stored.keys, c.keys, &first);
-    report.Add(golden.name(), "index_keys", bad == 0 && !c.keys.empty(),
-               Differ(bad, static_cast<int64_t>(c.keys.size()), first, kIndexDim));
+    bad = CountMismatches(stored.keys, expected.keys, &first);
+    report.Add(golden.name(), "index_keys", bad == 0 && !expected.keys.empty(),
+               Differ(bad, static_cast<int64_t>(expected.keys.size()), first, kIndexDim));
   }
   // Other chunkings: all at once, one by one, 7, ratio + 1 (a chunk closing
   // a window and starting the next), chunks longer than several windows.
@@ -155,8 +94,8 @@ absl::Status CheckCompressor(const GoldenCase& golden, const CompressorCase& c, 
   int64_t bad_entries = 0, bad_keys = 0;
   for (const auto& chunks : chunkings) {
     KVC_ASSIGN_OR_RETURN(const Stored s, Run(c, chunks));
-    bad_entries += CountMismatches(s.entries, c.entries) != 0 ? 1 : 0;
-    bad_keys += CountMismatches(s.keys, c.keys) != 0 ? 1 : 0;
+    bad_entries += CountMismatches(s.entries, expected.entries) != 0 ? 1 : 0;
+    bad_keys += CountMismatches(s.keys, expected.keys) != 0 ? 1 : 0;
   }
   report.Add(golden.name(), "compressed_entries_rechunked", bad_entries == 0,
              absl::StrCat(chunkings.size(), " chunkings, ", bad_entries, " differ from comp_entries"));
@@ -213,12 +152,22 @@ void RunCompressorChecks(const GoldenCase& golden, Report& report) {
   if (!rope.ok()) report.Error(golden.name(), "rope_table", rope);
   absl::StatusOr<int64_t> ratio = golden.MetaInt("ratio");
   if (ratio.ok() && *ratio == 0) return;  // window-only: no compressor
-  absl::StatusOr<CompressorCase> c = Load(golden);
+  absl::StatusOr<GoldenLayer> c = GoldenLayer::Load(golden);
+  Expected expected;
+  if (c.ok()) {
+    absl::StatusOr<std::vector<uint16_t>> entries =
+        golden.file().Get<uint16_t>("comp_entries", DType::kBF16, {c->tokens / c->ratio, kHeadDim});
+    absl::StatusOr<std::vector<uint16_t>> keys =
+        c->kind == LayerKind::kCsa ? golden.file().Get<uint16_t>("idx_entries", DType::kBF16, {c->tokens / 4, kIndexDim})
+                                   : absl::StatusOr<std::vector<uint16_t>>(std::vector<uint16_t>{});
+    if (!entries.ok() || !keys.ok()) c = !entries.ok() ? entries.status() : keys.status();
+    if (c.ok()) expected = {*std::move(entries), *std::move(keys)};
+  }
   if (!c.ok()) {
     report.Error(golden.name(), "compressor", c.status());
     return;
   }
-  const absl::Status status = CheckCompressor(golden, *c, report);
+  const absl::Status status = CheckCompressor(golden, *c, expected, report);
   if (!status.ok()) report.Error(golden.name(), "compressed_entries", status);
 }
 

@@ -57,15 +57,14 @@ absl::StatusOr<double> GoldenCase::MetaNumber(const std::string& key) const {
 
 Summary RunConformance(const std::string& dir, std::ostream& out) {
   Report report(out);
-  // Each case and the checks the library can run on it; the indexer's
-  // checks join the csa and hca cases when it lands.
+  // Each case and the checks the library runs on it.
   const struct {
     const char* name;
     std::vector<void (*)(const GoldenCase&, Report&)> checks;
   } cases[] = {{"codec", {RunCodecChecks}},
-               {"win", {RunWindowChecks, RunCompressorChecks}},
-               {"csa", {RunWindowChecks, RunCompressorChecks}},
-               {"hca", {RunWindowChecks, RunCompressorChecks}}};
+               {"win", {RunWindowChecks, RunCompressorChecks, RunIndexerChecks}},
+               {"csa", {RunWindowChecks, RunCompressorChecks, RunIndexerChecks}},
+               {"hca", {RunWindowChecks, RunCompressorChecks, RunIndexerChecks}}};
   for (const auto& c : cases) {
     absl::StatusOr<GoldenCase> golden = GoldenCase::Open(dir, c.name);
     if (!golden.ok()) {

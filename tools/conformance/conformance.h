@@ -88,6 +88,11 @@ void RunWindowChecks(const GoldenCase& golden, Report& report);
 // <case>/rope_table on every layer case.
 void RunCompressorChecks(const GoldenCase& golden, Report& report);
 
+// Indexer and attention checks through kvc::Cache on the decode steps of a
+// layer case: csa index_queries, index_scores, topk_overlap; hca and win
+// attention_set; attention_out on all three.
+void RunIndexerChecks(const GoldenCase& golden, Report& report);
+
 struct Summary {
   int passed;
   int failed;

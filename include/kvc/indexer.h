@@ -1,0 +1,84 @@
+// The lightning indexer (spec §3-§4): prepared index queries, their scores
+// against the FP4 index-key pool, and top-k selection; plus the reference
+// sparse attention over a selected set. The cache assembles the set a query
+// attends to (Cache::SelectAttentionSet).
+#ifndef KVC_INDEXER_H_
+#define KVC_INDEXER_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "kvc/number_formats.h"
+#include "kvc/row_formats.h"
+
+namespace kvc {
+
+// A prepared index query: per head, RoPE (at the query position, on the last
+// 64 dims) -> bf16 -> Hadamard-128 -> bf16 -> FP4, exactly as an index key;
+// kept in the layout the scoring kernel reads (heads contiguous, padded to a
+// multiple of 16 with zero weight).
+class IndexQuery {
+ public:
+  // q_raw: heads x 128 bf16 (wq_b output, before RoPE); weights: `heads`
+  // fp32 head weights (already scaled by 128^-0.5 * heads^-0.5);
+  // cos_sin: 64 floats, the compressed-layer RoPE at the query position.
+  static absl::StatusOr<IndexQuery> Prepare(absl::Span<const Bf16> q_raw, absl::Span<const float> weights,
+                                            const float* cos_sin);
+
+  int heads() const { return heads_; }
+  int padded_heads() const { return padded_; }
+  // The stored 68-byte query of head h (packed E2M1 codes, then 4 scales).
+  const IndexKeyFp4& stored(int h) const { return stored_[static_cast<size_t>(h)]; }
+  // Dequantized values, heads x 128 (the official `idx_q`).
+  std::vector<float> Values() const;
+
+  // Scoring layout (read by the kernels).
+  const float* q_f32() const { return q_f32_.data(); }      // [128][padded] 2*E2M1 codes as floats
+  const int8_t* q_s8() const { return q_s8_.data(); }       // [32 groups][padded/16][16 heads x 4 codes]
+  const int32_t* q_offset() const { return q_offset_.data(); }  // [4 blocks][padded] 12 * Σ codes of the block
+  const float* q_scale() const { return q_scale_.data(); }  // [4 blocks][padded] scale * 0.25
+  const float* weights() const { return weights_.data(); }  // [padded], 0 for padding
+
+ private:
+  int heads_ = 0;
+  int padded_ = 0;
+  std::vector<IndexKeyFp4> stored_;
+  std::vector<float> q_f32_;
+  std::vector<int8_t> q_s8_;
+  std::vector<int32_t> q_offset_;
+  std::vector<float> q_scale_;
+  std::vector<float> weights_;
+};
+
+// Index scores of `count` keys (rows of `keys`, 68-byte FP4 keys in any
+// layout): score_j = Σ_h w_h · max(0, q_h · k_j). Each 32-element block's
+// dot product is an exact integer (2·E2M1 codes are small integers) scaled
+// by the two power-of-two scales; blocks are summed in order 0..3, heads in
+// kvc's canonical order (16 running sums, then halving). Identical bits on
+// every SIMD target (AVX3_DL uses VNNI int8 dot products). Requires
+// scores.size() >= keys.count.
+absl::Status ScoreIndexKeys(const IndexQuery& query, ConstPackedRows keys, absl::Span<float> scores);
+
+// The scalar reference of one key's score (for tests).
+float IndexScoreRef(const IndexQuery& query, const uint8_t* codes, const uint8_t* scales);
+
+// Indices of the min(k, scores.size()) highest scores, ascending; ties go to
+// the lower index. Does not sort or partition the whole array: a threshold
+// from a sample, one SIMD filter pass, then exact selection among the
+// candidates (linear in scores.size(), typically ~8 bytes of work per key).
+std::vector<int64_t> TopK(absl::Span<const float> scores, int64_t k);
+
+// Reference sparse attention (spec §3, for CPU engines and tests): for each
+// head h, logits l_j = (q_h · k_j) * 512^-0.5 over the n selected rows
+// (K = V = the rows), p = softmax over {l_j} ∪ {sink_h} (the sink only in the
+// denominator), out_h = Σ_j p_j k_j. q: heads x 512 (bf16), rows: n x 512
+// fp32 (dequantized), sinks: heads; out: heads x 512 fp32.
+absl::Status SparseAttentionRef(absl::Span<const Bf16> q, absl::Span<const float> rows, absl::Span<const float> sinks,
+                                absl::Span<float> out);
+
+}  // namespace kvc
+
+#endif  // KVC_INDEXER_H_

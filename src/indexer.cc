@@ -1,0 +1,180 @@
+#include "kvc/indexer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "kvc/compressor.h"
+#include "kvc/reference_codecs.h"
+
+namespace kvc {
+namespace {
+
+// 2 * E2M1 value of a nibble: a small integer in [-12, 12].
+constexpr int8_t kTwiceE2M1[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+int8_t Code(const uint8_t* packed, int e) { return kTwiceE2M1[(packed[e / 2] >> (4 * (e & 1))) & 0xF]; }
+
+}  // namespace
+
+absl::StatusOr<IndexQuery> IndexQuery::Prepare(absl::Span<const Bf16> q_raw, absl::Span<const float> weights,
+                                               const float* cos_sin) {
+  const int64_t heads = static_cast<int64_t>(weights.size());
+  if (heads < 1 || heads > 4096 || q_raw.size() != static_cast<size_t>(heads) * kIndexDim) {
+    return absl::InvalidArgumentError(absl::StrCat("IndexQuery: ", q_raw.size(), " query values for ", heads,
+                                                   " head weights; expected heads x 128 with 1..4096 heads"));
+  }
+  for (size_t i = 0; i < q_raw.size(); ++i) {
+    const float x = ToF32(q_raw[i]);
+    if (!(std::fabs(x) <= 0x1p120f)) {
+      return absl::InvalidArgumentError(absl::StrCat("IndexQuery: head ", i / kIndexDim, " dim ", i % kIndexDim,
+                                                     std::isfinite(x) ? " exceeds 2^120" : " is not finite"));
+    }
+  }
+  for (size_t h = 0; h < weights.size(); ++h) {
+    if (!std::isfinite(weights[h])) return absl::InvalidArgumentError(absl::StrCat("IndexQuery: weight ", h, " is not finite"));
+  }
+  IndexQuery q;
+  q.heads_ = static_cast<int>(heads);
+  q.padded_ = (q.heads_ + 15) / 16 * 16;
+  const size_t padded = static_cast<size_t>(q.padded_);
+  q.stored_.assign(static_cast<size_t>(heads), IndexKeyFp4{});
+  q.q_f32_.assign(kIndexDim * padded, 0.0f);
+  q.q_s8_.assign(kIndexDim * padded, 0);
+  q.q_offset_.assign(4 * padded, 0);
+  q.q_scale_.assign(4 * padded, 0.0f);
+  q.weights_.assign(padded, 0.0f);
+  for (int h = 0; h < q.heads_; ++h) {
+    // RoPE on the last 64 dims, then the index-key pipeline (spec §3).
+    float x[kIndexDim];
+    for (int i = 0; i < kIndexDim; ++i) x[i] = ToF32(q_raw[static_cast<size_t>(h * kIndexDim + i)]);
+    RotateLast64(x, kIndexDim, cos_sin);
+    Bf16 rotated[kIndexDim];
+    for (int i = 0; i < kIndexDim; ++i) rotated[i] = ToBf16(x[i]);
+    IndexKeyFp4& stored = q.stored_[static_cast<size_t>(h)];
+    QuantizeIndexKeyRef(rotated, stored.codes, stored.scales);
+    const size_t hs = static_cast<size_t>(h);
+    for (int e = 0; e < kIndexDim; ++e) {
+      const int8_t c = Code(stored.codes, e);
+      q.q_f32_[static_cast<size_t>(e) * padded + hs] = c;
+      q.q_s8_[((static_cast<size_t>(e / 4) * (padded / 16) + hs / 16) * 16 + hs % 16) * 4 + static_cast<size_t>(e % 4)] = c;
+      q.q_offset_[static_cast<size_t>(e / 32) * padded + hs] += 12 * c;
+    }
+    for (int b = 0; b < 4; ++b) q.q_scale_[static_cast<size_t>(b) * padded + hs] = F32FromUe8m0(stored.scales[b]) * 0.25f;
+    q.weights_[hs] = weights[hs];
+  }
+  return q;
+}
+
+std::vector<float> IndexQuery::Values() const {
+  std::vector<float> out(static_cast<size_t>(heads_) * kIndexDim);
+  for (int h = 0; h < heads_; ++h) {
+    DequantizeIndexKeyRef(stored_[static_cast<size_t>(h)].codes, stored_[static_cast<size_t>(h)].scales,
+                          &out[static_cast<size_t>(h) * kIndexDim]);
+  }
+  return out;
+}
+
+float IndexScoreRef(const IndexQuery& q, const uint8_t* codes, const uint8_t* scales) {
+  const size_t padded = static_cast<size_t>(q.padded_heads());
+  float partial[16] = {};
+  for (size_t h = 0; h < padded; ++h) {
+    float s = 0.0f;
+    for (int b = 0; b < 4; ++b) {
+      float acc = 0.0f;  // an exact integer
+      for (int e = 32 * b; e < 32 * b + 32; ++e) acc += q.q_f32()[static_cast<size_t>(e) * padded + h] * Code(codes, e);
+      s += acc * (q.q_scale()[static_cast<size_t>(b) * padded + h] * F32FromUe8m0(scales[b]));
+    }
+    const float relu = s > 0.0f ? s : 0.0f;
+    partial[h % 16] += relu * q.weights()[h];
+  }
+  for (int width = 8; width >= 1; width /= 2) {
+    for (int k = 0; k < width; ++k) partial[k] += partial[k + width];
+  }
+  return partial[0];
+}
+
+// Implemented in indexer_kernels.cc (dynamic dispatch).
+void ScoreKeysDispatch(const IndexQuery& q, const uint8_t* codes, int64_t code_stride, const uint8_t* scales,
+                       int64_t scale_stride, int64_t n, float* out);
+int64_t FilterAtLeastDispatch(const float* scores, int64_t n, float threshold, int64_t* out);
+
+absl::Status ScoreIndexKeys(const IndexQuery& query, ConstPackedRows keys, absl::Span<float> scores) {
+  if (keys.count < 0 || scores.size() < static_cast<size_t>(keys.count)) {
+    return absl::InvalidArgumentError(absl::StrCat("ScoreIndexKeys: ", keys.count, " keys but room for ", scores.size(), " scores"));
+  }
+  if (keys.count == 0) return absl::OkStatus();
+  if (keys.data == nullptr || keys.scales == nullptr || keys.data_stride < 64 || keys.scale_stride < 4) {
+    return absl::InvalidArgumentError("ScoreIndexKeys: keys view has null pointers or strides below 64 / 4 bytes");
+  }
+  ScoreKeysDispatch(query, keys.data, keys.data_stride, keys.scales, keys.scale_stride, keys.count, scores.data());
+  return absl::OkStatus();
+}
+
+std::vector<int64_t> TopK(absl::Span<const float> scores, int64_t k) {
+  const int64_t n = static_cast<int64_t>(scores.size());
+  k = std::min(k, n);
+  std::vector<int64_t> out;
+  if (k <= 0) return out;
+  // Higher score first, then the lower index.
+  auto better = [&](int64_t a, int64_t b) {
+    return scores[static_cast<size_t>(a)] > scores[static_cast<size_t>(b)] ||
+           (scores[static_cast<size_t>(a)] == scores[static_cast<size_t>(b)] && a < b);
+  };
+  std::vector<int64_t> candidates;
+  if (k < n) {
+    // A threshold that keeps a little more than k: the rank-(k*s/n + margin)
+    // score of an evenly spaced sample of s scores.
+    const int64_t s = std::min<int64_t>(n, 4096);
+    std::vector<float> sample(static_cast<size_t>(s));
+    for (int64_t i = 0; i < s; ++i) sample[static_cast<size_t>(i)] = scores[static_cast<size_t>(i * n / s)];
+    const int64_t rank = std::min<int64_t>(s - 1, k * s / n + 2 * static_cast<int64_t>(std::sqrt(static_cast<double>(k * s / n))) + 8);
+    std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), std::greater<float>());
+    const float threshold = sample[static_cast<size_t>(rank)];
+    candidates.resize(static_cast<size_t>(n) + 64);  // room for the filter's whole-vector stores
+    candidates.resize(static_cast<size_t>(FilterAtLeastDispatch(scores.data(), n, threshold, candidates.data())));
+  }
+  if (static_cast<int64_t>(candidates.size()) < k) {  // the sample was unlucky (or k == n): take everything
+    candidates.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) candidates[static_cast<size_t>(i)] = i;
+  }
+  std::nth_element(candidates.begin(), candidates.begin() + (k - 1), candidates.end(), better);
+  out.assign(candidates.begin(), candidates.begin() + k);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+absl::Status SparseAttentionRef(absl::Span<const Bf16> q, absl::Span<const float> rows, absl::Span<const float> sinks,
+                                absl::Span<float> out) {
+  const size_t heads = sinks.size();
+  if (q.size() != heads * kHeadDim || out.size() != heads * kHeadDim || rows.size() % kHeadDim != 0) {
+    return absl::InvalidArgumentError("SparseAttentionRef: expected q and out of heads x 512, rows of n x 512");
+  }
+  const size_t n = rows.size() / kHeadDim;
+  const float scale = static_cast<float>(1.0 / std::sqrt(512.0));
+  std::vector<float> logits(n);
+  for (size_t h = 0; h < heads; ++h) {
+    float max = sinks[h];
+    for (size_t j = 0; j < n; ++j) {
+      float dot = 0.0f;
+      for (int i = 0; i < kHeadDim; ++i) dot += ToF32(q[h * kHeadDim + i]) * rows[j * kHeadDim + i];
+      logits[j] = dot * scale;
+      max = std::max(max, logits[j]);
+    }
+    float denominator = std::exp(sinks[h] - max);
+    for (size_t j = 0; j < n; ++j) denominator += std::exp(logits[j] - max);
+    float* o = &out[h * kHeadDim];
+    std::fill(o, o + kHeadDim, 0.0f);
+    for (size_t j = 0; j < n; ++j) {
+      const float p = std::exp(logits[j] - max) / denominator;
+      for (int i = 0; i < kHeadDim; ++i) o[i] += p * rows[j * kHeadDim + i];
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvc
