@@ -1,0 +1,187 @@
+#include "kvc/indexer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kvc/cache.h"
+#include "kvc/row_kernels.h"
+#include "tests/testing/every_target.h"
+
+namespace kvc {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::vector<Bf16> RandomBf16(size_t n, std::mt19937& rng, float scale = 1.0f) {
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<Bf16> v(n);
+  for (Bf16& x : v) x = ToBf16(normal(rng));
+  return v;
+}
+
+IndexQuery RandomQuery(int heads, std::mt19937& rng) {
+  std::uniform_real_distribution<float> weight(-0.2f, 0.3f);
+  std::vector<float> w(static_cast<size_t>(heads));
+  for (float& x : w) x = weight(rng);
+  float cos_sin[64];
+  for (int j = 0; j < 32; ++j) {
+    cos_sin[2 * j] = std::cos(0.1f * static_cast<float>(j));
+    cos_sin[2 * j + 1] = std::sin(0.1f * static_cast<float>(j));
+  }
+  auto q = IndexQuery::Prepare(RandomBf16(static_cast<size_t>(heads) * kIndexDim, rng), w, cos_sin);
+  EXPECT_TRUE(q.ok()) << q.status();
+  return *std::move(q);
+}
+
+// n keys in one page of the footer layout.
+std::vector<uint8_t> RandomKeys(int64_t n, std::mt19937& rng) {
+  std::vector<uint8_t> page(static_cast<size_t>(n) * 68);
+  EXPECT_TRUE(QuantizeIndexKeys(RandomBf16(static_cast<size_t>(n) * kIndexDim, rng, 2.0f),
+                                PageFooterRows(RowFormat::kIndexFp4, page.data(), n)).ok());
+  return page;
+}
+
+class IndexerKernelsTest : public testing::EveryTargetTest {};
+KVC_INSTANTIATE_EVERY_TARGET(IndexerKernelsTest);
+
+TEST_P(IndexerKernelsTest, ScoresMatchTheReferenceForAnyHeadCount) {
+  std::mt19937 rng(1);
+  for (const int heads : {1, 5, 16, 64}) {
+    const IndexQuery q = RandomQuery(heads, rng);
+    const int64_t n = 150;
+    const std::vector<uint8_t> page = RandomKeys(n, rng);
+    const ConstPackedRows keys = PageFooterRows(RowFormat::kIndexFp4, page.data(), n);
+    std::vector<float> scores(static_cast<size_t>(n));
+    ASSERT_TRUE(ScoreIndexKeys(q, keys, absl::MakeSpan(scores)).ok());
+    for (int64_t j = 0; j < n; ++j) {
+      ASSERT_EQ(F32Bits(scores[static_cast<size_t>(j)]), F32Bits(IndexScoreRef(q, keys.row_data(j), keys.row_scales(j))))
+          << heads << " heads, key " << j;
+    }
+  }
+}
+
+TEST_P(IndexerKernelsTest, TopKEqualsBruteForceIncludingTies) {
+  std::mt19937 rng(2);
+  for (const int64_t n : {int64_t{0}, int64_t{1}, int64_t{7}, int64_t{1000}, int64_t{100000}}) {
+    for (const int64_t k : {int64_t{0}, int64_t{1}, int64_t{32}, int64_t{512}, int64_t{2048}, n, n + 5}) {
+      for (const int kind : {0, 1, 2}) {  // distinct, heavy ties, all equal
+        std::vector<float> scores(static_cast<size_t>(n));
+        std::uniform_int_distribution<int> few(0, 9);
+        std::normal_distribution<float> normal;
+        for (float& s : scores) s = kind == 0 ? normal(rng) : kind == 1 ? static_cast<float>(few(rng)) : 1.0f;
+        std::vector<int64_t> order(static_cast<size_t>(n));
+        std::iota(order.begin(), order.end(), 0);
+        std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+          return scores[static_cast<size_t>(a)] > scores[static_cast<size_t>(b)];
+        });
+        order.resize(static_cast<size_t>(std::min(k, n)));
+        std::sort(order.begin(), order.end());
+        ASSERT_EQ(TopK(scores, k), order) << "n " << n << " k " << k << " kind " << kind;
+      }
+    }
+  }
+}
+
+TEST(Indexer, ScoresAreTheMathOfTheDequantizedValues) {
+  std::mt19937 rng(3);
+  const IndexQuery q = RandomQuery(64, rng);
+  const std::vector<float> qv = q.Values();
+  const int64_t n = 200;
+  const std::vector<uint8_t> page = RandomKeys(n, rng);
+  const ConstPackedRows keys = PageFooterRows(RowFormat::kIndexFp4, page.data(), n);
+  std::vector<float> scores(static_cast<size_t>(n)), kv(static_cast<size_t>(n) * kIndexDim);
+  ASSERT_TRUE(ScoreIndexKeys(q, keys, absl::MakeSpan(scores)).ok());
+  ASSERT_TRUE(DequantizeIndexKeys(keys, absl::MakeSpan(kv)).ok());
+  for (int64_t j = 0; j < n; ++j) {
+    double expected = 0;
+    for (int h = 0; h < 64; ++h) {
+      double dot = 0;
+      for (int e = 0; e < kIndexDim; ++e) dot += double{qv[static_cast<size_t>(h * kIndexDim + e)]} * kv[static_cast<size_t>(j * kIndexDim + e)];
+      expected += q.weights()[h] * std::max(dot, 0.0);
+    }
+    ASSERT_NEAR(scores[static_cast<size_t>(j)], expected, 1e-5 * (1 + std::fabs(expected))) << j;
+  }
+}
+
+TEST(Indexer, PrepareValidatesItsInputs) {
+  std::vector<float> w(4, 0.1f);
+  float cos_sin[64] = {1};
+  std::mt19937 rng(4);
+  std::vector<Bf16> q = RandomBf16(4 * kIndexDim, rng);
+  EXPECT_THAT(std::string(IndexQuery::Prepare(absl::MakeConstSpan(q).first(100), w, cos_sin).status().message()),
+              HasSubstr("100 query values for 4 head weights"));
+  q[kIndexDim + 5] = ToBf16(std::numeric_limits<float>::infinity());
+  EXPECT_THAT(std::string(IndexQuery::Prepare(q, w, cos_sin).status().message()), HasSubstr("head 1 dim 5 is not finite"));
+}
+
+TEST(Indexer, ReferenceAttentionMatchesTheClosedForm) {
+  // One row, one head: p = e^l / (e^l + e^sink); out = p * row.
+  std::vector<Bf16> q(kHeadDim, ToBf16(0.0f));
+  q[0] = ToBf16(2.0f);
+  std::vector<float> row(kHeadDim, 0.5f), out(kHeadDim);
+  row[0] = 3.0f;
+  const std::vector<float> sink = {0.7f};
+  ASSERT_TRUE(SparseAttentionRef(q, row, sink, absl::MakeSpan(out)).ok());
+  const double l = 2.0 * 3.0 / std::sqrt(512.0);
+  const double p = std::exp(l) / (std::exp(l) + std::exp(0.7));
+  EXPECT_NEAR(out[0], p * 3.0, 1e-6);
+  EXPECT_NEAR(out[9], p * 0.5, 1e-6);
+  EXPECT_FALSE(SparseAttentionRef(q, std::vector<float>(10), sink, absl::MakeSpan(out)).ok());
+}
+
+TEST(Indexer, SelectAttentionSetWindowHcaAndCsa) {
+  std::mt19937 rng(5);
+  ModelSpec spec = ModelSpec::V4Flash();
+  spec.layers.assign(3, LayerSpec{});
+  spec.layers[0].kind = LayerKind::kWindow;
+  spec.layers[1].kind = LayerKind::kCsa;
+  spec.layers[2].kind = LayerKind::kHca;
+  spec.window = 8;
+  spec.index_topk = 3;
+  CacheOptions options;
+  options.state_bytes = 64 << 20;
+  options.history_bytes = 16 << 20;
+  options.rollback_depth = 4;
+  auto cache = *Cache::Create(spec, options);
+  const SequenceId seq = *cache->CreateSequence();
+  EXPECT_EQ(cache->SelectAttentionSet(seq, 0, nullptr).status().code(), absl::StatusCode::kFailedPrecondition);
+  const int64_t tokens = 300;
+  for (int layer = 0; layer < 3; ++layer) ASSERT_TRUE(cache->Append(seq, layer, 0, {RandomBf16(tokens * kHeadDim, rng)}).ok());
+  ASSERT_TRUE(cache->AppendCompressedRows(seq, 1, 0, RandomBf16(75 * kHeadDim, rng)).ok());
+  ASSERT_TRUE(cache->AppendIndexKeys(seq, 1, 0, RandomBf16(75 * kIndexDim, rng)).ok());
+  ASSERT_TRUE(cache->AppendCompressedRows(seq, 2, 0, RandomBf16(2 * kHeadDim, rng)).ok());
+
+  const AttentionSet window = *cache->SelectAttentionSet(seq, 0, nullptr);
+  EXPECT_EQ(window.position, 299);
+  EXPECT_EQ(window.indices, (std::vector<int32_t>{4, 5, 6, 7, 0, 1, 2, 3}));  // positions 292..299
+  const AttentionSet hca = *cache->SelectAttentionSet(seq, 2, nullptr);
+  EXPECT_EQ(std::vector<int32_t>(hca.indices.end() - 2, hca.indices.end()), (std::vector<int32_t>{8, 9}));
+
+  EXPECT_EQ(cache->SelectAttentionSet(seq, 1, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  const IndexQuery q = *cache->PrepareIndexQuery(299, RandomBf16(64 * kIndexDim, rng), std::vector<float>(64, 0.1f));
+  std::vector<float> scores;
+  const AttentionSet csa = *cache->SelectAttentionSet(seq, 1, &q, &scores);
+  ASSERT_EQ(scores.size(), 75u);
+  ASSERT_EQ(csa.indices.size(), 8u + 3u);
+  std::vector<int64_t> picked;
+  for (size_t i = 8; i < csa.indices.size(); ++i) picked.push_back(csa.indices[i] - 8);
+  EXPECT_EQ(picked, TopK(scores, 3));
+  // The gathered rows are the stored rows.
+  std::vector<float> gathered(csa.rows.size() * kHeadDim);
+  ASSERT_TRUE(GatherAttentionRows(csa, absl::MakeSpan(gathered)).ok());
+  std::vector<float> entry(kHeadDim);
+  const HistoryView rows = *cache->CompressedRows(seq, 1);
+  ASSERT_TRUE(DequantizeKvRows(rows.pages[static_cast<size_t>(picked[0] / rows.rows_per_page)].Slice(picked[0] % rows.rows_per_page, 1),
+                               absl::MakeSpan(entry)).ok());
+  EXPECT_EQ(std::vector<float>(gathered.begin() + 8 * kHeadDim, gathered.begin() + 9 * kHeadDim), entry);
+}
+
+}  // namespace
+}  // namespace kvc
