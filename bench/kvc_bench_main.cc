@@ -17,9 +17,14 @@
 namespace kvc::bench {
 namespace {
 
-// Benchmark base name -> reference base name, filled by RegisterRoofline().
-std::map<std::string, std::string>& References() {
-  static auto* references = new std::map<std::string, std::string>;
+struct Roofline {
+  std::string reference;  // base name of the roofline benchmark
+  std::string counter;    // the rate compared
+};
+
+// Benchmark base name -> its roofline, filled by RegisterRoofline().
+std::map<std::string, Roofline>& References() {
+  static auto* references = new std::map<std::string, Roofline>;
   return *references;
 }
 
@@ -40,9 +45,7 @@ class RooflineReporter : public benchmark::ConsoleReporter {
       if (run.run_type != Run::RT_Iteration && !median) continue;
       const std::string name = run.run_name.str();
       if (!median && medians_.count(name) != 0) continue;
-      const auto it = run.counters.find("bytes_per_second");
-      if (it == run.counters.end()) continue;
-      bytes_per_second_[name] = it->second.value;
+      for (const auto& [counter, value] : run.counters) rates_[name][counter] = value.value;
       if (median) medians_.insert(name);
     }
     ConsoleReporter::ReportRuns(runs);
@@ -51,29 +54,34 @@ class RooflineReporter : public benchmark::ConsoleReporter {
   void Finalize() override {
     ConsoleReporter::Finalize();
     fmt::print("\nRatios to rooflines measured in this run (SIMD target {}):\n", ActiveSimdTargetName());
-    fmt::print("{:<52}{:>12}{:>14}{:>8}\n", "benchmark", "GB/s", "roofline GB/s", "ratio");
-    for (const auto& [name, bps] : bytes_per_second_) {
+    fmt::print("{:<46}{:>18}{:>12}{:>12}{:>8}\n", "benchmark", "counter", "value (G)", "roofline", "ratio");
+    for (const auto& [name, counters] : rates_) {
       const auto ref = References().find(BaseName(name));
       if (ref == References().end()) continue;
+      const auto value = counters.find(ref->second.counter);
+      if (value == counters.end()) continue;
       // The roofline run at the same thread count.
-      const auto roof = std::find_if(bytes_per_second_.begin(), bytes_per_second_.end(), [&](const auto& run) {
-        return BaseName(run.first) == ref->second && Threads(run.first) == Threads(name);
+      const auto roof = std::find_if(rates_.begin(), rates_.end(), [&](const auto& run) {
+        return BaseName(run.first) == ref->second.reference && Threads(run.first) == Threads(name) &&
+               run.second.count(ref->second.counter) != 0;
       });
-      if (roof == bytes_per_second_.end()) continue;
-      fmt::print("{:<52}{:>12.2f}{:>14.2f}{:>8.2f}  (vs {}, {} thread{})\n", name, bps / 1e9, roof->second / 1e9,
-                 bps / roof->second, ref->second, Threads(name), Threads(name) > 1 ? "s" : "");
+      if (roof == rates_.end()) continue;
+      const double roof_value = roof->second.at(ref->second.counter);
+      fmt::print("{:<46}{:>18}{:>12.2f}{:>12.2f}{:>8.2f}  (vs {}, {} thread{})\n", name, ref->second.counter,
+                 value->second / 1e9, roof_value / 1e9, value->second / roof_value, ref->second.reference, Threads(name),
+                 Threads(name) > 1 ? "s" : "");
     }
   }
 
  private:
-  std::map<std::string, double> bytes_per_second_;
+  std::map<std::string, std::map<std::string, double>> rates_;  // run -> counter -> rate
   std::set<std::string> medians_;
 };
 
 }  // namespace
 
-bool RegisterRoofline(const std::string& name, const std::string& reference) {
-  References()[name] = reference;
+bool RegisterRoofline(const std::string& name, const std::string& reference, const std::string& counter) {
+  References()[name] = {reference, counter};
   return true;
 }
 

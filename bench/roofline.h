@@ -13,14 +13,15 @@ namespace kvc::bench {
 // Buffers per thread: past the 32 MiB L3 so DRAM, not cache, is measured.
 constexpr size_t kBufferBytesPerThread = size_t{64} << 20;
 
-// Declares that benchmark `name`'s bytes/s should be read against the
-// roofline benchmark `reference` (e.g. "BM_Memcpy") at the same thread count.
-// Use through KVC_BENCHMARK_ROOFLINE next to BENCHMARK().
-bool RegisterRoofline(const std::string& name, const std::string& reference);
+// Declares that benchmark `name`'s counter (default: bytes/s) should be read
+// against the same counter of benchmark `reference` (e.g. "BM_Memcpy") at the
+// same thread count. Use through KVC_BENCHMARK_ROOFLINE next to BENCHMARK().
+bool RegisterRoofline(const std::string& name, const std::string& reference,
+                      const std::string& counter = "bytes_per_second");
 
 }  // namespace kvc::bench
 
-#define KVC_BENCHMARK_ROOFLINE(benchmark_fn, reference) \
-  static const bool kvc_roofline_##benchmark_fn = ::kvc::bench::RegisterRoofline(#benchmark_fn, reference)
+#define KVC_BENCHMARK_ROOFLINE(benchmark_fn, ...) \
+  static const bool kvc_roofline_##benchmark_fn = ::kvc::bench::RegisterRoofline(#benchmark_fn, __VA_ARGS__)
 
 #endif  // KVC_BENCH_ROOFLINE_H_

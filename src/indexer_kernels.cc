@@ -26,57 +26,135 @@ using VF = hn::Vec<DF>;
 
 constexpr int8_t kTwiceE2M1[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
+#if HWY_TARGET == HWY_AVX3_DL
+// Highway's AVX3_DL target string enables the 256-bit AVX-VNNI but not the
+// 512-bit AVX512-VNNI, though Highway picks AVX3_DL only on CPUs that have it.
+// The key loop is compiled for both (a superset of the target, so Highway ops
+// still inline into it); it is called once per page.
+#define KVC_VNNI512 __attribute__((target(HWY_TARGET_STR ",avx512vnni")))
+
+// The 128 codes of a packed key as unsigned bytes 2*E2M1 + 12, in element
+// order, with a few vector ops: widen each 16-bit word (4 nibbles = 4
+// consecutive elements) to 32 bits, spread its nibbles into the four bytes,
+// and map them through a 16-entry table.
+KVC_VNNI512 HWY_INLINE void DecodeKeyU8(const uint8_t* packed, uint8_t* out) {
+  const __m512i table = _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+  for (int half = 0; half < 2; ++half) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + 32 * half)));
+    const __m512i nibbles = _mm512_or_si512(
+        _mm512_or_si512(_mm512_and_si512(w, _mm512_set1_epi32(0xF)), _mm512_slli_epi32(_mm512_and_si512(w, _mm512_set1_epi32(0xF0)), 4)),
+        _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(w, _mm512_set1_epi32(0xF00)), 8),
+                        _mm512_slli_epi32(_mm512_and_si512(w, _mm512_set1_epi32(0xF000)), 12)));
+    _mm512_storeu_si512(out + 64 * half, _mm512_shuffle_epi8(table, nibbles));
+  }
+}
+
+// Scores kKeys keys against head vectors [v0, v0 + kV) (16 heads each),
+// adding the weighted relus into each key's running sums. Several keys per
+// pass give independent vpdpbusd chains and let each query load feed them all.
+template <int kKeys, int kV>
+KVC_VNNI512 HWY_INLINE void ScoreHeadVectors(const IndexQuery& q, size_t padded, size_t v0, const uint8_t* key_u8,
+                                             const uint8_t* const* key_scales, VF* sums) {
+  const DF df;
+  VF s[kKeys][kV];
+  for (int k = 0; k < kKeys; ++k) {
+    for (int v = 0; v < kV; ++v) s[k][v] = hn::Zero(df);
+  }
+  for (int b = 0; b < 4; ++b) {
+    __m512i acc[kKeys][kV];
+    for (int k = 0; k < kKeys; ++k) {
+      for (int v = 0; v < kV; ++v) acc[k][v] = _mm512_setzero_si512();
+    }
+    for (int g = 8 * b; g < 8 * b + 8; ++g) {
+      const int8_t* qg = q.q_s8() + (static_cast<size_t>(g) * (padded / 16) + v0) * 64;
+      __m512i k4[kKeys];
+      for (int k = 0; k < kKeys; ++k) {
+        int32_t four;
+        __builtin_memcpy(&four, key_u8 + 128 * k + 4 * g, 4);
+        k4[k] = _mm512_set1_epi32(four);
+      }
+      for (int v = 0; v < kV; ++v) {
+        const __m512i qv = _mm512_loadu_si512(qg + 64 * v);
+        for (int k = 0; k < kKeys; ++k) acc[k][v] = _mm512_dpbusd_epi32(acc[k][v], k4[k], qv);
+      }
+    }
+    for (int v = 0; v < kV; ++v) {
+      const size_t at = static_cast<size_t>(b) * padded + (v0 + static_cast<size_t>(v)) * 16;
+      const __m512i offset = _mm512_loadu_si512(q.q_offset() + at);  // undoes the +12 key offset
+      const VF q_scale = hn::LoadU(df, q.q_scale() + at);
+      for (int k = 0; k < kKeys; ++k) {
+        const VF scale = hn::Mul(q_scale, hn::Set(df, F32FromUe8m0(key_scales[k][b])));
+        s[k][v] = hn::Add(s[k][v], hn::Mul(VF{_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[k][v], offset))}, scale));
+      }
+    }
+  }
+  for (int v = 0; v < kV; ++v) {
+    const VF w = hn::LoadU(df, q.weights() + (v0 + static_cast<size_t>(v)) * 16);
+    for (int k = 0; k < kKeys; ++k) sums[k] = hn::Add(sums[k], hn::Mul(hn::Max(s[k][v], hn::Zero(df)), w));
+  }
+}
+
+// Scores keys [j, j + kKeys): all head vectors, then the halving order.
+template <int kKeys>
+KVC_VNNI512 HWY_INLINE void ScoreKeyGroup(const IndexQuery& q, size_t padded, const uint8_t* codes, int64_t code_stride,
+                                          const uint8_t* scales, int64_t scale_stride, int64_t j, float* out) {
+  const DF df;
+  HWY_ALIGN uint8_t key_u8[128 * kKeys];
+  HWY_ALIGN float partial[16];
+  const uint8_t* key_scales[kKeys];
+  VF sums[kKeys];
+  for (int k = 0; k < kKeys; ++k) {
+    DecodeKeyU8(codes + (j + k) * code_stride, key_u8 + 128 * k);
+    key_scales[k] = scales + (j + k) * scale_stride;
+    sums[k] = hn::Zero(df);
+  }
+  const size_t vectors = padded / 16;
+  size_t v0 = 0;
+  for (; v0 + 2 <= vectors; v0 += 2) ScoreHeadVectors<kKeys, 2>(q, padded, v0, key_u8, key_scales, sums);
+  for (; v0 < vectors; ++v0) ScoreHeadVectors<kKeys, 1>(q, padded, v0, key_u8, key_scales, sums);
+  for (int k = 0; k < kKeys; ++k) {
+    hn::Store(sums[k], df, partial);
+    for (int width = 8; width >= 1; width /= 2) {
+      for (int i = 0; i < width; ++i) partial[i] += partial[i + width];
+    }
+    out[j + k] = partial[0];
+  }
+}
+
+KVC_VNNI512 void ScoreKeysVnni(const IndexQuery& q, const uint8_t* codes, int64_t code_stride, const uint8_t* scales,
+                               int64_t scale_stride, int64_t n, float* out) {
+  const size_t padded = static_cast<size_t>(q.padded_heads());
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) ScoreKeyGroup<4>(q, padded, codes, code_stride, scales, scale_stride, j, out);
+  for (; j < n; ++j) ScoreKeyGroup<1>(q, padded, codes, code_stride, scales, scale_stride, j, out);
+}
+#endif
+
 void ScoreKeys(const IndexQuery& q, const uint8_t* codes, int64_t code_stride, const uint8_t* scales,
                int64_t scale_stride, int64_t n, float* out) {
+#if HWY_TARGET == HWY_AVX3_DL
+  ScoreKeysVnni(q, codes, code_stride, scales, scale_stride, n, out);
+#else
   const DF df;
   const size_t lanes = hn::Lanes(df);
   const size_t padded = static_cast<size_t>(q.padded_heads());
-  const size_t vectors = padded / lanes;       // head vectors
-  const size_t partials = 16 / lanes;          // running sums (16 lanes in all)
-#if HWY_TARGET == HWY_AVX3_DL
-  HWY_ALIGN uint8_t key_u8[128];  // 2*E2M1 + 12, unsigned for vpdpbusd
-#else
-  HWY_ALIGN float key_f[128];     // 2*E2M1 as exact floats
-#endif
+  const size_t vectors = padded / lanes;  // head vectors
+  const size_t partials = 16 / lanes;     // running sums (16 lanes in all)
+  HWY_ALIGN float key_f[128];  // 2*E2M1 as exact floats
   HWY_ALIGN float partial[16];
   for (int64_t j = 0; j < n; ++j) {
     const uint8_t* k = codes + j * code_stride;
-    for (int e = 0; e < 128; ++e) {  // decode the key once for all heads
-      const int8_t c = kTwiceE2M1[(k[e / 2] >> (4 * (e & 1))) & 0xF];
-#if HWY_TARGET == HWY_AVX3_DL
-      key_u8[e] = static_cast<uint8_t>(c + 12);
-#else
-      key_f[e] = c;
-#endif
-    }
     const uint8_t* key_scales = scales + j * scale_stride;
     VF sums[16];
     for (size_t p = 0; p < partials; ++p) sums[p] = hn::Zero(df);
+    for (int e = 0; e < 128; ++e) key_f[e] = kTwiceE2M1[(k[e / 2] >> (4 * (e & 1))) & 0xF];
     for (size_t v = 0; v < vectors; ++v) {
       VF s = hn::Zero(df);
       for (int b = 0; b < 4; ++b) {
-        VF acc;
-#if HWY_TARGET == HWY_AVX3_DL
-        // AVX-VNNI (VEX, 256-bit; the target enables avxvnni): two vpdpbusd
-        // per 16 heads, 32 int8 MACs each.
-        __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
-        for (int g = 8 * b; g < 8 * b + 8; ++g) {
-          int32_t four;
-          __builtin_memcpy(&four, key_u8 + 4 * g, 4);
-          const __m256i k4 = _mm256_set1_epi32(four);
-          const int8_t* qv = q.q_s8() + (static_cast<size_t>(g) * (padded / 16) + v) * 64;
-          lo = _mm256_dpbusd_avx_epi32(lo, k4, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qv)));
-          hi = _mm256_dpbusd_avx_epi32(hi, k4, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qv + 32)));
-        }
-        __m512i acc_i = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-        acc_i = _mm512_sub_epi32(acc_i, _mm512_loadu_si512(q.q_offset() + static_cast<size_t>(b) * padded + v * lanes));
-        acc = VF{_mm512_cvtepi32_ps(acc_i)};
-#else
-        acc = hn::Zero(df);
+        VF acc = hn::Zero(df);  // an exact integer in every lane
         for (int e = 32 * b; e < 32 * b + 32; ++e) {
           acc = hn::MulAdd(hn::LoadU(df, q.q_f32() + static_cast<size_t>(e) * padded + v * lanes), hn::Set(df, key_f[e]), acc);
         }
-#endif
         const VF scale = hn::Mul(hn::LoadU(df, q.q_scale() + static_cast<size_t>(b) * padded + v * lanes),
                                  hn::Set(df, F32FromUe8m0(key_scales[b])));
         s = hn::Add(s, hn::Mul(acc, scale));
@@ -90,6 +168,7 @@ void ScoreKeys(const IndexQuery& q, const uint8_t* codes, int64_t code_stride, c
     }
     out[j] = partial[0];
   }
+#endif
 }
 
 // Writes the indices i with scores[i] >= threshold to `out` (which has room
