@@ -14,9 +14,6 @@
 namespace kvc {
 namespace {
 
-// 2 * E2M1 value of a nibble: a small integer in [-12, 12].
-constexpr int8_t kTwiceE2M1[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
-
 int8_t Code(const uint8_t* packed, int e) { return kTwiceE2M1[(packed[e / 2] >> (4 * (e & 1))) & 0xF]; }
 
 }  // namespace

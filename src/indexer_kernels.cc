@@ -24,8 +24,6 @@ namespace hn = hwy::HWY_NAMESPACE;
 using DF = hn::ScalableTag<float>;
 using VF = hn::Vec<DF>;
 
-constexpr int8_t kTwiceE2M1[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
-
 #if HWY_TARGET == HWY_AVX3_DL
 // Highway's AVX3_DL target string enables the 256-bit AVX-VNNI but not the
 // 512-bit AVX512-VNNI, though Highway picks AVX3_DL only on CPUs that have it.

@@ -96,6 +96,10 @@ TEST(E2M1, DecodesAndRoundTripsEveryCode) {
   }
 }
 
+TEST(E2M1, TwiceTheValueTableIsExact) {
+  for (int code = 0; code < 16; ++code) EXPECT_EQ(kTwiceE2M1[code], 2.0f * F32FromE2M1(static_cast<uint8_t>(code))) << code;
+}
+
 TEST(E2M1, RoundsToNearestEvenAgainstSearch) {
   // Exhaustive over a fine grid of [0, 8] that hits every midpoint exactly.
   for (int i = 0; i <= 8 * 64; ++i) {

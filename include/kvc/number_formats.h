@@ -132,6 +132,10 @@ inline uint8_t E2M1FromF32(float x) {
   return static_cast<uint8_t>(((x < 0.0f) ? 0x8u : 0x0u) | E2M1MagnitudeIndex(abs_x));
 }
 
+// Twice the E2M1 value of each nibble: small integers in [-12, 12], so E2M1
+// products and their block sums are exact integers (the index-score kernels).
+constexpr int8_t kTwiceE2M1[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
 // E2M1 nibble (low 4 bits of `code`) -> fp32 (exact).
 inline float F32FromE2M1(uint8_t code) {
   const float magnitude = kE2M1Magnitudes[code & 7u];
