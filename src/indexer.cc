@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "kvc/compressor.h"
 #include "kvc/reference_codecs.h"
+#include "kvc/row_kernels.h"
 
 namespace kvc {
 namespace {
@@ -45,15 +46,21 @@ absl::StatusOr<IndexQuery> IndexQuery::Prepare(absl::Span<const Bf16> q_raw, abs
   q.q_offset_.assign(4 * padded, 0);
   q.q_scale_.assign(4 * padded, 0.0f);
   q.weights_.assign(padded, 0.0f);
+  // RoPE on every head's last 64 dims, then the index-key pipeline (spec §3)
+  // for all heads at once through the SIMD kernel (bit-identical to
+  // QuantizeIndexKeyRef; the values were range-checked above).
+  std::vector<Bf16> rotated(static_cast<size_t>(heads) * kIndexDim);
   for (int h = 0; h < q.heads_; ++h) {
-    // RoPE on the last 64 dims, then the index-key pipeline (spec §3).
     float x[kIndexDim];
     for (int i = 0; i < kIndexDim; ++i) x[i] = ToF32(q_raw[static_cast<size_t>(h * kIndexDim + i)]);
     RotateLast64(x, kIndexDim, cos_sin);
-    Bf16 rotated[kIndexDim];
-    for (int i = 0; i < kIndexDim; ++i) rotated[i] = ToBf16(x[i]);
-    IndexKeyFp4& stored = q.stored_[static_cast<size_t>(h)];
-    QuantizeIndexKeyRef(rotated, stored.codes, stored.scales);
+    for (int i = 0; i < kIndexDim; ++i) rotated[static_cast<size_t>(h * kIndexDim + i)] = ToBf16(x[i]);
+  }
+  const absl::Status quantized =
+      QuantizeIndexKeys(rotated, ContiguousRows(RowFormat::kIndexFp4, reinterpret_cast<uint8_t*>(q.stored_.data()), heads));
+  if (!quantized.ok()) return quantized;
+  for (int h = 0; h < q.heads_; ++h) {
+    const IndexKeyFp4& stored = q.stored_[static_cast<size_t>(h)];
     const size_t hs = static_cast<size_t>(h);
     for (int e = 0; e < kIndexDim; ++e) {
       const int8_t c = Code(stored.codes, e);

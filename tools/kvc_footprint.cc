@@ -26,6 +26,7 @@
 #include "kvc/cache.h"
 #include "kvc/footprint.h"
 #include "kvc/status.h"
+#include "tools/synthetic_model.h"
 
 namespace {
 
@@ -61,15 +62,6 @@ std::string Human(double bytes) {
   return fmt::format("{:.{}f} {}", bytes, u == 0 ? 0 : 2, units[u]);
 }
 
-// Peak resident set of this process, bytes (0 if unknown).
-int64_t PeakRss() {
-  std::ifstream status("/proc/self/status");
-  for (std::string line; std::getline(status, line);) {
-    if (line.rfind("VmHWM:", 0) == 0) return std::atoll(line.c_str() + 6) * 1024;
-  }
-  return 0;
-}
-
 struct Measurement {
   double measured_bytes = 0;   // the cache's own accounting (used bytes)
   double page_rounding = 0;    // bytes pages add over whole rows, from the layout formulas
@@ -82,56 +74,19 @@ struct Measurement {
 // reads its accounting.
 absl::StatusOr<Measurement> Measure(const FootprintModel& model, int64_t tokens) {
   kvc::ModelSpec spec = model.spec;
-  std::mt19937 rng(1);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  auto random = [&](size_t n, float scale) {
-    std::vector<float> v(n);
-    for (float& x : v) x = normal(rng) * scale;
-    return v;
-  };
-  const std::vector<float> csa_ape = random(4 * 1024, 0.5f), idx_ape = random(4 * 256, 0.5f),
-                           hca_ape = random(128 * 512, 0.5f), ones(512, 1.0f);
-  for (kvc::LayerSpec& l : spec.layers) {
-    if (l.kind == kvc::LayerKind::kCsa) {
-      l.compressor = {csa_ape, ones};
-      l.indexer = {idx_ape, absl::MakeConstSpan(ones).first(128)};
-    } else if (l.kind == kvc::LayerKind::kHca) {
-      l.compressor = {hca_ape, ones};
-    }
-  }
   spec.max_context = std::max<int64_t>(spec.max_context, tokens);
+  const kvc::tools::SyntheticModel synthetic(spec, 2048);
   kvc::CacheOptions options;
   options.rollback_depth = 0;
   options.history_bytes = static_cast<int64_t>(model.TotalBytes(tokens) * 1.01) + (int64_t{64} << 20);
   options.state_bytes = static_cast<int64_t>(model.ConstantBytes() * 1.01) + (int64_t{64} << 20);
-  KVC_ASSIGN_OR_RETURN(std::unique_ptr<kvc::Cache> cache, kvc::Cache::Create(spec, options));
+  KVC_ASSIGN_OR_RETURN(std::unique_ptr<kvc::Cache> cache, kvc::Cache::Create(synthetic.spec(), options));
   KVC_ASSIGN_OR_RETURN(const kvc::SequenceId seq, cache->CreateSequence());
-
-  constexpr int64_t kChunk = 2048;
-  std::vector<kvc::Bf16> rows(kChunk * kvc::kHeadDim);
-  for (kvc::Bf16& v : rows) v = kvc::ToBf16(normal(rng));
-  const std::vector<float> csa_kv = random(kChunk * 1024, 1), csa_score = random(kChunk * 1024, 2),
-                           idx_kv = random(kChunk * 256, 1), idx_score = random(kChunk * 256, 2),
-                           hca_kv = random(kChunk * 512, 1), hca_score = random(kChunk * 512, 2);
   const auto start = std::chrono::steady_clock::now();
   int last_percent = -1;
-  for (int64_t at = 0; at < tokens; at += kChunk) {
-    const int64_t n = std::min(kChunk, tokens - at);
-    for (size_t layer = 0; layer < spec.layers.size(); ++layer) {
-      kvc::LayerTokens t;
-      const size_t un = static_cast<size_t>(n);
-      t.window_rows = absl::MakeConstSpan(rows).first(un * kvc::kHeadDim);
-      if (spec.layers[layer].kind == kvc::LayerKind::kCsa) {
-        t.compressor_kv = absl::MakeConstSpan(csa_kv).first(un * 1024);
-        t.compressor_score = absl::MakeConstSpan(csa_score).first(un * 1024);
-        t.indexer_kv = absl::MakeConstSpan(idx_kv).first(un * 256);
-        t.indexer_score = absl::MakeConstSpan(idx_score).first(un * 256);
-      } else if (spec.layers[layer].kind == kvc::LayerKind::kHca) {
-        t.compressor_kv = absl::MakeConstSpan(hca_kv).first(un * 512);
-        t.compressor_score = absl::MakeConstSpan(hca_score).first(un * 512);
-      }
-      KVC_RETURN_IF_ERROR(cache->Append(seq, static_cast<int>(layer), at, t));
-    }
+  for (int64_t at = 0; at < tokens; at += synthetic.chunk_tokens()) {
+    const int64_t n = std::min(synthetic.chunk_tokens(), tokens - at);
+    KVC_RETURN_IF_ERROR(synthetic.Append(*cache, seq, at, n));
     const int percent = static_cast<int>(100 * (at + n) / tokens);
     if (percent / 5 != last_percent / 5) {
       fmt::print(stderr, "  measuring {}: {:3}% ({} of {} tokens)\n", model.name, percent, at + n, tokens);
@@ -141,7 +96,7 @@ absl::StatusOr<Measurement> Measure(const FootprintModel& model, int64_t tokens)
   Measurement m;
   m.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   m.measured_bytes = static_cast<double>(cache->Usage().used_bytes());
-  m.peak_rss = PeakRss();
+  m.peak_rss = kvc::tools::PeakRssBytes();
   // Page rounding, from the layout formulas (docs/layout.md).
   const int64_t rpp = options.rows_per_page, kpp = options.keys_per_page;
   const int64_t kv_page = (rpp * 584 + 575) / 576 * 576;
