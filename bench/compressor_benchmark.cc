@@ -146,19 +146,19 @@ ModelSpec OneLayer(LayerKind kind) {
 void BM_Append_Window(benchmark::State& state) { RunAppend(state, OneLayer(LayerKind::kWindow), kMillion); }
 void BM_Append_Csa(benchmark::State& state) { RunAppend(state, OneLayer(LayerKind::kCsa), kMillion); }
 void BM_Append_Hca(benchmark::State& state) { RunAppend(state, OneLayer(LayerKind::kHca), kMillion); }
-void BM_Append_V4Flash_1M(benchmark::State& state) { RunAppend(state, ModelSpec::V4Flash(), kMillion); }
-void BM_Append_V4Pro_1M(benchmark::State& state) { RunAppend(state, ModelSpec::V4Pro(), kMillion); }
+void BM_Prefill_V4Flash_1M(benchmark::State& state) { RunAppend(state, ModelSpec::V4Flash(), kMillion); }
+void BM_Prefill_V4Pro_1M(benchmark::State& state) { RunAppend(state, ModelSpec::V4Pro(), kMillion); }
 
 BENCHMARK(BM_Append_Window)->Iterations(1)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Append_Csa)->Iterations(1)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Append_Hca)->Iterations(1)->UseRealTime()->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_Append_V4Flash_1M)->Iterations(1)->UseRealTime()->Unit(benchmark::kSecond);
-BENCHMARK(BM_Append_V4Pro_1M)->Iterations(1)->UseRealTime()->Unit(benchmark::kSecond);
+BENCHMARK(BM_Prefill_V4Flash_1M)->Iterations(1)->UseRealTime()->Unit(benchmark::kSecond);
+BENCHMARK(BM_Prefill_V4Pro_1M)->Iterations(1)->UseRealTime()->Unit(benchmark::kSecond);
 KVC_BENCHMARK_ROOFLINE(BM_Append_Window, "BM_Memcpy");
 KVC_BENCHMARK_ROOFLINE(BM_Append_Csa, "BM_Memcpy");
 KVC_BENCHMARK_ROOFLINE(BM_Append_Hca, "BM_Memcpy");
-KVC_BENCHMARK_ROOFLINE(BM_Append_V4Flash_1M, "BM_Memcpy");
-KVC_BENCHMARK_ROOFLINE(BM_Append_V4Pro_1M, "BM_Memcpy");
+KVC_BENCHMARK_ROOFLINE(BM_Prefill_V4Flash_1M, "BM_Memcpy");
+KVC_BENCHMARK_ROOFLINE(BM_Prefill_V4Pro_1M, "BM_Memcpy");
 
 }  // namespace
 }  // namespace kvc::bench
