@@ -159,6 +159,7 @@ KVC_BENCHMARK_ROOFLINE(BM_Append_Csa, "BM_Memcpy");
 KVC_BENCHMARK_ROOFLINE(BM_Append_Hca, "BM_Memcpy");
 KVC_BENCHMARK_ROOFLINE(BM_Prefill_V4Flash_1M, "BM_Memcpy");
 KVC_BENCHMARK_ROOFLINE(BM_Prefill_V4Pro_1M, "BM_Memcpy");
+KVC_BENCHMARK_ROOFLINE_TAGGED(BM_Prefill_V4Pro_1M, read, "BM_ReadBandwidth");
 
 }  // namespace
 }  // namespace kvc::bench

@@ -66,6 +66,8 @@ BENCHMARK(BM_DecodeStep_V4Flash_1M)->Iterations(8)->UseRealTime()->Unit(benchmar
 BENCHMARK(BM_DecodeStep_V4Pro_1M)->Iterations(8)->UseRealTime()->Unit(benchmark::kMillisecond);
 KVC_BENCHMARK_ROOFLINE(BM_DecodeStep_V4Flash_1M, "BM_ReadBandwidth");
 KVC_BENCHMARK_ROOFLINE(BM_DecodeStep_V4Pro_1M, "BM_ReadBandwidth");
+KVC_BENCHMARK_ROOFLINE_TAGGED(BM_DecodeStep_V4Flash_1M, macs, "BM_Int8Peak", "MACs_per_second");
+KVC_BENCHMARK_ROOFLINE_TAGGED(BM_DecodeStep_V4Pro_1M, macs, "BM_Int8Peak", "MACs_per_second");
 
 // DRAM read bandwidth: summing 256 MiB per thread.
 void BM_ReadBandwidth(benchmark::State& state) {

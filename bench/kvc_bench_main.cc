@@ -22,9 +22,9 @@ struct Roofline {
   std::string counter;    // the rate compared
 };
 
-// Benchmark base name -> its roofline, filled by RegisterRoofline().
-std::map<std::string, Roofline>& References() {
-  static auto* references = new std::map<std::string, Roofline>;
+// Benchmark base name -> its rooflines, filled by RegisterRoofline().
+std::map<std::string, std::vector<Roofline>>& References() {
+  static auto* references = new std::map<std::string, std::vector<Roofline>>;
   return *references;
 }
 
@@ -56,20 +56,21 @@ class RooflineReporter : public benchmark::ConsoleReporter {
     fmt::print("\nRatios to rooflines measured in this run (SIMD target {}):\n", ActiveSimdTargetName());
     fmt::print("{:<46}{:>18}{:>12}{:>12}{:>8}\n", "benchmark", "counter", "value (G)", "roofline", "ratio");
     for (const auto& [name, counters] : rates_) {
-      const auto ref = References().find(BaseName(name));
-      if (ref == References().end()) continue;
-      const auto value = counters.find(ref->second.counter);
-      if (value == counters.end()) continue;
-      // The roofline run at the same thread count.
-      const auto roof = std::find_if(rates_.begin(), rates_.end(), [&](const auto& run) {
-        return BaseName(run.first) == ref->second.reference && Threads(run.first) == Threads(name) &&
-               run.second.count(ref->second.counter) != 0;
-      });
-      if (roof == rates_.end()) continue;
-      const double roof_value = roof->second.at(ref->second.counter);
-      fmt::print("{:<46}{:>18}{:>12.2f}{:>12.2f}{:>8.2f}  (vs {}, {} thread{})\n", name, ref->second.counter,
-                 value->second / 1e9, roof_value / 1e9, value->second / roof_value, ref->second.reference, Threads(name),
-                 Threads(name) > 1 ? "s" : "");
+      const auto refs = References().find(BaseName(name));
+      if (refs == References().end()) continue;
+      for (const Roofline& ref : refs->second) {
+        const auto value = counters.find(ref.counter);
+        if (value == counters.end()) continue;
+        // The roofline run at the same thread count.
+        const auto roof = std::find_if(rates_.begin(), rates_.end(), [&](const auto& run) {
+          return BaseName(run.first) == ref.reference && Threads(run.first) == Threads(name) &&
+                 run.second.count(ref.counter) != 0;
+        });
+        if (roof == rates_.end()) continue;
+        const double roof_value = roof->second.at(ref.counter);
+        fmt::print("{:<46}{:>18}{:>12.2f}{:>12.2f}{:>8.2f}  (vs {}, {} thread{})\n", name, ref.counter, value->second / 1e9,
+                   roof_value / 1e9, value->second / roof_value, ref.reference, Threads(name), Threads(name) > 1 ? "s" : "");
+      }
     }
   }
 
@@ -81,7 +82,7 @@ class RooflineReporter : public benchmark::ConsoleReporter {
 }  // namespace
 
 bool RegisterRoofline(const std::string& name, const std::string& reference, const std::string& counter) {
-  References()[name] = {reference, counter};
+  References()[name].push_back({reference, counter});
   return true;
 }
 

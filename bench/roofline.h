@@ -21,7 +21,9 @@ bool RegisterRoofline(const std::string& name, const std::string& reference,
 
 }  // namespace kvc::bench
 
-#define KVC_BENCHMARK_ROOFLINE(benchmark_fn, ...) \
-  static const bool kvc_roofline_##benchmark_fn = ::kvc::bench::RegisterRoofline(#benchmark_fn, __VA_ARGS__)
+// Several rooflines per benchmark are fine: give each a distinct tag.
+#define KVC_BENCHMARK_ROOFLINE(benchmark_fn, ...) KVC_BENCHMARK_ROOFLINE_TAGGED(benchmark_fn, 0, __VA_ARGS__)
+#define KVC_BENCHMARK_ROOFLINE_TAGGED(benchmark_fn, tag, ...) \
+  static const bool kvc_roofline_##benchmark_fn##_##tag = ::kvc::bench::RegisterRoofline(#benchmark_fn, __VA_ARGS__)
 
 #endif  // KVC_BENCH_ROOFLINE_H_
