@@ -1,4 +1,4 @@
-// kvc-demo: the README's main job, for now. Quantizes a batch of synthetic
+// kvc-demo: a short tour of kvc's storage formats. Quantizes a batch of synthetic
 // attention rows and index keys the way the cache stores them, then reports
 // bytes per row, the reconstruction error and the throughput of each kernel.
 //
