@@ -15,6 +15,9 @@ function(kvc_target_options target)
     if(KVC_WERROR)
       target_compile_options(${target} PRIVATE -Werror)
     endif()
+    if(KVC_FUZZ)
+      target_compile_options(${target} PRIVATE -fsanitize=fuzzer-no-link)  # coverage for libFuzzer
+    endif()
     if(KVC_SANITIZE)
       target_compile_options(${target} PRIVATE -fsanitize=${KVC_SANITIZE}
                                                -fno-sanitize-recover=all -fno-omit-frame-pointer)

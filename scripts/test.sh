@@ -2,7 +2,7 @@
 # Builds kvc and runs every test, twice: a release build with warnings as
 # errors, then an AddressSanitizer + UndefinedBehaviorSanitizer build; in
 # between, the concurrent parts (cache, page pools, the stress test) under
-# ThreadSanitizer.
+# ThreadSanitizer, and the parsers under libFuzzer for a bounded time.
 # Installs missing packages first. This is what CI runs (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +21,9 @@ cmake -S . -B build/tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVC_WERROR
 cmake --build build/tsan -j "$jobs" --target cache_stress_test cache_test page_pool_test
 TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
   ctest --test-dir build/tsan --output-on-failure -j "$jobs" -R '^(CacheStress|Cache|PagePool)\.'
+
+echo "== libFuzzer: JSON, safetensors and config.json readers (${FUZZ_SECONDS:-20}s each)"
+./scripts/fuzz.sh
 
 echo "== ASan + UBSan build (-Werror)"
 cmake -S . -B build/asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVC_WERROR=ON \
