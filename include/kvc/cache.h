@@ -11,10 +11,11 @@
 //
 // History pages are append-only and shared between forks; state pages are
 // private. The two lifetime classes draw from separate arenas with separate
-// byte limits. (Compressed rows and index keys are written by the compressor
-// pools through AppendCompressedRows / AppendIndexKeys, which an engine with
-// its own compressor can call too; they copy a partial page shared with a
-// fork before writing into it.)
+// byte limits. Compressed rows and index keys are written by Append, which
+// runs the compressors on layers whose ModelSpec has their parameters, or by
+// AppendCompressedRows / AppendIndexKeys for an engine with its own
+// compressor; either way a partial page shared with a fork is copied before
+// it is written.
 //
 // Every mutation validates its arguments and plans its allocations before it
 // changes anything: a failed call leaves the cache exactly as it was
@@ -22,8 +23,9 @@
 //
 // Thread safety: all methods may be called concurrently. Calls on different
 // sequences run in parallel; calls on the same sequence are serialised by a
-// per-sequence lock. Views returned by Window() stay valid until the next
-// mutation of that sequence or its Free().
+// per-sequence lock. Zero-copy views (Window, CompressedRows, IndexKeys, the
+// RowRefs of an AttentionSet) stay valid until the next mutation of that
+// sequence or its Free().
 #ifndef KVC_CACHE_H_
 #define KVC_CACHE_H_
 
