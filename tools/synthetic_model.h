@@ -40,6 +40,7 @@ class SyntheticModel {
   };
   // One decode step at position t (the sequence holds t tokens): append
   // token t to every layer, then select and gather every layer's set.
+  // Not thread-safe: it gathers into this object's scratch buffer.
   absl::Status DecodeStep(Cache& cache, SequenceId seq, int64_t t, StepStats* stats) const;
 
  private:
