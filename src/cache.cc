@@ -21,16 +21,10 @@
 namespace kvc {
 namespace {
 
-constexpr int64_t kKvDataBytes = 576;   // of a 584-byte row: codes + bf16 RoPE dims
-constexpr int64_t kKvScaleBytes = 8;    // UE8M0 scales + padding
-constexpr int64_t kKvRowBytes = kKvDataBytes + kKvScaleBytes;
-constexpr int64_t kIndexKeyBytes = 68;
-
-int64_t RoundUp(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
-
-// A page of `rows` KV rows in the engines' layout (data parts, then the scale
-// footer), padded to a multiple of 576 bytes as FlashMLA requires.
-int64_t KvPageBytes(int64_t rows) { return RoundUp(rows * kKvRowBytes, kKvDataBytes); }
+// The parts of a 584-byte KV row (row_formats.h).
+constexpr int64_t kKvDataBytes = FormatInfo(RowFormat::kKvFp8).data_bytes;    // codes + bf16 RoPE dims
+constexpr int64_t kKvScaleBytes = FormatInfo(RowFormat::kKvFp8).scale_bytes;  // UE8M0 scales + padding
+constexpr int64_t kKvRowBytes = FormatInfo(RowFormat::kKvFp8).row_bytes;
 
 // fp32 values per token row of a compressor's state: kv and score (+ape), each
 // width_factor * dim wide (spec §5).
@@ -501,7 +495,7 @@ absl::StatusOr<std::unique_ptr<Cache>> Cache::Create(ModelSpec spec, CacheOption
   const int64_t d = impl->spec.head_dim, di = impl->spec.index_dim;
   Arena* state = impl->state_arena.get();
   Arena* history = impl->history_arena.get();
-  impl->ring_pool = std::make_unique<PagePool>("window ring", KvPageBytes(options.rows_per_page), state);
+  impl->ring_pool = std::make_unique<PagePool>("window ring", PageBytes(RowFormat::kKvFp8, options.rows_per_page), state);
   impl->rollback_pool = std::make_unique<PagePool>("rollback rows", D * (kKvRowBytes + 8), state);
   // Compressor state keeps the open window(s) plus D token rows for rollback.
   impl->csa_state_pool = std::make_unique<PagePool>(
@@ -510,8 +504,8 @@ absl::StatusOr<std::unique_ptr<Cache>> Cache::Create(ModelSpec spec, CacheOption
       "CSA indexer state", (2 * 4 + D) * StateRowFloats(2, static_cast<int>(di)) * 4, state);
   impl->hca_state_pool = std::make_unique<PagePool>(
       "HCA compressor state", (128 + D) * StateRowFloats(1, static_cast<int>(d)) * 4, state);
-  impl->compressed_pool = std::make_unique<PagePool>("compressed rows", KvPageBytes(options.rows_per_page), history);
-  impl->keys_pool = std::make_unique<PagePool>("index keys", options.keys_per_page * kIndexKeyBytes, history);
+  impl->compressed_pool = std::make_unique<PagePool>("compressed rows", PageBytes(RowFormat::kKvFp8, options.rows_per_page), history);
+  impl->keys_pool = std::make_unique<PagePool>("index keys", PageBytes(RowFormat::kIndexFp4, options.keys_per_page), history);
   impl->compressed_rope = std::make_unique<RopeTable>(impl->spec.compressed_rope);
   return std::unique_ptr<Cache>(new Cache(std::move(impl)));
 }
@@ -767,23 +761,13 @@ absl::StatusOr<SequenceId> Cache::Fork(SequenceId id) {
     for (size_t i = 0; i < parent->layers.size(); ++i) {
       const LayerStreams& from = parent->layers[i];
       LayerStreams& to = child->layers[i];
-      for (size_t p = 0; p < from.ring.size(); ++p) {
-        std::memcpy(impl_->ring_pool->Data(to.ring[p]), impl_->ring_pool->Data(from.ring[p]),
-                    static_cast<size_t>(impl_->ring_pool->page_bytes()));
-      }
-      if (from.rollback != kNoPage) {
-        std::memcpy(impl_->rollback_pool->Data(to.rollback), impl_->rollback_pool->Data(from.rollback),
-                    static_cast<size_t>(impl_->rollback_pool->page_bytes()));
-      }
-      if (from.state != kNoPage) {
-        PagePool* pool = impl_->StatePool(impl_->spec.layers[i].kind);
-        std::memcpy(pool->Data(to.state), pool->Data(from.state), static_cast<size_t>(pool->page_bytes()));
-      }
-      if (from.indexer_state != kNoPage) {
-        PagePool* pool = impl_->csa_indexer_state_pool.get();
-        std::memcpy(pool->Data(to.indexer_state), pool->Data(from.indexer_state),
-                    static_cast<size_t>(pool->page_bytes()));
-      }
+      auto copy = [](const PagePool* pool, PageId from_page, PageId to_page) {
+        std::memcpy(pool->Data(to_page), pool->Data(from_page), static_cast<size_t>(pool->page_bytes()));
+      };
+      for (size_t p = 0; p < from.ring.size(); ++p) copy(impl_->ring_pool.get(), from.ring[p], to.ring[p]);
+      if (from.rollback != kNoPage) copy(impl_->rollback_pool.get(), from.rollback, to.rollback);
+      if (from.state != kNoPage) copy(impl_->StatePool(impl_->spec.layers[i].kind), from.state, to.state);
+      if (from.indexer_state != kNoPage) copy(impl_->csa_indexer_state_pool.get(), from.indexer_state, to.indexer_state);
       for (const PageId page : from.compressed) impl_->compressed_pool->Ref(page);
       for (const PageId page : from.keys) impl_->keys_pool->Ref(page);
       to.compressed = from.compressed;

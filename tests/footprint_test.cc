@@ -10,6 +10,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kvc/json.h"
+#include "tests/testing/run_program.h"
 
 namespace kvc {
 namespace {
@@ -60,12 +61,7 @@ TEST(Footprint, NamesAreParsedStrictly) {
 }
 
 int RunTool(const std::string& args, std::string* out) {
-  FILE* pipe = popen((std::string(KVC_FOOTPRINT_EXE) + " " + args + " 2>/dev/null").c_str(), "r");
-  std::array<char, 4096> buffer;
-  size_t n;
-  while ((n = fread(buffer.data(), 1, buffer.size(), pipe)) > 0) out->append(buffer.data(), n);
-  const int status = pclose(pipe);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return testing::RunProgram(KVC_FOOTPRINT_EXE, args, out, /*stderr_too=*/false);
 }
 
 TEST(FootprintTool, JsonHasEveryFieldAndMeasureEqualsAnalyticPlusPageRounding) {

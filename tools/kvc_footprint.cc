@@ -97,18 +97,18 @@ absl::StatusOr<Measurement> Measure(const FootprintModel& model, int64_t tokens)
   m.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   m.measured_bytes = static_cast<double>(cache->Usage().used_bytes());
   m.peak_rss = kvc::tools::PeakRssBytes();
-  // Page rounding, from the layout formulas (docs/layout.md).
+  // Page rounding, from the page geometry (docs/layout.md).
   const int64_t rpp = options.rows_per_page, kpp = options.keys_per_page;
-  const int64_t kv_page = (rpp * 584 + 575) / 576 * 576;
-  auto rounding = [&](int64_t count, int64_t per_page, int64_t page, int64_t row) {
-    return static_cast<double>((count + per_page - 1) / per_page * page - count * row);
+  auto rounding = [](kvc::RowFormat format, int64_t rows, int64_t per_page) {
+    const int64_t pages = (rows + per_page - 1) / per_page;
+    return static_cast<double>(pages * kvc::PageBytes(format, per_page) - rows * kvc::FormatInfo(format).row_bytes);
   };
   for (const kvc::LayerSpec& l : spec.layers) {
-    m.page_rounding += rounding(spec.window, rpp, kv_page, 584);
+    m.page_rounding += rounding(kvc::RowFormat::kKvFp8, spec.window, rpp);
     if (l.kind == kvc::LayerKind::kCsa) {
-      m.page_rounding += rounding(tokens / 4, rpp, kv_page, 584) + rounding(tokens / 4, kpp, (kpp * 68 + 63) / 64 * 64, 68);
+      m.page_rounding += rounding(kvc::RowFormat::kKvFp8, tokens / 4, rpp) + rounding(kvc::RowFormat::kIndexFp4, tokens / 4, kpp);
     } else if (l.kind == kvc::LayerKind::kHca) {
-      m.page_rounding += rounding(tokens / 128, rpp, kv_page, 584);
+      m.page_rounding += rounding(kvc::RowFormat::kKvFp8, tokens / 128, rpp);
     }
   }
   return m;

@@ -88,6 +88,16 @@ struct IndexKeyFp4 {
 static_assert(sizeof(IndexKeyFp4) == 68, "index key is 68 bytes");
 static_assert(sizeof(IndexKeyFp4) == FormatInfo(RowFormat::kIndexFp4).row_bytes, "table");
 
+// Bytes of a page of `rows` rows in the engines' layout (data parts, then
+// the scale footer): KV pages are padded to a multiple of 576 bytes, as
+// FlashMLA requires; other formats to a multiple of 64 (docs/layout.md).
+constexpr int64_t PageBytes(RowFormat format, int64_t rows) {
+  const int64_t align = format == RowFormat::kKvFp8 ? 576 : 64;
+  return (rows * FormatInfo(format).row_bytes + align - 1) / align * align;
+}
+static_assert(PageBytes(RowFormat::kKvFp8, 64) == 37440, "64 KV rows: 37,376 B padded to 65 x 576");
+static_assert(PageBytes(RowFormat::kIndexFp4, 64) == 4352, "64 index keys");
+
 // Non-owning view of `count` rows of one format. Row i's data part starts at
 // data + i * data_stride and its scale part at scales + i * scale_stride
 // (strides in bytes). Trivially copyable; Byte is uint8_t or const uint8_t.

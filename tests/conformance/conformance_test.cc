@@ -19,6 +19,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/testing/run_program.h"
 
 namespace kvc::conformance {
 namespace {
@@ -235,12 +236,7 @@ TEST(Conformance, MissingOrMalformedFilesAreClearFailures) {
 }
 
 int RunExecutable(const std::string& args, std::string* output) {
-  FILE* pipe = popen((std::string(KVC_CONFORMANCE_EXE) + " " + args + " 2>&1").c_str(), "r");
-  std::array<char, 4096> buffer;
-  size_t n;
-  while ((n = fread(buffer.data(), 1, buffer.size(), pipe)) > 0) output->append(buffer.data(), n);
-  const int status = pclose(pipe);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return testing::RunProgram(KVC_CONFORMANCE_EXE, args, output, /*stderr_too=*/true);
 }
 
 TEST(ConformanceExecutable, ExitStatusFollowsTheResult) {
