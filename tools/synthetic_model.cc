@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -88,12 +89,14 @@ absl::Status SyntheticModel::DecodeStep(Cache& cache, SequenceId seq, int64_t t,
   for (size_t layer = 0; layer < spec_.layers.size(); ++layer) {
     const bool csa = spec_.layers[layer].kind == LayerKind::kCsa;
     start = std::chrono::steady_clock::now();
-    absl::StatusOr<IndexQuery> query = csa ? cache.PrepareIndexQuery(t, index_q_, index_w_)
-                                           : absl::StatusOr<IndexQuery>(absl::UnknownError("unused"));
-    if (csa && !query.ok()) return query.status();
+    std::optional<IndexQuery> query;  // CSA layers only
+    if (csa) {
+      KVC_ASSIGN_OR_RETURN(query, cache.PrepareIndexQuery(t, index_q_, index_w_));
+    }
     stats->index_query += Since(start);
     start = std::chrono::steady_clock::now();
-    KVC_ASSIGN_OR_RETURN(const AttentionSet set, cache.SelectAttentionSet(seq, static_cast<int>(layer), csa ? &*query : nullptr));
+    KVC_ASSIGN_OR_RETURN(const AttentionSet set,
+                         cache.SelectAttentionSet(seq, static_cast<int>(layer), query ? &*query : nullptr));
     stats->select += Since(start);
     if (csa) stats->keys_scored += (t + 1) / 4;
     start = std::chrono::steady_clock::now();

@@ -36,15 +36,21 @@ struct Stored {
   std::vector<uint16_t> entries, keys;  // dequantized, bf16 bits
 };
 
-// Appends the case in the given chunk sizes (the first entry of `chunks` is
-// the first chunk; the rest cycle) and reads back what the cache stored.
+// Size of chunk i: chunks[0] first, then chunks[1..] in a cycle (so {P, 1}
+// is a prefill of P followed by one-token steps).
+int64_t ChunkSize(const std::vector<int64_t>& chunks, int64_t i) {
+  if (i == 0 || chunks.size() == 1) return chunks[0];
+  return chunks[1 + static_cast<size_t>(i - 1) % (chunks.size() - 1)];
+}
+
+// Appends the case in the chunk sizes of ChunkSize and reads back what the
+// cache stored.
 absl::StatusOr<Stored> Run(const GoldenLayer& c, const std::vector<int64_t>& chunks) {
   KVC_ASSIGN_OR_RETURN(std::unique_ptr<Cache> cache, c.MakeCache());
   KVC_ASSIGN_OR_RETURN(const SequenceId seq, cache->CreateSequence());
   const bool csa = c.kind == LayerKind::kCsa;
   for (int64_t at = 0, i = 0; at < c.tokens; ++i) {
-    const int64_t n = std::min(i == 0 ? chunks[0] : chunks[static_cast<size_t>(1 + (i - 1) % static_cast<int64_t>(chunks.size() - 1))],
-                               c.tokens - at);
+    const int64_t n = std::min(ChunkSize(chunks, i), c.tokens - at);
     KVC_RETURN_IF_ERROR(c.Append(*cache, seq, at, n));
     at += n;
   }
