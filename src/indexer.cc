@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -139,8 +140,11 @@ std::vector<int64_t> TopK(absl::Span<const float> scores, int64_t k) {
     const int64_t rank = std::min<int64_t>(s - 1, k * s / n + 2 * static_cast<int64_t>(std::sqrt(static_cast<double>(k * s / n))) + 8);
     std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), std::greater<float>());
     const float threshold = sample[static_cast<size_t>(rank)];
-    candidates.resize(static_cast<size_t>(n) + 64);  // room for the filter's whole-vector stores
-    candidates.resize(static_cast<size_t>(FilterAtLeastDispatch(scores.data(), n, threshold, candidates.data())));
+    // Room for every index, left uninitialised: the filter writes only the
+    // few thousand it keeps (zeroing 8 bytes per score cost more than that).
+    const std::unique_ptr<int64_t[]> kept(new int64_t[static_cast<size_t>(n)]);
+    const int64_t count = FilterAtLeastDispatch(scores.data(), n, threshold, kept.get());
+    candidates.assign(kept.get(), kept.get() + count);
   }
   if (static_cast<int64_t>(candidates.size()) < k) {  // the sample was unlucky (or k == n): take everything
     candidates.resize(static_cast<size_t>(n));

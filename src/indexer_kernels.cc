@@ -169,8 +169,8 @@ void ScoreKeys(const IndexQuery& q, const uint8_t* codes, int64_t code_stride, c
 #endif
 }
 
-// Writes the indices i with scores[i] >= threshold to `out` (which has room
-// for n + 64) and returns how many. Skips whole vectors without a hit.
+// Writes the indices i with scores[i] >= threshold to `out` (room for n)
+// and returns how many. Skips whole vectors without a hit.
 int64_t FilterAtLeast(const float* scores, int64_t n, float threshold, int64_t* out) {
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
