@@ -1,6 +1,7 @@
 #include "kvc/cache.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -531,22 +532,28 @@ bool KvcCompresses(const LayerSpec& layer) {
   return layer.kind != LayerKind::kWindow && !layer.compressor.ape.empty();
 }
 
+// The four projection inputs of a chunk: what each is called, how wide its
+// rows are, and whether this layer takes it.
+struct Projection {
+  absl::Span<const float> values;
+  const char* name;
+  int64_t width;
+  bool used;
+};
+
+std::array<Projection, 4> Projections(const ModelSpec& spec, const LayerSpec& l, const LayerTokens& t) {
+  const bool main = KvcCompresses(l), indexer = main && l.kind == LayerKind::kCsa;
+  const int64_t w = MainCompressor(l.kind, spec.head_dim).width(), iw = IndexerCompressor(spec.index_dim).width();
+  return {{{t.compressor_kv, "compressor_kv", w, main},
+           {t.compressor_score, "compressor_score", w, main},
+           {t.indexer_kv, "indexer_kv", iw, indexer},
+           {t.indexer_score, "indexer_score", iw, indexer}}};
+}
+
 // The projections a chunk of n tokens must carry on this layer (shapes only).
 absl::Status CheckProjectionShapes(const ModelSpec& spec, int layer, const LayerTokens& t, int64_t n) {
   const LayerSpec& l = spec.layers[static_cast<size_t>(layer)];
-  const bool indexer = l.kind == LayerKind::kCsa;
-  const struct {
-    absl::Span<const float> values;
-    const char* name;
-    bool used;
-    int64_t width;
-  } inputs[] = {
-      {t.compressor_kv, "compressor_kv", KvcCompresses(l), MainCompressor(l.kind, spec.head_dim).width()},
-      {t.compressor_score, "compressor_score", KvcCompresses(l), MainCompressor(l.kind, spec.head_dim).width()},
-      {t.indexer_kv, "indexer_kv", KvcCompresses(l) && indexer, IndexerCompressor(spec.index_dim).width()},
-      {t.indexer_score, "indexer_score", KvcCompresses(l) && indexer, IndexerCompressor(spec.index_dim).width()},
-  };
-  for (const auto& input : inputs) {
+  for (const Projection& input : Projections(spec, l, t)) {
     if (!input.used) {
       if (!input.values.empty()) {
         return absl::InvalidArgumentError(absl::StrCat(
@@ -563,32 +570,21 @@ absl::Status CheckProjectionShapes(const ModelSpec& spec, int layer, const Layer
   return absl::OkStatus();
 }
 
-// Finiteness of tokens [from, to) of every input of a chunk (shapes checked);
-// errors name the row within the chunk.
+// Finiteness of tokens [from, to) of every input of a chunk (shapes checked).
+// On a refusal the whole input is checked again, so the message names the
+// row within the chunk.
 absl::Status CheckFiniteSlice(const LayerTokens& t, int64_t from, int64_t to, const LayerSpec& l, const ModelSpec& spec) {
   auto rows = [&](auto span, int64_t width) {
     return span.subspan(static_cast<size_t>(from * width), static_cast<size_t>((to - from) * width));
   };
-  // On a refusal, the whole input is checked again: its message then names
-  // the row within the chunk.
   if (!CheckFiniteRows(rows(t.window_rows, kHeadDim), kHeadDim, "Append: window_rows").ok()) {
     return CheckFiniteRows(t.window_rows, kHeadDim, "Append: window_rows");
   }
-  if (!KvcCompresses(l)) return absl::OkStatus();
-  const int64_t w = MainCompressor(l.kind, spec.head_dim).width();
-  const int64_t iw = IndexerCompressor(spec.index_dim).width();
-  const struct {
-    absl::Span<const float> values;
-    int64_t width;
-    const char* name;
-  } inputs[] = {{t.compressor_kv, w, "Append: compressor_kv"},
-                {t.compressor_score, w, "Append: compressor_score"},
-                {t.indexer_kv, iw, "Append: indexer_kv"},
-                {t.indexer_score, iw, "Append: indexer_score"}};
-  for (const auto& input : inputs) {
-    if (input.values.empty()) continue;
-    if (!CheckFiniteF32(rows(input.values, input.width), input.width, input.name).ok()) {
-      return CheckFiniteF32(input.values, input.width, input.name);
+  for (const Projection& input : Projections(spec, l, t)) {
+    if (!input.used) continue;
+    const std::string what = absl::StrCat("Append: ", input.name);
+    if (!CheckFiniteF32(rows(input.values, input.width), input.width, what.c_str()).ok()) {
+      return CheckFiniteF32(input.values, input.width, what.c_str());
     }
   }
   return absl::OkStatus();
