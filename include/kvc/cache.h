@@ -229,6 +229,7 @@ class Cache {
   const CacheOptions& options() const;
 
  private:
+  friend class SnapshotAccess;  // snapshot.cc stores and restores the streams
   struct Impl;
   explicit Cache(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;

@@ -1,0 +1,110 @@
+// Snapshots: the exact state of sequences in a file, restored bit for bit.
+//
+// A snapshot stores what the cache stores, verbatim: every 584-byte
+// compressed row and 68-byte index key, each layer's window ring (slot order),
+// rollback records, compressor state rings, lengths and rollback floors
+// (format: docs/reliability.md). Every block of the file carries a CRC-32C
+// and the file names the model it belongs to, so a damaged, truncated,
+// foreign or wrong-model file is refused with an error naming the problem.
+//
+// Saves are atomic. A first save (or one that compacts) writes a temporary
+// file, flushes it and renames it over `path`; an incremental save appends
+// only what is new (history rows the file lacks, the changed per-layer state)
+// and a commit block last, then flushes. A save killed half-way therefore
+// leaves either the old file or the old file plus an unfinished tail, which
+// readers ignore: the previous snapshot stays usable.
+//
+// Threads: a save locks each sequence while it writes it (appends to that
+// sequence wait; other sequences run on), so each sequence is saved at one
+// consistent point. Saving to the same path from two threads at once is the
+// caller's to avoid.
+#ifndef KVC_SNAPSHOT_H_
+#define KVC_SNAPSHOT_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "kvc/cache.h"
+
+namespace kvc {
+
+// The on-disk format this build writes and reads.
+constexpr uint32_t kSnapshotFormatVersion = 1;
+
+struct SaveOptions {
+  // Append to an existing snapshot at `path` when it is a valid snapshot of
+  // this model: history rows it already holds for these sequences (from an
+  // earlier save of them, or of the snapshot they were restored from) are
+  // not written again. The file is rewritten whole instead when it is
+  // missing, damaged or for another model, or when more than half of it
+  // would be superseded data. false: always write a fresh file.
+  bool incremental = true;
+};
+
+struct SaveStats {
+  int64_t bytes_written = 0;   // appended, or the size of the new file
+  int64_t rows_written = 0;    // compressed rows and index keys written
+  int64_t rows_reused = 0;     // already in the file, referenced again
+  int64_t file_bytes = 0;      // size of the file after the save
+  bool rewrote = false;        // a fresh file was written (not appended)
+};
+
+// Saves `sequences` (in that order) to `path`. kNotFound for an unknown id
+// (nothing written); kInternal/kDataLoss-free I/O errors as kUnavailable
+// naming the path and the system error; the previous file is intact then.
+absl::StatusOr<SaveStats> SaveSnapshot(const Cache& cache, absl::Span<const SequenceId> sequences,
+                                       const std::string& path, const SaveOptions& options = {});
+// Saves every live sequence of the cache.
+absl::StatusOr<SaveStats> SaveCacheSnapshot(const Cache& cache, const std::string& path,
+                                            const SaveOptions& options = {});
+
+// Restores every sequence of the snapshot at `path` into `cache` as new
+// sequences and returns their ids, in the snapshot's order. The cache must
+// be for the same model (layer kinds, dimensions, RoPE, compressor
+// parameters) and rollback depth: kFailedPrecondition naming the first
+// difference otherwise. kDataLoss for a damaged file (naming the block),
+// kInvalidArgument for a file that is not a snapshot or has another format
+// version, kResourceExhausted when the pages do not fit. On any error the
+// cache is exactly as it was.
+absl::StatusOr<std::vector<SequenceId>> RestoreSnapshot(Cache& cache, const std::string& path);
+
+struct SnapshotLayerInfo {
+  int64_t length = 0;
+  int64_t rollback_floor = 0;
+  int64_t compressed_rows = 0;
+  int64_t index_keys = 0;
+};
+
+struct SnapshotSequenceInfo {
+  SequenceId saved_id = 0;  // its id in the cache that saved it
+  std::vector<SnapshotLayerInfo> layers;
+};
+
+struct SnapshotInfo {
+  uint32_t format_version = 0;
+  std::string model_name;
+  std::string layer_kinds;  // one letter per layer: W (window), C (CSA), H (HCA)
+  int32_t rollback_depth = 0;
+  uint64_t model_fingerprint = 0;  // CRC-32C of the model description (and parameters)
+  int64_t saves = 0;                // commits in the file (1 + incremental saves)
+  int64_t file_bytes = 0;
+  int64_t live_bytes = 0;           // blocks the last commit refers to
+  int64_t unfinished_bytes = 0;     // an interrupted save's tail, ignored
+  int64_t blocks = 0;               // blocks in the file
+  int64_t blocks_verified = 0;      // blocks whose checksum was checked
+  std::vector<SnapshotSequenceInfo> sequences;
+};
+
+// What the file holds, from its header, block headers and last commit
+// (payload checksums of the commit and model blocks only).
+absl::StatusOr<SnapshotInfo> ReadSnapshotInfo(const std::string& path);
+// ReadSnapshotInfo plus the checksum of every block in the file (also the
+// ones no longer referenced). kDataLoss naming the first bad block.
+absl::StatusOr<SnapshotInfo> VerifySnapshot(const std::string& path);
+
+}  // namespace kvc
+
+#endif  // KVC_SNAPSHOT_H_

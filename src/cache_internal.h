@@ -1,0 +1,476 @@
+// Internal to kvc (not installed): the per-layer streams of a sequence and
+// the cache's private state, shared by the cache (cache.cc) and snapshots
+// (snapshot.cc), which store and restore exactly these members.
+#ifndef KVC_SRC_CACHE_INTERNAL_H_
+#define KVC_SRC_CACHE_INTERNAL_H_
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "kvc/cache.h"
+#include "kvc/compressor.h"
+#include "kvc/page_pool.h"
+#include "kvc/row_kernels.h"
+#include "kvc/status.h"
+
+namespace kvc {
+namespace cache_internal {
+
+// The parts of a 584-byte KV row (row_formats.h).
+constexpr int64_t kKvDataBytes = FormatInfo(RowFormat::kKvFp8).data_bytes;    // codes + bf16 RoPE dims
+constexpr int64_t kKvScaleBytes = FormatInfo(RowFormat::kKvFp8).scale_bytes;  // UE8M0 scales + padding
+constexpr int64_t kKvRowBytes = FormatInfo(RowFormat::kKvFp8).row_bytes;
+
+// fp32 values per token row of a compressor's state: kv and score (+ape), each
+// width_factor * dim wide (spec §5).
+inline int64_t StateRowFloats(int width_factor, int dim) { return 2 * int64_t{width_factor} * dim; }
+
+// Compressed entries (and index keys) that exist once `length` tokens are in.
+inline int64_t EntriesAt(LayerKind kind, int64_t length) {
+  const int ratio = CompressRatio(kind);
+  return ratio == 0 ? 0 : length / ratio;
+}
+
+// True if kvc computes this layer's compressed entries (its ModelSpec carries
+// the compressor parameters); false for window-only layers and for compressed
+// layers whose engine brings its own entries.
+inline bool KvcCompresses(const LayerSpec& layer) {
+  return layer.kind != LayerKind::kWindow && !layer.compressor.ape.empty();
+}
+
+// One layer of one sequence.
+struct LayerStreams {
+  int64_t length = 0;  // tokens appended
+  int64_t floor = 0;   // smallest length a Truncate may restore
+  std::vector<PageId> ring;         // ceil(window / rows_per_page) pages, private
+  PageId rollback = kNoPage;        // rollback_depth records, private (none if depth 0)
+  std::vector<PageId> compressed;   // history pages, shared between forks
+  int64_t compressed_rows = 0;
+  std::vector<PageId> keys;         // history pages (CSA), shared between forks
+  int64_t key_rows = 0;
+  PageId state = kNoPage;           // main compressor state (CSA, HCA), private
+  PageId indexer_state = kNoPage;   // indexer compressor state (CSA), private
+};
+
+struct Sequence {
+  mutable std::mutex mu;  // guards the members below
+  bool freed = false;
+  std::vector<LayerStreams> layers;
+  // Incremental snapshots (snapshot.cc): the history rows of this sequence
+  // equal those of the snapshot entry tagged `snapshot_tag` in every layer
+  // below EntriesAt(kind, snapshot_low_water) (the entry's own row counts
+  // permitting). Each save draws a fresh tag; Truncate lowers the low water.
+  // 0: no such snapshot.
+  uint64_t snapshot_tag = 0;
+  int64_t snapshot_low_water = 0;
+};
+
+}  // namespace cache_internal
+
+using cache_internal::EntriesAt;
+using cache_internal::kKvDataBytes;
+using cache_internal::kKvRowBytes;
+using cache_internal::kKvScaleBytes;
+using cache_internal::KvcCompresses;
+using cache_internal::LayerStreams;
+using cache_internal::Sequence;
+using cache_internal::StateRowFloats;
+
+struct Cache::Impl {
+  ModelSpec spec;
+  CacheOptions options;
+  std::unique_ptr<Arena> history_arena;
+  std::unique_ptr<Arena> state_arena;
+  // State class.
+  std::unique_ptr<PagePool> ring_pool;
+  std::unique_ptr<PagePool> rollback_pool;
+  std::unique_ptr<PagePool> csa_state_pool;
+  std::unique_ptr<PagePool> csa_indexer_state_pool;
+  std::unique_ptr<PagePool> hca_state_pool;
+  // History class.
+  std::unique_ptr<PagePool> compressed_pool;
+  std::unique_ptr<PagePool> keys_pool;
+  std::unique_ptr<RopeTable> compressed_rope;  // CSA/HCA layers' RoPE
+
+  mutable std::mutex mu;  // guards the members below
+  std::unordered_map<SequenceId, std::shared_ptr<Sequence>> sequences;
+  SequenceId next_id = 1;
+
+  int32_t window() const { return spec.window; }
+  int32_t depth() const { return options.rollback_depth; }
+  int32_t rows_per_page() const { return options.rows_per_page; }
+  int64_t ring_pages() const { return (window() + rows_per_page() - 1) / rows_per_page(); }
+
+  // Adds a fully built sequence and returns its new id.
+  SequenceId Register(std::shared_ptr<Sequence> seq) {
+    std::lock_guard<std::mutex> lock(mu);
+    const SequenceId id = next_id++;
+    sequences.emplace(id, std::move(seq));
+    return id;
+  }
+
+  // The live sequences' ids, ascending.
+  std::vector<SequenceId> Ids() const {
+    std::lock_guard<std::mutex> lock(mu);
+    std::vector<SequenceId> ids;
+    for (const auto& entry : sequences) ids.push_back(entry.first);
+    std::sort(ids.begin(), ids.end());
+    return ids;
+  }
+
+  absl::StatusOr<std::shared_ptr<Sequence>> Find(SequenceId id) const {
+    std::lock_guard<std::mutex> lock(mu);
+    const auto it = sequences.find(id);
+    if (it == sequences.end()) return absl::NotFoundError(absl::StrCat("no sequence ", id));
+    return it->second;
+  }
+
+  // A live sequence with its lock held; kNotFound for unknown or freed ids.
+  struct Locked {
+    std::shared_ptr<Sequence> seq;
+    std::unique_lock<std::mutex> lock;
+    std::vector<LayerStreams>& layers() const { return seq->layers; }
+  };
+  absl::StatusOr<Locked> Lock(SequenceId id) const {
+    KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, Find(id));
+    std::unique_lock<std::mutex> lock(seq->mu);
+    if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
+    return Locked{std::move(seq), std::move(lock)};
+  }
+
+  absl::Status CheckLayer(int layer) const {
+    if (layer < 0 || layer >= static_cast<int>(spec.layers.size())) {
+      return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " is outside [0, ", spec.layers.size(), ")"));
+    }
+    return absl::OkStatus();
+  }
+
+  PagePool* StatePool(LayerKind kind) const {
+    return kind == LayerKind::kCsa ? csa_state_pool.get() : kind == LayerKind::kHca ? hca_state_pool.get() : nullptr;
+  }
+
+  // --- Window ring and rollback records ---------------------------------
+
+  PackedRows RingPage(const LayerStreams& ls, int64_t page) const {
+    return PageFooterRows(RowFormat::kKvFp8, ring_pool->Data(ls.ring[static_cast<size_t>(page)]), rows_per_page());
+  }
+  // The one-row view of ring slot `slot`.
+  PackedRows RingSlot(const LayerStreams& ls, int64_t slot) const {
+    return RingPage(ls, slot / rows_per_page()).Slice(slot % rows_per_page(), 1);
+  }
+  // Rollback record i: a contiguous 584-byte row, plus the position whose
+  // append evicted it (-1: none).
+  PackedRows RollbackRow(const LayerStreams& ls, int64_t i) const {
+    return ContiguousRows(RowFormat::kKvFp8, rollback_pool->Data(ls.rollback), depth()).Slice(i, 1);
+  }
+  int64_t* RollbackEvictors(const LayerStreams& ls) const {
+    return reinterpret_cast<int64_t*>(rollback_pool->Data(ls.rollback) + depth() * kKvRowBytes);
+  }
+
+  WindowRingView RingView(const LayerStreams& ls) const {
+    WindowRingView view;
+    view.rows_per_page = rows_per_page();
+    view.window = window();
+    view.length = ls.length;
+    for (int64_t p = 0; p < ring_pages(); ++p) view.pages.push_back(RingPage(ls, p));
+    return view;
+  }
+
+  static void CopyRow(ConstPackedRows from, PackedRows to) {
+    std::memcpy(to.data, from.data, kKvDataBytes);
+    std::memcpy(to.scales, from.scales, kKvScaleBytes);
+  }
+  static void ZeroRow(PackedRows row) {
+    std::memset(row.data, 0, kKvDataBytes);
+    std::memset(row.scales, 0, kKvScaleBytes);
+  }
+
+  // Writes tokens [L, L + n) (rows validated finite) into the ring. Only the
+  // rows that survive are quantized: the last `window` into their slots, and
+  // for the last `depth` positions q the row each evicts (position q - W,
+  // from the old ring or from this chunk) into rollback record q mod depth.
+  void WriteWindow(LayerStreams& ls, absl::Span<const Bf16> rows) const {
+    const int64_t L = ls.length;
+    const int64_t n = static_cast<int64_t>(rows.size()) / kHeadDim;
+    const int64_t W = window();
+    auto quantize = [&](int64_t position, PackedRows to) {
+      const absl::Status s = QuantizeKvRows(rows.subspan(static_cast<size_t>((position - L) * kHeadDim), kHeadDim), to);
+      (void)s;  // cannot fail: the rows were validated and the view is well-formed
+    };
+    if (depth() > 0) {
+      int64_t* evictors = RollbackEvictors(ls);
+      for (int64_t q = std::max(L, L + n - depth()); q < L + n; ++q) {
+        const int64_t evicted = q - W;
+        const PackedRows record = RollbackRow(ls, q % depth());
+        if (evicted < 0) {
+          ZeroRow(record);
+        } else if (evicted < L) {
+          CopyRow(RingSlot(ls, evicted % W), record);
+        } else {
+          quantize(evicted, record);
+        }
+        evictors[q % depth()] = q;
+      }
+    }
+    // Ring slots, in runs that stay inside one page.
+    for (int64_t p = std::max(L, L + n - W); p < L + n;) {
+      const int64_t slot = p % W;
+      const int64_t in_page = slot % rows_per_page();
+      int64_t run = std::min({L + n - p, W - slot, rows_per_page() - in_page});
+      const absl::Status s = QuantizeKvRows(rows.subspan(static_cast<size_t>((p - L) * kHeadDim), static_cast<size_t>(run * kHeadDim)),
+                                            RingPage(ls, slot / rows_per_page()).Slice(in_page, run));
+      (void)s;  // cannot fail, as above
+      p += run;
+    }
+  }
+
+  // --- History streams ----------------------------------------------------
+
+  struct History {
+    std::vector<PageId>* pages;
+    int64_t* rows;
+    PagePool* pool;
+    RowFormat format;
+    int64_t per_page;
+  };
+  History CompressedOf(LayerStreams& ls) const {
+    return {&ls.compressed, &ls.compressed_rows, compressed_pool.get(), RowFormat::kKvFp8, rows_per_page()};
+  }
+  History KeysOf(LayerStreams& ls) const {
+    return {&ls.keys, &ls.key_rows, keys_pool.get(), RowFormat::kIndexFp4, options.keys_per_page};
+  }
+  PackedRows HistoryPage(const History& h, size_t page) const {
+    return PageFooterRows(h.format, h.pool->Data((*h.pages)[page]), h.per_page);
+  }
+
+  // The pages `n` more rows of a history stream need: new pages, plus a
+  // private copy of a partial last page shared with a fork. Allocated now
+  // (all or nothing); Commit uses them, Abandon returns them.
+  struct HistoryPlan {
+    std::vector<PageId> fresh;
+    bool copy_last = false;
+  };
+  absl::StatusOr<HistoryPlan> PlanHistory(const History& h, int64_t n) const {
+    HistoryPlan plan;
+    const int64_t rows = *h.rows;
+    plan.copy_last = n > 0 && rows % h.per_page != 0 && h.pool->RefCount(h.pages->back()) > 1;
+    const int64_t new_pages = (rows + n + h.per_page - 1) / h.per_page - static_cast<int64_t>(h.pages->size());
+    KVC_RETURN_IF_ERROR(h.pool->Allocate(new_pages + (plan.copy_last ? 1 : 0), &plan.fresh));
+    return plan;
+  }
+  static void AbandonHistory(const History& h, const HistoryPlan& plan) {
+    for (const PageId id : plan.fresh) h.pool->Unref(id);
+  }
+
+  // Writes validated rows into the planned pages (cannot fail).
+  void CommitHistory(const History& h, const HistoryPlan& plan, absl::Span<const Bf16> values, int dims,
+                     absl::Status (*quantize)(absl::Span<const Bf16>, PackedRows)) const {
+    const int64_t n = static_cast<int64_t>(values.size()) / dims;
+    const int64_t rows = *h.rows;
+    size_t next = 0;
+    if (plan.copy_last) {  // copy-on-write of the page this sequence shares
+      const PageId shared = h.pages->back();
+      std::memcpy(h.pool->Data(plan.fresh[next]), h.pool->Data(shared), static_cast<size_t>(h.pool->page_bytes()));
+      h.pool->Unref(shared);
+      h.pages->back() = plan.fresh[next++];
+    }
+    while (next < plan.fresh.size()) h.pages->push_back(plan.fresh[next++]);
+    for (int64_t i = 0; i < n;) {
+      const int64_t at = rows + i;
+      const int64_t run = std::min(n - i, h.per_page - at % h.per_page);
+      const absl::Status s = quantize(values.subspan(static_cast<size_t>(i * dims), static_cast<size_t>(run * dims)),
+                                      HistoryPage(h, static_cast<size_t>(at / h.per_page)).Slice(at % h.per_page, run));
+      (void)s;  // cannot fail: validated values, well-formed view
+      i += run;
+    }
+    *h.rows += n;
+  }
+
+  absl::Status AppendHistory(const History& h, absl::Span<const Bf16> values, int dims,
+                             absl::Status (*quantize)(absl::Span<const Bf16>, PackedRows)) const {
+    KVC_ASSIGN_OR_RETURN(const HistoryPlan plan, PlanHistory(h, static_cast<int64_t>(values.size()) / dims));
+    CommitHistory(h, plan, values, dims, quantize);
+    return absl::OkStatus();
+  }
+
+  // --- Compressors ---------------------------------------------------------
+
+  // One compressor of one layer: its geometry, the engine's parameters, its
+  // state ring (token rows kv ‖ score + ape, slot = t mod capacity) and the
+  // chunk being appended.
+  struct CompressorRun {
+    CompressorGeometry g;
+    const CompressorParams* params;
+    float* state;
+    int64_t capacity;  // token rows in the state ring
+    const float* kv;     // chunk projections, n x width
+    const float* score;  // without ape
+    int64_t first;       // position of the chunk's first token
+  };
+
+  int64_t StateCapacity(const CompressorGeometry& g) const { return g.span() + depth(); }
+
+  CompressorRun RunFor(const LayerStreams& ls, bool indexer, const LayerSpec& spec_layer, const LayerTokens& t) const {
+    CompressorRun run;
+    run.g = indexer ? IndexerCompressor(spec.index_dim) : MainCompressor(spec_layer.kind, spec.head_dim);
+    run.params = indexer ? &spec_layer.indexer : &spec_layer.compressor;
+    PagePool* pool = indexer ? csa_indexer_state_pool.get() : StatePool(spec_layer.kind);
+    run.state = reinterpret_cast<float*>(pool->Data(indexer ? ls.indexer_state : ls.state));
+    run.capacity = StateCapacity(run.g);
+    run.kv = indexer ? t.indexer_kv.data() : t.compressor_kv.data();
+    run.score = indexer ? t.indexer_score.data() : t.compressor_score.data();
+    run.first = ls.length;
+    return run;
+  }
+
+  // Token t's `half` (0 or 1) as a pooling slot: from the state ring if it
+  // was appended before this chunk (its score already holds ape), else from
+  // the chunk (ape added on the fly).
+  static PoolSlot Slot(const CompressorRun& run, int64_t t, int half) {
+    const int64_t width = run.g.width();
+    const int64_t offset = half * run.g.dim;
+    if (t < run.first) {
+      const float* row = run.state + (t % run.capacity) * 2 * width;
+      return {row + offset, row + width + offset, nullptr};
+    }
+    const int64_t i = t - run.first;
+    return {run.kv + i * width + offset, run.score + i * width + offset,
+            run.params->ape.data() + (t % run.g.ratio) * width + offset};
+  }
+
+  // Entry i of a compressor: pools its window's slots, then norm + RoPE with
+  // the given (cos, sin) pairs into `out` (dim bf16 values).
+  void ComputeEntry(const CompressorRun& run, int64_t i, const float* cos_sin, float* pooled, Bf16* out) const {
+    const CompressorGeometry& g = run.g;
+    PoolSlot slots[256];
+    int count = 0;
+    if (g.overlap && i > 0) {  // the previous window's first halves (none for entry 0)
+      for (int j = 0; j < g.ratio; ++j) slots[count++] = Slot(run, (i - 1) * g.ratio + j, 0);
+    }
+    for (int j = 0; j < g.ratio; ++j) slots[count++] = Slot(run, i * g.ratio + j, g.overlap ? 1 : 0);
+    PoolChannels(slots, count, g.dim, pooled);
+    NormRope(pooled, g.dim, run.params->norm_weight.data(), static_cast<float>(spec.norm_eps), cos_sin, out);
+  }
+
+  // The entries (and, with an indexer, keys) of the windows that close with
+  // tokens [from, to) of the chunk, written at their index relative to the
+  // chunk's first closed window; changes nothing in the cache.
+  void ComputeEntries(const CompressorRun& main, const CompressorRun* indexer, int64_t from, int64_t to,
+                      std::vector<Bf16>& entries, std::vector<Bf16>& keys) const {
+    const int m = main.g.ratio;
+    const int64_t first_entry = main.first / m;
+    std::vector<float> pooled(static_cast<size_t>(main.g.dim));
+    float cos_sin[64];
+    for (int64_t i = from / m; i < to / m; ++i) {
+      compressed_rope->At(i * m, cos_sin);       // shared by the entry and its index key
+      const size_t at = static_cast<size_t>(i - first_entry);
+      ComputeEntry(main, i, cos_sin, pooled.data(), &entries[at * static_cast<size_t>(main.g.dim)]);
+      if (indexer != nullptr) {
+        ComputeEntry(*indexer, i, cos_sin, pooled.data(), &keys[at * static_cast<size_t>(indexer->g.dim)]);
+      }
+    }
+  }
+
+  // Keeps the chunk's last tokens (as many as the ring holds) in the state
+  // ring: kv, then score + ape.
+  static void WriteState(const CompressorRun& run, int64_t n) {
+    const int64_t width = run.g.width();
+    for (int64_t t = std::max(run.first, run.first + n - run.capacity); t < run.first + n; ++t) {
+      const PoolSlot src = Slot(run, t, 0);
+      float* row = run.state + (t % run.capacity) * 2 * width;
+      std::memcpy(row, src.kv, static_cast<size_t>(width) * sizeof(float));
+      for (int64_t c = 0; c < width; ++c) row[width + c] = src.score[c] + src.ape[c];
+    }
+  }
+
+  HistoryView ViewOf(const History& h) const {
+    HistoryView view;
+    view.rows_per_page = static_cast<int32_t>(h.per_page);
+    view.rows = *h.rows;
+    for (size_t p = 0; p < h.pages->size(); ++p) view.pages.push_back(HistoryPage(h, p));
+    return view;
+  }
+
+  // --- Page ownership ---------------------------------------------------
+
+  // The private state pages of a new sequence (or fork), all or nothing.
+  absl::Status AllocateState(std::vector<LayerStreams>& layers) const {
+    int64_t csa = 0, hca = 0;
+    for (const LayerSpec& l : spec.layers) {
+      csa += l.kind == LayerKind::kCsa ? 1 : 0;
+      hca += l.kind == LayerKind::kHca ? 1 : 0;
+    }
+    const int64_t n_layers = static_cast<int64_t>(spec.layers.size());
+    struct Need {
+      PagePool* pool;
+      int64_t n;
+      std::vector<PageId> pages;
+    } needs[] = {{ring_pool.get(), n_layers * ring_pages(), {}},
+                 {rollback_pool.get(), depth() > 0 ? n_layers : 0, {}},
+                 {csa_state_pool.get(), csa, {}},
+                 {csa_indexer_state_pool.get(), csa, {}},
+                 {hca_state_pool.get(), hca, {}}};
+    for (Need& need : needs) {
+      const absl::Status s = need.n > 0 ? need.pool->Allocate(need.n, &need.pages) : absl::OkStatus();
+      if (!s.ok()) {
+        for (Need& taken : needs) {
+          for (const PageId id : taken.pages) taken.pool->Unref(id);
+        }
+        return s;
+      }
+    }
+    layers.assign(spec.layers.size(), LayerStreams{});
+    size_t ring_i = 0, csa_i = 0, hca_i = 0;
+    for (size_t i = 0; i < layers.size(); ++i) {
+      LayerStreams& ls = layers[i];
+      for (int64_t p = 0; p < ring_pages(); ++p) ls.ring.push_back(needs[0].pages[ring_i++]);
+      if (depth() > 0) {
+        ls.rollback = needs[1].pages[i];
+        std::fill_n(RollbackEvictors(ls), depth(), int64_t{-1});
+      }
+      if (spec.layers[i].kind == LayerKind::kCsa) {
+        ls.state = needs[2].pages[csa_i];
+        ls.indexer_state = needs[3].pages[csa_i++];
+      } else if (spec.layers[i].kind == LayerKind::kHca) {
+        ls.state = needs[4].pages[hca_i++];
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  // Drops every page reference of `layers`.
+  void Release(std::vector<LayerStreams>& layers) const {
+    for (size_t i = 0; i < layers.size(); ++i) {
+      LayerStreams& ls = layers[i];
+      for (const PageId id : ls.ring) ring_pool->Unref(id);
+      if (ls.rollback != kNoPage) rollback_pool->Unref(ls.rollback);
+      for (const PageId id : ls.compressed) compressed_pool->Unref(id);
+      for (const PageId id : ls.keys) keys_pool->Unref(id);
+      if (ls.state != kNoPage) StatePool(spec.layers[i].kind)->Unref(ls.state);
+      if (ls.indexer_state != kNoPage) csa_indexer_state_pool->Unref(ls.indexer_state);
+    }
+    layers.clear();
+  }
+
+  absl::Status SameLengthEverywhere(const std::vector<LayerStreams>& layers, SequenceId id, const char* what) const {
+    for (size_t i = 1; i < layers.size(); ++i) {
+      if (layers[i].length != layers[0].length) {
+        return absl::FailedPreconditionError(absl::StrCat(what, " sequence ", id, ": layer ", i, " holds ",
+                                                          layers[i].length, " tokens but layer 0 holds ",
+                                                          layers[0].length, "; finish the step first"));
+      }
+    }
+    return absl::OkStatus();
+  }
+};
+
+}  // namespace kvc
+
+#endif  // KVC_SRC_CACHE_INTERNAL_H_
