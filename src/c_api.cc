@@ -2,15 +2,18 @@
 // wrong (null pointers, negative counts), status codes, thread-local errors.
 #include "kvc/kvc.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "kvc/cache.h"
 #include "kvc/compressor.h"
+#include "kvc/snapshot.h"
 
 struct kvc_cache {
   std::unique_ptr<kvc::Cache> cache;
@@ -34,6 +37,11 @@ int FromStatus(const absl::Status& status) {
     case absl::StatusCode::kOutOfRange: code = KVC_ERR_OUT_OF_RANGE; break;
     case absl::StatusCode::kFailedPrecondition: code = KVC_ERR_FAILED_PRECONDITION; break;
     case absl::StatusCode::kResourceExhausted: code = KVC_ERR_RESOURCE_EXHAUSTED; break;
+    case absl::StatusCode::kDataLoss: code = KVC_ERR_DATA_LOSS; break;
+    case absl::StatusCode::kPermissionDenied:
+    case absl::StatusCode::kUnavailable:
+    case absl::StatusCode::kAlreadyExists:
+    case absl::StatusCode::kUnknown: code = KVC_ERR_IO; break;
     default: break;
   }
   return Fail(code, std::string(status.message()));
@@ -204,6 +212,39 @@ int kvc_seq_read_window(const kvc_cache* cache, kvc_seq seq, int32_t layer, uint
   if (out_values < 0) return Fail(KVC_ERR_INVALID_ARGUMENT, "kvc_seq_read_window: out_values < 0");
   return FromStatus(cache->cache->ReadWindow(
       seq, layer, absl::MakeSpan(reinterpret_cast<kvc::Bf16*>(out), static_cast<size_t>(out_values))));
+}
+
+int kvc_snapshot_save(const kvc_cache* cache, const kvc_seq* seqs, size_t count, const char* path, int incremental) {
+  KVC_C_REQUIRE(cache);
+  KVC_C_REQUIRE(path);
+  if (count > 0) KVC_C_REQUIRE(seqs);
+  kvc::SaveOptions options;
+  options.incremental = incremental != 0;
+  return FromStatus(kvc::SaveSnapshot(*cache->cache, absl::MakeConstSpan(seqs, count), path, options).status());
+}
+
+int kvc_snapshot_restore(kvc_cache* cache, const char* path, kvc_seq* out, size_t capacity, size_t* count) {
+  KVC_C_REQUIRE(cache);
+  KVC_C_REQUIRE(path);
+  KVC_C_REQUIRE(count);
+  if (capacity > 0) KVC_C_REQUIRE(out);
+  const absl::StatusOr<kvc::SnapshotInfo> info = kvc::ReadSnapshotInfo(path);
+  if (!info.ok()) return FromStatus(info.status());
+  auto too_small = [&](size_t needed) {
+    *count = needed;
+    return Fail(KVC_ERR_OUT_OF_RANGE, absl::StrCat("kvc_snapshot_restore: ", path, " holds ", needed,
+                                                   " sequences; out has room for ", capacity));
+  };
+  if (info->sequences.size() > capacity) return too_small(info->sequences.size());
+  absl::StatusOr<std::vector<kvc::SequenceId>> ids = kvc::RestoreSnapshot(*cache->cache, path);
+  if (!ids.ok()) return FromStatus(ids.status());
+  if (ids->size() > capacity) {  // the file changed since it was inspected
+    for (const kvc::SequenceId id : *ids) (void)cache->cache->Free(id);
+    return too_small(ids->size());
+  }
+  std::copy(ids->begin(), ids->end(), out);
+  *count = ids->size();
+  return KVC_OK;
 }
 
 const char* kvc_last_error(void) { return last_error.c_str(); }

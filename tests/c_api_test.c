@@ -87,6 +87,32 @@ int main(void) {
   CHECK(strcmp(kvc_component_name(0), "window ring") == 0);
   CHECK(strcmp(kvc_component_name(9), "?") == 0);
 
+  /* Snapshots: save both, restore them as new sequences. */
+  const char* path = "c_api_test.kvcsnap";
+  const kvc_seq both[2] = {seq, child};
+  CHECK(kvc_snapshot_save(cache, both, 2, path, 1) == KVC_OK);
+  kvc_seq restored[2] = {0, 0};
+  size_t count = 0;
+  CHECK(kvc_snapshot_restore(cache, path, restored, 1, &count) == KVC_ERR_OUT_OF_RANGE && count == 2);
+  CHECK(kvc_cache_usage(cache, &usage) == KVC_OK && usage.sequences == 2); /* nothing restored */
+  CHECK(kvc_snapshot_restore(cache, path, restored, 2, &count) == KVC_OK && count == 2);
+  CHECK(kvc_seq_length(cache, restored[0], 5, &length) == KVC_OK && length == 3);
+  CHECK(kvc_seq_length(cache, restored[1], 5, &length) == KVC_OK && length == 1);
+  uint16_t* copy = (uint16_t*)calloc(128 * KVC_HEAD_DIM, sizeof(uint16_t));
+  CHECK(kvc_seq_read_window(cache, seq, 0, ring, 128 * KVC_HEAD_DIM) == KVC_OK);
+  CHECK(kvc_seq_read_window(cache, restored[0], 0, copy, 128 * KVC_HEAD_DIM) == KVC_OK);
+  CHECK(memcmp(ring, copy, 128 * KVC_HEAD_DIM * sizeof(uint16_t)) == 0);
+  free(copy);
+  CHECK(kvc_seq_free(cache, restored[0]) == KVC_OK && kvc_seq_free(cache, restored[1]) == KVC_OK);
+  CHECK(kvc_snapshot_restore(cache, "no-such-file.kvcsnap", restored, 2, &count) == KVC_ERR_NOT_FOUND);
+  FILE* junk = fopen(path, "wb");
+  CHECK(junk != NULL && fputs("not a snapshot, but long enough to hold a header ......................", junk) >= 0);
+  fclose(junk);
+  CHECK(kvc_snapshot_restore(cache, path, restored, 2, &count) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(kvc_last_error(), "not a kvc snapshot") != NULL);
+  CHECK(kvc_snapshot_save(cache, both, 2, NULL, 1) == KVC_ERR_INVALID_ARGUMENT);
+  remove(path);
+
   CHECK(kvc_seq_free(cache, child) == KVC_OK);
   CHECK(kvc_seq_free(cache, seq) == KVC_OK);
   CHECK(kvc_seq_free(cache, seq) == KVC_ERR_NOT_FOUND);

@@ -23,7 +23,9 @@ enum {
   KVC_ERR_OUT_OF_RANGE = -3,
   KVC_ERR_FAILED_PRECONDITION = -4,
   KVC_ERR_RESOURCE_EXHAUSTED = -5,
-  KVC_ERR_INTERNAL = -6
+  KVC_ERR_INTERNAL = -6,
+  KVC_ERR_DATA_LOSS = -7, /* a damaged or truncated snapshot file */
+  KVC_ERR_IO = -8         /* the file system refused (permissions, no space, ...) */
 };
 
 enum { KVC_HEAD_DIM = 512, KVC_NUM_COMPONENTS = 4 };
@@ -85,6 +87,18 @@ int kvc_seq_rollback_floor(const kvc_cache* cache, kvc_seq seq, int64_t* out);
 /* The window ring of `layer`, dequantized: out holds out_values = window x 512 bf16, by slot. */
 int kvc_seq_read_window(const kvc_cache* cache, kvc_seq seq, int32_t layer, uint16_t* out,
                         int64_t out_values);
+
+/* Snapshots (kvc/snapshot.h). Saves `count` sequences to the file at `path`;
+ * incremental != 0 appends only what is new to an existing snapshot of them.
+ * The previous file stays usable if the save fails or the process dies. */
+int kvc_snapshot_save(const kvc_cache* cache, const kvc_seq* seqs, size_t count, const char* path,
+                      int incremental);
+/* Restores every sequence of the snapshot at `path` as new sequences: their
+ * ids go to out[0 .. *count). If `capacity` is too small nothing is restored:
+ * KVC_ERR_OUT_OF_RANGE, with *count set to the number needed. A damaged file
+ * is KVC_ERR_DATA_LOSS, another model's KVC_ERR_FAILED_PRECONDITION; the cache
+ * is unchanged after any error. */
+int kvc_snapshot_restore(kvc_cache* cache, const char* path, kvc_seq* out, size_t capacity, size_t* count);
 
 const char* kvc_last_error(void);
 const char* kvc_component_name(int component); /* "?" for unknown numbers */

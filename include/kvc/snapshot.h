@@ -53,8 +53,9 @@ struct SaveStats {
 };
 
 // Saves `sequences` (in that order) to `path`. kNotFound for an unknown id
-// (nothing written); kInternal/kDataLoss-free I/O errors as kUnavailable
-// naming the path and the system error; the previous file is intact then.
+// (nothing written); a failing file system call is reported with the code of
+// its errno (kNotFound, kPermissionDenied, kResourceExhausted for ENOSPC, ...)
+// naming the path; the previous file is intact then.
 absl::StatusOr<SaveStats> SaveSnapshot(const Cache& cache, absl::Span<const SequenceId> sequences,
                                        const std::string& path, const SaveOptions& options = {});
 // Saves every live sequence of the cache.
