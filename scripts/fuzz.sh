@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets with clang (ASan + UBSan) and runs each for a
 # bounded time on a copy of its checked-in corpus (tests/fuzz/corpus/NAME).
-# FUZZ_SECONDS (default 20) per target. Fails on any crash, leak or UB.
+# Targets: the JSON, safetensors and config.json readers, the snapshot loader
+# and random sequences of C API calls. FUZZ_SECONDS (default 20) per target.
+# Fails on any crash, leak, UB or broken invariant (__builtin_trap).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${FUZZ_SECONDS:-20}"
@@ -12,7 +14,7 @@ CC=clang CXX=clang++ cmake -S . -B build/fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWit
   -DKVC_BUILD_EXAMPLES=OFF -DKVC_INSTALL=OFF > /dev/null
 cmake --build build/fuzz -j "$(nproc)"
 mkdir -p build/fuzz/artifacts
-for target in json safetensors config; do
+for target in json safetensors config snapshot c_api; do
   work="build/fuzz/corpus-$target"
   rm -rf "$work" && cp -r "tests/fuzz/corpus/$target" "$work"
   echo "== fuzz_$target for ${seconds}s"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds kvc and runs every test, twice: a release build with warnings as
 # errors, then an AddressSanitizer + UndefinedBehaviorSanitizer build; in
-# between, the concurrent parts (cache, page pools, the stress test) under
-# ThreadSanitizer, and the parsers under libFuzzer for a bounded time.
+# between, the concurrent parts (cache, page pools, the stress test with
+# saves and restores) under ThreadSanitizer, and the parsers, the snapshot
+# loader and the C API under libFuzzer for a bounded time.
 # Installs missing packages first. This is what CI runs (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +23,7 @@ cmake --build build/tsan -j "$jobs" --target cache_stress_test cache_test page_p
 TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
   ctest --test-dir build/tsan --output-on-failure -j "$jobs" -R '^(CacheStress|Cache|PagePool)\.'
 
-echo "== libFuzzer: JSON, safetensors and config.json readers (${FUZZ_SECONDS:-20}s each)"
+echo "== libFuzzer: JSON, safetensors, config.json, snapshot loader, C API call sequences (${FUZZ_SECONDS:-20}s each)"
 ./scripts/fuzz.sh
 
 echo "== ASan + UBSan build (-Werror)"

@@ -105,19 +105,23 @@ class Encoder {
   std::string bytes_;
 };
 
-// Bounds-checked reading of a payload; every Get fails (false) past the end.
+// Bounds-checked reading of a payload. Failure is sticky: after one read
+// runs past the end, every later one fails too (ok() tells).
 class Decoder {
  public:
   Decoder(const uint8_t* data, size_t size) : data_(data), size_(size) {}
   template <typename T>
   bool Get(T* value) {
-    if (size_ - at_ < sizeof(T)) return false;
-    std::memcpy(value, data_ + at_, sizeof(T));
-    at_ += sizeof(T);
+    const uint8_t* p = Bytes(sizeof(T));
+    if (p == nullptr) return false;
+    std::memcpy(value, p, sizeof(T));
     return true;
   }
   const uint8_t* Bytes(uint64_t n) {
-    if (size_ - at_ < n) return nullptr;
+    if (!ok_ || size_ - at_ < n || data_ == nullptr) {
+      ok_ = false;
+      return nullptr;
+    }
     const uint8_t* p = data_ + at_;
     at_ += static_cast<size_t>(n);
     return p;
@@ -131,11 +135,13 @@ class Decoder {
     return true;
   }
   size_t remaining() const { return size_ - at_; }
+  bool ok() const { return ok_; }
 
  private:
   const uint8_t* data_;
   size_t size_;
   size_t at_ = 0;
+  bool ok_ = true;
 };
 
 // --- Files ----------------------------------------------------------------------
@@ -692,8 +698,6 @@ struct RowsBlock {
   uint32_t count = 0;
 };
 
-constexpr size_t kRowsPreamble = 4 + 1 + 8 + 4;  // layer, stream, first, count
-
 std::string EncodeRowsPreamble(uint32_t layer, int stream, int64_t first, uint32_t count) {
   Encoder e;
   e.Put<uint32_t>(layer);
@@ -718,7 +722,7 @@ absl::StatusOr<RowsBlock> ReadRows(const File& f, int64_t offset, int64_t limit,
   d.Get(&b.count);
   const int64_t row_bytes = FormatInfo(kStreamFormat[stream]).row_bytes;
   const std::string where = absl::StrCat(f.path(), ": rows block at offset ", offset);
-  if (b.payload.size() < kRowsPreamble || block_layer != layer || block_stream != stream || b.first != first ||
+  if (!d.ok() || block_layer != layer || block_stream != stream || b.first != first ||
       b.count < rows || d.remaining() != b.count * static_cast<uint64_t>(row_bytes)) {
     return absl::DataLossError(absl::StrCat(where, " does not hold ", kStreamName[stream], " ", first, "..",
                                             first + rows, " of layer ", layer));
@@ -772,7 +776,7 @@ absl::StatusOr<StateBlock> ReadState(const File& f, int64_t offset, int64_t limi
   b.evictors = d.Bytes(static_cast<uint64_t>(g.depth * 8));
   b.main_state = d.Bytes(static_cast<uint64_t>(main_floats * 4));
   b.indexer_state = d.Bytes(static_cast<uint64_t>(indexer_floats * 4));
-  if (b.indexer_state == nullptr || d.remaining() != 0) {
+  if (!d.ok() || d.remaining() != 0) {
     return absl::DataLossError(absl::StrCat(where, " has ", b.payload.size(), " bytes, not the layer's state size"));
   }
   if (!KvRowsValid(b.ring, g.window) || !KvRowsValid(b.rollback, g.depth)) {
@@ -932,15 +936,10 @@ absl::StatusOr<SequenceEntry> WriteSequence(const Impl& impl, Sequence& seq, Seq
   return entry;
 }
 
-int64_t BlockBytes(const File& f, int64_t offset, int64_t limit) {
-  const absl::StatusOr<BlockHeader> h = ReadBlockHeader(f, offset, limit, nullptr);
-  return h.ok() ? kBlockHeaderBytes + static_cast<int64_t>(h->payload_bytes) : 0;
-}
-
-// Bytes of the blocks a commit refers to, plus the header, model and commit.
-int64_t LiveBytes(const OpenedSnapshot& s) {
-  const int64_t end = s.header.committed;
-  std::vector<int64_t> offsets = {s.commit.model_offset};
+// The offsets of the blocks the last commit refers to (model, state, rows),
+// sorted, plus the commit itself.
+std::vector<int64_t> ReferencedBlocks(const OpenedSnapshot& s) {
+  std::vector<int64_t> offsets = {s.commit.model_offset, s.header.last_commit};
   for (const SequenceEntry& e : s.commit.sequences) {
     for (const LayerEntry& l : e.layers) {
       offsets.push_back(l.state_offset);
@@ -951,20 +950,60 @@ int64_t LiveBytes(const OpenedSnapshot& s) {
   }
   std::sort(offsets.begin(), offsets.end());
   offsets.erase(std::unique(offsets.begin(), offsets.end()), offsets.end());
-  int64_t live = kFileHeaderBytes + (end - s.header.last_commit);
-  for (const int64_t o : offsets) live += BlockBytes(*s.file, o, s.header.last_commit);
-  return live;
+  return offsets;
+}
+
+struct BlockScan {
+  int64_t blocks = 0;
+  int64_t live_bytes = kFileHeaderBytes;  // header + referenced blocks
+};
+
+// Walks every block header of the committed bytes (they must tile them
+// exactly, and every referenced offset must start a block). With
+// `check_superseded`, also verifies the payload checksum of every block the
+// last commit no longer refers to: together with the referenced blocks,
+// which a restore reads and checks as it loads them, every byte of the
+// file is then checked exactly once.
+absl::StatusOr<BlockScan> ScanBlocks(const OpenedSnapshot& s, bool check_superseded) {
+  const std::vector<int64_t> referenced = ReferencedBlocks(s);
+  const int64_t end = s.header.committed;
+  BlockScan scan;
+  size_t next_ref = 0;
+  for (int64_t at = kFileHeaderBytes; at < end;) {
+    KVC_ASSIGN_OR_RETURN(const BlockHeader h, ReadBlockHeader(*s.file, at, end, nullptr));
+    const int64_t bytes = kBlockHeaderBytes + static_cast<int64_t>(h.payload_bytes);
+    const bool live = next_ref < referenced.size() && referenced[next_ref] == at;
+    if (live) {
+      ++next_ref;
+      scan.live_bytes += bytes;
+    } else if (check_superseded) {
+      KVC_RETURN_IF_ERROR(ReadBlock(*s.file, at, end, h.type).status());
+    }
+    ++scan.blocks;
+    at += bytes;
+  }
+  if (next_ref != referenced.size()) {
+    return absl::DataLossError(absl::StrCat(s.file->path(), ": the last commit refers to offset ",
+                                            referenced[next_ref], ", where no block starts"));
+  }
+  return scan;
 }
 
 }  // namespace
 
-absl::StatusOr<SaveStats> SaveSnapshot(const Cache& cache, absl::Span<const SequenceId> ids, const std::string& path,
-                                       const SaveOptions& options) {
+namespace {
+
+// `skip_freed`: leave out sequences freed while the save runs (whole-cache
+// saves); otherwise that is kNotFound.
+absl::StatusOr<SaveStats> Save(const Cache& cache, absl::Span<const SequenceId> ids, const std::string& path,
+                               const SaveOptions& options, bool skip_freed) {
   Impl& impl = SnapshotAccess::Of(cache);
-  std::vector<std::shared_ptr<Sequence>> seqs;
+  std::vector<std::pair<SequenceId, std::shared_ptr<Sequence>>> seqs;
   for (const SequenceId id : ids) {
-    KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> seq, impl.Find(id));
-    seqs.push_back(std::move(seq));
+    absl::StatusOr<std::shared_ptr<Sequence>> seq = impl.Find(id);
+    if (!seq.ok() && skip_freed) continue;
+    if (!seq.ok()) return seq.status();
+    seqs.emplace_back(id, *std::move(seq));
   }
   const ModelDescription model = Describe(impl);
 
@@ -973,8 +1012,9 @@ absl::StatusOr<SaveStats> SaveSnapshot(const Cache& cache, absl::Span<const Sequ
   std::optional<OpenedSnapshot> existing;
   if (options.incremental) {
     absl::StatusOr<OpenedSnapshot> s = OpenSnapshot(path, O_RDWR);
-    if (s.ok() && CheckSameModel(s->model, model, path).ok() && 2 * LiveBytes(*s) >= s->header.committed) {
-      existing = *std::move(s);
+    if (s.ok() && CheckSameModel(s->model, model, path).ok()) {
+      const absl::StatusOr<BlockScan> scan = ScanBlocks(*s, /*check_superseded=*/false);
+      if (scan.ok() && 2 * scan->live_bytes >= s->header.committed) existing = *std::move(s);
     }
   }
   SaveStats stats;
@@ -1001,16 +1041,17 @@ absl::StatusOr<SaveStats> SaveSnapshot(const Cache& cache, absl::Span<const Sequ
     if (!existing) {
       KVC_ASSIGN_OR_RETURN(commit.model_offset, out.Add(BlockType::kModel, model.Encode()));
     }
-    for (size_t k = 0; k < seqs.size(); ++k) {
-      std::lock_guard<std::mutex> lock(seqs[k]->mu);
-      if (seqs[k]->freed) return absl::NotFoundError(absl::StrCat("sequence ", ids[k], " was freed"));
+    for (const auto& [id, seq] : seqs) {
+      std::lock_guard<std::mutex> lock(seq->mu);
+      if (seq->freed && skip_freed) continue;
+      if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
       const SequenceEntry* prior = nullptr;
-      if (existing && seqs[k]->snapshot_tag != 0) {
+      if (existing && seq->snapshot_tag != 0) {
         for (const SequenceEntry& e : existing->commit.sequences) {
-          if (e.tag == seqs[k]->snapshot_tag) prior = &e;
+          if (e.tag == seq->snapshot_tag) prior = &e;
         }
       }
-      KVC_ASSIGN_OR_RETURN(SequenceEntry entry, WriteSequence(impl, *seqs[k], ids[k], prior, out, stats));
+      KVC_ASSIGN_OR_RETURN(SequenceEntry entry, WriteSequence(impl, *seq, id, prior, out, stats));
       commit.sequences.push_back(std::move(entry));
     }
     KVC_ASSIGN_OR_RETURN(header.last_commit, out.Add(BlockType::kCommit, EncodeCommit(commit)));
@@ -1040,15 +1081,22 @@ absl::StatusOr<SaveStats> SaveSnapshot(const Cache& cache, absl::Span<const Sequ
   return stats;
 }
 
+}  // namespace
+
+absl::StatusOr<SaveStats> SaveSnapshot(const Cache& cache, absl::Span<const SequenceId> ids, const std::string& path,
+                                       const SaveOptions& options) {
+  return Save(cache, ids, path, options, /*skip_freed=*/false);
+}
+
 absl::StatusOr<SaveStats> SaveCacheSnapshot(const Cache& cache, const std::string& path, const SaveOptions& options) {
-  const std::vector<SequenceId> ids = SnapshotAccess::Of(cache).Ids();
-  return SaveSnapshot(cache, ids, path, options);
+  return Save(cache, SnapshotAccess::Of(cache).Ids(), path, options, /*skip_freed=*/true);
 }
 
 absl::StatusOr<std::vector<SequenceId>> RestoreSnapshot(Cache& cache, const std::string& path) {
   Impl& impl = SnapshotAccess::Of(cache);
   KVC_ASSIGN_OR_RETURN(const OpenedSnapshot snap, OpenSnapshot(path));
   KVC_RETURN_IF_ERROR(CheckSameModel(snap.model, Describe(impl), path));
+  KVC_RETURN_IF_ERROR(ScanBlocks(snap, /*check_superseded=*/true).status());
   const Geometry& g = snap.geometry;
   const File& f = *snap.file;
   const int64_t limit = snap.header.last_commit;
@@ -1132,25 +1180,16 @@ absl::StatusOr<SnapshotInfo> Inspect(const std::string& path, bool verify_payloa
   info.saves = snap.header.saves;
   info.file_bytes = snap.file_bytes;
   info.unfinished_bytes = snap.file_bytes - snap.header.committed;
-  info.live_bytes = LiveBytes(snap);
   for (const SequenceEntry& e : snap.commit.sequences) {
-    SnapshotSequenceInfo s;
-    s.saved_id = e.saved_id;
-    for (const LayerEntry& l : e.layers) s.layers.push_back({l.length, l.floor, l.streams[0].rows, l.streams[1].rows});
-    info.sequences.push_back(std::move(s));
+    SnapshotSequenceInfo seq;
+    seq.saved_id = e.saved_id;
+    for (const LayerEntry& l : e.layers) seq.layers.push_back({l.length, l.floor, l.streams[0].rows, l.streams[1].rows});
+    info.sequences.push_back(std::move(seq));
   }
-  // Every block header, in order: they must tile the committed bytes.
-  const int64_t end = snap.header.committed;
+  KVC_ASSIGN_OR_RETURN(const BlockScan scan, ScanBlocks(snap, /*check_superseded=*/verify_payloads));
+  info.blocks = scan.blocks;
+  info.live_bytes = scan.live_bytes;
   const File& f = *snap.file;
-  for (int64_t at = kFileHeaderBytes; at < end;) {
-    KVC_ASSIGN_OR_RETURN(const BlockHeader h, ReadBlockHeader(f, at, end, nullptr));
-    if (verify_payloads) {
-      KVC_RETURN_IF_ERROR(ReadBlock(f, at, end, h.type).status());
-      ++info.blocks_verified;
-    }
-    ++info.blocks;
-    at += kBlockHeaderBytes + static_cast<int64_t>(h.payload_bytes);
-  }
   if (verify_payloads) {  // and what the last commit refers to, as a restore reads it
     const Geometry& g = snap.geometry;
     const int64_t limit = snap.header.last_commit;
@@ -1167,6 +1206,7 @@ absl::StatusOr<SnapshotInfo> Inspect(const std::string& path, bool verify_payloa
         }
       }
     }
+    info.blocks_verified = info.blocks;  // superseded ones by the scan, the rest just now or at open
   }
   return info;
 }

@@ -1,18 +1,24 @@
-// Concurrency stress: threads mutate their own sequences while all of them
-// fork and read one shared parent and another thread polls the accounting.
+// Concurrency stress: threads mutate, save and restore their own sequences
+// while all of them fork and read one shared parent, one of them saves the
+// whole cache, and another thread polls the accounting.
 // Run under ThreadSanitizer by scripts/test.sh; in plain builds it still
 // checks every sequence against a per-thread model and the invariants at
 // the end.
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdio>
 #include <map>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
 #include "kvc/cache.h"
+#include "kvc/snapshot.h"
 #include "tests/testing/reference_model.h"
 
 namespace kvc {
@@ -77,7 +83,7 @@ TEST(CacheStress, ConcurrentOperationsOnManySequences) {
 
   constexpr int kThreads = 4;
   constexpr int kSteps = 300;
-  std::atomic<int64_t> operations{0};
+  std::atomic<int64_t> operations{0}, saves{0}, restores{0};
   std::atomic<int> failures{0};
   std::atomic<bool> done{false};
 
@@ -93,8 +99,9 @@ TEST(CacheStress, ConcurrentOperationsOnManySequences) {
       std::mt19937 rng(static_cast<uint32_t>(w + 1));
       std::map<SequenceId, std::vector<Bf16>> mine;  // sequence -> its history
       std::map<SequenceId, int64_t> floors;
+      const std::string path = ::testing::TempDir() + "kvc_stress_" + std::to_string(::getpid()) + "_" + std::to_string(w);
       for (int step = 0; step < kSteps; ++step) {
-        const int op = static_cast<int>(rng() % 8);
+        const int op = static_cast<int>(rng() % 10);
         if (mine.empty() || op == 0) {
           auto seq = op == 0 && rng() % 2 ? cache->Fork(parent) : cache->CreateSequence();
           if (!seq.ok()) { failures.fetch_add(1); continue; }
@@ -127,6 +134,28 @@ TEST(CacheStress, ConcurrentOperationsOnManySequences) {
           history.resize(static_cast<size_t>(target * kHeadDim));
         } else if (op == 6) {
           if (!WindowMatches(*cache, parent, parent_rows)) failures.fetch_add(1);
+        } else if (op == 8) {
+          // Save (incrementally, to this thread's file) and restore as a new
+          // sequence, which must equal the saved one.
+          if (!SaveSnapshot(*cache, {seq}, path).ok()) { failures.fetch_add(1); continue; }
+          saves.fetch_add(1);
+          const absl::StatusOr<std::vector<SequenceId>> ids = RestoreSnapshot(*cache, path);
+          if (!ids.ok()) {
+            if (ids.status().code() != absl::StatusCode::kResourceExhausted) failures.fetch_add(1);
+            continue;
+          }
+          restores.fetch_add(1);
+          const SequenceId copy = (*ids)[0];
+          if (!WindowMatches(*cache, copy, history) || compressed_bytes(copy) != compressed_bytes(seq)) {
+            failures.fetch_add(1);
+          }
+          floors[copy] = floors[seq];
+          mine[copy] = history;
+        } else if (op == 9 && w == 0) {
+          if (!SaveCacheSnapshot(*cache, path + "_all").ok() || !VerifySnapshot(path + "_all").ok()) {
+            failures.fetch_add(1);
+          }
+          saves.fetch_add(1);
         } else {
           if (!cache->Free(seq).ok()) failures.fetch_add(1);
           floors.erase(seq);
@@ -138,6 +167,8 @@ TEST(CacheStress, ConcurrentOperationsOnManySequences) {
         if (!WindowMatches(*cache, seq, history)) failures.fetch_add(1);
         if (!cache->Free(seq).ok()) failures.fetch_add(1);
       }
+      std::remove(path.c_str());
+      std::remove((path + "_all").c_str());
     });
   }
   for (std::thread& t : workers) t.join();
@@ -146,6 +177,11 @@ TEST(CacheStress, ConcurrentOperationsOnManySequences) {
 
   EXPECT_EQ(failures.load(), 0);
   EXPECT_GT(operations.load(), kThreads * kSteps / 2);
+  EXPECT_GT(saves.load(), 0);
+  EXPECT_GT(restores.load(), 0);
+  std::printf("[ stress   ] %lld operations, %lld saves, %lld restores on %d threads\n",
+              static_cast<long long>(operations.load()), static_cast<long long>(saves.load()),
+              static_cast<long long>(restores.load()), kThreads);
   EXPECT_TRUE(WindowMatches(*cache, parent, parent_rows));
   EXPECT_EQ(compressed_bytes(parent), parent_compressed);  // no fork wrote into the shared page
   ASSERT_TRUE(cache->Free(parent).ok());

@@ -68,8 +68,10 @@ absl::StatusOr<SaveStats> SaveCacheSnapshot(const Cache& cache, const std::strin
 // parameters) and rollback depth: kFailedPrecondition naming the first
 // difference otherwise. kDataLoss for a damaged file (naming the block),
 // kInvalidArgument for a file that is not a snapshot or has another format
-// version, kResourceExhausted when the pages do not fit. On any error the
-// cache is exactly as it was.
+// version, kResourceExhausted when the pages do not fit. Every block of the
+// committed part of the file is checked, also those a later save superseded:
+// a restore refuses exactly the files VerifySnapshot refuses (and files of
+// another model). On any error the cache is exactly as it was.
 absl::StatusOr<std::vector<SequenceId>> RestoreSnapshot(Cache& cache, const std::string& path);
 
 struct SnapshotLayerInfo {

@@ -1,0 +1,192 @@
+// libFuzzer: random sequences of C API calls on one small cache. Every call
+// returns KVC_OK or a documented error code with a message; lengths follow
+// a shadow model of what succeeded; used bytes never exceed reserved ones;
+// freeing everything returns the cache to zero bytes in use.
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <iterator>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "kvc/kvc.h"
+
+namespace {
+
+// Three layers (window-only, CSA, HCA; compressed entries are the engine's,
+// which the C API cannot append: those layers hold window rows only), window 4.
+constexpr char kConfig[] =
+    R"({"num_hidden_layers": 3, "compress_ratios": [0, 4, 128], "sliding_window": 4, "head_dim": 512,
+        "qk_rope_head_dim": 64, "index_n_heads": 64, "index_head_dim": 128, "index_topk": 8,
+        "max_position_embeddings": 4096, "rope_theta": 10000, "compress_rope_theta": 160000,
+        "rms_norm_eps": 1e-06})";
+constexpr int kLayers = 3;
+constexpr int kWindow = 4;
+
+// Consumes the fuzzer's bytes; zeros once they run out.
+class Input {
+ public:
+  Input(const uint8_t* data, size_t size) : data_(data), size_(size) {}
+  bool empty() const { return at_ >= size_; }
+  uint8_t Byte() { return at_ < size_ ? data_[at_++] : 0; }
+  int64_t Int64() {
+    int64_t v = 0;
+    for (int i = 0; i < 8; ++i) v = (v << 8) | Byte();
+    return v;
+  }
+
+ private:
+  const uint8_t* data_;
+  size_t size_;
+  size_t at_ = 0;
+};
+
+void Check(bool ok) {
+  if (!ok) __builtin_trap();
+}
+
+// The result of a call: a known code, and a message after an error.
+void CheckCode(int rc) {
+  Check(rc <= KVC_OK && rc >= KVC_ERR_IO);
+  if (rc != KVC_OK) Check(std::strlen(kvc_last_error()) > 0);
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  Input in(data, size);
+  kvc_options options;
+  kvc_options_default(&options);
+  options.rollback_depth = in.Byte() % 6;  // 5 > window: creation must refuse it
+  options.rows_per_page = 1 + in.Byte() % 8;
+  options.keys_per_page = 1 + in.Byte() % 8;
+  options.history_bytes = 1 << 20;
+  options.state_bytes = int64_t{64 + in.Byte() % 256} << 10;  // small: creation can run out
+  kvc_cache* cache = nullptr;
+  const int created = kvc_cache_create_from_config(kConfig, sizeof(kConfig) - 1, &options, &cache);
+  CheckCode(created);
+  if (created != KVC_OK) {
+    Check(options.rollback_depth > kWindow && cache == nullptr);
+    return 0;
+  }
+  static const std::string path = "/tmp/kvc_fuzz_c_api_" + std::to_string(::getpid()) + ".kvcsnap";
+  std::remove(path.c_str());
+
+  std::map<kvc_seq, std::vector<int64_t>> lengths;  // shadow: per layer
+  std::vector<uint16_t> rows(8 * KVC_HEAD_DIM);
+  std::vector<uint16_t> window(kWindow * KVC_HEAD_DIM);
+  auto pick = [&](uint8_t b) -> kvc_seq {
+    if (lengths.empty() || b % 16 == 15) return static_cast<kvc_seq>(b) * 1000 - 7;  // unknown ids
+    auto it = lengths.begin();
+    std::advance(it, b % lengths.size());
+    return it->first;
+  };
+  for (int step = 0; step < 200 && !in.empty(); ++step) {
+    const uint8_t op = in.Byte() % 10;
+    const kvc_seq seq = pick(in.Byte());
+    const auto known = lengths.find(seq);
+    switch (op) {
+      case 0: {
+        kvc_seq id = 0;
+        const int rc = kvc_seq_create(cache, &id);
+        CheckCode(rc);
+        if (rc == KVC_OK) lengths[id] = std::vector<int64_t>(kLayers, 0);
+        break;
+      }
+      case 1:
+      case 2: {
+        const int32_t layer = static_cast<int32_t>(in.Byte() % (kLayers + 1)) - (op == 2 ? 1 : 0);
+        const int64_t count = in.Byte() % 9;
+        const uint8_t pattern = in.Byte();
+        for (size_t i = 0; i < static_cast<size_t>(count) * KVC_HEAD_DIM; ++i) {
+          rows[i] = static_cast<uint16_t>(0x3F80 + (i * pattern) % 512);
+        }
+        if (pattern == 0xFF && count > 0) rows[7] = 0x7FC0;  // NaN
+        int64_t position = known != lengths.end() && layer >= 0 && layer < kLayers
+                               ? known->second[static_cast<size_t>(layer)] : 0;
+        if (pattern % 17 == 0) position += 1;  // a gap
+        const int rc = kvc_seq_append(cache, seq, layer, position, rows.data(), count);
+        CheckCode(rc);
+        if (rc == KVC_OK) {
+          Check(known != lengths.end() && pattern % 17 != 0 && !(pattern == 0xFF && count > 0));
+          known->second[static_cast<size_t>(layer)] += count;
+        }
+        break;
+      }
+      case 3: {
+        kvc_seq child = 0;
+        const int rc = kvc_seq_fork(cache, seq, &child);
+        CheckCode(rc);
+        if (rc == KVC_OK) lengths[child] = known->second;
+        break;
+      }
+      case 4: {
+        const int64_t target = known != lengths.end() ? known->second[0] - in.Byte() % 8 : in.Int64();
+        const int rc = kvc_seq_truncate(cache, seq, target);
+        CheckCode(rc);
+        if (rc == KVC_OK) known->second.assign(kLayers, target);
+        break;
+      }
+      case 5: {
+        const int rc = kvc_seq_free(cache, seq);
+        CheckCode(rc);
+        Check((rc == KVC_OK) == (known != lengths.end()));
+        if (rc == KVC_OK) lengths.erase(known);
+        break;
+      }
+      case 6: {
+        const int32_t layer = static_cast<int32_t>(in.Byte() % 5) - 1;
+        int64_t length = -1, floor = -1;
+        const int rc = kvc_seq_length(cache, seq, layer, &length);
+        CheckCode(rc);
+        if (rc == KVC_OK) Check(known != lengths.end() && length == known->second[static_cast<size_t>(layer)]);
+        CheckCode(kvc_seq_rollback_floor(cache, seq, &floor));
+        const int64_t values = in.Byte() % 2 ? kWindow * KVC_HEAD_DIM : in.Byte();
+        CheckCode(kvc_seq_read_window(cache, seq, layer, window.data(), std::min<int64_t>(values, kWindow * KVC_HEAD_DIM)));
+        break;
+      }
+      case 7: {
+        std::vector<kvc_seq> ids;
+        for (const auto& entry : lengths) ids.push_back(entry.first);
+        if (in.Byte() % 4 == 0) ids.push_back(seq);  // maybe unknown, maybe twice
+        CheckCode(kvc_snapshot_save(cache, ids.data(), ids.size(), path.c_str(), in.Byte() % 2));
+        break;
+      }
+      case 8: {
+        std::vector<kvc_seq> out(in.Byte() % 6);
+        size_t count = 0;
+        const int rc = kvc_snapshot_restore(cache, path.c_str(), out.data(), out.size(), &count);
+        CheckCode(rc);
+        if (rc == KVC_OK) {
+          for (size_t i = 0; i < count; ++i) {
+            std::vector<int64_t>& l = lengths[out[i]];
+            l.resize(kLayers);
+            for (int32_t layer = 0; layer < kLayers; ++layer) {
+              Check(kvc_seq_length(cache, out[i], layer, &l[static_cast<size_t>(layer)]) == KVC_OK);
+            }
+          }
+        }
+        break;
+      }
+      default: {
+        kvc_usage usage;
+        Check(kvc_cache_usage(cache, &usage) == KVC_OK);
+        Check(usage.sequences == static_cast<int64_t>(lengths.size()));
+        for (int c = 0; c < KVC_NUM_COMPONENTS; ++c) Check(usage.used_bytes[c] <= usage.reserved_bytes[c]);
+        break;
+      }
+    }
+  }
+  for (const auto& entry : lengths) Check(kvc_seq_free(cache, entry.first) == KVC_OK);
+  kvc_usage usage;
+  Check(kvc_cache_usage(cache, &usage) == KVC_OK && usage.sequences == 0);
+  for (int c = 0; c < KVC_NUM_COMPONENTS; ++c) Check(usage.used_bytes[c] == 0);
+  kvc_cache_destroy(cache);
+  std::remove(path.c_str());
+  return 0;
+}
