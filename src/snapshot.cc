@@ -286,20 +286,6 @@ struct BlockHeader {
   uint32_t payload_crc;
 };
 
-std::array<uint8_t, kBlockHeaderBytes> EncodeBlockHeader(BlockType type, const std::string& payload) {
-  std::array<uint8_t, kBlockHeaderBytes> out{};
-  const uint32_t magic = kBlockMagic, t = static_cast<uint32_t>(type);
-  const uint64_t n = payload.size();
-  const uint32_t crc = Crc32c(payload.data(), payload.size());
-  std::memcpy(out.data(), &magic, 4);
-  std::memcpy(out.data() + 4, &t, 4);
-  std::memcpy(out.data() + 8, &n, 8);
-  std::memcpy(out.data() + 16, &crc, 4);
-  const uint32_t header_crc = Crc32c(out.data(), kBlockHeaderBytes - 4);
-  std::memcpy(out.data() + kBlockHeaderBytes - 4, &header_crc, 4);
-  return out;
-}
-
 // Reads and checks the header of the block at `offset`, which must end by
 // `limit` (and be of type `want`, unless null).
 absl::StatusOr<BlockHeader> ReadBlockHeader(const File& f, int64_t offset, int64_t limit, const BlockType* want) {
@@ -332,15 +318,22 @@ absl::StatusOr<BlockHeader> ReadBlockHeader(const File& f, int64_t offset, int64
   return h;
 }
 
-// The payload of the block at `offset`, checksum verified.
-absl::StatusOr<std::vector<uint8_t>> ReadBlock(const File& f, int64_t offset, int64_t limit, BlockType want) {
+// The payload of the block at `offset` into `payload` (resized; a buffer
+// reused across blocks costs no allocation), checksum verified.
+absl::Status ReadBlockInto(const File& f, int64_t offset, int64_t limit, BlockType want, std::vector<uint8_t>* payload) {
   KVC_ASSIGN_OR_RETURN(const BlockHeader h, ReadBlockHeader(f, offset, limit, &want));
-  std::vector<uint8_t> payload(static_cast<size_t>(h.payload_bytes));
-  KVC_RETURN_IF_ERROR(f.ReadAt(offset + kBlockHeaderBytes, payload.data(), payload.size()));
-  if (Crc32c(payload.data(), payload.size()) != h.payload_crc) {
+  payload->resize(static_cast<size_t>(h.payload_bytes));
+  KVC_RETURN_IF_ERROR(f.ReadAt(offset + kBlockHeaderBytes, payload->data(), payload->size()));
+  if (Crc32c(payload->data(), payload->size()) != h.payload_crc) {
     return absl::DataLossError(absl::StrCat(f.path(), ": ", BlockTypeName(want), " block at offset ", offset,
                                             " is damaged (payload checksum mismatch)"));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<uint8_t>> ReadBlock(const File& f, int64_t offset, int64_t limit, BlockType want) {
+  std::vector<uint8_t> payload;
+  KVC_RETURN_IF_ERROR(ReadBlockInto(f, offset, limit, want, &payload));
   return payload;
 }
 
@@ -690,9 +683,9 @@ bool KeysValid(const uint8_t* keys, int64_t n) {
   return true;
 }
 
-// A rows block: [first, first + count) of one layer's stream.
+// A rows block: [first, first + count) of one layer's stream (pointing into
+// the caller's buffer).
 struct RowsBlock {
-  std::vector<uint8_t> payload;
   const uint8_t* rows = nullptr;  // count x row_bytes, verbatim
   int64_t first = 0;
   uint32_t count = 0;
@@ -710,10 +703,10 @@ std::string EncodeRowsPreamble(uint32_t layer, int stream, int64_t first, uint32
 // Reads the rows block at `offset`, which must hold at least `rows` rows of
 // (layer, stream) starting at row `first`, all valid.
 absl::StatusOr<RowsBlock> ReadRows(const File& f, int64_t offset, int64_t limit, size_t layer, int stream,
-                                   int64_t first, uint32_t rows) {
+                                   int64_t first, uint32_t rows, std::vector<uint8_t>* buffer) {
   RowsBlock b;
-  KVC_ASSIGN_OR_RETURN(b.payload, ReadBlock(f, offset, limit, BlockType::kRows));
-  Decoder d(b.payload.data(), b.payload.size());
+  KVC_RETURN_IF_ERROR(ReadBlockInto(f, offset, limit, BlockType::kRows, buffer));
+  Decoder d(buffer->data(), buffer->size());
   uint32_t block_layer = 0;
   uint8_t block_stream = 0;
   d.Get(&block_layer);
@@ -734,9 +727,8 @@ absl::StatusOr<RowsBlock> ReadRows(const File& f, int64_t offset, int64_t limit,
   return b;
 }
 
-// A state block: one layer's private pages, as offsets into its payload.
+// A state block: one layer's private pages, pointing into the caller's buffer.
 struct StateBlock {
-  std::vector<uint8_t> payload;
   const uint8_t* ring = nullptr;       // window x 584 B, slot order
   const uint8_t* rollback = nullptr;   // depth x 584 B
   const uint8_t* evictors = nullptr;   // depth x int64 (position whose append evicted the record; -1 none)
@@ -756,11 +748,11 @@ bool AllFinite(const uint8_t* bytes, int64_t floats) {
 // Reads the state block at `offset` for layer `layer` at (length, floor) as
 // the commit says, and checks every invariant the cache relies on.
 absl::StatusOr<StateBlock> ReadState(const File& f, int64_t offset, int64_t limit, const Geometry& g, size_t layer,
-                                     int64_t length, int64_t floor) {
+                                     int64_t length, int64_t floor, std::vector<uint8_t>* buffer) {
   StateBlock b;
-  KVC_ASSIGN_OR_RETURN(b.payload, ReadBlock(f, offset, limit, BlockType::kState));
+  KVC_RETURN_IF_ERROR(ReadBlockInto(f, offset, limit, BlockType::kState, buffer));
   const std::string where = absl::StrCat(f.path(), ": state block at offset ", offset, " (layer ", layer, ")");
-  Decoder d(b.payload.data(), b.payload.size());
+  Decoder d(buffer->data(), buffer->size());
   uint32_t block_layer = 0;
   int64_t block_length = -1, block_floor = -1;
   d.Get(&block_layer);
@@ -777,7 +769,7 @@ absl::StatusOr<StateBlock> ReadState(const File& f, int64_t offset, int64_t limi
   b.main_state = d.Bytes(static_cast<uint64_t>(main_floats * 4));
   b.indexer_state = d.Bytes(static_cast<uint64_t>(indexer_floats * 4));
   if (!d.ok() || d.remaining() != 0) {
-    return absl::DataLossError(absl::StrCat(where, " has ", b.payload.size(), " bytes, not the layer's state size"));
+    return absl::DataLossError(absl::StrCat(where, " has ", buffer->size(), " bytes, not the layer's state size"));
   }
   if (!KvRowsValid(b.ring, g.window) || !KvRowsValid(b.rollback, g.depth)) {
     return absl::DataLossError(absl::StrCat(where, " holds window rows kvc cannot have written (NaN codes or scales)"));
@@ -815,34 +807,53 @@ uint64_t NewTag() {
   return tag;
 }
 
-// Appends blocks at the end of a file, buffered.
+// Appends blocks at the end of a file, buffered. A block is built in place:
+// Begin(), append its payload to payload(), End().
 class BlockWriter {
  public:
-  BlockWriter(File* file, int64_t offset) : file_(file), offset_(offset) {}
+  BlockWriter(File* file, int64_t offset) : file_(file), flushed_(offset) {}
 
-  // Writes a block; returns its offset.
-  absl::StatusOr<int64_t> Add(BlockType type, const std::string& payload) {
-    const int64_t at = offset_;
-    const auto header = EncodeBlockHeader(type, payload);
-    buffer_.append(reinterpret_cast<const char*>(header.data()), header.size());
-    buffer_ += payload;
-    offset_ += kBlockHeaderBytes + static_cast<int64_t>(payload.size());
-    bytes_ += kBlockHeaderBytes + static_cast<int64_t>(payload.size());
+  void Begin() {
+    start_ = buffer_.size();
+    buffer_.append(static_cast<size_t>(kBlockHeaderBytes), '\0');
+  }
+  std::string& payload() { return buffer_; }
+  // Writes the header of the block begun last; returns the block's offset.
+  absl::StatusOr<int64_t> End(BlockType type) {
+    char* header = &buffer_[start_];
+    const uint32_t magic = kBlockMagic, t = static_cast<uint32_t>(type);
+    const uint64_t n = buffer_.size() - start_ - kBlockHeaderBytes;
+    const uint32_t crc = Crc32c(header + kBlockHeaderBytes, n);
+    std::memcpy(header, &magic, 4);
+    std::memcpy(header + 4, &t, 4);
+    std::memcpy(header + 8, &n, 8);
+    std::memcpy(header + 16, &crc, 4);
+    const uint32_t header_crc = Crc32c(header, kBlockHeaderBytes - 4);
+    std::memcpy(header + kBlockHeaderBytes - 4, &header_crc, 4);
+    const int64_t at = flushed_ + static_cast<int64_t>(start_);
+    bytes_ += kBlockHeaderBytes + static_cast<int64_t>(n);
     if (buffer_.size() >= (size_t{8} << 20)) KVC_RETURN_IF_ERROR(Flush());
     return at;
   }
+  absl::StatusOr<int64_t> Add(BlockType type, const std::string& payload) {
+    Begin();
+    buffer_ += payload;
+    return End(type);
+  }
   absl::Status Flush() {
-    KVC_RETURN_IF_ERROR(file_->WriteAt(offset_ - static_cast<int64_t>(buffer_.size()), buffer_.data(), buffer_.size()));
+    KVC_RETURN_IF_ERROR(file_->WriteAt(flushed_, buffer_.data(), buffer_.size()));
+    flushed_ += static_cast<int64_t>(buffer_.size());
     buffer_.clear();
     return absl::OkStatus();
   }
-  int64_t offset() const { return offset_; }
+  int64_t offset() const { return flushed_ + static_cast<int64_t>(buffer_.size()); }
   int64_t bytes() const { return bytes_; }
 
  private:
   File* file_;
-  int64_t offset_;
+  int64_t flushed_;  // file offset of buffer_[0]
   int64_t bytes_ = 0;
+  size_t start_ = 0;
   std::string buffer_;
 };
 
@@ -879,19 +890,17 @@ absl::StatusOr<SequenceEntry> WriteSequence(const Impl& impl, Sequence& seq, Seq
         }
       }
       stats.rows_reused += kept;
-      const int64_t row_bytes = FormatInfo(h.format).row_bytes;
       for (int64_t r = kept; r < stream.rows;) {  // one block per cache page (or the rest of one)
         const uint32_t n = static_cast<uint32_t>(std::min(stream.rows - r, h.per_page - r % h.per_page));
-        std::string payload = EncodeRowsPreamble(static_cast<uint32_t>(i), st, r, n);
         const ConstPackedRows rows = impl.HistoryPage(h, static_cast<size_t>(r / h.per_page)).Slice(r % h.per_page, n);
-        const size_t at = payload.size();
-        payload.resize(at + n * static_cast<size_t>(row_bytes));
-        const PackedRows to = ContiguousRows(h.format, reinterpret_cast<uint8_t*>(&payload[at]), n);
-        for (uint32_t k = 0; k < n; ++k) {
-          std::memcpy(to.row_data(k), rows.row_data(k), static_cast<size_t>(FormatInfo(h.format).data_bytes));
-          std::memcpy(to.row_scales(k), rows.row_scales(k), static_cast<size_t>(FormatInfo(h.format).scale_bytes));
+        out.Begin();
+        std::string& payload = out.payload();
+        payload += EncodeRowsPreamble(static_cast<uint32_t>(i), st, r, n);
+        for (uint32_t k = 0; k < n; ++k) {  // verbatim: data part, then scale part
+          payload.append(reinterpret_cast<const char*>(rows.row_data(k)), static_cast<size_t>(FormatInfo(h.format).data_bytes));
+          payload.append(reinterpret_cast<const char*>(rows.row_scales(k)), static_cast<size_t>(FormatInfo(h.format).scale_bytes));
         }
-        KVC_ASSIGN_OR_RETURN(const int64_t offset, out.Add(BlockType::kRows, payload));
+        KVC_ASSIGN_OR_RETURN(const int64_t offset, out.End(BlockType::kRows));
         stream.extents.push_back({offset, n});
         stats.rows_written += n;
         r += n;
@@ -968,6 +977,7 @@ absl::StatusOr<BlockScan> ScanBlocks(const OpenedSnapshot& s, bool check_superse
   const std::vector<int64_t> referenced = ReferencedBlocks(s);
   const int64_t end = s.header.committed;
   BlockScan scan;
+  std::vector<uint8_t> buffer;
   size_t next_ref = 0;
   for (int64_t at = kFileHeaderBytes; at < end;) {
     KVC_ASSIGN_OR_RETURN(const BlockHeader h, ReadBlockHeader(*s.file, at, end, nullptr));
@@ -977,7 +987,7 @@ absl::StatusOr<BlockScan> ScanBlocks(const OpenedSnapshot& s, bool check_superse
       ++next_ref;
       scan.live_bytes += bytes;
     } else if (check_superseded) {
-      KVC_RETURN_IF_ERROR(ReadBlock(*s.file, at, end, h.type).status());
+      KVC_RETURN_IF_ERROR(ReadBlockInto(*s.file, at, end, h.type, &buffer));
     }
     ++scan.blocks;
     at += bytes;
@@ -1106,6 +1116,7 @@ absl::StatusOr<std::vector<SequenceId>> RestoreSnapshot(Cache& cache, const std:
   auto release_all = [&]() {
     for (const std::shared_ptr<Sequence>& seq : built) impl.Release(seq->layers);
   };
+  std::vector<uint8_t> buffer;  // one block at a time
   absl::Status status = [&]() -> absl::Status {
     for (const SequenceEntry& entry : snap.commit.sequences) {
       auto seq = std::make_shared<Sequence>();
@@ -1116,7 +1127,8 @@ absl::StatusOr<std::vector<SequenceId>> RestoreSnapshot(Cache& cache, const std:
         const LayerEntry& le = entry.layers[i];
         LayerStreams& ls = seq->layers[i];
         shortest = std::min(shortest, le.length);
-        KVC_ASSIGN_OR_RETURN(const StateBlock state, ReadState(f, le.state_offset, limit, g, i, le.length, le.floor));
+        KVC_ASSIGN_OR_RETURN(const StateBlock state,
+                             ReadState(f, le.state_offset, limit, g, i, le.length, le.floor, &buffer));
         for (int64_t slot = 0; slot < impl.window(); ++slot) {
           Impl::CopyRow(ContiguousRows(RowFormat::kKvFp8, state.ring + slot * kKvRowBytes, 1), impl.RingSlot(ls, slot));
         }
@@ -1142,7 +1154,7 @@ absl::StatusOr<std::vector<SequenceId>> RestoreSnapshot(Cache& cache, const std:
           const RowFormat format = kStreamFormat[st];
           int64_t r = 0;
           for (const Extent& x : stream.extents) {
-            KVC_ASSIGN_OR_RETURN(const RowsBlock block, ReadRows(f, x.offset, limit, i, st, r, x.rows));
+            KVC_ASSIGN_OR_RETURN(const RowsBlock block, ReadRows(f, x.offset, limit, i, st, r, x.rows, &buffer));
             const ConstPackedRows from = ContiguousRows(format, block.rows, x.rows);
             for (uint32_t k = 0; k < x.rows; ++k, ++r) {
               const PackedRows to = impl.HistoryPage(h, static_cast<size_t>(r / h.per_page)).Slice(r % h.per_page, 1);
@@ -1191,16 +1203,17 @@ absl::StatusOr<SnapshotInfo> Inspect(const std::string& path, bool verify_payloa
   info.live_bytes = scan.live_bytes;
   const File& f = *snap.file;
   if (verify_payloads) {  // and what the last commit refers to, as a restore reads it
+    std::vector<uint8_t> buffer;
     const Geometry& g = snap.geometry;
     const int64_t limit = snap.header.last_commit;
     for (const SequenceEntry& e : snap.commit.sequences) {
       for (size_t i = 0; i < e.layers.size(); ++i) {
         const LayerEntry& l = e.layers[i];
-        KVC_RETURN_IF_ERROR(ReadState(f, l.state_offset, limit, g, i, l.length, l.floor).status());
+        KVC_RETURN_IF_ERROR(ReadState(f, l.state_offset, limit, g, i, l.length, l.floor, &buffer).status());
         for (int st = 0; st < kStreams; ++st) {
           int64_t r = 0;
           for (const Extent& x : l.streams[st].extents) {
-            KVC_RETURN_IF_ERROR(ReadRows(f, x.offset, limit, i, st, r, x.rows).status());
+            KVC_RETURN_IF_ERROR(ReadRows(f, x.offset, limit, i, st, r, x.rows, &buffer).status());
             r += x.rows;
           }
         }

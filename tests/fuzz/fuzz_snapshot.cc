@@ -124,6 +124,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
     WriteSeeds(dir);
     std::exit(0);
   }
+  std::atexit([] { std::remove(Path().c_str()); });
   return 0;
 }
 
