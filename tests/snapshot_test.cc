@@ -420,8 +420,9 @@ TEST(Snapshot, SaveOfUnknownSequenceWritesNothing) {
 // --- A writer killed mid-save ----------------------------------------------------
 
 // The child saves in a loop, growing its sequence between saves (every
-// third save a full rewrite); the parent kills it at a random moment. The
-// file must then restore to exactly one of the states the child saved.
+// third save a full rewrite); once it has saved, the parent kills it at a
+// random moment. The file must then restore to exactly one of the states
+// the child saved.
 TEST(SnapshotCrash, KilledWriterLeavesThePreviousSnapshotUsable) {
   const TinyModel model;
   const std::string path = TempPath("crash");
@@ -435,9 +436,12 @@ TEST(SnapshotCrash, KilledWriterLeavesThePreviousSnapshotUsable) {
   std::mt19937 rng(11);
   int interrupted = 0, kills = 0;
   for (int trial = 0; trial < 30; ++trial) {
+    int ready[2];  // the child writes a byte once it is saving in its loop
+    ASSERT_EQ(::pipe(ready), 0);
     const pid_t child = ::fork();
     ASSERT_GE(child, 0);
     if (child == 0) {
+      ::close(ready[0]);
       auto cache = NewCache(model);
       const absl::StatusOr<std::vector<SequenceId>> ids = RestoreSnapshot(*cache, path);
       if (!ids.ok()) ::_exit(4);
@@ -448,9 +452,15 @@ TEST(SnapshotCrash, KilledWriterLeavesThePreviousSnapshotUsable) {
         SaveOptions options;
         options.incremental = save % 3 != 2;
         if (!SaveSnapshot(*cache, {seq}, path, options).ok()) ::_exit(3);
+        if (save == 0 && ::write(ready[1], "x", 1) != 1) ::_exit(5);
       }
     }
-    std::this_thread::sleep_for(std::chrono::microseconds(2000 + rng() % 30000));
+    ::close(ready[1]);
+    char byte = 0;
+    ASSERT_EQ(::read(ready[0], &byte, 1), 1) << "the writer died before its first save";
+    ::close(ready[0]);
+    // Anywhere in the next few saves (each takes a few milliseconds).
+    std::this_thread::sleep_for(std::chrono::microseconds(rng() % 20000));
     ASSERT_EQ(::kill(child, SIGKILL), 0);
     int status = 0;
     ASSERT_EQ(::waitpid(child, &status, 0), child);
