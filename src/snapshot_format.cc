@@ -14,10 +14,11 @@
 #include "absl/strings/str_cat.h"
 #include "kvc/crc32c.h"
 #include "kvc/status.h"
-#include "src/cache_internal.h"
 
 namespace kvc::snapshot_format {
 namespace {
+
+constexpr int64_t kKvRowBytes = FormatInfo(RowFormat::kKvFp8).row_bytes;
 
 // Whether stored rows are ones kvc could have written: no NaN codes or
 // scales, finite bf16 RoPE dims, zero padding (a file with a valid checksum
@@ -285,7 +286,7 @@ absl::StatusOr<Commit> DecodeCommit(const std::vector<uint8_t>& payload, const G
         uint32_t extents = 0;
         if (!d.Get(&stream.rows) || !d.Get(&extents)) return bad("truncated");
         const bool has = st == 0 ? g.kinds[i] != LayerKind::kWindow : g.kinds[i] == LayerKind::kCsa;
-        const int64_t most = has ? EntriesAt(g.kinds[i], l.length) : 0;
+        const int64_t most = has ? l.length / CompressRatio(g.kinds[i]) : 0;  // closed windows
         const bool exact = g.compresses[i];  // kvc keeps exactly the closed windows' entries
         if (stream.rows < 0 || stream.rows > most || (exact && stream.rows != most)) {
           return bad(absl::StrCat("layer ", i, " holds ", stream.rows, " ", kStreamName[st], " at length ", l.length));
