@@ -126,6 +126,8 @@ class Decoder {
 
 // --- Files ----------------------------------------------------------------------
 
+// The status of a failed system call (`what`, e.g. "cannot open", on `path`):
+// the code and message of errno.
 absl::Status IoError(const std::string& what, const std::string& path);
 
 // An open file descriptor with whole-buffer reads and writes.
