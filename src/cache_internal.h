@@ -183,10 +183,7 @@ struct Cache::Impl {
     return view;
   }
 
-  static void CopyRow(ConstPackedRows from, PackedRows to) {
-    std::memcpy(to.data, from.data, kKvDataBytes);
-    std::memcpy(to.scales, from.scales, kKvScaleBytes);
-  }
+  static void CopyRow(ConstPackedRows from, PackedRows to) { CopyRows(RowFormat::kKvFp8, from.Slice(0, 1), to); }
   static void ZeroRow(PackedRows row) {
     std::memset(row.data, 0, kKvDataBytes);
     std::memset(row.scales, 0, kKvScaleBytes);

@@ -19,7 +19,6 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "kvc/compressor.h"
 #include "kvc/crc32c.h"
 #include "kvc/status.h"
 #include "src/cache_internal.h"
@@ -50,6 +49,7 @@ using snapshot_format::Extent;
 using snapshot_format::File;
 using snapshot_format::FileHeader;
 using snapshot_format::Geometry;
+using snapshot_format::GeometryOf;
 using snapshot_format::IoError;
 using snapshot_format::kFileHeaderBytes;
 using snapshot_format::kStreamFormat;
@@ -115,8 +115,9 @@ ModelDescription Describe(const Impl& impl) {
 }
 
 // Writes one sequence (its lock held): rows the file already holds for it
-// are referenced again, the rest written. Returns its commit entry.
-absl::StatusOr<SequenceEntry> WriteSequence(const Impl& impl, Sequence& seq, SequenceId id,
+// are referenced again, the rest written. Section sizes come from the same
+// Geometry a reader checks them against. Returns its commit entry.
+absl::StatusOr<SequenceEntry> WriteSequence(const Impl& impl, const Geometry& geometry, Sequence& seq, SequenceId id,
                                             const SequenceEntry* prior, BlockWriter& out, SaveStats& stats) {
   SequenceEntry entry;
   entry.tag = NewTag();
@@ -153,7 +154,9 @@ absl::StatusOr<SequenceEntry> WriteSequence(const Impl& impl, Sequence& seq, Seq
         out.Begin();
         std::string& payload = out.payload();
         payload += EncodeRowsPreamble(static_cast<uint32_t>(i), st, r, n);
-        for (uint32_t k = 0; k < n; ++k) {  // verbatim: data part, then scale part
+        // Then the rows verbatim, data part then scale part (appended, not
+        // CopyRows into a resized string: no zero-fill of 3.5 GB at 1M tokens).
+        for (uint32_t k = 0; k < n; ++k) {
           payload.append(reinterpret_cast<const char*>(rows.row_data(k)), static_cast<size_t>(FormatInfo(h.format).data_bytes));
           payload.append(reinterpret_cast<const char*>(rows.row_scales(k)), static_cast<size_t>(FormatInfo(h.format).scale_bytes));
         }
@@ -181,15 +184,11 @@ absl::StatusOr<SequenceEntry> WriteSequence(const Impl& impl, Sequence& seq, Seq
         e.PutBytes(impl.rollback_pool->Data(ls.rollback), static_cast<size_t>(impl.depth() * kKvRowBytes));
         e.PutBytes(impl.RollbackEvictors(ls), static_cast<size_t>(impl.depth()) * 8);
       }
-      const bool compresses = KvcCompresses(impl.spec.layers[i]);
-      if (compresses) {
-        const CompressorGeometry g = MainCompressor(kind, impl.spec.head_dim);
-        e.PutBytes(impl.StatePool(kind)->Data(ls.state), static_cast<size_t>(impl.StateCapacity(g) * 2 * g.width() * 4));
-        if (kind == LayerKind::kCsa) {
-          const CompressorGeometry gi = IndexerCompressor(impl.spec.index_dim);
-          e.PutBytes(impl.csa_indexer_state_pool->Data(ls.indexer_state),
-                     static_cast<size_t>(impl.StateCapacity(gi) * 2 * gi.width() * 4));
-        }
+      if (geometry.MainStateFloats(i) > 0) {
+        e.PutBytes(impl.StatePool(kind)->Data(ls.state), static_cast<size_t>(geometry.MainStateFloats(i)) * 4);
+      }
+      if (geometry.IndexerStateFloats(i) > 0) {
+        e.PutBytes(impl.csa_indexer_state_pool->Data(ls.indexer_state), static_cast<size_t>(geometry.IndexerStateFloats(i)) * 4);
       }
       KVC_ASSIGN_OR_RETURN(layer.state_offset, out.Add(BlockType::kState, e.bytes()));
     }
@@ -219,6 +218,7 @@ absl::StatusOr<SaveStats> Save(const Cache& cache, absl::Span<const SequenceId> 
     seqs.emplace_back(id, *std::move(seq));
   }
   const ModelDescription model = Describe(impl);
+  KVC_ASSIGN_OR_RETURN(const Geometry geometry, GeometryOf(model, path));
 
   // Append to the existing file if it is a sound snapshot of this model and
   // not mostly superseded data; otherwise write a fresh one.
@@ -264,7 +264,7 @@ absl::StatusOr<SaveStats> Save(const Cache& cache, absl::Span<const SequenceId> 
           if (e.tag == seq->snapshot_tag) prior = &e;
         }
       }
-      KVC_ASSIGN_OR_RETURN(SequenceEntry entry, WriteSequence(impl, *seq, id, prior, out, stats));
+      KVC_ASSIGN_OR_RETURN(SequenceEntry entry, WriteSequence(impl, geometry, *seq, id, prior, out, stats));
       commit.sequences.push_back(std::move(entry));
     }
     KVC_ASSIGN_OR_RETURN(header.last_commit, out.Add(BlockType::kCommit, EncodeCommit(commit)));
@@ -332,8 +332,10 @@ absl::StatusOr<std::vector<SequenceId>> RestoreSnapshot(Cache& cache, const std:
         shortest = std::min(shortest, le.length);
         KVC_ASSIGN_OR_RETURN(const StateBlock state,
                              ReadState(f, le.state_offset, limit, g, i, le.length, le.floor, &buffer));
-        for (int64_t slot = 0; slot < impl.window(); ++slot) {
-          Impl::CopyRow(ContiguousRows(RowFormat::kKvFp8, state.ring + slot * kKvRowBytes, 1), impl.RingSlot(ls, slot));
+        const ConstPackedRows ring = ContiguousRows(RowFormat::kKvFp8, state.ring, impl.window());
+        for (int64_t slot = 0; slot < impl.window(); slot += impl.rows_per_page()) {  // page by page
+          const int64_t n = std::min<int64_t>(impl.rows_per_page(), impl.window() - slot);
+          CopyRows(RowFormat::kKvFp8, ring.Slice(slot, n), impl.RingPage(ls, slot / impl.rows_per_page()));
         }
         if (impl.depth() > 0) {
           std::memcpy(impl.rollback_pool->Data(ls.rollback), state.rollback, static_cast<size_t>(impl.depth() * kKvRowBytes));
@@ -359,10 +361,11 @@ absl::StatusOr<std::vector<SequenceId>> RestoreSnapshot(Cache& cache, const std:
           for (const Extent& x : stream.extents) {
             KVC_ASSIGN_OR_RETURN(const RowsBlock block, ReadRows(f, x.offset, limit, i, st, r, x.rows, &buffer));
             const ConstPackedRows from = ContiguousRows(format, block.rows, x.rows);
-            for (uint32_t k = 0; k < x.rows; ++k, ++r) {
-              const PackedRows to = impl.HistoryPage(h, static_cast<size_t>(r / h.per_page)).Slice(r % h.per_page, 1);
-              std::memcpy(to.data, from.row_data(k), static_cast<size_t>(FormatInfo(format).data_bytes));
-              std::memcpy(to.scales, from.row_scales(k), static_cast<size_t>(FormatInfo(format).scale_bytes));
+            for (int64_t k = 0; k < x.rows;) {  // in runs that stay inside one page
+              const int64_t n = std::min<int64_t>(x.rows - k, h.per_page - r % h.per_page);
+              CopyRows(format, from.Slice(k, n), impl.HistoryPage(h, static_cast<size_t>(r / h.per_page)).Slice(r % h.per_page, n));
+              k += n;
+              r += n;
             }
           }
           *h.rows = stream.rows;

@@ -12,6 +12,7 @@
 #define KVC_ROW_FORMATS_H_
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace kvc {
@@ -142,6 +143,16 @@ PackedRowsView<Byte> PageFooterRows(RowFormat format, Byte* page, int64_t rows_p
   const RowFormatInfo& f = FormatInfo(format);
   return {page, page + rows_per_page * f.data_bytes, f.data_bytes, f.scale_bytes,
           rows_per_page};
+}
+
+// Copies from.count rows of `format` into `to` (to.count >= from.count),
+// whatever the layouts of the two views (contiguous rows, engine pages).
+inline void CopyRows(RowFormat format, ConstPackedRows from, PackedRows to) {
+  const RowFormatInfo& f = FormatInfo(format);
+  for (int64_t i = 0; i < from.count; ++i) {
+    std::memcpy(to.row_data(i), from.row_data(i), static_cast<size_t>(f.data_bytes));
+    std::memcpy(to.row_scales(i), from.row_scales(i), static_cast<size_t>(f.scale_bytes));
+  }
 }
 
 }  // namespace kvc

@@ -20,6 +20,7 @@
 #include "kvc/cache.h"
 #include "kvc/crc32c.h"
 #include "kvc/snapshot.h"
+#include "src/snapshot_format.h"
 
 extern "C" size_t LLVMFuzzerMutate(uint8_t* data, size_t size, size_t max_size);
 
@@ -97,24 +98,27 @@ void Store(uint8_t* p, T v) {
   std::memcpy(p, &v, sizeof(T));
 }
 
-// Recomputes block checksums, and points the header at the last commit.
+// Recomputes block checksums, and points the header at the last commit
+// (field offsets as in docs/reliability.md).
 void FixChecksums(uint8_t* data, size_t size) {
-  if (size < 64 || std::memcmp(data, "KVCSNAP\n", 8) != 0) return;
-  size_t at = 64, last_commit = 0, end = 0;
-  while (at + 32 <= size && Load<uint32_t>(data + at) == 0x4B4C4253u) {
+  namespace sf = kvc::snapshot_format;
+  constexpr size_t kHeader = sf::kFileHeaderBytes, kBlock = sf::kBlockHeaderBytes;
+  if (size < kHeader || std::memcmp(data, sf::kFileMagic, sizeof(sf::kFileMagic)) != 0) return;
+  size_t at = kHeader, last_commit = 0, end = 0;
+  while (at + kBlock <= size && Load<uint32_t>(data + at) == sf::kBlockMagic) {
     const uint64_t payload = Load<uint64_t>(data + at + 8);
-    if (payload > size - at - 32) break;
-    Store<uint32_t>(data + at + 16, kvc::Crc32c(data + at + 32, payload));
-    Store<uint32_t>(data + at + 28, kvc::Crc32c(data + at, 28));
-    if (Load<uint32_t>(data + at + 4) == 4) last_commit = at;
-    at += 32 + payload;
+    if (payload > size - at - kBlock) break;
+    Store<uint32_t>(data + at + 16, kvc::Crc32c(data + at + kBlock, payload));
+    Store<uint32_t>(data + at + kBlock - 4, kvc::Crc32c(data + at, kBlock - 4));
+    if (Load<uint32_t>(data + at + 4) == static_cast<uint32_t>(sf::BlockType::kCommit)) last_commit = at;
+    at += kBlock + payload;
     if (last_commit != 0 && end < at) end = at;
   }
-  if (last_commit != 0 && end == last_commit + 32 + Load<uint64_t>(data + last_commit + 8)) {
+  if (last_commit != 0 && end == last_commit + kBlock + Load<uint64_t>(data + last_commit + 8)) {
     Store<int64_t>(data + 24, static_cast<int64_t>(end));   // committed
     Store<int64_t>(data + 40, static_cast<int64_t>(last_commit));
   }
-  Store<uint32_t>(data + 60, kvc::Crc32c(data, 60));
+  Store<uint32_t>(data + kHeader - 4, kvc::Crc32c(data, kHeader - 4));
 }
 
 }  // namespace
