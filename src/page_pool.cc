@@ -1,11 +1,16 @@
 #include "kvc/page_pool.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <new>
 #include <string>
 #include <utility>
 
+#include "absl/numeric/bits.h"
 #include "absl/strings/str_cat.h"
+#include "kvc/status.h"
 
 namespace kvc {
 namespace {
@@ -69,33 +74,65 @@ PagePool::PagePool(std::string name, int64_t page_bytes, Arena* arena)
     : name_(std::move(name)),
       page_bytes_(RoundUp(page_bytes > 0 ? page_bytes : 1, kPageAlignment)),
       arena_(arena),
-      pages_(static_cast<size_t>(arena->limit_bytes() / page_bytes_), nullptr),
-      refcount_(pages_.size(), 0) {}
+      max_pages_(std::min<int64_t>(arena->limit_bytes() / page_bytes_, std::numeric_limits<PageId>::max())) {}
+
+namespace {
+
+// Grows v's capacity geometrically to at least `size` (amortised O(1) per element).
+template <typename T>
+void ReserveGeometric(std::vector<T>& v, size_t size) {
+  if (v.capacity() < size) v.reserve(std::max(size, 2 * v.capacity()));
+}
+
+}  // namespace
+
+absl::Status PagePool::Reserve(int64_t fresh, int64_t n, std::vector<PageId>* out) {
+  try {
+    for (int64_t id = created_; id < created_ + fresh;) {  // segments of the new ids
+      const int segment = SegmentOf(id);
+      auto& table = segments_[static_cast<size_t>(segment)];
+      if (table == nullptr) table.reset(new uint8_t*[static_cast<size_t>(int64_t{kFirstSegmentPages} << segment)]);
+      id = SegmentStart(segment + 1);
+    }
+    ReserveGeometric(refcount_, static_cast<size_t>(created_ + fresh));
+    ReserveGeometric(free_, static_cast<size_t>(created_ + fresh));
+    out->reserve(out->size() + static_cast<size_t>(n));
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(name_, ": the system refused memory for the table of ", created_ + fresh, " pages"));
+  }
+  return absl::OkStatus();
+}
 
 absl::Status PagePool::Allocate(int64_t n, std::vector<PageId>* out) {
+  if (n < 0) return absl::InvalidArgumentError(absl::StrCat(name_, ": cannot allocate ", n, " pages"));
   std::lock_guard<std::mutex> lock(mu_);
-  const int64_t from_free = n < static_cast<int64_t>(free_.size()) ? n : static_cast<int64_t>(free_.size());
+  const int64_t from_free = std::min(n, static_cast<int64_t>(free_.size()));
   const int64_t fresh = n - from_free;
-  if (fresh > 0) {
-    // One block for all fresh pages: all or nothing.
-    if (created_ + fresh > static_cast<int64_t>(pages_.size()) || fresh * page_bytes_ > arena_->available_bytes()) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          name_, ": needs ", n, " pages of ", page_bytes_, " B; ", free_.size(), " free and the ", arena_->name(),
-          " arena has ", arena_->available_bytes(), " of ", arena_->limit_bytes(), " bytes left"));
-    }
+  // Division, not multiplication: n may be anything.
+  if (fresh > max_pages_ - created_ || fresh > arena_->available_bytes() / page_bytes_) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        name_, ": needs ", n, " pages of ", page_bytes_, " B; ", free_.size(), " free, ", created_, " of at most ",
+        max_pages_, " created, and the ", arena_->name(), " arena has ", arena_->available_bytes(), " of ",
+        arena_->limit_bytes(), " bytes left"));
+  }
+  KVC_RETURN_IF_ERROR(Reserve(fresh, n, out));
+  if (fresh > 0) {  // one block for all fresh pages: all or nothing
     absl::StatusOr<uint8_t*> block = arena_->Allocate(fresh * page_bytes_);
     if (!block.ok()) return absl::ResourceExhaustedError(absl::StrCat(name_, ": ", block.status().message()));
+    // Cannot fail from here on: every table has room (Reserve).
     for (int64_t i = 0; i < fresh; ++i) {
-      pages_[static_cast<size_t>(created_)] = *block + i * page_bytes_;
-      free_.push_back(static_cast<PageId>(created_));
-      ++created_;
+      Slot(created_ + i) = *block + i * page_bytes_;
+      refcount_.push_back(0);
+      free_.push_back(static_cast<PageId>(created_ + i));
     }
+    created_ += fresh;
   }
   for (int64_t i = 0; i < n; ++i) {
     const PageId id = free_.back();
     free_.pop_back();
     refcount_[static_cast<size_t>(id)] = 1;
-    std::memset(pages_[static_cast<size_t>(id)], 0, static_cast<size_t>(page_bytes_));
+    std::memset(Data(id), 0, static_cast<size_t>(page_bytes_));
     out->push_back(id);
   }
   used_ += n;
@@ -105,8 +142,7 @@ absl::Status PagePool::Allocate(int64_t n, std::vector<PageId>* out) {
 bool PagePool::CanAllocate(int64_t n) const {
   std::lock_guard<std::mutex> lock(mu_);
   const int64_t fresh = n - static_cast<int64_t>(free_.size());
-  return fresh <= 0 || (created_ + fresh <= static_cast<int64_t>(pages_.size()) &&
-                        fresh * page_bytes_ <= arena_->available_bytes());
+  return n >= 0 && (fresh <= 0 || (fresh <= max_pages_ - created_ && fresh <= arena_->available_bytes() / page_bytes_));
 }
 
 void PagePool::Ref(PageId id) {

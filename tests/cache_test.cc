@@ -3,10 +3,13 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <fstream>
 #include <map>
 #include <random>
 #include <string>
 #include <vector>
+
+#include <unistd.h>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -517,6 +520,56 @@ TEST(Cache, RejectsInconsistentOptions) {
   ModelSpec bad = ModelSpec::V4Flash();
   bad.head_dim = 576;
   EXPECT_THAT(std::string(Cache::Create(bad).status().message()), HasSubstr("584-byte rows"));
+}
+
+
+// Resident memory of this process (bytes), from /proc/self/statm.
+int64_t ResidentBytes() {
+  std::ifstream statm("/proc/self/statm");
+  int64_t size = 0, resident = 0;
+  statm >> size >> resident;
+  return resident * sysconf(_SC_PAGESIZE);
+}
+
+// Bookkeeping grows with the pages in use, not with the byte limits: huge
+// limits ("no limit") and tiny pages cost nothing until used.
+TEST(Cache, HugeLimitsAndTinyPagesCostNothingUntilUsed) {
+  constexpr int64_t kMaxGrowth = 16 << 20;
+  struct Case {
+    const char* name;
+    CacheOptions options;
+  };
+  std::vector<Case> cases(4);
+  cases[0].name = "history_bytes = state_bytes = INT64_MAX";
+  cases[0].options.history_bytes = INT64_MAX;
+  cases[0].options.state_bytes = INT64_MAX;
+  cases[1].name = "rollback_depth = 0";
+  cases[1].options.rollback_depth = 0;
+  cases[2].name = "keys_per_page = 1";
+  cases[2].options.keys_per_page = 1;
+  cases[3].name = "rows_per_page = 1 with INT64_MAX limits";
+  cases[3].options.rows_per_page = 1;
+  cases[3].options.history_bytes = INT64_MAX;
+  cases[3].options.state_bytes = INT64_MAX;
+  for (const Case& c : cases) {
+    const int64_t before = ResidentBytes();
+    auto cache = Cache::Create(ModelSpec::V4Flash(), c.options);
+    ASSERT_TRUE(cache.ok()) << c.name << ": " << cache.status();
+    EXPECT_LT(ResidentBytes() - before, kMaxGrowth) << c.name;
+    // And the cache works: a sequence, a few tokens, a fork, a truncate.
+    std::mt19937 rng(13);
+    const SequenceId seq = *(*cache)->CreateSequence();
+    const std::vector<Bf16> rows = RandomRows(20, rng);
+    for (int layer = 0; layer < static_cast<int>((*cache)->spec().layers.size()); ++layer) {
+      ASSERT_TRUE((*cache)->Append(seq, layer, 0, {rows}).ok()) << c.name;
+    }
+    const SequenceId child = *(*cache)->Fork(seq);
+    EXPECT_EQ(Window(**cache, child, 0), Window(**cache, seq, 0)) << c.name;
+    if (c.options.rollback_depth > 0) {
+      EXPECT_TRUE((*cache)->Truncate(seq, 19).ok()) << c.name;
+    }
+    EXPECT_LT(ResidentBytes() - before, kMaxGrowth) << c.name;
+  }
 }
 
 }  // namespace

@@ -2,10 +2,13 @@
 
 #include <cstdint>
 #include <cstring>
+#include <fstream>
 #include <map>
 #include <random>
 #include <string>
 #include <vector>
+
+#include <unistd.h>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -114,6 +117,48 @@ TEST(PagePool, RandomOperationsKeepCountsAndNeverLeak) {
     for (int r = 0; r < refs; ++r) key.first->Unref(key.second);
   }
   EXPECT_EQ(a.Stats().used_pages + b.Stats().used_pages, 0);
+}
+
+
+// Resident memory of this process (bytes), from /proc/self/statm.
+int64_t ResidentBytes() {
+  std::ifstream statm("/proc/self/statm");
+  int64_t size = 0, resident = 0;
+  statm >> size >> resident;
+  return resident * sysconf(_SC_PAGESIZE);
+}
+
+// A pool's tables grow with the pages it hands out, never with the limit:
+// "no limit" (INT64_MAX) with 64-byte pages costs nothing until used.
+TEST(PagePool, BookkeepingGrowsWithUseNotWithTheLimit) {
+  Arena arena("history", INT64_MAX);
+  const int64_t before = ResidentBytes();
+  PagePool pool("tiny", 64, &arena);
+  EXPECT_LT(ResidentBytes() - before, 1 << 20);
+  // Pages keep their addresses and contents while the tables grow.
+  std::vector<PageId> ids;
+  std::vector<uint8_t*> where;
+  for (int i = 0; i < 5000; ++i) {
+    ASSERT_TRUE(pool.Allocate(1 + i % 3, &ids).ok());
+    while (where.size() < ids.size()) {
+      uint8_t* page = pool.Data(ids[where.size()]);
+      std::memset(page, static_cast<int>(where.size() % 251), 64);
+      where.push_back(page);
+    }
+  }
+  for (size_t i = 0; i < ids.size(); ++i) {
+    ASSERT_EQ(pool.Data(ids[i]), where[i]);
+    ASSERT_EQ(pool.Data(ids[i])[63], i % 251);
+    ASSERT_EQ(pool.RefCount(ids[i]), 1);
+  }
+  // Requests no arena could meet are refused, not overflowed.
+  const size_t held = ids.size();
+  EXPECT_EQ(pool.Allocate(INT64_MAX / 2, &ids).code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(pool.Allocate(int64_t{1} << 40, &ids).code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(pool.Allocate(-1, &ids).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ids.size(), held);
+  EXPECT_FALSE(pool.CanAllocate(INT64_MAX / 2));
+  EXPECT_EQ(pool.Stats().used_pages, static_cast<int64_t>(held));
 }
 
 }  // namespace

@@ -10,12 +10,14 @@
 #ifndef KVC_PAGE_POOL_H_
 #define KVC_PAGE_POOL_H_
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
 
+#include "absl/numeric/bits.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
@@ -69,38 +71,62 @@ struct PoolStats {
 class PagePool {
  public:
   // `page_bytes` is rounded up to kPageAlignment. The pool can never hold
-  // more than arena->limit_bytes() / page_bytes pages.
+  // more than max_pages() pages. Constructing it allocates nothing: its
+  // tables grow with the pages it hands out (a few bytes per page), so a huge
+  // limit ("no limit") or tiny pages cost nothing until used.
   PagePool(std::string name, int64_t page_bytes, Arena* arena);
   PagePool(const PagePool&) = delete;
   PagePool& operator=(const PagePool&) = delete;
 
   // Appends `n` new pages (reference count 1, zero-filled) to `out`: all or
-  // nothing. kResourceExhausted naming the pool when the arena cannot supply
-  // them; nothing changes then.
+  // nothing. kResourceExhausted naming the pool when the arena (or the
+  // system, for the pool's own tables) cannot supply them; kInvalidArgument
+  // for n < 0. Nothing changes on a refusal.
   absl::Status Allocate(int64_t n, std::vector<PageId>* out);
   // Whether Allocate(n) would succeed now (racy under concurrency; used for
   // error messages, not for correctness).
   bool CanAllocate(int64_t n) const;
 
   void Ref(PageId id);    // requires a live page
-  void Unref(PageId id);  // frees the page when the last reference goes
+  void Unref(PageId id);  // frees the page when the last reference goes; allocates nothing
   int32_t RefCount(PageId id) const;
 
-  uint8_t* Data(PageId id) const { return pages_[static_cast<size_t>(id)]; }
+  // Requires an id this pool handed out. Lock-free: the tables it reads
+  // never move.
+  uint8_t* Data(PageId id) const { return Slot(id); }
   int64_t page_bytes() const { return page_bytes_; }
+  // min(arena limit / page_bytes, 2^31 - 1): page ids are int32.
+  int64_t max_pages() const { return max_pages_; }
   const std::string& name() const { return name_; }
   PoolStats Stats() const;
 
  private:
+  // Page addresses live in segments that are never reallocated: segment s
+  // holds the ids [64 (2^s - 1), 64 (2^(s+1) - 1)), allocated when its first
+  // page is created. 26 segments cover every non-negative int32 id.
+  static constexpr uint32_t kFirstSegmentPages = 64;
+  static constexpr int kSegments = 26;
+  static int SegmentOf(int64_t id) {
+    return 31 - absl::countl_zero(static_cast<uint32_t>(id / kFirstSegmentPages + 1));
+  }
+  static int64_t SegmentStart(int segment) { return int64_t{kFirstSegmentPages} * ((int64_t{1} << segment) - 1); }
+  // The table entry holding page `id`'s address.
+  uint8_t*& Slot(int64_t id) const {
+    const int segment = SegmentOf(id);
+    return segments_[static_cast<size_t>(segment)][id - SegmentStart(segment)];
+  }
+  // Makes room in the tables for pages [created_, created_ + fresh) and in
+  // `out` for `n` more ids, so that nothing after it can fail. Called with mu_ held.
+  absl::Status Reserve(int64_t fresh, int64_t n, std::vector<PageId>* out);
+
   const std::string name_;
   const int64_t page_bytes_;
   Arena* const arena_;
-  // Sized to the most pages the arena could ever give this pool and never
-  // reallocated, so Data() needs no lock.
-  std::vector<uint8_t*> pages_;
+  const int64_t max_pages_;
+  std::array<std::unique_ptr<uint8_t*[]>, kSegments> segments_;  // written under mu_, read by Data()
   mutable std::mutex mu_;  // guards the members below
-  std::vector<int32_t> refcount_;
-  std::vector<PageId> free_;
+  std::vector<int32_t> refcount_;  // one per created page
+  std::vector<PageId> free_;       // capacity >= created_: Unref never allocates
   int64_t created_ = 0;
   int64_t used_ = 0;
 };
