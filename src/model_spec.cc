@@ -3,7 +3,6 @@
 #include <cmath>
 #include <cstdint>
 #include <fstream>
-#include <iterator>
 #include <string>
 #include <utility>
 
@@ -183,6 +182,10 @@ absl::StatusOr<ModelSpec> ModelSpec::Preset(absl::string_view name) {
 }
 
 absl::StatusOr<ModelSpec> ModelSpec::FromHuggingFaceConfig(absl::string_view json, bool include_mtp) {
+  if (json.size() > kMaxConfigBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("config.json: ", json.size(), " bytes is over the ",
+                                                   kMaxConfigBytes, "-byte cap (ModelSpec::kMaxConfigBytes)"));
+  }
   absl::StatusOr<JsonValue> parsed = JsonValue::Parse(json);
   if (!parsed.ok()) return absl::InvalidArgumentError(absl::StrCat("config.json: ", parsed.status().message()));
   const JsonValue& config = *parsed;
@@ -190,7 +193,7 @@ absl::StatusOr<ModelSpec> ModelSpec::FromHuggingFaceConfig(absl::string_view jso
 
   ModelSpec spec;
   const JsonValue* model_type = config.Find("model_type");
-  spec.name = model_type != nullptr && model_type->is_string() ? model_type->string() : "hf-config";
+  spec.name = model_type != nullptr && model_type->is_string() ? std::string(model_type->string()) : "hf-config";
 
   KVC_ASSIGN_OR_RETURN(const int64_t num_layers, IntMember(config, "num_hidden_layers", 1, 1024));
   KVC_ASSIGN_OR_RETURN(const int64_t mtp_layers, OptionalInt(config, "num_nextn_predict_layers", 0, 0, 64));
@@ -261,7 +264,11 @@ absl::StatusOr<ModelSpec> ModelSpec::FromHuggingFaceConfig(absl::string_view jso
 absl::StatusOr<ModelSpec> ModelSpec::FromHuggingFaceConfigFile(const std::string& path, bool include_mtp) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
-  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  // One byte past the cap is enough for FromHuggingFaceConfig to refuse it.
+  std::string text(kMaxConfigBytes + 1, '\0');
+  in.read(&text[0], static_cast<std::streamsize>(text.size()));
+  if (in.bad()) return absl::DataLossError(absl::StrCat("error reading ", path));
+  text.resize(static_cast<size_t>(in.gcount()));
   absl::StatusOr<ModelSpec> spec = FromHuggingFaceConfig(text, include_mtp);
   if (!spec.ok()) return absl::Status(spec.status().code(), absl::StrCat(path, ": ", spec.status().message()));
   return spec;

@@ -1,11 +1,14 @@
 #include "kvc/safetensors.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <fstream>
 #include <iterator>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -32,7 +35,7 @@ std::string ShapeString(const std::vector<int64_t>& shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
 
-absl::Status ParseTensor(const std::string& name, const JsonValue& entry, int64_t data_bytes,
+absl::Status ParseTensor(absl::string_view name, const JsonValue& entry, int64_t data_bytes,
                          TensorInfo& out) {
   auto bad = [&](absl::string_view what) {
     return absl::InvalidArgumentError(absl::StrCat("safetensors: tensor \"", name, "\": ", what));
@@ -52,7 +55,7 @@ absl::Status ParseTensor(const std::string& name, const JsonValue& entry, int64_
   }
   if (facts == nullptr) return bad(absl::StrCat("unknown dtype \"", dtype->string(), "\""));
 
-  out.name = name;
+  out.name = std::string(name);
   out.dtype = facts->dtype;
   out.elements = 1;
   for (const JsonValue& extent : shape->array()) {
@@ -78,6 +81,43 @@ absl::Status ParseTensor(const std::string& name, const JsonValue& entry, int64_
   if (end - begin != out.bytes) {
     return bad(absl::StrCat("data_offsets span ", end - begin, " bytes but ", facts->name, " ",
                             ShapeString(out.shape), " needs ", out.bytes));
+  }
+  return absl::OkStatus();
+}
+
+// The tensors must tile the data section exactly, in some order (as the
+// reference implementation requires): sorted by offset, each begins where
+// the previous one ends, the first at 0 and the last at the section's end.
+// Offsets and sizes were checked against the section, so sums cannot overflow.
+absl::Status CheckTiling(const std::vector<TensorInfo>& tensors, int64_t data_bytes) {
+  std::vector<const TensorInfo*> order;
+  order.reserve(tensors.size());
+  for (const TensorInfo& t : tensors) order.push_back(&t);
+  std::sort(order.begin(), order.end(), [](const TensorInfo* a, const TensorInfo* b) {
+    return std::tie(a->offset, a->bytes, a->name) < std::tie(b->offset, b->bytes, b->name);
+  });
+  int64_t end = 0;
+  const TensorInfo* previous = nullptr;
+  for (const TensorInfo* t : order) {
+    if (t->offset < end) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "safetensors: tensor \"", t->name, "\": data_offsets [", t->offset, ", ", t->offset + t->bytes,
+          "] overlap tensor \"", previous->name, "\" [", previous->offset, ", ", end, "]"));
+    }
+    if (t->offset > end) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "safetensors: tensor \"", t->name, "\": data_offsets begin at ", t->offset, ", leaving bytes [", end,
+          ", ", t->offset, ") of the data section unused"));
+    }
+    end = t->offset + t->bytes;
+    previous = t;
+  }
+  if (end != data_bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("safetensors: bytes [", end, ", ", data_bytes, ") of the ", data_bytes,
+                     "-byte data section are unused",
+                     previous != nullptr ? absl::StrCat(" (the last tensor, \"", previous->name, "\", ends at ", end, ")")
+                                         : std::string(" (no tensors)")));
   }
   return absl::OkStatus();
 }
@@ -146,6 +186,8 @@ absl::StatusOr<SafetensorsFile> SafetensorsFile::Parse(std::string bytes) {
     if (!status.ok()) return status;
     file.tensors_.push_back(std::move(info));
   }
+  absl::Status tiled = CheckTiling(file.tensors_, data_bytes);
+  if (!tiled.ok()) return tiled;
   return file;
 }
 

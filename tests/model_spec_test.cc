@@ -1,5 +1,7 @@
 #include "kvc/model_spec.h"
 
+#include <cstdio>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -115,6 +117,30 @@ TEST(ModelSpec, MalformedOrInconsistentConfigsNameTheProblem) {
   EXPECT_THAT(std::string(ModelSpec::FromHuggingFaceConfig("{\"a\": ").status().message()), HasSubstr("JSON"));
   EXPECT_EQ(ModelSpec::FromHuggingFaceConfigFile("/nonexistent/config.json").status().code(),
             absl::StatusCode::kNotFound);
+}
+
+// HF config.json files are a few KB; anything over the 1 MiB cap is refused
+// before it is parsed, from text and from a file, naming the cap.
+TEST(ModelSpec, RefusesAConfigOverTheSizeCapNamingIt) {
+  std::string at_cap = FlashConfig();
+  at_cap.resize(ModelSpec::kMaxConfigBytes, ' ');
+  ASSERT_TRUE(ModelSpec::FromHuggingFaceConfig(at_cap).ok()) << ModelSpec::FromHuggingFaceConfig(at_cap).status();
+  const std::string over_cap = at_cap + " ";
+  auto spec = ModelSpec::FromHuggingFaceConfig(over_cap);
+  ASSERT_FALSE(spec.ok());
+  EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(spec.status().message()), HasSubstr("1048576-byte cap"));
+
+  const std::string path = testing::TempDir() + "/model_spec_test_big_config.json";
+  {
+    std::ofstream out(path, std::ios::binary);
+    out << over_cap;
+  }
+  auto from_file = ModelSpec::FromHuggingFaceConfigFile(path);
+  std::remove(path.c_str());
+  ASSERT_FALSE(from_file.ok());
+  EXPECT_THAT(std::string(from_file.status().message()), HasSubstr("1048576-byte cap"));
+  EXPECT_THAT(std::string(from_file.status().message()), HasSubstr(path));
 }
 
 TEST(ModelSpec, ValidatesCompressorParameterViews) {

@@ -69,5 +69,66 @@ TEST(Safetensors, RejectsMalformedFiles) {
             absl::StatusCode::kNotFound);
 }
 
+std::string Entry(const std::string& name, const std::string& dtype, const std::string& shape,
+                  const std::string& offsets) {
+  return "\"" + name + "\":{\"dtype\":\"" + dtype + "\",\"shape\":" + shape + ",\"data_offsets\":" + offsets + "}";
+}
+
+// Tensors must tile the data section exactly, in any order: no overlap, no
+// hole, nothing after the last tensor.
+TEST(Safetensors, RefusesOverlapsHolesAndTrailingBytesNamingTheTensor) {
+  const std::string data(8, '\0');
+  struct Case {
+    std::string header;
+    std::vector<const char*> message;
+  } cases[] = {
+      {"{" + Entry("a", "U8", "[4]", "[0,4]") + "," + Entry("b", "U8", "[4]", "[2,6]") + "," +
+           Entry("c", "U8", "[2]", "[6,8]") + "}",
+       {"\"b\"", "overlap", "\"a\""}},
+      {"{" + Entry("a", "U8", "[8]", "[0,8]") + "," + Entry("b", "U8", "[8]", "[0,8]") + "}",  // aliases
+       {"overlap", "\"a\"", "\"b\""}},
+      {"{" + Entry("a", "U8", "[2]", "[0,2]") + "," + Entry("b", "U8", "[4]", "[4,8]") + "}",
+       {"\"b\"", "[2, 4)", "unused"}},
+      {"{" + Entry("a", "U8", "[2]", "[2,4]") + "," + Entry("b", "U8", "[4]", "[4,8]") + "}",
+       {"\"a\"", "[0, 2)", "unused"}},
+      {"{" + Entry("a", "U8", "[4]", "[0,4]") + "," + Entry("b", "U8", "[2]", "[4,6]") + "}",
+       {"\"b\"", "[6, 8)", "unused"}},
+      {"{}", {"[0, 8)", "unused"}},
+      {"{" + Entry("z", "U8", "[0]", "[2,2]") + "," + Entry("a", "U8", "[8]", "[0,8]") + "}",  // empty, inside a
+       {"\"z\"", "overlap"}},
+      {"{" + Entry("a", "U8", "[8]", "[0,8]") + "," +
+           Entry("b", "U8", "[1]", "[18446744073709551615,18446744073709551616]") + "}",
+       {"\"b\"", "data_offsets"}},
+      {"{" + Entry("a", "U8", "[8]", "[0,8]") + "," +
+           Entry("b", "U8", "[1]", "[9223372036854775806,9223372036854775807]") + "}",
+       {"\"b\"", "data_offsets"}},
+      {"{" + Entry("a", "U8", "[8]", "[0,8]") + "," + Entry("b", "U8", "[1]", "[8,-9]") + "}",
+       {"\"b\"", "data_offsets"}},
+      {"{" + Entry("a", "F64", "[4294967296,4294967296]", "[0,8]") + "}", {"\"a\"", "too large"}},
+      {"{" + Entry("a", "U16", "[2305843009213693952,4]", "[0,8]") + "}", {"\"a\"", "too large"}},
+      {"{" + Entry("a", "U16", "[3]", "[0,8]") + "}", {"\"a\"", "needs 6"}},
+  };
+  for (const Case& c : cases) {
+    auto file = SafetensorsFile::Parse(FileImage(c.header, data));
+    ASSERT_FALSE(file.ok()) << c.header;
+    for (const char* part : c.message) {
+      EXPECT_THAT(std::string(file.status().message()), HasSubstr(part)) << c.header;
+    }
+  }
+}
+
+TEST(Safetensors, AcceptsAnExactTilingInAnyOrderWithEmptyTensors) {
+  const std::string data("\x01\x02\x03\x04\x05\x06\x07\x08", 8);
+  auto file = SafetensorsFile::Parse(FileImage(
+      "{" + Entry("b", "U16", "[2]", "[4,8]") + "," + Entry("e", "F32", "[0,3]", "[4,4]") + "," +
+          Entry("a", "U8", "[4]", "[0,4]") + "," + Entry("end", "U8", "[0]", "[8,8]") + "}",
+      data));
+  ASSERT_TRUE(file.ok()) << file.status();
+  auto b = file->Get<uint16_t>("b", DType::kU16, {2});
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ((*b)[0], 0x0605);
+  EXPECT_TRUE(SafetensorsFile::Parse(FileImage("{}", "")).ok());
+}
+
 }  // namespace
 }  // namespace kvc

@@ -5,6 +5,7 @@
 #ifndef KVC_MODEL_SPEC_H_
 #define KVC_MODEL_SPEC_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -91,7 +92,9 @@ struct ModelSpec {
   // rms_norm_eps, num_nextn_predict_layers). compress_ratios may list the MTP
   // layers after the main ones; with include_mtp they become extra
   // window-only layers. Missing, mistyped or inconsistent keys are
-  // kInvalidArgument naming the key.
+  // kInvalidArgument naming the key. Text over kMaxConfigBytes (1 MiB; HF
+  // config.json files are a few KB) is kInvalidArgument naming the cap.
+  static constexpr size_t kMaxConfigBytes = 1 << 20;
   static absl::StatusOr<ModelSpec> FromHuggingFaceConfig(absl::string_view json,
                                                          bool include_mtp = false);
   static absl::StatusOr<ModelSpec> FromHuggingFaceConfigFile(const std::string& path,

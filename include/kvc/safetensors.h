@@ -84,7 +84,7 @@ class SafetensorsWriter {
   absl::Status Add(const std::string& name, DType dtype, const std::vector<int64_t>& shape,
                    absl::Span<const uint8_t> bytes);
   // `meta` becomes __metadata__ = {"meta": meta}, as in kvc's golden files.
-  void SetMetadata(const std::string& meta) { meta_ = meta; }
+  void SetMetadata(absl::string_view meta) { meta_ = std::string(meta); }
   std::string Serialize() const;
 
  private:
