@@ -1,9 +1,13 @@
-// kvc_bench: Google Benchmark main with a reporter that, after the usual
-// table, prints every benchmark's throughput as a ratio to its roofline
-// measured in the same run.
+// kvc_bench: Google Benchmark main that honours the library's own flags
+// (--benchmark_format, --benchmark_out, --benchmark_out_format, ...) and reads
+// every benchmark's throughput against its roofline measured in the same run:
+// on the console as a table after the usual one; in JSON, CSV and the
+// --benchmark_out file as a counter named "<counter>/<roofline benchmark>"
+// (e.g. "bytes_per_second/BM_Memcpy") on each benchmark that has one.
 #include <algorithm>
 #include <cstdlib>
 #include <map>
+#include <memory>
 #include <set>
 #include <string>
 #include <utility>
@@ -13,6 +17,14 @@
 #include "benchmark/benchmark.h"
 #include "fmt/core.h"
 #include "kvc/row_kernels.h"
+
+// Set by benchmark::Initialize from --benchmark_out and --benchmark_out_format
+// (or their BENCHMARK_OUT* environment variables); the library exports them,
+// and defines them in namespace benchmark, but declares them only internally.
+namespace benchmark {
+extern std::string FLAGS_benchmark_out;
+extern std::string FLAGS_benchmark_out_format;
+}  // namespace benchmark
 
 namespace kvc::bench {
 namespace {
@@ -35,8 +47,29 @@ int Threads(const std::string& run_name) {
   return at == std::string::npos ? 1 : std::atoi(run_name.c_str() + at + 8);
 }
 
-class RooflineReporter : public benchmark::ConsoleReporter {
+struct Ratio {
+  Roofline roofline;
+  double value = 0, roof_value = 0;
+  std::string CounterName() const { return roofline.counter + "/" + roofline.reference; }
+};
+
+// Forwards everything to `inner`, the reporter the flags asked for, and adds
+// the roofline ratios. A console reporter keeps printing each benchmark as it
+// finishes, then gets the ratio table; any other reporter gets the runs at the
+// end (a roofline may run after the benchmarks read against it), each with its
+// ratios as counters, in one batch (so CSV's header names every counter).
+class RooflineReporter : public benchmark::BenchmarkReporter {
  public:
+  explicit RooflineReporter(benchmark::BenchmarkReporter* inner)
+      : inner_(inner), console_(dynamic_cast<benchmark::ConsoleReporter*>(inner) != nullptr) {}
+
+  bool ReportContext(const Context& context) override {
+    // The library sets the streams on this reporter (e.g. the --benchmark_out file).
+    inner_->SetOutputStream(&GetOutputStream());
+    inner_->SetErrorStream(&GetErrorStream());
+    return inner_->ReportContext(context);
+  }
+
   void ReportRuns(const std::vector<Run>& runs) override {
     // With --benchmark_repetitions the median aggregate stands for the run.
     for (const Run& run : runs) {
@@ -48,36 +81,78 @@ class RooflineReporter : public benchmark::ConsoleReporter {
       for (const auto& [counter, value] : run.counters) rates_[name][counter] = value.value;
       if (median) medians_.insert(name);
     }
-    ConsoleReporter::ReportRuns(runs);
-  }
-
-  void Finalize() override {
-    ConsoleReporter::Finalize();
-    fmt::print("\nRatios to rooflines measured in this run (SIMD target {}):\n", ActiveSimdTargetName());
-    fmt::print("{:<46}{:>18}{:>12}{:>12}{:>8}\n", "benchmark", "counter", "value (G)", "roofline", "ratio");
-    for (const auto& [name, counters] : rates_) {
-      const auto refs = References().find(BaseName(name));
-      if (refs == References().end()) continue;
-      for (const Roofline& ref : refs->second) {
-        const auto value = counters.find(ref.counter);
-        if (value == counters.end()) continue;
-        // The roofline run at the same thread count.
-        const auto roof = std::find_if(rates_.begin(), rates_.end(), [&](const auto& run) {
-          return BaseName(run.first) == ref.reference && Threads(run.first) == Threads(name) &&
-                 run.second.count(ref.counter) != 0;
-        });
-        if (roof == rates_.end()) continue;
-        const double roof_value = roof->second.at(ref.counter);
-        fmt::print("{:<46}{:>18}{:>12.2f}{:>12.2f}{:>8.2f}  (vs {}, {} thread{})\n", name, ref.counter, value->second / 1e9,
-                   roof_value / 1e9, value->second / roof_value, ref.reference, Threads(name), Threads(name) > 1 ? "s" : "");
-      }
+    if (console_) {
+      inner_->ReportRuns(runs);
+    } else {
+      held_.insert(held_.end(), runs.begin(), runs.end());
     }
   }
 
+  void Finalize() override {
+    if (console_) {
+      inner_->Finalize();
+      PrintTable();
+      return;
+    }
+    for (Run& run : held_) {
+      if (run.error_occurred) continue;
+      for (const Ratio& ratio : Ratios(run.run_name.str())) run.counters[ratio.CounterName()] = ratio.value / ratio.roof_value;
+    }
+    if (!held_.empty()) inner_->ReportRuns(held_);
+    inner_->Finalize();
+  }
+
  private:
+  // The ratios of run `name` (an iteration run's name, or an aggregate's run name).
+  std::vector<Ratio> Ratios(const std::string& name) const {
+    std::vector<Ratio> ratios;
+    const auto counters = rates_.find(name);
+    const auto refs = References().find(BaseName(name));
+    if (counters == rates_.end() || refs == References().end()) return ratios;
+    for (const Roofline& ref : refs->second) {
+      const auto value = counters->second.find(ref.counter);
+      if (value == counters->second.end()) continue;
+      // The roofline run at the same thread count.
+      const auto roof = std::find_if(rates_.begin(), rates_.end(), [&](const auto& run) {
+        return BaseName(run.first) == ref.reference && Threads(run.first) == Threads(name) && run.second.count(ref.counter) != 0;
+      });
+      if (roof == rates_.end() || roof->second.at(ref.counter) <= 0) continue;
+      ratios.push_back({ref, value->second, roof->second.at(ref.counter)});
+    }
+    return ratios;
+  }
+
+  void PrintTable() {
+    std::ostream& out = GetOutputStream();
+    out << fmt::format("\nRatios to rooflines measured in this run (SIMD target {}):\n", ActiveSimdTargetName());
+    out << fmt::format("{:<46}{:>18}{:>12}{:>12}{:>8}\n", "benchmark", "counter", "value (G)", "roofline", "ratio");
+    for (const auto& run : rates_) {
+      const std::string& name = run.first;
+      for (const Ratio& r : Ratios(name)) {
+        out << fmt::format("{:<46}{:>18}{:>12.2f}{:>12.2f}{:>8.2f}  (vs {}, {} thread{})\n", name, r.roofline.counter,
+                           r.value / 1e9, r.roof_value / 1e9, r.value / r.roof_value, r.roofline.reference, Threads(name),
+                           Threads(name) > 1 ? "s" : "");
+      }
+    }
+    out.flush();
+  }
+
+  benchmark::BenchmarkReporter* inner_;
+  bool console_;
+  std::vector<Run> held_;  // runs not yet passed on (reporters other than the console)
   std::map<std::string, std::map<std::string, double>> rates_;  // run -> counter -> rate
   std::set<std::string> medians_;
 };
+
+// The reporter --benchmark_out_format names, as the library would make it.
+std::unique_ptr<benchmark::BenchmarkReporter> FileReporter(const std::string& format) {
+  if (format == "json") return std::make_unique<benchmark::JSONReporter>();
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"  // CSV is deprecated, but still a format the flag takes
+  if (format == "csv") return std::make_unique<benchmark::CSVReporter>();
+#pragma GCC diagnostic pop
+  return std::make_unique<benchmark::ConsoleReporter>(benchmark::ConsoleReporter::OO_None);
+}
 
 }  // namespace
 
@@ -89,11 +164,19 @@ bool RegisterRoofline(const std::string& name, const std::string& reference, con
 }  // namespace kvc::bench
 
 int main(int argc, char** argv) {
-  benchmark::Initialize(&argc, argv);
+  benchmark::Initialize(&argc, argv);  // exits on a bad --benchmark_format / --benchmark_out_format
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::AddCustomContext("kvc_simd_target", kvc::ActiveSimdTargetName());
-  kvc::bench::RooflineReporter reporter;
-  benchmark::RunSpecifiedBenchmarks(&reporter);
+  // The display reporter --benchmark_format (and --benchmark_color,
+  // --benchmark_counters_tabular) selects; the library owns it.
+  kvc::bench::RooflineReporter display(benchmark::CreateDefaultDisplayReporter());
+  std::unique_ptr<benchmark::BenchmarkReporter> file_inner;
+  std::unique_ptr<kvc::bench::RooflineReporter> file;
+  if (!benchmark::FLAGS_benchmark_out.empty()) {
+    file_inner = kvc::bench::FileReporter(benchmark::FLAGS_benchmark_out_format);
+    file = std::make_unique<kvc::bench::RooflineReporter>(file_inner.get());
+  }
+  benchmark::RunSpecifiedBenchmarks(&display, file.get());
   benchmark::Shutdown();
   return 0;
 }

@@ -15,9 +15,13 @@
 
 #include <unistd.h>
 
+#include "absl/flags/flag.h"
 #include "fmt/core.h"
 #include "kvc/reference_codecs.h"
 #include "kvc/row_kernels.h"
+#include "tools/tool_flags.h"
+
+ABSL_FLAG(int64_t, rows, 262144, "rows of each kind to quantize, 1..16777216");
 
 namespace {
 
@@ -93,19 +97,17 @@ double Timed(const char* what, int64_t total, const Fn& fn) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  int64_t rows = 262144;
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--rows") == 0 && i + 1 < argc) {
-      rows = std::strtoll(argv[++i], nullptr, 10);
-    } else {
-      fmt::print(stderr, "usage: kvc-demo [--rows N]\n");
-      return 2;
-    }
-  }
-  if (rows <= 0 || rows > (int64_t{1} << 24)) {
-    fmt::print(stderr, "kvc-demo: --rows must be in 1..16777216\n");
+  auto usage = [](const std::string& error) {
+    if (!error.empty()) fmt::print(stderr, "kvc-demo: {}\n", error);
+    fmt::print(stderr, "usage: kvc-demo [--rows N]     (default 262144 rows = 256 MiB of bf16 input)\n");
     return 2;
-  }
+  };
+  const absl::StatusOr<kvc::tools::ParsedArgs> args = kvc::tools::ParseFlags(argc, argv);
+  if (!args.ok()) return usage(std::string(args.status().message()));
+  if (args->help) return usage("");
+  if (!args->positional.empty()) return usage("unexpected argument " + args->positional[0]);
+  const int64_t rows = absl::GetFlag(FLAGS_rows);
+  if (rows <= 0 || rows > (int64_t{1} << 24)) return usage("--rows must be in 1..16777216");
   using kvc::kHeadDim;
   using kvc::kIndexDim;
   const kvc::RowFormatInfo& kv = kvc::FormatInfo(kvc::RowFormat::kKvFp8);

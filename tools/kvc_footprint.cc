@@ -20,13 +20,24 @@
 #include <string>
 #include <vector>
 
+#include "absl/flags/flag.h"
 #include "absl/strings/numbers.h"
-#include "absl/strings/str_split.h"
+#include "absl/strings/str_replace.h"
 #include "fmt/core.h"
 #include "kvc/cache.h"
 #include "kvc/footprint.h"
 #include "kvc/status.h"
+#include "nlohmann/json.hpp"
 #include "tools/synthetic_model.h"
+#include "tools/tool_flags.h"
+
+ABSL_FLAG(std::vector<std::string>, model, {}, "models, comma-separated (default: a comparison of six)");
+ABSL_FLAG(std::vector<std::string>, tokens, {}, "context lengths, comma-separated, 1..2^40 (default 1048576)");
+ABSL_FLAG(std::string, baseline, "", "model each is compared with");
+ABSL_FLAG(std::string, format, "fp8", "storage format of V4 models: fp8 or bf16");
+ABSL_FLAG(bool, json, false, "print JSON instead of a table");
+ABSL_FLAG(std::string, svg, "", "also plot total bytes against context length to this file");
+ABSL_FLAG(bool, measure, false, "also measure each V4 model on a real kvc::Cache");
 
 namespace {
 
@@ -42,8 +53,8 @@ struct Options {
   std::string svg;
 };
 
-int Usage(const char* error) {
-  if (error != nullptr) fmt::print(stderr, "kvc-footprint: {}\n", error);
+int Usage(const std::string& error) {
+  if (!error.empty()) fmt::print(stderr, "kvc-footprint: {}\n", error);
   fmt::print(stderr,
              "usage: kvc-footprint [--model M[,M...]] [--tokens N[,N...]] [--baseline M]\n"
              "                     [--format fp8|bf16] [--json] [--svg FILE] [--measure]\n"
@@ -125,6 +136,11 @@ std::string DecimalBytes(double bytes) {
   return fmt::format("{:.0f} {}", bytes, units[u]);
 }
 
+// `text` with XML's special characters escaped, for SVG text and attributes.
+std::string XmlEscape(const std::string& text) {
+  return absl::StrReplaceAll(text, {{"&", "&amp;"}, {"<", "&lt;"}, {">", "&gt;"}, {"\"", "&quot;"}, {"'", "&apos;"}});
+}
+
 // A log-log plot of total bytes against context length, one line per model.
 std::string Svg(const std::vector<FootprintModel>& models, const std::vector<int64_t>& points) {
   const double w = 920, h = 540, left = 100, right = 300, top = 40, bottom = 60;
@@ -173,7 +189,7 @@ std::string Svg(const std::vector<FootprintModel>& models, const std::vector<int
     const double ly = top + 20 + 22.0 * static_cast<double>(i);
     svg += fmt::format("<line x1=\"{0}\" y1=\"{1}\" x2=\"{2}\" y2=\"{1}\" stroke=\"{3}\" stroke-width=\"3\"/>"
                        "<text x=\"{4}\" y=\"{5}\">{6}</text>\n",
-                       w - right + 15, ly, w - right + 40, color, w - right + 46, ly + 4, models[i].name);
+                       w - right + 15, ly, w - right + 40, color, w - right + 46, ly + 4, XmlEscape(models[i].name));
   }
   return svg + "</svg>\n";
 }
@@ -181,42 +197,26 @@ std::string Svg(const std::vector<FootprintModel>& models, const std::vector<int
 }  // namespace
 
 int main(int argc, char** argv) {
+  const absl::StatusOr<kvc::tools::ParsedArgs> args = kvc::tools::ParseFlags(argc, argv);
+  if (!args.ok()) return Usage(std::string(args.status().message()));
+  if (args->help) return Usage("");
+  if (!args->positional.empty()) return Usage("unexpected argument " + args->positional[0]);
   Options options;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    auto value = [&]() -> const char* { return i + 1 < argc ? argv[++i] : nullptr; };
-    if (arg == "--model") {
-      const char* v = value();
-      if (v == nullptr) return Usage("--model needs a value");
-      for (const absl::string_view m : absl::StrSplit(v, ',')) options.models.emplace_back(m);
-    } else if (arg == "--tokens") {
-      const char* v = value();
-      if (v == nullptr) return Usage("--tokens needs a value");
-      for (const absl::string_view t : absl::StrSplit(v, ',')) {
-        int64_t n = 0;
-        if (!absl::SimpleAtoi(t, &n) || n < 1 || n > (int64_t{1} << 40)) return Usage("--tokens takes positive integers");
-        options.tokens.push_back(n);
-      }
-    } else if (arg == "--baseline") {
-      const char* v = value();
-      if (v == nullptr) return Usage("--baseline needs a value");
-      options.baseline = v;
-    } else if (arg == "--format") {
-      const char* v = value();
-      if (v == nullptr || (std::strcmp(v, "fp8") != 0 && std::strcmp(v, "bf16") != 0)) return Usage("--format is fp8 or bf16");
-      options.format = std::strcmp(v, "bf16") == 0 ? kvc::StorageFormat::kBf16 : kvc::StorageFormat::kFp8;
-    } else if (arg == "--svg") {
-      const char* v = value();
-      if (v == nullptr) return Usage("--svg needs a file");
-      options.svg = v;
-    } else if (arg == "--json") {
-      options.json = true;
-    } else if (arg == "--measure") {
-      options.measure = true;
-    } else {
-      return Usage(arg == "--help" || arg == "-h" ? nullptr : ("unknown argument " + arg).c_str());
+  options.models = absl::GetFlag(FLAGS_model);
+  for (const std::string& t : absl::GetFlag(FLAGS_tokens)) {
+    int64_t n = 0;
+    if (!absl::SimpleAtoi(t, &n) || n < 1 || n > (int64_t{1} << 40)) {
+      return Usage("--tokens takes positive integers up to 2^40, comma-separated; not \"" + t + "\"");
     }
+    options.tokens.push_back(n);
   }
+  options.baseline = absl::GetFlag(FLAGS_baseline);
+  const std::string format = absl::GetFlag(FLAGS_format);
+  if (format != "fp8" && format != "bf16") return Usage("--format is fp8 or bf16");
+  options.format = format == "bf16" ? kvc::StorageFormat::kBf16 : kvc::StorageFormat::kFp8;
+  options.json = absl::GetFlag(FLAGS_json);
+  options.svg = absl::GetFlag(FLAGS_svg);
+  options.measure = absl::GetFlag(FLAGS_measure);
   if (options.models.empty()) options.models = {"v4-pro", "v4-flash", "deepseek-v3.2", "deepseek-v3", "gqa:61:8:128", "llama3-70b"};
   if (options.tokens.empty()) options.tokens = {1048576};
   std::sort(options.tokens.begin(), options.tokens.end());
@@ -240,7 +240,7 @@ int main(int argc, char** argv) {
     baseline = std::make_unique<FootprintModel>(*std::move(b));
   }
 
-  std::string json = "[";
+  nlohmann::ordered_json json = nlohmann::ordered_json::array();
   for (const int64_t tokens : options.tokens) {
     if (!options.json) {
       fmt::print("\n{} tokens{}\n", tokens, baseline ? fmt::format(" (baseline: {})", baseline->name) : "");
@@ -257,23 +257,27 @@ int main(int argc, char** argv) {
       }
       const std::vector<double> parts = m.ComponentBytes(tokens);
       if (options.json) {
-        std::string components;
-        for (size_t i = 0; i < m.per_token.size(); ++i) {
-          components += fmt::format("{}\"{}\": {:.0f}", components.empty() ? "" : ", ", m.per_token[i].name, parts[i]);
+        auto bytes = [](double b) { return std::llround(b); };  // whole bytes, as in the table
+        nlohmann::ordered_json components = nlohmann::ordered_json::object();
+        for (size_t i = 0; i < m.per_token.size(); ++i) components[m.per_token[i].name] = bytes(parts[i]);
+        for (const kvc::FootprintComponent& c : m.per_sequence) components[c.name] = bytes(c.bytes);
+        nlohmann::ordered_json row = {{"model", m.name},
+                                      {"tokens", tokens},
+                                      {"bytes_per_token", m.BytesPerToken()},
+                                      {"total_bytes", bytes(total)},
+                                      {"per_sequence_constant_bytes", bytes(m.ConstantBytes())},
+                                      {"components", components}};
+        if (baseline) {
+          row["baseline"] = baseline->name;
+          row["ratio_to_baseline"] = ratio;
         }
-        for (const kvc::FootprintComponent& c : m.per_sequence) {
-          components += fmt::format("{}\"{}\": {:.0f}", components.empty() ? "" : ", ", c.name, c.bytes);
-        }
-        json += fmt::format("{}\n  {{\"model\": \"{}\", \"tokens\": {}, \"bytes_per_token\": {:.4f}, \"total_bytes\": {:.0f}, "
-                            "\"per_sequence_constant_bytes\": {:.0f}, \"components\": {{{}}}",
-                            json.size() > 1 ? "," : "", m.name, tokens, m.BytesPerToken(), total, m.ConstantBytes(), components);
-        if (baseline) json += fmt::format(", \"baseline\": \"{}\", \"ratio_to_baseline\": {:.6f}", baseline->name, ratio);
         if (measured.ok()) {
-          json += fmt::format(", \"measured_total_bytes\": {:.0f}, \"page_rounding_bytes\": {:.0f}, \"peak_rss_bytes\": {}, "
-                              "\"measure_seconds\": {:.2f}",
-                              measured->measured_bytes, measured->page_rounding, measured->peak_rss, measured->seconds);
+          row["measured_total_bytes"] = bytes(measured->measured_bytes);
+          row["page_rounding_bytes"] = bytes(measured->page_rounding);
+          row["peak_rss_bytes"] = measured->peak_rss;
+          row["measure_seconds"] = measured->seconds;
         }
-        json += "}";
+        json.push_back(std::move(row));
         continue;
       }
       fmt::print("{:<36}{:>14.2f}{:>14}{:>16}{:>12}\n", m.name, m.BytesPerToken(), Human(total), Human(m.ConstantBytes()),
@@ -291,12 +295,23 @@ int main(int argc, char** argv) {
       }
     }
   }
-  if (options.json) fmt::print("{}\n]\n", json);
+  if (options.json) fmt::print("{}", kvc::tools::JsonText(json));
 
   if (!options.svg.empty()) {
     std::vector<int64_t> points = options.tokens;
     if (points.size() < 2) points = {1024, 4096, 16384, 65536, 262144, 1048576};
-    std::ofstream(options.svg) << Svg(models, points);
+    std::ofstream svg(options.svg);
+    if (!svg) {
+      fmt::print(stderr, "kvc-footprint: cannot create {}\n", options.svg);
+      return 1;
+    }
+    svg << Svg(models, points);
+    svg.close();
+    if (!svg) {
+      fmt::print(stderr, "kvc-footprint: cannot write {}\n", options.svg);
+      std::remove(options.svg.c_str());  // incomplete, and ours
+      return 1;
+    }
     if (!options.json) fmt::print("\nwrote {}\n", options.svg);
   }
   return 0;

@@ -9,34 +9,71 @@
 // cache and compared with the original byte for byte; the file is removed.
 //
 //   kvc-run [--model v4-flash|v4-pro|CONFIG.json] [--tokens N] [--decode-steps K] [--json FILE]
-//           [--snapshot FILE|none]
+//           [--snapshot FILE|none] [--max-context N]
+//
+// Exit status: 0 when every stage succeeded (and the restored sequence is
+// identical); 1 when a stage failed, after printing which stage and why;
+// 2 on bad usage. Whatever the outcome, no snapshot file is left behind, and
+// the JSON summary is written only after every stage succeeded.
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <memory>
-#include <vector>
 #include <string>
+#include <vector>
 
-#include "absl/strings/numbers.h"
+#include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
 #include "fmt/core.h"
 #include "kvc/cache.h"
 #include "kvc/footprint.h"
 #include "kvc/row_kernels.h"
 #include "kvc/snapshot.h"
+#include "nlohmann/json.hpp"
 #include "tools/synthetic_model.h"
+#include "tools/tool_flags.h"
+
+ABSL_FLAG(std::string, model, "v4-flash", "v4-flash, v4-pro or a DeepSeek-V4 config.json");
+ABSL_FLAG(int64_t, tokens, 1048576, "tokens to prefill, 1..2^30");
+ABSL_FLAG(int64_t, decode_steps, 8, "decode steps after the prefill, 0..10000");
+ABSL_FLAG(std::string, json, "kvc-run.json", "file the JSON summary is written to");
+ABSL_FLAG(std::string, snapshot, "kvc-run.kvcsnap", "snapshot file for the save/restore round trip (removed after), or none");
+ABSL_FLAG(int64_t, max_context, 0,
+          "the cache's max_context in tokens; 0 (default): exactly what the run appends (tokens + decode steps, "
+          "+1 for the incremental save's token). Smaller values make the run fail where it runs out (for tests)");
 
 namespace {
 
 int Usage(const std::string& error) {
   if (!error.empty()) fmt::print(stderr, "kvc-run: {}\n", error);
   fmt::print(stderr, "usage: kvc-run [--model v4-flash|v4-pro|CONFIG.json] [--tokens N] [--decode-steps K] [--json FILE]\n"
-                     "               [--snapshot FILE|none]\n");
+                     "               [--snapshot FILE|none] [--max-context N]\n");
   return 2;
 }
+
+// Prints which stage failed and why (the status code too, so the message is
+// never empty) and returns the exit status of a failed run.
+int Fail(const std::string& stage, const absl::Status& status) {
+  fmt::print(stderr, "\nkvc-run: {}: {}\n", stage, status.ToString());
+  return 1;
+}
+
+// Removes a file when it goes out of scope: from the first save on, every
+// exit of the run (success or failure) removes the snapshot it wrote.
+class RemoveOnExit {
+ public:
+  explicit RemoveOnExit(std::string path) : path_(std::move(path)) {}
+  RemoveOnExit(const RemoveOnExit&) = delete;
+  RemoveOnExit& operator=(const RemoveOnExit&) = delete;
+  ~RemoveOnExit() { std::remove(path_.c_str()); }
+
+ private:
+  std::string path_;
+};
 
 void Progress(int64_t done, int64_t total, double seconds) {
   const int percent = static_cast<int>(100 * done / total);
@@ -83,46 +120,39 @@ bool SameBytes(const kvc::Cache& x, kvc::SequenceId a, const kvc::Cache& y, kvc:
   return true;
 }
 
-}  // namespace
+int Run(int argc, char** argv) {
+  const absl::StatusOr<kvc::tools::ParsedArgs> args = kvc::tools::ParseFlags(argc, argv);
+  if (!args.ok()) return Usage(std::string(args.status().message()));
+  if (args->help) return Usage("");
+  if (!args->positional.empty()) return Usage("unexpected argument " + args->positional[0]);
+  const std::string model = absl::GetFlag(FLAGS_model), json_path = absl::GetFlag(FLAGS_json),
+                    snapshot_path = absl::GetFlag(FLAGS_snapshot);
+  const int64_t tokens = absl::GetFlag(FLAGS_tokens), steps = absl::GetFlag(FLAGS_decode_steps),
+                max_context = absl::GetFlag(FLAGS_max_context);
+  if (tokens < 1 || tokens > (int64_t{1} << 30)) return Usage("--tokens takes 1..2^30");
+  if (steps < 0 || steps > 10000) return Usage("--decode-steps takes 0..10000");
+  if (max_context < 0 || max_context > (int64_t{1} << 31)) return Usage("--max-context takes 0..2^31");
+  if (json_path.empty() || snapshot_path.empty()) return Usage("--json and --snapshot take a file name");
+  const bool snapshot = snapshot_path != "none";
 
-int main(int argc, char** argv) {
-  std::string model = "v4-flash", json_path = "kvc-run.json", snapshot_path = "kvc-run.kvcsnap";
-  int64_t tokens = 1048576, steps = 8;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    const char* value = i + 1 < argc ? argv[i + 1] : nullptr;
-    if (arg == "--help" || arg == "-h") return Usage("");
-    if (value == nullptr) return Usage("unknown or incomplete argument " + arg);
-    ++i;
-    if (arg == "--model") {
-      model = value;
-    } else if (arg == "--tokens") {
-      if (!absl::SimpleAtoi(value, &tokens) || tokens < 1 || tokens > (int64_t{1} << 30)) return Usage("--tokens takes 1..2^30");
-    } else if (arg == "--decode-steps") {
-      if (!absl::SimpleAtoi(value, &steps) || steps < 0 || steps > 10000) return Usage("--decode-steps takes 0..10000");
-    } else if (arg == "--json") {
-      json_path = value;
-    } else if (arg == "--snapshot") {
-      snapshot_path = value;
-    } else {
-      return Usage("unknown argument " + arg);
-    }
-  }
   absl::StatusOr<kvc::FootprintModel> analytic = kvc::FootprintByName(model, kvc::StorageFormat::kFp8);
   if (!analytic.ok() || !analytic->is_v4) {
     return Usage(analytic.ok() ? model + " is not a DeepSeek-V4 model" : std::string(analytic.status().message()));
   }
+  // Every token the run appends: the prefill, the decode steps and, with a
+  // snapshot, the one token between the full and the incremental save.
+  const int64_t length = tokens + steps;
+  const int64_t appended = length + (snapshot ? 1 : 0);
   kvc::ModelSpec spec = analytic->spec;
-  spec.max_context = std::max(spec.max_context, tokens + steps);
+  spec.max_context = max_context > 0 ? max_context : std::max(spec.max_context, appended);
   const kvc::tools::SyntheticModel synthetic(spec, 8192);
   kvc::CacheOptions options;  // the defaults: rollback depth 16, 64-row pages
-  options.history_bytes = static_cast<int64_t>(analytic->TotalBytes(tokens + steps) * 1.05) + (int64_t{256} << 20);
-  auto cache = kvc::Cache::Create(synthetic.spec(), options);
-  if (!cache.ok()) {
-    fmt::print(stderr, "kvc-run: {}\n", std::string(cache.status().message()));
-    return 1;
-  }
-  const kvc::SequenceId seq = *(*cache)->CreateSequence();
+  options.history_bytes = static_cast<int64_t>(analytic->TotalBytes(appended) * 1.05) + (int64_t{256} << 20);
+  absl::StatusOr<std::unique_ptr<kvc::Cache>> cache = kvc::Cache::Create(synthetic.spec(), options);
+  if (!cache.ok()) return Fail("creating the cache", cache.status());
+  const absl::StatusOr<kvc::SequenceId> created = (*cache)->CreateSequence();
+  if (!created.ok()) return Fail("creating the sequence", created.status());
+  const kvc::SequenceId seq = *created;
   fmt::print("kvc-run: {} ({} layers), one sequence of {} tokens + {} decode steps, SIMD target {}\n", spec.name,
              spec.layers.size(), tokens, steps, kvc::ActiveSimdTargetName());
   std::fflush(stdout);
@@ -134,8 +164,7 @@ int main(int argc, char** argv) {
   for (int64_t at = 0; at < tokens;) {
     const int64_t n = std::min(synthetic.chunk_tokens(), tokens - at);
     if (const absl::Status s = synthetic.Append(**cache, seq, at, n); !s.ok()) {
-      fmt::print(stderr, "\nkvc-run: {}\n", std::string(s.message()));
-      return 1;
+      return Fail(absl::StrCat("prefill of tokens ", at, "..", at + n - 1), s);
     }
     at += n;
     if (isatty(fileno(stderr)) || at == tokens || at * 20 / tokens != last_report) {
@@ -147,10 +176,9 @@ int main(int argc, char** argv) {
 
   // Decode.
   kvc::tools::SyntheticModel::StepStats stats;
-  for (int64_t t = tokens; t < tokens + steps; ++t) {
+  for (int64_t t = tokens; t < length; ++t) {
     if (const absl::Status s = synthetic.DecodeStep(**cache, seq, t, &stats); !s.ok()) {
-      fmt::print(stderr, "kvc-run: decode: {}\n", std::string(s.message()));
-      return 1;
+      return Fail(absl::StrCat("decode step at token ", t), s);
     }
     fmt::print(stderr, "  decode step {} of {}: {:.1f} ms\n", stats.steps, steps,
                1e3 * stats.total() / static_cast<double>(stats.steps));
@@ -158,7 +186,6 @@ int main(int argc, char** argv) {
 
   // Summary.
   const kvc::CacheUsage usage = (*cache)->Usage();
-  const int64_t length = tokens + steps;
   const double analytic_bytes = analytic->TotalBytes(length);
   const int64_t rss = kvc::tools::PeakRssBytes();
   auto ms = [&](double seconds) { return steps > 0 ? 1e3 * seconds / static_cast<double>(steps) : 0.0; };
@@ -184,67 +211,76 @@ int main(int argc, char** argv) {
     int64_t file_bytes = 0, incremental_bytes = 0;
     bool identical = false;
   } snap;
-  if (snapshot_path != "none") {
+  if (snapshot) {
     auto timed = [&](auto&& f) {
       const auto t0 = std::chrono::steady_clock::now();
       f();
       return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     };
+    const RemoveOnExit remove_snapshot(snapshot_path);
     absl::StatusOr<kvc::SaveStats> saved, grown;
     fmt::print(stderr, "  snapshot: saving {} tokens to {}\n", length, snapshot_path);
     snap.save_s = timed([&] { saved = kvc::SaveSnapshot(**cache, {seq}, snapshot_path); });
+    if (!saved.ok()) return Fail("snapshot save", saved.status());
     kvc::tools::SyntheticModel::StepStats extra;  // not part of the decode figures above
-    if (saved.ok() && synthetic.DecodeStep(**cache, seq, length, &extra).ok()) {
-      snap.incremental_s = timed([&] { grown = kvc::SaveSnapshot(**cache, {seq}, snapshot_path); });
+    if (const absl::Status s = synthetic.DecodeStep(**cache, seq, length, &extra); !s.ok()) {
+      return Fail(absl::StrCat("decode step at token ", length, " (before the incremental save)"), s);
     }
-    if (!saved.ok() || !grown.ok()) {
-      fmt::print(stderr, "kvc-run: snapshot: {}\n", std::string((saved.ok() ? grown : saved).status().message()));
-      return 1;
-    }
+    snap.incremental_s = timed([&] { grown = kvc::SaveSnapshot(**cache, {seq}, snapshot_path); });
+    if (!grown.ok()) return Fail("incremental snapshot save", grown.status());
     snap.file_bytes = grown->file_bytes;
     snap.incremental_bytes = grown->bytes_written;
     fmt::print(stderr, "  snapshot: restoring into a second cache\n");
-    auto second = kvc::Cache::Create(synthetic.spec(), options);
+    absl::StatusOr<std::unique_ptr<kvc::Cache>> second = kvc::Cache::Create(synthetic.spec(), options);
+    if (!second.ok()) return Fail("creating the cache to restore into", second.status());
     absl::StatusOr<std::vector<kvc::SequenceId>> restored;
     snap.restore_s = timed([&] { restored = kvc::RestoreSnapshot(**second, snapshot_path); });
-    if (!restored.ok()) {
-      fmt::print(stderr, "kvc-run: restore: {}\n", std::string(restored.status().message()));
-      return 1;
+    if (!restored.ok()) return Fail("snapshot restore", restored.status());
+    if (restored->size() != 1) {
+      return Fail("snapshot restore", absl::DataLossError(absl::StrCat("restored ", restored->size(), " sequences, saved 1")));
     }
-    snap.identical = SameBytes(**cache, seq, **second, (*restored)[0]);
-    std::remove(snapshot_path.c_str());
+    snap.identical = SameBytes(**cache, seq, **second, restored->front());
     fmt::print("snapshot  {:.2f} GB saved in {:.1f} s ({:.2f} GB/s); +1 token: {:.1f} MB appended in {:.2f} s; "
                "restored in {:.1f} s ({:.2f} GB/s); restored sequence {}\n",
                1e-9 * static_cast<double>(saved->file_bytes), snap.save_s,
                1e-9 * static_cast<double>(saved->file_bytes) / snap.save_s, 1e-6 * static_cast<double>(snap.incremental_bytes),
                snap.incremental_s, snap.restore_s, 1e-9 * static_cast<double>(snap.file_bytes) / snap.restore_s,
                snap.identical ? "identical to the original, byte for byte" : "DIFFERS from the original");
-    if (!snap.identical) return 1;
+    if (!snap.identical) {
+      return Fail("comparison", absl::DataLossError("the restored sequence differs from the original"));
+    }
   }
 
-  std::string components;
+  nlohmann::ordered_json components = nlohmann::ordered_json::object();
   for (int c = 0; c < kvc::kNumComponents; ++c) {
-    components += fmt::format("{}\"{}\": {}", c ? ", " : "", kvc::ComponentName(static_cast<kvc::Component>(c)),
-                              usage.components[c].used_bytes);
+    components[kvc::ComponentName(static_cast<kvc::Component>(c))] = usage.components[c].used_bytes;
   }
-  std::ofstream json(json_path);
-  json << fmt::format(
-      "{{\"model\": \"{}\", \"layers\": {}, \"tokens\": {}, \"simd_target\": \"{}\",\n"
-      " \"memory\": {{\"components\": {{{}}}, \"used_bytes\": {}, \"analytic_bytes\": {:.0f}, \"peak_rss_bytes\": {}}},\n"
-      " \"prefill\": {{\"tokens\": {}, \"seconds\": {:.3f}, \"tokens_per_second\": {:.1f}, \"chunk_tokens\": {}}},\n"
-      " \"decode\": {{\"steps\": {}, \"ms_per_token\": {:.3f}, \"append_ms\": {:.3f}, \"index_query_ms\": {:.3f}, "
-      "\"select_ms\": {:.3f}, \"gather_ms\": {:.3f}, \"keys_scored_per_step\": {}, \"rows_gathered_per_step\": {}}},\n"
-      " \"snapshot\": {{\"file_bytes\": {}, \"save_seconds\": {:.3f}, \"incremental_bytes\": {}, \"incremental_seconds\": {:.3f}, "
-      "\"restore_seconds\": {:.3f}, \"identical\": {}}}}}\n",
-      spec.name, spec.layers.size(), length, kvc::ActiveSimdTargetName(), components, usage.used_bytes(), analytic_bytes, rss,
-      tokens, prefill_seconds, static_cast<double>(tokens) / prefill_seconds, synthetic.chunk_tokens(), steps,
-      ms(stats.total()), ms(stats.append), ms(stats.index_query), ms(stats.select), ms(stats.gather),
-      steps > 0 ? stats.keys_scored / steps : 0, steps > 0 ? stats.rows_gathered / steps : 0, snap.file_bytes, snap.save_s,
-      snap.incremental_bytes, snap.incremental_s, snap.restore_s, snap.identical);
-  if (!json) {
-    fmt::print(stderr, "kvc-run: cannot write {}\n", json_path);
-    return 1;
-  }
+  const nlohmann::ordered_json summary = {
+      {"model", spec.name},
+      {"layers", spec.layers.size()},
+      {"tokens", length},
+      {"simd_target", kvc::ActiveSimdTargetName()},
+      {"memory",
+       {{"components", components}, {"used_bytes", usage.used_bytes()}, {"analytic_bytes", analytic_bytes},
+        {"peak_rss_bytes", rss}}},
+      {"prefill",
+       {{"tokens", tokens}, {"seconds", prefill_seconds}, {"tokens_per_second", static_cast<double>(tokens) / prefill_seconds},
+        {"chunk_tokens", synthetic.chunk_tokens()}}},
+      {"decode",
+       {{"steps", steps}, {"ms_per_token", ms(stats.total())}, {"append_ms", ms(stats.append)},
+        {"index_query_ms", ms(stats.index_query)}, {"select_ms", ms(stats.select)}, {"gather_ms", ms(stats.gather)},
+        {"keys_scored_per_step", steps > 0 ? stats.keys_scored / steps : 0},
+        {"rows_gathered_per_step", steps > 0 ? stats.rows_gathered / steps : 0}}},
+      {"snapshot",
+       {{"file_bytes", snap.file_bytes}, {"save_seconds", snap.save_s}, {"incremental_bytes", snap.incremental_bytes},
+        {"incremental_seconds", snap.incremental_s}, {"restore_seconds", snap.restore_s}, {"identical", snap.identical}}},
+  };
+  if (const absl::Status s = kvc::tools::WriteJsonFile(json_path, summary); !s.ok()) return Fail("summary", s);
   fmt::print("\nsummary written to {}\n", json_path);
   return 0;
 }
+
+}  // namespace
+
+// Run() returns rather than exits, so the snapshot's remover always runs.
+int main(int argc, char** argv) { return Run(argc, argv); }
