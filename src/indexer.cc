@@ -1,10 +1,14 @@
 #include "kvc/indexer.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <limits>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -72,6 +76,38 @@ absl::StatusOr<IndexQuery> IndexQuery::Prepare(absl::Span<const Bf16> q_raw, abs
     for (int b = 0; b < 4; ++b) q.q_scale_[static_cast<size_t>(b) * padded + hs] = F32FromUe8m0(stored.scales[b]) * 0.25f;
     q.weights_[hs] = weights[hs];
   }
+  // The score bound (indexer.h, max_key_scale_byte): |q_h · k| <= c_h *
+  // (largest key scale), c_h = Σ_b (s_q/4) * 12 * Σ_e |code_e| (key codes are
+  // at most 12 in magnitude); scaled by |w_h| and summed over heads. A head of
+  // weight 0 still multiplies (relu(inf) * 0 = NaN), hence the max.
+  double largest_head = 0.0, weighted = 0.0, largest_term = -1.0;
+  for (int h = 0; h < q.heads_; ++h) {
+    double q_h = 0.0;
+    for (int b = 0; b < 4; ++b) {
+      int abs_codes = 0;
+      for (int e = 32 * b; e < 32 * b + 32; ++e) abs_codes += std::abs(int{Code(q.stored_[static_cast<size_t>(h)].codes, e)});
+      q_h += 12.0 * abs_codes * q.q_scale_[static_cast<size_t>(b) * padded + static_cast<size_t>(h)];
+    }
+    const double term = std::fabs(double{weights[static_cast<size_t>(h)]}) * q_h;
+    largest_head = std::max(largest_head, q_h);
+    weighted += term;
+    if (std::max(term, q_h) > largest_term) {
+      largest_term = std::max(term, q_h);
+      q.limiting_head_ = h;
+    }
+  }
+  const double bound_per_unit_key_scale = std::max(largest_head, weighted);
+  constexpr double kScoreLimit = 0x1p128 * (1.0 - 0x1p-12);
+  int byte = 254;
+  while (byte >= 0 && std::ldexp(bound_per_unit_key_scale, byte - 127) > kScoreLimit) --byte;
+  if (byte < 0) {
+    const size_t h = static_cast<size_t>(q.limiting_head_);
+    return absl::InvalidArgumentError(absl::StrCat(
+        "IndexQuery: head ", h, " (weight ", weights[h], ", largest block scale 2^",
+        *std::max_element(q.stored_[h].scales, q.stored_[h].scales + 4) - 127,
+        ") makes scores overflow fp32 against every key, even of block scale 2^-127"));
+  }
+  q.max_key_scale_byte_ = byte;
   return q;
 }
 
@@ -106,7 +142,35 @@ float IndexScoreRef(const IndexQuery& q, const uint8_t* codes, const uint8_t* sc
 // Implemented in indexer_kernels.cc (dynamic dispatch).
 void ScoreKeysDispatch(const IndexQuery& q, const uint8_t* codes, int64_t code_stride, const uint8_t* scales,
                        int64_t scale_stride, int64_t n, float* out);
-int64_t FilterAtLeastDispatch(const float* scores, int64_t n, float threshold, int64_t* out);
+int64_t FilterAtLeastDispatch(const float* scores, int64_t n, float threshold, int64_t* out, int64_t* first_nan);
+
+namespace {
+
+// The first key scale byte above the query's limit (one byte compare per
+// block, outside the scoring loop; only a refusal looks for the culprit).
+absl::Status CheckKeyScales(const IndexQuery& query, const ConstPackedRows& keys) {
+  const int limit = query.max_key_scale_byte();
+  uint8_t largest = 0;
+  for (int64_t j = 0; j < keys.count; ++j) {
+    const uint8_t* s = keys.scales + j * keys.scale_stride;
+    largest = std::max(largest, std::max(std::max(s[0], s[1]), std::max(s[2], s[3])));
+  }
+  if (largest <= limit) return absl::OkStatus();
+  for (int64_t j = 0; j < keys.count; ++j) {
+    for (int b = 0; b < 4; ++b) {
+      const int byte = keys.scales[j * keys.scale_stride + b];
+      if (byte <= limit) continue;
+      return absl::InvalidArgumentError(absl::StrCat(
+          "ScoreIndexKeys: key ", j, " block ", b, " has scale ",
+          byte == 255 ? std::string("byte 255 (NaN)") : absl::StrCat("2^", byte - 127),
+          "; this query scores keys with block scales up to 2^", limit - 127,
+          " without overflowing fp32 (its largest term: head ", query.limiting_head(), ")"));
+    }
+  }
+  return absl::InternalError("ScoreIndexKeys: scale check found no culprit");
+}
+
+}  // namespace
 
 absl::Status ScoreIndexKeys(const IndexQuery& query, ConstPackedRows keys, absl::Span<float> scores) {
   if (keys.count < 0 || scores.size() < static_cast<size_t>(keys.count)) {
@@ -116,16 +180,30 @@ absl::Status ScoreIndexKeys(const IndexQuery& query, ConstPackedRows keys, absl:
   if (keys.data == nullptr || keys.scales == nullptr || keys.data_stride < 64 || keys.scale_stride < 4) {
     return absl::InvalidArgumentError("ScoreIndexKeys: keys view has null pointers or strides below 64 / 4 bytes");
   }
+  const absl::Status scales_ok = CheckKeyScales(query, keys);
+  if (!scales_ok.ok()) return scales_ok;
   ScoreKeysDispatch(query, keys.data, keys.data_stride, keys.scales, keys.scale_stride, keys.count, scores.data());
   return absl::OkStatus();
 }
 
-std::vector<int64_t> TopK(absl::Span<const float> scores, int64_t k) {
+namespace {
+
+int64_t FirstNaN(absl::Span<const float> scores) {
+  for (size_t i = 0; i < scores.size(); ++i) {
+    if (std::isnan(scores[i])) return static_cast<int64_t>(i);
+  }
+  return -1;
+}
+
+// TopK's selection; sets *first_nan (and returns nothing) if scores hold NaN,
+// before any comparison sees one.
+std::vector<int64_t> SelectTopK(absl::Span<const float> scores, int64_t k, int64_t* first_nan) {
   const int64_t n = static_cast<int64_t>(scores.size());
   k = std::min(k, n);
+  *first_nan = -1;
   std::vector<int64_t> out;
   if (k <= 0) return out;
-  // Higher score first, then the lower index.
+  // Higher score first, then the lower index (a strict weak order: no NaN).
   auto better = [&](int64_t a, int64_t b) {
     return scores[static_cast<size_t>(a)] > scores[static_cast<size_t>(b)] ||
            (scores[static_cast<size_t>(a)] == scores[static_cast<size_t>(b)] && a < b);
@@ -136,16 +214,29 @@ std::vector<int64_t> TopK(absl::Span<const float> scores, int64_t k) {
     // score of an evenly spaced sample of s scores.
     const int64_t s = std::min<int64_t>(n, 4096);
     std::vector<float> sample(static_cast<size_t>(s));
-    for (int64_t i = 0; i < s; ++i) sample[static_cast<size_t>(i)] = scores[static_cast<size_t>(i * n / s)];
+    bool sample_has_nan = false;
+    for (int64_t i = 0; i < s; ++i) {
+      sample[static_cast<size_t>(i)] = scores[static_cast<size_t>(i * n / s)];
+      sample_has_nan |= std::isnan(sample[static_cast<size_t>(i)]);
+    }
+    if (sample_has_nan) {
+      *first_nan = FirstNaN(scores);
+      return out;
+    }
     const int64_t rank = std::min<int64_t>(s - 1, k * s / n + 2 * static_cast<int64_t>(std::sqrt(static_cast<double>(k * s / n))) + 8);
     std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), std::greater<float>());
     const float threshold = sample[static_cast<size_t>(rank)];
     // Room for every index, left uninitialised: the filter writes only the
     // few thousand it keeps (zeroing 8 bytes per score cost more than that).
     const std::unique_ptr<int64_t[]> kept(new int64_t[static_cast<size_t>(n)]);
-    const int64_t count = FilterAtLeastDispatch(scores.data(), n, threshold, kept.get());
+    const int64_t count = FilterAtLeastDispatch(scores.data(), n, threshold, kept.get(), first_nan);
+    if (*first_nan >= 0) return out;
     candidates.assign(kept.get(), kept.get() + count);
+  } else {
+    *first_nan = FirstNaN(scores);
+    if (*first_nan >= 0) return out;
   }
+  // The filter saw every score: no NaN below.
   if (static_cast<int64_t>(candidates.size()) < k) {  // the sample was unlucky (or k == n): take everything
     candidates.resize(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) candidates[static_cast<size_t>(i)] = i;
@@ -154,6 +245,28 @@ std::vector<int64_t> TopK(absl::Span<const float> scores, int64_t k) {
   out.assign(candidates.begin(), candidates.begin() + k);
   std::sort(out.begin(), out.end());
   return out;
+}
+
+}  // namespace
+
+absl::Status TopK(absl::Span<const float> scores, int64_t k, std::vector<int64_t>* out) {
+  int64_t first_nan = -1;
+  std::vector<int64_t> picked = SelectTopK(scores, k, &first_nan);
+  if (first_nan >= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("TopK: score ", first_nan, " is NaN"));
+  }
+  *out = std::move(picked);
+  return absl::OkStatus();
+}
+
+std::vector<int64_t> TopK(absl::Span<const float> scores, int64_t k) {
+  int64_t first_nan = -1;
+  std::vector<int64_t> picked = SelectTopK(scores, k, &first_nan);
+  if (first_nan < 0) return picked;
+  std::vector<float> ordered(scores.begin(), scores.end());  // NaN counts as -inf
+  for (float& s : ordered) s = std::isnan(s) ? -std::numeric_limits<float>::infinity() : s;
+  picked = SelectTopK(ordered, k, &first_nan);
+  return picked;
 }
 
 absl::Status SparseAttentionRef(absl::Span<const Bf16> q, absl::Span<const float> rows, absl::Span<const float> sinks,

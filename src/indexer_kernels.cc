@@ -7,6 +7,7 @@
 // multiply-adds of the same small integers), scaled once, blocks summed in
 // order, relu, head weight, and the 16-running-sum order over heads of
 // IndexScoreRef. Identical bits on every target.
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
@@ -170,22 +171,32 @@ void ScoreKeys(const IndexQuery& q, const uint8_t* codes, int64_t code_stride, c
 }
 
 // Writes the indices i with scores[i] >= threshold to `out` (room for n)
-// and returns how many. Skips whole vectors without a hit.
-int64_t FilterAtLeast(const float* scores, int64_t n, float threshold, int64_t* out) {
+// and returns how many. Skips whole vectors of scores all below the threshold
+// (NaN is not below it, so no NaN is skipped); stops at the first NaN, setting
+// *first_nan to its index (left alone otherwise).
+int64_t FilterAtLeast(const float* scores, int64_t n, float threshold, int64_t* out, int64_t* first_nan) {
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   const VF t = hn::Set(df, threshold);
   int64_t count = 0, i = 0;
   for (; i + 4 * lanes <= n; i += 4 * lanes) {
-    const auto hit = hn::Or(hn::Or(hn::Ge(hn::LoadU(df, scores + i), t), hn::Ge(hn::LoadU(df, scores + i + lanes), t)),
-                            hn::Or(hn::Ge(hn::LoadU(df, scores + i + 2 * lanes), t),
-                                   hn::Ge(hn::LoadU(df, scores + i + 3 * lanes), t)));
-    if (hn::AllFalse(df, hit)) continue;
+    const auto below = hn::And(hn::And(hn::Lt(hn::LoadU(df, scores + i), t), hn::Lt(hn::LoadU(df, scores + i + lanes), t)),
+                               hn::And(hn::Lt(hn::LoadU(df, scores + i + 2 * lanes), t),
+                                       hn::Lt(hn::LoadU(df, scores + i + 3 * lanes), t)));
+    if (hn::AllTrue(df, below)) continue;
     for (int64_t k = i; k < i + 4 * lanes; ++k) {
+      if (std::isnan(scores[k])) {
+        *first_nan = k;
+        return count;
+      }
       if (scores[k] >= threshold) out[count++] = k;
     }
   }
   for (; i < n; ++i) {
+    if (std::isnan(scores[i])) {
+      *first_nan = i;
+      return count;
+    }
     if (scores[i] >= threshold) out[count++] = i;
   }
   return count;
@@ -207,8 +218,8 @@ void ScoreKeysDispatch(const IndexQuery& q, const uint8_t* codes, int64_t code_s
   HWY_DYNAMIC_DISPATCH(ScoreKeys)(q, codes, code_stride, scales, scale_stride, n, out);
 }
 
-int64_t FilterAtLeastDispatch(const float* scores, int64_t n, float threshold, int64_t* out) {
-  return HWY_DYNAMIC_DISPATCH(FilterAtLeast)(scores, n, threshold, out);
+int64_t FilterAtLeastDispatch(const float* scores, int64_t n, float threshold, int64_t* out, int64_t* first_nan) {
+  return HWY_DYNAMIC_DISPATCH(FilterAtLeast)(scores, n, threshold, out, first_nan);
 }
 
 }  // namespace kvc

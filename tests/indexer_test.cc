@@ -3,11 +3,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kvc/cache.h"
@@ -89,6 +91,183 @@ TEST_P(IndexerKernelsTest, TopKEqualsBruteForceIncludingTies) {
   }
 }
 
+// ±2^exponent with random signs: after the Hadamard transform, blocks of
+// varied magnitudes up to about 2^(exponent + 3.5).
+std::vector<Bf16> SignedPowers(size_t n, int exponent, std::mt19937& rng) {
+  std::vector<Bf16> v(n);
+  for (Bf16& x : v) x = ToBf16(std::ldexp((rng() & 1) ? -1.0f : 1.0f, exponent));
+  return v;
+}
+
+// The exact score of key j, from the dequantized values (double: no
+// overflow for any stored query and key).
+double ExactScore(const IndexQuery& q, const ConstPackedRows& keys, int64_t j) {
+  const std::vector<float> qv = q.Values();
+  std::vector<float> kv(kIndexDim);
+  EXPECT_TRUE(DequantizeIndexKeys(keys.Slice(j, 1), absl::MakeSpan(kv)).ok());
+  double score = 0;
+  for (int h = 0; h < q.heads(); ++h) {
+    double dot = 0;
+    for (int e = 0; e < kIndexDim; ++e) dot += double{qv[static_cast<size_t>(h * kIndexDim + e)]} * kv[static_cast<size_t>(e)];
+    score += double{q.weights()[h]} * std::max(dot, 0.0);
+  }
+  return score;
+}
+
+// Keys equal to the query (identity RoPE): every head's dot product is as
+// large as the codes allow, so the scores reach the fp32 limit first here.
+// Every pair of magnitudes is either refused (naming the key and block,
+// scores untouched) or scored finite and bit-exact; whatever overflows in
+// exact arithmetic is refused.
+TEST_P(IndexerKernelsTest, HugeQueriesAndKeysAreRefusedOrScoredFinite) {
+  std::mt19937 rng(6);
+  float identity[64];
+  for (int j = 0; j < 32; ++j) identity[2 * j] = 1.0f, identity[2 * j + 1] = 0.0f;
+  const int kHeads = 64;
+  const int64_t n = 6;
+  const std::vector<Bf16> unit = SignedPowers(kIndexDim, 0, rng);
+  double largest_scored = 0;
+  int refused = 0;
+  for (const int qe : {-40, 0, 30, 50, 60, 100, 119, 120}) {
+    for (const int ke : {-40, 0, 30, 50, 60, 100, 119, 120}) {
+      std::vector<Bf16> q_raw, key_raw;
+      for (int h = 0; h < kHeads; ++h) {
+        for (const Bf16 x : unit) q_raw.push_back(ToBf16(std::ldexp(ToF32(x), qe)));
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        for (const Bf16 x : unit) key_raw.push_back(ToBf16(std::ldexp(ToF32(x), ke - static_cast<int>(j))));
+      }
+      auto q = IndexQuery::Prepare(q_raw, std::vector<float>(kHeads, 1.0f), identity);
+      ASSERT_TRUE(q.ok()) << qe << " " << q.status();
+      std::vector<uint8_t> page(static_cast<size_t>(n) * 68);
+      ASSERT_TRUE(QuantizeIndexKeys(key_raw, PageFooterRows(RowFormat::kIndexFp4, page.data(), n)).ok());
+      const ConstPackedRows keys = PageFooterRows(RowFormat::kIndexFp4, page.data(), n);
+      std::vector<float> scores(static_cast<size_t>(n), -7.0f);
+      const absl::Status status = ScoreIndexKeys(*q, keys, absl::MakeSpan(scores));
+      bool overflows = false;
+      for (int64_t j = 0; j < n; ++j) overflows |= ExactScore(*q, keys, j) > 0x1.fffffep127;
+      if (status.ok()) {
+        for (int64_t j = 0; j < n; ++j) {
+          const float s = scores[static_cast<size_t>(j)];
+          ASSERT_TRUE(std::isfinite(s)) << "query 2^" << qe << " key 2^" << ke << " key " << j << ": " << s;
+          ASSERT_EQ(F32Bits(s), F32Bits(IndexScoreRef(*q, keys.row_data(j), keys.row_scales(j))));
+          largest_scored = std::max(largest_scored, double{s});
+        }
+      } else {
+        ++refused;
+        EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+        EXPECT_THAT(std::string(status.message()), HasSubstr("key 0 block ")) << qe << " " << ke;
+        EXPECT_EQ(scores, std::vector<float>(static_cast<size_t>(n), -7.0f)) << "a refused call wrote scores";
+      }
+      EXPECT_FALSE(overflows && status.ok()) << qe << " " << ke;
+      if (qe + ke <= 90) {
+        EXPECT_TRUE(status.ok()) << "query 2^" << qe << " key 2^" << ke << ": " << status;
+      }
+    }
+  }
+  EXPECT_GT(refused, 0);
+  EXPECT_GT(largest_scored, 0x1p120) << "the bound refuses far below the fp32 limit";
+}
+
+// A head of weight 0 still multiplies: relu(inf) * 0 would be NaN.
+TEST_P(IndexerKernelsTest, ZeroWeightHeadsCannotMakeNaN) {
+  std::mt19937 rng(7);
+  float identity[64];
+  for (int j = 0; j < 32; ++j) identity[2 * j] = 1.0f, identity[2 * j + 1] = 0.0f;
+  std::vector<Bf16> q_raw = RandomBf16(kIndexDim, rng);
+  const std::vector<Bf16> huge = SignedPowers(kIndexDim, 120, rng);
+  q_raw.insert(q_raw.end(), huge.begin(), huge.end());
+  auto q = IndexQuery::Prepare(q_raw, std::vector<float>{1.0f, 0.0f}, identity);
+  ASSERT_TRUE(q.ok()) << q.status();
+  std::vector<uint8_t> page(68);
+  ASSERT_TRUE(QuantizeIndexKeys(huge, PageFooterRows(RowFormat::kIndexFp4, page.data(), 1)).ok());
+  float score = -7.0f;
+  const absl::Status status = ScoreIndexKeys(*q, PageFooterRows(RowFormat::kIndexFp4, page.data(), 1), absl::MakeSpan(&score, 1));
+  if (status.ok()) {
+    EXPECT_TRUE(std::isfinite(score)) << score;
+  } else {
+    EXPECT_THAT(std::string(status.message()), HasSubstr("key 0 block "));
+  }
+  EXPECT_FALSE(status.ok()) << "head 1 alone overflows: " << score;
+}
+
+// Stored keys come from snapshots and engines too: a scale byte of 255 (NaN)
+// or 254 (2^127) is refused by index, not scored.
+TEST_P(IndexerKernelsTest, ScoringRefusesNaNAndHugeKeyScales) {
+  std::mt19937 rng(8);
+  const IndexQuery q = RandomQuery(16, rng);
+  const int64_t n = 40;
+  for (const uint8_t byte : {uint8_t{255}, uint8_t{254}}) {
+    std::vector<uint8_t> page = RandomKeys(n, rng);
+    const PackedRows keys = PageFooterRows(RowFormat::kIndexFp4, page.data(), n);
+    keys.row_scales(29)[2] = byte;
+    std::vector<float> scores(static_cast<size_t>(n), -7.0f);
+    const absl::Status status = ScoreIndexKeys(q, keys, absl::MakeSpan(scores));
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << int{byte} << ": " << status;
+    EXPECT_THAT(std::string(status.message()), HasSubstr("key 29 block 2")) << int{byte};
+    EXPECT_EQ(scores, std::vector<float>(static_cast<size_t>(n), -7.0f));
+  }
+}
+
+// Scores from elsewhere may hold NaN: the two-argument TopK ranks NaN below
+// every number, so it never picks one while a number is left.
+TEST_P(IndexerKernelsTest, TopKNeverPrefersNaN) {
+  std::mt19937 rng(9);
+  for (const int64_t n : {int64_t{10}, int64_t{5000}, int64_t{100000}}) {
+    std::normal_distribution<float> normal;
+    std::vector<float> scores(static_cast<size_t>(n));
+    for (float& s : scores) s = normal(rng);
+    std::vector<int64_t> numbers;
+    for (int64_t i = 0; i < n; ++i) {
+      if (i % 3 == 1) {
+        scores[static_cast<size_t>(i)] = std::numeric_limits<float>::quiet_NaN();
+      } else {
+        numbers.push_back(i);
+      }
+    }
+    for (const int64_t k : {int64_t{1}, int64_t{4}, static_cast<int64_t>(numbers.size())}) {
+      std::vector<int64_t> order = numbers;
+      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+        return scores[static_cast<size_t>(a)] > scores[static_cast<size_t>(b)];
+      });
+      order.resize(static_cast<size_t>(k));
+      std::sort(order.begin(), order.end());
+      EXPECT_EQ(TopK(scores, k), order) << "n " << n << " k " << k;
+    }
+  }
+}
+
+// The checked TopK refuses NaN by its lowest index, wherever it lies: in the
+// threshold sample, only in the filter pass, or with k >= n (no filter).
+TEST_P(IndexerKernelsTest, TopKRefusesNaNNamingTheIndex) {
+  std::mt19937 rng(10);
+  std::normal_distribution<float> normal;
+  for (const int64_t n : {int64_t{10}, int64_t{5000}, int64_t{100000}}) {
+    for (const int64_t first : {int64_t{0}, int64_t{7}, n - 1}) {
+      for (const int64_t k : {int64_t{3}, int64_t{512}, n}) {
+        std::vector<float> scores(static_cast<size_t>(n));
+        for (float& s : scores) s = normal(rng);
+        scores[static_cast<size_t>(first)] = std::numeric_limits<float>::quiet_NaN();
+        scores[static_cast<size_t>(n - 1)] = -std::numeric_limits<float>::quiet_NaN();
+        std::vector<int64_t> out = {42};
+        const absl::Status status = TopK(scores, k, &out);
+        EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << n << " " << first << " " << k;
+        EXPECT_THAT(std::string(status.message()), HasSubstr(absl::StrCat("score ", first, " is NaN")));
+        EXPECT_EQ(out, std::vector<int64_t>{42}) << "a refused call changed its output";
+      }
+    }
+    std::vector<float> finite(static_cast<size_t>(n));
+    for (float& s : finite) s = normal(rng);
+    finite[1] = std::numeric_limits<float>::infinity();
+    finite[2] = -std::numeric_limits<float>::infinity();
+    std::vector<int64_t> out;
+    ASSERT_TRUE(TopK(finite, 5, &out).ok());
+    EXPECT_EQ(out, TopK(finite, 5));
+    EXPECT_THAT(out, ::testing::Contains(1)) << "+inf is the highest score";
+    EXPECT_THAT(out, ::testing::Not(::testing::Contains(2))) << "-inf is the lowest score";
+  }
+}
+
 TEST(Indexer, ScoresAreTheMathOfTheDequantizedValues) {
   std::mt19937 rng(3);
   const IndexQuery q = RandomQuery(64, rng);
@@ -119,6 +298,12 @@ TEST(Indexer, PrepareValidatesItsInputs) {
               HasSubstr("100 query values for 4 head weights"));
   q[kIndexDim + 5] = ToBf16(std::numeric_limits<float>::infinity());
   EXPECT_THAT(std::string(IndexQuery::Prepare(q, w, cos_sin).status().message()), HasSubstr("head 1 dim 5 is not finite"));
+  // A query that would overflow fp32 against every key (even scale 2^-127).
+  q = SignedPowers(4 * kIndexDim, 120, rng);
+  w[2] = std::numeric_limits<float>::max();
+  const absl::Status hopeless = IndexQuery::Prepare(q, w, cos_sin).status();
+  EXPECT_EQ(hopeless.code(), absl::StatusCode::kInvalidArgument) << hopeless;
+  EXPECT_THAT(std::string(hopeless.message()), HasSubstr("head 2"));
 }
 
 TEST(Indexer, ReferenceAttentionMatchesTheClosedForm) {

@@ -22,14 +22,30 @@ namespace kvc {
 // multiple of 16 with zero weight).
 class IndexQuery {
  public:
-  // q_raw: heads x 128 bf16 (wq_b output, before RoPE); weights: `heads`
-  // fp32 head weights (already scaled by 128^-0.5 * heads^-0.5);
-  // cos_sin: 64 floats, the compressed-layer RoPE at the query position.
+  // q_raw: heads x 128 bf16 (wq_b output, before RoPE), |x| <= 2^120;
+  // weights: `heads` finite fp32 head weights (already scaled by
+  // 128^-0.5 * heads^-0.5); cos_sin: 64 floats, the compressed-layer RoPE at
+  // the query position. Also refuses (kInvalidArgument, naming the head) a
+  // query whose scores would overflow fp32 against every key, even one of
+  // block scale 2^-127 (see max_key_scale_byte()).
   static absl::StatusOr<IndexQuery> Prepare(absl::Span<const Bf16> q_raw, absl::Span<const float> weights,
                                             const float* cos_sin);
 
   int heads() const { return heads_; }
   int padded_heads() const { return padded_; }
+  // The largest key block scale byte (UE8M0: 2^(byte - 127)) this query
+  // scores without any fp32 overflow. With c_h = Σ_blocks (s_q / 4) * 12 *
+  // Σ |2·E2M1 code| (the largest |q_h · k| for a key of scale 1: key codes
+  // are at most 12 in magnitude) and F = max(max_h c_h, Σ_h |w_h| c_h), every
+  // score and every intermediate is at most F * 2^(byte - 127) in magnitude;
+  // the byte is the largest with F * 2^(byte - 127) <= 2^128 (1 - 2^-12)
+  // (the margin covers the fp32 roundings of up to 4096 heads). F is reached
+  // by a key whose codes are ±12 matching the query's signs, so the limit is
+  // within 2x of the format's. At most 254: byte 255 (NaN) is never scored.
+  // ScoreIndexKeys refuses keys above it.
+  int max_key_scale_byte() const { return max_key_scale_byte_; }
+  // The head with the largest term of F (named in ScoreIndexKeys' refusals).
+  int limiting_head() const { return limiting_head_; }
   // The stored 68-byte query of head h (packed E2M1 codes, then 4 scales).
   const IndexKeyFp4& stored(int h) const { return stored_[static_cast<size_t>(h)]; }
   // Dequantized values, heads x 128 (the official `idx_q`).
@@ -45,6 +61,8 @@ class IndexQuery {
  private:
   int heads_ = 0;
   int padded_ = 0;
+  int max_key_scale_byte_ = 254;
+  int limiting_head_ = 0;
   std::vector<IndexKeyFp4> stored_;
   std::vector<float> q_f32_;
   std::vector<int8_t> q_s8_;
@@ -59,16 +77,28 @@ class IndexQuery {
 // by the two power-of-two scales; blocks are summed in order 0..3, heads in
 // kvc's canonical order (16 running sums, then halving). Identical bits on
 // every SIMD target (AVX3_DL uses VNNI int8 dot products). Requires
-// scores.size() >= keys.count.
+// scores.size() >= keys.count. Every score it writes is finite: a key with a
+// block scale byte above query.max_key_scale_byte() (a NaN scale byte 255
+// included) is refused with kInvalidArgument naming the key (its index in
+// `keys`) and block, before any score is written.
 absl::Status ScoreIndexKeys(const IndexQuery& query, ConstPackedRows keys, absl::Span<float> scores);
 
-// The scalar reference of one key's score (for tests).
+// The scalar reference of one key's score (for tests). Finite for keys whose
+// scale bytes are at most query.max_key_scale_byte().
 float IndexScoreRef(const IndexQuery& query, const uint8_t* codes, const uint8_t* scales);
 
-// Indices of the min(k, scores.size()) highest scores, ascending; ties go to
-// the lower index. Does not sort or partition the whole array: a threshold
-// from a sample, one SIMD filter pass, then exact selection among the
-// candidates (linear in scores.size(), typically ~8 bytes of work per key).
+// Writes to *out the indices of the min(k, scores.size()) highest scores,
+// ascending; ties go to the lower index; ±inf order as numbers. Refuses
+// (kInvalidArgument, naming the lowest index) scores holding NaN, leaving
+// *out unchanged. Does not sort or partition the whole array: a threshold
+// from a sample, one SIMD filter pass (which also finds NaN), then exact
+// selection among the candidates (linear in scores.size(), typically ~8
+// bytes of work per key).
+absl::Status TopK(absl::Span<const float> scores, int64_t k, std::vector<int64_t>* out);
+
+// The same selection for scores known to hold no NaN (ScoreIndexKeys'
+// output). NaN, if present anyway, counts as -inf (a total order): it is
+// never picked while a score above -inf is left.
 std::vector<int64_t> TopK(absl::Span<const float> scores, int64_t k);
 
 // Reference sparse attention (spec §3, for CPU engines and tests): for each
