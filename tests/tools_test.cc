@@ -30,12 +30,17 @@ std::string Quote(const std::string& s) {
   return out + "'";
 }
 
-// A fresh empty directory under the test's temp dir.
-std::string FreshDir(const std::string& name) {
-  std::string templ = ::testing::TempDir() + "/" + name + ".XXXXXX";
-  EXPECT_NE(mkdtemp(templ.data()), nullptr) << templ;
-  return templ;
-}
+// A fresh empty directory under the test's temp dir, removed with its contents at scope exit.
+struct ScratchDir {
+  explicit ScratchDir(const std::string& name) : path(::testing::TempDir() + "/" + name + ".XXXXXX") {
+    EXPECT_NE(mkdtemp(path.data()), nullptr) << path;
+  }
+  ~ScratchDir() {
+    std::error_code ignored;
+    fs::remove_all(path, ignored);
+  }
+  std::string path;
+};
 
 std::set<std::string> Files(const std::string& dir) {
   std::set<std::string> names;
@@ -79,7 +84,8 @@ std::string WriteFile(const std::string& path, const std::string& text) {
 constexpr char kSmallRun[] = "--tokens 5000 --decode-steps 2";  // 5,002 tokens, +1 for the incremental save
 
 TEST(KvcRun, ReducedRunTakesEveryStageAndLeavesOnlyTheJson) {
-  const std::string dir = FreshDir("run");
+  const ScratchDir scratch("run");
+  const std::string& dir = scratch.path;
   std::string out;
   ASSERT_EQ(RunIn(dir, KVC_RUN_EXE, std::string(kSmallRun) + " --json out.json --snapshot run.kvcsnap", &out), 0) << out;
   EXPECT_THAT(out, HasSubstr("prefill 100%"));
@@ -99,7 +105,8 @@ TEST(KvcRun, ReducedRunTakesEveryStageAndLeavesOnlyTheJson) {
 // The model's own max_context equals tokens + decode steps: the run sizes the
 // cache for the incremental save's extra token too.
 TEST(KvcRun, RunsAtTheModelsMaxContextEdge) {
-  const std::string dir = FreshDir("edge");
+  const ScratchDir scratch("edge");
+  const std::string& dir = scratch.path;
   const std::string config = WriteFile(dir + "/config.json", FlashConfig("deepseek_v4", 5002));
   std::string out;
   EXPECT_EQ(RunIn(dir, KVC_RUN_EXE, std::string(kSmallRun) + " --model config.json --json out.json", &out), 0) << out;
@@ -107,7 +114,8 @@ TEST(KvcRun, RunsAtTheModelsMaxContextEdge) {
 }
 
 TEST(KvcRun, ExactlyFittingMaxContextSucceeds) {
-  const std::string dir = FreshDir("fits");
+  const ScratchDir scratch("fits");
+  const std::string& dir = scratch.path;
   std::string out;
   EXPECT_EQ(RunIn(dir, KVC_RUN_EXE, std::string(kSmallRun) + " --max-context 5003", &out), 0) << out;
   EXPECT_EQ(Files(dir), std::set<std::string>{"kvc-run.json"});
@@ -130,7 +138,8 @@ TEST(KvcRun, EveryFailurePrintsItsCauseAndLeavesNoFile) {
   };
   for (const Failure& f : failures) {
     SCOPED_TRACE(f.args);
-    const std::string dir = FreshDir("fail");
+    const ScratchDir scratch("fail");
+    const std::string& dir = scratch.path;
     std::string out;
     EXPECT_EQ(RunIn(dir, KVC_RUN_EXE, std::string(kSmallRun) + " " + f.args, &out), 1) << out;
     EXPECT_THAT(out, HasSubstr("kvc-run: " + f.stage));
@@ -143,7 +152,8 @@ TEST(KvcRun, EveryFailurePrintsItsCauseAndLeavesNoFile) {
 // fails (SIGXFSZ ignored, so write() reports EFBIG), and the file goes too.
 // (prlimit, util-linux: sh's `ulimit -f` counts in 512- or 1024-byte blocks.)
 TEST(KvcRun, FailedIncrementalSaveLeavesNoFile) {
-  const std::string dir = FreshDir("grow");
+  const ScratchDir scratch("grow");
+  const std::string& dir = scratch.path;
   std::string out;
   ASSERT_EQ(RunIn(dir, KVC_RUN_EXE, std::string(kSmallRun) + " --json sizes.json", &out), 0) << out;
   const nlohmann::json sizes = ReadJson(dir + "/sizes.json");
@@ -160,7 +170,8 @@ TEST(KvcRun, FailedIncrementalSaveLeavesNoFile) {
 // A model name and paths holding a quote and a backslash come out as valid JSON.
 TEST(ToolsJson, NamesThatNeedEscapingStayValidJson) {
   const std::string name = "v4 \"quoted\" \\ name";
-  const std::string dir = FreshDir("q\"u\\o'te");
+  const ScratchDir scratch("q\"u\\o'te");
+  const std::string& dir = scratch.path;
   WriteFile(dir + "/config.json", FlashConfig(name, 1048576));
   std::string out;
   ASSERT_EQ(RunIn(dir, KVC_RUN_EXE, "--tokens 300 --decode-steps 1 --model config.json --json " + Quote("a\"b\\c.json"), &out), 0)
@@ -205,7 +216,8 @@ TEST(ToolsFlags, BadValuesAreRefusedWithAMessageAndExitTwo) {
 // Google Benchmark's own flags: --benchmark_format=json prints JSON, and
 // --benchmark_out writes it; both carry the roofline ratios as counters.
 TEST(KvcBench, JsonOutputCarriesRooflineRatios) {
-  const std::string dir = FreshDir("bench");
+  const ScratchDir scratch("bench");
+  const std::string& dir = scratch.path;
   const std::string args = "--benchmark_filter='^BM_(TopK|NthElement)_1M/' --benchmark_min_time=0.01 --benchmark_format=json";
   std::string out;
   ASSERT_EQ(RunIn(dir, KVC_BENCH_EXE, args + " --benchmark_out=out.json --benchmark_out_format=json", &out, false), 0) << out;
