@@ -39,9 +39,10 @@ class IndexQuery {
   // are at most 12 in magnitude) and F = max(max_h c_h, Σ_h |w_h| c_h), every
   // score and every intermediate is at most F * 2^(byte - 127) in magnitude;
   // the byte is the largest with F * 2^(byte - 127) <= 2^128 (1 - 2^-12)
-  // (the margin covers the fp32 roundings of up to 4096 heads). F is reached
-  // by a key whose codes are ±12 matching the query's signs, so the limit is
-  // within 2x of the format's. At most 254: byte 255 (NaN) is never scored.
+  // (the margin covers the fp32 roundings of up to 4096 heads). With
+  // non-negative weights, a key at that scale whose codes are ±12 with the
+  // query's signs reaches F: one binade more can overflow. At most 254: byte
+  // 255 (NaN) is never scored.
   // ScoreIndexKeys refuses keys above it.
   int max_key_scale_byte() const { return max_key_scale_byte_; }
   // The head with the largest term of F (named in ScoreIndexKeys' refusals).
