@@ -214,7 +214,10 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
     const int64_t to = std::min(n, from + kSlice);
     KVC_RETURN_IF_ERROR(CheckFiniteSlice(tokens, from, to, layer_spec, impl_->spec));
     if (compresses) {
-      impl_->ComputeEntries(main_run, indexes ? &indexer_run : nullptr, position + from, position + to, entries, keys);
+      KVC_RETURN_IF_ERROR(Impl::CheckScorePlusApe(main_run, from, to));
+      if (indexes) KVC_RETURN_IF_ERROR(Impl::CheckScorePlusApe(indexer_run, from, to));
+      KVC_RETURN_IF_ERROR(impl_->ComputeEntries(main_run, indexes ? &indexer_run : nullptr, position + from,
+                                                position + to, entries, keys));
     }
   }
   if (n == 0) return absl::OkStatus();
@@ -234,18 +237,21 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
     key_plan = *std::move(plan);
   }
 
-  // Apply (cannot fail).
-  impl_->WriteWindow(ls, tokens.window_rows);
+  // Apply. Every row was checked above against what the row kernels accept
+  // (window rows finite; entries and keys by CheckEntry), so nothing here
+  // fails; a refusal would be a broken invariant, reported as kInternal.
+  absl::Status applied = impl_->WriteWindow(ls, tokens.window_rows);
   if (compresses) {
     Impl::WriteState(main_run, n);
-    impl_->CommitHistory(impl_->CompressedOf(ls), entry_plan, entries, kHeadDim, QuantizeKvRows);
+    applied.Update(impl_->CommitHistory(impl_->CompressedOf(ls), entry_plan, entries, kHeadDim, QuantizeKvRows));
   }
   if (indexes) {
     Impl::WriteState(indexer_run, n);
-    impl_->CommitHistory(impl_->KeysOf(ls), key_plan, keys, kIndexDim, QuantizeIndexKeys);
+    applied.Update(impl_->CommitHistory(impl_->KeysOf(ls), key_plan, keys, kIndexDim, QuantizeIndexKeys));
   }
   ls.length += n;
   ls.floor = std::max(ls.floor, ls.length - impl_->depth());
+  if (!applied.ok()) return absl::InternalError(absl::StrCat("Append: ", applied.message()));
   return absl::OkStatus();
 }
 

@@ -5,10 +5,12 @@
 #define KVC_SRC_CACHE_INTERNAL_H_
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -189,17 +191,18 @@ struct Cache::Impl {
     std::memset(row.scales, 0, kKvScaleBytes);
   }
 
-  // Writes tokens [L, L + n) (rows validated finite) into the ring. Only the
-  // rows that survive are quantized: the last `window` into their slots, and
-  // for the last `depth` positions q the row each evicts (position q - W,
-  // from the old ring or from this chunk) into rollback record q mod depth.
-  void WriteWindow(LayerStreams& ls, absl::Span<const Bf16> rows) const {
+  // Writes tokens [L, L + n) into the ring. Only the rows that survive are
+  // quantized: the last `window` into their slots, and for the last `depth`
+  // positions q the row each evicts (position q - W, from the old ring or
+  // from this chunk) into rollback record q mod depth. The caller checked
+  // the rows finite (all QuantizeKvRows refuses), so this does not fail; a
+  // refusal would be a broken invariant and is returned, not dropped.
+  absl::Status WriteWindow(LayerStreams& ls, absl::Span<const Bf16> rows) const {
     const int64_t L = ls.length;
     const int64_t n = static_cast<int64_t>(rows.size()) / kHeadDim;
     const int64_t W = window();
     auto quantize = [&](int64_t position, PackedRows to) {
-      const absl::Status s = QuantizeKvRows(rows.subspan(static_cast<size_t>((position - L) * kHeadDim), kHeadDim), to);
-      (void)s;  // cannot fail: the rows were validated and the view is well-formed
+      return QuantizeKvRows(rows.subspan(static_cast<size_t>((position - L) * kHeadDim), kHeadDim), to);
     };
     if (depth() > 0) {
       int64_t* evictors = RollbackEvictors(ls);
@@ -211,7 +214,7 @@ struct Cache::Impl {
         } else if (evicted < L) {
           CopyRow(RingSlot(ls, evicted % W), record);
         } else {
-          quantize(evicted, record);
+          KVC_RETURN_IF_ERROR(quantize(evicted, record));
         }
         evictors[q % depth()] = q;
       }
@@ -221,11 +224,11 @@ struct Cache::Impl {
       const int64_t slot = p % W;
       const int64_t in_page = slot % rows_per_page();
       int64_t run = std::min({L + n - p, W - slot, rows_per_page() - in_page});
-      const absl::Status s = QuantizeKvRows(rows.subspan(static_cast<size_t>((p - L) * kHeadDim), static_cast<size_t>(run * kHeadDim)),
-                                            RingPage(ls, slot / rows_per_page()).Slice(in_page, run));
-      (void)s;  // cannot fail, as above
+      KVC_RETURN_IF_ERROR(QuantizeKvRows(rows.subspan(static_cast<size_t>((p - L) * kHeadDim), static_cast<size_t>(run * kHeadDim)),
+                                         RingPage(ls, slot / rows_per_page()).Slice(in_page, run)));
       p += run;
     }
+    return absl::OkStatus();
   }
 
   // --- History streams ----------------------------------------------------
@@ -266,8 +269,11 @@ struct Cache::Impl {
     for (const PageId id : plan.fresh) h.pool->Unref(id);
   }
 
-  // Writes validated rows into the planned pages (cannot fail).
-  void CommitHistory(const History& h, const HistoryPlan& plan, absl::Span<const Bf16> values, int dims,
+  // Takes the planned pages into the stream and writes the rows into them.
+  // The caller checked the rows against what `quantize` accepts, so this does
+  // not fail; a refusal would be a broken invariant and is returned, not
+  // dropped (the pages are in the stream either way: nothing leaks).
+  absl::Status CommitHistory(const History& h, const HistoryPlan& plan, absl::Span<const Bf16> values, int dims,
                      absl::Status (*quantize)(absl::Span<const Bf16>, PackedRows)) const {
     const int64_t n = static_cast<int64_t>(values.size()) / dims;
     const int64_t rows = *h.rows;
@@ -284,17 +290,17 @@ struct Cache::Impl {
       const int64_t run = std::min(n - i, h.per_page - at % h.per_page);
       const absl::Status s = quantize(values.subspan(static_cast<size_t>(i * dims), static_cast<size_t>(run * dims)),
                                       HistoryPage(h, static_cast<size_t>(at / h.per_page)).Slice(at % h.per_page, run));
-      (void)s;  // cannot fail: validated values, well-formed view
+      if (!s.ok()) return absl::InternalError(absl::StrCat("a checked row was refused: ", s.message()));
       i += run;
     }
     *h.rows += n;
+    return absl::OkStatus();
   }
 
   absl::Status AppendHistory(const History& h, absl::Span<const Bf16> values, int dims,
                              absl::Status (*quantize)(absl::Span<const Bf16>, PackedRows)) const {
     KVC_ASSIGN_OR_RETURN(const HistoryPlan plan, PlanHistory(h, static_cast<int64_t>(values.size()) / dims));
-    CommitHistory(h, plan, values, dims, quantize);
-    return absl::OkStatus();
+    return CommitHistory(h, plan, values, dims, quantize);
   }
 
   // --- Compressors ---------------------------------------------------------
@@ -310,6 +316,8 @@ struct Cache::Impl {
     const float* kv;     // chunk projections, n x width
     const float* score;  // without ape
     int64_t first;       // position of the chunk's first token
+    int layer;           // for messages
+    bool indexer;        // CSA's indexer (index keys) rather than the main compressor
   };
 
   int64_t StateCapacity(const CompressorGeometry& g) const { return g.span() + depth(); }
@@ -324,6 +332,8 @@ struct Cache::Impl {
     run.kv = indexer ? t.indexer_kv.data() : t.compressor_kv.data();
     run.score = indexer ? t.indexer_score.data() : t.compressor_score.data();
     run.first = ls.length;
+    run.layer = static_cast<int>(&spec_layer - spec.layers.data());
+    run.indexer = indexer;
     return run;
   }
 
@@ -342,24 +352,124 @@ struct Cache::Impl {
             run.params->ape.data() + (t % run.g.ratio) * width + offset};
   }
 
+  // The pooling slots of entry i (at most 256), with each slot's token.
+  static int EntrySlots(const CompressorRun& run, int64_t i, PoolSlot* slots, int64_t* tokens) {
+    const CompressorGeometry& g = run.g;
+    int count = 0;
+    auto add = [&](int64_t t, int half) {
+      tokens[count] = t;
+      slots[count++] = Slot(run, t, half);
+    };
+    if (g.overlap && i > 0) {  // the previous window's first halves (none for entry 0)
+      for (int j = 0; j < g.ratio; ++j) add((i - 1) * g.ratio + j, 0);
+    }
+    for (int j = 0; j < g.ratio; ++j) add(i * g.ratio + j, g.overlap ? 1 : 0);
+    return count;
+  }
+
   // Entry i of a compressor: pools its window's slots, then norm + RoPE with
   // the given (cos, sin) pairs into `out` (dim bf16 values).
   void ComputeEntry(const CompressorRun& run, int64_t i, const float* cos_sin, float* pooled, Bf16* out) const {
+    PoolSlot slots[256];
+    int64_t tokens[256];
+    const int count = EntrySlots(run, i, slots, tokens);
+    PoolChannels(slots, count, run.g.dim, pooled);
+    NormRope(pooled, run.g.dim, run.params->norm_weight.data(), static_cast<float>(spec.norm_eps), cos_sin, out);
+  }
+
+  // The largest bf16 magnitudes (bits without the sign) the row kernels
+  // store (row_kernels.cc): any finite value in a KV row; up to 2^120 in an
+  // index key (its Hadamard must not overflow).
+  static constexpr uint16_t kMaxKvBits = 0x7F7F;   // bf16 max
+  static constexpr uint16_t kMaxKeyBits = 0x7B80;  // 2^120
+
+  // OK if QuantizeKvRows (main) or QuantizeIndexKeys (indexer) accepts the
+  // computed row `out` of entry i; else kInvalidArgument naming the layer,
+  // the entry's tokens, the channel, the cause and the token that dominates it.
+  absl::Status CheckEntry(const CompressorRun& run, int64_t i, const Bf16* out) const {
+    const uint16_t max_bits = run.indexer ? kMaxKeyBits : kMaxKvBits;
+    uint16_t largest = 0;
+    for (int c = 0; c < run.g.dim; ++c) largest = std::max<uint16_t>(largest, out[c].bits & 0x7FFF);
+    return largest <= max_bits ? absl::OkStatus() : RefusedEntry(run, i, out, max_bits, largest >= 0x7F80);
+  }
+
+  absl::Status RefusedEntry(const CompressorRun& run, int64_t i, const Bf16* out, uint16_t max_bits,
+                            bool non_finite) const {
     const CompressorGeometry& g = run.g;
     PoolSlot slots[256];
-    int count = 0;
-    if (g.overlap && i > 0) {  // the previous window's first halves (none for entry 0)
-      for (int j = 0; j < g.ratio; ++j) slots[count++] = Slot(run, (i - 1) * g.ratio + j, 0);
+    int64_t tokens[256];
+    const int count = EntrySlots(run, i, slots, tokens);
+    std::vector<float> pooled(static_cast<size_t>(g.dim));
+    PoolChannels(slots, count, g.dim, pooled.data());
+    const char* kv_name = run.indexer ? "indexer_kv" : "compressor_kv";
+    // The cause: a pooled value bf16 cannot hold, else RMSNorm and RoPE.
+    int channel = -1;
+    std::string cause;
+    for (int c = 0; c < g.dim && channel < 0; ++c) {
+      const float x = pooled[static_cast<size_t>(c)];
+      if (std::isfinite(RoundToBf16(x))) continue;
+      channel = c;
+      cause = absl::StrCat("the pooled ", kv_name, " there, ", x, std::isfinite(x) ? ", exceeds bf16's range" : ", overflows fp32");
     }
-    for (int j = 0; j < g.ratio; ++j) slots[count++] = Slot(run, i * g.ratio + j, g.overlap ? 1 : 0);
-    PoolChannels(slots, count, g.dim, pooled);
-    NormRope(pooled, g.dim, run.params->norm_weight.data(), static_cast<float>(spec.norm_eps), cos_sin, out);
+    for (int c = 0; c < g.dim && channel < 0; ++c) {
+      if ((out[c].bits & 0x7FFF) <= max_bits) continue;
+      channel = c;
+      cause = absl::StrCat("RMSNorm (norm_weight ", run.params->norm_weight[static_cast<size_t>(c)],
+                           ") and RoPE make it ", ToF32(out[c]));
+    }
+    // The token that dominates that channel: the largest softmax weight x |kv|.
+    int top = 0;
+    {
+      float s[256], max = -INFINITY, best = -1.0f;
+      for (int j = 0; j < count; ++j) {
+        s[j] = slots[j].ape != nullptr ? slots[j].score[channel] + slots[j].ape[channel] : slots[j].score[channel];
+        max = std::max(max, s[j]);
+      }
+      for (int j = 0; j < count; ++j) {
+        const float weight = SoftmaxExp(s[j] - max) * std::fabs(slots[j].kv[channel]);
+        if (weight > best) best = weight, top = j;
+      }
+    }
+    const int64_t column = (g.overlap && tokens[top] >= i * g.ratio ? g.dim : 0) + channel;
+    const int64_t first_token = g.overlap && i > 0 ? (i - 1) * g.ratio : i * g.ratio;
+    return absl::InvalidArgumentError(absl::StrCat(
+        "Append: layer ", run.layer, ": ", run.indexer ? "index key " : "compressed entry ", i, " (tokens [",
+        first_token, ", ", (i + 1) * g.ratio, ")) would ",
+        non_finite ? "not be finite" : "exceed 2^120 (the index key limit)", " at channel ", channel, ": ",
+        cause, "; it comes mostly from position ", tokens[top], "'s ", kv_name, " column ", column, " (",
+        slots[top].kv[channel], ")"));
+  }
+
+  // Refuses tokens [first + from, first + to) of the chunk if a score + ape
+  // overflows fp32: that sum is what the state ring keeps for the token (and
+  // what a snapshot stores), so it must be finite.
+  static absl::Status CheckScorePlusApe(const CompressorRun& run, int64_t from, int64_t to) {
+    const int64_t width = run.g.width();
+    for (int64_t i = from; i < to; ++i) {
+      const float* score = run.score + i * width;
+      const float* ape = run.params->ape.data() + ((run.first + i) % run.g.ratio) * width;
+      int overflow = 0;
+      for (int64_t c = 0; c < width; ++c) {
+        const float sum = score[c] + ape[c];
+        overflow |= (sum - sum != 0.0f);  // inf - inf is NaN
+      }
+      if (overflow == 0) continue;
+      for (int64_t c = 0; c < width; ++c) {
+        if (std::isfinite(score[c] + ape[c])) continue;
+        return absl::InvalidArgumentError(absl::StrCat(
+            "Append: layer ", run.layer, " ", run.indexer ? "indexer_score" : "compressor_score", " at position ",
+            run.first + i, " channel ", c, ": score ", score[c], " + ape ", ape[c],
+            " overflows fp32 (the compressor state keeps that sum)"));
+      }
+    }
+    return absl::OkStatus();
   }
 
   // The entries (and, with an indexer, keys) of the windows that close with
   // tokens [from, to) of the chunk, written at their index relative to the
-  // chunk's first closed window; changes nothing in the cache.
-  void ComputeEntries(const CompressorRun& main, const CompressorRun* indexer, int64_t from, int64_t to,
+  // chunk's first closed window; changes nothing in the cache. Refuses an
+  // entry or key the row kernels would not store (CheckEntry).
+  absl::Status ComputeEntries(const CompressorRun& main, const CompressorRun* indexer, int64_t from, int64_t to,
                       std::vector<Bf16>& entries, std::vector<Bf16>& keys) const {
     const int m = main.g.ratio;
     const int64_t first_entry = main.first / m;
@@ -368,11 +478,16 @@ struct Cache::Impl {
     for (int64_t i = from / m; i < to / m; ++i) {
       compressed_rope->At(i * m, cos_sin);       // shared by the entry and its index key
       const size_t at = static_cast<size_t>(i - first_entry);
-      ComputeEntry(main, i, cos_sin, pooled.data(), &entries[at * static_cast<size_t>(main.g.dim)]);
+      Bf16* entry = &entries[at * static_cast<size_t>(main.g.dim)];
+      ComputeEntry(main, i, cos_sin, pooled.data(), entry);
+      KVC_RETURN_IF_ERROR(CheckEntry(main, i, entry));
       if (indexer != nullptr) {
-        ComputeEntry(*indexer, i, cos_sin, pooled.data(), &keys[at * static_cast<size_t>(indexer->g.dim)]);
+        Bf16* key = &keys[at * static_cast<size_t>(indexer->g.dim)];
+        ComputeEntry(*indexer, i, cos_sin, pooled.data(), key);
+        KVC_RETURN_IF_ERROR(CheckEntry(*indexer, i, key));
       }
     }
+    return absl::OkStatus();
   }
 
   // Keeps the chunk's last tokens (as many as the ring holds) in the state

@@ -318,5 +318,157 @@ TEST(CompressedStreams, HistoryExhaustionDuringAppendChangesNothing) {
   EXPECT_EQ(cache->Usage().components[static_cast<int>(Component::kCompressedRows)].used_bytes, 0);
 }
 
+
+// Everything a caller can observe of one sequence of the two-layer model.
+struct Observed {
+  std::vector<uint8_t> history;
+  std::vector<uint16_t> windows;
+  std::vector<int64_t> counts;  // lengths, rows, keys, used bytes per component
+  bool operator==(const Observed& o) const {
+    return history == o.history && windows == o.windows && counts == o.counts;
+  }
+};
+
+Observed Observe(const Cache& cache, SequenceId seq) {
+  Observed o;
+  o.history = HistoryBytes(cache, seq);
+  for (int layer = 0; layer < 2; ++layer) {
+    std::vector<Bf16> window(static_cast<size_t>(cache.spec().window) * kHeadDim);
+    EXPECT_TRUE(cache.ReadWindow(seq, layer, absl::MakeSpan(window)).ok());
+    for (const Bf16 v : window) o.windows.push_back(v.bits);
+    o.counts.push_back(*cache.Length(seq, layer));
+    o.counts.push_back(cache.CompressedRows(seq, layer)->rows);
+  }
+  o.counts.push_back(cache.IndexKeys(seq, 0)->rows);
+  const CacheUsage usage = cache.Usage();
+  for (const ComponentUsage& c : usage.components) o.counts.push_back(c.used_bytes);
+  return o;
+}
+
+// Appends clean tokens [first, first + n) of both layers to `seq` (which holds
+// [0, first)) and checks its history against a straight run of [0, first + n):
+// a refused append left no trace, not even in the compressor state.
+void ExpectCleanContinuation(Cache& cache, SequenceId seq, const Tokens& clean, int64_t first, int64_t n) {
+  ASSERT_TRUE(AppendAll(cache, seq, clean, first, n).ok());
+  const SequenceId straight = *cache.CreateSequence();
+  ASSERT_TRUE(AppendAll(cache, straight, clean, 0, first + n).ok());
+  EXPECT_EQ(Observe(cache, seq).history, Observe(cache, straight).history);
+  ASSERT_TRUE(cache.Free(straight).ok());
+}
+
+// Finite projections whose compressed entry or index key would not be finite
+// (or, for a key, beyond the key kernel's 2^120) are refused before anything
+// changes, naming layer, position and channel. Exactly those: a kv that
+// still rounds to a finite bf16 is accepted.
+TEST(CompressedStreams, AnEntryThatWouldNotBeFiniteIsRefusedAndChangesNothing) {
+  std::mt19937 rng(7);
+  Model model(rng);
+  // One indexer channel with a norm weight so large that a key dominated by
+  // it exceeds 2^120 (|y r| <= sqrt(128) after RMSNorm; ordinary keys stay
+  // far below 8 there).
+  model.idx_norm[5] = 0x1p117f;
+  const Tokens clean(300, rng);
+  auto cache = *Cache::Create(model.spec, Options());
+  const SequenceId seq = *cache->CreateSequence();
+  ASSERT_TRUE(AppendAll(*cache, seq, clean, 0, 126).ok());
+  const Observed before = Observe(*cache, seq);
+
+  const float kFltMax = std::numeric_limits<float>::max();
+  const float kRoundsToBf16Max = F32FromBits(0x7F7F7FFFu);  // the largest float below bf16's rounding edge
+  const float kRoundsToBf16Inf = F32FromBits(0x7F7F8000u);  // the tie, which rounds to inf
+  struct Case {
+    int layer;
+    std::vector<float> Tokens::*kv;
+    std::vector<float> Tokens::*score;
+    int64_t width, position, column;
+    float value;
+    std::vector<std::string> expected;  // empty: accepted
+  };
+  const std::vector<Case> cases = {
+      // CSA main: token 129's second half (column 512 + 7) pools into entry 32.
+      {0, &Tokens::csa_kv, &Tokens::csa_score, 1024, 129, 512 + 7, kFltMax,
+       {"layer 0", "compressed entry 32", "channel 7", "position 129", "compressor_kv column 519"}},
+      {0, &Tokens::csa_kv, &Tokens::csa_score, 1024, 129, 512 + 7, kRoundsToBf16Inf, {"channel 7", "position 129"}},
+      {0, &Tokens::csa_kv, &Tokens::csa_score, 1024, 129, 512 + 7, kRoundsToBf16Max, {}},
+      // Token 130's first half pools into entry 33 (the overlap).
+      {0, &Tokens::csa_kv, &Tokens::csa_score, 1024, 130, 3, -kFltMax, {"layer 0", "compressed entry 33", "channel 3", "position 130"}},
+      // CSA indexer.
+      {0, &Tokens::idx_kv, &Tokens::idx_score, 256, 130, 128 + 5, kFltMax,
+       {"layer 0", "index key 32", "channel 5", "position 130", "indexer_kv column 133"}},
+      // A key above 2^120 is refused too: the key kernel would not store it.
+      {0, &Tokens::idx_kv, &Tokens::idx_score, 256, 130, 128 + 5, 1000.0f,
+       {"index key 32", "2^120", "channel 5", "position 130", "norm_weight"}},
+      // HCA: token 200 pools into entry 1.
+      {1, &Tokens::hca_kv, &Tokens::hca_score, 512, 200, 9, -kFltMax,
+       {"layer 1", "compressed entry 1", "channel 9", "position 200", "compressor_kv column 9"}},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(::testing::Message() << "layer " << c.layer << " position " << c.position << " column " << c.column
+                                      << " value " << c.value);
+    Tokens bad = clean;
+    const size_t at = static_cast<size_t>(c.position * c.width + c.column);
+    (bad.*c.kv)[at] = c.value;
+    (bad.*c.score)[at] = 1e30f;  // all the softmax weight on this token
+    const int64_t n = c.layer == 0 ? 14 : 134;  // closes CSA entries 31..34, HCA entries 0..1
+    if (c.expected.empty()) {  // on a fork, so that `seq` stays as it was
+      const absl::StatusOr<SequenceId> probe = cache->Fork(seq);
+      ASSERT_TRUE(probe.ok()) << probe.status();
+      const absl::Status s = cache->Append(*probe, c.layer, 126, bad.For(c.layer, 126, n));
+      EXPECT_TRUE(s.ok()) << s;
+      ASSERT_TRUE(cache->Free(*probe).ok());
+      EXPECT_TRUE(Observe(*cache, seq) == before);
+      continue;
+    }
+    const absl::Status s = cache->Append(seq, c.layer, 126, bad.For(c.layer, 126, n));
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    for (const std::string& part : c.expected) EXPECT_THAT(std::string(s.message()), HasSubstr(part));
+    EXPECT_TRUE(Observe(*cache, seq) == before);
+  }
+  ExpectCleanContinuation(*cache, seq, clean, 126, 134);
+}
+
+
+// score + ape is what the compressor state keeps for each token (and what a
+// snapshot stores): finite inputs whose sum overflows fp32 are refused before
+// anything changes, naming layer, position and channel, whether or not the
+// token closes a window.
+TEST(CompressedStreams, ScorePlusApeOverflowIsRefusedAndChangesNothing) {
+  std::mt19937 rng(8);
+  Model model(rng);
+  const float kFltMax = std::numeric_limits<float>::max();
+  // Positions with t mod 4 == 1 (CSA), 2 (indexer) and t mod 128 == 72 (HCA)
+  // get a huge ape in one channel each; their scores there are ordinary.
+  model.csa_ape[1 * 1024 + 600] = kFltMax;
+  model.idx_ape[2 * 256 + 3] = kFltMax;
+  model.hca_ape[72 * 512 + 11] = -kFltMax;
+  const Tokens clean(300, rng);
+  auto cache = *Cache::Create(model.spec, Options());
+  const SequenceId seq = *cache->CreateSequence();
+  ASSERT_TRUE(AppendAll(*cache, seq, clean, 0, 130).ok());  // huge ape + ordinary score: accepted
+  const Observed before = Observe(*cache, seq);
+  struct Case {
+    int layer;
+    std::vector<float> Tokens::*score;
+    int64_t width, position, column;
+    float value;
+    std::vector<std::string> expected;
+  };
+  const std::vector<Case> cases = {
+      {0, &Tokens::csa_score, 1024, 133, 600, kFltMax, {"layer 0", "compressor_score", "position 133", "channel 600"}},
+      {0, &Tokens::idx_score, 256, 134, 3, kFltMax, {"layer 0", "indexer_score", "position 134", "channel 3"}},
+      {1, &Tokens::hca_score, 512, 200, 11, -kFltMax, {"layer 1", "compressor_score", "position 200", "channel 11"}},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(::testing::Message() << "layer " << c.layer << " position " << c.position);
+    Tokens bad = clean;
+    (bad.*c.score)[static_cast<size_t>(c.position * c.width + c.column)] = c.value;
+    const absl::Status s = cache->Append(seq, c.layer, 130, bad.For(c.layer, 130, c.position - 130 + 1));
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    for (const std::string& part : c.expected) EXPECT_THAT(std::string(s.message()), HasSubstr(part));
+    EXPECT_TRUE(Observe(*cache, seq) == before);
+  }
+  ExpectCleanContinuation(*cache, seq, clean, 130, 130);
+}
+
 }  // namespace
 }  // namespace kvc

@@ -44,7 +44,9 @@
 namespace kvc {
 
 struct CacheOptions {
-  // Byte limits of the two lifetime classes (kvc allocates on demand).
+  // Byte limits of the two lifetime classes. kvc allocates pages on demand
+  // and its bookkeeping grows with the pages in use, so a huge limit
+  // (INT64_MAX: no limit) or small pages cost nothing until used.
   int64_t history_bytes = int64_t{8} << 30;  // compressed rows + index keys
   int64_t state_bytes = int64_t{1} << 30;    // window rings, rollback rows, compressor state
   // Engine memory to carve pages from instead; when set, its size is the limit.
@@ -148,7 +150,8 @@ absl::Status GatherAttentionRows(const AttentionSet& set, absl::Span<Bf16> out);
 
 class Cache {
  public:
-  // kInvalidArgument if the spec or options are inconsistent.
+  // kInvalidArgument if the spec or options are inconsistent. Allocates no
+  // pages: memory grows with the sequences and tokens held.
   static absl::StatusOr<std::unique_ptr<Cache>> Create(ModelSpec spec, CacheOptions options = {});
   ~Cache();
   Cache(const Cache&) = delete;
@@ -162,7 +165,13 @@ class Cache {
   // Appends tokens [position, position + n) to `layer` of `seq`. Requires
   // position == Length(seq, layer) (no gaps, no repeats) and
   // position + n <= max_context. Validates every row (shapes, finite values)
-  // before writing. On a compressed layer with parameters, every window the
+  // before writing. On a compressed layer with parameters, also refuses
+  // (kInvalidArgument naming layer, position and channel) finite projections
+  // that would store a non-finite value: a score + ape that overflows fp32
+  // (the compressor state keeps it), or an entry or index key that pooling,
+  // bf16 rounding, RMSNorm and RoPE make non-finite (or, for a key, larger
+  // than 2^120, which the key format refuses). On a refusal nothing changes,
+  // whatever part of the chunk was fine. Every window the
   // chunk closes yields its entry (and index key), computed from the state and
   // the chunk, and the state keeps the open window(s). Appending a chunk gives
   // exactly the bytes that appending its tokens one by one gives.

@@ -149,7 +149,10 @@ inline void NormRopeRef(const float* pooled, int dim, const float* weight, float
 // ---------------------------------------------------------------------------
 // SIMD kernels (dynamic dispatch), bit-identical to the references above.
 // Preconditions are the caller's (the cache validates): finite inputs,
-// n <= 256 slots, dim a multiple of 64 and <= 512.
+// n <= 256 slots, dim a multiple of 64 and <= 512. Finite inputs can still
+// give non-finite outputs (a pooled sum beyond bf16, a huge norm weight,
+// RoPE of values near bf16's limit); the cache checks every output row
+// before it stores anything.
 
 void PoolChannels(const PoolSlot* slots, int n, int64_t channels, float* out);
 void NormRope(const float* pooled, int dim, const float* weight, float eps, const float* cos_sin, Bf16* out);
