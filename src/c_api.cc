@@ -3,6 +3,8 @@
 #include "kvc/kvc.h"
 
 #include <algorithm>
+#include <exception>
+#include <new>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -28,6 +30,9 @@ int Fail(int code, std::string message) {
   return code;
 }
 
+// Codes by the kind of failure: a file-system failure is KVC_ERR_IO whatever
+// its errno's code (ENOENT would read as an unknown sequence, ENOSPC as a
+// full pool, EISDIR as another model).
 int FromStatus(const absl::Status& status) {
   if (status.ok()) return KVC_OK;
   int code = KVC_ERR_INTERNAL;
@@ -38,18 +43,40 @@ int FromStatus(const absl::Status& status) {
     case absl::StatusCode::kFailedPrecondition: code = KVC_ERR_FAILED_PRECONDITION; break;
     case absl::StatusCode::kResourceExhausted: code = KVC_ERR_RESOURCE_EXHAUSTED; break;
     case absl::StatusCode::kDataLoss: code = KVC_ERR_DATA_LOSS; break;
-    case absl::StatusCode::kPermissionDenied:
-    case absl::StatusCode::kUnavailable:
-    case absl::StatusCode::kAlreadyExists:
-    case absl::StatusCode::kUnknown: code = KVC_ERR_IO; break;
     default: break;
   }
+  if (kvc::FileSystemErrno(status) != 0) code = KVC_ERR_IO;
   return Fail(code, std::string(status.message()));
 }
 
-#define KVC_C_REQUIRE(pointer)                                                                  \
-  do {                                                                                          \
-    if ((pointer) == nullptr) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(__func__, ": " #pointer " is NULL")); \
+// Every entry point that returns a code runs its body through this: no C++
+// exception leaves the C API. std::bad_alloc becomes
+// KVC_ERR_RESOURCE_EXHAUSTED, any other exception KVC_ERR_INTERNAL, with a
+// message naming `function`. The body gets `function` for its own messages.
+template <typename Body>
+int Guarded(const char* function, Body&& body) noexcept {
+  int code = KVC_ERR_INTERNAL;
+  const char* what = "unknown exception";
+  try {
+    return body(function);
+  } catch (const std::bad_alloc&) {
+    code = KVC_ERR_RESOURCE_EXHAUSTED;
+    what = "out of memory";
+  } catch (const std::exception& e) {
+    what = e.what();
+  } catch (...) {
+  }
+  try {
+    last_error = absl::StrCat(function, ": ", what);
+  } catch (...) {  // no memory for the message either: the code alone
+    last_error.clear();
+  }
+  return code;
+}
+
+#define KVC_C_REQUIRE(pointer)                                                                              \
+  do {                                                                                                      \
+    if ((pointer) == nullptr) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": " #pointer " is NULL")); \
   } while (0)
 
 kvc::CacheOptions ToOptions(const kvc_options* options) {
@@ -76,6 +103,8 @@ int Create(absl::StatusOr<kvc::ModelSpec> spec, const kvc_options* options, kvc_
 
 extern "C" {
 
+// The functions without a code cannot throw: they copy plain values,
+// delete (destructors do not throw) or return static strings.
 void kvc_options_default(kvc_options* options) {
   if (options == nullptr) return;
   const kvc::CacheOptions d;
@@ -83,168 +112,201 @@ void kvc_options_default(kvc_options* options) {
 }
 
 int kvc_cache_create(const char* preset, const kvc_options* options, kvc_cache** out) {
-  KVC_C_REQUIRE(preset);
-  KVC_C_REQUIRE(out);
-  return Create(kvc::ModelSpec::Preset(preset), options, out);
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(preset);
+    KVC_C_REQUIRE(out);
+    return Create(kvc::ModelSpec::Preset(preset), options, out);
+  });
 }
 
 int kvc_cache_create_from_config(const char* config_json, size_t length, const kvc_options* options,
                                  kvc_cache** out) {
-  KVC_C_REQUIRE(config_json);
-  KVC_C_REQUIRE(out);
-  return Create(kvc::ModelSpec::FromHuggingFaceConfig(absl::string_view(config_json, length)), options, out);
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(config_json);
+    KVC_C_REQUIRE(out);
+    return Create(kvc::ModelSpec::FromHuggingFaceConfig(absl::string_view(config_json, length)), options, out);
+  });
 }
 
 void kvc_cache_destroy(kvc_cache* cache) { delete cache; }
 
 int kvc_cache_num_layers(const kvc_cache* cache, int32_t* out) {
-  KVC_C_REQUIRE(cache);
-  KVC_C_REQUIRE(out);
-  *out = static_cast<int32_t>(cache->cache->spec().layers.size());
-  return KVC_OK;
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    *out = static_cast<int32_t>(cache->cache->spec().layers.size());
+    return KVC_OK;
+  });
 }
 
 int kvc_cache_usage(const kvc_cache* cache, kvc_usage* out) {
-  KVC_C_REQUIRE(cache);
-  KVC_C_REQUIRE(out);
-  const kvc::CacheUsage usage = cache->cache->Usage();
-  for (int i = 0; i < KVC_NUM_COMPONENTS; ++i) {
-    out->used_bytes[i] = usage.components[i].used_bytes;
-    out->reserved_bytes[i] = usage.components[i].reserved_bytes;
-  }
-  out->history_limit_bytes = usage.history_limit_bytes;
-  out->state_limit_bytes = usage.state_limit_bytes;
-  out->sequences = usage.sequences;
-  return KVC_OK;
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    const kvc::CacheUsage usage = cache->cache->Usage();
+    for (int i = 0; i < KVC_NUM_COMPONENTS; ++i) {
+      out->used_bytes[i] = usage.components[i].used_bytes;
+      out->reserved_bytes[i] = usage.components[i].reserved_bytes;
+    }
+    out->history_limit_bytes = usage.history_limit_bytes;
+    out->state_limit_bytes = usage.state_limit_bytes;
+    out->sequences = usage.sequences;
+    return KVC_OK;
+  });
 }
 
 int kvc_seq_create(kvc_cache* cache, kvc_seq* out) {
-  KVC_C_REQUIRE(cache);
-  KVC_C_REQUIRE(out);
-  absl::StatusOr<kvc::SequenceId> seq = cache->cache->CreateSequence();
-  if (!seq.ok()) return FromStatus(seq.status());
-  *out = *seq;
-  return KVC_OK;
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    absl::StatusOr<kvc::SequenceId> seq = cache->cache->CreateSequence();
+    if (!seq.ok()) return FromStatus(seq.status());
+    *out = *seq;
+    return KVC_OK;
+  });
 }
 
 int kvc_seq_append(kvc_cache* cache, kvc_seq seq, int32_t layer, int64_t position, const uint16_t* window_rows,
                    int64_t count) {
-  KVC_C_REQUIRE(cache);
-  if (count < 0 || count > INT64_MAX / KVC_HEAD_DIM) {
-    return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat("kvc_seq_append: count ", count, " is out of range"));
-  }
-  if (count > 0) KVC_C_REQUIRE(window_rows);
-  const auto* rows = reinterpret_cast<const kvc::Bf16*>(window_rows);
-  return FromStatus(cache->cache->Append(seq, layer, position,
-                                         {absl::MakeConstSpan(rows, static_cast<size_t>(count * KVC_HEAD_DIM))}));
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    if (count < 0 || count > INT64_MAX / KVC_HEAD_DIM) {
+      return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat("kvc_seq_append: count ", count, " is out of range"));
+    }
+    if (count > 0) KVC_C_REQUIRE(window_rows);
+    const auto* rows = reinterpret_cast<const kvc::Bf16*>(window_rows);
+    return FromStatus(cache->cache->Append(seq, layer, position,
+                                           {absl::MakeConstSpan(rows, static_cast<size_t>(count * KVC_HEAD_DIM))}));
+  });
 }
 
 int kvc_seq_append_tokens(kvc_cache* cache, kvc_seq seq, int32_t layer, int64_t position,
                           const kvc_layer_tokens* tokens) {
-  KVC_C_REQUIRE(cache);
-  KVC_C_REQUIRE(tokens);
-  const kvc::ModelSpec& spec = cache->cache->spec();
-  if (layer < 0 || layer >= static_cast<int32_t>(spec.layers.size())) {
-    return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat("kvc_seq_append_tokens: layer ", layer, " is out of range"));
-  }
-  const int64_t count = tokens->count;
-  if (count < 0 || count > INT64_MAX / 1024) {
-    return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat("kvc_seq_append_tokens: count ", count, " is out of range"));
-  }
-  if (count > 0) KVC_C_REQUIRE(tokens->window_rows);
-  const kvc::LayerKind kind = spec.layers[static_cast<size_t>(layer)].kind;
-  const int64_t main_width = kvc::MainCompressor(kind, spec.head_dim).width();
-  const int64_t index_width = kvc::IndexerCompressor(spec.index_dim).width();
-  // A NULL array is an empty span; a non-NULL one spans count rows.
-  auto floats = [&](const float* p, int64_t width) {
-    return p == nullptr ? absl::Span<const float>() : absl::MakeConstSpan(p, static_cast<size_t>(count * width));
-  };
-  kvc::LayerTokens t;
-  t.window_rows = absl::MakeConstSpan(reinterpret_cast<const kvc::Bf16*>(tokens->window_rows),
-                                      static_cast<size_t>(count * KVC_HEAD_DIM));
-  t.compressor_kv = floats(tokens->compressor_kv, main_width);
-  t.compressor_score = floats(tokens->compressor_score, main_width);
-  t.indexer_kv = floats(tokens->indexer_kv, index_width);
-  t.indexer_score = floats(tokens->indexer_score, index_width);
-  return FromStatus(cache->cache->Append(seq, layer, position, t));
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(tokens);
+    const kvc::ModelSpec& spec = cache->cache->spec();
+    if (layer < 0 || layer >= static_cast<int32_t>(spec.layers.size())) {
+      return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat("kvc_seq_append_tokens: layer ", layer, " is out of range"));
+    }
+    const int64_t count = tokens->count;
+    if (count < 0 || count > INT64_MAX / 1024) {
+      return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat("kvc_seq_append_tokens: count ", count, " is out of range"));
+    }
+    if (count > 0) KVC_C_REQUIRE(tokens->window_rows);
+    const kvc::LayerKind kind = spec.layers[static_cast<size_t>(layer)].kind;
+    const int64_t main_width = kvc::MainCompressor(kind, spec.head_dim).width();
+    const int64_t index_width = kvc::IndexerCompressor(spec.index_dim).width();
+    // A NULL array is an empty span; a non-NULL one spans count rows.
+    auto floats = [&](const float* p, int64_t width) {
+      return p == nullptr ? absl::Span<const float>() : absl::MakeConstSpan(p, static_cast<size_t>(count * width));
+    };
+    kvc::LayerTokens t;
+    t.window_rows = absl::MakeConstSpan(reinterpret_cast<const kvc::Bf16*>(tokens->window_rows),
+                                        static_cast<size_t>(count * KVC_HEAD_DIM));
+    t.compressor_kv = floats(tokens->compressor_kv, main_width);
+    t.compressor_score = floats(tokens->compressor_score, main_width);
+    t.indexer_kv = floats(tokens->indexer_kv, index_width);
+    t.indexer_score = floats(tokens->indexer_score, index_width);
+    return FromStatus(cache->cache->Append(seq, layer, position, t));
+  });
 }
 
 int kvc_seq_fork(kvc_cache* cache, kvc_seq seq, kvc_seq* out) {
-  KVC_C_REQUIRE(cache);
-  KVC_C_REQUIRE(out);
-  absl::StatusOr<kvc::SequenceId> child = cache->cache->Fork(seq);
-  if (!child.ok()) return FromStatus(child.status());
-  *out = *child;
-  return KVC_OK;
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    absl::StatusOr<kvc::SequenceId> child = cache->cache->Fork(seq);
+    if (!child.ok()) return FromStatus(child.status());
+    *out = *child;
+    return KVC_OK;
+  });
 }
 
 int kvc_seq_truncate(kvc_cache* cache, kvc_seq seq, int64_t length) {
-  KVC_C_REQUIRE(cache);
-  return FromStatus(cache->cache->Truncate(seq, length));
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    return FromStatus(cache->cache->Truncate(seq, length));
+  });
 }
 
 int kvc_seq_free(kvc_cache* cache, kvc_seq seq) {
-  KVC_C_REQUIRE(cache);
-  return FromStatus(cache->cache->Free(seq));
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    return FromStatus(cache->cache->Free(seq));
+  });
 }
 
 int kvc_seq_length(const kvc_cache* cache, kvc_seq seq, int32_t layer, int64_t* out) {
-  KVC_C_REQUIRE(cache);
-  KVC_C_REQUIRE(out);
-  absl::StatusOr<int64_t> length = cache->cache->Length(seq, layer);
-  if (!length.ok()) return FromStatus(length.status());
-  *out = *length;
-  return KVC_OK;
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    absl::StatusOr<int64_t> length = cache->cache->Length(seq, layer);
+    if (!length.ok()) return FromStatus(length.status());
+    *out = *length;
+    return KVC_OK;
+  });
 }
 
 int kvc_seq_rollback_floor(const kvc_cache* cache, kvc_seq seq, int64_t* out) {
-  KVC_C_REQUIRE(cache);
-  KVC_C_REQUIRE(out);
-  absl::StatusOr<int64_t> floor = cache->cache->RollbackFloor(seq);
-  if (!floor.ok()) return FromStatus(floor.status());
-  *out = *floor;
-  return KVC_OK;
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    absl::StatusOr<int64_t> floor = cache->cache->RollbackFloor(seq);
+    if (!floor.ok()) return FromStatus(floor.status());
+    *out = *floor;
+    return KVC_OK;
+  });
 }
 
 int kvc_seq_read_window(const kvc_cache* cache, kvc_seq seq, int32_t layer, uint16_t* out, int64_t out_values) {
-  KVC_C_REQUIRE(cache);
-  KVC_C_REQUIRE(out);
-  if (out_values < 0) return Fail(KVC_ERR_INVALID_ARGUMENT, "kvc_seq_read_window: out_values < 0");
-  return FromStatus(cache->cache->ReadWindow(
-      seq, layer, absl::MakeSpan(reinterpret_cast<kvc::Bf16*>(out), static_cast<size_t>(out_values))));
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    if (out_values < 0) return Fail(KVC_ERR_INVALID_ARGUMENT, "kvc_seq_read_window: out_values < 0");
+    return FromStatus(cache->cache->ReadWindow(
+        seq, layer, absl::MakeSpan(reinterpret_cast<kvc::Bf16*>(out), static_cast<size_t>(out_values))));
+  });
 }
 
 int kvc_snapshot_save(const kvc_cache* cache, const kvc_seq* seqs, size_t count, const char* path, int incremental) {
-  KVC_C_REQUIRE(cache);
-  KVC_C_REQUIRE(path);
-  if (count > 0) KVC_C_REQUIRE(seqs);
-  kvc::SaveOptions options;
-  options.incremental = incremental != 0;
-  return FromStatus(kvc::SaveSnapshot(*cache->cache, absl::MakeConstSpan(seqs, count), path, options).status());
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(path);
+    if (count > 0) KVC_C_REQUIRE(seqs);
+    kvc::SaveOptions options;
+    options.incremental = incremental != 0;
+    return FromStatus(kvc::SaveSnapshot(*cache->cache, absl::MakeConstSpan(seqs, count), path, options).status());
+  });
 }
 
 int kvc_snapshot_restore(kvc_cache* cache, const char* path, kvc_seq* out, size_t capacity, size_t* count) {
-  KVC_C_REQUIRE(cache);
-  KVC_C_REQUIRE(path);
-  KVC_C_REQUIRE(count);
-  if (capacity > 0) KVC_C_REQUIRE(out);
-  const absl::StatusOr<kvc::SnapshotInfo> info = kvc::ReadSnapshotInfo(path);
-  if (!info.ok()) return FromStatus(info.status());
-  auto too_small = [&](size_t needed) {
-    *count = needed;
-    return Fail(KVC_ERR_OUT_OF_RANGE, absl::StrCat("kvc_snapshot_restore: ", path, " holds ", needed,
-                                                   " sequences; out has room for ", capacity));
-  };
-  if (info->sequences.size() > capacity) return too_small(info->sequences.size());
-  absl::StatusOr<std::vector<kvc::SequenceId>> ids = kvc::RestoreSnapshot(*cache->cache, path);
-  if (!ids.ok()) return FromStatus(ids.status());
-  if (ids->size() > capacity) {  // the file changed since it was inspected
-    for (const kvc::SequenceId id : *ids) (void)cache->cache->Free(id);
-    return too_small(ids->size());
-  }
-  std::copy(ids->begin(), ids->end(), out);
-  *count = ids->size();
-  return KVC_OK;
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(path);
+    KVC_C_REQUIRE(count);
+    if (capacity > 0) KVC_C_REQUIRE(out);
+    const absl::StatusOr<kvc::SnapshotInfo> info = kvc::ReadSnapshotInfo(path);
+    if (!info.ok()) return FromStatus(info.status());
+    auto too_small = [&](size_t needed) {
+      *count = needed;
+      return Fail(KVC_ERR_OUT_OF_RANGE, absl::StrCat("kvc_snapshot_restore: ", path, " holds ", needed,
+                                                     " sequences; out has room for ", capacity));
+    };
+    if (info->sequences.size() > capacity) return too_small(info->sequences.size());
+    absl::StatusOr<std::vector<kvc::SequenceId>> ids = kvc::RestoreSnapshot(*cache->cache, path);
+    if (!ids.ok()) return FromStatus(ids.status());
+    if (ids->size() > capacity) {  // the file changed since it was inspected
+      for (const kvc::SequenceId id : *ids) {
+      const absl::Status freed = cache->cache->Free(id);  // ours, just made: only a bug could fail it
+      if (!freed.ok()) return FromStatus(freed);
+    }
+      return too_small(ids->size());
+    }
+    std::copy(ids->begin(), ids->end(), out);
+    *count = ids->size();
+    return KVC_OK;
+  });
 }
 
 const char* kvc_last_error(void) { return last_error.c_str(); }

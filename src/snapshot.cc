@@ -4,6 +4,7 @@
 #include "kvc/snapshot.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -47,6 +48,7 @@ using snapshot_format::EncodeRowsPreamble;
 using snapshot_format::Encoder;
 using snapshot_format::Extent;
 using snapshot_format::File;
+using snapshot_format::FileSystem;
 using snapshot_format::FileHeader;
 using snapshot_format::Geometry;
 using snapshot_format::GeometryOf;
@@ -67,6 +69,8 @@ using snapshot_format::SequenceEntry;
 using snapshot_format::StateBlock;
 using snapshot_format::StreamEntry;
 using snapshot_format::SyncDirectoryOf;
+using snapshot_format::VerifyBlocks;
+using snapshot_format::WithContext;
 
 // --- The model as this cache describes it, and writing its sequences -------
 
@@ -194,11 +198,40 @@ absl::StatusOr<SequenceEntry> WriteSequence(const Impl& impl, const Geometry& ge
     }
     entry.layers.push_back(std::move(layer));
   }
-  int64_t shortest = seq.layers.empty() ? 0 : seq.layers[0].length;
-  for (const LayerStreams& ls : seq.layers) shortest = std::min(shortest, ls.length);
-  seq.snapshot_tag = entry.tag;
-  seq.snapshot_low_water = shortest;
   return entry;
+}
+
+// A sequence's incremental state as a save found it and as it set it (under
+// the sequence's lock, so that a Truncate after it lowers the new low water).
+struct Written {
+  Sequence* seq;
+  uint64_t tag;  // this save's
+  uint64_t prior_tag;
+  int64_t prior_low_water;
+};
+
+// Puts back what a failed save set: the prior tag, and the low water it
+// would have now had the save not run. That is min(prior, now): the low
+// water never exceeds the sequence's shortest layer, so the save's value
+// was >= the prior one, and a Truncate since lowered `now` to its length.
+// Left alone if another save (to another path) has set its own tag since.
+void Undo(const Written& w) {
+  std::lock_guard<std::mutex> lock(w.seq->mu);
+  if (w.seq->snapshot_tag != w.tag) return;
+  w.seq->snapshot_tag = w.prior_tag;
+  w.seq->snapshot_low_water = std::min(w.prior_low_water, w.seq->snapshot_low_water);
+}
+
+// Puts an appended-to file back to its previous commit after a failed save:
+// the previous header (when the new one may have reached the file) and no
+// tail past it.
+absl::Status RestorePreviousCommit(File& file, const FileHeader& previous, bool header_written) {
+  if (header_written) {
+    const auto raw = EncodeHeader(previous);
+    KVC_RETURN_IF_ERROR(file.WriteAt(0, raw.data(), raw.size()));
+    KVC_RETURN_IF_ERROR(file.Sync());
+  }
+  return file.Truncate(previous.committed);
 }
 
 }  // namespace
@@ -207,8 +240,8 @@ namespace {
 
 // `skip_freed`: leave out sequences freed while the save runs (whole-cache
 // saves); otherwise that is kNotFound.
-absl::StatusOr<SaveStats> Save(const Cache& cache, absl::Span<const SequenceId> ids, const std::string& path,
-                               const SaveOptions& options, bool skip_freed) {
+absl::StatusOr<SaveStats> Save(FileSystem& fs, const Cache& cache, absl::Span<const SequenceId> ids,
+                               const std::string& path, const SaveOptions& options, bool skip_freed) {
   Impl& impl = SnapshotAccess::Of(cache);
   std::vector<std::pair<SequenceId, std::shared_ptr<Sequence>>> seqs;
   for (const SequenceId id : ids) {
@@ -220,19 +253,19 @@ absl::StatusOr<SaveStats> Save(const Cache& cache, absl::Span<const SequenceId> 
   const ModelDescription model = Describe(impl);
   KVC_ASSIGN_OR_RETURN(const Geometry geometry, GeometryOf(model, path));
 
-  // Append to the existing file if it is a sound snapshot of this model and
-  // not mostly superseded data; otherwise write a fresh one.
+  // Append to the existing file if a restore would accept it (every block
+  // checked: never build on a damaged file) and it is not mostly superseded
+  // data; otherwise write a fresh one.
   std::optional<OpenedSnapshot> existing;
   if (options.incremental) {
-    absl::StatusOr<OpenedSnapshot> s = OpenSnapshot(path, O_RDWR);
+    absl::StatusOr<OpenedSnapshot> s = OpenSnapshot(path, O_RDWR, fs);
     if (s.ok() && CheckSameModel(s->model, model, path).ok()) {
-      const absl::StatusOr<BlockScan> scan = ScanBlocks(*s, /*check_superseded=*/false);
+      const absl::StatusOr<BlockScan> scan = VerifyBlocks(*s);
       if (scan.ok() && 2 * scan->live_bytes >= s->header.committed) existing = *std::move(s);
     }
   }
   SaveStats stats;
   stats.rewrote = !existing.has_value();
-  const std::string write_path = existing ? path : path + ".tmp";
   std::unique_ptr<File> owned;
   File* file = nullptr;
   FileHeader header;
@@ -243,13 +276,19 @@ absl::StatusOr<SaveStats> Save(const Cache& cache, absl::Span<const SequenceId> 
     KVC_RETURN_IF_ERROR(file->Truncate(header.committed));  // drop an interrupted save's tail
     commit.model_offset = existing->commit.model_offset;
   } else {
-    KVC_ASSIGN_OR_RETURN(File f, File::Open(write_path, O_RDWR | O_CREAT | O_TRUNC));
+    // A unique new name beside `path`; the mode of the file it replaces, else 0600.
+    struct stat st;
+    const bool replaces = ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+    KVC_ASSIGN_OR_RETURN(File f, File::CreateUnique(path + ".tmp-", replaces ? (st.st_mode & 0777) : 0600, replaces, fs));
     owned = std::make_unique<File>(std::move(f));
     file = owned.get();
     header.file_tag = NewTag();
     header.committed = kFileHeaderBytes;
   }
+  const FileHeader previous = header;
   BlockWriter out(file, header.committed);
+  std::vector<Written> written;
+  bool header_written = false;
   absl::Status status = [&]() -> absl::Status {
     if (!existing) {
       KVC_ASSIGN_OR_RETURN(commit.model_offset, out.Add(BlockType::kModel, model.Encode()));
@@ -265,6 +304,11 @@ absl::StatusOr<SaveStats> Save(const Cache& cache, absl::Span<const SequenceId> 
         }
       }
       KVC_ASSIGN_OR_RETURN(SequenceEntry entry, WriteSequence(impl, geometry, *seq, id, prior, out, stats));
+      int64_t shortest = entry.layers.empty() ? 0 : entry.layers[0].length;
+      for (const LayerEntry& l : entry.layers) shortest = std::min(shortest, l.length);
+      written.push_back({seq.get(), entry.tag, seq->snapshot_tag, seq->snapshot_low_water});
+      seq->snapshot_tag = entry.tag;  // undone below if the save fails
+      seq->snapshot_low_water = shortest;
       commit.sequences.push_back(std::move(entry));
     }
     KVC_ASSIGN_OR_RETURN(header.last_commit, out.Add(BlockType::kCommit, EncodeCommit(commit)));
@@ -273,19 +317,28 @@ absl::StatusOr<SaveStats> Save(const Cache& cache, absl::Span<const SequenceId> 
     header.committed = out.offset();
     header.saves += 1;
     const auto raw = EncodeHeader(header);
+    header_written = true;  // from here the file may hold the new header
     KVC_RETURN_IF_ERROR(file->WriteAt(0, raw.data(), raw.size()));
     KVC_RETURN_IF_ERROR(file->Sync());
     if (!existing) {
-      if (std::rename(write_path.c_str(), path.c_str()) != 0) return IoError("cannot rename onto", path);
-      KVC_RETURN_IF_ERROR(SyncDirectoryOf(path));
+      if (fs.Rename(file->path().c_str(), path.c_str()) != 0) return IoError("cannot rename onto", path);
+      // The new file is in place whatever happens now: report, don't fail.
+      stats.directory_sync = SyncDirectoryOf(path, fs);
+      stats.durable = stats.directory_sync.ok();
     }
     return absl::OkStatus();
   }();
   if (!status.ok()) {
+    for (auto w = written.rbegin(); w != written.rend(); ++w) Undo(*w);
     if (existing) {
-      (void)file->Truncate(header.committed);  // best effort; readers ignore the tail anyway
-    } else {
-      ::unlink(write_path.c_str());
+      const absl::Status undo = RestorePreviousCommit(*file, previous, header_written);
+      if (!undo.ok()) {
+        status = WithContext(status, absl::StrCat("; restoring the previous commit failed too (", undo.message(),
+                                                  "): the file holds the previous commit or this save's, "
+                                                  "each complete"));
+      }
+    } else if (::unlink(file->path().c_str()) != 0) {
+      status = WithContext(status, absl::StrCat("; the temporary file ", file->path(), " could not be removed"));
     }
     return status;
   }
@@ -296,13 +349,22 @@ absl::StatusOr<SaveStats> Save(const Cache& cache, absl::Span<const SequenceId> 
 
 }  // namespace
 
+namespace snapshot_format {
+
+absl::StatusOr<SaveStats> SaveSnapshotUsing(FileSystem& fs, const Cache& cache, absl::Span<const SequenceId> ids,
+                                            const std::string& path, const SaveOptions& options) {
+  return Save(fs, cache, ids, path, options, /*skip_freed=*/false);
+}
+
+}  // namespace snapshot_format
+
 absl::StatusOr<SaveStats> SaveSnapshot(const Cache& cache, absl::Span<const SequenceId> ids, const std::string& path,
                                        const SaveOptions& options) {
-  return Save(cache, ids, path, options, /*skip_freed=*/false);
+  return Save(FileSystem::Real(), cache, ids, path, options, /*skip_freed=*/false);
 }
 
 absl::StatusOr<SaveStats> SaveCacheSnapshot(const Cache& cache, const std::string& path, const SaveOptions& options) {
-  return Save(cache, SnapshotAccess::Of(cache).Ids(), path, options, /*skip_freed=*/true);
+  return Save(FileSystem::Real(), cache, SnapshotAccess::Of(cache).Ids(), path, options, /*skip_freed=*/true);
 }
 
 absl::StatusOr<std::vector<SequenceId>> RestoreSnapshot(Cache& cache, const std::string& path) {
@@ -404,29 +466,11 @@ absl::StatusOr<SnapshotInfo> Inspect(const std::string& path, bool verify_payloa
     for (const LayerEntry& l : e.layers) seq.layers.push_back({l.length, l.floor, l.streams[0].rows, l.streams[1].rows});
     info.sequences.push_back(std::move(seq));
   }
-  KVC_ASSIGN_OR_RETURN(const BlockScan scan, ScanBlocks(snap, /*check_superseded=*/verify_payloads));
+  // Verifying: every block, as a restore reads it (superseded ones by their checksum).
+  KVC_ASSIGN_OR_RETURN(const BlockScan scan, verify_payloads ? VerifyBlocks(snap) : ScanBlocks(snap, false));
   info.blocks = scan.blocks;
   info.live_bytes = scan.live_bytes;
-  const File& f = *snap.file;
-  if (verify_payloads) {  // and what the last commit refers to, as a restore reads it
-    std::vector<uint8_t> buffer;
-    const Geometry& g = snap.geometry;
-    const int64_t limit = snap.header.last_commit;
-    for (const SequenceEntry& e : snap.commit.sequences) {
-      for (size_t i = 0; i < e.layers.size(); ++i) {
-        const LayerEntry& l = e.layers[i];
-        KVC_RETURN_IF_ERROR(ReadState(f, l.state_offset, limit, g, i, l.length, l.floor, &buffer).status());
-        for (int st = 0; st < kStreams; ++st) {
-          int64_t r = 0;
-          for (const Extent& x : l.streams[st].extents) {
-            KVC_RETURN_IF_ERROR(ReadRows(f, x.offset, limit, i, st, r, x.rows, &buffer).status());
-            r += x.rows;
-          }
-        }
-      }
-    }
-    info.blocks_verified = info.blocks;  // superseded ones by the scan, the rest just now or at open
-  }
+  if (verify_payloads) info.blocks_verified = info.blocks;
   return info;
 }
 

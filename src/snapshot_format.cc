@@ -3,13 +3,16 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/cord.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "kvc/crc32c.h"
@@ -66,20 +69,56 @@ const char* BlockTypeName(BlockType type) {
   return "?";
 }
 
+namespace {
+// The payload IoError attaches: errno, as decimal text.
+constexpr char kErrnoPayload[] = "kvc/errno";
+}  // namespace
+
+int FileSystem::Rename(const char* from, const char* to) { return std::rename(from, to); }
+
+FileSystem& FileSystem::Real() {
+  static FileSystem real;
+  return real;
+}
+
 absl::Status IoError(const std::string& what, const std::string& path) {
   // Not absl::ErrnoToStatus: its lazily built message table is a data race
   // under ThreadSanitizer with Debian's uninstrumented abseil. strerror_r
   // (GNU: returns the message) has no shared state.
-  const int error = errno;
+  const int error = errno != 0 ? errno : EIO;
   char buffer[128];
   const char* text = strerror_r(error, buffer, sizeof(buffer));
-  return absl::Status(absl::ErrnoToStatusCode(error), absl::StrCat(what, " ", path, ": ", text));
+  absl::Status status(absl::ErrnoToStatusCode(error), absl::StrCat(what, " ", path, ": ", text));
+  status.SetPayload(kErrnoPayload, absl::Cord(absl::StrCat(error)));
+  return status;
 }
 
-absl::Status SyncDirectoryOf(const std::string& path) {
+absl::Status WithContext(const absl::Status& status, const std::string& context) {
+  absl::Status out(status.code(), absl::StrCat(status.message(), context));
+  status.ForEachPayload([&](absl::string_view url, const absl::Cord& payload) { out.SetPayload(url, payload); });
+  return out;
+}
+
+absl::StatusOr<File> File::CreateUnique(const std::string& prefix, mode_t mode, bool exact_mode, FileSystem& fs) {
+  for (int attempt = 0;; ++attempt) {
+    const std::string path = absl::StrCat(prefix, absl::Hex(NewTag(), absl::kZeroPad16));
+    const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode);
+    if (fd < 0 && errno == EEXIST && attempt < 16) continue;  // taken (or a planted link): draw again
+    if (fd < 0) return IoError("cannot create", path);
+    File file(fd, path, fs);
+    if (exact_mode && ::fchmod(fd, mode) != 0) {
+      absl::Status status = IoError("cannot set the mode of", path);
+      ::unlink(path.c_str());
+      return status;
+    }
+    return file;
+  }
+}
+
+absl::Status SyncDirectoryOf(const std::string& path, FileSystem& fs) {
   const size_t slash = path.find_last_of('/');
   const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
-  KVC_ASSIGN_OR_RETURN(File d, File::Open(dir, O_RDONLY | O_DIRECTORY));
+  KVC_ASSIGN_OR_RETURN(File d, File::Open(dir, O_RDONLY | O_DIRECTORY, fs));
   return d.Sync();
 }
 
@@ -121,7 +160,9 @@ absl::StatusOr<FileHeader> DecodeHeader(const uint8_t* bytes, const std::string&
     return absl::InvalidArgumentError(absl::StrCat(path, " has snapshot format version ", h.version,
                                                    "; this build of kvc reads version ", kSnapshotFormatVersion));
   }
+  // Numbers from the file: no arithmetic on them may overflow.
   if (header_bytes != kFileHeaderBytes || h.saves < 1 || h.last_commit < kFileHeaderBytes ||
+      h.last_commit > std::numeric_limits<int64_t>::max() - kBlockHeaderBytes ||
       h.committed < h.last_commit + kBlockHeaderBytes) {
     return absl::DataLossError(absl::StrCat(path, ": file header is inconsistent (committed ", h.committed,
                                             ", last commit at ", h.last_commit, ", saves ", h.saves, ")"));
@@ -303,7 +344,8 @@ absl::StatusOr<Commit> DecodeCommit(const std::vector<uint8_t>& payload, const G
           Extent e;
           if (!d.Get(&e.offset) || !d.Get(&e.rows)) return bad("truncated");
           if (e.offset < kFileHeaderBytes || e.offset >= commit_offset || e.rows == 0) return bad("extent");
-          sum += e.rows;
+          sum += e.rows;  // at most stream.rows + 2^32 (checked each time): no overflow
+          if (sum > stream.rows) break;
           stream.extents.push_back(e);
         }
         if (sum != stream.rows) return bad(absl::StrCat("layer ", i, " ", kStreamName[st], " extents hold ", sum,
@@ -317,9 +359,9 @@ absl::StatusOr<Commit> DecodeCommit(const std::vector<uint8_t>& payload, const G
   return c;
 }
 
-absl::StatusOr<OpenedSnapshot> OpenSnapshot(const std::string& path, int flags) {
+absl::StatusOr<OpenedSnapshot> OpenSnapshot(const std::string& path, int flags, FileSystem& fs) {
   OpenedSnapshot s;
-  KVC_ASSIGN_OR_RETURN(File f, File::Open(path, flags));
+  KVC_ASSIGN_OR_RETURN(File f, File::Open(path, flags, fs));
   s.file = std::make_unique<File>(std::move(f));
   KVC_ASSIGN_OR_RETURN(s.file_bytes, s.file->Size());
   if (s.file_bytes < kFileHeaderBytes) {
@@ -484,4 +526,35 @@ absl::StatusOr<BlockScan> ScanBlocks(const OpenedSnapshot& s, bool check_superse
   return scan;
 }
 
+absl::StatusOr<BlockScan> VerifyBlocks(const OpenedSnapshot& s) {
+  KVC_ASSIGN_OR_RETURN(const BlockScan scan, ScanBlocks(s, /*check_superseded=*/true));
+  std::vector<uint8_t> buffer;
+  const int64_t limit = s.header.last_commit;
+  for (const SequenceEntry& e : s.commit.sequences) {
+    for (size_t i = 0; i < e.layers.size(); ++i) {
+      const LayerEntry& l = e.layers[i];
+      KVC_RETURN_IF_ERROR(ReadState(*s.file, l.state_offset, limit, s.geometry, i, l.length, l.floor, &buffer).status());
+      for (int st = 0; st < kStreams; ++st) {
+        int64_t r = 0;
+        for (const Extent& x : l.streams[st].extents) {
+          KVC_RETURN_IF_ERROR(ReadRows(*s.file, x.offset, limit, i, st, r, x.rows, &buffer).status());
+          r += x.rows;
+        }
+      }
+    }
+  }
+  return scan;
+}
+
 }  // namespace kvc::snapshot_format
+
+namespace kvc {
+
+int FileSystemErrno(const absl::Status& status) {
+  const absl::optional<absl::Cord> payload = status.GetPayload(snapshot_format::kErrnoPayload);
+  int error = 0;
+  if (!payload.has_value() || !absl::SimpleAtoi(std::string(*payload), &error)) return 0;
+  return error;
+}
+
+}  // namespace kvc

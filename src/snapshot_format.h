@@ -126,19 +126,42 @@ class Decoder {
 
 // --- Files ----------------------------------------------------------------------
 
+// The file-system calls a save makes once it has begun writing: the real
+// ones, or a test's that fails one of them on purpose (SaveSnapshotUsing).
+// A failing call returns -1 with errno set, as the system call does.
+class FileSystem {
+ public:
+  virtual ~FileSystem() = default;
+  virtual ssize_t Pwrite(int fd, const void* data, size_t n, off_t offset) { return ::pwrite(fd, data, n, offset); }
+  virtual int Fsync(int fd) { return ::fsync(fd); }
+  virtual int Rename(const char* from, const char* to);
+  static FileSystem& Real();
+};
+
 // The status of a failed system call (`what`, e.g. "cannot open", on `path`):
-// the code and message of errno.
+// the code and message of errno, and errno as a payload (FileSystemErrno in
+// kvc/snapshot.h), so that callers can tell a file-system failure from a
+// refusal with the same code.
 absl::Status IoError(const std::string& what, const std::string& path);
+
+// `status` with `context` appended to its message, payloads kept.
+absl::Status WithContext(const absl::Status& status, const std::string& context);
 
 // An open file descriptor with whole-buffer reads and writes.
 class File {
  public:
-  static absl::StatusOr<File> Open(const std::string& path, int flags) {
-    const int fd = ::open(path.c_str(), flags | O_CLOEXEC, 0644);
+  static absl::StatusOr<File> Open(const std::string& path, int flags, FileSystem& fs = FileSystem::Real()) {
+    const int fd = ::open(path.c_str(), flags | O_CLOEXEC, 0600);
     if (fd < 0) return IoError("cannot open", path);
-    return File(fd, path);
+    return File(fd, path, fs);
   }
-  File(File&& other) noexcept : fd_(std::exchange(other.fd_, -1)), path_(std::move(other.path_)) {}
+  // A new file named `prefix` + a random suffix, read-write. O_CREAT|O_EXCL|
+  // O_NOFOLLOW: never an existing file, never through a link planted there.
+  // Permission bits: exactly `mode` when `exact_mode`, else `mode` less the
+  // umask.
+  static absl::StatusOr<File> CreateUnique(const std::string& prefix, mode_t mode, bool exact_mode, FileSystem& fs);
+  File(File&& other) noexcept
+      : fd_(std::exchange(other.fd_, -1)), path_(std::move(other.path_)), fs_(other.fs_) {}
   File& operator=(File&& other) = delete;
   File(const File&) = delete;
   ~File() {
@@ -169,7 +192,7 @@ class File {
   absl::Status WriteAt(int64_t offset, const void* data, size_t n) {
     const auto* p = static_cast<const uint8_t*>(data);
     while (n > 0) {
-      const ssize_t put = ::pwrite(fd_, p, n, static_cast<off_t>(offset));
+      const ssize_t put = fs_->Pwrite(fd_, p, n, static_cast<off_t>(offset));
       if (put < 0 && errno == EINTR) continue;
       if (put < 0) return IoError("cannot write", path_);
       p += put;
@@ -179,7 +202,7 @@ class File {
     return absl::OkStatus();
   }
   absl::Status Sync() {
-    if (::fsync(fd_) != 0) return IoError("cannot flush", path_);
+    if (fs_->Fsync(fd_) != 0) return IoError("cannot flush", path_);
     return absl::OkStatus();
   }
   absl::Status Truncate(int64_t size) {
@@ -189,13 +212,14 @@ class File {
   const std::string& path() const { return path_; }
 
  private:
-  File(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
+  File(int fd, std::string path, FileSystem& fs) : fd_(fd), path_(std::move(path)), fs_(&fs) {}
   int fd_;
   std::string path_;
+  FileSystem* fs_;
 };
 
 // Flushes the directory entry of `path` (after a rename).
-absl::Status SyncDirectoryOf(const std::string& path);
+absl::Status SyncDirectoryOf(const std::string& path, FileSystem& fs = FileSystem::Real());
 
 // --- File header ---------------------------------------------------------------
 
@@ -340,7 +364,8 @@ struct OpenedSnapshot {
 };
 
 // Header, model and last commit (checksums of those verified).
-absl::StatusOr<OpenedSnapshot> OpenSnapshot(const std::string& path, int flags = O_RDONLY);
+absl::StatusOr<OpenedSnapshot> OpenSnapshot(const std::string& path, int flags = O_RDONLY,
+                                           FileSystem& fs = FileSystem::Real());
 
 // --- Row and state blocks ----------------------------------------------------------------
 
@@ -443,6 +468,20 @@ struct BlockScan {
 // which a restore reads and checks as it loads them, every byte of the
 // file is then checked exactly once.
 absl::StatusOr<BlockScan> ScanBlocks(const OpenedSnapshot& s, bool check_superseded);
+
+// Everything a restore checks in the file apart from the model: ScanBlocks
+// with the superseded blocks' checksums, then every referenced state and
+// rows block read and checked (ReadState, ReadRows). What VerifySnapshot
+// and an incremental save (before it builds on the file) run.
+absl::StatusOr<BlockScan> VerifyBlocks(const OpenedSnapshot& s);
+
+// --- The cache side, for tests ---------------------------------------------------
+
+// SaveSnapshot making its file-system calls through `fs` (defined in
+// snapshot.cc): how tests make a write, a flush or the directory sync fail.
+absl::StatusOr<SaveStats> SaveSnapshotUsing(FileSystem& fs, const Cache& cache,
+                                            absl::Span<const SequenceId> sequences, const std::string& path,
+                                            const SaveOptions& options);
 
 }  // namespace kvc::snapshot_format
 

@@ -1,4 +1,9 @@
 /* The C API from C: every operation, and errors as codes plus messages. */
+#define _POSIX_C_SOURCE 200809L
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -104,7 +109,29 @@ int main(void) {
   CHECK(memcmp(ring, copy, 128 * KVC_HEAD_DIM * sizeof(uint16_t)) == 0);
   free(copy);
   CHECK(kvc_seq_free(cache, restored[0]) == KVC_OK && kvc_seq_free(cache, restored[1]) == KVC_OK);
-  CHECK(kvc_snapshot_restore(cache, "no-such-file.kvcsnap", restored, 2, &count) == KVC_ERR_NOT_FOUND);
+  /* Every file-system failure is KVC_ERR_IO, whatever its errno. */
+  CHECK(kvc_snapshot_restore(cache, "no-such-file.kvcsnap", restored, 2, &count) == KVC_ERR_IO);
+  CHECK(strstr(kvc_last_error(), "no-such-file.kvcsnap") != NULL);
+  CHECK(kvc_snapshot_save(cache, both, 2, "no-such-dir/x.kvcsnap", 1) == KVC_ERR_IO);
+  CHECK(mkdir("c_api_test.dir", 0700) == 0);
+  CHECK(kvc_snapshot_restore(cache, "c_api_test.dir", restored, 2, &count) == KVC_ERR_IO);
+  CHECK(kvc_snapshot_save(cache, both, 2, "c_api_test.dir", 1) == KVC_ERR_IO);
+  CHECK(kvc_snapshot_save(cache, both, 2, "c_api_test.dir", 0) == KVC_ERR_IO);
+  CHECK(rmdir("c_api_test.dir") == 0);
+  {
+    /* A file-size limit (SIGXFSZ ignored: the write fails with EFBIG). */
+    struct rlimit old_limit, limit;
+    void (*old_handler)(int) = signal(SIGXFSZ, SIG_IGN);
+    CHECK(getrlimit(RLIMIT_FSIZE, &old_limit) == 0);
+    limit = old_limit;
+    limit.rlim_cur = 100;
+    CHECK(setrlimit(RLIMIT_FSIZE, &limit) == 0);
+    CHECK(kvc_snapshot_save(cache, both, 2, "c_api_test_limit.kvcsnap", 0) == KVC_ERR_IO);
+    CHECK(strstr(kvc_last_error(), "c_api_test_limit.kvcsnap") != NULL);
+    CHECK(setrlimit(RLIMIT_FSIZE, &old_limit) == 0);
+    signal(SIGXFSZ, old_handler);
+    CHECK(access("c_api_test_limit.kvcsnap", F_OK) != 0); /* nothing left behind */
+  }
   FILE* junk = fopen(path, "wb");
   CHECK(junk != NULL && fputs("not a snapshot, but long enough to hold a header ......................", junk) >= 0);
   fclose(junk);

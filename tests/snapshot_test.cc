@@ -4,17 +4,23 @@
 // cache; a writer killed mid-save leaves the previous snapshot usable.
 #include "kvc/snapshot.h"
 
+#include <dirent.h>
 #include <signal.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <limits>
 #include <random>
 #include <string>
 #include <thread>
@@ -24,6 +30,7 @@
 #include "gtest/gtest.h"
 #include "kvc/cache.h"
 #include "kvc/crc32c.h"
+#include "src/snapshot_format.h"
 #include "tests/testing/run_program.h"
 #include "tests/testing/tiny_model.h"
 
@@ -415,6 +422,357 @@ TEST(Snapshot, SaveOfUnknownSequenceWritesNothing) {
   EXPECT_EQ(SaveSnapshot(*cache, {seq, 42}, path).status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(RestoreSnapshot(*cache, path).status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(SaveSnapshot(*cache, {seq}, "/nonexistent-dir/x.kvcsnap").status().code(), absl::StatusCode::kNotFound);
+}
+
+// --- Building on a file, failed saves, the temp file, crafted headers ----------
+
+// The blocks of a snapshot: offset, type and whether the last commit refers to it.
+struct BlockAt {
+  int64_t offset;
+  snapshot_format::BlockType type;
+  bool referenced;
+};
+
+std::vector<BlockAt> Blocks(const std::string& path) {
+  using namespace snapshot_format;
+  const absl::StatusOr<OpenedSnapshot> s = OpenSnapshot(path);
+  EXPECT_TRUE(s.ok()) << s.status();
+  if (!s.ok()) return {};
+  const std::vector<int64_t> referenced = ReferencedBlocks(*s);
+  std::vector<BlockAt> blocks;
+  for (int64_t at = kFileHeaderBytes; at < s->header.committed;) {
+    const absl::StatusOr<BlockHeader> h = ReadBlockHeader(*s->file, at, s->header.committed, nullptr);
+    EXPECT_TRUE(h.ok()) << h.status();
+    if (!h.ok()) return {};
+    blocks.push_back({at, h->type, std::binary_search(referenced.begin(), referenced.end(), at)});
+    at += kBlockHeaderBytes + static_cast<int64_t>(h->payload_bytes);
+  }
+  return blocks;
+}
+
+// Flips one payload bit of the first block of `type` that is (or is not) referenced.
+void FlipPayloadBit(const std::string& path, snapshot_format::BlockType type, bool referenced) {
+  for (const BlockAt& b : Blocks(path)) {
+    if (b.type != type || b.referenced != referenced) continue;
+    std::string bytes = ReadFile(path);
+    const size_t at = static_cast<size_t>(b.offset + snapshot_format::kBlockHeaderBytes + 20);
+    bytes[at] = static_cast<char>(bytes[at] ^ 0x04);
+    WriteFile(path, bytes);
+    return;
+  }
+  ADD_FAILURE() << "no such block";
+}
+
+// A payload bit flipped in a superseded or a still-referenced block: the next
+// incremental save rewrites the file whole, and the result restores.
+TEST(SnapshotDamage, IncrementalSaveOntoADamagedFileRewritesIt) {
+  const TinyModel model;
+  for (const bool referenced : {false, true}) {
+    for (const auto type : {snapshot_format::BlockType::kState, snapshot_format::BlockType::kRows}) {
+      SCOPED_TRACE(::testing::Message() << "referenced " << referenced << " type " << static_cast<int>(type));
+      auto cache = NewCache(model);
+      const SequenceId seq = *cache->CreateSequence();
+      const std::string path = TempPath("damaged");
+      // Long enough that rows outweigh the (superseded) state blocks: no compaction.
+      ASSERT_TRUE(model.Grow(*cache, seq, 5996, kSeed, 500).ok());
+      ASSERT_TRUE(SaveSnapshot(*cache, {seq}, path).ok());
+      ASSERT_TRUE(model.Grow(*cache, seq, 6000, kSeed).ok());
+      ASSERT_TRUE(SaveSnapshot(*cache, {seq}, path).ok());  // CSA row 1499 in blocks of its own
+      // Roll back and diverge: those blocks and the state blocks are superseded.
+      ASSERT_TRUE(cache->Truncate(seq, 5997).ok());
+      ASSERT_TRUE(model.Grow(*cache, seq, 6000, kSeed + 1).ok());
+      ASSERT_TRUE(SaveSnapshot(*cache, {seq}, path).ok());
+      FlipPayloadBit(path, type, referenced);
+      ASSERT_FALSE(VerifySnapshot(path).ok());
+      ASSERT_TRUE(model.Grow(*cache, seq, 6020, kSeed).ok());
+      const absl::StatusOr<SaveStats> s = SaveSnapshot(*cache, {seq}, path);
+      ASSERT_TRUE(s.ok()) << s.status();
+      EXPECT_TRUE(s->rewrote);
+      EXPECT_EQ(s->rows_reused, 0);
+      EXPECT_TRUE(VerifySnapshot(path).ok()) << VerifySnapshot(path).status();
+      auto restored = NewCache(model);
+      const absl::StatusOr<std::vector<SequenceId>> ids = RestoreSnapshot(*restored, path);
+      ASSERT_TRUE(ids.ok()) << ids.status();
+      EXPECT_EQ(ObservableBytes(*restored, (*ids)[0]), ObservableBytes(*cache, seq));
+      std::remove(path.c_str());
+    }
+  }
+}
+
+// RLIMIT_FSIZE for the scope (SIGXFSZ ignored, so a write past it fails with EFBIG).
+class FileSizeLimit {
+ public:
+  explicit FileSizeLimit(int64_t bytes) {
+    old_handler_ = ::signal(SIGXFSZ, SIG_IGN);
+    ::getrlimit(RLIMIT_FSIZE, &old_);
+    struct rlimit limit = old_;
+    limit.rlim_cur = static_cast<rlim_t>(bytes);
+    EXPECT_EQ(::setrlimit(RLIMIT_FSIZE, &limit), 0);
+  }
+  ~FileSizeLimit() {
+    ::setrlimit(RLIMIT_FSIZE, &old_);
+    ::signal(SIGXFSZ, old_handler_);
+  }
+
+ private:
+  struct rlimit old_;
+  sighandler_t old_handler_;
+};
+
+// A save that fails (file size limit) changes nothing: the next save still
+// appends only what is new, to the file the last good save wrote.
+TEST(SnapshotFailedSave, ChangesNoIncrementalState) {
+  const TinyModel model;
+  for (const bool failing_save_incremental : {true, false}) {
+    SCOPED_TRACE(failing_save_incremental);
+    auto cache = NewCache(model);
+    const SequenceId seq = *cache->CreateSequence();
+    const std::string path = TempPath("failed_save");
+    ASSERT_TRUE(model.Grow(*cache, seq, 600, kSeed).ok());
+    const SaveStats first = *SaveSnapshot(*cache, {seq}, path);
+    const int64_t rows_600 = HistoryRows(*cache, seq);
+    const std::string before = ReadFile(path);
+    ASSERT_TRUE(model.Grow(*cache, seq, 700, kSeed).ok());
+    {
+      const FileSizeLimit limit(first.file_bytes + 100);
+      SaveOptions options;
+      options.incremental = failing_save_incremental;
+      const absl::StatusOr<SaveStats> failed = SaveSnapshot(*cache, {seq}, path, options);
+      ASSERT_FALSE(failed.ok());
+      EXPECT_THAT(failed.status().message(), HasSubstr(path));
+    }
+    EXPECT_EQ(ReadFile(path), before);  // the previous file, byte for byte
+    const absl::StatusOr<SaveStats> next = SaveSnapshot(*cache, {seq}, path);
+    ASSERT_TRUE(next.ok()) << next.status();
+    EXPECT_FALSE(next->rewrote);
+    EXPECT_EQ(next->rows_reused, rows_600);
+    EXPECT_EQ(next->rows_written, HistoryRows(*cache, seq) - rows_600);
+    EXPECT_LT(next->bytes_written, first.bytes_written);  // a rewrite would write more than the first save
+    auto restored = NewCache(model);
+    const absl::StatusOr<std::vector<SequenceId>> ids = RestoreSnapshot(*restored, path);
+    ASSERT_TRUE(ids.ok()) << ids.status();
+    EXPECT_EQ(ObservableBytes(*restored, (*ids)[0]), ObservableBytes(*cache, seq));
+    std::remove(path.c_str());
+  }
+}
+
+mode_t ModeOf(const std::string& path) {
+  struct stat st;
+  EXPECT_EQ(::stat(path.c_str(), &st), 0) << path;
+  return st.st_mode & 07777;
+}
+
+// The files in the directory of `path` whose names start with its file name.
+std::vector<std::string> FilesBeside(const std::string& path) {
+  const size_t slash = path.find_last_of('/');
+  const std::string dir = path.substr(0, slash), name = path.substr(slash + 1);
+  std::vector<std::string> names;
+  DIR* d = ::opendir(dir.c_str());
+  for (dirent* e = d != nullptr ? ::readdir(d) : nullptr; e != nullptr; e = ::readdir(d)) {
+    if (std::string(e->d_name).rfind(name, 0) == 0) names.push_back(e->d_name);
+  }
+  if (d != nullptr) ::closedir(d);
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+// A full save never writes through a symlink planted where it makes its
+// temporary file, and leaves no file but the snapshot behind.
+TEST(SnapshotTempFile, NeverFollowsAPlantedSymlink) {
+  const TinyModel model;
+  auto cache = NewCache(model);
+  const SequenceId seq = *cache->CreateSequence();
+  ASSERT_TRUE(model.Grow(*cache, seq, 150, kSeed).ok());
+  const std::string path = TempPath("symlink.kvcsnap"), victim = TempPath("victim");
+  WriteFile(victim, "precious");
+  std::remove(path.c_str());
+  for (const char* suffix : {".tmp", ".tmp.0", ".tmp0", "~", ".new", ".partial"}) {
+    ASSERT_EQ(::symlink(victim.c_str(), (path + suffix).c_str()), 0) << suffix;
+  }
+  for (int round = 0; round < 3; ++round) {
+    SaveOptions full;
+    full.incremental = false;
+    const absl::StatusOr<SaveStats> s = SaveSnapshot(*cache, {seq}, path, full);
+    ASSERT_TRUE(s.ok()) << s.status();
+  }
+  EXPECT_EQ(ReadFile(victim), "precious");
+  EXPECT_TRUE(VerifySnapshot(path).ok());
+  EXPECT_EQ(FilesBeside(path).size(), 7u);  // the snapshot and the 6 links: no temp file left
+  for (const char* suffix : {".tmp", ".tmp.0", ".tmp0", "~", ".new", ".partial"}) std::remove((path + suffix).c_str());
+  std::remove(path.c_str());
+  std::remove(victim.c_str());
+}
+
+// A rewrite keeps the mode of the snapshot it replaces; a new one is 0600,
+// whatever the umask lets through.
+TEST(SnapshotTempFile, KeepsTheModeAndCreatesPrivateFiles) {
+  const TinyModel model;
+  auto cache = NewCache(model);
+  const SequenceId seq = *cache->CreateSequence();
+  ASSERT_TRUE(model.Grow(*cache, seq, 150, kSeed).ok());
+  const std::string path = TempPath("mode.kvcsnap");
+  std::remove(path.c_str());
+  const mode_t old_umask = ::umask(0);
+  ASSERT_TRUE(SaveSnapshot(*cache, {seq}, path).ok());
+  EXPECT_EQ(ModeOf(path), 0600u);
+  SaveOptions full;
+  full.incremental = false;
+  ASSERT_TRUE(SaveSnapshot(*cache, {seq}, path, full).ok());
+  EXPECT_EQ(ModeOf(path), 0600u);
+  ASSERT_EQ(::chmod(path.c_str(), 0640), 0);
+  ASSERT_TRUE(SaveSnapshot(*cache, {seq}, path, full).ok());
+  EXPECT_EQ(ModeOf(path), 0640u);
+  ::umask(old_umask);
+  std::remove(path.c_str());
+}
+
+// Header fields a crafted file sets so that offset arithmetic would overflow
+// (checksum recomputed): refused as damaged, with no undefined behaviour.
+TEST_F(SnapshotFaults, CraftedHeaderOffsetsAreDataLoss) {
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  const struct {
+    int64_t committed, last_commit;
+  } cases[] = {{kMax, kMax - 8}, {kMax, kMax - 31}, {kMax, kMax - 32}, {kMax - 8, kMax - 40},
+               {kMax, 64}, {96, std::numeric_limits<int64_t>::min()}, {std::numeric_limits<int64_t>::min(), 64}};
+  for (const auto& c : cases) {
+    SCOPED_TRACE(::testing::Message() << "committed " << c.committed << " last commit " << c.last_commit);
+    std::string bad = good_;
+    std::memcpy(&bad[24], &c.committed, 8);
+    std::memcpy(&bad[40], &c.last_commit, 8);
+    const uint32_t crc = Crc32c(bad.data(), 60);
+    std::memcpy(&bad[60], &crc, 4);
+    EXPECT_EQ(TryRestore(bad).code(), absl::StatusCode::kDataLoss);
+    EXPECT_EQ(VerifySnapshot(path_).status().code(), absl::StatusCode::kDataLoss);
+    auto cache = NewCache(model_);
+    const SequenceId seq = *cache->CreateSequence();
+    ASSERT_TRUE(model_.Grow(*cache, seq, 20, kSeed).ok());
+    const absl::StatusOr<SaveStats> s = SaveSnapshot(*cache, {seq}, path_);  // rewrites it
+    ASSERT_TRUE(s.ok()) << s.status();
+    EXPECT_TRUE(s->rewrote);
+  }
+}
+
+// The real file system with chosen calls failing (errno set as the system would).
+class FailingFileSystem : public snapshot_format::FileSystem {
+ public:
+  int write_errno = 0;            // every pwrite fails with it
+  int directory_sync_errno = 0;   // every fsync of a directory fails with it
+  int file_sync_errno = 0;        // the fsync of a regular file numbered `failing_file_sync` (from 1) fails
+  int failing_file_sync = 0;
+  int file_syncs = 0;
+
+  ssize_t Pwrite(int fd, const void* data, size_t n, off_t offset) override {
+    if (write_errno != 0) return Fail(write_errno);
+    return FileSystem::Pwrite(fd, data, n, offset);
+  }
+  int Fsync(int fd) override {
+    struct stat st;
+    if (::fstat(fd, &st) != 0) return -1;
+    if (S_ISDIR(st.st_mode) && directory_sync_errno != 0) return Fail(directory_sync_errno);
+    if (!S_ISDIR(st.st_mode) && ++file_syncs == failing_file_sync) return Fail(file_sync_errno);
+    return FileSystem::Fsync(fd);
+  }
+
+ private:
+  static int Fail(int error) {
+    errno = error;
+    return -1;
+  }
+};
+
+// Flushing the directory fails after the rename: the save reports what is
+// on disk (the new file, in place) as OK but not durable, and the sequences
+// go on from the new file.
+TEST(SnapshotDirectorySync, FailureAfterTheRenameReportsTheNewFileInPlace) {
+  const TinyModel model;
+  auto cache = NewCache(model);
+  const SequenceId seq = *cache->CreateSequence();
+  ASSERT_TRUE(model.Grow(*cache, seq, 300, kSeed).ok());
+  const std::string path = TempPath("dirsync.kvcsnap");
+  ASSERT_TRUE(SaveSnapshot(*cache, {seq}, path).ok());
+  ASSERT_TRUE(model.Grow(*cache, seq, 400, kSeed).ok());
+  FailingFileSystem fs;
+  fs.directory_sync_errno = EIO;
+  SaveOptions full;
+  full.incremental = false;
+  const absl::StatusOr<SaveStats> s = snapshot_format::SaveSnapshotUsing(fs, *cache, {seq}, path, full);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_TRUE(s->rewrote);
+  EXPECT_FALSE(s->durable);
+  EXPECT_THAT(s->directory_sync.message(), HasSubstr("cannot flush"));
+  EXPECT_EQ(FileSystemErrno(s->directory_sync), EIO);
+  EXPECT_EQ(s->file_bytes, static_cast<int64_t>(ReadFile(path).size()));
+  EXPECT_EQ(FilesBeside(path).size(), 1u);  // no temporary file left
+  auto restored = NewCache(model);
+  const absl::StatusOr<std::vector<SequenceId>> ids = RestoreSnapshot(*restored, path);
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  EXPECT_EQ(ObservableBytes(*restored, (*ids)[0]), ObservableBytes(*cache, seq));
+  // The sequence's next save appends to the new file.
+  ASSERT_TRUE(model.Grow(*cache, seq, 420, kSeed).ok());
+  const absl::StatusOr<SaveStats> next = SaveSnapshot(*cache, {seq}, path);
+  ASSERT_TRUE(next.ok()) << next.status();
+  EXPECT_FALSE(next->rewrote);
+  EXPECT_TRUE(next->durable);
+  std::remove(path.c_str());
+}
+
+// A full disk (ENOSPC) or a failing flush of the new header: an error naming
+// the path, marked as a file-system failure, and the previous file as it was.
+TEST(SnapshotIoErrors, AreMarkedAndLeaveThePreviousFile) {
+  const TinyModel model;
+  auto cache = NewCache(model);
+  const SequenceId seq = *cache->CreateSequence();
+  ASSERT_TRUE(model.Grow(*cache, seq, 300, kSeed).ok());
+  const std::string path = TempPath("io.kvcsnap");
+  ASSERT_TRUE(SaveSnapshot(*cache, {seq}, path).ok());
+  const std::string before = ReadFile(path);
+  ASSERT_TRUE(model.Grow(*cache, seq, 400, kSeed).ok());
+  for (const bool incremental : {true, false}) {
+    SCOPED_TRACE(incremental);
+    SaveOptions options;
+    options.incremental = incremental;
+    FailingFileSystem full_disk;
+    full_disk.write_errno = ENOSPC;
+    const absl::Status s = snapshot_format::SaveSnapshotUsing(full_disk, *cache, {seq}, path, options).status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+    EXPECT_EQ(FileSystemErrno(s), ENOSPC);
+    EXPECT_THAT(s.message(), HasSubstr(path));
+    EXPECT_EQ(ReadFile(path), before);
+    EXPECT_EQ(FilesBeside(path).size(), 1u);
+
+    FailingFileSystem header_sync;  // the blocks' flush works, the header's fails
+    header_sync.file_sync_errno = EIO;
+    header_sync.failing_file_sync = 2;
+    const absl::Status h = snapshot_format::SaveSnapshotUsing(header_sync, *cache, {seq}, path, options).status();
+    EXPECT_EQ(FileSystemErrno(h), EIO) << h;
+    EXPECT_EQ(ReadFile(path), before);
+    EXPECT_EQ(FilesBeside(path).size(), 1u);
+  }
+  EXPECT_EQ(FileSystemErrno(absl::NotFoundError("no errno")), 0);
+  // Nothing changed: the next save appends to the previous file.
+  const absl::StatusOr<SaveStats> next = SaveSnapshot(*cache, {seq}, path);
+  ASSERT_TRUE(next.ok()) << next.status();
+  EXPECT_FALSE(next->rewrote);
+  EXPECT_GT(next->rows_reused, 0);
+  std::remove(path.c_str());
+}
+
+// The crafted files of the snapshot fuzzer's corpus (overflow_*: header and
+// block fields at the edge of int64 arithmetic, checksums valid).
+TEST(SnapshotCorpus, CraftedOverflowFilesAreDataLoss) {
+  const std::string sample = KVC_SAMPLE_SNAPSHOT;  // <source>/tests/data/sample.kvcsnap
+  const std::string dir = sample.substr(0, sample.rfind("/data/")) + "/fuzz/corpus/snapshot/";
+  int files = 0;
+  for (const std::string& name : FilesBeside(dir + "overflow_")) {
+    SCOPED_TRACE(name);
+    ++files;
+    EXPECT_EQ(VerifySnapshot(dir + name).status().code(), absl::StatusCode::kDataLoss) << VerifySnapshot(dir + name).status();
+    const TinyModel model;
+    auto cache = NewCache(model);
+    EXPECT_EQ(RestoreSnapshot(*cache, dir + name).status().code(), absl::StatusCode::kDataLoss);
+    EXPECT_EQ(cache->Usage().sequences, 0);
+  }
+  EXPECT_GE(files, 3);
 }
 
 // --- A writer killed mid-save ----------------------------------------------------

@@ -7,12 +7,14 @@
 // and the file names the model it belongs to, so a damaged, truncated,
 // foreign or wrong-model file is refused with an error naming the problem.
 //
-// Saves are atomic. A first save (or one that compacts) writes a temporary
-// file, flushes it and renames it over `path`; an incremental save appends
-// only what is new (history rows the file lacks, the changed per-layer state)
-// and a commit block last, then flushes. A save killed half-way therefore
-// leaves either the old file or the old file plus an unfinished tail, which
-// readers ignore: the previous snapshot stays usable.
+// Saves are atomic. A first save (or one that compacts) writes a new file
+// under a unique temporary name beside `path` (created exclusively, never
+// through a link planted there; the mode of the snapshot it replaces, else
+// 0600), flushes it and renames it over `path`; an incremental save appends
+// only what is new (history rows the file lacks, the changed per-layer
+// state) and a commit block last, then flushes. A save killed half-way
+// therefore leaves either the old file or the old file plus an unfinished
+// tail, which readers ignore: the previous snapshot stays usable.
 //
 // Threads: a save locks each sequence while it writes it (appends to that
 // sequence wait; other sequences run on), so each sequence is saved at one
@@ -35,12 +37,16 @@ namespace kvc {
 constexpr uint32_t kSnapshotFormatVersion = 1;
 
 struct SaveOptions {
-  // Append to an existing snapshot at `path` when it is a valid snapshot of
+  // Append to an existing snapshot at `path` when it is a sound snapshot of
   // this model: history rows it already holds for these sequences (from an
   // earlier save of them, or of the snapshot they were restored from) are
-  // not written again. The file is rewritten whole instead when it is
-  // missing, damaged or for another model, or when more than half of it
-  // would be superseded data. false: always write a fresh file.
+  // not written again. Before appending, the file is checked as a restore
+  // checks it (every committed block's checksum, every referenced block's
+  // contents: it is read once, ~1 s per GB from the page cache), so a save
+  // never builds on a file that could not be restored. The file is rewritten
+  // whole instead when it is missing, damaged or for another model, or when
+  // more than half of it would be superseded data. false: always write a
+  // fresh file.
   bool incremental = true;
 };
 
@@ -50,12 +56,28 @@ struct SaveStats {
   int64_t rows_reused = 0;     // already in the file, referenced again
   int64_t file_bytes = 0;      // size of the file after the save
   bool rewrote = false;        // a fresh file was written (not appended)
+  // false only when a rewrite's file was written, flushed and renamed over
+  // `path`, but flushing the directory afterwards failed (`directory_sync`
+  // says why): the new snapshot is in place and complete, and reads and
+  // later saves use it, but after a system crash `path` may show the
+  // previous file again (intact, as it was before this save).
+  bool durable = true;
+  absl::Status directory_sync;
 };
 
 // Saves `sequences` (in that order) to `path`. kNotFound for an unknown id
-// (nothing written); a failing file system call is reported with the code of
-// its errno (kNotFound, kPermissionDenied, kResourceExhausted for ENOSPC, ...)
-// naming the path; the previous file is intact then.
+// (nothing written). A failing file-system call is reported with the code
+// of its errno (kNotFound, kPermissionDenied, kResourceExhausted for ENOSPC,
+// kOutOfRange for EFBIG, ...) naming the path, and FileSystemErrno(status)
+// gives that errno. What is on disk after each outcome:
+//   OK, durable     the new snapshot is at `path`, flushed.
+//   OK, !durable    as above, but the directory entry may not be (SaveStats).
+//   any error       `path` holds the previous snapshot as it was (or nothing,
+//                   if there was none), and no temporary file is left; a
+//                   failed append may leave a tail past the last commit,
+//                   which readers ignore and the next save removes.
+// A failed save changes nothing in the sequences either: the next
+// incremental save appends to the previous file as if it had not run.
 absl::StatusOr<SaveStats> SaveSnapshot(const Cache& cache, absl::Span<const SequenceId> sequences,
                                        const std::string& path, const SaveOptions& options = {});
 // Saves every live sequence of the cache.
@@ -66,11 +88,13 @@ absl::StatusOr<SaveStats> SaveCacheSnapshot(const Cache& cache, const std::strin
 // sequences and returns their ids, in the snapshot's order. The cache must
 // be for the same model (layer kinds, dimensions, RoPE, compressor
 // parameters) and rollback depth: kFailedPrecondition naming the first
-// difference otherwise. kDataLoss for a damaged file (naming the block),
-// kInvalidArgument for a file that is not a snapshot or has another format
-// version, kResourceExhausted when the pages do not fit. Every block of the
-// committed part of the file is checked, also those a later save superseded:
-// a restore refuses exactly the files VerifySnapshot refuses (and files of
+// difference otherwise. kDataLoss for a damaged file (naming the block; also
+// a header or block whose numbers are out of range), kInvalidArgument for a
+// file that is not a snapshot or has another format version,
+// kResourceExhausted when the pages do not fit, a failing file-system call
+// as for SaveSnapshot (FileSystemErrno tells). Every block of the committed
+// part of the file is checked, also those a later save superseded: a
+// restore refuses exactly the files VerifySnapshot refuses (and files of
 // another model). On any error the cache is exactly as it was.
 absl::StatusOr<std::vector<SequenceId>> RestoreSnapshot(Cache& cache, const std::string& path);
 
@@ -107,6 +131,11 @@ absl::StatusOr<SnapshotInfo> ReadSnapshotInfo(const std::string& path);
 // ReadSnapshotInfo plus the checksum of every block in the file (also the
 // ones no longer referenced). kDataLoss naming the first bad block.
 absl::StatusOr<SnapshotInfo> VerifySnapshot(const std::string& path);
+
+// The errno of a status that reports a failing file-system call (opening,
+// reading, writing, flushing, renaming a snapshot file); 0 for any other
+// status. The C API reports exactly these as KVC_ERR_IO.
+int FileSystemErrno(const absl::Status& status);
 
 }  // namespace kvc
 
