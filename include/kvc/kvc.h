@@ -4,6 +4,12 @@
  * error, kvc_last_error() gives a message naming what was wrong (per thread,
  * valid until the next failing call on that thread). A failed call leaves
  * the cache as it was. Numbers of codes and components are stable.
+ * Each function's comment lists the codes it returns besides these two,
+ * which any function with a code can return:
+ *   KVC_ERR_RESOURCE_EXHAUSTED  memory ran out inside the call
+ *   KVC_ERR_INTERNAL            a bug in kvc (the message says where)
+ * and KVC_ERR_INVALID_ARGUMENT for a NULL pointer argument. No C++
+ * exception ever leaves a function of this API.
  * Thread safety: as kvc::Cache (calls on different sequences run in
  * parallel). Bulk data is bf16 as uint16_t bit patterns, row-major. */
 #ifndef KVC_KVC_H_
@@ -25,7 +31,9 @@ enum {
   KVC_ERR_RESOURCE_EXHAUSTED = -5,
   KVC_ERR_INTERNAL = -6,
   KVC_ERR_DATA_LOSS = -7, /* a damaged or truncated snapshot file */
-  KVC_ERR_IO = -8         /* the file system refused (permissions, no space, ...) */
+  KVC_ERR_IO = -8         /* any failing file-system call (missing file, a directory, permissions,
+                             no space, a file-size limit, ...): the message names the path and
+                             the system's reason */
 };
 
 enum { KVC_HEAD_DIM = 512, KVC_NUM_COMPONENTS = 4 };
@@ -52,17 +60,25 @@ typedef struct kvc_usage {
 /* The defaults of kvc::CacheOptions. */
 void kvc_options_default(kvc_options* options);
 
-/* A cache for a preset model: "v4-flash" or "v4-pro". options may be NULL. */
+/* A cache for a preset model: "v4-flash" or "v4-pro". options may be NULL.
+ * KVC_ERR_NOT_FOUND: unknown preset. KVC_ERR_INVALID_ARGUMENT: options out of range. */
 int kvc_cache_create(const char* preset, const kvc_options* options, kvc_cache** out);
-/* A cache for the model of a Hugging Face config.json (its text, `length` bytes). */
+/* A cache for the model of a Hugging Face config.json (its text, `length` bytes).
+ * KVC_ERR_INVALID_ARGUMENT: a config kvc cannot read, or options out of range. */
 int kvc_cache_create_from_config(const char* config_json, size_t length, const kvc_options* options,
                                  kvc_cache** out);
 void kvc_cache_destroy(kvc_cache* cache); /* NULL is fine */
 int kvc_cache_num_layers(const kvc_cache* cache, int32_t* out);
 int kvc_cache_usage(const kvc_cache* cache, kvc_usage* out);
 
+/* KVC_ERR_RESOURCE_EXHAUSTED: also when the cache's byte limits leave no room. */
 int kvc_seq_create(kvc_cache* cache, kvc_seq* out);
-/* Appends `count` tokens at `position` of `layer`: window_rows holds count x 512 bf16. */
+/* Appends `count` tokens at `position` of `layer`: window_rows holds count x 512 bf16.
+ * KVC_ERR_NOT_FOUND: unknown sequence. KVC_ERR_INVALID_ARGUMENT: layer, position
+ * (a gap or a repeat) or count out of range, non-finite values. KVC_ERR_OUT_OF_RANGE:
+ * past max_context. KVC_ERR_RESOURCE_EXHAUSTED: also when the byte limits leave no room.
+ * kvc_seq_append_tokens as kvc_seq_append, and KVC_ERR_INVALID_ARGUMENT for projections
+ * missing, unexpected or non-finite. */
 int kvc_seq_append(kvc_cache* cache, kvc_seq seq, int32_t layer, int64_t position,
                    const uint16_t* window_rows, int64_t count);
 /* All of a layer's inputs for `count` tokens (kvc::LayerTokens): the
@@ -79,25 +95,44 @@ typedef struct kvc_layer_tokens {
 } kvc_layer_tokens;
 int kvc_seq_append_tokens(kvc_cache* cache, kvc_seq seq, int32_t layer, int64_t position,
                           const kvc_layer_tokens* tokens);
+/* A copy of `seq` sharing its history pages. KVC_ERR_NOT_FOUND: unknown sequence.
+ * KVC_ERR_FAILED_PRECONDITION: its layers hold different lengths (mid-step).
+ * KVC_ERR_RESOURCE_EXHAUSTED: also when the byte limits leave no room. */
 int kvc_seq_fork(kvc_cache* cache, kvc_seq seq, kvc_seq* out);
+/* Rolls `seq` back to `length` tokens. KVC_ERR_NOT_FOUND: unknown sequence.
+ * KVC_ERR_INVALID_ARGUMENT: length < 0 or above the current length.
+ * KVC_ERR_FAILED_PRECONDITION: below the rollback floor, or mid-step. */
 int kvc_seq_truncate(kvc_cache* cache, kvc_seq seq, int64_t length);
+/* KVC_ERR_NOT_FOUND: unknown (or already freed) sequence. */
 int kvc_seq_free(kvc_cache* cache, kvc_seq seq);
+/* KVC_ERR_NOT_FOUND: unknown sequence. KVC_ERR_INVALID_ARGUMENT: layer out of range. */
 int kvc_seq_length(const kvc_cache* cache, kvc_seq seq, int32_t layer, int64_t* out);
+/* KVC_ERR_NOT_FOUND: unknown sequence. */
 int kvc_seq_rollback_floor(const kvc_cache* cache, kvc_seq seq, int64_t* out);
-/* The window ring of `layer`, dequantized: out holds out_values = window x 512 bf16, by slot. */
+/* The window ring of `layer`, dequantized: out holds out_values = window x 512 bf16, by slot.
+ * KVC_ERR_NOT_FOUND: unknown sequence. KVC_ERR_INVALID_ARGUMENT: layer or out_values wrong. */
 int kvc_seq_read_window(const kvc_cache* cache, kvc_seq seq, int32_t layer, uint16_t* out,
                         int64_t out_values);
 
 /* Snapshots (kvc/snapshot.h). Saves `count` sequences to the file at `path`;
- * incremental != 0 appends only what is new to an existing snapshot of them.
- * The previous file stays usable if the save fails or the process dies. */
+ * incremental != 0 appends only what is new to an existing snapshot of them
+ * (after checking it as a restore would: a damaged file is rewritten whole).
+ * The previous file stays usable, unchanged, if the save fails or the process
+ * dies. KVC_OK also when everything was written and renamed into place but
+ * flushing the directory failed (SaveStats::durable in C++): the new file is
+ * at `path`, but a system crash may bring the previous one back.
+ * KVC_ERR_NOT_FOUND: unknown sequence (nothing written). KVC_ERR_IO: a failing
+ * file-system call. */
 int kvc_snapshot_save(const kvc_cache* cache, const kvc_seq* seqs, size_t count, const char* path,
                       int incremental);
 /* Restores every sequence of the snapshot at `path` as new sequences: their
  * ids go to out[0 .. *count). If `capacity` is too small nothing is restored:
  * KVC_ERR_OUT_OF_RANGE, with *count set to the number needed. A damaged file
- * is KVC_ERR_DATA_LOSS, another model's KVC_ERR_FAILED_PRECONDITION; the cache
- * is unchanged after any error. */
+ * is KVC_ERR_DATA_LOSS, another model's KVC_ERR_FAILED_PRECONDITION, a file
+ * that is not a snapshot (or of another format version) KVC_ERR_INVALID_ARGUMENT,
+ * pages that do not fit KVC_ERR_RESOURCE_EXHAUSTED, a failing file-system call
+ * (a missing file, a directory, ...) KVC_ERR_IO; the cache is unchanged after
+ * any error. */
 int kvc_snapshot_restore(kvc_cache* cache, const char* path, kvc_seq* out, size_t capacity, size_t* count);
 
 const char* kvc_last_error(void);
