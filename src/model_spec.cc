@@ -264,11 +264,15 @@ absl::StatusOr<ModelSpec> ModelSpec::FromHuggingFaceConfig(absl::string_view jso
 absl::StatusOr<ModelSpec> ModelSpec::FromHuggingFaceConfigFile(const std::string& path, bool include_mtp) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
-  // One byte past the cap is enough for FromHuggingFaceConfig to refuse it.
+  // Reads at most one byte past the cap: enough to know the file is over it.
   std::string text(kMaxConfigBytes + 1, '\0');
   in.read(&text[0], static_cast<std::streamsize>(text.size()));
   if (in.bad()) return absl::DataLossError(absl::StrCat("error reading ", path));
   text.resize(static_cast<size_t>(in.gcount()));
+  if (text.size() > kMaxConfigBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": config.json: over the ", kMaxConfigBytes,
+                                                   "-byte cap (ModelSpec::kMaxConfigBytes)"));
+  }
   absl::StatusOr<ModelSpec> spec = FromHuggingFaceConfig(text, include_mtp);
   if (!spec.ok()) return absl::Status(spec.status().code(), absl::StrCat(path, ": ", spec.status().message()));
   return spec;

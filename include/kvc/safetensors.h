@@ -2,7 +2,11 @@
 // JSON header naming each tensor's dtype, shape and byte range, then the raw
 // little-endian data). kvc uses it for the golden vectors; engines can use it
 // to load test data. Every structural fact is validated on open, so accessors
-// never read out of bounds, whatever the file holds.
+// never read out of bounds, whatever the file holds: the header is strict
+// JSON (json.h), every dtype is known, every shape's byte size fits int64 and
+// equals its data_offsets span, and the tensors tile the data section exactly
+// (in any order: no overlap, no hole, nothing after the last one), as the
+// reference implementation requires. Errors name the tensor.
 #ifndef KVC_SAFETENSORS_H_
 #define KVC_SAFETENSORS_H_
 
@@ -38,7 +42,8 @@ class SafetensorsFile {
   // Largest header accepted (the format's own limit is 100 MB).
   static constexpr int64_t kMaxHeaderBytes = 100 << 20;
 
-  // Reads and validates a whole file. kNotFound if it cannot be opened.
+  // Reads and validates a whole file. kNotFound if it cannot be opened;
+  // kInvalidArgument naming the tensor or the header offset if malformed.
   static absl::StatusOr<SafetensorsFile> Read(const std::string& path);
   // Validates an in-memory file image (takes ownership).
   static absl::StatusOr<SafetensorsFile> Parse(std::string bytes);
