@@ -69,7 +69,7 @@ class RemoveOnExit {
   explicit RemoveOnExit(std::string path) : path_(std::move(path)) {}
   RemoveOnExit(const RemoveOnExit&) = delete;
   RemoveOnExit& operator=(const RemoveOnExit&) = delete;
-  ~RemoveOnExit() { std::remove(path_.c_str()); }
+  ~RemoveOnExit() { ::unlink(path_.c_str()); }  // a file only: never a directory named as the snapshot
 
  private:
   std::string path_;
