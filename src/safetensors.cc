@@ -15,6 +15,10 @@
 #include "absl/strings/str_join.h"
 
 namespace kvc {
+
+static_assert(static_cast<uint64_t>(SafetensorsFile::kMaxHeaderBytes) <= JsonValue::kMaxInputBytes,
+              "every header the size check lets through fits the JSON reader's cap");
+
 namespace {
 
 struct DTypeFacts {
