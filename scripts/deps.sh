@@ -2,7 +2,7 @@
 # Debian's packages (apt) when any is missing. Nothing is fetched elsewhere.
 kvc_install_deps() {
   local packages=(cmake ninja-build g++ clang libclang-rt-dev pkg-config libhwy-dev libabsl-dev libfmt-dev
-                  libbenchmark-dev libgtest-dev libgmock-dev nlohmann-json3-dev)
+                  libbenchmark-dev libgtest-dev libgmock-dev nlohmann-json3-dev python3)
   local missing=() p
   for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Builds kvc and runs every test, twice: a release build with warnings as
-# errors, then an AddressSanitizer + UndefinedBehaviorSanitizer build; in
-# between, the concurrent parts (cache, page pools, the stress test with
-# saves and restores) under ThreadSanitizer, and the parsers, the snapshot
-# loader and the C API under libFuzzer for a bounded time.
+# errors, then an AddressSanitizer + UndefinedBehaviorSanitizer build. In
+# between: the main job (./scripts/run.sh) at a reduced size and at its
+# max_context edge, each leaving nothing behind but its JSON summary; the
+# concurrent parts (cache, page pools, the stress test with saves and
+# restores) under ThreadSanitizer; and the parsers, the snapshot loader and
+# the C API under libFuzzer for a bounded time.
 # Installs missing packages first. This is what CI runs (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +17,23 @@ echo "== release build (-Werror)"
 cmake -S . -B build/release -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVC_WERROR=ON > /dev/null
 cmake --build build/release -j "$jobs"
 ctest --test-dir build/release --output-on-failure -j "$jobs"
+
+echo "== the main job, reduced: the README's command (prefill, decode, save, incremental save, restore, compare), then at its max_context edge"
+# Each run must exit 0 and leave nothing but its JSON summary (which must parse).
+run_dir=$(mktemp -d)
+trap 'rm -rf "$run_dir"' EXIT
+only_json_left() {
+  local left
+  left=$(ls -A "$run_dir")
+  [ "$left" = kvc-run.json ] || { echo "kvc-run left behind: ${left:-nothing, not even its JSON}"; exit 1; }
+  python3 -m json.tool "$run_dir/kvc-run.json" > /dev/null
+  rm "$run_dir/kvc-run.json"
+}
+./scripts/run.sh --tokens 20000 --decode-steps 3 --json "$run_dir/kvc-run.json" --snapshot "$run_dir/kvc-run.kvcsnap"
+only_json_left
+kvc_run="$PWD/build/release/bin/kvc-run"
+(cd "$run_dir" && "$kvc_run" --tokens 5000 --decode-steps 2 --max-context 5003)
+only_json_left
 
 echo "== ThreadSanitizer build of the concurrent parts (-Werror)"
 cmake -S . -B build/tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVC_WERROR=ON \
