@@ -103,11 +103,12 @@ class PagePool {
  private:
   // Page addresses live in segments that are never reallocated: segment s
   // holds the ids [64 (2^s - 1), 64 (2^(s+1) - 1)), allocated when its first
-  // page is created. 26 segments cover every non-negative int32 id.
+  // page is created. 26 segments cover every non-negative int32 id; the 27th
+  // keeps the index in bounds for any 32-bit value.
   static constexpr uint32_t kFirstSegmentPages = 64;
-  static constexpr int kSegments = 26;
-  static int SegmentOf(int64_t id) {
-    return 31 - absl::countl_zero(static_cast<uint32_t>(id / kFirstSegmentPages + 1));
+  static constexpr int kSegments = 27;
+  static int SegmentOf(int64_t id) {  // in [0, 26] for any id taken as uint32
+    return 31 - absl::countl_zero(static_cast<uint32_t>(id) / kFirstSegmentPages + 1);
   }
   static int64_t SegmentStart(int segment) { return int64_t{kFirstSegmentPages} * ((int64_t{1} << segment) - 1); }
   // The table entry holding page `id`'s address.
