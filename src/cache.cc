@@ -199,11 +199,11 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
   Impl::CompressorRun main_run, indexer_run;
   std::vector<Bf16> entries, keys;
   if (compresses) {
-    main_run = impl_->RunFor(ls, false, layer_spec, tokens);
+    main_run = impl_->RunFor(ls, false, layer, tokens);
     const int64_t closed = (position + n) / main_run.g.ratio - position / main_run.g.ratio;
     entries.resize(static_cast<size_t>(closed * kHeadDim));
     if (indexes) {
-      indexer_run = impl_->RunFor(ls, true, layer_spec, tokens);
+      indexer_run = impl_->RunFor(ls, true, layer, tokens);
       keys.resize(static_cast<size_t>(closed * kIndexDim));
     }
   }

@@ -322,7 +322,8 @@ struct Cache::Impl {
 
   int64_t StateCapacity(const CompressorGeometry& g) const { return g.span() + depth(); }
 
-  CompressorRun RunFor(const LayerStreams& ls, bool indexer, const LayerSpec& spec_layer, const LayerTokens& t) const {
+  CompressorRun RunFor(const LayerStreams& ls, bool indexer, int layer, const LayerTokens& t) const {
+    const LayerSpec& spec_layer = spec.layers[static_cast<size_t>(layer)];
     CompressorRun run;
     run.g = indexer ? IndexerCompressor(spec.index_dim) : MainCompressor(spec_layer.kind, spec.head_dim);
     run.params = indexer ? &spec_layer.indexer : &spec_layer.compressor;
@@ -332,7 +333,7 @@ struct Cache::Impl {
     run.kv = indexer ? t.indexer_kv.data() : t.compressor_kv.data();
     run.score = indexer ? t.indexer_score.data() : t.compressor_score.data();
     run.first = ls.length;
-    run.layer = static_cast<int>(&spec_layer - spec.layers.data());
+    run.layer = layer;
     run.indexer = indexer;
     return run;
   }
@@ -417,6 +418,7 @@ struct Cache::Impl {
       cause = absl::StrCat("RMSNorm (norm_weight ", run.params->norm_weight[static_cast<size_t>(c)],
                            ") and RoPE make it ", ToF32(out[c]));
     }
+    if (channel < 0) return absl::InternalError(absl::StrCat("Append: layer ", run.layer, ": entry ", i, " refused without cause"));
     // The token that dominates that channel: the largest softmax weight x |kv|.
     int top = 0;
     {
