@@ -151,9 +151,13 @@ namespace {
 absl::Status CheckKeyScales(const IndexQuery& query, const ConstPackedRows& keys) {
   const int limit = query.max_key_scale_byte();
   uint8_t largest = 0;
-  for (int64_t j = 0; j < keys.count; ++j) {
-    const uint8_t* s = keys.scales + j * keys.scale_stride;
-    largest = std::max(largest, std::max(std::max(s[0], s[1]), std::max(s[2], s[3])));
+  if (keys.scale_stride == 4) {  // the page-footer layout: one vectorized max over 4 * count bytes
+    for (int64_t i = 0; i < 4 * keys.count; ++i) largest = std::max(largest, keys.scales[i]);
+  } else {
+    for (int64_t j = 0; j < keys.count; ++j) {
+      const uint8_t* s = keys.scales + j * keys.scale_stride;
+      largest = std::max(largest, std::max(std::max(s[0], s[1]), std::max(s[2], s[3])));
+    }
   }
   if (largest <= limit) return absl::OkStatus();
   for (int64_t j = 0; j < keys.count; ++j) {

@@ -172,23 +172,27 @@ void ScoreKeys(const IndexQuery& q, const uint8_t* codes, int64_t code_stride, c
 
 // Writes the indices i with scores[i] >= threshold to `out` (room for n)
 // and returns how many. Skips whole vectors of scores all below the threshold
-// (NaN is not below it, so no NaN is skipped); stops at the first NaN, setting
-// *first_nan to its index (left alone otherwise).
+// (NaN is not below it, so no NaN is skipped; only vectors with a hit or a NaN
+// are looked at again); stops at the first NaN, setting *first_nan to its
+// index (left alone otherwise).
 int64_t FilterAtLeast(const float* scores, int64_t n, float threshold, int64_t* out, int64_t* first_nan) {
   const DF df;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   const VF t = hn::Set(df, threshold);
   int64_t count = 0, i = 0;
   for (; i + 4 * lanes <= n; i += 4 * lanes) {
-    const auto below = hn::And(hn::And(hn::Lt(hn::LoadU(df, scores + i), t), hn::Lt(hn::LoadU(df, scores + i + lanes), t)),
-                               hn::And(hn::Lt(hn::LoadU(df, scores + i + 2 * lanes), t),
-                                       hn::Lt(hn::LoadU(df, scores + i + 3 * lanes), t)));
-    if (hn::AllTrue(df, below)) continue;
-    for (int64_t k = i; k < i + 4 * lanes; ++k) {
-      if (std::isnan(scores[k])) {
-        *first_nan = k;
-        return count;
+    const VF v0 = hn::LoadU(df, scores + i), v1 = hn::LoadU(df, scores + i + lanes);
+    const VF v2 = hn::LoadU(df, scores + i + 2 * lanes), v3 = hn::LoadU(df, scores + i + 3 * lanes);
+    if (hn::AllTrue(df, hn::And(hn::And(hn::Lt(v0, t), hn::Lt(v1, t)), hn::And(hn::Lt(v2, t), hn::Lt(v3, t))))) continue;
+    if (!hn::AllFalse(df, hn::Or(hn::Or(hn::IsNaN(v0), hn::IsNaN(v1)), hn::Or(hn::IsNaN(v2), hn::IsNaN(v3))))) {
+      for (int64_t k = i; k < i + 4 * lanes; ++k) {
+        if (std::isnan(scores[k])) {
+          *first_nan = k;
+          return count;
+        }
       }
+    }
+    for (int64_t k = i; k < i + 4 * lanes; ++k) {
       if (scores[k] >= threshold) out[count++] = k;
     }
   }

@@ -192,20 +192,26 @@ TEST_P(IndexerKernelsTest, ZeroWeightHeadsCannotMakeNaN) {
 }
 
 // Stored keys come from snapshots and engines too: a scale byte of 255 (NaN)
-// or 254 (2^127) is refused by index, not scored.
+// or 254 (2^127) is refused by index, not scored; in the page-footer layout
+// (scale stride 4) and with interleaved rows (stride 68).
 TEST_P(IndexerKernelsTest, ScoringRefusesNaNAndHugeKeyScales) {
   std::mt19937 rng(8);
   const IndexQuery q = RandomQuery(16, rng);
   const int64_t n = 40;
   for (const uint8_t byte : {uint8_t{255}, uint8_t{254}}) {
-    std::vector<uint8_t> page = RandomKeys(n, rng);
-    const PackedRows keys = PageFooterRows(RowFormat::kIndexFp4, page.data(), n);
-    keys.row_scales(29)[2] = byte;
-    std::vector<float> scores(static_cast<size_t>(n), -7.0f);
-    const absl::Status status = ScoreIndexKeys(q, keys, absl::MakeSpan(scores));
-    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << int{byte} << ": " << status;
-    EXPECT_THAT(std::string(status.message()), HasSubstr("key 29 block 2")) << int{byte};
-    EXPECT_EQ(scores, std::vector<float>(static_cast<size_t>(n), -7.0f));
+    for (const bool footer : {true, false}) {
+      const std::vector<uint8_t> page = RandomKeys(n, rng);
+      std::vector<uint8_t> rows(page.size());
+      const PackedRows keys = footer ? PageFooterRows(RowFormat::kIndexFp4, rows.data(), n)
+                                     : ContiguousRows(RowFormat::kIndexFp4, rows.data(), n);
+      CopyRows(RowFormat::kIndexFp4, PageFooterRows(RowFormat::kIndexFp4, page.data(), n), keys);
+      keys.row_scales(29)[2] = byte;
+      std::vector<float> scores(static_cast<size_t>(n), -7.0f);
+      const absl::Status status = ScoreIndexKeys(q, keys, absl::MakeSpan(scores));
+      EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << int{byte} << " " << footer << ": " << status;
+      EXPECT_THAT(std::string(status.message()), HasSubstr("key 29 block 2")) << int{byte} << " " << footer;
+      EXPECT_EQ(scores, std::vector<float>(static_cast<size_t>(n), -7.0f));
+    }
   }
 }
 
