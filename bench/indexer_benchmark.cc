@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstdint>
 #include <random>
 #include <vector>
@@ -36,7 +37,8 @@ struct Keys {
       const PackedRows all = PageFooterRows(RowFormat::kIndexFp4, pages[l].data(), kKeys);
       for (int64_t first = 0; first < kKeys; first += 4096) {
         for (Bf16& v : raw) v = ToBf16(normal(rng));
-        (void)QuantizeIndexKeys(raw, ContiguousRows(RowFormat::kIndexFp4, all.row_data(first), 4096));
+        // Into the page's footer layout (codes, then scales), as the cache stores keys.
+        if (!QuantizeIndexKeys(raw, all.Slice(first, 4096)).ok()) std::abort();
       }
     }
   }

@@ -109,7 +109,7 @@ void BM_SnapshotRestore_V4Flash(benchmark::State& state) {
     const absl::StatusOr<std::vector<SequenceId>> ids = RestoreSnapshot(*target, path);
     if (!ids.ok()) return state.SkipWithError(ids.status().ToString().c_str());
     state.PauseTiming();
-    (void)target->Free((*ids)[0]);
+    if (const absl::Status freed = target->Free((*ids)[0]); !freed.ok()) return state.SkipWithError(freed.ToString().c_str());
     state.ResumeTiming();
   }
   state.SetBytesProcessed(state.iterations() * saved->file_bytes);

@@ -558,10 +558,15 @@ absl::StatusOr<AttentionSet> Cache::SelectAttentionSet(SequenceId id, int layer,
     const Impl::History keys = impl_->KeysOf(ls);
     for (int64_t first = 0; first < keyed; first += keys.per_page) {
       const int64_t n = std::min(keys.per_page, keyed - first);
-      KVC_RETURN_IF_ERROR(ScoreIndexKeys(*query, impl_->HistoryPage(keys, static_cast<size_t>(first / keys.per_page)).Slice(0, n),
-                                         absl::MakeSpan(scores).subspan(static_cast<size_t>(first))));
+      const absl::Status scored =
+          ScoreIndexKeys(*query, impl_->HistoryPage(keys, static_cast<size_t>(first / keys.per_page)).Slice(0, n),
+                         absl::MakeSpan(scores).subspan(static_cast<size_t>(first)));
+      if (!scored.ok()) {  // its key numbers count from the page start
+        return absl::Status(scored.code(), absl::StrCat("SelectAttentionSet: layer ", layer, ", index keys from entry ",
+                                                        first, ": ", scored.message()));
+      }
     }
-    entries = TopK(scores, impl_->spec.index_topk);
+    KVC_RETURN_IF_ERROR(TopK(scores, impl_->spec.index_topk, &entries));
     if (index_scores != nullptr) *index_scores = std::move(scores);
   }
   const Impl::History rows = impl_->CompressedOf(ls);
