@@ -228,6 +228,12 @@ int Run(int argc, char** argv) {
     }
     snap.incremental_s = timed([&] { grown = kvc::SaveSnapshot(**cache, {seq}, snapshot_path); });
     if (!grown.ok()) return Fail("incremental snapshot save", grown.status());
+    if (grown->rewrote) {  // the file was just written whole and is sound: appending is what must happen
+      return Fail("incremental snapshot save", absl::InternalError("it rewrote the whole file instead of appending"));
+    }
+    for (const kvc::SaveStats* save : {&*saved, &*grown}) {
+      if (!save->durable) fmt::print(stderr, "  snapshot: warning: {}\n", save->directory_sync.ToString());
+    }
     snap.file_bytes = grown->file_bytes;
     snap.incremental_bytes = grown->bytes_written;
     fmt::print(stderr, "  snapshot: restoring into a second cache\n");
