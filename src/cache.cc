@@ -14,10 +14,10 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "kvc/compressor.h"
-#include "kvc/page_pool.h"
 #include "kvc/row_kernels.h"
 #include "kvc/status.h"
 #include "src/cache_internal.h"
+#include "src/snapshot_format.h"
 
 namespace kvc {
 
@@ -27,6 +27,16 @@ const char* ComponentName(Component component) {
     case Component::kCompressedRows: return "compressed rows";
     case Component::kIndexKeys: return "index keys";
     case Component::kCompressorState: return "compressor state";
+  }
+  return "?";
+}
+
+const char* StreamName(Stream stream) {
+  switch (stream) {
+    case Stream::kWindow: return "window";
+    case Stream::kCsaRows: return "CSA rows";
+    case Stream::kCsaKeys: return "CSA keys";
+    case Stream::kHcaRows: return "HCA rows";
   }
   return "?";
 }
@@ -56,11 +66,13 @@ Cache::~Cache() {
   std::lock_guard<std::mutex> lock(impl_->mu);
   for (auto& [id, seq] : impl_->sequences) {
     std::lock_guard<std::mutex> seq_lock(seq->mu);
-    impl_->Release(seq->layers);
+    impl_->Release(*seq);
   }
 }
 
-absl::StatusOr<std::unique_ptr<Cache>> Cache::Create(ModelSpec spec, CacheOptions options) {
+namespace {
+
+absl::Status CheckOptions(const ModelSpec& spec, const CacheOptions& options) {
   KVC_RETURN_IF_ERROR(spec.Validate());
   if (options.rollback_depth < 0 || options.rollback_depth > spec.window) {
     return absl::InvalidArgumentError(absl::StrCat("rollback_depth ", options.rollback_depth,
@@ -70,35 +82,31 @@ absl::StatusOr<std::unique_ptr<Cache>> Cache::Create(ModelSpec spec, CacheOption
       options.keys_per_page > 65536) {
     return absl::InvalidArgumentError("rows_per_page must be in [1, 4096] and keys_per_page in [1, 65536]");
   }
-  if (options.history_region.empty() && options.history_bytes < 0) {
-    return absl::InvalidArgumentError("history_bytes must be >= 0");
+  if (options.history_bytes < 0) return absl::InvalidArgumentError("history_bytes must be >= 0");
+  if (options.state_bytes < 0) return absl::InvalidArgumentError("state_bytes must be >= 0");
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<StreamGeometry>> Cache::PageGeometry(const ModelSpec& spec, const CacheOptions& options) {
+  KVC_RETURN_IF_ERROR(CheckOptions(spec, options));
+  const auto specs = cache_internal::StreamSpecs(spec, options);
+  std::vector<StreamGeometry> out;
+  for (int s = 0; s < kNumStreams; ++s) {
+    const cache_internal::StreamSpec& st = specs[static_cast<size_t>(s)];
+    out.push_back({static_cast<Stream>(s), st.page_bytes, st.rows_per_page, st.row_data_bytes, st.row_scale_bytes,
+                   st.layers});
   }
-  if (options.state_region.empty() && options.state_bytes < 0) {
-    return absl::InvalidArgumentError("state_bytes must be >= 0");
-  }
+  return out;
+}
+
+absl::StatusOr<std::unique_ptr<Cache>> Cache::Create(ModelSpec spec, CacheOptions options) {
+  KVC_RETURN_IF_ERROR(CheckOptions(spec, options));
   auto impl = std::make_unique<Impl>();
   impl->spec = std::move(spec);
-  impl->options = options;
-  impl->history_arena = options.history_region.empty()
-                            ? std::make_unique<Arena>("history", options.history_bytes)
-                            : std::make_unique<Arena>("history", options.history_region);
-  impl->state_arena = options.state_region.empty() ? std::make_unique<Arena>("state", options.state_bytes)
-                                                   : std::make_unique<Arena>("state", options.state_region);
-  const int64_t D = options.rollback_depth;
-  const int64_t d = impl->spec.head_dim, di = impl->spec.index_dim;
-  Arena* state = impl->state_arena.get();
-  Arena* history = impl->history_arena.get();
-  impl->ring_pool = std::make_unique<PagePool>("window ring", PageBytes(RowFormat::kKvFp8, options.rows_per_page), state);
-  impl->rollback_pool = std::make_unique<PagePool>("rollback rows", D * (kKvRowBytes + 8), state);
-  // Compressor state keeps the open window(s) plus D token rows for rollback.
-  impl->csa_state_pool = std::make_unique<PagePool>(
-      "CSA compressor state", (2 * 4 + D) * StateRowFloats(2, static_cast<int>(d)) * 4, state);
-  impl->csa_indexer_state_pool = std::make_unique<PagePool>(
-      "CSA indexer state", (2 * 4 + D) * StateRowFloats(2, static_cast<int>(di)) * 4, state);
-  impl->hca_state_pool = std::make_unique<PagePool>(
-      "HCA compressor state", (128 + D) * StateRowFloats(1, static_cast<int>(d)) * 4, state);
-  impl->compressed_pool = std::make_unique<PagePool>("compressed rows", PageBytes(RowFormat::kKvFp8, options.rows_per_page), history);
-  impl->keys_pool = std::make_unique<PagePool>("index keys", PageBytes(RowFormat::kIndexFp4, options.keys_per_page), history);
+  impl->options = std::move(options);
+  KVC_ASSIGN_OR_RETURN(impl->store, PageStore::Create(impl->spec, impl->options));
   impl->compressed_rope = std::make_unique<RopeTable>(impl->spec.compressed_rope);
   return std::unique_ptr<Cache>(new Cache(std::move(impl)));
 }
@@ -107,7 +115,7 @@ absl::StatusOr<SequenceId> Cache::CreateSequence() {
   auto seq = std::make_shared<Sequence>();
   {
     std::lock_guard<std::mutex> seq_lock(seq->mu);
-    KVC_RETURN_IF_ERROR(impl_->AllocateState(seq->layers));
+    KVC_RETURN_IF_ERROR(impl_->AllocateState(*seq));
   }
   return impl_->Register(std::move(seq));
 }
@@ -177,6 +185,7 @@ absl::Status CheckFiniteSlice(const LayerTokens& t, int64_t from, int64_t to, co
 absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const LayerTokens& tokens) {
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
+  Sequence& sq = *seq.seq;
   LayerStreams& ls = seq.layers()[static_cast<size_t>(layer)];
   const LayerSpec& layer_spec = impl_->spec.layers[static_cast<size_t>(layer)];
   if (tokens.window_rows.size() % kHeadDim != 0) {
@@ -199,11 +208,11 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
   Impl::CompressorRun main_run, indexer_run;
   std::vector<Bf16> entries, keys;
   if (compresses) {
-    main_run = impl_->RunFor(ls, false, layer, tokens);
+    main_run = impl_->RunFor(sq, false, layer, tokens);
     const int64_t closed = (position + n) / main_run.g.ratio - position / main_run.g.ratio;
     entries.resize(static_cast<size_t>(closed * kHeadDim));
     if (indexes) {
-      indexer_run = impl_->RunFor(ls, true, layer, tokens);
+      indexer_run = impl_->RunFor(sq, true, layer, tokens);
       keys.resize(static_cast<size_t>(closed * kIndexDim));
     }
   }
@@ -225,13 +234,13 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
   // Plan the entries' pages: a refusal still leaves the cache as it was.
   Impl::HistoryPlan entry_plan, key_plan;
   if (compresses) {
-    KVC_ASSIGN_OR_RETURN(entry_plan, impl_->PlanHistory(impl_->CompressedOf(ls), static_cast<int64_t>(entries.size()) / kHeadDim));
+    KVC_ASSIGN_OR_RETURN(entry_plan, impl_->PlanHistory(impl_->CompressedOf(sq, layer), static_cast<int64_t>(entries.size()) / kHeadDim));
   }
   if (indexes) {
     absl::StatusOr<Impl::HistoryPlan> plan =
-        impl_->PlanHistory(impl_->KeysOf(ls), static_cast<int64_t>(keys.size()) / kIndexDim);
+        impl_->PlanHistory(impl_->KeysOf(sq, layer), static_cast<int64_t>(keys.size()) / kIndexDim);
     if (!plan.ok()) {
-      Impl::AbandonHistory(impl_->CompressedOf(ls), entry_plan);
+      impl_->AbandonHistory(impl_->CompressedOf(sq, layer), entry_plan);
       return plan.status();
     }
     key_plan = *std::move(plan);
@@ -240,14 +249,17 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
   // Apply. Every row was checked above against what the row kernels accept
   // (window rows finite; entries and keys by CheckEntry), so nothing here
   // fails; a refusal would be a broken invariant, reported as kInternal.
-  absl::Status applied = impl_->WriteWindow(ls, tokens.window_rows);
+  absl::Status applied = impl_->WriteWindow(sq, layer, tokens.window_rows);
   if (compresses) {
     Impl::WriteState(main_run, n);
-    applied.Update(impl_->CommitHistory(impl_->CompressedOf(ls), entry_plan, entries, kHeadDim, QuantizeKvRows));
+    applied.Update(impl_->CommitHistory(impl_->CompressedOf(sq, layer), entry_plan,
+                                        static_cast<int64_t>(entries.size()) / kHeadDim,
+                                        Impl::Quantizer(entries, kHeadDim, QuantizeKvRows)));
   }
   if (indexes) {
     Impl::WriteState(indexer_run, n);
-    applied.Update(impl_->CommitHistory(impl_->KeysOf(ls), key_plan, keys, kIndexDim, QuantizeIndexKeys));
+    applied.Update(impl_->CommitHistory(impl_->KeysOf(sq, layer), key_plan, static_cast<int64_t>(keys.size()) / kIndexDim,
+                                        Impl::Quantizer(keys, kIndexDim, QuantizeIndexKeys)));
   }
   ls.length += n;
   ls.floor = std::max(ls.floor, ls.length - impl_->depth());
@@ -296,7 +308,7 @@ absl::Status Cache::AppendCompressedRows(SequenceId id, int layer, int64_t first
                                                            rows.size(), kHeadDim, false, kWhat));
   KVC_RETURN_IF_ERROR(CheckFiniteRows(rows, kHeadDim, kWhat));
   if (n == 0) return absl::OkStatus();
-  return impl_->AppendHistory(impl_->CompressedOf(ls), rows, kHeadDim, QuantizeKvRows);
+  return impl_->AppendHistory(impl_->CompressedOf(*seq.seq, layer), rows, kHeadDim, QuantizeKvRows);
 }
 
 absl::Status Cache::AppendIndexKeys(SequenceId id, int layer, int64_t first, absl::Span<const Bf16> keys) {
@@ -317,19 +329,19 @@ absl::Status Cache::AppendIndexKeys(SequenceId id, int layer, int64_t first, abs
     }
   }
   if (n == 0) return absl::OkStatus();
-  return impl_->AppendHistory(impl_->KeysOf(ls), keys, kIndexDim, QuantizeIndexKeys);
+  return impl_->AppendHistory(impl_->KeysOf(*seq.seq, layer), keys, kIndexDim, QuantizeIndexKeys);
 }
 
 absl::StatusOr<HistoryView> Cache::CompressedRows(SequenceId id, int layer) const {
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
-  return impl_->ViewOf(impl_->CompressedOf(seq.layers()[static_cast<size_t>(layer)]));
+  return impl_->ViewOf(impl_->CompressedOf(*seq.seq, layer));
 }
 
 absl::StatusOr<HistoryView> Cache::IndexKeys(SequenceId id, int layer) const {
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
-  return impl_->ViewOf(impl_->KeysOf(seq.layers()[static_cast<size_t>(layer)]));
+  return impl_->ViewOf(impl_->KeysOf(*seq.seq, layer));
 }
 
 absl::StatusOr<SequenceId> Cache::Fork(SequenceId id) {
@@ -340,27 +352,17 @@ absl::StatusOr<SequenceId> Cache::Fork(SequenceId id) {
     if (parent->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
     KVC_RETURN_IF_ERROR(impl_->SameLengthEverywhere(parent->layers, id, "Fork:"));
     std::lock_guard<std::mutex> child_lock(child->mu);
-    KVC_RETURN_IF_ERROR(impl_->AllocateState(child->layers));
-    // Apply (cannot fail): copy private state, share history.
-    for (size_t i = 0; i < parent->layers.size(); ++i) {
-      const LayerStreams& from = parent->layers[i];
-      LayerStreams& to = child->layers[i];
-      auto copy = [](const PagePool* pool, PageId from_page, PageId to_page) {
-        std::memcpy(pool->Data(to_page), pool->Data(from_page), static_cast<size_t>(pool->page_bytes()));
-      };
-      for (size_t p = 0; p < from.ring.size(); ++p) copy(impl_->ring_pool.get(), from.ring[p], to.ring[p]);
-      if (from.rollback != kNoPage) copy(impl_->rollback_pool.get(), from.rollback, to.rollback);
-      if (from.state != kNoPage) copy(impl_->StatePool(impl_->spec.layers[i].kind), from.state, to.state);
-      if (from.indexer_state != kNoPage) copy(impl_->csa_indexer_state_pool.get(), from.indexer_state, to.indexer_state);
-      for (const PageId page : from.compressed) impl_->compressed_pool->Ref(page);
-      for (const PageId page : from.keys) impl_->keys_pool->Ref(page);
-      to.compressed = from.compressed;
-      to.compressed_rows = from.compressed_rows;
-      to.keys = from.keys;
-      to.key_rows = from.key_rows;
-      to.length = from.length;
-      to.floor = from.floor;
+    KVC_RETURN_IF_ERROR(impl_->AllocateState(*child));
+    // Apply (cannot fail): copy private pages in every layer, share history.
+    for (const int s : Impl::kStateStreams) {
+      const std::vector<PageId>& from = parent->tables[static_cast<size_t>(s)];
+      for (size_t k = 0; k < from.size(); ++k) impl_->store->CopyPage(s, from[k], child->tables[static_cast<size_t>(s)][k]);
     }
+    for (const int s : {cache_internal::kCsaRowsStream, cache_internal::kCsaKeysStream, cache_internal::kHcaRowsStream}) {
+      for (const PageId page : parent->tables[static_cast<size_t>(s)]) impl_->store->Ref(s, page);
+      child->tables[static_cast<size_t>(s)] = parent->tables[static_cast<size_t>(s)];
+    }
+    child->layers = parent->layers;
     // Same history as the parent: the parent's snapshot entry serves it too.
     child->snapshot_tag = parent->snapshot_tag;
     child->snapshot_low_water = parent->snapshot_low_water;
@@ -385,36 +387,24 @@ absl::Status Cache::Truncate(SequenceId id, int64_t length) {
   }
   const int64_t W = impl_->window();
   const int64_t D = impl_->depth();
-  for (const LayerStreams& ls : seq.layers()) {  // the invariant the floor guarantees
+  for (int i = 0; i < static_cast<int>(seq.layers().size()); ++i) {  // the invariant the floor guarantees
     for (int64_t q = length; q < current; ++q) {
-      if (impl_->RollbackEvictors(ls)[q % D] != q) {
+      if (impl_->RollbackEvictors(*seq.seq, i)[q % D] != q) {
         return absl::InternalError(absl::StrCat("Truncate: rollback record of position ", q, " is missing"));
       }
     }
   }
   // Apply (cannot fail).
-  for (size_t i = 0; i < seq.layers().size(); ++i) {
-    LayerStreams& ls = seq.layers()[i];
-    int64_t* evictors = length < current ? impl_->RollbackEvictors(ls) : nullptr;
+  for (int i = 0; i < static_cast<int>(seq.layers().size()); ++i) {
+    LayerStreams& ls = seq.layers()[static_cast<size_t>(i)];
+    int64_t* evictors = length < current ? impl_->RollbackEvictors(*seq.seq, i) : nullptr;
     for (int64_t q = current - 1; q >= length; --q) {
-      Impl::CopyRow(impl_->RollbackRow(ls, q % D), impl_->RingSlot(ls, q % W));
+      Impl::CopyRow(impl_->RollbackRow(*seq.seq, i, q % D), impl_->RingSlot(*seq.seq, i, q % W));
       evictors[q % D] = -1;
     }
-    const LayerKind kind = impl_->spec.layers[i].kind;
-    auto shrink = [](std::vector<PageId>& pages, int64_t& rows, int64_t keep_rows, int64_t per_page, PagePool* pool) {
-      rows = std::min(rows, keep_rows);
-      const size_t keep_pages = static_cast<size_t>((rows + per_page - 1) / per_page);
-      while (pages.size() > keep_pages) {
-        pool->Unref(pages.back());
-        pages.pop_back();
-      }
-    };
-    shrink(ls.compressed, ls.compressed_rows, EntriesAt(kind, length), impl_->rows_per_page(),
-           impl_->compressed_pool.get());
-    shrink(ls.keys, ls.key_rows, kind == LayerKind::kCsa ? EntriesAt(kind, length) : 0,
-           impl_->options.keys_per_page, impl_->keys_pool.get());
     ls.length = length;
   }
+  impl_->TruncateHistory(*seq.seq, length);
   seq.seq->snapshot_low_water = std::min(seq.seq->snapshot_low_water, length);
   return absl::OkStatus();
 }
@@ -430,7 +420,7 @@ absl::Status Cache::Free(SequenceId id) {
   }
   std::lock_guard<std::mutex> seq_lock(seq->mu);
   seq->freed = true;
-  impl_->Release(seq->layers);
+  impl_->Release(*seq);
   return absl::OkStatus();
 }
 
@@ -450,7 +440,7 @@ absl::StatusOr<int64_t> Cache::RollbackFloor(SequenceId id) const {
 absl::StatusOr<WindowRingView> Cache::Window(SequenceId id, int layer) const {
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
-  return impl_->RingView(seq.layers()[static_cast<size_t>(layer)]);
+  return impl_->RingView(*seq.seq, layer);
 }
 
 absl::Status Cache::ReadWindow(SequenceId id, int layer, absl::Span<Bf16> out) const {
@@ -460,7 +450,7 @@ absl::Status Cache::ReadWindow(SequenceId id, int layer, absl::Span<Bf16> out) c
                                                    impl_->window(), " x ", kHeadDim));
   }
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));  // held while reading: no Append interleaves
-  const WindowRingView view = impl_->RingView(seq.layers()[static_cast<size_t>(layer)]);
+  const WindowRingView view = impl_->RingView(*seq.seq, layer);
   for (size_t p = 0; p < view.pages.size(); ++p) {
     const int64_t first = static_cast<int64_t>(p) * view.rows_per_page;
     const int64_t rows = std::min<int64_t>(view.rows_per_page, view.window - first);
@@ -473,25 +463,17 @@ absl::Status Cache::ReadWindow(SequenceId id, int layer, absl::Span<Bf16> out) c
 
 CacheUsage Cache::Usage() const {
   CacheUsage usage;
-  const struct {
-    Component component;
-    const PagePool* pool;
-  } pools[] = {{Component::kWindowRing, impl_->ring_pool.get()},
-               {Component::kWindowRing, impl_->rollback_pool.get()},
-               {Component::kCompressorState, impl_->csa_state_pool.get()},
-               {Component::kCompressorState, impl_->csa_indexer_state_pool.get()},
-               {Component::kCompressorState, impl_->hca_state_pool.get()},
-               {Component::kCompressedRows, impl_->compressed_pool.get()},
-               {Component::kIndexKeys, impl_->keys_pool.get()}};
-  for (const auto& p : pools) {
-    const PoolStats stats = p.pool->Stats();
-    ComponentUsage& c = usage.components[static_cast<int>(p.component)];
-    c.used_bytes += stats.used_bytes();
-    c.reserved_bytes += stats.reserved_bytes();
-    c.pages += stats.used_pages;
+  const PageStore& store = *impl_->store;
+  for (int s = 0; s < cache_internal::kStreamCount; ++s) {
+    if (!store.present(s)) continue;
+    const PageStore::Stats stats = store.StreamStats(s);
+    ComponentUsage& c = usage.components[static_cast<int>(store.spec(s).component)];
+    c.used_bytes += stats.used_ids * store.id_bytes(s);
+    c.reserved_bytes += stats.created_ids * store.id_bytes(s);
+    c.pages += stats.used_ids * store.layers(s);
   }
-  usage.history_limit_bytes = impl_->history_arena->limit_bytes();
-  usage.state_limit_bytes = impl_->state_arena->limit_bytes();
+  usage.history_limit_bytes = store.limit(cache_internal::StreamClass::kHistory);
+  usage.state_limit_bytes = store.limit(cache_internal::StreamClass::kState);
   std::lock_guard<std::mutex> lock(impl_->mu);
   usage.sequences = static_cast<int64_t>(impl_->sequences.size());
   return usage;
@@ -500,19 +482,11 @@ CacheUsage Cache::Usage() const {
 absl::StatusOr<SequenceUsage> Cache::Usage(SequenceId id) const {
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
   SequenceUsage usage;
-  auto add = [&](Component c, const PagePool* pool, PageId page) {
-    usage.bytes[static_cast<int>(c)] += pool->page_bytes();
-    if (pool->RefCount(page) > 1) usage.shared_bytes += pool->page_bytes();
-  };
-  for (size_t i = 0; i < seq.layers().size(); ++i) {
-    const LayerStreams& ls = seq.layers()[i];
-    for (const PageId p : ls.ring) add(Component::kWindowRing, impl_->ring_pool.get(), p);
-    if (ls.rollback != kNoPage) add(Component::kWindowRing, impl_->rollback_pool.get(), ls.rollback);
-    for (const PageId p : ls.compressed) add(Component::kCompressedRows, impl_->compressed_pool.get(), p);
-    for (const PageId p : ls.keys) add(Component::kIndexKeys, impl_->keys_pool.get(), p);
-    if (ls.state != kNoPage) add(Component::kCompressorState, impl_->StatePool(impl_->spec.layers[i].kind), ls.state);
-    if (ls.indexer_state != kNoPage) {
-      add(Component::kCompressorState, impl_->csa_indexer_state_pool.get(), ls.indexer_state);
+  const PageStore& store = *impl_->store;
+  for (int s = 0; s < cache_internal::kStreamCount; ++s) {
+    for (const PageId page : seq.seq->tables[static_cast<size_t>(s)]) {
+      usage.bytes[static_cast<int>(store.spec(s).component)] += store.id_bytes(s);
+      if (store.RefCount(s, page) > 1) usage.shared_bytes += store.id_bytes(s);
     }
   }
   return usage;
@@ -537,14 +511,19 @@ absl::StatusOr<AttentionSet> Cache::SelectAttentionSet(SequenceId id, int layer,
     return absl::InvalidArgumentError(absl::StrCat("SelectAttentionSet: layer ", layer, " is a CSA layer; it needs an index query"));
   }
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
+  Sequence& sq = *seq.seq;
   LayerStreams& ls = seq.layers()[static_cast<size_t>(layer)];
   if (ls.length == 0) return absl::FailedPreconditionError("SelectAttentionSet: the layer holds no tokens");
   AttentionSet set;
   set.position = ls.length - 1;
   const int64_t W = impl_->window();
+  const int64_t B = impl_->rows_per_page();
+  const std::vector<PageId>& ring = sq.tables[cache_internal::kWindowStream];
   for (int64_t p = std::max<int64_t>(0, ls.length - W); p < ls.length; ++p) {
-    const PackedRows row = impl_->RingSlot(ls, p % W);
-    set.indices.push_back(static_cast<int32_t>(p % W));
+    const int64_t slot = p % W;
+    const PackedRows row = impl_->RingSlot(sq, layer, slot);
+    set.indices.push_back(static_cast<int32_t>(slot));
+    set.window_indices.push_back(static_cast<int32_t>(ring[static_cast<size_t>(slot / B)] * B + slot % B));
     set.rows.push_back({row.data, row.scales});
   }
   if (kind == LayerKind::kWindow) return set;
@@ -555,7 +534,7 @@ absl::StatusOr<AttentionSet> Cache::SelectAttentionSet(SequenceId id, int layer,
   } else {
     const int64_t keyed = std::min(visible, ls.key_rows);
     std::vector<float> scores(static_cast<size_t>(keyed));
-    const Impl::History keys = impl_->KeysOf(ls);
+    const Impl::History keys = impl_->KeysOf(sq, layer);
     for (int64_t first = 0; first < keyed; first += keys.per_page) {
       const int64_t n = std::min(keys.per_page, keyed - first);
       const absl::Status scored =
@@ -569,10 +548,12 @@ absl::StatusOr<AttentionSet> Cache::SelectAttentionSet(SequenceId id, int layer,
     KVC_RETURN_IF_ERROR(TopK(scores, impl_->spec.index_topk, &entries));
     if (index_scores != nullptr) *index_scores = std::move(scores);
   }
-  const Impl::History rows = impl_->CompressedOf(ls);
+  const Impl::History rows = impl_->CompressedOf(sq, layer);
   for (const int64_t j : entries) {
     const PackedRows row = impl_->HistoryPage(rows, static_cast<size_t>(j / rows.per_page)).Slice(j % rows.per_page, 1);
     set.indices.push_back(static_cast<int32_t>(W + j));
+    set.compressed_indices.push_back(
+        static_cast<int32_t>((*rows.pages)[static_cast<size_t>(j / rows.per_page)] * rows.per_page + j % rows.per_page));
     set.rows.push_back({row.data, row.scales});
   }
   return set;
@@ -597,6 +578,136 @@ absl::Status GatherRows(const AttentionSet& set, absl::Span<Out> out) {
 
 absl::Status GatherAttentionRows(const AttentionSet& set, absl::Span<float> out) { return GatherRows(set, out); }
 absl::Status GatherAttentionRows(const AttentionSet& set, absl::Span<Bf16> out) { return GatherRows(set, out); }
+
+// --- Pages as an engine kernel addresses them ------------------------------
+
+namespace {
+
+absl::Status CheckStream(Stream stream) {
+  const int s = static_cast<int>(stream);
+  if (s < 0 || s >= kNumStreams) {
+    return absl::InvalidArgumentError(absl::StrCat("stream ", s, " is not a Stream (0..", kNumStreams - 1, ")"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<PageArray> Cache::LayerPages(int layer, Stream stream) const {
+  KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
+  KVC_RETURN_IF_ERROR(CheckStream(stream));
+  const int s = static_cast<int>(stream);
+  if (!impl_->HasStream(layer, s)) {
+    return absl::NotFoundError(absl::StrCat("layer ", layer, " (", LayerKindName(impl_->KindOf(layer)),
+                                            ") has no ", StreamName(stream), " stream"));
+  }
+  const PageStore& store = *impl_->store;
+  const cache_internal::StreamSpec& st = store.spec(s);
+  return PageArray{store.base(s, layer), st.page_bytes, store.num_pages(s), st.rows_per_page, st.row_data_bytes,
+                   st.row_scale_bytes};
+}
+
+absl::StatusOr<std::vector<int32_t>> Cache::BlockTable(SequenceId id, Stream stream) const {
+  KVC_RETURN_IF_ERROR(CheckStream(stream));
+  KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
+  KVC_ASSIGN_OR_RETURN(const Impl::TableRows t, impl_->TableOf(*seq.seq, stream));
+  return *t.ids;
+}
+
+absl::StatusOr<DenseBlockTables> Cache::BatchBlockTables(absl::Span<const SequenceId> ids, Stream stream) const {
+  KVC_RETURN_IF_ERROR(CheckStream(stream));
+  std::vector<std::vector<int32_t>> tables;
+  DenseBlockTables out;
+  for (const SequenceId id : ids) {
+    KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
+    KVC_ASSIGN_OR_RETURN(const Impl::TableRows t, impl_->TableOf(*seq.seq, stream));
+    tables.push_back(*t.ids);
+    out.blocks.push_back(static_cast<int32_t>(t.ids->size()));
+    out.rows.push_back(t.rows);
+    out.max_blocks = std::max<int64_t>(out.max_blocks, static_cast<int64_t>(t.ids->size()));
+  }
+  out.ids.assign(tables.size() * static_cast<size_t>(out.max_blocks), -1);
+  for (size_t b = 0; b < tables.size(); ++b) {
+    std::copy(tables[b].begin(), tables[b].end(), out.ids.begin() + static_cast<std::ptrdiff_t>(b * static_cast<size_t>(out.max_blocks)));
+  }
+  return out;
+}
+
+absl::StatusOr<CsrBlockTables> Cache::BatchBlockTablesCsr(absl::Span<const SequenceId> ids, Stream stream) const {
+  KVC_RETURN_IF_ERROR(CheckStream(stream));
+  CsrBlockTables out;
+  out.indptr.push_back(0);
+  for (const SequenceId id : ids) {
+    KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
+    KVC_ASSIGN_OR_RETURN(const Impl::TableRows t, impl_->TableOf(*seq.seq, stream));
+    if (out.indices.size() + t.ids->size() > static_cast<size_t>(INT32_MAX)) {
+      return absl::OutOfRangeError("BatchBlockTablesCsr: more than 2^31 - 1 pages");
+    }
+    out.indices.insert(out.indices.end(), t.ids->begin(), t.ids->end());
+    out.indptr.push_back(static_cast<int32_t>(out.indices.size()));
+    const int64_t pages = static_cast<int64_t>(t.ids->size());
+    out.last_page_len.push_back(
+        pages == 0 ? 0 : static_cast<int32_t>(std::clamp<int64_t>(t.rows - (pages - 1) * t.per_page, 0, t.per_page)));
+  }
+  return out;
+}
+
+absl::StatusOr<int64_t> Cache::StreamRows(SequenceId id, int layer, Stream stream) const {
+  KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
+  KVC_RETURN_IF_ERROR(CheckStream(stream));
+  if (!impl_->HasStream(layer, static_cast<int>(stream))) {
+    return absl::NotFoundError(absl::StrCat("layer ", layer, " (", LayerKindName(impl_->KindOf(layer)),
+                                            ") has no ", StreamName(stream), " stream"));
+  }
+  KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
+  const LayerStreams& ls = seq.layers()[static_cast<size_t>(layer)];
+  switch (stream) {
+    case Stream::kWindow: return std::min<int64_t>(ls.length, impl_->window());
+    case Stream::kCsaKeys: return ls.key_rows;
+    default: return ls.compressed_rows;
+  }
+}
+
+absl::Status Cache::AppendRows(SequenceId id, int layer, Stream stream, int64_t first, absl::Span<const uint8_t> rows) {
+  constexpr const char* kWhat = "AppendRows";
+  KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
+  KVC_RETURN_IF_ERROR(CheckStream(stream));
+  if (stream == Stream::kWindow) {
+    return absl::InvalidArgumentError(absl::StrCat(kWhat, ": window rows are appended with Append"));
+  }
+  if (!impl_->HasStream(layer, static_cast<int>(stream))) {
+    return absl::NotFoundError(absl::StrCat(kWhat, ": layer ", layer, " (", LayerKindName(impl_->KindOf(layer)),
+                                            ") has no ", StreamName(stream), " stream"));
+  }
+  const bool keys = stream == Stream::kCsaKeys;
+  const RowFormat format = keys ? RowFormat::kIndexFp4 : RowFormat::kKvFp8;
+  const int64_t row_bytes = FormatInfo(format).row_bytes;
+  KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
+  LayerStreams& ls = seq.layers()[static_cast<size_t>(layer)];
+  const std::string what = absl::StrCat(kWhat, " (", StreamName(stream), ")");
+  if (static_cast<int64_t>(rows.size()) % row_bytes != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": ", rows.size(), " bytes are not whole ", row_bytes, "-byte rows"));
+  }
+  // Shapes and order as AppendCompressedRows / AppendIndexKeys check them
+  // (counted in rows: one "value" per row here).
+  KVC_ASSIGN_OR_RETURN(const int64_t n,
+                       CheckHistoryAppend(impl_->spec, layer, ls, keys ? ls.key_rows : ls.compressed_rows, first,
+                                          rows.size() / static_cast<size_t>(row_bytes), 1, keys, what.c_str()));
+  const int64_t bad = keys ? snapshot_format::FirstInvalidKey(rows.data(), n)
+                           : snapshot_format::FirstInvalidKvRow(rows.data(), n);
+  if (bad >= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, ": row ", bad, " (entry ", first + bad, ") is not one kvc could have written (",
+        keys ? "a NaN UE8M0 scale" : "a NaN E4M3 code or UE8M0 scale, a non-finite RoPE dim or nonzero padding", ")"));
+  }
+  if (n == 0) return absl::OkStatus();
+  const Impl::History h = keys ? impl_->KeysOf(*seq.seq, layer) : impl_->CompressedOf(*seq.seq, layer);
+  KVC_ASSIGN_OR_RETURN(const Impl::HistoryPlan plan, impl_->PlanHistory(h, n));
+  return impl_->CommitHistory(h, plan, n, [&](int64_t i, int64_t run, PackedRows to) {
+    CopyRows(format, ContiguousRows(format, rows.data() + i * row_bytes, run), to);
+    return absl::OkStatus();
+  });
+}
 
 const ModelSpec& Cache::spec() const { return impl_->spec; }
 const CacheOptions& Cache::options() const { return impl_->options; }

@@ -5,6 +5,7 @@
 #define KVC_SRC_CACHE_INTERNAL_H_
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -18,9 +19,9 @@
 #include "absl/strings/str_cat.h"
 #include "kvc/cache.h"
 #include "kvc/compressor.h"
-#include "kvc/page_pool.h"
 #include "kvc/row_kernels.h"
 #include "kvc/status.h"
+#include "src/page_store.h"
 
 namespace kvc {
 namespace cache_internal {
@@ -47,24 +48,23 @@ inline bool KvcCompresses(const LayerSpec& layer) {
   return layer.kind != LayerKind::kWindow && !layer.compressor.ape.empty();
 }
 
-// One layer of one sequence.
+// One layer of one sequence: its position and its rows in the history
+// streams. Its pages are the sequence's (Sequence::tables).
 struct LayerStreams {
   int64_t length = 0;  // tokens appended
   int64_t floor = 0;   // smallest length a Truncate may restore
-  std::vector<PageId> ring;         // ceil(window / rows_per_page) pages, private
-  PageId rollback = kNoPage;        // rollback_depth records, private (none if depth 0)
-  std::vector<PageId> compressed;   // history pages, shared between forks
-  int64_t compressed_rows = 0;
-  std::vector<PageId> keys;         // history pages (CSA), shared between forks
-  int64_t key_rows = 0;
-  PageId state = kNoPage;           // main compressor state (CSA, HCA), private
-  PageId indexer_state = kNoPage;   // indexer compressor state (CSA), private
+  int64_t compressed_rows = 0;  // in kCsaRows (CSA) or kHcaRows (HCA)
+  int64_t key_rows = 0;         // in kCsaKeys (CSA)
 };
 
 struct Sequence {
   mutable std::mutex mu;  // guards the members below
   bool freed = false;
   std::vector<LayerStreams> layers;
+  // One block table per stream, shared by every layer of it (StreamIndex):
+  // window ring ceil(W / B) ids; history streams the pages covering the
+  // longest layer; rollback and compressor state one id each (if present).
+  std::array<std::vector<PageId>, kStreamCount> tables;
   // Incremental snapshots (snapshot.cc): the history rows of this sequence
   // equal those of the snapshot entry tagged `snapshot_tag` in every layer
   // below EntriesAt(kind, snapshot_low_water) (the entry's own row counts
@@ -82,24 +82,18 @@ using cache_internal::kKvRowBytes;
 using cache_internal::kKvScaleBytes;
 using cache_internal::KvcCompresses;
 using cache_internal::LayerStreams;
+using cache_internal::PageId;
+using cache_internal::PageStore;
+using cache_internal::kNoPage;
 using cache_internal::Sequence;
 using cache_internal::StateRowFloats;
 
 struct Cache::Impl {
   ModelSpec spec;
   CacheOptions options;
-  std::unique_ptr<Arena> history_arena;
-  std::unique_ptr<Arena> state_arena;
-  // State class.
-  std::unique_ptr<PagePool> ring_pool;
-  std::unique_ptr<PagePool> rollback_pool;
-  std::unique_ptr<PagePool> csa_state_pool;
-  std::unique_ptr<PagePool> csa_indexer_state_pool;
-  std::unique_ptr<PagePool> hca_state_pool;
-  // History class.
-  std::unique_ptr<PagePool> compressed_pool;
-  std::unique_ptr<PagePool> keys_pool;
+  std::unique_ptr<PageStore> store;  // every stream's arrays, ids and budgets
   std::unique_ptr<RopeTable> compressed_rope;  // CSA/HCA layers' RoPE
+  std::vector<PageId> no_pages;  // the (empty) table of a layer without the stream
 
   mutable std::mutex mu;  // guards the members below
   std::unordered_map<SequenceId, std::shared_ptr<Sequence>> sequences;
@@ -154,34 +148,57 @@ struct Cache::Impl {
     return absl::OkStatus();
   }
 
-  PagePool* StatePool(LayerKind kind) const {
-    return kind == LayerKind::kCsa ? csa_state_pool.get() : kind == LayerKind::kHca ? hca_state_pool.get() : nullptr;
+  LayerKind KindOf(int layer) const { return spec.layers[static_cast<size_t>(layer)].kind; }
+  // The layer's compressed-rows stream (-1 for a window layer) and its main
+  // compressor state stream (-1 likewise).
+  int RowsStream(int layer) const {
+    const LayerKind k = KindOf(layer);
+    return k == LayerKind::kCsa ? cache_internal::kCsaRowsStream : k == LayerKind::kHca ? cache_internal::kHcaRowsStream : -1;
+  }
+  int StateStream(int layer) const {
+    const LayerKind k = KindOf(layer);
+    return k == LayerKind::kCsa ? cache_internal::kCsaStateStream : k == LayerKind::kHca ? cache_internal::kHcaStateStream : -1;
+  }
+  // Whether `layer` has public stream s.
+  bool HasStream(int layer, int s) const {
+    const std::vector<int32_t>& l = store->spec(s).layers;
+    return std::binary_search(l.begin(), l.end(), layer);
+  }
+  // The one page of a per-sequence stream (rollback, compressor state).
+  uint8_t* OnePage(const Sequence& seq, int s, int layer) const {
+    return store->Page(s, layer, seq.tables[static_cast<size_t>(s)][0]);
   }
 
-  // --- Window ring and rollback records ---------------------------------
+  // --- Window part: ring and rollback records ----------------------------
 
-  PackedRows RingPage(const LayerStreams& ls, int64_t page) const {
-    return PageFooterRows(RowFormat::kKvFp8, ring_pool->Data(ls.ring[static_cast<size_t>(page)]), rows_per_page());
+  PackedRows RingPage(const Sequence& seq, int layer, int64_t page) const {
+    return PageFooterRows(RowFormat::kKvFp8,
+                          store->Page(cache_internal::kWindowStream, layer,
+                                      seq.tables[cache_internal::kWindowStream][static_cast<size_t>(page)]),
+                          rows_per_page());
   }
   // The one-row view of ring slot `slot`.
-  PackedRows RingSlot(const LayerStreams& ls, int64_t slot) const {
-    return RingPage(ls, slot / rows_per_page()).Slice(slot % rows_per_page(), 1);
+  PackedRows RingSlot(const Sequence& seq, int layer, int64_t slot) const {
+    return RingPage(seq, layer, slot / rows_per_page()).Slice(slot % rows_per_page(), 1);
   }
   // Rollback record i: a contiguous 584-byte row, plus the position whose
   // append evicted it (-1: none).
-  PackedRows RollbackRow(const LayerStreams& ls, int64_t i) const {
-    return ContiguousRows(RowFormat::kKvFp8, rollback_pool->Data(ls.rollback), depth()).Slice(i, 1);
+  uint8_t* RollbackData(const Sequence& seq, int layer) const {
+    return OnePage(seq, cache_internal::kRollbackStream, layer);
   }
-  int64_t* RollbackEvictors(const LayerStreams& ls) const {
-    return reinterpret_cast<int64_t*>(rollback_pool->Data(ls.rollback) + depth() * kKvRowBytes);
+  PackedRows RollbackRow(const Sequence& seq, int layer, int64_t i) const {
+    return ContiguousRows(RowFormat::kKvFp8, RollbackData(seq, layer), depth()).Slice(i, 1);
+  }
+  int64_t* RollbackEvictors(const Sequence& seq, int layer) const {
+    return reinterpret_cast<int64_t*>(RollbackData(seq, layer) + depth() * kKvRowBytes);
   }
 
-  WindowRingView RingView(const LayerStreams& ls) const {
+  WindowRingView RingView(const Sequence& seq, int layer) const {
     WindowRingView view;
     view.rows_per_page = rows_per_page();
     view.window = window();
-    view.length = ls.length;
-    for (int64_t p = 0; p < ring_pages(); ++p) view.pages.push_back(RingPage(ls, p));
+    view.length = seq.layers[static_cast<size_t>(layer)].length;
+    for (int64_t p = 0; p < ring_pages(); ++p) view.pages.push_back(RingPage(seq, layer, p));
     return view;
   }
 
@@ -197,22 +214,22 @@ struct Cache::Impl {
   // from this chunk) into rollback record q mod depth. The caller checked
   // the rows finite (all QuantizeKvRows refuses), so this does not fail; a
   // refusal would be a broken invariant and is returned, not dropped.
-  absl::Status WriteWindow(LayerStreams& ls, absl::Span<const Bf16> rows) const {
-    const int64_t L = ls.length;
+  absl::Status WriteWindow(const Sequence& seq, int layer, absl::Span<const Bf16> rows) const {
+    const int64_t L = seq.layers[static_cast<size_t>(layer)].length;
     const int64_t n = static_cast<int64_t>(rows.size()) / kHeadDim;
     const int64_t W = window();
     auto quantize = [&](int64_t position, PackedRows to) {
       return QuantizeKvRows(rows.subspan(static_cast<size_t>((position - L) * kHeadDim), kHeadDim), to);
     };
     if (depth() > 0) {
-      int64_t* evictors = RollbackEvictors(ls);
+      int64_t* evictors = RollbackEvictors(seq, layer);
       for (int64_t q = std::max(L, L + n - depth()); q < L + n; ++q) {
         const int64_t evicted = q - W;
-        const PackedRows record = RollbackRow(ls, q % depth());
+        const PackedRows record = RollbackRow(seq, layer, q % depth());
         if (evicted < 0) {
           ZeroRow(record);
         } else if (evicted < L) {
-          CopyRow(RingSlot(ls, evicted % W), record);
+          CopyRow(RingSlot(seq, layer, evicted % W), record);
         } else {
           KVC_RETURN_IF_ERROR(quantize(evicted, record));
         }
@@ -225,82 +242,129 @@ struct Cache::Impl {
       const int64_t in_page = slot % rows_per_page();
       int64_t run = std::min({L + n - p, W - slot, rows_per_page() - in_page});
       KVC_RETURN_IF_ERROR(QuantizeKvRows(rows.subspan(static_cast<size_t>((p - L) * kHeadDim), static_cast<size_t>(run * kHeadDim)),
-                                         RingPage(ls, slot / rows_per_page()).Slice(in_page, run)));
+                                         RingPage(seq, layer, slot / rows_per_page()).Slice(in_page, run)));
       p += run;
     }
     return absl::OkStatus();
   }
 
-  // --- History streams ----------------------------------------------------
+  // --- History part: append-only rows, shared between forks -------------
 
+  // One layer's side of one history stream of a sequence: the stream's
+  // table (shared by its layers) and this layer's row count.
   struct History {
     std::vector<PageId>* pages;
     int64_t* rows;
-    PagePool* pool;
+    int stream;  // -1: the layer has no such stream (no pages, no rows)
+    int layer;
     RowFormat format;
     int64_t per_page;
   };
-  History CompressedOf(LayerStreams& ls) const {
-    return {&ls.compressed, &ls.compressed_rows, compressed_pool.get(), RowFormat::kKvFp8, rows_per_page()};
+  History HistoryOf(Sequence& seq, int layer, int stream, bool keys) const {
+    LayerStreams& ls = seq.layers[static_cast<size_t>(layer)];
+    History h{stream < 0 ? const_cast<std::vector<PageId>*>(&no_pages) : &seq.tables[static_cast<size_t>(stream)],
+              keys ? &ls.key_rows : &ls.compressed_rows, stream, layer,
+              keys ? RowFormat::kIndexFp4 : RowFormat::kKvFp8,
+              keys ? options.keys_per_page : options.rows_per_page};
+    return h;
   }
-  History KeysOf(LayerStreams& ls) const {
-    return {&ls.keys, &ls.key_rows, keys_pool.get(), RowFormat::kIndexFp4, options.keys_per_page};
+  History CompressedOf(Sequence& seq, int layer) const { return HistoryOf(seq, layer, RowsStream(layer), false); }
+  History KeysOf(Sequence& seq, int layer) const {
+    return HistoryOf(seq, layer, KindOf(layer) == LayerKind::kCsa ? cache_internal::kCsaKeysStream : -1, true);
   }
   PackedRows HistoryPage(const History& h, size_t page) const {
-    return PageFooterRows(h.format, h.pool->Data((*h.pages)[page]), h.per_page);
+    return PageFooterRows(h.format, store->Page(h.stream, h.layer, (*h.pages)[page]), h.per_page);
   }
 
-  // The pages `n` more rows of a history stream need: new pages, plus a
-  // private copy of a partial last page shared with a fork. Allocated now
-  // (all or nothing); Commit uses them, Abandon returns them.
+  // The pages `n` more rows of one layer need: new pages past the table, plus
+  // a private copy of every page of the table they write into that is shared
+  // with a fork (copied in every layer of the stream). Allocated now (all or
+  // nothing); CommitHistory uses them, AbandonHistory returns them.
   struct HistoryPlan {
     std::vector<PageId> fresh;
-    bool copy_last = false;
+    std::vector<size_t> copies;  // table positions to copy, ascending
   };
   absl::StatusOr<HistoryPlan> PlanHistory(const History& h, int64_t n) const {
     HistoryPlan plan;
+    if (n <= 0) return plan;
     const int64_t rows = *h.rows;
-    plan.copy_last = n > 0 && rows % h.per_page != 0 && h.pool->RefCount(h.pages->back()) > 1;
-    const int64_t new_pages = (rows + n + h.per_page - 1) / h.per_page - static_cast<int64_t>(h.pages->size());
-    KVC_RETURN_IF_ERROR(h.pool->Allocate(new_pages + (plan.copy_last ? 1 : 0), &plan.fresh));
+    const int64_t end = (rows + n + h.per_page - 1) / h.per_page;
+    const int64_t have = static_cast<int64_t>(h.pages->size());
+    for (int64_t p = rows / h.per_page; p < std::min(end, have); ++p) {
+      if (store->RefCount(h.stream, (*h.pages)[static_cast<size_t>(p)]) > 1) plan.copies.push_back(static_cast<size_t>(p));
+    }
+    const int64_t new_pages = std::max<int64_t>(0, end - have);
+    KVC_RETURN_IF_ERROR(store->Allocate(h.stream, new_pages + static_cast<int64_t>(plan.copies.size()), &plan.fresh));
     return plan;
   }
-  static void AbandonHistory(const History& h, const HistoryPlan& plan) {
-    for (const PageId id : plan.fresh) h.pool->Unref(id);
+  void AbandonHistory(const History& h, const HistoryPlan& plan) const {
+    for (const PageId id : plan.fresh) store->Unref(h.stream, id);
   }
 
-  // Takes the planned pages into the stream and writes the rows into them.
-  // The caller checked the rows against what `quantize` accepts, so this does
-  // not fail; a refusal would be a broken invariant and is returned, not
-  // dropped (the pages are in the stream either way: nothing leaks).
-  absl::Status CommitHistory(const History& h, const HistoryPlan& plan, absl::Span<const Bf16> values, int dims,
-                     absl::Status (*quantize)(absl::Span<const Bf16>, PackedRows)) const {
-    const int64_t n = static_cast<int64_t>(values.size()) / dims;
+  // Takes the planned pages into the stream and writes n rows through
+  // write(i, run, to): rows [i, i + run) of the input into `to`. The caller
+  // checked the rows against what `write` accepts, so this does not fail; a
+  // refusal would be a broken invariant and is returned, not dropped (the
+  // pages are in the stream either way: nothing leaks).
+  template <typename Write>
+  absl::Status CommitHistory(const History& h, const HistoryPlan& plan, int64_t n, Write write) const {
     const int64_t rows = *h.rows;
     size_t next = 0;
-    if (plan.copy_last) {  // copy-on-write of the page this sequence shares
-      const PageId shared = h.pages->back();
-      std::memcpy(h.pool->Data(plan.fresh[next]), h.pool->Data(shared), static_cast<size_t>(h.pool->page_bytes()));
-      h.pool->Unref(shared);
-      h.pages->back() = plan.fresh[next++];
+    for (const size_t p : plan.copies) {  // copy-on-write, in every layer of the stream
+      const PageId shared = (*h.pages)[p];
+      store->CopyPage(h.stream, shared, plan.fresh[next]);
+      store->Unref(h.stream, shared);
+      (*h.pages)[p] = plan.fresh[next++];
     }
     while (next < plan.fresh.size()) h.pages->push_back(plan.fresh[next++]);
     for (int64_t i = 0; i < n;) {
       const int64_t at = rows + i;
       const int64_t run = std::min(n - i, h.per_page - at % h.per_page);
-      const absl::Status s = quantize(values.subspan(static_cast<size_t>(i * dims), static_cast<size_t>(run * dims)),
-                                      HistoryPage(h, static_cast<size_t>(at / h.per_page)).Slice(at % h.per_page, run));
+      const absl::Status s = write(i, run, HistoryPage(h, static_cast<size_t>(at / h.per_page)).Slice(at % h.per_page, run));
       if (!s.ok()) return absl::InternalError(absl::StrCat("a checked row was refused: ", s.message()));
       i += run;
     }
     *h.rows += n;
     return absl::OkStatus();
   }
+  // Writes bf16 values quantized by `quantize` (dims values per row).
+  static auto Quantizer(absl::Span<const Bf16> values, int dims,
+                        absl::Status (*quantize)(absl::Span<const Bf16>, PackedRows)) {
+    return [values, dims, quantize](int64_t i, int64_t run, PackedRows to) {
+      return quantize(values.subspan(static_cast<size_t>(i * dims), static_cast<size_t>(run * dims)), to);
+    };
+  }
 
   absl::Status AppendHistory(const History& h, absl::Span<const Bf16> values, int dims,
                              absl::Status (*quantize)(absl::Span<const Bf16>, PackedRows)) const {
-    KVC_ASSIGN_OR_RETURN(const HistoryPlan plan, PlanHistory(h, static_cast<int64_t>(values.size()) / dims));
-    return CommitHistory(h, plan, values, dims, quantize);
+    const int64_t n = static_cast<int64_t>(values.size()) / dims;
+    KVC_ASSIGN_OR_RETURN(const HistoryPlan plan, PlanHistory(h, n));
+    return CommitHistory(h, plan, n, Quantizer(values, dims, quantize));
+  }
+
+  // Drops the rows of `seq`'s history streams past the entries `length`
+  // tokens close, in every layer, and the pages no layer needs any more.
+  void TruncateHistory(Sequence& seq, int64_t length) const {
+    int64_t longest[cache_internal::kStreamCount] = {};
+    for (int i = 0; i < static_cast<int>(seq.layers.size()); ++i) {
+      LayerStreams& ls = seq.layers[static_cast<size_t>(i)];
+      const int64_t keep = EntriesAt(KindOf(i), length);
+      ls.compressed_rows = std::min(ls.compressed_rows, keep);
+      ls.key_rows = std::min(ls.key_rows, keep);
+      if (RowsStream(i) >= 0) longest[RowsStream(i)] = std::max(longest[RowsStream(i)], ls.compressed_rows);
+      if (KindOf(i) == LayerKind::kCsa) {
+        longest[cache_internal::kCsaKeysStream] = std::max(longest[cache_internal::kCsaKeysStream], ls.key_rows);
+      }
+    }
+    for (const int s : {cache_internal::kCsaRowsStream, cache_internal::kCsaKeysStream, cache_internal::kHcaRowsStream}) {
+      const int64_t per_page = store->spec(s).rows_per_page;
+      std::vector<PageId>& table = seq.tables[static_cast<size_t>(s)];
+      const size_t keep_pages = static_cast<size_t>((longest[s] + per_page - 1) / per_page);
+      while (table.size() > keep_pages) {
+        store->Unref(s, table.back());
+        table.pop_back();
+      }
+    }
   }
 
   // --- Compressors ---------------------------------------------------------
@@ -322,13 +386,18 @@ struct Cache::Impl {
 
   int64_t StateCapacity(const CompressorGeometry& g) const { return g.span() + depth(); }
 
-  CompressorRun RunFor(const LayerStreams& ls, bool indexer, int layer, const LayerTokens& t) const {
+  // The layer's compressor state page (main or indexer).
+  uint8_t* StateData(const Sequence& seq, int layer, bool indexer) const {
+    return OnePage(seq, indexer ? cache_internal::kCsaIndexerStateStream : StateStream(layer), layer);
+  }
+
+  CompressorRun RunFor(const Sequence& seq, bool indexer, int layer, const LayerTokens& t) const {
     const LayerSpec& spec_layer = spec.layers[static_cast<size_t>(layer)];
+    const LayerStreams& ls = seq.layers[static_cast<size_t>(layer)];
     CompressorRun run;
     run.g = indexer ? IndexerCompressor(spec.index_dim) : MainCompressor(spec_layer.kind, spec.head_dim);
     run.params = indexer ? &spec_layer.indexer : &spec_layer.compressor;
-    PagePool* pool = indexer ? csa_indexer_state_pool.get() : StatePool(spec_layer.kind);
-    run.state = reinterpret_cast<float*>(pool->Data(indexer ? ls.indexer_state : ls.state));
+    run.state = reinterpret_cast<float*>(StateData(seq, layer, indexer));
     run.capacity = StateCapacity(run.g);
     run.kv = indexer ? t.indexer_kv.data() : t.compressor_kv.data();
     run.score = indexer ? t.indexer_score.data() : t.compressor_score.data();
@@ -512,65 +581,58 @@ struct Cache::Impl {
     return view;
   }
 
-  // --- Page ownership ---------------------------------------------------
+  // A sequence's table of a public stream and the rows it covers (the
+  // longest layer's); kNotFound if no layer has the stream.
+  struct TableRows {
+    const std::vector<PageId>* ids;
+    int64_t rows;
+    int32_t per_page;
+  };
+  absl::StatusOr<TableRows> TableOf(const Sequence& seq, Stream stream) const {
+    const int s = static_cast<int>(stream);
+    if (!store->present(s)) {
+      return absl::NotFoundError(absl::StrCat("the model has no layer with a ", StreamName(stream), " stream"));
+    }
+    int64_t rows = 0;
+    for (const int32_t l : store->spec(s).layers) {
+      const LayerStreams& ls = seq.layers[static_cast<size_t>(l)];
+      rows = std::max(rows, s == cache_internal::kWindowStream    ? std::min<int64_t>(ls.length, window())
+                            : s == cache_internal::kCsaKeysStream ? ls.key_rows
+                                                                  : ls.compressed_rows);
+    }
+    return TableRows{&seq.tables[static_cast<size_t>(s)], rows, store->spec(s).rows_per_page};
+  }
 
-  // The private state pages of a new sequence (or fork), all or nothing.
-  absl::Status AllocateState(std::vector<LayerStreams>& layers) const {
-    int64_t csa = 0, hca = 0;
-    for (const LayerSpec& l : spec.layers) {
-      csa += l.kind == LayerKind::kCsa ? 1 : 0;
-      hca += l.kind == LayerKind::kHca ? 1 : 0;
+  // --- State part: the pages a sequence holds from its creation ----------
+
+  // Private to a sequence, constant size, copied on fork.
+  static constexpr int kStateStreams[] = {cache_internal::kWindowStream, cache_internal::kRollbackStream,
+                                          cache_internal::kCsaStateStream, cache_internal::kCsaIndexerStateStream,
+                                          cache_internal::kHcaStateStream};
+
+  // The private pages of a new sequence (or fork): ring, rollback records,
+  // compressor state, all or nothing. Rollback records start empty.
+  absl::Status AllocateState(Sequence& seq) const {
+    std::vector<PageStore::Request> requests;
+    for (const int s : kStateStreams) {
+      if (!store->present(s)) continue;
+      requests.push_back({s, s == cache_internal::kWindowStream ? ring_pages() : 1, &seq.tables[static_cast<size_t>(s)]});
     }
-    const int64_t n_layers = static_cast<int64_t>(spec.layers.size());
-    struct Need {
-      PagePool* pool;
-      int64_t n;
-      std::vector<PageId> pages;
-    } needs[] = {{ring_pool.get(), n_layers * ring_pages(), {}},
-                 {rollback_pool.get(), depth() > 0 ? n_layers : 0, {}},
-                 {csa_state_pool.get(), csa, {}},
-                 {csa_indexer_state_pool.get(), csa, {}},
-                 {hca_state_pool.get(), hca, {}}};
-    for (Need& need : needs) {
-      const absl::Status s = need.n > 0 ? need.pool->Allocate(need.n, &need.pages) : absl::OkStatus();
-      if (!s.ok()) {
-        for (Need& taken : needs) {
-          for (const PageId id : taken.pages) taken.pool->Unref(id);
-        }
-        return s;
-      }
-    }
-    layers.assign(spec.layers.size(), LayerStreams{});
-    size_t ring_i = 0, csa_i = 0, hca_i = 0;
-    for (size_t i = 0; i < layers.size(); ++i) {
-      LayerStreams& ls = layers[i];
-      for (int64_t p = 0; p < ring_pages(); ++p) ls.ring.push_back(needs[0].pages[ring_i++]);
-      if (depth() > 0) {
-        ls.rollback = needs[1].pages[i];
-        std::fill_n(RollbackEvictors(ls), depth(), int64_t{-1});
-      }
-      if (spec.layers[i].kind == LayerKind::kCsa) {
-        ls.state = needs[2].pages[csa_i];
-        ls.indexer_state = needs[3].pages[csa_i++];
-      } else if (spec.layers[i].kind == LayerKind::kHca) {
-        ls.state = needs[4].pages[hca_i++];
-      }
+    KVC_RETURN_IF_ERROR(store->Allocate(requests));
+    seq.layers.assign(spec.layers.size(), LayerStreams{});
+    if (depth() > 0) {
+      for (int i = 0; i < static_cast<int>(seq.layers.size()); ++i) std::fill_n(RollbackEvictors(seq, i), depth(), int64_t{-1});
     }
     return absl::OkStatus();
   }
 
-  // Drops every page reference of `layers`.
-  void Release(std::vector<LayerStreams>& layers) const {
-    for (size_t i = 0; i < layers.size(); ++i) {
-      LayerStreams& ls = layers[i];
-      for (const PageId id : ls.ring) ring_pool->Unref(id);
-      if (ls.rollback != kNoPage) rollback_pool->Unref(ls.rollback);
-      for (const PageId id : ls.compressed) compressed_pool->Unref(id);
-      for (const PageId id : ls.keys) keys_pool->Unref(id);
-      if (ls.state != kNoPage) StatePool(spec.layers[i].kind)->Unref(ls.state);
-      if (ls.indexer_state != kNoPage) csa_indexer_state_pool->Unref(ls.indexer_state);
+  // Drops every page reference of `seq`.
+  void Release(Sequence& seq) const {
+    for (int s = 0; s < cache_internal::kStreamCount; ++s) {
+      for (const PageId id : seq.tables[static_cast<size_t>(s)]) store->Unref(s, id);
+      seq.tables[static_cast<size_t>(s)].clear();
     }
-    layers.clear();
+    seq.layers.clear();
   }
 
   absl::Status SameLengthEverywhere(const std::vector<LayerStreams>& layers, SequenceId id, const char* what) const {

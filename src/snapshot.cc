@@ -128,13 +128,14 @@ absl::StatusOr<SequenceEntry> WriteSequence(const Impl& impl, const Geometry& ge
   entry.saved_id = id;
   const int64_t low = seq.snapshot_low_water;
   for (size_t i = 0; i < seq.layers.size(); ++i) {
+    const int li = static_cast<int>(i);
     LayerStreams& ls = seq.layers[i];
     const LayerKind kind = impl.spec.layers[i].kind;
     const LayerEntry* before = prior != nullptr ? &prior->layers[i] : nullptr;
     LayerEntry layer;
     layer.length = ls.length;
     layer.floor = ls.floor;
-    const Impl::History histories[kStreams] = {impl.CompressedOf(ls), impl.KeysOf(ls)};
+    const Impl::History histories[kStreams] = {impl.CompressedOf(seq, li), impl.KeysOf(seq, li)};
     for (int st = 0; st < kStreams; ++st) {
       const Impl::History& h = histories[st];
       StreamEntry& stream = layer.streams[st];
@@ -180,19 +181,19 @@ absl::StatusOr<SequenceEntry> WriteSequence(const Impl& impl, const Geometry& ge
       e.Put<int64_t>(ls.length);
       e.Put<int64_t>(ls.floor);
       for (int64_t slot = 0; slot < impl.window(); ++slot) {
-        const PackedRows row = impl.RingSlot(ls, slot);
+        const PackedRows row = impl.RingSlot(seq, li, slot);
         e.PutBytes(row.data, kKvDataBytes);
         e.PutBytes(row.scales, kKvScaleBytes);
       }
       if (impl.depth() > 0) {
-        e.PutBytes(impl.rollback_pool->Data(ls.rollback), static_cast<size_t>(impl.depth() * kKvRowBytes));
-        e.PutBytes(impl.RollbackEvictors(ls), static_cast<size_t>(impl.depth()) * 8);
+        e.PutBytes(impl.RollbackData(seq, li), static_cast<size_t>(impl.depth() * kKvRowBytes));
+        e.PutBytes(impl.RollbackEvictors(seq, li), static_cast<size_t>(impl.depth()) * 8);
       }
       if (geometry.MainStateFloats(i) > 0) {
-        e.PutBytes(impl.StatePool(kind)->Data(ls.state), static_cast<size_t>(geometry.MainStateFloats(i)) * 4);
+        e.PutBytes(impl.StateData(seq, li, false), static_cast<size_t>(geometry.MainStateFloats(i)) * 4);
       }
       if (geometry.IndexerStateFloats(i) > 0) {
-        e.PutBytes(impl.csa_indexer_state_pool->Data(ls.indexer_state), static_cast<size_t>(geometry.IndexerStateFloats(i)) * 4);
+        e.PutBytes(impl.StateData(seq, li, true), static_cast<size_t>(geometry.IndexerStateFloats(i)) * 4);
       }
       KVC_ASSIGN_OR_RETURN(layer.state_offset, out.Add(BlockType::kState, e.bytes()));
     }
@@ -379,16 +380,36 @@ absl::StatusOr<std::vector<SequenceId>> RestoreSnapshot(Cache& cache, const std:
   // Build every sequence aside; only when all are complete do they join the cache.
   std::vector<std::shared_ptr<Sequence>> built;
   auto release_all = [&]() {
-    for (const std::shared_ptr<Sequence>& seq : built) impl.Release(seq->layers);
+    for (const std::shared_ptr<Sequence>& seq : built) impl.Release(*seq);
   };
   std::vector<uint8_t> buffer;  // one block at a time
   absl::Status status = [&]() -> absl::Status {
     for (const SequenceEntry& entry : snap.commit.sequences) {
       auto seq = std::make_shared<Sequence>();
-      KVC_RETURN_IF_ERROR(impl.AllocateState(seq->layers));
+      KVC_RETURN_IF_ERROR(impl.AllocateState(*seq));
       built.push_back(seq);
+      // The history tables first: each covers its stream's longest layer.
+      int64_t longest[cache_internal::kStreamCount] = {};
+      for (size_t i = 0; i < entry.layers.size(); ++i) {
+        const int li = static_cast<int>(i);
+        const Impl::History histories[kStreams] = {impl.CompressedOf(*seq, li), impl.KeysOf(*seq, li)};
+        for (int st = 0; st < kStreams; ++st) {
+          const int64_t rows = entry.layers[i].streams[st].rows;
+          if (rows == 0) continue;
+          if (histories[st].stream < 0) {
+            return absl::DataLossError(absl::StrCat(path, ": layer ", i, " has no ", st == 0 ? "compressed rows" : "index keys",
+                                                    " but the snapshot holds ", rows));
+          }
+          longest[histories[st].stream] = std::max(longest[histories[st].stream], rows);
+        }
+      }
+      for (const int s : {cache_internal::kCsaRowsStream, cache_internal::kCsaKeysStream, cache_internal::kHcaRowsStream}) {
+        const int64_t per_page = impl.store->spec(s).rows_per_page;
+        KVC_RETURN_IF_ERROR(impl.store->Allocate(s, (longest[s] + per_page - 1) / per_page, &seq->tables[static_cast<size_t>(s)]));
+      }
       int64_t shortest = entry.layers.empty() ? 0 : entry.layers[0].length;
       for (size_t i = 0; i < entry.layers.size(); ++i) {
+        const int li = static_cast<int>(i);
         const LayerEntry& le = entry.layers[i];
         LayerStreams& ls = seq->layers[i];
         shortest = std::min(shortest, le.length);
@@ -397,27 +418,24 @@ absl::StatusOr<std::vector<SequenceId>> RestoreSnapshot(Cache& cache, const std:
         const ConstPackedRows ring = ContiguousRows(RowFormat::kKvFp8, state.ring, impl.window());
         for (int64_t slot = 0; slot < impl.window(); slot += impl.rows_per_page()) {  // page by page
           const int64_t n = std::min<int64_t>(impl.rows_per_page(), impl.window() - slot);
-          CopyRows(RowFormat::kKvFp8, ring.Slice(slot, n), impl.RingPage(ls, slot / impl.rows_per_page()));
+          CopyRows(RowFormat::kKvFp8, ring.Slice(slot, n), impl.RingPage(*seq, li, slot / impl.rows_per_page()));
         }
         if (impl.depth() > 0) {
-          std::memcpy(impl.rollback_pool->Data(ls.rollback), state.rollback, static_cast<size_t>(impl.depth() * kKvRowBytes));
-          std::memcpy(impl.RollbackEvictors(ls), state.evictors, static_cast<size_t>(impl.depth()) * 8);
+          std::memcpy(impl.RollbackData(*seq, li), state.rollback, static_cast<size_t>(impl.depth() * kKvRowBytes));
+          std::memcpy(impl.RollbackEvictors(*seq, li), state.evictors, static_cast<size_t>(impl.depth()) * 8);
         }
-        if (ls.state != kNoPage && g.MainStateFloats(i) > 0) {
-          std::memcpy(impl.StatePool(g.kinds[i])->Data(ls.state), state.main_state, static_cast<size_t>(g.MainStateFloats(i) * 4));
+        if (impl.StateStream(li) >= 0 && g.MainStateFloats(i) > 0) {
+          std::memcpy(impl.StateData(*seq, li, false), state.main_state, static_cast<size_t>(g.MainStateFloats(i) * 4));
         }
-        if (ls.indexer_state != kNoPage && g.IndexerStateFloats(i) > 0) {
-          std::memcpy(impl.csa_indexer_state_pool->Data(ls.indexer_state), state.indexer_state,
-                      static_cast<size_t>(g.IndexerStateFloats(i) * 4));
+        if (g.kinds[i] == LayerKind::kCsa && g.IndexerStateFloats(i) > 0) {
+          std::memcpy(impl.StateData(*seq, li, true), state.indexer_state, static_cast<size_t>(g.IndexerStateFloats(i) * 4));
         }
         ls.length = le.length;
         ls.floor = le.floor;
-        Impl::History histories[kStreams] = {impl.CompressedOf(ls), impl.KeysOf(ls)};
+        Impl::History histories[kStreams] = {impl.CompressedOf(*seq, li), impl.KeysOf(*seq, li)};
         for (int st = 0; st < kStreams; ++st) {
           const Impl::History& h = histories[st];
           const StreamEntry& stream = le.streams[st];
-          const int64_t pages = (stream.rows + h.per_page - 1) / h.per_page;
-          KVC_RETURN_IF_ERROR(h.pool->Allocate(pages, h.pages));
           const RowFormat format = kStreamFormat[st];
           int64_t r = 0;
           for (const Extent& x : stream.extents) {

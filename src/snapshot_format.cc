@@ -23,31 +23,6 @@ namespace {
 
 constexpr int64_t kKvRowBytes = FormatInfo(RowFormat::kKvFp8).row_bytes;
 
-// Whether stored rows are ones kvc could have written: no NaN codes or
-// scales, finite bf16 RoPE dims, zero padding (a file with a valid checksum
-// but crafted rows must not feed NaN to attention).
-bool KvRowsValid(const uint8_t* rows, int64_t n) {
-  for (int64_t r = 0; r < n; ++r, rows += kKvRowBytes) {
-    const auto* row = reinterpret_cast<const KvRowFp8*>(rows);
-    unsigned bad = 0;
-    for (const uint8_t code : row->nope_codes) bad |= (code & 0x7Fu) == 0x7Fu;
-    for (int j = 0; j < kRopeDim; ++j) bad |= (row->rope_bf16[2 * j + 1] & 0x7Fu) == 0x7Fu && (row->rope_bf16[2 * j] & 0x80u) != 0;
-    for (const uint8_t s : row->scales) bad |= s == 0xFFu;
-    bad |= row->padding != 0;
-    if (bad != 0) return false;
-  }
-  return true;
-}
-
-bool KeysValid(const uint8_t* keys, int64_t n) {
-  for (int64_t r = 0; r < n; ++r, keys += sizeof(IndexKeyFp4)) {
-    for (const uint8_t s : reinterpret_cast<const IndexKeyFp4*>(keys)->scales) {
-      if (s == 0xFFu) return false;
-    }
-  }
-  return true;
-}
-
 bool AllFinite(const uint8_t* bytes, int64_t floats) {
   for (int64_t i = 0; i < floats; ++i) {
     float v;
@@ -58,6 +33,31 @@ bool AllFinite(const uint8_t* bytes, int64_t floats) {
 }
 
 }  // namespace
+
+// Whether stored rows are ones kvc could have written: no NaN codes or
+// scales, finite bf16 RoPE dims, zero padding (a file with a valid checksum
+// but crafted rows must not feed NaN to attention).
+int64_t FirstInvalidKvRow(const uint8_t* rows, int64_t n) {
+  for (int64_t r = 0; r < n; ++r, rows += kKvRowBytes) {
+    const auto* row = reinterpret_cast<const KvRowFp8*>(rows);
+    unsigned bad = 0;
+    for (const uint8_t code : row->nope_codes) bad |= (code & 0x7Fu) == 0x7Fu;
+    for (int j = 0; j < kRopeDim; ++j) bad |= (row->rope_bf16[2 * j + 1] & 0x7Fu) == 0x7Fu && (row->rope_bf16[2 * j] & 0x80u) != 0;
+    for (const uint8_t s : row->scales) bad |= s == 0xFFu;
+    bad |= row->padding != 0;
+    if (bad != 0) return r;
+  }
+  return -1;
+}
+
+int64_t FirstInvalidKey(const uint8_t* keys, int64_t n) {
+  for (int64_t r = 0; r < n; ++r, keys += sizeof(IndexKeyFp4)) {
+    for (const uint8_t s : reinterpret_cast<const IndexKeyFp4*>(keys)->scales) {
+      if (s == 0xFFu) return r;
+    }
+  }
+  return -1;
+}
 
 const char* BlockTypeName(BlockType type) {
   switch (type) {
@@ -421,7 +421,7 @@ absl::StatusOr<RowsBlock> ReadRows(const File& f, int64_t offset, int64_t limit,
                                             first + rows, " of layer ", layer));
   }
   b.rows = d.Bytes(static_cast<uint64_t>(b.count) * static_cast<uint64_t>(row_bytes));
-  if (!(stream == 0 ? KvRowsValid(b.rows, rows) : KeysValid(b.rows, rows))) {
+  if (!(stream == 0 ? FirstInvalidKvRow(b.rows, rows) < 0 : FirstInvalidKey(b.rows, rows) < 0)) {
     return absl::DataLossError(absl::StrCat(where, " holds rows kvc cannot have written (NaN codes or scales)"));
   }
   return b;
@@ -451,7 +451,7 @@ absl::StatusOr<StateBlock> ReadState(const File& f, int64_t offset, int64_t limi
   if (!d.ok() || d.remaining() != 0) {
     return absl::DataLossError(absl::StrCat(where, " has ", buffer->size(), " bytes, not the layer's state size"));
   }
-  if (!KvRowsValid(b.ring, g.window) || !KvRowsValid(b.rollback, g.depth)) {
+  if (FirstInvalidKvRow(b.ring, g.window) >= 0 || FirstInvalidKvRow(b.rollback, g.depth) >= 0) {
     return absl::DataLossError(absl::StrCat(where, " holds window rows kvc cannot have written (NaN codes or scales)"));
   }
   // Rollback records: slot q mod D holds the record of position q (or -1);

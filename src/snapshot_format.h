@@ -60,6 +60,12 @@ enum class BlockType : uint32_t { kModel = 1, kRows = 2, kState = 3, kCommit = 4
 
 const char* BlockTypeName(BlockType type);
 
+// The first of n contiguous stored 584-byte rows (68-byte keys) kvc could
+// not have written, or -1: a NaN E4M3 code or UE8M0 scale, a non-finite
+// bf16 RoPE dim, nonzero padding. A restore and Cache::AppendRows refuse them.
+int64_t FirstInvalidKvRow(const uint8_t* rows, int64_t n);
+int64_t FirstInvalidKey(const uint8_t* keys, int64_t n);
+
 // The two history streams of a layer.
 constexpr int kStreams = 2;
 constexpr const char* kStreamName[kStreams] = {"compressed rows", "index keys"};

@@ -13,9 +13,9 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "kvc/page_pool.h"
 #include "kvc/reference_codecs.h"
 #include "kvc/row_kernels.h"
+#include "kvc/snapshot.h"
 #include "tests/testing/reference_model.h"
 
 namespace kvc {
@@ -350,7 +350,7 @@ TEST(Cache, StateBudgetExhaustionNamesThePoolAndChangesNothing) {
   const CacheUsage before = cache->Usage();
   const absl::StatusOr<SequenceId> third = cache->CreateSequence();
   EXPECT_EQ(third.status().code(), absl::StatusCode::kResourceExhausted);
-  EXPECT_THAT(std::string(third.status().message()), HasSubstr("state arena"));
+  EXPECT_THAT(std::string(third.status().message()), HasSubstr("state budget"));
   const absl::StatusOr<SequenceId> fork = cache->Fork(a);
   EXPECT_EQ(fork.status().code(), absl::StatusCode::kResourceExhausted);
   const CacheUsage after = cache->Usage();
@@ -488,26 +488,402 @@ TEST(Cache, LongSequenceFootprintIsSpecSixPlusPageRounding) {
   EXPECT_NEAR(static_cast<double>(rows_bytes + keys_bytes) / spec_bytes, 1.0, 0.002);
 }
 
-TEST(Cache, CarvesPagesFromEngineRegions) {
-  std::vector<uint8_t> state(4 << 20), history(1 << 20);
+// --- Pages as an engine addresses them ---------------------------------------
+
+// Two layers of each history stream: W, CSA, HCA, CSA, HCA (window 12 in
+// pages of 5 rows, rollback depth 5).
+ModelSpec TwoOfEachSpec() {
+  ModelSpec spec = SmallSpec();
+  spec.layers.resize(5);
+  spec.layers[3].kind = LayerKind::kCsa;
+  spec.layers[4].kind = LayerKind::kHca;
+  return spec;
+}
+
+// Every page of every stream of `seq`: the block table's ids are in
+// [0, num_pages), once each, and the cache's own views (ring pages, history
+// pages) are at base + id x page_bytes of each layer's array, its scales at
+// the footer. Layers without a stream report kNotFound.
+void ExpectAddressable(const Cache& cache, SequenceId seq) {
+  const int layers = static_cast<int>(cache.spec().layers.size());
+  for (int s = 0; s < kNumStreams; ++s) {
+    const Stream stream = static_cast<Stream>(s);
+    const absl::StatusOr<std::vector<int32_t>> table = cache.BlockTable(seq, stream);
+    bool any = false;
+    for (int layer = 0; layer < layers; ++layer) {
+      const absl::StatusOr<PageArray> pages = cache.LayerPages(layer, stream);
+      if (!pages.ok()) {
+        EXPECT_EQ(pages.status().code(), absl::StatusCode::kNotFound) << pages.status();
+        EXPECT_EQ(cache.StreamRows(seq, layer, stream).status().code(), absl::StatusCode::kNotFound);
+        continue;
+      }
+      any = true;
+      ASSERT_TRUE(table.ok()) << table.status();
+      std::vector<int32_t> sorted = *table;
+      std::sort(sorted.begin(), sorted.end());
+      EXPECT_EQ(std::adjacent_find(sorted.begin(), sorted.end()), sorted.end()) << "a page twice in one table";
+      for (const int32_t id : *table) {
+        EXPECT_GE(id, 0);
+        EXPECT_LT(id, pages->num_pages);
+      }
+      std::vector<const uint8_t*> views;
+      const int64_t rows = *cache.StreamRows(seq, layer, stream);
+      if (stream == Stream::kWindow) {
+        const WindowRingView ring = *cache.Window(seq, layer);
+        EXPECT_EQ(rows, std::min<int64_t>(ring.length, ring.window));
+        for (const ConstPackedRows& page : ring.pages) views.push_back(page.data);
+      } else {
+        const HistoryView h = stream == Stream::kCsaKeys ? *cache.IndexKeys(seq, layer) : *cache.CompressedRows(seq, layer);
+        EXPECT_EQ(h.rows, rows);
+        EXPECT_LE((rows + pages->rows_per_page - 1) / pages->rows_per_page, static_cast<int64_t>(table->size()));
+        for (const ConstPackedRows& page : h.pages) {
+          views.push_back(page.data);
+          EXPECT_EQ(page.scales, page.data + int64_t{pages->rows_per_page} * pages->row_data_bytes);
+        }
+      }
+      ASSERT_EQ(views.size(), table->size()) << StreamName(stream) << " layer " << layer;
+      for (size_t k = 0; k < views.size(); ++k) {
+        EXPECT_EQ(views[k], pages->base + int64_t{(*table)[k]} * pages->page_bytes)
+            << StreamName(stream) << " layer " << layer << " page " << k;
+      }
+    }
+    if (!any) {
+      EXPECT_EQ(table.status().code(), absl::StatusCode::kNotFound);
+    }
+  }
+}
+
+// Fills every layer of `seq` up to `tokens`, with compressed rows and keys
+// for every window closed (the engine's own compressor: no parameters).
+void Fill(Cache& cache, SequenceId seq, int64_t tokens, std::mt19937& rng) {
+  for (int layer = 0; layer < static_cast<int>(cache.spec().layers.size()); ++layer) {
+    const int64_t at = *cache.Length(seq, layer);
+    ASSERT_TRUE(cache.Append(seq, layer, at, {RandomRows(tokens - at, rng)}).ok());
+    const LayerKind kind = cache.spec().layers[static_cast<size_t>(layer)].kind;
+    if (kind == LayerKind::kWindow) continue;
+    const int64_t entries = tokens / (kind == LayerKind::kCsa ? 4 : 128);
+    const int64_t have = cache.CompressedRows(seq, layer)->rows;
+    ASSERT_TRUE(cache.AppendCompressedRows(seq, layer, have, RandomRows(entries - have, rng)).ok());
+    if (kind == LayerKind::kCsa) {
+      const int64_t keys = cache.IndexKeys(seq, layer)->rows;
+      std::vector<Bf16> k(static_cast<size_t>((entries - keys) * kIndexDim));
+      for (size_t i = 0; i < k.size(); ++i) k[i] = ToBf16(static_cast<float>(rng() % 100) / 50.0f - 1.0f);
+      ASSERT_TRUE(cache.AppendIndexKeys(seq, layer, keys, k).ok());
+    }
+  }
+}
+
+TEST(Cache, EveryPageIsAtBasePlusIdTimesPageBytes) {
+  std::mt19937 rng(21);
   CacheOptions options = SmallOptions();
-  options.state_region = absl::MakeSpan(state);
-  options.history_region = absl::MakeSpan(history);
-  auto cache = MakeCache(SmallSpec(), options);
-  std::mt19937 rng(12);
-  const SequenceId seq = *cache->CreateSequence();
-  for (int layer = 0; layer < 3; ++layer) ASSERT_TRUE(cache->Append(seq, layer, 0, {RandomRows(8, rng)}).ok());
-  ASSERT_TRUE(cache->AppendCompressedRows(seq, 1, 0, RandomRows(2, rng)).ok());
-  const WindowRingView ring = *cache->Window(seq, 0);
-  const HistoryView rows = *cache->CompressedRows(seq, 1);
-  auto inside = [](const uint8_t* p, const std::vector<uint8_t>& region) {
-    return p >= region.data() && p < region.data() + region.size();
+  options.keys_per_page = 3;
+  auto cache = MakeCache(TwoOfEachSpec(), options);
+  const SequenceId a = *cache->CreateSequence();
+  Fill(*cache, a, 150, rng);  // 37 CSA entries (8 pages), 1 HCA entry
+  const SequenceId b = *cache->Fork(a);
+  Fill(*cache, b, 270, rng);  // writes into a's shared partial pages: copies
+  const SequenceId c = *cache->CreateSequence();
+  Fill(*cache, c, 40, rng);
+  ASSERT_TRUE(cache->Truncate(b, 266).ok());
+  for (const SequenceId seq : {a, b, c}) ExpectAddressable(*cache, seq);
+  // Ring pages are private: no window id in two sequences.
+  std::vector<int32_t> ring;
+  for (const SequenceId seq : {a, b, c}) {
+    const std::vector<int32_t> t = *cache->BlockTable(seq, Stream::kWindow);
+    EXPECT_EQ(t.size(), 3u);  // ceil(12 / 5)
+    ring.insert(ring.end(), t.begin(), t.end());
+  }
+  std::sort(ring.begin(), ring.end());
+  EXPECT_EQ(std::adjacent_find(ring.begin(), ring.end()), ring.end());
+  // After a snapshot round trip, the restored sequences too, with the same rows.
+  const std::string path = ::testing::TempDir() + "kvc_cache_pages_" + std::to_string(::getpid());
+  ASSERT_TRUE(SaveSnapshot(*cache, {a, b, c}, path).ok());
+  ASSERT_TRUE(cache->Free(c).ok());
+  const std::vector<SequenceId> restored = *RestoreSnapshot(*cache, path);
+  ASSERT_EQ(restored.size(), 3u);
+  for (const SequenceId seq : restored) ExpectAddressable(*cache, seq);
+  for (int layer : {1, 2, 3, 4}) {
+    EXPECT_EQ(CompressedBits(*cache, restored[1], layer), CompressedBits(*cache, b, layer));
+  }
+  std::remove(path.c_str());
+}
+
+TEST(Cache, ForkCopiesASharedPageInEveryLayerOfTheStream) {
+  std::mt19937 rng(22);
+  auto cache = MakeCache(TwoOfEachSpec());  // 5 rows per page
+  const SequenceId parent = *cache->CreateSequence();
+  for (int layer = 0; layer < 5; ++layer) ASSERT_TRUE(cache->Append(parent, layer, 0, {RandomRows(40, rng)}).ok());
+  for (const int layer : {1, 3}) ASSERT_TRUE(cache->AppendCompressedRows(parent, layer, 0, RandomRows(7, rng)).ok());
+  const SequenceId child = *cache->Fork(parent);
+  const std::vector<int32_t> shared = *cache->BlockTable(parent, Stream::kCsaRows);
+  ASSERT_EQ(shared.size(), 2u);
+  EXPECT_EQ(*cache->BlockTable(child, Stream::kCsaRows), shared);  // history ids shared
+  const int64_t page = 3456 * 2;  // a page in each of the two CSA layers
+  const auto csa_rows_used = [&] {
+    return cache->Usage().components[static_cast<int>(Component::kCompressedRows)].used_bytes;
   };
-  EXPECT_TRUE(inside(ring.pages[0].data, state));
-  EXPECT_TRUE(inside(rows.pages[0].data, history));
-  // The limit is the region less its unaligned start and end (< 64 B each).
-  EXPECT_LE(cache->Usage().state_limit_bytes, static_cast<int64_t>(state.size()));
-  EXPECT_GT(cache->Usage().state_limit_bytes, static_cast<int64_t>(state.size()) - 2 * kPageAlignment);
+  EXPECT_EQ(csa_rows_used(), 2 * page);
+  const std::vector<uint16_t> parent3 = CompressedBits(*cache, parent, 3);
+
+  // Layer 1 of the child writes into the shared partial page: a new id,
+  // holding the page's bytes in BOTH CSA layers.
+  ASSERT_TRUE(cache->AppendCompressedRows(child, 1, 7, RandomRows(1, rng)).ok());
+  const std::vector<int32_t> own = *cache->BlockTable(child, Stream::kCsaRows);
+  EXPECT_EQ(own[0], shared[0]);
+  EXPECT_NE(own[1], shared[1]);
+  EXPECT_EQ(*cache->BlockTable(parent, Stream::kCsaRows), shared);
+  EXPECT_EQ(csa_rows_used(), 3 * page);
+  EXPECT_EQ(CompressedBits(*cache, child, 3), parent3);  // layer 3 read through the copy
+  // Layer 3 of the child then writes into its own page: no further copy.
+  ASSERT_TRUE(cache->AppendCompressedRows(child, 3, 7, RandomRows(2, rng)).ok());
+  EXPECT_EQ(*cache->BlockTable(child, Stream::kCsaRows), own);
+  EXPECT_EQ(csa_rows_used(), 3 * page);
+  EXPECT_EQ(CompressedBits(*cache, parent, 3), parent3);
+  // Layers at different row counts: the table covers the longest (9 rows).
+  EXPECT_EQ(*cache->StreamRows(child, 1, Stream::kCsaRows), 8);
+  EXPECT_EQ(*cache->StreamRows(child, 3, Stream::kCsaRows), 9);
+  ExpectAddressable(*cache, parent);
+  ExpectAddressable(*cache, child);
+}
+
+TEST(Cache, BatchBlockTablesDenseAndCsr) {
+  std::mt19937 rng(23);
+  auto cache = MakeCache(TwoOfEachSpec());
+  const SequenceId a = *cache->CreateSequence(), b = *cache->CreateSequence(), c = *cache->CreateSequence();
+  Fill(*cache, a, 60, rng);   // 15 CSA rows: 3 pages, last full
+  Fill(*cache, b, 28, rng);   // 7: 2 pages, last holds 2
+  const std::vector<SequenceId> batch = {a, b, c};
+  const DenseBlockTables dense = *cache->BatchBlockTables(batch, Stream::kCsaRows);
+  const CsrBlockTables csr = *cache->BatchBlockTablesCsr(batch, Stream::kCsaRows);
+  EXPECT_EQ(dense.max_blocks, 3);
+  EXPECT_EQ(dense.blocks, (std::vector<int32_t>{3, 2, 0}));
+  EXPECT_EQ(dense.rows, (std::vector<int64_t>{15, 7, 0}));
+  EXPECT_EQ(csr.indptr, (std::vector<int32_t>{0, 3, 5, 5}));
+  EXPECT_EQ(csr.last_page_len, (std::vector<int32_t>{5, 2, 0}));
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const std::vector<int32_t> t = *cache->BlockTable(batch[i], Stream::kCsaRows);
+    for (int64_t k = 0; k < dense.max_blocks; ++k) {
+      EXPECT_EQ(dense.ids[i * 3 + static_cast<size_t>(k)], k < static_cast<int64_t>(t.size()) ? t[static_cast<size_t>(k)] : -1);
+    }
+    EXPECT_EQ(std::vector<int32_t>(csr.indices.begin() + csr.indptr[i], csr.indices.begin() + csr.indptr[i + 1]), t);
+  }
+  // The window: every sequence has its ring pages.
+  EXPECT_EQ(cache->BatchBlockTables(batch, Stream::kWindow)->blocks, (std::vector<int32_t>{3, 3, 3}));
+  // A stream no layer has, an unknown sequence.
+  auto window_only = MakeCache([] {
+    ModelSpec spec = SmallSpec();
+    spec.layers.resize(1);
+    return spec;
+  }());
+  const SequenceId w = *window_only->CreateSequence();
+  EXPECT_EQ(window_only->BlockTable(w, Stream::kCsaRows).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(window_only->LayerPages(0, Stream::kHcaRows).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(cache->BatchBlockTables({a, 999}, Stream::kCsaRows).status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(Cache, AttentionSetIndicesAddressThePageArrays) {
+  std::mt19937 rng(24);
+  auto cache = MakeCache(TwoOfEachSpec());
+  const SequenceId seq = *cache->CreateSequence();
+  Fill(*cache, seq, 300, rng);
+  const SequenceId child = *cache->Fork(seq);
+  Fill(*cache, child, 303, rng);
+  std::vector<Bf16> q(static_cast<size_t>(cache->spec().index_heads) * kIndexDim, ToBf16(0.5f));
+  std::vector<float> w(static_cast<size_t>(cache->spec().index_heads), 1.0f);
+  const IndexQuery query = *cache->PrepareIndexQuery(302, q, w);
+  for (int layer = 0; layer < 5; ++layer) {
+    const AttentionSet set = *cache->SelectAttentionSet(child, layer, &query);
+    const PageArray window = *cache->LayerPages(layer, Stream::kWindow);
+    ASSERT_EQ(set.window_indices.size(), 12u);
+    for (size_t i = 0; i < set.window_indices.size(); ++i) {
+      const int32_t x = set.window_indices[i];
+      const uint8_t* page = window.base + int64_t{x / window.rows_per_page} * window.page_bytes;
+      EXPECT_EQ(set.rows[i].data, page + int64_t{x % window.rows_per_page} * window.row_data_bytes);
+      EXPECT_EQ(set.rows[i].scales, page + int64_t{window.rows_per_page} * window.row_data_bytes +
+                                        int64_t{x % window.rows_per_page} * window.row_scale_bytes);
+    }
+    const LayerKind kind = cache->spec().layers[static_cast<size_t>(layer)].kind;
+    if (kind == LayerKind::kWindow) {
+      EXPECT_TRUE(set.compressed_indices.empty());
+      continue;
+    }
+    const PageArray rows = *cache->LayerPages(layer, kind == LayerKind::kCsa ? Stream::kCsaRows : Stream::kHcaRows);
+    ASSERT_EQ(set.window_indices.size() + set.compressed_indices.size(), set.rows.size());
+    EXPECT_FALSE(set.compressed_indices.empty());
+    for (size_t k = 0; k < set.compressed_indices.size(); ++k) {
+      const int32_t x = set.compressed_indices[k];
+      const uint8_t* page = rows.base + int64_t{x / rows.rows_per_page} * rows.page_bytes;
+      EXPECT_EQ(set.rows[12 + k].data, page + int64_t{x % rows.rows_per_page} * rows.row_data_bytes);
+    }
+  }
+}
+
+TEST(Cache, AppendRowsTakesStoredBytesAndRefusesWhatKvcCannotHaveWritten) {
+  std::mt19937 rng(25);
+  auto source = MakeCache(TwoOfEachSpec());
+  const SequenceId from = *source->CreateSequence();
+  Fill(*source, from, 40, rng);  // 10 CSA rows and keys
+  auto cache = MakeCache(TwoOfEachSpec());
+  const SequenceId seq = *cache->CreateSequence();
+  for (int layer = 0; layer < 5; ++layer) ASSERT_TRUE(cache->Append(seq, layer, 0, {RandomRows(40, rng)}).ok());
+  // The source's rows and keys of layer 1, contiguous.
+  auto contiguous = [](const HistoryView& h, int row_bytes) {
+    std::vector<uint8_t> out;
+    const int data = row_bytes == 584 ? 576 : 64;
+    for (int64_t r = 0; r < h.rows; ++r) {
+      const ConstPackedRows& page = h.pages[static_cast<size_t>(r / h.rows_per_page)];
+      out.insert(out.end(), page.row_data(r % h.rows_per_page), page.row_data(r % h.rows_per_page) + data);
+      out.insert(out.end(), page.row_scales(r % h.rows_per_page), page.row_scales(r % h.rows_per_page) + row_bytes - data);
+    }
+    return out;
+  };
+  const std::vector<uint8_t> rows = contiguous(*source->CompressedRows(from, 1), 584);
+  const std::vector<uint8_t> keys = contiguous(*source->IndexKeys(from, 1), 68);
+  ASSERT_EQ(rows.size(), 10u * 584);
+  const auto code = [](const absl::Status& s) { return s.code(); };
+  // Refusals change nothing.
+  EXPECT_EQ(code(cache->AppendRows(seq, 1, Stream::kWindow, 0, rows)), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(cache->AppendRows(seq, 0, Stream::kCsaRows, 0, rows)), absl::StatusCode::kNotFound);
+  EXPECT_EQ(code(cache->AppendRows(seq, 2, Stream::kCsaKeys, 0, keys)), absl::StatusCode::kNotFound);
+  EXPECT_EQ(code(cache->AppendRows(seq, 1, Stream::kCsaRows, 1, rows)), absl::StatusCode::kInvalidArgument);  // gap
+  EXPECT_EQ(code(cache->AppendRows(seq, 1, Stream::kCsaRows, 0, absl::MakeConstSpan(rows).first(583))),
+            absl::StatusCode::kInvalidArgument);
+  std::vector<uint8_t> too_many = rows;
+  too_many.insert(too_many.end(), rows.begin(), rows.begin() + 584);  // 11 rows; 40 tokens close 10 windows
+  EXPECT_EQ(code(cache->AppendRows(seq, 1, Stream::kCsaRows, 0, too_many)), absl::StatusCode::kOutOfRange);
+  struct Bad {
+    const char* what;
+    size_t byte;
+    uint8_t value;
+  };
+  for (const Bad& bad : {Bad{"NaN E4M3 code", 3 * 584 + 100, 0x7F}, Bad{"NaN scale", 3 * 584 + 577, 0xFF},
+                         Bad{"non-finite RoPE dim", 3 * 584 + 448 + 11, 0x7F}, Bad{"padding", 3 * 584 + 583, 1}}) {
+    std::vector<uint8_t> broken = rows;
+    broken[bad.byte] = bad.value;
+    if (std::string(bad.what) == "non-finite RoPE dim") broken[bad.byte - 1] = 0x80;  // 0x7F80: +inf
+    const absl::Status s = cache->AppendRows(seq, 1, Stream::kCsaRows, 0, broken);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << bad.what;
+    EXPECT_THAT(std::string(s.message()), HasSubstr("row 3 ")) << bad.what;
+  }
+  std::vector<uint8_t> bad_key = keys;
+  bad_key[2 * 68 + 65] = 0xFF;
+  EXPECT_THAT(std::string(cache->AppendRows(seq, 1, Stream::kCsaKeys, 0, bad_key).message()), HasSubstr("row 2 "));
+  EXPECT_EQ(*cache->StreamRows(seq, 1, Stream::kCsaRows), 0);
+  EXPECT_EQ(*cache->StreamRows(seq, 1, Stream::kCsaKeys), 0);
+  EXPECT_EQ(cache->Usage().components[static_cast<int>(Component::kCompressedRows)].used_bytes, 0);
+  // Accepted: stored byte for byte, in two calls.
+  ASSERT_TRUE(cache->AppendRows(seq, 1, Stream::kCsaRows, 0, absl::MakeConstSpan(rows).first(4 * 584)).ok());
+  ASSERT_TRUE(cache->AppendRows(seq, 1, Stream::kCsaRows, 4, absl::MakeConstSpan(rows).subspan(4 * 584)).ok());
+  ASSERT_TRUE(cache->AppendRows(seq, 1, Stream::kCsaKeys, 0, keys).ok());
+  EXPECT_EQ(contiguous(*cache->CompressedRows(seq, 1), 584), rows);
+  EXPECT_EQ(contiguous(*cache->IndexKeys(seq, 1), 68), keys);
+  EXPECT_EQ(CompressedBits(*cache, seq, 1), CompressedBits(*source, from, 1));
+  ExpectAddressable(*cache, seq);
+}
+
+TEST(Cache, BudgetRefusalsChangeNoTable) {
+  std::mt19937 rng(26);
+  CacheOptions options = SmallOptions();
+  options.history_bytes = 3 * 2 * 3456 + 100;  // 3 CSA row ids (a page in each of 2 layers)
+  auto cache = MakeCache(TwoOfEachSpec(), options);
+  const SequenceId seq = *cache->CreateSequence();
+  for (int layer = 0; layer < 5; ++layer) ASSERT_TRUE(cache->Append(seq, layer, 0, {RandomRows(80, rng)}).ok());
+  ASSERT_TRUE(cache->AppendCompressedRows(seq, 1, 0, RandomRows(12, rng)).ok());
+  const std::vector<int32_t> before = *cache->BlockTable(seq, Stream::kCsaRows);
+  const CacheUsage usage = cache->Usage();
+  const absl::Status s = cache->AppendCompressedRows(seq, 3, 0, RandomRows(16, rng));  // needs a 4th id
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("CSA compressed rows: needs 1 pages"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("history budget"));
+  EXPECT_EQ(*cache->BlockTable(seq, Stream::kCsaRows), before);
+  EXPECT_EQ(*cache->StreamRows(seq, 3, Stream::kCsaRows), 0);
+  EXPECT_EQ(cache->Usage().used_bytes(), usage.used_bytes());
+  EXPECT_TRUE(cache->AppendCompressedRows(seq, 3, 0, RandomRows(15, rng)).ok());  // the same 3 pages
+  EXPECT_EQ(*cache->BlockTable(seq, Stream::kCsaRows), before);
+}
+
+TEST(Cache, PageGeometryTellsAnEngineWhatToAllocate) {
+  const std::vector<StreamGeometry> g = *Cache::PageGeometry(ModelSpec::V4Pro(), CacheOptions{});
+  ASSERT_EQ(g.size(), 4u);
+  EXPECT_EQ(g[0].page_bytes, 37440);  // 64 x 584 = 37,376 rounded up to 65 x 576
+  EXPECT_EQ(g[1].page_bytes, 37440);
+  EXPECT_EQ(g[2].page_bytes, 4352);   // 64 x 68
+  EXPECT_EQ(g[3].page_bytes, 37440);
+  EXPECT_EQ(g[0].layers.size(), 61u);
+  EXPECT_EQ(g[1].layers.size(), 30u);  // V4-Pro: 30 CSA and 31 HCA layers
+  EXPECT_EQ(g[3].layers.size(), 31u);
+  EXPECT_EQ(g[1].layers, g[2].layers);
+  EXPECT_EQ(g[2].row_data_bytes, 64);
+  EXPECT_EQ(g[2].row_scale_bytes, 4);
+  CacheOptions bad;
+  bad.rows_per_page = 0;
+  EXPECT_EQ(Cache::PageGeometry(ModelSpec::V4Pro(), bad).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// 64-byte aligned engine memory.
+struct AlignedBuffer {
+  explicit AlignedBuffer(int64_t bytes) : storage(static_cast<size_t>(bytes) + 64) {}
+  absl::Span<uint8_t> span(int64_t bytes) {
+    uint8_t* p = storage.data() + (64 - reinterpret_cast<uintptr_t>(storage.data()) % 64) % 64;
+    return {p, static_cast<size_t>(bytes)};
+  }
+  std::vector<uint8_t> storage;
+};
+
+TEST(Cache, EngineArraysHoldEveryPage) {
+  const ModelSpec spec = TwoOfEachSpec();
+  CacheOptions options = SmallOptions();
+  const std::vector<StreamGeometry> geometry = *Cache::PageGeometry(spec, options);
+  const int64_t pages[4] = {10, 20, 7, 4};  // per stream
+  std::vector<std::unique_ptr<AlignedBuffer>> buffers;
+  std::vector<EngineArray> arrays;
+  for (const StreamGeometry& g : geometry) {
+    const int64_t bytes = pages[static_cast<int>(g.stream)] * g.page_bytes + 100;  // a partial page is ignored
+    for (const int32_t layer : g.layers) {
+      buffers.push_back(std::make_unique<AlignedBuffer>(bytes));
+      arrays.push_back({layer, g.stream, buffers.back()->span(bytes)});
+      std::fill(arrays.back().bytes.begin(), arrays.back().bytes.end(), uint8_t{0xAB});  // pages are zeroed when handed out
+    }
+  }
+  options.engine_arrays = arrays;
+  auto cache = MakeCache(spec, options);
+  std::mt19937 rng(27);
+  const SequenceId a = *cache->CreateSequence();
+  Fill(*cache, a, 50, rng);
+  const SequenceId b = *cache->Fork(a);
+  Fill(*cache, b, 60, rng);
+  for (const SequenceId seq : {a, b}) ExpectAddressable(*cache, seq);
+  for (const EngineArray& e : arrays) {
+    const PageArray p = *cache->LayerPages(e.layer, e.stream);
+    EXPECT_EQ(p.base, e.bytes.data());
+    EXPECT_EQ(p.num_pages, pages[static_cast<int>(e.stream)]);
+  }
+  // Unwritten ring slots read as zero although the engine's memory was not.
+  const SequenceId fresh = *cache->CreateSequence();
+  EXPECT_EQ(Window(*cache, fresh, 0), std::vector<uint16_t>(12 * kHeadDim, 0));
+  // Out of pages: 10 window ids hold 3 sequences of 3 pages (a, b, fresh) and no 4th.
+  EXPECT_EQ(cache->CreateSequence().status().code(), absl::StatusCode::kResourceExhausted);
+
+  // Refused: a missing array, a misaligned base, disagreeing sizes, a stream the layer lacks.
+  auto refused = [&](std::vector<EngineArray> given, const std::string& message) {
+    CacheOptions o = SmallOptions();
+    o.engine_arrays = std::move(given);
+    const absl::Status s = Cache::Create(spec, o).status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << message;
+    EXPECT_THAT(std::string(s.message()), HasSubstr(message));
+  };
+  std::vector<EngineArray> missing = arrays;
+  missing.erase(missing.begin() + 2);  // the window array of layer 2
+  refused(missing, "layer 2 stream window ring is missing");
+  std::vector<EngineArray> misaligned = arrays;
+  misaligned[0].bytes = misaligned[0].bytes.subspan(1);
+  refused(misaligned, "layer 0 stream window ring: base is not 64-byte aligned");
+  std::vector<EngineArray> unequal = arrays;
+  unequal[1].bytes = unequal[1].bytes.first(static_cast<size_t>(5 * geometry[0].page_bytes));
+  refused(unequal, "layer 1 stream window ring holds 5 pages");
+  std::vector<EngineArray> lacking = arrays;
+  lacking.push_back({0, Stream::kCsaKeys, arrays[0].bytes});
+  refused(lacking, "layer 0 stream CSA index keys: a window layer has no such stream");
 }
 
 TEST(Cache, RejectsInconsistentOptions) {

@@ -9,13 +9,21 @@
 //   compressed rows    one 584-byte row per m tokens (CSA, HCA)     (history)
 //   index keys         one 68-byte key per 4 tokens (CSA)           (history)
 //
+// Pages an engine can address: each (layer, stream) is ONE array of equal
+// pages, page b at base + b x page_bytes (LayerPages), and a sequence has ONE
+// block table of int32 page ids per stream, shared by every layer of the
+// stream (BlockTable): id b names page b of every such layer's array. Row r
+// of a stream lives in page ids[r / rows_per_page] at offset
+// (r % rows_per_page) x row_data_bytes, its scales at
+// rows_per_page x row_data_bytes + (r % rows_per_page) x row_scale_bytes.
+//
 // History pages are append-only and shared between forks; state pages are
-// private. The two lifetime classes draw from separate arenas with separate
-// byte limits. Compressed rows and index keys are written by Append, which
-// runs the compressors on layers whose ModelSpec has their parameters, or by
-// AppendCompressedRows / AppendIndexKeys for an engine with its own
-// compressor; either way a partial page shared with a fork is copied before
-// it is written.
+// private. The two lifetime classes have separate byte budgets. Compressed
+// rows and index keys are written by Append, which runs the compressors on
+// layers whose ModelSpec has their parameters, or by AppendCompressedRows /
+// AppendIndexKeys / AppendRows for an engine with its own compressor; either
+// way a page shared with a fork is copied (in every layer of the stream)
+// before it is written.
 //
 // Every mutation validates its arguments and plans its allocations before it
 // changes anything: a failed call leaves the cache exactly as it was
@@ -25,7 +33,7 @@
 // sequences run in parallel; calls on the same sequence are serialised by a
 // per-sequence lock. Zero-copy views (Window, CompressedRows, IndexKeys, the
 // RowRefs of an AttentionSet) stay valid until the next mutation of that
-// sequence or its Free().
+// sequence or its Free(); page arrays (LayerPages) for the cache's lifetime.
 #ifndef KVC_CACHE_H_
 #define KVC_CACHE_H_
 
@@ -43,15 +51,65 @@
 
 namespace kvc {
 
+// The page streams an engine addresses. Stable numbering (the C API's
+// KVC_STREAM_*). Every layer has kWindow; CSA layers kCsaRows and kCsaKeys;
+// HCA layers kHcaRows. (Rollback records and compressor state are internal
+// streams of the same kind, not addressable.)
+enum class Stream : int32_t {
+  kWindow = 0,   // the window ring: 584-byte rows, slot = position mod window
+  kCsaRows = 1,  // CSA compressed entries: 584-byte rows
+  kCsaKeys = 2,  // CSA index keys: 68-byte FP4 keys
+  kHcaRows = 3,  // HCA compressed entries: 584-byte rows
+};
+constexpr int kNumStreams = 4;
+const char* StreamName(Stream stream);
+
+// One (layer, stream) array of equal pages, non-owning: page b at
+// base + b x page_bytes for b in [0, num_pages). Inside a page, row i's data
+// at i x row_data_bytes and its scales at
+// rows_per_page x row_data_bytes + i x row_scale_bytes.
+struct PageArray {
+  uint8_t* base = nullptr;
+  int64_t page_bytes = 0;
+  int64_t num_pages = 0;
+  int32_t rows_per_page = 0;
+  int32_t row_data_bytes = 0;   // 576 (584-byte rows) or 64 (68-byte keys)
+  int32_t row_scale_bytes = 0;  // 8 or 4
+};
+
+// A stream's page geometry, known before any cache exists (PageGeometry), so
+// an engine can size its own arrays.
+struct StreamGeometry {
+  Stream stream = Stream::kWindow;
+  int64_t page_bytes = 0;       // rows_per_page x row bytes, rounded up to 576 (rows) or 64 (keys)
+  int32_t rows_per_page = 0;
+  int32_t row_data_bytes = 0;
+  int32_t row_scale_bytes = 0;
+  std::vector<int32_t> layers;  // the layers that have the stream, ascending; empty: none
+};
+
+// Engine memory for one (layer, stream) array: page b at
+// bytes.data() + b x page_bytes; num_pages = bytes.size() / page_bytes.
+struct EngineArray {
+  int32_t layer = 0;
+  Stream stream = Stream::kWindow;
+  absl::Span<uint8_t> bytes;  // 64-byte aligned; must outlive the cache
+};
+
 struct CacheOptions {
-  // Byte limits of the two lifetime classes. kvc allocates pages on demand
-  // and its bookkeeping grows with the pages in use, so a huge limit
-  // (INT64_MAX: no limit) or small pages cost nothing until used.
+  // Byte budgets of the two lifetime classes: bytes of page ids in use x
+  // page_bytes x the layers of their stream. kvc reserves address space for
+  // its page arrays (no memory until a page is written) and its bookkeeping
+  // grows with the pages in use, so a huge limit (INT64_MAX: no limit) or
+  // small pages cost nothing until used.
   int64_t history_bytes = int64_t{8} << 30;  // compressed rows + index keys
   int64_t state_bytes = int64_t{1} << 30;    // window rings, rollback rows, compressor state
-  // Engine memory to carve pages from instead; when set, its size is the limit.
-  absl::Span<uint8_t> history_region;
-  absl::Span<uint8_t> state_region;
+  // Engine memory for the page arrays instead of kvc's, all or none per
+  // class: every (layer, kWindow) array, and/or every (layer, kCsaRows /
+  // kCsaKeys / kHcaRows) array of the model. All arrays of a stream must
+  // hold the same number of pages; the budgets above still apply. Rollback
+  // records and compressor state are always kvc's.
+  std::vector<EngineArray> engine_arrays;
   // Tokens a sequence can always be rolled back by (speculative decoding
   // needs <= 16). Costs per layer: D * 584 B of rollback rows, plus D token
   // rows of compressor state (8 KiB CSA + 2 KiB CSA indexer, 4 KiB HCA).
@@ -71,9 +129,11 @@ constexpr int kNumComponents = 4;
 const char* ComponentName(Component component);
 
 struct ComponentUsage {
-  int64_t used_bytes = 0;      // pages in use, counted once however many sequences share them
-  int64_t reserved_bytes = 0;  // pages obtained from the arena (in use + free lists)
-  int64_t pages = 0;           // pages in use
+  // Page ids in use x page_bytes x the layers of their stream, counted once
+  // however many sequences share them.
+  int64_t used_bytes = 0;
+  int64_t reserved_bytes = 0;  // the same for every id ever handed out (in use + free lists)
+  int64_t pages = 0;           // pages in use: ids x layers
 };
 
 struct CacheUsage {
@@ -137,11 +197,39 @@ struct RowRef {
 // What the query at a layer's last position attends to (spec §3, Selection).
 struct AttentionSet {
   int64_t position = 0;  // the query's position: the layer's last token
-  // Engine index space: window ring slots [0, window), then window + j for
+  // Official index space: window ring slots [0, window), then window + j for
   // compressed entry j. Window positions first (oldest first), then entries
   // in ascending order.
   std::vector<int32_t> indices;
   std::vector<RowRef> rows;  // the stored rows, in the same order
+  // The same rows as indices into the layer's page arrays (what a sparse
+  // kernel takes: block_id x rows_per_page + offset):
+  // window_indices[i] = ids[s / B] x B + s % B for the i-th window position
+  // p (oldest first), s = p mod window, ids = BlockTable(seq, kWindow),
+  // B = its rows_per_page; compressed_indices[k] = ids[j / B] x B + j % B
+  // for the k-th selected entry j, ids = BlockTable(seq, kCsaRows or
+  // kHcaRows). So row window_indices[i] of the window array is rows[i], and
+  // row compressed_indices[k] of the rows array is rows[window count + k].
+  std::vector<int32_t> window_indices;
+  std::vector<int32_t> compressed_indices;
+};
+
+// Block tables of a batch, dense: ids[b x max_blocks + k] is page k of
+// sequence b (-1 past its blocks[b] pages); rows[b] the rows it stores.
+struct DenseBlockTables {
+  int64_t max_blocks = 0;
+  std::vector<int32_t> ids;     // batch x max_blocks
+  std::vector<int32_t> blocks;  // pages per sequence
+  std::vector<int64_t> rows;    // rows per sequence (StreamRows of its longest layer)
+};
+
+// Block tables of a batch as FlashInfer's paged layout: the pages of
+// sequence b are indices[indptr[b] .. indptr[b + 1]), the last one holding
+// last_page_len[b] rows (0 for a sequence without pages).
+struct CsrBlockTables {
+  std::vector<int32_t> indptr;  // batch + 1
+  std::vector<int32_t> indices;
+  std::vector<int32_t> last_page_len;  // batch
 };
 
 // Dequantizes the set's rows into `out` (rows.size() x 512, in order).
@@ -153,13 +241,18 @@ class Cache {
   // kInvalidArgument if the spec or options are inconsistent. Allocates no
   // pages: memory grows with the sequences and tokens held.
   static absl::StatusOr<std::unique_ptr<Cache>> Create(ModelSpec spec, CacheOptions options = {});
+
+  // The page geometry of each public stream (indexed by Stream) for this
+  // model and options: what an engine needs to allocate engine_arrays.
+  // kInvalidArgument for options Create would refuse. Allocates nothing else.
+  static absl::StatusOr<std::vector<StreamGeometry>> PageGeometry(const ModelSpec& spec, const CacheOptions& options);
   ~Cache();
   Cache(const Cache&) = delete;
   Cache& operator=(const Cache&) = delete;
 
   // A new, empty sequence. Allocates its state pages (ring, rollback rows,
-  // compressor state for every layer): kResourceExhausted naming the pool
-  // when the state arena is full.
+  // compressor state, in every layer): kResourceExhausted naming the stream
+  // when the state budget (or the stream's pages) cannot supply them.
   absl::StatusOr<SequenceId> CreateSequence();
 
   // Appends tokens [position, position + n) to `layer` of `seq`. Requires
@@ -189,7 +282,8 @@ class Cache {
   // before the Hadamard; stored as 68-byte FP4 keys).
   absl::Status AppendIndexKeys(SequenceId seq, int layer, int64_t first, absl::Span<const Bf16> keys);
 
-  // A new sequence equal to `seq`: history pages shared, state copied.
+  // A new sequence equal to `seq`: history page ids shared (the same block
+  // tables), ring, rollback and state pages new ids with the bytes copied.
   // Requires every layer of `seq` at the same length (kFailedPrecondition).
   absl::StatusOr<SequenceId> Fork(SequenceId seq);
 
@@ -230,6 +324,38 @@ class Cache {
 
   absl::StatusOr<HistoryView> CompressedRows(SequenceId seq, int layer) const;
   absl::StatusOr<HistoryView> IndexKeys(SequenceId seq, int layer) const;
+
+  // --- Pages as an engine kernel addresses them (docs/layout.md) ---------
+
+  // Layer `layer`'s array of `stream`: fixed for the cache's lifetime.
+  // kNotFound when the layer has no such stream. Allocates nothing.
+  absl::StatusOr<PageArray> LayerPages(int layer, Stream stream) const;
+
+  // The sequence's page ids of `stream` in row order, the same for every
+  // layer of the stream. kWindow: the ring's ceil(window / rows_per_page)
+  // pages (slot s in page ids[s / B]). History streams: the pages covering
+  // the longest layer's rows (layers may differ mid-step). kNotFound when no
+  // layer has the stream, or for an unknown sequence.
+  absl::StatusOr<std::vector<int32_t>> BlockTable(SequenceId seq, Stream stream) const;
+  // The same for a batch: dense [batch, max_blocks] (-1 padded) and CSR.
+  absl::StatusOr<DenseBlockTables> BatchBlockTables(absl::Span<const SequenceId> seqs, Stream stream) const;
+  absl::StatusOr<CsrBlockTables> BatchBlockTablesCsr(absl::Span<const SequenceId> seqs, Stream stream) const;
+
+  // Rows `layer` of `seq` stores in `stream`: kWindow, the ring's valid
+  // slots, min(length, window); history streams, the rows appended (row r
+  // at BlockTable[r / B], offset r % B). kNotFound when the layer has no
+  // such stream.
+  absl::StatusOr<int64_t> StreamRows(SequenceId seq, int layer, Stream stream) const;
+
+  // Ready-made rows for a layer whose compressor runs in the engine:
+  // `rows` holds n contiguous 584-byte rows (kCsaRows, kHcaRows) or 68-byte
+  // keys (kCsaKeys), byte for byte as they are stored. Requires
+  // first == StreamRows(seq, layer, stream) and first + n <= the windows
+  // closed so far; validated like a snapshot's rows (no NaN E4M3 codes or
+  // UE8M0 scales, finite bf16 RoPE dims, zero padding): kInvalidArgument
+  // naming the row. kWindow rows go through Append. Allocates history pages
+  // (copying a page shared with a fork first) or kResourceExhausted.
+  absl::Status AppendRows(SequenceId seq, int layer, Stream stream, int64_t first, absl::Span<const uint8_t> rows);
 
   CacheUsage Usage() const;
   absl::StatusOr<SequenceUsage> Usage(SequenceId seq) const;

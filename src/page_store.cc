@@ -1,0 +1,323 @@
+#include "src/page_store.h"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "kvc/compressor.h"
+#include "kvc/row_formats.h"
+#include "kvc/status.h"
+
+namespace kvc {
+namespace cache_internal {
+namespace {
+
+constexpr int64_t kAlignment = 64;
+
+int64_t RoundUp(int64_t bytes, int64_t to) { return (bytes + to - 1) / to * to; }
+
+// Bytes of one compressor's state page: (span + depth) token rows of kv and
+// score, each width() floats.
+int64_t StatePageBytes(const CompressorGeometry& g, int32_t depth) {
+  return RoundUp((int64_t{g.span()} + depth) * 2 * g.width() * int64_t{sizeof(float)}, kAlignment);
+}
+
+}  // namespace
+
+std::array<StreamSpec, kStreamCount> StreamSpecs(const ModelSpec& spec, const CacheOptions& options) {
+  const int32_t B = options.rows_per_page, K = options.keys_per_page, D = options.rollback_depth;
+  const RowFormatInfo& kv = FormatInfo(RowFormat::kKvFp8);
+  const RowFormatInfo& key = FormatInfo(RowFormat::kIndexFp4);
+  std::array<StreamSpec, kStreamCount> s;
+  auto rows = [](StreamSpec& out, const char* name, StreamClass cls, Component c, const RowFormatInfo& f,
+                 RowFormat format, int32_t per_page) {
+    out.name = name;
+    out.cls = cls;
+    out.component = c;
+    out.page_bytes = PageBytes(format, per_page);  // a multiple of 576 (rows) or 64 (keys)
+    out.rows_per_page = per_page;
+    out.row_data_bytes = f.data_bytes;
+    out.row_scale_bytes = f.scale_bytes;
+  };
+  auto state = [](StreamSpec& out, const char* name, Component c, int64_t bytes) {
+    out.name = name;
+    out.cls = StreamClass::kState;
+    out.component = c;
+    out.page_bytes = RoundUp(bytes, kAlignment);
+  };
+  rows(s[kWindowStream], "window ring", StreamClass::kState, Component::kWindowRing, kv, RowFormat::kKvFp8, B);
+  rows(s[kCsaRowsStream], "CSA compressed rows", StreamClass::kHistory, Component::kCompressedRows, kv,
+       RowFormat::kKvFp8, B);
+  rows(s[kCsaKeysStream], "CSA index keys", StreamClass::kHistory, Component::kIndexKeys, key, RowFormat::kIndexFp4, K);
+  rows(s[kHcaRowsStream], "HCA compressed rows", StreamClass::kHistory, Component::kCompressedRows, kv,
+       RowFormat::kKvFp8, B);
+  // Rollback: D records of 584 B, then the D positions that evicted them.
+  state(s[kRollbackStream], "rollback rows", Component::kWindowRing, int64_t{D} * (kv.row_bytes + 8));
+  state(s[kCsaStateStream], "CSA compressor state", Component::kCompressorState,
+        StatePageBytes(MainCompressor(LayerKind::kCsa, spec.head_dim), D));
+  state(s[kCsaIndexerStateStream], "CSA indexer state", Component::kCompressorState,
+        StatePageBytes(IndexerCompressor(spec.index_dim), D));
+  state(s[kHcaStateStream], "HCA compressor state", Component::kCompressorState,
+        StatePageBytes(MainCompressor(LayerKind::kHca, spec.head_dim), D));
+  for (int32_t i = 0; i < static_cast<int32_t>(spec.layers.size()); ++i) {
+    const LayerKind kind = spec.layers[static_cast<size_t>(i)].kind;
+    s[kWindowStream].layers.push_back(i);
+    if (D > 0) s[kRollbackStream].layers.push_back(i);
+    if (kind == LayerKind::kCsa) {
+      for (const int st : {kCsaRowsStream, kCsaKeysStream, kCsaStateStream, kCsaIndexerStateStream}) {
+        s[static_cast<size_t>(st)].layers.push_back(i);
+      }
+    } else if (kind == LayerKind::kHca) {
+      for (const int st : {kHcaRowsStream, kHcaStateStream}) s[static_cast<size_t>(st)].layers.push_back(i);
+    }
+  }
+  return s;
+}
+
+namespace {
+
+// The engine's arrays, checked: arrays[s][layer] (empty span: none given).
+absl::StatusOr<std::array<std::vector<absl::Span<uint8_t>>, kPublicStreams>> EngineArrays(
+    const std::array<StreamSpec, kStreamCount>& specs, const ModelSpec& model, const CacheOptions& options) {
+  const size_t n_layers = model.layers.size();
+  std::array<std::vector<absl::Span<uint8_t>>, kPublicStreams> arrays;
+  std::array<std::vector<bool>, kPublicStreams> given;
+  for (int s = 0; s < kPublicStreams; ++s) {
+    arrays[static_cast<size_t>(s)].resize(n_layers);
+    given[static_cast<size_t>(s)].assign(n_layers, false);
+  }
+  for (const EngineArray& a : options.engine_arrays) {
+    const int s = static_cast<int>(a.stream);
+    if (s < 0 || s >= kPublicStreams) {
+      return absl::InvalidArgumentError(absl::StrCat("engine_arrays: layer ", a.layer, ": stream ", s,
+                                                     " is not a Stream (0..3)"));
+    }
+    const StreamSpec& spec = specs[static_cast<size_t>(s)];
+    const std::string what = absl::StrCat("engine_arrays: layer ", a.layer, " stream ", spec.name);
+    if (a.layer < 0 || a.layer >= static_cast<int32_t>(n_layers)) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": the model has ", n_layers, " layers"));
+    }
+    if (!std::binary_search(spec.layers.begin(), spec.layers.end(), a.layer)) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": a ", LayerKindName(model.layers[static_cast<size_t>(a.layer)].kind),
+                                                     " layer has no such stream"));
+    }
+    if (given[static_cast<size_t>(s)][static_cast<size_t>(a.layer)]) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": given twice"));
+    }
+    if (reinterpret_cast<uintptr_t>(a.bytes.data()) % kAlignment != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": base is not 64-byte aligned"));
+    }
+    if (static_cast<int64_t>(a.bytes.size()) < spec.page_bytes) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": ", a.bytes.size(), " bytes hold no page of ",
+                                                     spec.page_bytes, " B"));
+    }
+    given[static_cast<size_t>(s)][static_cast<size_t>(a.layer)] = true;
+    arrays[static_cast<size_t>(s)][static_cast<size_t>(a.layer)] = a.bytes;
+  }
+  // All or none per class: the window arrays, and the history arrays.
+  const std::vector<std::vector<int>> classes = {{kWindowStream}, {kCsaRowsStream, kCsaKeysStream, kHcaRowsStream}};
+  for (const std::vector<int>& cls : classes) {
+    bool any = false;
+    for (const int s : cls) {
+      for (const int32_t l : specs[static_cast<size_t>(s)].layers) any |= given[static_cast<size_t>(s)][static_cast<size_t>(l)];
+    }
+    if (!any) continue;
+    for (const int s : cls) {
+      const StreamSpec& spec = specs[static_cast<size_t>(s)];
+      int64_t pages = -1;
+      for (const int32_t l : spec.layers) {
+        const absl::Span<uint8_t> a = arrays[static_cast<size_t>(s)][static_cast<size_t>(l)];
+        if (!given[static_cast<size_t>(s)][static_cast<size_t>(l)]) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "engine_arrays: layer ", l, " stream ", spec.name, " is missing (arrays are given for every layer of ",
+              s == kWindowStream ? "the window stream" : "the history streams", " or for none)"));
+        }
+        const int64_t n = static_cast<int64_t>(a.size()) / spec.page_bytes;
+        if (pages >= 0 && n != pages) {
+          return absl::InvalidArgumentError(absl::StrCat("engine_arrays: layer ", l, " stream ", spec.name, " holds ",
+                                                         n, " pages of ", spec.page_bytes, " B but layer ",
+                                                         spec.layers[0], " holds ", pages,
+                                                         "; every layer of a stream holds the same number"));
+        }
+        pages = n;
+      }
+    }
+  }
+  return arrays;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<PageStore>> PageStore::Create(const ModelSpec& model, const CacheOptions& options) {
+  const std::array<StreamSpec, kStreamCount> specs = StreamSpecs(model, options);
+  KVC_ASSIGN_OR_RETURN(const auto engine, EngineArrays(specs, model, options));
+  std::unique_ptr<PageStore> store(new PageStore());
+  store->limit_[static_cast<int>(StreamClass::kHistory)] = options.history_bytes;
+  store->limit_[static_cast<int>(StreamClass::kState)] = options.state_bytes;
+  const size_t n_layers = model.layers.size();
+  int kvc_streams = 0;
+  for (int s = 0; s < kStreamCount; ++s) {
+    Stream& st = store->streams_[static_cast<size_t>(s)];
+    st.spec = specs[static_cast<size_t>(s)];
+    st.bases.assign(n_layers, nullptr);
+    if (st.spec.layers.empty()) continue;
+    st.engine_owned = s < kPublicStreams && !engine[static_cast<size_t>(s)][static_cast<size_t>(st.spec.layers[0])].empty();
+    if (st.engine_owned) {
+      const int64_t n = static_cast<int64_t>(engine[static_cast<size_t>(s)][static_cast<size_t>(st.spec.layers[0])].size()) /
+                        st.spec.page_bytes;
+      st.num_pages = std::min<int64_t>(n, std::numeric_limits<PageId>::max());
+      for (const int32_t l : st.spec.layers) st.bases[static_cast<size_t>(l)] = engine[static_cast<size_t>(s)][static_cast<size_t>(l)].data();
+    } else {
+      ++kvc_streams;
+    }
+  }
+  // kvc's arrays: each stream may use its whole class budget, within int32
+  // ids and an equal share of the address-space cap; halve the cap until the
+  // system grants the mappings.
+  for (int64_t cap = kVirtualAddressCap;; cap /= 2) {
+    bool mapped = true;
+    for (int s = 0; s < kStreamCount && mapped; ++s) {
+      Stream& st = store->streams_[static_cast<size_t>(s)];
+      if (st.spec.layers.empty() || st.engine_owned) continue;
+      const int64_t id_bytes = st.spec.page_bytes * static_cast<int64_t>(st.spec.layers.size());
+      const int64_t budget = std::max<int64_t>(0, store->limit_[static_cast<int>(st.spec.cls)]);
+      st.num_pages = std::min({budget / id_bytes, int64_t{std::numeric_limits<PageId>::max()}, cap / kvc_streams / id_bytes});
+      if (st.num_pages == 0) continue;
+      const int64_t bytes = st.num_pages * st.spec.page_bytes;
+      for (const int32_t l : st.spec.layers) {
+        void* p = ::mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) {
+          mapped = false;
+          break;
+        }
+        store->mappings_.emplace_back(static_cast<uint8_t*>(p), bytes);
+        st.bases[static_cast<size_t>(l)] = static_cast<uint8_t*>(p);
+      }
+    }
+    if (mapped) break;
+    for (const auto& [p, bytes] : store->mappings_) ::munmap(p, static_cast<size_t>(bytes));
+    store->mappings_.clear();
+    if (cap < (int64_t{1} << 30)) {
+      return absl::ResourceExhaustedError("Cache: the system refused address space for the page arrays");
+    }
+  }
+  return store;
+}
+
+PageStore::~PageStore() {
+  for (const auto& [p, bytes] : mappings_) ::munmap(p, static_cast<size_t>(bytes));
+}
+
+absl::Status PageStore::Allocate(absl::Span<const Request> requests) {
+  // Grant under the lock (all or nothing); zero the pages after it.
+  std::vector<std::pair<int, PageId>> to_zero;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    int64_t need[kStreamCount] = {};
+    for (const Request& r : requests) {
+      if (r.n < 0) return absl::InvalidArgumentError(absl::StrCat(spec(r.stream).name, ": cannot allocate ", r.n, " pages"));
+      need[r.stream] += r.n;
+    }
+    int64_t class_need[2] = {0, 0};
+    for (int s = 0; s < kStreamCount; ++s) {
+      if (need[s] == 0) continue;
+      const Stream& st = streams_[static_cast<size_t>(s)];
+      const int c = static_cast<int>(st.spec.cls);
+      const int64_t free_ids = static_cast<int64_t>(st.free.size());
+      const int64_t created = static_cast<int64_t>(st.refcount.size());
+      const int64_t id_bytes = this->id_bytes(s);
+      const int64_t left = limit_[c] - used_[c] - class_need[c];
+      // Division, not multiplication: n may be anything.
+      if (need[s] - free_ids > st.num_pages - created || need[s] > left / id_bytes) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            st.spec.name, ": needs ", need[s], " pages (", st.spec.page_bytes, " B x ", layers(s), " layers = ",
+            id_bytes, " B each); ", st.num_pages - st.used, " of ", st.num_pages, " pages free; the ",
+            c == static_cast<int>(StreamClass::kHistory) ? "history" : "state", " budget has ", limit_[c] - used_[c],
+            " of ", limit_[c], " bytes free"));
+      }
+      class_need[c] += need[s] * id_bytes;
+    }
+    try {  // room in every table first, so that nothing after it can fail
+      for (int s = 0; s < kStreamCount; ++s) {
+        if (need[s] == 0) continue;
+        Stream& st = streams_[static_cast<size_t>(s)];
+        const size_t created = st.refcount.size() + static_cast<size_t>(std::max<int64_t>(0, need[s] - static_cast<int64_t>(st.free.size())));
+        if (st.refcount.capacity() < created) st.refcount.reserve(std::max(created, 2 * st.refcount.capacity()));
+        if (st.free.capacity() < created) st.free.reserve(std::max(created, 2 * st.free.capacity()));
+      }
+      size_t total = 0;
+      for (const Request& r : requests) {
+        r.out->reserve(r.out->size() + static_cast<size_t>(r.n));
+        total += static_cast<size_t>(r.n);
+      }
+      to_zero.reserve(total);
+    } catch (const std::bad_alloc&) {
+      return absl::ResourceExhaustedError("page store: the system refused memory for the page tables");
+    }
+    for (const Request& r : requests) {
+      Stream& st = streams_[static_cast<size_t>(r.stream)];
+      for (int64_t i = 0; i < r.n; ++i) {
+        PageId id;
+        if (!st.free.empty()) {
+          id = st.free.back();
+          st.free.pop_back();
+          st.refcount[static_cast<size_t>(id)] = 1;
+          to_zero.emplace_back(r.stream, id);  // written before
+        } else {
+          id = static_cast<PageId>(st.refcount.size());
+          st.refcount.push_back(1);
+          if (st.engine_owned) to_zero.emplace_back(r.stream, id);  // kvc's fresh pages are zero
+        }
+        r.out->push_back(id);
+      }
+      st.used += r.n;
+    }
+    used_[0] += class_need[0];
+    used_[1] += class_need[1];
+  }
+  for (const auto& [s, id] : to_zero) {
+    for (const int32_t l : spec(s).layers) std::memset(Page(s, l, id), 0, static_cast<size_t>(spec(s).page_bytes));
+  }
+  return absl::OkStatus();
+}
+
+void PageStore::Ref(int s, PageId id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ++streams_[static_cast<size_t>(s)].refcount[static_cast<size_t>(id)];
+}
+
+void PageStore::Unref(int s, PageId id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stream& st = streams_[static_cast<size_t>(s)];
+  if (--st.refcount[static_cast<size_t>(id)] == 0) {
+    st.free.push_back(id);  // capacity reserved when the id was created
+    --st.used;
+    used_[static_cast<int>(st.spec.cls)] -= id_bytes(s);
+  }
+}
+
+int32_t PageStore::RefCount(int s, PageId id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return streams_[static_cast<size_t>(s)].refcount[static_cast<size_t>(id)];
+}
+
+void PageStore::CopyPage(int s, PageId from, PageId to) const {
+  for (const int32_t l : spec(s).layers) {
+    std::memcpy(Page(s, l, to), Page(s, l, from), static_cast<size_t>(spec(s).page_bytes));
+  }
+}
+
+PageStore::Stats PageStore::StreamStats(int s) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  const Stream& st = streams_[static_cast<size_t>(s)];
+  return {st.used, static_cast<int64_t>(st.refcount.size())};
+}
+
+}  // namespace cache_internal
+}  // namespace kvc

@@ -1,0 +1,137 @@
+// Internal to kvc (not installed): the cache's storage, as paged streams.
+//
+// A stream is one kind of page (window ring, CSA rows, ...) with one id
+// space shared by every layer that has the stream: id b names page b of
+// every such layer's array, at base + b x page_bytes. A PageStore holds the
+// eight streams of a cache (four public, four internal), their per-layer
+// arrays (anonymous mappings kvc reserves, or engine memory), one id
+// allocator per stream (refcounts, free list; grows with use, never with the
+// limit) and the byte budgets of the two lifetime classes (docs/layout.md).
+#ifndef KVC_SRC_PAGE_STORE_H_
+#define KVC_SRC_PAGE_STORE_H_
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "kvc/cache.h"
+#include "kvc/model_spec.h"
+
+namespace kvc {
+namespace cache_internal {
+
+using PageId = int32_t;
+constexpr PageId kNoPage = -1;
+
+// Stream numbers: the public ones (Stream), then the internal ones.
+enum StreamIndex : int {
+  kWindowStream = 0,
+  kCsaRowsStream = 1,
+  kCsaKeysStream = 2,
+  kHcaRowsStream = 3,
+  kRollbackStream = 4,          // rollback records, all layers (none at depth 0)
+  kCsaStateStream = 5,          // CSA main compressor state
+  kCsaIndexerStateStream = 6,   // CSA indexer compressor state
+  kHcaStateStream = 7,          // HCA compressor state
+};
+constexpr int kStreamCount = 8;
+constexpr int kPublicStreams = 4;
+
+enum class StreamClass : uint8_t { kHistory, kState };
+
+// What a stream is, before any memory: its page geometry and its layers.
+struct StreamSpec {
+  const char* name = "";
+  StreamClass cls = StreamClass::kState;
+  Component component = Component::kWindowRing;
+  int64_t page_bytes = 0;       // a multiple of 64 (of 576 for 584-byte rows)
+  int32_t rows_per_page = 0;    // 0: a state stream (one page per sequence)
+  int32_t row_data_bytes = 0;   // 576 or 64; 0 for state streams
+  int32_t row_scale_bytes = 0;  // 8 or 4; 0 for state streams
+  std::vector<int32_t> layers;  // ascending; empty: the model has no such stream
+};
+
+// Every stream's spec, from the model and options (which Cache::Create has
+// validated). Stated once: the cache, PageGeometry and the docs use it.
+std::array<StreamSpec, kStreamCount> StreamSpecs(const ModelSpec& spec, const CacheOptions& options);
+
+// Reserved address space for all of kvc's own arrays together.
+constexpr int64_t kVirtualAddressCap = int64_t{32} << 40;
+
+class PageStore {
+ public:
+  // Checks the engine's arrays (kInvalidArgument naming layer and stream),
+  // sizes each stream (docs/layout.md, "Page arrays") and reserves kvc's own
+  // arrays (address space only: no memory until pages are written).
+  static absl::StatusOr<std::unique_ptr<PageStore>> Create(const ModelSpec& spec, const CacheOptions& options);
+  ~PageStore();
+  PageStore(const PageStore&) = delete;
+  PageStore& operator=(const PageStore&) = delete;
+
+  const StreamSpec& spec(int s) const { return streams_[static_cast<size_t>(s)].spec; }
+  bool present(int s) const { return !spec(s).layers.empty(); }
+  int64_t num_pages(int s) const { return streams_[static_cast<size_t>(s)].num_pages; }
+  int64_t layers(int s) const { return static_cast<int64_t>(spec(s).layers.size()); }
+  // Bytes one id costs the class budget: a page in every layer of the stream.
+  int64_t id_bytes(int s) const { return spec(s).page_bytes * layers(s); }
+  // Layer `layer`'s array of stream s (nullptr if the layer lacks it).
+  uint8_t* base(int s, int layer) const { return streams_[static_cast<size_t>(s)].bases[static_cast<size_t>(layer)]; }
+  // Page `id` of stream s in `layer`. Lock-free: arrays never move.
+  uint8_t* Page(int s, int layer, PageId id) const { return base(s, layer) + int64_t{id} * spec(s).page_bytes; }
+
+  // n new ids of stream s, appended to *out (refcount 1, the page zeroed in
+  // every layer). Several requests are granted together or not at all:
+  // kResourceExhausted naming the stream, its need, what is free and the
+  // class budget; nothing changes on a refusal.
+  struct Request {
+    int stream;
+    int64_t n;
+    std::vector<PageId>* out;
+  };
+  absl::Status Allocate(absl::Span<const Request> requests);
+  absl::Status Allocate(int s, int64_t n, std::vector<PageId>* out) { return Allocate({Request{s, n, out}}); }
+
+  void Ref(int s, PageId id);
+  void Unref(int s, PageId id);  // frees the id with its last reference; allocates nothing
+  int32_t RefCount(int s, PageId id) const;
+  // Copies page `from` onto page `to` in every layer of stream s.
+  void CopyPage(int s, PageId from, PageId to) const;
+
+  struct Stats {
+    int64_t used_ids = 0;     // referenced at least once
+    int64_t created_ids = 0;  // ever handed out (high water)
+  };
+  Stats StreamStats(int s) const;
+  int64_t limit(StreamClass c) const { return limit_[static_cast<int>(c)]; }
+
+ private:
+  struct Stream {
+    StreamSpec spec;
+    std::vector<uint8_t*> bases;  // per model layer
+    int64_t num_pages = 0;
+    bool engine_owned = false;    // else one anonymous mapping per layer's array
+    // Guarded by mu_:
+    std::vector<int32_t> refcount;  // one per created id
+    std::vector<PageId> free;       // capacity >= created: Unref never allocates
+    int64_t used = 0;
+  };
+  PageStore() = default;
+
+  std::array<Stream, kStreamCount> streams_;
+  std::vector<std::pair<uint8_t*, int64_t>> mappings_;  // kvc's arrays, unmapped by the destructor
+  int64_t limit_[2] = {0, 0};
+  mutable std::mutex mu_;  // guards the id tables and used_
+  int64_t used_[2] = {0, 0};  // bytes of ids in use, per class
+};
+
+}  // namespace cache_internal
+}  // namespace kvc
+
+#endif  // KVC_SRC_PAGE_STORE_H_
