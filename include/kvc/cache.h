@@ -276,7 +276,8 @@ class Cache {
   // rows). Requires first == the entries already stored and
   // first + n <= Length(seq, layer) / ratio (an entry exists once its window
   // has closed). Allocates history pages (and copies a partial page shared
-  // with a fork before writing it): kResourceExhausted naming the pool.
+  // with a fork before writing it, in every layer of the stream):
+  // kResourceExhausted naming the stream.
   absl::Status AppendCompressedRows(SequenceId seq, int layer, int64_t first, absl::Span<const Bf16> rows);
   // The same for the index keys of a CSA layer: n x 128 bf16 (after RoPE,
   // before the Hadamard; stored as 68-byte FP4 keys).
