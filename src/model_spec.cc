@@ -1,5 +1,6 @@
 #include "kvc/model_spec.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <fstream>
@@ -155,6 +156,12 @@ absl::Status CheckRope(const RopeSpec& rope, const char* which, int64_t max_cont
                                                      rope.engine_table.size() / per_position,
                                                      " positions, fewer than max_context ", max_context));
     }
+    const auto bad = std::find_if(rope.engine_table.begin(), rope.engine_table.end(), [](float v) { return !std::isfinite(v); });
+    if (bad != rope.engine_table.end()) {
+      const int64_t at = bad - rope.engine_table.begin();
+      return absl::InvalidArgumentError(absl::StrCat(which, ".engine_table is not finite at position ", at / per_position,
+                                                     ", pair ", at % per_position / 2));
+    }
   }
   return absl::OkStatus();
 }
@@ -308,7 +315,8 @@ absl::Status ModelSpec::Validate() const {
     const int ratio = CompressRatio(layer.kind);
     const int width = CompressorWidthFactor(layer.kind);
     if (layer.kind == LayerKind::kWindow) {
-      if (!layer.compressor.ape.empty() || !layer.indexer.ape.empty()) {
+      if (!layer.compressor.ape.empty() || !layer.compressor.norm_weight.empty() || !layer.indexer.ape.empty() ||
+          !layer.indexer.norm_weight.empty()) {
         return absl::InvalidArgumentError(absl::StrCat("layer ", i, ": a window-only layer has no compressor"));
       }
       continue;
@@ -320,7 +328,7 @@ absl::Status ModelSpec::Validate() const {
         return absl::InvalidArgumentError(absl::StrCat(
             "layer ", i, ": a CSA layer needs both compressor and indexer parameters, or neither"));
       }
-    } else if (!layer.indexer.ape.empty()) {
+    } else if (!layer.indexer.ape.empty() || !layer.indexer.norm_weight.empty()) {
       return absl::InvalidArgumentError(absl::StrCat("layer ", i, ": an HCA layer has no indexer"));
     }
   }
