@@ -230,7 +230,7 @@ absl::StatusOr<ModelSpec> ModelSpec::FromHuggingFaceConfig(absl::string_view jso
   KVC_ASSIGN_OR_RETURN(const int64_t window, IntMember(config, "sliding_window", 1, 1 << 16));
   KVC_ASSIGN_OR_RETURN(const int64_t head_dim, IntMember(config, "head_dim", 1, 1 << 16));
   KVC_ASSIGN_OR_RETURN(const int64_t rope_dim, IntMember(config, "qk_rope_head_dim", 1, 1 << 16));
-  KVC_ASSIGN_OR_RETURN(const int64_t index_heads, OptionalInt(config, "index_n_heads", 64, 1, 1 << 16));
+  KVC_ASSIGN_OR_RETURN(const int64_t index_heads, OptionalInt(config, "index_n_heads", 64, 1, kMaxIndexHeads));
   KVC_ASSIGN_OR_RETURN(const int64_t index_dim, OptionalInt(config, "index_head_dim", 128, 1, 1 << 16));
   KVC_ASSIGN_OR_RETURN(const int64_t index_topk, IntMember(config, "index_topk", 1, 1 << 20));
   spec.window = static_cast<int32_t>(window);
@@ -297,14 +297,17 @@ absl::Status ModelSpec::Validate() const {
     return absl::InvalidArgumentError(absl::StrCat("index_dim ", index_dim, ": kvc's index keys are 128-dim"));
   }
   if (window < 1 || window > (1 << 16)) return absl::InvalidArgumentError(absl::StrCat("window ", window, " not in 1..65536"));
-  if (index_heads < 1 || index_heads > (1 << 16)) {
-    return absl::InvalidArgumentError(absl::StrCat("index_heads ", index_heads, " not in 1..65536"));
+  if (index_heads < 1 || index_heads > kMaxIndexHeads) {
+    return absl::InvalidArgumentError(absl::StrCat("index_heads ", index_heads, " not in 1..", kMaxIndexHeads));
   }
   if (index_topk < 1) return absl::InvalidArgumentError(absl::StrCat("index_topk ", index_topk, " must be >= 1"));
   if (max_context < 1 || max_context > (int64_t{1} << 40)) {
     return absl::InvalidArgumentError(absl::StrCat("max_context ", max_context, " not in 1..2^40"));
   }
-  if (!(norm_eps > 0.0) || !std::isfinite(norm_eps)) return absl::InvalidArgumentError("norm_eps must be > 0");
+  // RMSNorm adds it in fp32: it must stay positive there.
+  if (!(static_cast<float>(norm_eps) > 0.0f) || !std::isfinite(static_cast<float>(norm_eps))) {
+    return absl::InvalidArgumentError(absl::StrCat("norm_eps ", norm_eps, " must be > 0 and finite in fp32"));
+  }
   KVC_RETURN_IF_ERROR(CheckRope(window_rope, "window_rope", max_context));
   KVC_RETURN_IF_ERROR(CheckRope(compressed_rope, "compressed_rope", max_context));
   for (size_t i = 0; i < layers.size(); ++i) {

@@ -102,6 +102,9 @@ TEST(ModelSpec, MalformedOrInconsistentConfigsNameTheProblem) {
       {"rope_scaling", R"({"type": "linear", "factor": 4})", "must be \"yarn\""},
       {"rope_scaling", R"({"type": "yarn", "factor": 16})", "missing \"original_max_position_embeddings\""},
       {"sliding_window", "0", "\"sliding_window\" must be an integer in [1"},
+      // More heads than kvc scores, and an epsilon that is 0 in fp32.
+      {"index_n_heads", "4097", "\"index_n_heads\" must be an integer in [1, 4096]"},
+      {"rms_norm_eps", "1e-50", "norm_eps 1e-50 must be > 0 and finite in fp32"},
   };
   for (const auto& c : cases) {
     auto spec = ModelSpec::FromHuggingFaceConfig(FlashConfig(c.key, c.value));
