@@ -24,16 +24,24 @@ namespace {
 
 constexpr int64_t kKvRowBytes = FormatInfo(RowFormat::kKvFp8).row_bytes;
 
-// Whether stored rows are ones kvc could have written: no NaN codes or
-// scales, finite bf16 RoPE dims, zero padding (a file with a valid checksum
-// but crafted rows must not feed NaN to attention).
+// Whether `n` 584-byte rows are ones QuantizeKvRows can have written (a file
+// with a valid checksum but crafted rows must not feed NaN or infinity to
+// attention): no NaN code, non-finite bf16 RoPE dim or non-zero padding, and
+// no block that reads back as infinity. The kernel's NoPE bound (kMaxKvNopeBf16Bits) keeps every block
+// scale at or below 2^120 (byte 247), and at 2^120 every code below 256
+// (E4M3 0x78): 256 x 2^120 = 2^128.
 bool KvRowsValid(const uint8_t* rows, int64_t n) {
+  constexpr uint8_t kLargestScaleByte = 127 + 120;
+  constexpr uint8_t kCode256 = 0x78;  // E4M3 exponent 15, mantissa 0
   for (int64_t r = 0; r < n; ++r, rows += kKvRowBytes) {
     const auto* row = reinterpret_cast<const KvRowFp8*>(rows);
     unsigned bad = 0;
-    for (const uint8_t code : row->nope_codes) bad |= (code & 0x7Fu) == 0x7Fu;
+    for (int i = 0; i < kNopeDim; ++i) {
+      const unsigned magnitude = row->nope_codes[i] & 0x7Fu;
+      const uint8_t scale = row->scales[i / kFp8BlockSize];
+      bad |= magnitude == 0x7Fu || scale > kLargestScaleByte || (scale == kLargestScaleByte && magnitude >= kCode256);
+    }
     for (int j = 0; j < kRopeDim; ++j) bad |= (row->rope_bf16[2 * j + 1] & 0x7Fu) == 0x7Fu && (row->rope_bf16[2 * j] & 0x80u) != 0;
-    for (const uint8_t s : row->scales) bad |= s == 0xFFu;
     bad |= row->padding != 0;
     if (bad != 0) return false;
   }
@@ -512,7 +520,7 @@ absl::StatusOr<RowsBlock> ReadRows(const File& f, int64_t offset, int64_t limit,
   }
   b.rows = d.Bytes(static_cast<uint64_t>(b.count) * static_cast<uint64_t>(row_bytes));
   if (!(stream == 0 ? KvRowsValid(b.rows, rows) : KeysValid(b.rows, rows))) {
-    return absl::DataLossError(absl::StrCat(where, " holds rows kvc cannot have written (NaN codes or scales)"));
+    return absl::DataLossError(absl::StrCat(where, " holds rows kvc cannot have written (NaN codes, non-finite values or padding)"));
   }
   return b;
 }
@@ -542,7 +550,7 @@ absl::StatusOr<StateBlock> ReadState(const File& f, int64_t offset, int64_t limi
     return absl::DataLossError(absl::StrCat(where, " has ", buffer->size(), " bytes, not the layer's state size"));
   }
   if (!KvRowsValid(b.ring, g.window) || !KvRowsValid(b.rollback, g.depth)) {
-    return absl::DataLossError(absl::StrCat(where, " holds window rows kvc cannot have written (NaN codes or scales)"));
+    return absl::DataLossError(absl::StrCat(where, " holds window rows kvc cannot have written (NaN codes, non-finite values or padding)"));
   }
   // Rollback records: slot q mod D holds the record of position q (or -1);
   // every position in [floor, length) must have its record.

@@ -662,6 +662,57 @@ TEST_F(SnapshotFaults, CraftedHeaderOffsetsAreDataLoss) {
   }
 }
 
+// Rows QuantizeKvRows cannot have written, checksums recomputed: a block
+// scale above 2^120, or the E4M3 code of 256 at 2^120 (256 x 2^120 = 2^128
+// reads back as infinity), or a NaN code. Refused as damaged; the largest
+// code it can write at 2^120 (240) restores.
+TEST_F(SnapshotFaults, RowsThatReadBackNonFiniteAreDataLoss) {
+  using namespace snapshot_format;
+  int64_t rows_block = -1;
+  for (const BlockAt& b : Blocks(path_)) {
+    if (b.type != BlockType::kRows || !b.referenced) continue;
+    uint8_t stream = 0;
+    std::memcpy(&stream, &good_[static_cast<size_t>(b.offset + kBlockHeaderBytes + 4)], 1);
+    if (stream == 0) {
+      rows_block = b.offset;
+      break;
+    }
+  }
+  ASSERT_GE(rows_block, 0) << "no referenced compressed-rows block";
+  const size_t header = static_cast<size_t>(rows_block), payload = header + kBlockHeaderBytes;
+  const size_t row0 = payload + 4 + 1 + 8 + 4;  // layer, stream, first, count
+  uint64_t payload_bytes = 0;
+  std::memcpy(&payload_bytes, &good_[header + 8], 8);
+  auto with_row0 = [&](uint8_t code, uint8_t scale_byte) {
+    std::string bytes = good_;
+    for (size_t i = 0; i < 64; ++i) bytes[row0 + i] = 0x30;  // block 0: codes that fit any scale (1.0)
+    bytes[row0 + 3] = static_cast<char>(code);                  // dim 3
+    bytes[row0 + 576] = static_cast<char>(scale_byte);          // block 0's scale
+    const uint32_t crc = Crc32c(&bytes[payload], payload_bytes);
+    std::memcpy(&bytes[header + 16], &crc, 4);
+    const uint32_t header_crc = Crc32c(&bytes[header], kBlockHeaderBytes - 4);
+    std::memcpy(&bytes[header + kBlockHeaderBytes - 4], &header_crc, 4);
+    return bytes;
+  };
+  const struct {
+    uint8_t code, scale;
+    bool valid;
+  } cases[] = {{0x77, 127 + 120, true},  {0xF7, 127 + 120, true}, {0x78, 127 + 120, false},
+               {0xF8, 127 + 120, false}, {0x01, 127 + 121, false}, {0x7F, 100, false}};
+  for (const auto& c : cases) {
+    SCOPED_TRACE(::testing::Message() << "code 0x" << std::hex << int{c.code} << " scale byte " << std::dec << int{c.scale});
+    const std::string bytes = with_row0(c.code, c.scale);
+    const absl::Status restored = TryRestore(bytes);
+    if (c.valid) {
+      EXPECT_TRUE(restored.ok()) << restored;
+      continue;
+    }
+    EXPECT_EQ(restored.code(), absl::StatusCode::kDataLoss);
+    EXPECT_THAT(std::string(restored.message()), HasSubstr("kvc cannot have written"));
+    EXPECT_EQ(VerifySnapshot(path_).status().code(), absl::StatusCode::kDataLoss);
+  }
+}
+
 // The real file system with chosen calls failing (errno set as the system would).
 class FailingFileSystem : public snapshot_format::FileSystem {
  public:
