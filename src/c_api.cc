@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -18,7 +19,14 @@
 #include "kvc/snapshot.h"
 
 struct kvc_cache {
+  // The copies of the engine's parameters that the cache's ModelSpec views.
+  // Declared before `cache`, so it outlives it.
+  std::vector<float> params;
   std::unique_ptr<kvc::Cache> cache;
+};
+
+struct kvc_index_query {
+  kvc::IndexQuery query;
 };
 
 namespace {
@@ -91,11 +99,101 @@ kvc::CacheOptions ToOptions(const kvc_options* options) {
   return out;
 }
 
-int Create(absl::StatusOr<kvc::ModelSpec> spec, const kvc_options* options, kvc_cache** out) {
+// A view of `count` floats at `p`, after checking what C can get wrong: a
+// negative count, a NULL pointer with a count. Messages start with `where`
+// and name `field` (its count is field + "_count").
+absl::StatusOr<absl::Span<const float>> View(const float* p, int64_t count, absl::string_view where,
+                                             absl::string_view field) {
+  if (count < 0) return absl::InvalidArgumentError(absl::StrCat(where, field, "_count ", count, " is negative"));
+  if (p == nullptr && count > 0) {
+    return absl::InvalidArgumentError(absl::StrCat(where, field, " is NULL with ", field, "_count ", count));
+  }
+  return absl::MakeConstSpan(p, static_cast<size_t>(count));
+}
+
+absl::Status SetParams(const kvc_compressor_params& in, absl::string_view where, absl::string_view field,
+                       kvc::CompressorParams* out) {
+  absl::StatusOr<absl::Span<const float>> ape = View(in.ape, in.ape_count, where, absl::StrCat(field, ".ape"));
+  if (!ape.ok()) return ape.status();
+  absl::StatusOr<absl::Span<const float>> norm =
+      View(in.norm_weight, in.norm_weight_count, where, absl::StrCat(field, ".norm_weight"));
+  if (!norm.ok()) return norm.status();
+  *out = {*ape, *norm};
+  return absl::OkStatus();
+}
+
+// Points `spec` at the caller's buffers and checks them (ModelSpec::Validate
+// checks sizes before it reads values, so a wrong count reads nothing past
+// the expected size), then copies every buffer into `storage` and points
+// `spec` there. Messages name the layer and field.
+absl::Status ApplyParams(const kvc_model_params& params, kvc::ModelSpec& spec, std::vector<float>& storage) {
+  const int64_t num_layers = static_cast<int64_t>(spec.layers.size());
+  if (params.layers == nullptr ? params.num_layers != 0 : params.num_layers != num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("params->num_layers ", params.num_layers, " with layers ",
+                                                   params.layers == nullptr ? "NULL" : "given", "; the model has ",
+                                                   num_layers, " layers"));
+  }
+  for (int64_t i = 0; params.layers != nullptr && i < num_layers; ++i) {
+    kvc::LayerSpec& layer = spec.layers[static_cast<size_t>(i)];
+    const kvc_layer_params& in = params.layers[i];
+    const std::string where = absl::StrCat("layer ", i, ": ");
+    auto given = [](const kvc_compressor_params& p) {
+      return p.ape != nullptr || p.ape_count != 0 || p.norm_weight != nullptr || p.norm_weight_count != 0;
+    };
+    // Validate only looks at ape for these; a lone norm_weight must not pass unnoticed.
+    if (layer.kind == kvc::LayerKind::kWindow && (given(in.compressor) || given(in.indexer))) {
+      return absl::InvalidArgumentError(absl::StrCat(where, "a window-only layer has no compressor or indexer"));
+    }
+    if (layer.kind == kvc::LayerKind::kHca && given(in.indexer)) {
+      return absl::InvalidArgumentError(absl::StrCat(where, "an HCA layer has no indexer"));
+    }
+    for (const auto& [c, field, target] : {std::make_tuple(&in.compressor, "compressor", &layer.compressor),
+                                           std::make_tuple(&in.indexer, "indexer", &layer.indexer)}) {
+      const absl::Status set = SetParams(*c, where, field, target);
+      if (!set.ok()) return set;
+    }
+  }
+  absl::StatusOr<absl::Span<const float>> compressed_rope =
+      View(params.compressed_rope_table, params.compressed_rope_table_count, "params->", "compressed_rope_table");
+  if (!compressed_rope.ok()) return compressed_rope.status();
+  absl::StatusOr<absl::Span<const float>> window_rope =
+      View(params.window_rope_table, params.window_rope_table_count, "params->", "window_rope_table");
+  if (!window_rope.ok()) return window_rope.status();
+  spec.compressed_rope.engine_table = *compressed_rope;
+  spec.window_rope.engine_table = *window_rope;
+  const absl::Status valid = spec.Validate();
+  if (!valid.ok()) return valid;
+
+  // Every view of the spec, to be re-pointed at its copy.
+  std::vector<absl::Span<const float>*> views = {&spec.compressed_rope.engine_table, &spec.window_rope.engine_table};
+  for (kvc::LayerSpec& layer : spec.layers) {
+    views.insert(views.end(), {&layer.compressor.ape, &layer.compressor.norm_weight, &layer.indexer.ape,
+                               &layer.indexer.norm_weight});
+  }
+  size_t total = 0;
+  for (const absl::Span<const float>* v : views) total += v->size();
+  storage.assign(total, 0.0f);  // never resized below: the spans stay valid
+  size_t at = 0;
+  for (absl::Span<const float>* v : views) {
+    std::copy(v->begin(), v->end(), storage.begin() + static_cast<std::ptrdiff_t>(at));
+    *v = absl::MakeConstSpan(storage.data() + at, v->size());
+    at += v->size();
+  }
+  return absl::OkStatus();
+}
+
+int Create(absl::StatusOr<kvc::ModelSpec> spec, const kvc_options* options, const kvc_model_params* params,
+           kvc_cache** out) {
   if (!spec.ok()) return FromStatus(spec.status());
+  std::vector<float> storage;  // declared before `cache`: outlives it on every path
+  if (params != nullptr) {
+    const absl::Status applied = ApplyParams(*params, *spec, storage);
+    if (!applied.ok()) return FromStatus(applied);
+  }
   absl::StatusOr<std::unique_ptr<kvc::Cache>> cache = kvc::Cache::Create(*std::move(spec), ToOptions(options));
   if (!cache.ok()) return FromStatus(cache.status());
-  *out = new kvc_cache{*std::move(cache)};
+  // Moving the vector keeps its buffer, which the cache's spec views.
+  *out = new kvc_cache{std::move(storage), *std::move(cache)};
   return KVC_OK;
 }
 
@@ -115,7 +213,26 @@ int kvc_cache_create(const char* preset, const kvc_options* options, kvc_cache**
   return Guarded(__func__, [&](const char* function) -> int {
     KVC_C_REQUIRE(preset);
     KVC_C_REQUIRE(out);
-    return Create(kvc::ModelSpec::Preset(preset), options, out);
+    return Create(kvc::ModelSpec::Preset(preset), options, nullptr, out);
+  });
+}
+
+int kvc_cache_create_with_params(const char* preset, const kvc_options* options, const kvc_model_params* params,
+                                 kvc_cache** out) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(preset);
+    KVC_C_REQUIRE(out);
+    return Create(kvc::ModelSpec::Preset(preset), options, params, out);
+  });
+}
+
+int kvc_cache_create_from_config_with_params(const char* config_json, size_t length, const kvc_options* options,
+                                             const kvc_model_params* params, kvc_cache** out) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(config_json);
+    KVC_C_REQUIRE(out);
+    return Create(kvc::ModelSpec::FromHuggingFaceConfig(absl::string_view(config_json, length)), options, params,
+                  out);
   });
 }
 
@@ -124,7 +241,8 @@ int kvc_cache_create_from_config(const char* config_json, size_t length, const k
   return Guarded(__func__, [&](const char* function) -> int {
     KVC_C_REQUIRE(config_json);
     KVC_C_REQUIRE(out);
-    return Create(kvc::ModelSpec::FromHuggingFaceConfig(absl::string_view(config_json, length)), options, out);
+    return Create(kvc::ModelSpec::FromHuggingFaceConfig(absl::string_view(config_json, length)), options, nullptr,
+                  out);
   });
 }
 
@@ -135,6 +253,20 @@ int kvc_cache_num_layers(const kvc_cache* cache, int32_t* out) {
     KVC_C_REQUIRE(cache);
     KVC_C_REQUIRE(out);
     *out = static_cast<int32_t>(cache->cache->spec().layers.size());
+    return KVC_OK;
+  });
+}
+
+int kvc_cache_layer_kind(const kvc_cache* cache, int32_t layer, int32_t* kind) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(kind);
+    const std::vector<kvc::LayerSpec>& layers = cache->cache->spec().layers;
+    if (layer < 0 || static_cast<size_t>(layer) >= layers.size()) {
+      return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": layer ", layer, " is outside [0, ",
+                                                         layers.size(), ")"));
+    }
+    *kind = static_cast<int32_t>(layers[static_cast<size_t>(layer)].kind);
     return KVC_OK;
   });
 }
@@ -266,6 +398,55 @@ int kvc_seq_read_window(const kvc_cache* cache, kvc_seq seq, int32_t layer, uint
     if (out_values < 0) return Fail(KVC_ERR_INVALID_ARGUMENT, "kvc_seq_read_window: out_values < 0");
     return FromStatus(cache->cache->ReadWindow(
         seq, layer, absl::MakeSpan(reinterpret_cast<kvc::Bf16*>(out), static_cast<size_t>(out_values))));
+  });
+}
+
+int kvc_index_query_prepare(const kvc_cache* cache, int64_t position, const uint16_t* q_raw, const float* weights,
+                            int32_t heads, kvc_index_query** out) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(q_raw);
+    KVC_C_REQUIRE(weights);
+    KVC_C_REQUIRE(out);
+    if (heads < 1) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": heads ", heads, " is not positive"));
+    const size_t n = static_cast<size_t>(heads);
+    absl::StatusOr<kvc::IndexQuery> query = cache->cache->PrepareIndexQuery(
+        position, absl::MakeConstSpan(reinterpret_cast<const kvc::Bf16*>(q_raw), n * KVC_INDEX_DIM),
+        absl::MakeConstSpan(weights, n));
+    if (!query.ok()) return FromStatus(query.status());
+    *out = new kvc_index_query{*std::move(query)};
+    return KVC_OK;
+  });
+}
+
+void kvc_index_query_destroy(kvc_index_query* query) { delete query; }
+
+int kvc_index_scores(const kvc_cache* cache, kvc_seq seq, int32_t layer, const kvc_index_query* query, float* out,
+                     int64_t capacity, int64_t* count) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(query);
+    KVC_C_REQUIRE(count);
+    if (capacity < 0) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": capacity ", capacity, " < 0"));
+    if (capacity > 0) KVC_C_REQUIRE(out);
+    const std::vector<kvc::LayerSpec>& layers = cache->cache->spec().layers;
+    if (layer < 0 || static_cast<size_t>(layer) >= layers.size()) {
+      return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": layer ", layer, " is outside [0, ",
+                                                         layers.size(), ")"));
+    }
+    const kvc::LayerKind kind = layers[static_cast<size_t>(layer)].kind;
+    if (kind != kvc::LayerKind::kCsa) {
+      return Fail(KVC_ERR_INVALID_ARGUMENT,
+                  absl::StrCat(function, ": layer ", layer, " is ", kind == kvc::LayerKind::kHca ? "HCA" : "window-only",
+                               "; only CSA layers have index keys"));
+    }
+    std::vector<float> scores;
+    const absl::StatusOr<kvc::AttentionSet> set = cache->cache->SelectAttentionSet(seq, layer, &query->query, &scores);
+    if (!set.ok()) return FromStatus(set.status());
+    const size_t written = std::min(scores.size(), static_cast<size_t>(capacity));
+    std::copy_n(scores.begin(), written, out);
+    *count = static_cast<int64_t>(scores.size());
+    return KVC_OK;
   });
 }
 

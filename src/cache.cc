@@ -167,8 +167,8 @@ absl::Status CheckFiniteSlice(const LayerTokens& t, int64_t from, int64_t to, co
   auto rows = [&](auto span, int64_t width) {
     return span.subspan(static_cast<size_t>(from * width), static_cast<size_t>((to - from) * width));
   };
-  if (!CheckFiniteRows(rows(t.window_rows, kHeadDim), kHeadDim, "Append: window_rows").ok()) {
-    return CheckFiniteRows(t.window_rows, kHeadDim, "Append: window_rows");
+  if (!CheckKvRows(rows(t.window_rows, kHeadDim), "Append: window_rows").ok()) {
+    return CheckKvRows(t.window_rows, "Append: window_rows");
   }
   for (const Projection& input : Projections(spec, l, t)) {
     if (!input.used) continue;
@@ -306,7 +306,7 @@ absl::Status Cache::AppendCompressedRows(SequenceId id, int layer, int64_t first
   LayerStreams& ls = seq.layers()[static_cast<size_t>(layer)];
   KVC_ASSIGN_OR_RETURN(const int64_t n, CheckHistoryAppend(impl_->spec, layer, ls, ls.compressed_rows, first,
                                                            rows.size(), kHeadDim, false, kWhat));
-  KVC_RETURN_IF_ERROR(CheckFiniteRows(rows, kHeadDim, kWhat));
+  KVC_RETURN_IF_ERROR(CheckKvRows(rows, kWhat));
   if (n == 0) return absl::OkStatus();
   return impl_->AppendHistory(impl_->CompressedOf(*seq.seq, layer), rows, kHeadDim, QuantizeKvRows);
 }

@@ -450,17 +450,20 @@ struct Cache::Impl {
   // The largest bf16 magnitudes (bits without the sign) the row kernels
   // store (row_kernels.cc): any finite value in a KV row; up to 2^120 in an
   // index key (its Hadamard must not overflow).
-  static constexpr uint16_t kMaxKvBits = 0x7F7F;   // bf16 max
   static constexpr uint16_t kMaxKeyBits = 0x7B80;  // 2^120
 
   // OK if QuantizeKvRows (main) or QuantizeIndexKeys (indexer) accepts the
   // computed row `out` of entry i; else kInvalidArgument naming the layer,
   // the entry's tokens, the channel, the cause and the token that dominates it.
   absl::Status CheckEntry(const CompressorRun& run, int64_t i, const Bf16* out) const {
-    const uint16_t max_bits = run.indexer ? kMaxKeyBits : kMaxKvBits;
-    uint16_t largest = 0;
-    for (int c = 0; c < run.g.dim; ++c) largest = std::max<uint16_t>(largest, out[c].bits & 0x7FFF);
-    return largest <= max_bits ? absl::OkStatus() : RefusedEntry(run, i, out, max_bits, largest >= 0x7F80);
+    // Entries: NoPE dims up to kMaxKvNopeBf16Bits, RoPE dims any finite value.
+    const uint16_t max_bits = run.indexer ? kMaxKeyBits : kMaxKvNopeBf16Bits;
+    const int limited_dims = run.indexer ? run.g.dim : kNopeDim;
+    uint16_t largest = 0, largest_rest = 0;
+    for (int c = 0; c < limited_dims; ++c) largest = std::max<uint16_t>(largest, out[c].bits & 0x7FFF);
+    for (int c = limited_dims; c < run.g.dim; ++c) largest_rest = std::max<uint16_t>(largest_rest, out[c].bits & 0x7FFF);
+    if (largest <= max_bits && largest_rest <= kMaxFiniteBf16Bits) return absl::OkStatus();
+    return RefusedEntry(run, i, out, max_bits, std::max(largest, largest_rest) >= 0x7F80);
   }
 
   absl::Status RefusedEntry(const CompressorRun& run, int64_t i, const Bf16* out, uint16_t max_bits,
@@ -482,7 +485,7 @@ struct Cache::Impl {
       cause = absl::StrCat("the pooled ", kv_name, " there, ", x, std::isfinite(x) ? ", exceeds bf16's range" : ", overflows fp32");
     }
     for (int c = 0; c < g.dim && channel < 0; ++c) {
-      if ((out[c].bits & 0x7FFF) <= max_bits) continue;
+      if ((out[c].bits & 0x7FFF) <= (run.indexer || c < kNopeDim ? max_bits : kMaxFiniteBf16Bits)) continue;
       channel = c;
       cause = absl::StrCat("RMSNorm (norm_weight ", run.params->norm_weight[static_cast<size_t>(c)],
                            ") and RoPE make it ", ToF32(out[c]));
@@ -506,7 +509,10 @@ struct Cache::Impl {
     return absl::InvalidArgumentError(absl::StrCat(
         "Append: layer ", run.layer, ": ", run.indexer ? "index key " : "compressed entry ", i, " (tokens [",
         first_token, ", ", (i + 1) * g.ratio, ")) would ",
-        non_finite ? "not be finite" : "exceed 2^120 (the index key limit)", " at channel ", channel, ": ",
+        non_finite     ? "not be finite"
+        : run.indexer  ? "exceed 2^120 (the index key limit)"
+                       : "read back as infinity (|x| >= 248 x 2^120 rounds to the FP8 code of 2^128)",
+        " at channel ", channel, ": ",
         cause, "; it comes mostly from position ", tokens[top], "'s ", kv_name, " column ", column, " (",
         slots[top].kv[channel], ")"));
   }

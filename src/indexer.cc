@@ -1,4 +1,5 @@
 #include "kvc/indexer.h"
+#include "kvc/model_spec.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -27,7 +28,7 @@ int8_t Code(const uint8_t* packed, int e) { return kTwiceE2M1[(packed[e / 2] >> 
 absl::StatusOr<IndexQuery> IndexQuery::Prepare(absl::Span<const Bf16> q_raw, absl::Span<const float> weights,
                                                const float* cos_sin) {
   const int64_t heads = static_cast<int64_t>(weights.size());
-  if (heads < 1 || heads > 4096 || q_raw.size() != static_cast<size_t>(heads) * kIndexDim) {
+  if (heads < 1 || heads > kMaxIndexHeads || q_raw.size() != static_cast<size_t>(heads) * kIndexDim) {
     return absl::InvalidArgumentError(absl::StrCat("IndexQuery: ", q_raw.size(), " query values for ", heads,
                                                    " head weights; expected heads x 128 with 1..4096 heads"));
   }
@@ -254,8 +255,13 @@ std::vector<int64_t> SelectTopK(absl::Span<const float> scores, int64_t k, int64
 }  // namespace
 
 absl::Status TopK(absl::Span<const float> scores, int64_t k, std::vector<int64_t>* out) {
+  if (k < 0) return absl::InvalidArgumentError(absl::StrCat("TopK: k = ", k, " is negative"));
   int64_t first_nan = -1;
   std::vector<int64_t> picked = SelectTopK(scores, k, &first_nan);
+  if (k == 0) {  // nothing selected, but the promise holds: NaN is refused
+    const auto nan = std::find_if(scores.begin(), scores.end(), [](float s) { return std::isnan(s); });
+    if (nan != scores.end()) first_nan = nan - scores.begin();
+  }
   if (first_nan >= 0) {
     return absl::InvalidArgumentError(absl::StrCat("TopK: score ", first_nan, " is NaN"));
   }

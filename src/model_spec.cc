@@ -1,5 +1,6 @@
 #include "kvc/model_spec.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <fstream>
@@ -155,6 +156,12 @@ absl::Status CheckRope(const RopeSpec& rope, const char* which, int64_t max_cont
                                                      rope.engine_table.size() / per_position,
                                                      " positions, fewer than max_context ", max_context));
     }
+    const auto bad = std::find_if(rope.engine_table.begin(), rope.engine_table.end(), [](float v) { return !std::isfinite(v); });
+    if (bad != rope.engine_table.end()) {
+      const int64_t at = bad - rope.engine_table.begin();
+      return absl::InvalidArgumentError(absl::StrCat(which, ".engine_table is not finite at position ", at / per_position,
+                                                     ", pair ", at % per_position / 2));
+    }
   }
   return absl::OkStatus();
 }
@@ -223,7 +230,7 @@ absl::StatusOr<ModelSpec> ModelSpec::FromHuggingFaceConfig(absl::string_view jso
   KVC_ASSIGN_OR_RETURN(const int64_t window, IntMember(config, "sliding_window", 1, 1 << 16));
   KVC_ASSIGN_OR_RETURN(const int64_t head_dim, IntMember(config, "head_dim", 1, 1 << 16));
   KVC_ASSIGN_OR_RETURN(const int64_t rope_dim, IntMember(config, "qk_rope_head_dim", 1, 1 << 16));
-  KVC_ASSIGN_OR_RETURN(const int64_t index_heads, OptionalInt(config, "index_n_heads", 64, 1, 1 << 16));
+  KVC_ASSIGN_OR_RETURN(const int64_t index_heads, OptionalInt(config, "index_n_heads", 64, 1, kMaxIndexHeads));
   KVC_ASSIGN_OR_RETURN(const int64_t index_dim, OptionalInt(config, "index_head_dim", 128, 1, 1 << 16));
   KVC_ASSIGN_OR_RETURN(const int64_t index_topk, IntMember(config, "index_topk", 1, 1 << 20));
   spec.window = static_cast<int32_t>(window);
@@ -290,14 +297,17 @@ absl::Status ModelSpec::Validate() const {
     return absl::InvalidArgumentError(absl::StrCat("index_dim ", index_dim, ": kvc's index keys are 128-dim"));
   }
   if (window < 1 || window > (1 << 16)) return absl::InvalidArgumentError(absl::StrCat("window ", window, " not in 1..65536"));
-  if (index_heads < 1 || index_heads > (1 << 16)) {
-    return absl::InvalidArgumentError(absl::StrCat("index_heads ", index_heads, " not in 1..65536"));
+  if (index_heads < 1 || index_heads > kMaxIndexHeads) {
+    return absl::InvalidArgumentError(absl::StrCat("index_heads ", index_heads, " not in 1..", kMaxIndexHeads));
   }
   if (index_topk < 1) return absl::InvalidArgumentError(absl::StrCat("index_topk ", index_topk, " must be >= 1"));
   if (max_context < 1 || max_context > (int64_t{1} << 40)) {
     return absl::InvalidArgumentError(absl::StrCat("max_context ", max_context, " not in 1..2^40"));
   }
-  if (!(norm_eps > 0.0) || !std::isfinite(norm_eps)) return absl::InvalidArgumentError("norm_eps must be > 0");
+  // RMSNorm adds it in fp32: it must stay positive there.
+  if (!(static_cast<float>(norm_eps) > 0.0f) || !std::isfinite(static_cast<float>(norm_eps))) {
+    return absl::InvalidArgumentError(absl::StrCat("norm_eps ", norm_eps, " must be > 0 and finite in fp32"));
+  }
   KVC_RETURN_IF_ERROR(CheckRope(window_rope, "window_rope", max_context));
   KVC_RETURN_IF_ERROR(CheckRope(compressed_rope, "compressed_rope", max_context));
   for (size_t i = 0; i < layers.size(); ++i) {
@@ -308,7 +318,8 @@ absl::Status ModelSpec::Validate() const {
     const int ratio = CompressRatio(layer.kind);
     const int width = CompressorWidthFactor(layer.kind);
     if (layer.kind == LayerKind::kWindow) {
-      if (!layer.compressor.ape.empty() || !layer.indexer.ape.empty()) {
+      if (!layer.compressor.ape.empty() || !layer.compressor.norm_weight.empty() || !layer.indexer.ape.empty() ||
+          !layer.indexer.norm_weight.empty()) {
         return absl::InvalidArgumentError(absl::StrCat("layer ", i, ": a window-only layer has no compressor"));
       }
       continue;
@@ -320,7 +331,7 @@ absl::Status ModelSpec::Validate() const {
         return absl::InvalidArgumentError(absl::StrCat(
             "layer ", i, ": a CSA layer needs both compressor and indexer parameters, or neither"));
       }
-    } else if (!layer.indexer.ape.empty()) {
+    } else if (!layer.indexer.ape.empty() || !layer.indexer.norm_weight.empty()) {
       return absl::InvalidArgumentError(absl::StrCat("layer ", i, ": an HCA layer has no indexer"));
     }
   }

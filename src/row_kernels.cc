@@ -154,6 +154,9 @@ HWY_INLINE uint32_t MaxAbsBitsBf16(const Bf16* p, size_t count) {
 }
 
 constexpr uint32_t kInfinityBits = 0x7F800000u;
+// NoPE values at or above this (fp32 bits) would read back as ±inf
+// (kMaxKvNopeBf16Bits).
+constexpr uint32_t kKvNopeLimitBits = (uint32_t{kMaxKvNopeBf16Bits} + 1) << 16;
 // Index-key inputs above 2^120 could overflow the Hadamard sums in fp32
 // (128 * 2^120 < FLT_MAX); real keys are O(1).
 constexpr uint32_t kIndexKeyLimitBits = (120u + 127u) << 23;
@@ -161,8 +164,8 @@ constexpr uint32_t kIndexKeyLimitBits = (120u + 127u) << 23;
 // ---------------------------------------------------------------------------
 // KV rows.
 
-// Returns -1, or the index of the first row holding ±inf/NaN; that row and
-// all after it are left unwritten.
+// Returns -1, or the index of the first row holding ±inf/NaN or a NoPE value
+// that would read back as ±inf; that row and all after it are left unwritten.
 int64_t QuantizeKvRows(const Bf16* in, int64_t count, uint8_t* data, int64_t data_stride,
                        uint8_t* scales, int64_t scale_stride) {
   const DF df;
@@ -178,9 +181,9 @@ int64_t QuantizeKvRows(const Bf16* in, int64_t count, uint8_t* data, int64_t dat
       amax_bits[block] = MaxAbsBitsBf16(x + block * kFp8BlockSize, kFp8BlockSize);
     }
     const uint32_t rope_bits = MaxAbsBitsBf16(x + kNopeDim, kRopeDim);
-    uint32_t row_max = rope_bits;
-    for (const uint32_t b : amax_bits) row_max = b > row_max ? b : row_max;
-    if (row_max >= kInfinityBits) return r;
+    uint32_t nope_max = 0;
+    for (const uint32_t b : amax_bits) nope_max = b > nope_max ? b : nope_max;
+    if (nope_max >= kKvNopeLimitBits || rope_bits >= kInfinityBits) return r;
 
     // Pass 2: encode from L1.
     uint8_t* row = data + r * data_stride;
@@ -337,6 +340,16 @@ int64_t FindNonFiniteRow(const Bf16* in, int64_t count, int64_t dims) {
   return -1;
 }
 
+// Returns -1, or the first of `count` 512-value KV rows that QuantizeKvRows
+// refuses (a NoPE value beyond kMaxKvNopeBf16Bits, a RoPE value ±inf/NaN).
+int64_t FindUnstorableKvRow(const Bf16* in, int64_t count) {
+  for (int64_t r = 0; r < count; ++r) {
+    const Bf16* x = in + r * kHeadDim;
+    if (MaxAbsBitsBf16(x, kNopeDim) >= kKvNopeLimitBits || MaxAbsBitsBf16(x + kNopeDim, kRopeDim) >= kInfinityBits) return r;
+  }
+  return -1;
+}
+
 // Returns -1, or the index of the first of `count` floats that is ±inf/NaN.
 int64_t FindNonFiniteF32(const float* in, int64_t count) {
   const DF df;
@@ -384,6 +397,7 @@ HWY_EXPORT(DequantizeKvRowsToBf16);
 HWY_EXPORT(DequantizeKvRowsToF32);
 HWY_EXPORT(QuantizeIndexKeys);
 HWY_EXPORT(FindNonFiniteRow);
+HWY_EXPORT(FindUnstorableKvRow);
 HWY_EXPORT(FindNonFiniteF32);
 HWY_EXPORT(TargetForDispatch);
 
@@ -418,15 +432,29 @@ absl::Status CheckValueCount(size_t values, int64_t rows, int dims, const char* 
   return absl::OkStatus();
 }
 
+// What a quantizing kernel accepts: |bf16 bits| <= max_bits for every dim
+// (`limit` names that bound in messages), except that dims from
+// `rest_from` on may be any finite value.
+struct ValueLimit {
+  uint16_t max_bits;
+  const char* limit;
+  int rest_from;
+};
+constexpr ValueLimit kAnyFinite = {kMaxFiniteBf16Bits, "", 1 << 30};
+constexpr ValueLimit kKvRowLimit = {
+    kMaxKvNopeBf16Bits, "is at least 248 x 2^120 in magnitude (its FP8 code would round to 2^128: infinity)", kNopeDim};
+constexpr ValueLimit kIndexKeyLimit = {0x7B80, "exceeds 2^120 in magnitude", 1 << 30};
+
 // The error for row `bad_row` of `in`, which the kernel refused: names the
 // first offending dim and what is wrong with it.
-absl::Status RejectedRow(absl::Span<const Bf16> in, int64_t bad_row, int dims, float limit,
+absl::Status RejectedRow(absl::Span<const Bf16> in, int64_t bad_row, int dims, const ValueLimit& limit,
                          const char* what) {
   for (int i = 0; i < dims; ++i) {
     const Bf16 v = in[static_cast<size_t>(bad_row * dims + i)];
-    const float x = ToF32(v);
-    if (std::isfinite(x) && std::fabs(x) <= limit) continue;
-    const char* kind = std::isnan(x) ? "is NaN" : std::isinf(x) ? "is infinite" : "exceeds 2^120 in magnitude";
+    const uint16_t magnitude = v.bits & 0x7FFF;
+    if (magnitude <= (i < limit.rest_from ? limit.max_bits : kMaxFiniteBf16Bits)) continue;
+    const std::string kind = magnitude > 0x7F80 ? "is NaN" : magnitude == 0x7F80 ? "is infinite"
+                                                                                  : std::string(limit.limit);
     return absl::InvalidArgumentError(absl::StrCat(
         what, ": input row ", bad_row, " dim ", i, " ", kind, " (bf16 bits 0x",
         absl::Hex(v.bits, absl::kZeroPad4), ")"));
@@ -463,7 +491,7 @@ absl::Status DequantizeKvRowsImpl(ConstPackedRows in, const int64_t* rows, int64
 // Shared front end of the quantizing kernels: argument checks, dispatch, and
 // the error for a row the kernel refused (values beyond `limit` or non-finite).
 using QuantizeKernel = int64_t (*)(const Bf16*, int64_t, uint8_t*, int64_t, uint8_t*, int64_t);
-absl::Status QuantizeRows(absl::Span<const Bf16> in, PackedRows out, RowFormat format, float limit,
+absl::Status QuantizeRows(absl::Span<const Bf16> in, PackedRows out, RowFormat format, const ValueLimit& limit,
                           QuantizeKernel kernel, const char* what) {
   const int dims = FormatInfo(format).dims;
   KVC_RETURN_IF_ERROR(CheckRows(out, format, what));
@@ -480,8 +508,17 @@ absl::Status QuantizeRows(absl::Span<const Bf16> in, PackedRows out, RowFormat f
 }  // namespace
 
 absl::Status QuantizeKvRows(absl::Span<const Bf16> in, PackedRows out) {
-  return QuantizeRows(in, out, RowFormat::kKvFp8, std::numeric_limits<float>::max(),
-                      HWY_DYNAMIC_DISPATCH(QuantizeKvRows), "QuantizeKvRows");
+  return QuantizeRows(in, out, RowFormat::kKvFp8, kKvRowLimit, HWY_DYNAMIC_DISPATCH(QuantizeKvRows), "QuantizeKvRows");
+}
+
+absl::Status CheckKvRows(absl::Span<const Bf16> values, const char* what) {
+  if (values.size() % kHeadDim != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": ", values.size(), " values are not whole rows of ", kHeadDim));
+  }
+  const int64_t rows = static_cast<int64_t>(values.size()) / kHeadDim;
+  const int64_t bad = HWY_DYNAMIC_DISPATCH(FindUnstorableKvRow)(values.data(), rows);
+  if (bad < 0) return absl::OkStatus();
+  return RejectedRow(values, bad, kHeadDim, kKvRowLimit, what);
 }
 
 absl::Status CheckFiniteRows(absl::Span<const Bf16> values, int dims, const char* what) {
@@ -494,7 +531,7 @@ absl::Status CheckFiniteRows(absl::Span<const Bf16> values, int dims, const char
   const int64_t rows = static_cast<int64_t>(values.size()) / dims;
   const int64_t bad = HWY_DYNAMIC_DISPATCH(FindNonFiniteRow)(values.data(), rows, dims);
   if (bad < 0) return absl::OkStatus();
-  return RejectedRow(values, bad, dims, std::numeric_limits<float>::max(), what);
+  return RejectedRow(values, bad, dims, kAnyFinite, what);
 }
 
 absl::Status CheckFiniteF32(absl::Span<const float> values, int64_t width, const char* what) {
@@ -528,8 +565,8 @@ absl::Status GatherDequantizeKvRows(ConstPackedRows in, absl::Span<const int64_t
 }
 
 absl::Status QuantizeIndexKeys(absl::Span<const Bf16> in, PackedRows out) {
-  return QuantizeRows(in, out, RowFormat::kIndexFp4, std::exp2(120.0f),
-                      HWY_DYNAMIC_DISPATCH(QuantizeIndexKeys), "QuantizeIndexKeys");
+  return QuantizeRows(in, out, RowFormat::kIndexFp4, kIndexKeyLimit, HWY_DYNAMIC_DISPATCH(QuantizeIndexKeys),
+                      "QuantizeIndexKeys");
 }
 
 absl::Status DequantizeIndexKeys(ConstPackedRows in, absl::Span<float> out) {

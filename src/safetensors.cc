@@ -183,6 +183,11 @@ absl::StatusOr<SafetensorsFile> SafetensorsFile::Parse(std::string bytes) {
   for (const JsonValue::Member& member : file.header_.object()) {
     if (member.first == "__metadata__") {
       if (!member.second.is_object()) return absl::InvalidArgumentError("safetensors: __metadata__ is not an object");
+      for (const JsonValue::Member& entry : member.second.object()) {  // the format: string to string
+        if (!entry.second.is_string()) {
+          return absl::InvalidArgumentError(absl::StrCat("safetensors: __metadata__ value \"", entry.first, "\" is not a string"));
+        }
+      }
       continue;
     }
     TensorInfo info;

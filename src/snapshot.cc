@@ -3,11 +3,13 @@
 // file, and read back with every check, in src/snapshot_format.h.
 #include "kvc/snapshot.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -242,7 +244,12 @@ namespace {
 // `skip_freed`: leave out sequences freed while the save runs (whole-cache
 // saves); otherwise that is kNotFound.
 absl::StatusOr<SaveStats> Save(FileSystem& fs, const Cache& cache, absl::Span<const SequenceId> ids,
-                               const std::string& path, const SaveOptions& options, bool skip_freed) {
+                               const std::string& path_given, const SaveOptions& options, bool skip_freed) {
+  // The file a symlink at `path_given` points to: appends and rewrites both
+  // update it in place. Not a FIFO, device or directory (refused here,
+  // before anything is opened or written).
+  KVC_ASSIGN_OR_RETURN(const snapshot_format::SaveTarget target, snapshot_format::ResolveSaveTarget(path_given));
+  const std::string& path = target.path;
   Impl& impl = SnapshotAccess::Of(cache);
   std::vector<std::pair<SequenceId, std::shared_ptr<Sequence>>> seqs;
   for (const SequenceId id : ids) {
@@ -277,10 +284,10 @@ absl::StatusOr<SaveStats> Save(FileSystem& fs, const Cache& cache, absl::Span<co
     KVC_RETURN_IF_ERROR(file->Truncate(header.committed));  // drop an interrupted save's tail
     commit.model_offset = existing->commit.model_offset;
   } else {
-    // A unique new name beside `path`; the mode of the file it replaces, else 0600.
-    struct stat st;
-    const bool replaces = ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
-    KVC_ASSIGN_OR_RETURN(File f, File::CreateUnique(path + ".tmp-", replaces ? (st.st_mode & 0777) : 0600, replaces, fs));
+    // Unnamed until complete (or a unique new name beside `path`); the mode
+    // of the file it replaces, else 0600.
+    KVC_ASSIGN_OR_RETURN(File f, File::CreateReplacementFor(path, target.exists ? (target.mode & 0777) : 0600,
+                                                            target.exists, fs));
     owned = std::make_unique<File>(std::move(f));
     file = owned.get();
     header.file_tag = NewTag();
@@ -322,7 +329,7 @@ absl::StatusOr<SaveStats> Save(FileSystem& fs, const Cache& cache, absl::Span<co
     KVC_RETURN_IF_ERROR(file->WriteAt(0, raw.data(), raw.size()));
     KVC_RETURN_IF_ERROR(file->Sync());
     if (!existing) {
-      if (fs.Rename(file->path().c_str(), path.c_str()) != 0) return IoError("cannot rename onto", path);
+      KVC_RETURN_IF_ERROR(file->Replace(path));
       // The new file is in place whatever happens now: report, don't fail.
       stats.directory_sync = SyncDirectoryOf(path, fs);
       stats.durable = stats.directory_sync.ok();
@@ -338,8 +345,9 @@ absl::StatusOr<SaveStats> Save(FileSystem& fs, const Cache& cache, absl::Span<co
                                                   "): the file holds the previous commit or this save's, "
                                                   "each complete"));
       }
-    } else if (::unlink(file->path().c_str()) != 0) {
-      status = WithContext(status, absl::StrCat("; the temporary file ", file->path(), " could not be removed"));
+    } else if (const absl::Status discard = file->Discard(); !discard.ok()) {
+      status = WithContext(status, absl::StrCat("; the temporary file ", file->path(), " could not be removed (",
+                                                discard.message(), ")"));
     }
     return status;
   }
@@ -493,6 +501,25 @@ absl::StatusOr<SnapshotInfo> Inspect(const std::string& path, bool verify_payloa
 }
 
 }  // namespace
+
+absl::StatusOr<std::vector<std::string>> FindLeftoverTempFiles(const std::string& path) {
+  const std::string file = snapshot_format::ResolveSymlink(path);
+  const std::string dir = snapshot_format::DirectoryOf(file);
+  const std::string prefix = file.substr(file.find_last_of('/') + 1) + ".tmp-";  // npos + 1 == 0
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return IoError("cannot list the directory", dir);
+  std::vector<std::string> found;
+  for (const dirent* e = ::readdir(d); e != nullptr; e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    if (name.size() != prefix.size() + 16 || name.compare(0, prefix.size(), prefix) != 0) continue;
+    const bool hex = std::all_of(name.begin() + static_cast<std::ptrdiff_t>(prefix.size()), name.end(),
+                                 [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); });
+    if (hex) found.push_back(file.find('/') == std::string::npos ? name : dir + (dir == "/" ? "" : "/") + name);
+  }
+  ::closedir(d);
+  std::sort(found.begin(), found.end());
+  return found;
+}
 
 absl::StatusOr<SnapshotInfo> ReadSnapshotInfo(const std::string& path) { return Inspect(path, false); }
 absl::StatusOr<SnapshotInfo> VerifySnapshot(const std::string& path) { return Inspect(path, true); }

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -38,12 +39,20 @@ bool AllFinite(const uint8_t* bytes, int64_t floats) {
 // scales, finite bf16 RoPE dims, zero padding (a file with a valid checksum
 // but crafted rows must not feed NaN to attention).
 int64_t FirstInvalidKvRow(const uint8_t* rows, int64_t n) {
+  // The kernel's NoPE bound (kMaxKvNopeBf16Bits) keeps every block scale at
+  // or below 2^120 (byte 247), and at 2^120 every code below 256 (E4M3
+  // 0x78): 256 x 2^120 = 2^128 would read back as infinity.
+  constexpr uint8_t kLargestScaleByte = 127 + 120;
+  constexpr uint8_t kCode256 = 0x78;  // E4M3 exponent 15, mantissa 0
   for (int64_t r = 0; r < n; ++r, rows += kKvRowBytes) {
     const auto* row = reinterpret_cast<const KvRowFp8*>(rows);
     unsigned bad = 0;
-    for (const uint8_t code : row->nope_codes) bad |= (code & 0x7Fu) == 0x7Fu;
+    for (int i = 0; i < kNopeDim; ++i) {
+      const unsigned magnitude = row->nope_codes[i] & 0x7Fu;
+      const uint8_t scale = row->scales[i / kFp8BlockSize];
+      bad |= magnitude == 0x7Fu || scale > kLargestScaleByte || (scale == kLargestScaleByte && magnitude >= kCode256);
+    }
     for (int j = 0; j < kRopeDim; ++j) bad |= (row->rope_bf16[2 * j + 1] & 0x7Fu) == 0x7Fu && (row->rope_bf16[2 * j] & 0x80u) != 0;
-    for (const uint8_t s : row->scales) bad |= s == 0xFFu;
     bad |= row->padding != 0;
     if (bad != 0) return r;
   }
@@ -115,10 +124,99 @@ absl::StatusOr<File> File::CreateUnique(const std::string& prefix, mode_t mode, 
   }
 }
 
-absl::Status SyncDirectoryOf(const std::string& path, FileSystem& fs) {
+std::string DirectoryOf(const std::string& path) {
   const size_t slash = path.find_last_of('/');
-  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
-  KVC_ASSIGN_OR_RETURN(File d, File::Open(dir, O_RDONLY | O_DIRECTORY, fs));
+  return slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+}
+
+std::string ResolveSymlink(const std::string& path) {
+  struct stat st;
+  if (::lstat(path.c_str(), &st) != 0 || !S_ISLNK(st.st_mode)) return path;
+  char* resolved = ::realpath(path.c_str(), nullptr);  // fails for a dangling link
+  if (resolved == nullptr) return path;
+  std::string out(resolved);
+  std::free(resolved);
+  return out;
+}
+
+absl::Status NotRegularFileError(const std::string& path, mode_t mode) {
+  const char* type = S_ISDIR(mode)    ? "a directory"
+                     : S_ISFIFO(mode) ? "a FIFO"
+                     : S_ISCHR(mode)  ? "a character device"
+                     : S_ISBLK(mode)  ? "a block device"
+                     : S_ISSOCK(mode) ? "a socket"
+                                      : "not a regular file";
+  const int error = S_ISDIR(mode) ? EISDIR : EINVAL;
+  absl::Status status(absl::ErrnoToStatusCode(error),
+                      absl::StrCat(path, " is ", type, ", not a regular file: a snapshot is read from and saved to "
+                                   "regular files only"));
+  status.SetPayload(kErrnoPayload, absl::Cord(absl::StrCat(error)));
+  return status;
+}
+
+absl::StatusOr<File> File::OpenRegular(const std::string& path, int flags, FileSystem& fs) {
+  KVC_ASSIGN_OR_RETURN(File f, Open(path, flags | O_NONBLOCK, fs));
+  struct stat st;
+  if (::fstat(f.fd_, &st) != 0) return IoError("cannot stat", path);
+  if (!S_ISREG(st.st_mode)) return NotRegularFileError(path, st.st_mode);
+  const int status_flags = ::fcntl(f.fd_, F_GETFL);
+  if (status_flags < 0 || ::fcntl(f.fd_, F_SETFL, status_flags & ~O_NONBLOCK) != 0) {
+    return IoError("cannot clear O_NONBLOCK on", path);
+  }
+  return f;
+}
+
+absl::StatusOr<File> File::CreateReplacementFor(const std::string& target, mode_t mode, bool exact_mode,
+                                                FileSystem& fs) {
+  const std::string dir = DirectoryOf(target);
+  const int fd = fs.OpenUnnamed(dir.c_str(), O_RDWR | O_CLOEXEC, mode);
+  if (fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) {
+    return CreateUnique(target + ".tmp-", mode, exact_mode, fs);  // no O_TMPFILE here
+  }
+  if (fd < 0) return IoError("cannot create a new file in", dir);
+  File file(fd, absl::StrCat("the new file for ", target), fs, /*named=*/false);
+  if (exact_mode && ::fchmod(fd, mode) != 0) return IoError("cannot set the mode of", file.path_);
+  return file;
+}
+
+absl::Status File::Replace(const std::string& target) {
+  for (int attempt = 0; !named_; ++attempt) {
+    const std::string name = absl::StrCat(target, ".tmp-", absl::Hex(NewTag(), absl::kZeroPad16));
+    const std::string self = absl::StrCat("/proc/self/fd/", fd_);
+    int linked = ::linkat(AT_FDCWD, self.c_str(), AT_FDCWD, name.c_str(), AT_SYMLINK_FOLLOW);
+    if (linked != 0 && errno != EEXIST) {  // no /proc: AT_EMPTY_PATH (needs CAP_DAC_READ_SEARCH)
+      linked = ::linkat(fd_, "", AT_FDCWD, name.c_str(), AT_EMPTY_PATH);
+    }
+    if (linked != 0 && errno == EEXIST && attempt < 16) continue;  // taken (or a planted link): draw again
+    if (linked != 0) return IoError("cannot give a name to", path_ + " as " + name);
+    path_ = name;
+    named_ = true;
+  }
+  if (fs_->Rename(path_.c_str(), target.c_str()) != 0) return IoError("cannot rename onto", target);
+  return absl::OkStatus();
+}
+
+absl::Status File::Discard() {
+  if (named_ && ::unlink(path_.c_str()) != 0) return IoError("cannot remove", path_);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SaveTarget> ResolveSaveTarget(const std::string& path) {
+  SaveTarget target;
+  target.path = ResolveSymlink(path);
+  struct stat st;
+  if (::stat(target.path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return target;  // nothing there yet (or a dangling link, replaced)
+    return IoError("cannot stat", target.path);
+  }
+  if (!S_ISREG(st.st_mode)) return NotRegularFileError(target.path, st.st_mode);
+  target.exists = true;
+  target.mode = st.st_mode;
+  return target;
+}
+
+absl::Status SyncDirectoryOf(const std::string& path, FileSystem& fs) {
+  KVC_ASSIGN_OR_RETURN(File d, File::Open(DirectoryOf(path), O_RDONLY | O_DIRECTORY, fs));
   return d.Sync();
 }
 
@@ -361,7 +459,7 @@ absl::StatusOr<Commit> DecodeCommit(const std::vector<uint8_t>& payload, const G
 
 absl::StatusOr<OpenedSnapshot> OpenSnapshot(const std::string& path, int flags, FileSystem& fs) {
   OpenedSnapshot s;
-  KVC_ASSIGN_OR_RETURN(File f, File::Open(path, flags, fs));
+  KVC_ASSIGN_OR_RETURN(File f, File::OpenRegular(path, flags, fs));
   s.file = std::make_unique<File>(std::move(f));
   KVC_ASSIGN_OR_RETURN(s.file_bytes, s.file->Size());
   if (s.file_bytes < kFileHeaderBytes) {
@@ -422,7 +520,7 @@ absl::StatusOr<RowsBlock> ReadRows(const File& f, int64_t offset, int64_t limit,
   }
   b.rows = d.Bytes(static_cast<uint64_t>(b.count) * static_cast<uint64_t>(row_bytes));
   if (!(stream == 0 ? FirstInvalidKvRow(b.rows, rows) < 0 : FirstInvalidKey(b.rows, rows) < 0)) {
-    return absl::DataLossError(absl::StrCat(where, " holds rows kvc cannot have written (NaN codes or scales)"));
+    return absl::DataLossError(absl::StrCat(where, " holds rows kvc cannot have written (NaN codes, non-finite values or padding)"));
   }
   return b;
 }
@@ -452,7 +550,7 @@ absl::StatusOr<StateBlock> ReadState(const File& f, int64_t offset, int64_t limi
     return absl::DataLossError(absl::StrCat(where, " has ", buffer->size(), " bytes, not the layer's state size"));
   }
   if (FirstInvalidKvRow(b.ring, g.window) >= 0 || FirstInvalidKvRow(b.rollback, g.depth) >= 0) {
-    return absl::DataLossError(absl::StrCat(where, " holds window rows kvc cannot have written (NaN codes or scales)"));
+    return absl::DataLossError(absl::StrCat(where, " holds window rows kvc cannot have written (NaN codes, non-finite values or padding)"));
   }
   // Rollback records: slot q mod D holds the record of position q (or -1);
   // every position in [floor, length) must have its record.

@@ -61,8 +61,10 @@ enum class BlockType : uint32_t { kModel = 1, kRows = 2, kState = 3, kCommit = 4
 const char* BlockTypeName(BlockType type);
 
 // The first of n contiguous stored 584-byte rows (68-byte keys) kvc could
-// not have written, or -1: a NaN E4M3 code or UE8M0 scale, a non-finite
-// bf16 RoPE dim, nonzero padding. A restore and Cache::AppendRows refuse them.
+// not have written, or -1: a NaN E4M3 code or UE8M0 scale, a block that
+// reads back as infinity (a scale above 2^120, or the code of 256 at 2^120),
+// a non-finite bf16 RoPE dim, nonzero padding. A restore and
+// Cache::AppendRows refuse them.
 int64_t FirstInvalidKvRow(const uint8_t* rows, int64_t n);
 int64_t FirstInvalidKey(const uint8_t* keys, int64_t n);
 
@@ -141,6 +143,8 @@ class FileSystem {
   virtual ssize_t Pwrite(int fd, const void* data, size_t n, off_t offset) { return ::pwrite(fd, data, n, offset); }
   virtual int Fsync(int fd) { return ::fsync(fd); }
   virtual int Rename(const char* from, const char* to);
+  // open(dir, O_TMPFILE | flags, mode): a new file without a name in `dir`.
+  virtual int OpenUnnamed(const char* dir, int flags, mode_t mode) { return ::open(dir, flags | O_TMPFILE, mode); }
   static FileSystem& Real();
 };
 
@@ -161,13 +165,32 @@ class File {
     if (fd < 0) return IoError("cannot open", path);
     return File(fd, path, fs);
   }
+  // Opens `path`, which must be a regular file (a symlink to one is
+  // followed): opening never blocks (O_NONBLOCK, cleared once open, so a
+  // FIFO cannot hang it), and a FIFO, device, socket or directory is
+  // refused (NotRegularFileError) before anything is read or written.
+  static absl::StatusOr<File> OpenRegular(const std::string& path, int flags, FileSystem& fs = FileSystem::Real());
   // A new file named `prefix` + a random suffix, read-write. O_CREAT|O_EXCL|
   // O_NOFOLLOW: never an existing file, never through a link planted there.
   // Permission bits: exactly `mode` when `exact_mode`, else `mode` less the
   // umask.
   static absl::StatusOr<File> CreateUnique(const std::string& prefix, mode_t mode, bool exact_mode, FileSystem& fs);
+  // A new, empty file, read-write, that is to replace `target` (Replace).
+  // Where the file system supports O_TMPFILE it has no name until Replace,
+  // so a process that dies before then leaves nothing behind; elsewhere it
+  // is CreateUnique(target + ".tmp-"). Permission bits as CreateUnique's.
+  static absl::StatusOr<File> CreateReplacementFor(const std::string& target, mode_t mode, bool exact_mode,
+                                                   FileSystem& fs);
+  // Puts this file (written and flushed) in place of `target`: names it
+  // `target` + ".tmp-" + 16 hex digits if it has no name yet (linkat, which
+  // never replaces anything), then renames it over `target`. On failure the
+  // file may have that name: Discard removes it.
+  absl::Status Replace(const std::string& target);
+  // Removes the name of a replacement that was not put in place (none for
+  // one still unnamed).
+  absl::Status Discard();
   File(File&& other) noexcept
-      : fd_(std::exchange(other.fd_, -1)), path_(std::move(other.path_)), fs_(other.fs_) {}
+      : fd_(std::exchange(other.fd_, -1)), path_(std::move(other.path_)), fs_(other.fs_), named_(other.named_) {}
   File& operator=(File&& other) = delete;
   File(const File&) = delete;
   ~File() {
@@ -218,11 +241,35 @@ class File {
   const std::string& path() const { return path_; }
 
  private:
-  File(int fd, std::string path, FileSystem& fs) : fd_(fd), path_(std::move(path)), fs_(&fs) {}
+  File(int fd, std::string path, FileSystem& fs, bool named = true)
+      : fd_(fd), path_(std::move(path)), fs_(&fs), named_(named) {}
   int fd_;
-  std::string path_;
+  std::string path_;  // for messages; an unnamed file's says what it is for
   FileSystem* fs_;
+  bool named_;  // false: O_TMPFILE, not linked yet
 };
+
+// A refusal to use `path`, which is not a regular file (st_mode `mode`), as a
+// snapshot: a file-system error (FileSystemErrno) with errno EISDIR for a
+// directory, EINVAL for a FIFO, device or socket, naming the path and its type.
+absl::Status NotRegularFileError(const std::string& path, mode_t mode);
+
+// Where a save to `path` acts (ResolveSymlink(path)): whether a file is
+// there and its mode. A FIFO, device, socket or directory there is refused
+// (NotRegularFileError): a save neither writes into one nor replaces it.
+struct SaveTarget {
+  std::string path;
+  bool exists = false;
+  mode_t mode = 0;
+};
+absl::StatusOr<SaveTarget> ResolveSaveTarget(const std::string& path);
+
+// The directory part of `path` ("." for a bare name).
+std::string DirectoryOf(const std::string& path);
+
+// The file a symlink at `path` points to (realpath), when `path` is a symlink
+// to an existing file; else `path`.
+std::string ResolveSymlink(const std::string& path);
 
 // Flushes the directory entry of `path` (after a rename).
 absl::Status SyncDirectoryOf(const std::string& path, FileSystem& fs = FileSystem::Real());

@@ -1,5 +1,6 @@
 /* The C API from C: every operation, and errors as codes plus messages. */
 #define _POSIX_C_SOURCE 200809L
+#include <math.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -31,7 +32,217 @@ static uint16_t Bf16(float f) {
   return (uint16_t)(u >> 16);
 }
 
+/* Window-only, CSA, HCA; window 16, top-k 8, 4096 positions. */
+static const char kConfig[] =
+    "{\"num_hidden_layers\": 3, \"compress_ratios\": [0, 4, 128], \"sliding_window\": 16, \"head_dim\": 512,"
+    " \"qk_rope_head_dim\": 64, \"index_n_heads\": 64, \"index_head_dim\": 128, \"index_topk\": 8,"
+    " \"max_position_embeddings\": 4096, \"rope_theta\": 10000, \"compress_rope_theta\": 160000,"
+    " \"rms_norm_eps\": 1e-06}";
+
+/* Deterministic values in [-scale, scale). */
+static void Fill(float* v, int64_t n, uint32_t seed, float scale) {
+  uint32_t x = seed * 2654435761u + 1u;
+  for (int64_t i = 0; i < n; ++i) {
+    x = x * 1664525u + 1013904223u;
+    v[i] = scale * ((float)(x >> 8) / (float)(1 << 23) - 1.0f);
+  }
+}
+
+/* The parameters of kConfig's model, in malloc'd buffers. */
+typedef struct Params {
+  float *csa_ape, *csa_norm, *idx_ape, *idx_norm, *hca_ape, *hca_norm;
+  kvc_layer_params layers[3];
+  kvc_model_params model;
+} Params;
+
+static void ParamsFill(Params* p, uint32_t seed) {
+  Fill(p->csa_ape, 4 * 1024, seed + 1, 0.5f);
+  Fill(p->csa_norm, 512, seed + 2, 1.0f);
+  Fill(p->idx_ape, 4 * 256, seed + 3, 0.5f);
+  Fill(p->idx_norm, 128, seed + 4, 1.0f);
+  Fill(p->hca_ape, 128 * 512, seed + 5, 0.5f);
+  Fill(p->hca_norm, 512, seed + 6, 1.0f);
+}
+
+static void ParamsInit(Params* p, uint32_t seed) {
+  p->csa_ape = malloc(4 * 1024 * sizeof(float));
+  p->csa_norm = malloc(512 * sizeof(float));
+  p->idx_ape = malloc(4 * 256 * sizeof(float));
+  p->idx_norm = malloc(128 * sizeof(float));
+  p->hca_ape = malloc(128 * 512 * sizeof(float));
+  p->hca_norm = malloc(512 * sizeof(float));
+  ParamsFill(p, seed);
+  memset(p->layers, 0, sizeof(p->layers));
+  p->layers[1].compressor = (kvc_compressor_params){p->csa_ape, 4 * 1024, p->csa_norm, 512};
+  p->layers[1].indexer = (kvc_compressor_params){p->idx_ape, 4 * 256, p->idx_norm, 128};
+  p->layers[2].compressor = (kvc_compressor_params){p->hca_ape, 128 * 512, p->hca_norm, 512};
+  memset(&p->model, 0, sizeof(p->model));
+  p->model.layers = p->layers;
+  p->model.num_layers = 3;
+}
+
+static void ParamsFree(Params* p) {
+  free(p->csa_ape);
+  free(p->csa_norm);
+  free(p->idx_ape);
+  free(p->idx_norm);
+  free(p->hca_ape);
+  free(p->hca_norm);
+}
+
+static kvc_cache* CreateWith(const Params* p) {
+  kvc_cache* cache = NULL;
+  CHECK(kvc_cache_create_from_config_with_params(kConfig, strlen(kConfig), NULL, &p->model, &cache) == KVC_OK);
+  return cache;
+}
+
+enum { kParamTokens = 100, kHeads = 64 }; /* 25 CSA entries */
+
+/* A sequence of kParamTokens tokens in every layer of kConfig's model, with
+ * projections on the compressed layers; the same inputs for every cache. */
+static kvc_seq Grow(kvc_cache* cache) {
+  kvc_seq seq = -1;
+  CHECK(kvc_seq_create(cache, &seq) == KVC_OK);
+  uint16_t* window = malloc(kParamTokens * KVC_HEAD_DIM * sizeof(uint16_t));
+  float* values = malloc(kParamTokens * 1024 * sizeof(float));
+  float* kv = malloc(kParamTokens * 1024 * sizeof(float));
+  float* score = malloc(kParamTokens * 1024 * sizeof(float));
+  float* ikv = malloc(kParamTokens * 256 * sizeof(float));
+  float* iscore = malloc(kParamTokens * 256 * sizeof(float));
+  for (int32_t layer = 0; layer < 3; ++layer) {
+    Fill(values, kParamTokens * KVC_HEAD_DIM, 100 + (uint32_t)layer, 3.0f);
+    for (int i = 0; i < kParamTokens * KVC_HEAD_DIM; ++i) window[i] = Bf16(values[i]);
+    Fill(kv, kParamTokens * 1024, 200 + (uint32_t)layer, 1.0f);
+    Fill(score, kParamTokens * 1024, 300 + (uint32_t)layer, 2.0f);
+    Fill(ikv, kParamTokens * 256, 400, 1.0f);
+    Fill(iscore, kParamTokens * 256, 500, 2.0f);
+    kvc_layer_tokens t = {window, NULL, NULL, NULL, NULL, kParamTokens};
+    if (layer > 0) t.compressor_kv = kv, t.compressor_score = score;
+    if (layer == 1) t.indexer_kv = ikv, t.indexer_score = iscore;
+    CHECK(kvc_seq_append_tokens(cache, seq, layer, 0, &t) == KVC_OK);
+  }
+  free(window);
+  free(values);
+  free(kv);
+  free(score);
+  free(ikv);
+  free(iscore);
+  return seq;
+}
+
+/* The CSA layer's index scores (25) for a fixed query at the last position. */
+static void Scores(kvc_cache* cache, kvc_seq seq, float* out) {
+  uint16_t q[kHeads * KVC_INDEX_DIM];
+  float values[kHeads * KVC_INDEX_DIM], weights[kHeads];
+  Fill(values, kHeads * KVC_INDEX_DIM, 600, 4.0f);
+  for (int i = 0; i < kHeads * KVC_INDEX_DIM; ++i) q[i] = Bf16(values[i]);
+  Fill(weights, kHeads, 700, 0.1f);
+  kvc_index_query* query = NULL;
+  CHECK(kvc_index_query_prepare(cache, kParamTokens - 1, q, weights, kHeads, &query) == KVC_OK);
+  int64_t count = -1;
+  CHECK(kvc_index_scores(cache, seq, 1, query, out, 25, &count) == KVC_OK && count == 25);
+  kvc_index_query_destroy(query);
+}
+
+/* Compressor parameters are copies; index queries and scores; layer kinds. */
+static void TestParams(void) {
+  kvc_cache* flash = NULL;
+  CHECK(kvc_cache_create("v4-flash", NULL, &flash) == KVC_OK);
+  int32_t kind = -1;
+  CHECK(kvc_cache_layer_kind(flash, 0, &kind) == KVC_OK && kind == KVC_LAYER_WINDOW);
+  CHECK(kvc_cache_layer_kind(flash, 2, &kind) == KVC_OK && kind == KVC_LAYER_CSA);
+  CHECK(kvc_cache_layer_kind(flash, 3, &kind) == KVC_OK && kind == KVC_LAYER_HCA);
+  CHECK(kvc_cache_layer_kind(flash, 42, &kind) == KVC_OK && kind == KVC_LAYER_CSA);
+  CHECK(kvc_cache_layer_kind(flash, 43, &kind) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(kvc_last_error(), "layer 43") != NULL);
+  CHECK(kvc_cache_layer_kind(flash, -1, &kind) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_cache_layer_kind(flash, 0, NULL) == KVC_ERR_INVALID_ARGUMENT);
+  kvc_cache_destroy(flash);
+
+  /* `copied` is created from buffers that are then overwritten (they become
+   * `other`'s parameters) and freed; `same` from fresh buffers of the first
+   * values. Index scores depend on every CSA parameter (the indexer's through
+   * the keys): copied == same != other. */
+  Params p;
+  ParamsInit(&p, 1);
+  kvc_cache* copied = CreateWith(&p);
+  ParamsFill(&p, 2);
+  kvc_cache* other = CreateWith(&p);
+  ParamsFree(&p);
+  ParamsInit(&p, 1);
+  kvc_cache* same = CreateWith(&p);
+  if (copied == NULL || other == NULL || same == NULL) return;
+  float a[25], b[25], c[25];
+  Scores(copied, Grow(copied), a);
+  Scores(same, Grow(same), b);
+  Scores(other, Grow(other), c);
+  CHECK(memcmp(a, b, sizeof(a)) == 0);
+  CHECK(memcmp(a, c, sizeof(a)) != 0);
+
+  /* kvc_index_scores: count, partial writes, refusals. */
+  const kvc_seq seq = Grow(same);
+  uint16_t q[kHeads * KVC_INDEX_DIM];
+  float weights[kHeads];
+  for (int i = 0; i < kHeads * KVC_INDEX_DIM; ++i) q[i] = Bf16(1.0f);
+  for (int i = 0; i < kHeads; ++i) weights[i] = 0.01f;
+  kvc_index_query* query = NULL;
+  CHECK(kvc_index_query_prepare(same, kParamTokens - 1, q, weights, kHeads, &query) == KVC_OK);
+  int64_t count = -1;
+  CHECK(kvc_index_scores(same, seq, 1, query, NULL, 0, &count) == KVC_OK && count == 25);
+  float few[4] = {-7.0f, -7.0f, -7.0f, -7.0f};
+  CHECK(kvc_index_scores(same, seq, 1, query, few, 3, &count) == KVC_OK && count == 25);
+  CHECK(few[0] != -7.0f && few[2] != -7.0f && few[3] == -7.0f);
+  CHECK(kvc_index_scores(same, seq, 2, query, few, 3, &count) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(kvc_last_error(), "layer 2 is HCA") != NULL);
+  CHECK(kvc_index_scores(same, seq, 3, query, few, 3, &count) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_index_scores(same, seq, 1, NULL, few, 3, &count) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_index_scores(same, seq, 1, query, NULL, 3, &count) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_index_scores(same, seq, 1, query, few, -1, &count) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_index_scores(same, 999, 1, query, few, 3, &count) == KVC_ERR_NOT_FOUND);
+  kvc_seq empty = -1;
+  CHECK(kvc_seq_create(same, &empty) == KVC_OK);
+  CHECK(kvc_index_scores(same, empty, 1, query, few, 3, &count) == KVC_ERR_FAILED_PRECONDITION);
+  kvc_index_query_destroy(query);
+  kvc_index_query_destroy(NULL);
+  query = NULL;
+  CHECK(kvc_index_query_prepare(same, 4096, q, weights, kHeads, &query) == KVC_ERR_OUT_OF_RANGE && query == NULL);
+  CHECK(kvc_index_query_prepare(same, 0, q, weights, 0, &query) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_index_query_prepare(same, 0, q, weights, 5000, &query) == KVC_ERR_INVALID_ARGUMENT);
+  weights[3] = NAN;
+  CHECK(kvc_index_query_prepare(same, 0, q, weights, kHeads, &query) == KVC_ERR_INVALID_ARGUMENT && query == NULL);
+
+  /* Parameters that do not fit: refused naming layer and field, no cache. */
+  kvc_cache* bad = NULL;
+  p.layers[1].indexer.norm_weight_count = 64;
+  CHECK(kvc_cache_create_from_config_with_params(kConfig, strlen(kConfig), NULL, &p.model, &bad) ==
+        KVC_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(kvc_last_error(), "layer 1: indexer.norm_weight has 64 values, expected 128") != NULL && bad == NULL);
+  p.layers[1].indexer.norm_weight_count = 128;
+  p.layers[2].compressor.ape_count = 4 * 1024;
+  CHECK(kvc_cache_create_from_config_with_params(kConfig, strlen(kConfig), NULL, &p.model, &bad) ==
+        KVC_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(kvc_last_error(), "layer 2: compressor.ape has 4096 values") != NULL && bad == NULL);
+  p.layers[2].compressor.ape_count = 128 * 512;
+  p.layers[0].compressor = p.layers[2].compressor;
+  CHECK(kvc_cache_create_from_config_with_params(kConfig, strlen(kConfig), NULL, &p.model, &bad) ==
+        KVC_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(kvc_last_error(), "layer 0: a window-only layer") != NULL && bad == NULL);
+  memset(&p.layers[0], 0, sizeof(p.layers[0]));
+  /* A preset: 43 layers, not 3. */
+  CHECK(kvc_cache_create_with_params("v4-flash", NULL, &p.model, &bad) == KVC_ERR_INVALID_ARGUMENT && bad == NULL);
+  CHECK(strstr(kvc_last_error(), "the model has 43 layers") != NULL);
+  CHECK(kvc_cache_create_with_params(NULL, NULL, &p.model, &bad) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_cache_create_with_params("v4-flash", NULL, NULL, &bad) == KVC_OK && bad != NULL);
+  kvc_cache_destroy(bad);
+
+  ParamsFree(&p);
+  kvc_cache_destroy(copied);
+  kvc_cache_destroy(other);
+  kvc_cache_destroy(same);
+}
+
 int main(void) {
+  TestParams();
   kvc_options options;
   kvc_options_default(&options);
   CHECK(options.rollback_depth == 16);

@@ -207,6 +207,13 @@ TEST(Cache, BadInputIsRejectedAndChangesNothing) {
   expect_unchanged(cache->Append(seq, 1, 9, {Rows(rows, 9, 1)}), absl::StatusCode::kInvalidArgument, "repeats tokens");
   expect_unchanged(cache->Append(seq, 1, 10, {absl::MakeConstSpan(rows).first(700)}), absl::StatusCode::kInvalidArgument,
                    "not a whole number of 512-value rows");
+  // A finite NoPE value of 248 x 2^120 or more would read back as infinity (row_kernels.h).
+  rows[static_cast<size_t>(12 * kHeadDim + 17)] = Bf16{0xFF78};
+  expect_unchanged(cache->Append(seq, 1, 10, {Rows(rows, 10, 5)}), absl::StatusCode::kInvalidArgument,
+                   "input row 2 dim 17 is at least 248 x 2^120");
+  rows[static_cast<size_t>(12 * kHeadDim + 17)] = Bf16{0xFF77};  // the largest that reads back finite
+  rows[static_cast<size_t>(12 * kHeadDim + 511)] = Bf16{0x7F7F};  // RoPE dims hold any finite bf16
+  ASSERT_TRUE(CheckKvRows(Rows(rows, 10, 5), "rows").ok());
   rows[static_cast<size_t>(13 * kHeadDim + 500)] = ToBf16(std::numeric_limits<float>::quiet_NaN());
   expect_unchanged(cache->Append(seq, 1, 10, {Rows(rows, 10, 5)}), absl::StatusCode::kInvalidArgument,
                    "input row 3 dim 500 is NaN");
@@ -390,6 +397,10 @@ TEST(Cache, HistoryAppendsAreValidatedAndOrdered) {
   ASSERT_TRUE(cache->AppendCompressedRows(seq, 1, 0, Rows(entries, 0, 1)).ok());
   EXPECT_THAT(std::string(cache->AppendCompressedRows(seq, 1, 0, Rows(entries, 1, 1)).message()), HasSubstr("repeats"));
   EXPECT_THAT(std::string(cache->AppendCompressedRows(seq, 1, 2, Rows(entries, 1, 1)).message()), HasSubstr("gap"));
+  std::vector<Bf16> huge(entries.begin() + kHeadDim, entries.begin() + 2 * kHeadDim);
+  huge[300] = Bf16{0x7F78};  // finite, but its FP8 code would read back as infinity
+  EXPECT_THAT(std::string(cache->AppendCompressedRows(seq, 1, 1, huge).message()), HasSubstr("row 0 dim 300 is at least 248 x 2^120"));
+  EXPECT_EQ(cache->CompressedRows(seq, 1)->rows, 1);
   std::vector<Bf16> keys = RandomRows(1, rng);
   keys.resize(2 * kIndexDim, ToBf16(0.5f));
   keys[kIndexDim + 3] = ToBf16(std::exp2(121.0f));

@@ -367,6 +367,11 @@ TEST(CompressedStreams, AnEntryThatWouldNotBeFiniteIsRefusedAndChangesNothing) {
   // it exceeds 2^120 (|y r| <= sqrt(128) after RMSNorm; ordinary keys stay
   // far below 8 there).
   model.idx_norm[5] = 0x1p117f;
+  // And one main-compressor channel whose weight puts an entry dominated by
+  // it (|y| ~ sqrt(512) = 22.6) at ~1.96 x 2^127: finite in bf16, but at or
+  // above 248 x 2^120, which the FP8 row rounds to 2^128 (infinity).
+  // Ordinary entries (|y| < 5) stay below 2^126 there.
+  model.csa_norm[9] = 1.39f * 0x1p123f;
   const Tokens clean(300, rng);
   auto cache = *Cache::Create(model.spec, Options());
   const SequenceId seq = *cache->CreateSequence();
@@ -390,6 +395,8 @@ TEST(CompressedStreams, AnEntryThatWouldNotBeFiniteIsRefusedAndChangesNothing) {
        {"layer 0", "compressed entry 32", "channel 7", "position 129", "compressor_kv column 519"}},
       {0, &Tokens::csa_kv, &Tokens::csa_score, 1024, 129, 512 + 7, kRoundsToBf16Inf, {"channel 7", "position 129"}},
       {0, &Tokens::csa_kv, &Tokens::csa_score, 1024, 129, 512 + 7, kRoundsToBf16Max, {}},
+      {0, &Tokens::csa_kv, &Tokens::csa_score, 1024, 129, 512 + 9, 1000.0f,
+       {"compressed entry 32", "read back as infinity", "channel 9", "position 129", "norm_weight"}},
       // Token 130's first half pools into entry 33 (the overlap).
       {0, &Tokens::csa_kv, &Tokens::csa_score, 1024, 130, 3, -kFltMax, {"layer 0", "compressed entry 33", "channel 3", "position 130"}},
       // CSA indexer.

@@ -272,6 +272,15 @@ TEST_P(IndexerKernelsTest, TopKRefusesNaNNamingTheIndex) {
     EXPECT_THAT(out, ::testing::Contains(1)) << "+inf is the highest score";
     EXPECT_THAT(out, ::testing::Not(::testing::Contains(2))) << "-inf is the lowest score";
   }
+  // NaN is refused whatever k, and k < 0 is an error, not an empty selection.
+  std::vector<float> with_nan(100, 1.0f);
+  with_nan[37] = std::numeric_limits<float>::quiet_NaN();
+  std::vector<int64_t> untouched = {42};
+  EXPECT_THAT(std::string(TopK(with_nan, 0, &untouched).message()), HasSubstr("score 37 is NaN"));
+  EXPECT_THAT(std::string(TopK(std::vector<float>(10, 1.0f), -1, &untouched).message()), HasSubstr("k = -1 is negative"));
+  EXPECT_EQ(untouched, std::vector<int64_t>{42});
+  ASSERT_TRUE(TopK(std::vector<float>(10, 1.0f), 0, &untouched).ok());
+  EXPECT_TRUE(untouched.empty());
 }
 
 TEST(Indexer, ScoresAreTheMathOfTheDequantizedValues) {

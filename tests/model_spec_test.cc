@@ -102,6 +102,9 @@ TEST(ModelSpec, MalformedOrInconsistentConfigsNameTheProblem) {
       {"rope_scaling", R"({"type": "linear", "factor": 4})", "must be \"yarn\""},
       {"rope_scaling", R"({"type": "yarn", "factor": 16})", "missing \"original_max_position_embeddings\""},
       {"sliding_window", "0", "\"sliding_window\" must be an integer in [1"},
+      // More heads than kvc scores, and an epsilon that is 0 in fp32.
+      {"index_n_heads", "4097", "\"index_n_heads\" must be an integer in [1, 4096]"},
+      {"rms_norm_eps", "1e-50", "norm_eps 1e-50 must be > 0 and finite in fp32"},
   };
   for (const auto& c : cases) {
     auto spec = ModelSpec::FromHuggingFaceConfig(FlashConfig(c.key, c.value));
@@ -160,9 +163,29 @@ TEST(ModelSpec, ValidatesCompressorParameterViews) {
   EXPECT_THAT(std::string(spec.Validate().message()), HasSubstr("layer 0: a window-only layer has no compressor"));
   spec.layers[0].compressor = {};
 
+  // A lone norm weight is a parameter too: refused where that compressor does not exist.
+  spec.layers[0].compressor = {{}, norm};
+  EXPECT_THAT(std::string(spec.Validate().message()), HasSubstr("layer 0: a window-only layer has no compressor"));
+  spec.layers[0].compressor = {};
+  spec.layers[0].indexer = {{}, idx_norm};
+  EXPECT_THAT(std::string(spec.Validate().message()), HasSubstr("layer 0: a window-only layer has no compressor"));
+  spec.layers[0].indexer = {};
+  ASSERT_EQ(spec.layers[3].kind, LayerKind::kHca);
+  spec.layers[3].indexer = {{}, idx_norm};
+  EXPECT_THAT(std::string(spec.Validate().message()), HasSubstr("layer 3: an HCA layer has no indexer"));
+  spec.layers[3].indexer = {};
+  EXPECT_TRUE(spec.Validate().ok()) << spec.Validate();
+
   std::vector<float> table(64 * 10);
   spec.compressed_rope.engine_table = table;  // covers 10 positions, not 2^20
   EXPECT_THAT(std::string(spec.Validate().message()), HasSubstr("covers 10 positions"));
+
+  // An engine RoPE table must be finite: kvc would rotate with it.
+  spec.max_context = 10;
+  EXPECT_TRUE(spec.Validate().ok()) << spec.Validate();
+  table[64 * 7 + 2 * 5 + 1] = std::numeric_limits<float>::infinity();
+  EXPECT_THAT(std::string(spec.Validate().message()),
+              HasSubstr("compressed_rope.engine_table is not finite at position 7, pair 5"));
 }
 
 }  // namespace

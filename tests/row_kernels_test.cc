@@ -3,6 +3,8 @@
 // rejected and leave the output untouched.
 #include "kvc/row_kernels.h"
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -227,6 +229,45 @@ TEST_P(RowKernelsTest, NonFiniteRowIsRejectedAndItAndLaterRowsAreUntouched) {
     EXPECT_EQ(key_status.code(), absl::StatusCode::kInvalidArgument);
     EXPECT_THAT(std::string(key_status.message()), HasSubstr("row 4 dim 127"));
     EXPECT_EQ(key_out, expected);
+  }
+}
+
+// A finite bf16 NoPE value of magnitude >= 248 x 2^120 (0x7F78) takes the
+// block scale 2^120 and rounds to the E4M3 code of 256 (248 is the midpoint of
+// 240 and 256; ties go to the even code): 256 x 2^120 = 2^128 reads back as
+// infinity. Such rows are refused; the largest accepted value reads back finite.
+TEST_P(RowKernelsTest, KvRowsThatWouldReadBackInfiniteAreRejected) {
+  const Bf16 largest_ok{0x7F77}, first_bad{0x7F78};
+  // The reason, from the scalar reference: 0x7F78 would store a row that reads back as inf.
+  {
+    std::vector<Bf16> row(kHeadDim, ToBf16(1.0f));
+    row[5] = first_bad;
+    std::array<uint8_t, 584> bytes = {};
+    QuantizeKvRowRef(row.data(), bytes.data(), bytes.data() + 576);
+    float back[kHeadDim];
+    DequantizeKvRowRef(bytes.data(), bytes.data() + 576, back);
+    ASSERT_TRUE(std::isinf(back[5]));
+  }
+  for (const uint16_t sign : {uint16_t{0}, uint16_t{0x8000}}) {
+    for (const int dim : {0, 63, 200, kNopeDim - 1}) {
+      std::vector<Bf16> in = TestRows(3, kHeadDim, 11);
+      in[kHeadDim + dim] = Bf16{static_cast<uint16_t>(largest_ok.bits | sign)};
+      in[kHeadDim + kHeadDim - 1] = Bf16{static_cast<uint16_t>(0x7F7F | sign)};  // RoPE dims: any finite bf16
+      std::vector<uint8_t> out(3 * kKv);
+      ASSERT_TRUE(QuantizeKvRows(in, ContiguousRows(RowFormat::kKvFp8, out.data(), 3)).ok());
+      ASSERT_TRUE(CheckKvRows(in, "rows").ok());
+      std::vector<float> back(3 * kHeadDim);
+      ASSERT_TRUE(DequantizeKvRows(ContiguousRows(RowFormat::kKvFp8, out.data(), 3), absl::MakeSpan(back)).ok());
+      for (const float v : back) ASSERT_TRUE(std::isfinite(v));
+
+      in[kHeadDim + dim] = Bf16{static_cast<uint16_t>(first_bad.bits | sign)};
+      std::vector<uint8_t> refused(3 * kKv, 0x5A);
+      const absl::Status status = QuantizeKvRows(in, ContiguousRows(RowFormat::kKvFp8, refused.data(), 3));
+      EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+      EXPECT_THAT(std::string(status.message()), HasSubstr("row 1 dim " + std::to_string(dim) + " is at least 248 x 2^120"));
+      EXPECT_TRUE(std::all_of(refused.begin() + kKv, refused.end(), [](uint8_t b) { return b == 0x5A; }));
+      EXPECT_THAT(std::string(CheckKvRows(in, "rows").message()), HasSubstr("rows: input row 1 dim " + std::to_string(dim)));
+    }
   }
 }
 

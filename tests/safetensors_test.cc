@@ -57,6 +57,8 @@ TEST(Safetensors, RejectsMalformedFiles) {
       {FileImage(R"({"a":{"dtype":"U8","shape":[9],"data_offsets":[0,9]}})", data), "outside"},
       {FileImage(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,2]}})", data), "needs 4"},
       {FileImage(R"({"a":{"dtype":"U8","shape":[1]}})", data), "data_offsets"},
+      {FileImage(R"({"__metadata__":{"x":1},"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]}})", data),
+       "__metadata__ value \"x\" is not a string"},
       {FileImage(R"({"a":{"dtype":"U8","shape":[4611686018427387904,4],"data_offsets":[0,1]}})", data),
        "too large"},
   };

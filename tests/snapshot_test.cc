@@ -5,6 +5,7 @@
 #include "kvc/snapshot.h"
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -19,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <limits>
 #include <random>
@@ -589,10 +591,18 @@ TEST(SnapshotTempFile, NeverFollowsAPlantedSymlink) {
   for (const char* suffix : {".tmp", ".tmp.0", ".tmp0", "~", ".new", ".partial"}) {
     ASSERT_EQ(::symlink(victim.c_str(), (path + suffix).c_str()), 0) << suffix;
   }
-  for (int round = 0; round < 3; ++round) {
+  // Half the rounds where O_TMPFILE is unsupported (the named temporary file).
+  struct NoUnnamedFiles : snapshot_format::FileSystem {
+    int OpenUnnamed(const char*, int, mode_t) override {
+      errno = EOPNOTSUPP;
+      return -1;
+    }
+  } no_unnamed_files;
+  for (int round = 0; round < 4; ++round) {
     SaveOptions full;
     full.incremental = false;
-    const absl::StatusOr<SaveStats> s = SaveSnapshot(*cache, {seq}, path, full);
+    snapshot_format::FileSystem& fs = round % 2 == 0 ? snapshot_format::FileSystem::Real() : no_unnamed_files;
+    const absl::StatusOr<SaveStats> s = snapshot_format::SaveSnapshotUsing(fs, *cache, {seq}, path, full);
     ASSERT_TRUE(s.ok()) << s.status();
   }
   EXPECT_EQ(ReadFile(victim), "precious");
@@ -649,6 +659,57 @@ TEST_F(SnapshotFaults, CraftedHeaderOffsetsAreDataLoss) {
     const absl::StatusOr<SaveStats> s = SaveSnapshot(*cache, {seq}, path_);  // rewrites it
     ASSERT_TRUE(s.ok()) << s.status();
     EXPECT_TRUE(s->rewrote);
+  }
+}
+
+// Rows QuantizeKvRows cannot have written, checksums recomputed: a block
+// scale above 2^120, or the E4M3 code of 256 at 2^120 (256 x 2^120 = 2^128
+// reads back as infinity), or a NaN code. Refused as damaged; the largest
+// code it can write at 2^120 (240) restores.
+TEST_F(SnapshotFaults, RowsThatReadBackNonFiniteAreDataLoss) {
+  using namespace snapshot_format;
+  int64_t rows_block = -1;
+  for (const BlockAt& b : Blocks(path_)) {
+    if (b.type != BlockType::kRows || !b.referenced) continue;
+    uint8_t stream = 0;
+    std::memcpy(&stream, &good_[static_cast<size_t>(b.offset + kBlockHeaderBytes + 4)], 1);
+    if (stream == 0) {
+      rows_block = b.offset;
+      break;
+    }
+  }
+  ASSERT_GE(rows_block, 0) << "no referenced compressed-rows block";
+  const size_t header = static_cast<size_t>(rows_block), payload = header + kBlockHeaderBytes;
+  const size_t row0 = payload + 4 + 1 + 8 + 4;  // layer, stream, first, count
+  uint64_t payload_bytes = 0;
+  std::memcpy(&payload_bytes, &good_[header + 8], 8);
+  auto with_row0 = [&](uint8_t code, uint8_t scale_byte) {
+    std::string bytes = good_;
+    for (size_t i = 0; i < 64; ++i) bytes[row0 + i] = 0x30;  // block 0: codes that fit any scale (1.0)
+    bytes[row0 + 3] = static_cast<char>(code);                  // dim 3
+    bytes[row0 + 576] = static_cast<char>(scale_byte);          // block 0's scale
+    const uint32_t crc = Crc32c(&bytes[payload], payload_bytes);
+    std::memcpy(&bytes[header + 16], &crc, 4);
+    const uint32_t header_crc = Crc32c(&bytes[header], kBlockHeaderBytes - 4);
+    std::memcpy(&bytes[header + kBlockHeaderBytes - 4], &header_crc, 4);
+    return bytes;
+  };
+  const struct {
+    uint8_t code, scale;
+    bool valid;
+  } cases[] = {{0x77, 127 + 120, true},  {0xF7, 127 + 120, true}, {0x78, 127 + 120, false},
+               {0xF8, 127 + 120, false}, {0x01, 127 + 121, false}, {0x7F, 100, false}};
+  for (const auto& c : cases) {
+    SCOPED_TRACE(::testing::Message() << "code 0x" << std::hex << int{c.code} << " scale byte " << std::dec << int{c.scale});
+    const std::string bytes = with_row0(c.code, c.scale);
+    const absl::Status restored = TryRestore(bytes);
+    if (c.valid) {
+      EXPECT_TRUE(restored.ok()) << restored;
+      continue;
+    }
+    EXPECT_EQ(restored.code(), absl::StatusCode::kDataLoss);
+    EXPECT_THAT(std::string(restored.message()), HasSubstr("kvc cannot have written"));
+    EXPECT_EQ(VerifySnapshot(path_).status().code(), absl::StatusCode::kDataLoss);
   }
 }
 
@@ -828,9 +889,12 @@ TEST(SnapshotCrash, KilledWriterLeavesThePreviousSnapshotUsable) {
 
     const absl::StatusOr<SnapshotInfo> info = ReadSnapshotInfo(path);
     ASSERT_TRUE(info.ok()) << "trial " << trial << ": " << info.status();
-    const bool tmp_left = ::access((path + ".tmp").c_str(), F_OK) == 0;
-    interrupted += info->unfinished_bytes > 0 || tmp_left;
-    std::remove((path + ".tmp").c_str());
+    // A named temporary file is left only where O_TMPFILE is unsupported, or
+    // by a kill between naming the finished file and renaming it.
+    const absl::StatusOr<std::vector<std::string>> left = FindLeftoverTempFiles(path);
+    ASSERT_TRUE(left.ok()) << left.status();
+    interrupted += info->unfinished_bytes > 0 || !left->empty();
+    for (const std::string& temp : *left) std::remove(temp.c_str());
     auto restored = NewCache(model);
     const absl::StatusOr<std::vector<SequenceId>> ids = RestoreSnapshot(*restored, path);
     ASSERT_TRUE(ids.ok()) << "trial " << trial << ": " << ids.status();
@@ -845,6 +909,264 @@ TEST(SnapshotCrash, KilledWriterLeavesThePreviousSnapshotUsable) {
               kills, interrupted);
   EXPECT_GT(interrupted, 0);  // the test did interrupt saves
   std::remove(path.c_str());
+}
+
+// --- A full save killed while it writes --------------------------------------------
+
+// The real file system, except that the first write of a save goes through
+// and then the process stops (tells the parent on `ready`, then waits to be
+// killed); `unnamed_errno` != 0 makes O_TMPFILE unsupported.
+class StallingFileSystem : public snapshot_format::FileSystem {
+ public:
+  explicit StallingFileSystem(int ready) : ready_(ready) {}
+  int unnamed_errno = 0;
+  ssize_t Pwrite(int fd, const void* data, size_t n, off_t offset) override {
+    const ssize_t put = FileSystem::Pwrite(fd, data, n, offset);
+    if (::write(ready_, "x", 1) != 1) ::_exit(5);
+    for (;;) ::pause();
+    return put;
+  }
+  int OpenUnnamed(const char* dir, int flags, mode_t mode) override {
+    if (unnamed_errno == 0) return FileSystem::OpenUnnamed(dir, flags, mode);
+    errno = unnamed_errno;
+    return -1;
+  }
+
+ private:
+  int ready_;
+};
+
+// Whether the directory of `path` supports O_TMPFILE.
+bool UnnamedFilesSupported(const std::string& path) {
+  const int fd = ::open(path.substr(0, path.find_last_of('/')).c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+  if (fd >= 0) ::close(fd);
+  return fd >= 0;
+}
+
+// Saves `length` tokens of a sequence in a full save that a child process
+// makes and is SIGKILLed in the middle of (after its first write).
+void KillAFullSaveMidWrite(const TinyModel& model, const std::string& path, int64_t length, int unnamed_errno) {
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    ::close(ready[0]);
+    auto cache = NewCache(model);
+    const SequenceId seq = *cache->CreateSequence();
+    if (!model.Grow(*cache, seq, length, kSeed).ok()) ::_exit(2);
+    StallingFileSystem fs(ready[1]);
+    fs.unnamed_errno = unnamed_errno;
+    SaveOptions full;
+    full.incremental = false;
+    (void)snapshot_format::SaveSnapshotUsing(fs, *cache, {seq}, path, full);
+    ::_exit(3);  // the save returned: it never wrote
+  }
+  ::close(ready[1]);
+  char byte = 0;
+  const ssize_t got = ::read(ready[0], &byte, 1);
+  ::close(ready[0]);
+  ASSERT_EQ(::kill(child, SIGKILL), 0);
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_EQ(got, 1) << "the writer never wrote: exit " << WEXITSTATUS(status);
+  ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+}
+
+// The snapshot at `path` restores to `length` tokens of the test sequence.
+void ExpectRestoresTo(const TinyModel& model, const std::string& path, int64_t length) {
+  auto restored = NewCache(model);
+  const absl::StatusOr<std::vector<SequenceId>> ids = RestoreSnapshot(*restored, path);
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  auto reference = NewCache(model);
+  const SequenceId expected = *reference->CreateSequence();
+  ASSERT_TRUE(model.Grow(*reference, expected, length, kSeed).ok());
+  EXPECT_TRUE(ObservableBytes(*restored, (*ids)[0]) == ObservableBytes(*reference, expected)) << "restored state differs";
+}
+
+// Killed in the middle of writing a full save, a writer leaves nothing but
+// the previous snapshot: the new file had no name yet (O_TMPFILE).
+TEST(SnapshotCrash, WriterKilledMidFullSaveLeavesNoTempFile) {
+  const TinyModel model;
+  const std::string path = TempPath("killed_full.kvcsnap");
+  {
+    auto cache = NewCache(model);
+    const SequenceId seq = *cache->CreateSequence();
+    ASSERT_TRUE(model.Grow(*cache, seq, 300, kSeed).ok());
+    ASSERT_TRUE(SaveSnapshot(*cache, {seq}, path).ok());
+  }
+  KillAFullSaveMidWrite(model, path, 400, 0);
+  ExpectRestoresTo(model, path, 300);
+  const std::vector<std::string> beside = FilesBeside(path);
+  for (const std::string& name : beside) {
+    if (name != beside[0]) ::unlink((path.substr(0, path.find_last_of('/') + 1) + name).c_str());
+  }
+  std::remove(path.c_str());
+  if (!UnnamedFilesSupported(path)) {
+    GTEST_SKIP() << "O_TMPFILE is not supported in " << ::testing::TempDir()
+                 << ": a killed full save leaves its named temporary file there";
+  }
+  EXPECT_EQ(beside, std::vector<std::string>{"kvc_snapshot_" + std::to_string(::getpid()) + "_killed_full.kvcsnap"})
+      << "a temporary file was left";
+}
+
+// Where O_TMPFILE is not supported the new file is named path.tmp-<16 hex>;
+// one left by a killed writer is what FindLeftoverTempFiles and
+// `kvc-snapshot info` and `verify` report (nothing is deleted).
+TEST(SnapshotCrash, NamedTempFileLeftByAKilledWriterIsReported) {
+  const TinyModel model;
+  const std::string path = TempPath("killed_named.kvcsnap");
+  {
+    auto cache = NewCache(model);
+    const SequenceId seq = *cache->CreateSequence();
+    ASSERT_TRUE(model.Grow(*cache, seq, 300, kSeed).ok());
+    ASSERT_TRUE(SaveSnapshot(*cache, {seq}, path).ok());
+  }
+  const absl::StatusOr<std::vector<std::string>> none = FindLeftoverTempFiles(path);
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_TRUE(none->empty());
+  WriteFile(path + ".tmp-0123456789abcdeg", "not hex");  // not a temp file's name: never reported
+  WriteFile(path + ".tmp-0123456789ABCDEF", "upper case");
+  KillAFullSaveMidWrite(model, path, 400, EOPNOTSUPP);
+  ExpectRestoresTo(model, path, 300);
+  const absl::StatusOr<std::vector<std::string>> left = FindLeftoverTempFiles(path);
+  ASSERT_TRUE(left.ok()) << left.status();
+  ASSERT_EQ(left->size(), 1u);
+  const std::string& temp = (*left)[0];
+  EXPECT_EQ(temp.size(), path.size() + 5 + 16);
+  EXPECT_EQ(temp.rfind(path + ".tmp-", 0), 0u) << temp;
+  EXPECT_GT(ReadFile(temp).size(), 0u);
+#ifdef KVC_SNAPSHOT_EXE
+  for (const char* command : {"info ", "verify "}) {
+    std::string out;
+    EXPECT_EQ(testing::RunProgram(KVC_SNAPSHOT_EXE, command + path, &out, true), 0) << out;
+    EXPECT_THAT(out, HasSubstr(temp));
+    EXPECT_THAT(out, ::testing::Not(HasSubstr("abcdeg")));
+    EXPECT_THAT(out, ::testing::Not(HasSubstr("ABCDEF")));
+  }
+#endif
+  EXPECT_TRUE(::access(temp.c_str(), F_OK) == 0) << "reporting deleted it";
+  ::unlink(temp.c_str());
+  std::remove((path + ".tmp-0123456789abcdeg").c_str());
+  std::remove((path + ".tmp-0123456789ABCDEF").c_str());
+  std::remove(path.c_str());
+}
+
+// --- Paths that are not regular files -------------------------------------------
+
+// How `call` ended in a child process given 5 s: "refused" (a file-system
+// error, `error`, naming `path`), "hung", "accepted", or the other error.
+std::string RunGuarded(const std::function<absl::Status()>& call, const std::string& path, int error, bool drop_root) {
+  int report[2];
+  if (::pipe(report) != 0) return "pipe failed";
+  const pid_t child = ::fork();
+  if (child < 0) return "fork failed";
+  if (child == 0) {
+    ::close(report[0]);
+    ::alarm(5);
+    // A regression must not replace a device node: never as root.
+    if (drop_root && ::geteuid() == 0 && ::setresuid(65534, 65534, 65534) != 0) ::_exit(6);
+    const absl::Status s = call();
+    std::string what = s.ok() ? "accepted" : std::string(s.ToString());
+    if (FileSystemErrno(s) == error && s.message().find(path) != absl::string_view::npos) what = "refused";
+    if (::write(report[1], what.data(), what.size()) < 0) ::_exit(5);
+    ::_exit(0);
+  }
+  ::close(report[1]);
+  std::string what;
+  char buffer[512];
+  for (ssize_t got; (got = ::read(report[0], buffer, sizeof(buffer))) > 0;) what.append(buffer, static_cast<size_t>(got));
+  ::close(report[0]);
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  if (WIFSIGNALED(status) && WTERMSIG(status) == SIGALRM) return "hung";
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) return "child failed: " + std::to_string(status);
+  return what;
+}
+
+mode_t TypeOf(const std::string& path) {
+  struct stat st;
+  return ::lstat(path.c_str(), &st) == 0 ? (st.st_mode & S_IFMT) : 0;
+}
+
+// Restoring, inspecting, verifying or saving onto a FIFO, a device or a
+// directory neither blocks nor writes into it nor replaces it: a
+// file-system error (EINVAL, EISDIR for a directory; KVC_ERR_IO through the
+// C API) naming the path.
+TEST(SnapshotSpecialFiles, AreRefusedWithoutBlockingOrWriting) {
+  const TinyModel model;
+  const std::string fifo = TempPath("fifo.kvcsnap"), dir = TempPath("dir.kvcsnap");
+  std::remove(fifo.c_str());
+  ::rmdir(dir.c_str());
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  ASSERT_EQ(::mkdir(dir.c_str(), 0700), 0);
+  struct Case {
+    std::string path;
+    int error;
+    bool drop_root;
+  };
+  for (const Case& c : {Case{fifo, EINVAL, false}, Case{"/dev/null", EINVAL, true}, Case{dir, EISDIR, false}}) {
+    SCOPED_TRACE(c.path);
+    const mode_t type = TypeOf(c.path);
+    const std::string& path = c.path;
+    EXPECT_EQ(RunGuarded([&] {
+      auto cache = NewCache(model);
+      return RestoreSnapshot(*cache, path).status();
+    }, path, c.error, c.drop_root), "refused");
+    EXPECT_EQ(RunGuarded([&] { return ReadSnapshotInfo(path).status(); }, path, c.error, c.drop_root), "refused");
+    EXPECT_EQ(RunGuarded([&] { return VerifySnapshot(path).status(); }, path, c.error, c.drop_root), "refused");
+    for (const bool incremental : {true, false}) {
+      SCOPED_TRACE(incremental);
+      EXPECT_EQ(RunGuarded([&] {
+        auto cache = NewCache(model);
+        const SequenceId seq = *cache->CreateSequence();
+        if (!model.Grow(*cache, seq, 150, kSeed).ok()) return absl::InternalError("grow");
+        SaveOptions options;
+        options.incremental = incremental;
+        return SaveSnapshot(*cache, {seq}, path, options).status();
+      }, path, c.error, c.drop_root), "refused");
+      EXPECT_EQ(TypeOf(path), type) << "replaced";
+    }
+    if (path != "/dev/null") {
+      EXPECT_EQ(FilesBeside(path).size(), 1u);  // no temporary file left
+    }
+  }
+  std::remove(fifo.c_str());
+  ::rmdir(dir.c_str());
+}
+
+// --- A symlink at the path ---------------------------------------------------------
+
+// Saves through a symlink update the file it points to, appending or
+// rewriting: the link stays a link, and the rewrite's new file is made in
+// the target's directory.
+TEST(SnapshotSymlink, SavesUpdateTheTargetInPlace) {
+  const TinyModel model;
+  auto cache = NewCache(model);
+  const SequenceId seq = *cache->CreateSequence();
+  ASSERT_TRUE(model.Grow(*cache, seq, 150, kSeed).ok());
+  const std::string target = TempPath("target.kvcsnap"), link = TempPath("link.kvcsnap");
+  std::remove(target.c_str());
+  std::remove(link.c_str());
+  ASSERT_TRUE(SaveSnapshot(*cache, {seq}, target).ok());
+  ASSERT_EQ(::symlink(target.c_str(), link.c_str()), 0);
+  ASSERT_TRUE(model.Grow(*cache, seq, 200, kSeed).ok());
+  const absl::StatusOr<SaveStats> appended = SaveSnapshot(*cache, {seq}, link);
+  ASSERT_TRUE(appended.ok()) << appended.status();
+  EXPECT_FALSE(appended->rewrote);
+  ASSERT_TRUE(model.Grow(*cache, seq, 250, kSeed).ok());
+  SaveOptions full;
+  full.incremental = false;
+  const absl::StatusOr<SaveStats> rewritten = SaveSnapshot(*cache, {seq}, link, full);
+  ASSERT_TRUE(rewritten.ok()) << rewritten.status();
+  EXPECT_TRUE(rewritten->rewrote);
+  EXPECT_EQ(TypeOf(link), static_cast<mode_t>(S_IFLNK)) << "the rewrite replaced the link";
+  ExpectRestoresTo(model, target, 250);
+  ExpectRestoresTo(model, link, 250);
+  EXPECT_EQ(FilesBeside(target).size(), 1u);
+  EXPECT_EQ(FilesBeside(link).size(), 1u);
+  std::remove(link.c_str());
+  std::remove(target.c_str());
 }
 
 // --- The checked-in sample -----------------------------------------------------

@@ -167,6 +167,39 @@ TEST(KvcRun, FailedIncrementalSaveLeavesNoFile) {
   EXPECT_EQ(Files(dir), std::set<std::string>{});
 }
 
+// kvc-run removes the scratch snapshot it wrote, never a file it found: an
+// existing --snapshot path is refused before anything runs, and the file is kept.
+TEST(KvcRun, AnExistingSnapshotPathIsRefusedAndKept) {
+  const ScratchDir scratch("existing");
+  const std::string& dir = scratch.path;
+  WriteFile(dir + "/precious.kvcsnap", "my precious data");
+  std::string out;
+  EXPECT_EQ(RunIn(dir, KVC_RUN_EXE, std::string(kSmallRun) + " --snapshot precious.kvcsnap", &out), 1) << out;
+  EXPECT_THAT(out, HasSubstr("precious.kvcsnap exists"));
+  EXPECT_EQ(Files(dir), std::set<std::string>{"precious.kvcsnap"});
+  std::ifstream in(dir + "/precious.kvcsnap");
+  EXPECT_EQ(std::string(std::istreambuf_iterator<char>(in), {}), "my precious data");
+}
+
+// --help is not an error: the usage on stdout, exit 0.
+TEST(ToolsFlags, HelpPrintsTheUsageAndExitsZero) {
+  for (const std::string program : {KVC_RUN_EXE, KVC_DEMO_EXE, KVC_FOOTPRINT_EXE}) {
+    std::string out;
+    EXPECT_EQ(testing::RunProgram(program, "--help", &out, false), 0) << program;
+    EXPECT_THAT(out, HasSubstr("usage:")) << program;
+  }
+}
+
+// Totals beyond int64 (an MHA model at 2^40 tokens) stay positive JSON numbers.
+TEST(ToolsJson, FootprintTotalsBeyondInt64StayPositive) {
+  std::string out;
+  ASSERT_EQ(testing::RunProgram(KVC_FOOTPRINT_EXE, "--json --tokens 1099511627776 --model mha:128:128:128:4", &out, false), 0);
+  const nlohmann::json footprint = nlohmann::json::parse(out, nullptr, false);
+  ASSERT_FALSE(footprint.is_discarded()) << out;
+  EXPECT_GT(footprint[0]["total_bytes"].get<double>(), 0x1p63) << out;
+  for (const auto& [name, bytes] : footprint[0]["components"].items()) EXPECT_GE(bytes.get<double>(), 0) << name;
+}
+
 // A model name and paths holding a quote and a backslash come out as valid JSON.
 TEST(ToolsJson, NamesThatNeedEscapingStayValidJson) {
   const std::string name = "v4 \"quoted\" \\ name";

@@ -99,8 +99,8 @@ double Timed(const char* what, int64_t total, const Fn& fn) {
 int main(int argc, char** argv) {
   auto usage = [](const std::string& error) {
     if (!error.empty()) fmt::print(stderr, "kvc-demo: {}\n", error);
-    fmt::print(stderr, "usage: kvc-demo [--rows N]     (default 262144 rows = 256 MiB of bf16 input)\n");
-    return 2;
+    fmt::print(error.empty() ? stdout : stderr, "usage: kvc-demo [--rows N]     (default 262144 rows = 256 MiB of bf16 input)\n");
+    return error.empty() ? 0 : 2;  // --help: 0
   };
   const absl::StatusOr<kvc::tools::ParsedArgs> args = kvc::tools::ParseFlags(argc, argv);
   if (!args.ok()) return usage(std::string(args.status().message()));

@@ -53,14 +53,15 @@ struct Options {
   std::string svg;
 };
 
+// The usage: to stdout for --help (exit 0), else after the error to stderr (exit 2).
 int Usage(const std::string& error) {
   if (!error.empty()) fmt::print(stderr, "kvc-footprint: {}\n", error);
-  fmt::print(stderr,
+  fmt::print(error.empty() ? stdout : stderr,
              "usage: kvc-footprint [--model M[,M...]] [--tokens N[,N...]] [--baseline M]\n"
              "                     [--format fp8|bf16] [--json] [--svg FILE] [--measure]\n"
              "models: v4-pro, v4-flash, deepseek-v3.2, deepseek-v3, llama3-70b,\n"
              "        mha:LAYERS:HEADS:HEAD_DIM[:BYTES], gqa:LAYERS:KV_HEADS:HEAD_DIM[:BYTES], a config.json\n");
-  return 2;
+  return error.empty() ? 0 : 2;
 }
 
 std::string Human(double bytes) {
@@ -257,7 +258,11 @@ int main(int argc, char** argv) {
       }
       const std::vector<double> parts = m.ComponentBytes(tokens);
       if (options.json) {
-        auto bytes = [](double b) { return std::llround(b); };  // whole bytes, as in the table
+        // Whole bytes, as in the table; a total beyond int64 (huge models at
+        // 2^40 tokens) stays a JSON number instead of wrapping negative.
+        auto bytes = [](double b) {
+          return b < 0x1p63 ? nlohmann::ordered_json(std::llround(b)) : nlohmann::ordered_json(b);
+        };
         nlohmann::ordered_json components = nlohmann::ordered_json::object();
         for (size_t i = 0; i < m.per_token.size(); ++i) components[m.per_token[i].name] = bytes(parts[i]);
         for (const kvc::FootprintComponent& c : m.per_sequence) components[c.name] = bytes(c.bytes);

@@ -15,6 +15,7 @@
 // identical); 1 when a stage failed, after printing which stage and why;
 // 2 on bad usage. Whatever the outcome, no snapshot file is left behind, and
 // the JSON summary is written only after every stage succeeded.
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -48,11 +49,14 @@ ABSL_FLAG(int64_t, max_context, 0,
 
 namespace {
 
+// Prints the usage (to stdout for --help, exit 0; else after the error to
+// stderr, exit 2).
 int Usage(const std::string& error) {
+  std::FILE* out = error.empty() ? stdout : stderr;
   if (!error.empty()) fmt::print(stderr, "kvc-run: {}\n", error);
-  fmt::print(stderr, "usage: kvc-run [--model v4-flash|v4-pro|CONFIG.json] [--tokens N] [--decode-steps K] [--json FILE]\n"
-                     "               [--snapshot FILE|none] [--max-context N]\n");
-  return 2;
+  fmt::print(out, "usage: kvc-run [--model v4-flash|v4-pro|CONFIG.json] [--tokens N] [--decode-steps K] [--json FILE]\n"
+                  "               [--snapshot FILE|none] [--max-context N]\n");
+  return error.empty() ? 0 : 2;
 }
 
 // Prints which stage failed and why (the status code too, so the message is
@@ -62,8 +66,10 @@ int Fail(const std::string& stage, const absl::Status& status) {
   return 1;
 }
 
-// Removes a file when it goes out of scope: from the first save on, every
-// exit of the run (success or failure) removes the snapshot it wrote.
+// Removes a file when it goes out of scope: armed once the first save has
+// written the snapshot, so that every later exit of the run (success or
+// failure) removes it. The run refuses to start when the path exists, so
+// this never removes a file the run did not write.
 class RemoveOnExit {
  public:
   explicit RemoveOnExit(std::string path) : path_(std::move(path)) {}
@@ -134,6 +140,11 @@ int Run(int argc, char** argv) {
   if (max_context < 0 || max_context > (int64_t{1} << 31)) return Usage("--max-context takes 0..2^31");
   if (json_path.empty() || snapshot_path.empty()) return Usage("--json and --snapshot take a file name");
   const bool snapshot = snapshot_path != "none";
+  if (struct stat st; snapshot && ::lstat(snapshot_path.c_str(), &st) == 0) {
+    fmt::print(stderr, "kvc-run: {} exists. The run saves its scratch snapshot there and removes it afterwards, so it does "
+                       "not touch an existing file: remove it, or pass another --snapshot (or none)\n", snapshot_path);
+    return 1;
+  }
 
   absl::StatusOr<kvc::FootprintModel> analytic = kvc::FootprintByName(model, kvc::StorageFormat::kFp8);
   if (!analytic.ok() || !analytic->is_v4) {
@@ -217,11 +228,13 @@ int Run(int argc, char** argv) {
       f();
       return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     };
-    const RemoveOnExit remove_snapshot(snapshot_path);
     absl::StatusOr<kvc::SaveStats> saved, grown;
     fmt::print(stderr, "  snapshot: saving {} tokens to {}\n", length, snapshot_path);
-    snap.save_s = timed([&] { saved = kvc::SaveSnapshot(**cache, {seq}, snapshot_path); });
+    kvc::SaveOptions fresh;
+    fresh.incremental = false;  // a new file: a failed full save leaves none
+    snap.save_s = timed([&] { saved = kvc::SaveSnapshot(**cache, {seq}, snapshot_path, fresh); });
     if (!saved.ok()) return Fail("snapshot save", saved.status());
+    const RemoveOnExit remove_snapshot(snapshot_path);
     kvc::tools::SyntheticModel::StepStats extra;  // not part of the decode figures above
     if (const absl::Status s = synthetic.DecodeStep(**cache, seq, length, &extra); !s.ok()) {
       return Fail(absl::StrCat("decode step at token ", length, " (before the incremental save)"), s);

@@ -3,13 +3,19 @@
 //   kvc-snapshot info FILE     header, model, sequences (block headers checked)
 //   kvc-snapshot verify FILE   info + the checksum and contents of every block
 //
+// Both also list temporary files a killed full save left beside FILE
+// (FILE.tmp-<16 hex>; FindLeftoverTempFiles), without deleting them.
+//
 // Exit status: 0 sound, 1 damaged or not a snapshot (the reason on stderr),
 // 2 bad usage.
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "fmt/core.h"
@@ -46,6 +52,22 @@ void Print(const kvc::SnapshotInfo& info) {
   }
 }
 
+// Temporary files a killed full save left beside the snapshot (never
+// deleted here: a save to it may be running).
+void PrintLeftoverTempFiles(const char* path, std::FILE* out) {
+  const absl::StatusOr<std::vector<std::string>> left = kvc::FindLeftoverTempFiles(path);
+  if (!left.ok()) {
+    fmt::print(out, "leftover temp    cannot check: {}\n", std::string(left.status().message()));
+    return;
+  }
+  for (const std::string& temp : *left) {
+    struct stat st;
+    const std::string size = ::stat(temp.c_str(), &st) == 0 ? fmt::format("{} bytes", st.st_size) : "size unknown";
+    fmt::print(out, "leftover temp    {} ({}): left by a killed full save; delete it if no save to {} is running\n",
+               temp, size, path);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -55,6 +77,7 @@ int main(int argc, char** argv) {
   }
   const bool verify = std::strcmp(argv[1], "verify") == 0;
   const absl::StatusOr<kvc::SnapshotInfo> info = verify ? kvc::VerifySnapshot(argv[2]) : kvc::ReadSnapshotInfo(argv[2]);
+  PrintLeftoverTempFiles(argv[2], info.ok() ? stdout : stderr);
   if (!info.ok()) {
     fmt::print(stderr, "{}: {}\n", verify ? "BAD" : "error", std::string(info.status().ToString()));
     return 1;

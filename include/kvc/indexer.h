@@ -90,8 +90,8 @@ float IndexScoreRef(const IndexQuery& query, const uint8_t* codes, const uint8_t
 
 // Writes to *out the indices of the min(k, scores.size()) highest scores,
 // ascending; ties go to the lower index; ±inf order as numbers. Refuses
-// (kInvalidArgument, naming the lowest index) scores holding NaN, leaving
-// *out unchanged. Does not sort or partition the whole array: a threshold
+// (kInvalidArgument, naming the lowest index) scores holding NaN, whatever k,
+// and k < 0, leaving *out unchanged. Does not sort or partition the whole array: a threshold
 // from a sample, one SIMD filter pass (which also finds NaN), then exact
 // selection among the candidates (linear in scores.size(), typically ~8
 // bytes of work per key).

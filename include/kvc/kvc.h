@@ -36,7 +36,7 @@ enum {
                              the system's reason */
 };
 
-enum { KVC_HEAD_DIM = 512, KVC_NUM_COMPONENTS = 4 };
+enum { KVC_HEAD_DIM = 512, KVC_INDEX_DIM = 128, KVC_NUM_COMPONENTS = 4 };
 
 typedef struct kvc_cache kvc_cache;
 typedef int64_t kvc_seq;
@@ -67,8 +67,70 @@ int kvc_cache_create(const char* preset, const kvc_options* options, kvc_cache**
  * KVC_ERR_INVALID_ARGUMENT: a config kvc cannot read, or options out of range. */
 int kvc_cache_create_from_config(const char* config_json, size_t length, const kvc_options* options,
                                  kvc_cache** out);
+
+/* The engine's learned weights of one compressor (kvc::CompressorParams),
+ * fp32, row-major. Sizes (kvc requires head_dim 512 and index_dim 128):
+ *                    ape_count              norm_weight_count
+ *   CSA compressor   4 x 1024 = 4096        512
+ *   HCA compressor   128 x 512 = 65536      512
+ *   CSA indexer      4 x 256 = 1024         128
+ * ape is [ratio][width_factor x dim] (width_factor 2 on CSA, 1 on HCA);
+ * norm_weight is [dim]. All values finite. Both pointers NULL with counts 0:
+ * no parameters (the engine appends that layer's compressed entries). */
+typedef struct kvc_compressor_params {
+  const float* ape;
+  int64_t ape_count;
+  const float* norm_weight;
+  int64_t norm_weight_count;
+} kvc_compressor_params;
+
+/* One layer's parameters: compressor on CSA and HCA layers, indexer on CSA
+ * layers (a CSA layer has both or neither); the others stay zero. */
+typedef struct kvc_layer_params {
+  kvc_compressor_params compressor;
+  kvc_compressor_params indexer;
+} kvc_layer_params;
+
+/* What kvc_cache_create_with_params adds to a model. Every buffer is COPIED
+ * into memory the cache owns: the caller may free or overwrite it as soon as
+ * the call returns. A zeroed struct adds nothing.
+ *   layers: num_layers entries (the model's layer count), or NULL with
+ *     num_layers 0 (no layer has parameters).
+ *   *_rope_table: the engine's RoPE table (kvc::RopeSpec::engine_table), or
+ *     NULL with count 0 (kvc computes its own): (cos, sin) of position p and
+ *     pair j at [(p x 32 + j) x 2 + {0, 1}], so count = positions x 64, with
+ *     positions >= the model's max_context (2^20 for the presets: 256 MiB).
+ *     kvc rotates with the compressed-layer table only (compressed entries,
+ *     index keys, index queries); the window table is recorded in the model
+ *     fingerprint of snapshots. */
+typedef struct kvc_model_params {
+  const kvc_layer_params* layers;
+  int32_t num_layers;
+  const float* compressed_rope_table;
+  int64_t compressed_rope_table_count;
+  const float* window_rope_table;
+  int64_t window_rope_table_count;
+} kvc_model_params;
+
+/* kvc_cache_create and kvc_cache_create_from_config with the engine's
+ * parameters (params may be NULL: none). Their codes, and
+ * KVC_ERR_INVALID_ARGUMENT for parameters that do not fit the model, with a
+ * message naming the layer and field ("layer 3: indexer.norm_weight has 64
+ * values, expected 128"): a wrong count, a NULL pointer with a count > 0, a
+ * negative count, non-finite values, parameters on a layer without that
+ * compressor, a CSA layer with only one of compressor and indexer,
+ * num_layers other than the model's, a RoPE table too short or not a
+ * multiple of 64. */
+int kvc_cache_create_with_params(const char* preset, const kvc_options* options, const kvc_model_params* params,
+                                 kvc_cache** out);
+int kvc_cache_create_from_config_with_params(const char* config_json, size_t length, const kvc_options* options,
+                                             const kvc_model_params* params, kvc_cache** out);
 void kvc_cache_destroy(kvc_cache* cache); /* NULL is fine */
 int kvc_cache_num_layers(const kvc_cache* cache, int32_t* out);
+/* Layer kinds (kvc::LayerKind; stable numbers). */
+enum { KVC_LAYER_WINDOW = 0, KVC_LAYER_CSA = 1, KVC_LAYER_HCA = 2 };
+/* *kind = the KVC_LAYER_* of `layer`. KVC_ERR_INVALID_ARGUMENT: layer out of range. */
+int kvc_cache_layer_kind(const kvc_cache* cache, int32_t layer, int32_t* kind);
 int kvc_cache_usage(const kvc_cache* cache, kvc_usage* out);
 
 /* KVC_ERR_RESOURCE_EXHAUSTED: also when the cache's byte limits leave no room. */
@@ -113,6 +175,31 @@ int kvc_seq_rollback_floor(const kvc_cache* cache, kvc_seq seq, int64_t* out);
  * KVC_ERR_NOT_FOUND: unknown sequence. KVC_ERR_INVALID_ARGUMENT: layer or out_values wrong. */
 int kvc_seq_read_window(const kvc_cache* cache, kvc_seq seq, int32_t layer, uint16_t* out,
                         int64_t out_values);
+
+/* Index queries (kvc::IndexQuery): one token's lightning-indexer query,
+ * rotated with the compressed-layer RoPE at `position`, Hadamard, FP4. It
+ * serves every CSA layer of that token. q_raw: heads x 128 bf16 (wq_b's
+ * output, before RoPE, |x| <= 2^120); weights: `heads` finite fp32 head
+ * weights (already scaled by 128^-0.5 x heads^-0.5); heads in 1..4096.
+ * KVC_ERR_OUT_OF_RANGE: position outside [0, max_context).
+ * KVC_ERR_INVALID_ARGUMENT: heads out of range, non-finite or too large
+ * values (the message names the head). */
+typedef struct kvc_index_query kvc_index_query;
+int kvc_index_query_prepare(const kvc_cache* cache, int64_t position, const uint16_t* q_raw, const float* weights,
+                            int32_t heads, kvc_index_query** out);
+void kvc_index_query_destroy(kvc_index_query* query); /* NULL is fine */
+/* The index scores of the CSA `layer`'s visible compressed entries for
+ * `query` (kvc::Cache::SelectAttentionSet's index_scores): entry j's score at
+ * out[j], for the entries j < (length / 4) that hold an index key, where
+ * length is the layer's token count; the query should be prepared at the
+ * layer's last position (length - 1). *count = the number of scores;
+ * min(*count, capacity) are written (out may be NULL when capacity is 0).
+ * KVC_ERR_NOT_FOUND: unknown sequence. KVC_ERR_INVALID_ARGUMENT: layer out of
+ * range or not CSA, capacity < 0, a key the query cannot score without fp32
+ * overflow (the message names the layer and entry).
+ * KVC_ERR_FAILED_PRECONDITION: the layer holds no tokens. */
+int kvc_index_scores(const kvc_cache* cache, kvc_seq seq, int32_t layer, const kvc_index_query* query, float* out,
+                     int64_t capacity, int64_t* count);
 
 /* Snapshots (kvc/snapshot.h). Saves `count` sequences to the file at `path`;
  * incremental != 0 appends only what is new to an existing snapshot of them

@@ -62,6 +62,10 @@ struct LayerSpec {
   CompressorParams indexer;     // CSA layers (dim = index_dim)
 };
 
+// The most lightning-indexer heads kvc scores (IndexQuery::Prepare's bound
+// on fp32 rounding in the score sum assumes at most this many).
+constexpr int32_t kMaxIndexHeads = 4096;
+
 struct ModelSpec {
   std::string name;
   std::vector<LayerSpec> layers;
@@ -69,7 +73,7 @@ struct ModelSpec {
   int32_t head_dim = 512;    // KV row dims; kvc's row format requires 512
   int32_t rope_dim = 64;     // trailing RoPE dims of a row; requires 64
   int32_t window = 128;      // sliding-window rows per layer
-  int32_t index_heads = 64;  // lightning-indexer query heads
+  int32_t index_heads = 64;  // lightning-indexer query heads, 1..kMaxIndexHeads
   int32_t index_dim = 128;   // index key dims; requires 128 (Hadamard-128)
   int32_t index_topk = 512;  // compressed entries a CSA query attends to
   int64_t max_context = int64_t{1} << 20;  // tokens

@@ -24,6 +24,13 @@ constexpr int kRopeDim = 64;
 constexpr int kNopeDim = kHeadDim - kRopeDim;  // 448
 constexpr int kIndexDim = 128;
 
+// The largest |bf16| bit pattern a KV row's quantized (NoPE) dims can hold:
+// at the largest block scale a finite bf16 needs (2^120), |x| >= 248 * 2^120
+// (0x7F78) rounds to the E4M3 code 256, and 256 * 2^120 = 2^128 reads back
+// as infinity. RoPE dims are stored as bf16 and may be any finite value.
+constexpr uint16_t kMaxKvNopeBf16Bits = 0x7F77;
+constexpr uint16_t kMaxFiniteBf16Bits = 0x7F7F;
+
 // Stable numbering: values are stored in snapshots and exposed in the C API.
 // Never reuse a number.
 enum class RowFormat : uint8_t {

@@ -9,8 +9,11 @@
 // for row indices) and writes nothing. Values are checked row by row, fused
 // into the kernel (a separate pass would stream the input from DRAM twice): a
 // row or key holding ±inf or NaN (the FP8/FP4 block rules are defined for
-// finite values only), or an index-key value with |x| > 2^120 (its Hadamard
-// sums could overflow fp32; real keys are O(1)), returns kInvalidArgument
+// finite values only), a KV-row NoPE value with |x| >= 248 x 2^120 (bf16
+// 0x7F78 and up: its E4M3 code would round to 256 at scale 2^120, which
+// reads back as 2^128 = infinity; kMaxKvNopeBf16Bits), or an index-key value
+// with |x| > 2^120 (its Hadamard sums could overflow fp32; real keys are
+// O(1)), returns kInvalidArgument
 // naming the row and dim; the rows before it have been written, it and all
 // rows after it have not. Callers that need all-or-nothing (the cache)
 // quantize into memory they have not yet published.
@@ -66,6 +69,10 @@ absl::Status DequantizeIndexKeys(ConstPackedRows in, absl::Span<float> out);
 // and dim. Reads each value once (SIMD). For callers that must validate a
 // whole batch before changing anything.
 absl::Status CheckFiniteRows(absl::Span<const Bf16> values, int dims, const char* what);
+
+// Checks 512-value KV rows for exactly what QuantizeKvRows refuses (see
+// above), without writing anything: kInvalidArgument naming the row and dim.
+absl::Status CheckKvRows(absl::Span<const Bf16> values, const char* what);
 
 // The same for fp32 values in rows of `width` (e.g. compressor projections).
 absl::Status CheckFiniteF32(absl::Span<const float> values, int64_t width, const char* what);

@@ -8,13 +8,23 @@
 // foreign or wrong-model file is refused with an error naming the problem.
 //
 // Saves are atomic. A first save (or one that compacts) writes a new file
-// under a unique temporary name beside `path` (created exclusively, never
-// through a link planted there; the mode of the snapshot it replaces, else
-// 0600), flushes it and renames it over `path`; an incremental save appends
-// only what is new (history rows the file lacks, the changed per-layer
-// state) and a commit block last, then flushes. A save killed half-way
-// therefore leaves either the old file or the old file plus an unfinished
-// tail, which readers ignore: the previous snapshot stays usable.
+// in the directory of `path` without a name (O_TMPFILE; where the file
+// system lacks it, under a unique name `path`.tmp-<16 hex> created
+// exclusively, never through a link planted there), with the mode of the
+// snapshot it replaces, else 0600; flushed, it gets a unique name and is
+// renamed over `path`. An incremental save appends only what is new
+// (history rows the file lacks, the changed per-layer state) and a commit
+// block last, then flushes. A save killed half-way therefore leaves either
+// the old file or the old file plus an unfinished tail, which readers
+// ignore: the previous snapshot stays usable (and no temporary file stays,
+// except where O_TMPFILE is unsupported: FindLeftoverTempFiles).
+//
+// `path` must be a regular file or absent: a FIFO, device, socket or
+// directory there is refused by saves, restores and inspection alike (a
+// file-system error, errno EINVAL, EISDIR for a directory; never blocking,
+// never writing into it). A symlink at `path` to an existing file is
+// followed: saves update that file in place (a rewrite's new file is made
+// beside it); a dangling symlink is replaced by the snapshot.
 //
 // Threads: a save locks each sequence while it writes it (appends to that
 // sequence wait; other sequences run on), so each sequence is saved at one
@@ -131,6 +141,15 @@ absl::StatusOr<SnapshotInfo> ReadSnapshotInfo(const std::string& path);
 // ReadSnapshotInfo plus the checksum of every block in the file (also the
 // ones no longer referenced). kDataLoss naming the first bad block.
 absl::StatusOr<SnapshotInfo> VerifySnapshot(const std::string& path);
+
+// The temporary files a full save to `path` left beside it (or beside the
+// file a symlink at `path` points to): `path` + ".tmp-" + 16 lowercase hex
+// digits, full paths, sorted. Only a save killed where the file system lacks
+// O_TMPFILE (or killed in the instant between naming its finished file and
+// renaming it over `path`) leaves one; delete them when no save to `path`
+// is running. Nothing is deleted here. An error only if the directory
+// cannot be read.
+absl::StatusOr<std::vector<std::string>> FindLeftoverTempFiles(const std::string& path);
 
 // The errno of a status that reports a failing file-system call (opening,
 // reading, writing, flushing, renaming a snapshot file); 0 for any other

@@ -1,7 +1,8 @@
-// libFuzzer: random sequences of C API calls on one small cache. Every call
-// returns KVC_OK or a documented error code with a message; lengths follow
-// a shadow model of what succeeded; used bytes never exceed reserved ones;
-// freeing everything returns the cache to zero bytes in use.
+// libFuzzer: random sequences of C API calls on one small cache, created with
+// or without compressor parameters. Every call returns KVC_OK or a documented
+// error code with a message; lengths follow a shadow model of what succeeded;
+// index scores number the CSA entries closed; used bytes never exceed
+// reserved ones; freeing everything returns the cache to zero bytes in use.
 #include <unistd.h>
 
 #include <algorithm>
@@ -18,8 +19,9 @@
 
 namespace {
 
-// Three layers (window-only, CSA, HCA; compressed entries are the engine's,
-// which the C API cannot append: those layers hold window rows only), window 4.
+// Three layers (window-only, CSA, HCA), window 4. Without parameters the
+// compressed entries are the engine's, which the C API cannot append yet:
+// those layers hold window rows only.
 constexpr char kConfig[] =
     R"({"num_hidden_layers": 3, "compress_ratios": [0, 4, 128], "sliding_window": 4, "head_dim": 512,
         "qk_rope_head_dim": 64, "index_n_heads": 64, "index_head_dim": 128, "index_topk": 8,
@@ -27,6 +29,22 @@ constexpr char kConfig[] =
         "rms_norm_eps": 1e-06})";
 constexpr int kLayers = 3;
 constexpr int kWindow = 4;
+constexpr int32_t kKinds[kLayers] = {KVC_LAYER_WINDOW, KVC_LAYER_CSA, KVC_LAYER_HCA};
+// Projection widths (main, indexer) per layer.
+constexpr int64_t kMainWidth[kLayers] = {0, 1024, 512};
+constexpr int64_t kIndexWidth[kLayers] = {0, 256, 0};
+
+// Parameters for the model: ape zeros, norm weights ones (copied at creation).
+kvc_model_params Params(kvc_layer_params* layers) {
+  static const std::vector<float> zeros(128 * 512, 0.0f), ones(512, 1.0f);
+  layers[0] = kvc_layer_params{};
+  layers[1] = {{zeros.data(), 4 * 1024, ones.data(), 512}, {zeros.data(), 4 * 256, ones.data(), 128}};
+  layers[2] = {{zeros.data(), 128 * 512, ones.data(), 512}, {}};
+  kvc_model_params params{};
+  params.layers = layers;
+  params.num_layers = kLayers;
+  return params;
+}
 
 // Consumes the fuzzer's bytes; zeros once they run out.
 class Input {
@@ -63,12 +81,21 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   kvc_options options;
   kvc_options_default(&options);
   options.rollback_depth = in.Byte() % 6;  // 5 > window: creation must refuse it
-  options.rows_per_page = 1 + in.Byte() % 8;
+  const uint8_t layout = in.Byte();
+  options.rows_per_page = 1 + layout % 8;
+  const bool with_params = layout >= 128;  // kvc compresses
   options.keys_per_page = 1 + in.Byte() % 8;
   options.history_bytes = 1 << 20;
-  options.state_bytes = int64_t{64 + in.Byte() % 256} << 10;  // small: creation can run out
+  // Small: creation can run out (with parameters an HCA layer's compressor
+  // state alone is 512 KiB a sequence).
+  const uint8_t state = in.Byte();
+  options.state_bytes = with_params ? int64_t{1 + state % 8} << 19 : int64_t{64 + state % 256} << 10;
   kvc_cache* cache = nullptr;
-  const int created = kvc_cache_create_from_config(kConfig, sizeof(kConfig) - 1, &options, &cache);
+  kvc_layer_params layers[kLayers];
+  const kvc_model_params params = Params(layers);
+  const int created =
+      kvc_cache_create_from_config_with_params(kConfig, sizeof(kConfig) - 1, &options, with_params ? &params : nullptr,
+                                               &cache);
   CheckCode(created);
   if (created != KVC_OK) {
     Check(options.rollback_depth > kWindow && cache == nullptr);
@@ -80,6 +107,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::map<kvc_seq, std::vector<int64_t>> lengths;  // shadow: per layer
   std::vector<uint16_t> rows(8 * KVC_HEAD_DIM);
   std::vector<uint16_t> window(kWindow * KVC_HEAD_DIM);
+  std::vector<float> projections(8 * 1024);
   auto pick = [&](uint8_t b) -> kvc_seq {
     if (lengths.empty() || b % 16 == 15) return static_cast<kvc_seq>(b) * 1000 - 7;  // unknown ids
     auto it = lengths.begin();
@@ -87,7 +115,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return it->first;
   };
   for (int step = 0; step < 200 && !in.empty(); ++step) {
-    const uint8_t op = in.Byte() % 10;
+    const uint8_t op = in.Byte() % 12;
     const kvc_seq seq = pick(in.Byte());
     const auto known = lengths.find(seq);
     switch (op) {
@@ -110,10 +138,26 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         int64_t position = known != lengths.end() && layer >= 0 && layer < kLayers
                                ? known->second[static_cast<size_t>(layer)] : 0;
         if (pattern % 17 == 0) position += 1;  // a gap
-        const int rc = kvc_seq_append(cache, seq, layer, position, rows.data(), count);
+        // With parameters, the compressed layers need projections; leave them
+        // out now and then (a refusal).
+        const bool compressed = layer == 1 || layer == 2;
+        const bool omit = compressed && with_params && pattern % 7 == 0;
+        int rc;
+        if (with_params && compressed && !omit) {
+          for (size_t i = 0; i < projections.size(); ++i) {
+            projections[i] = static_cast<float>((i * pattern) % 64) / 32.0f - 1.0f;
+          }
+          const float* p = projections.data();
+          const kvc_layer_tokens tokens{rows.data(), p, p, kIndexWidth[layer] > 0 ? p : nullptr,
+                                        kIndexWidth[layer] > 0 ? p : nullptr, count};
+          static_assert(8 * 1024 >= 8 * kMainWidth[1], "projections hold 8 tokens");
+          rc = kvc_seq_append_tokens(cache, seq, layer, position, &tokens);
+        } else {
+          rc = kvc_seq_append(cache, seq, layer, position, rows.data(), count);
+        }
         CheckCode(rc);
         if (rc == KVC_OK) {
-          Check(known != lengths.end() && pattern % 17 != 0 && !(pattern == 0xFF && count > 0));
+          Check(known != lengths.end() && pattern % 17 != 0 && !(pattern == 0xFF && count > 0) && !(omit && count > 0));
           known->second[static_cast<size_t>(layer)] += count;
         }
         break;
@@ -171,6 +215,40 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
             }
           }
         }
+        break;
+      }
+      case 9: {
+        const int32_t layer = static_cast<int32_t>(in.Byte() % 5) - 1;
+        int32_t kind = -1;
+        const int rc = kvc_cache_layer_kind(cache, layer, &kind);
+        CheckCode(rc);
+        Check((rc == KVC_OK) == (layer >= 0 && layer < kLayers));
+        if (rc == KVC_OK) Check(kind == kKinds[layer]);
+        break;
+      }
+      case 10: {
+        const int32_t heads = in.Byte() % 9;  // 0: refused
+        const uint8_t pattern = in.Byte();
+        const int64_t position = pattern % 5 == 0 ? in.Int64() : known != lengths.end() ? known->second[1] - 1 : 0;
+        std::vector<uint16_t> q(static_cast<size_t>(heads) * KVC_INDEX_DIM);
+        for (size_t i = 0; i < q.size(); ++i) q[i] = static_cast<uint16_t>(0x3F80 + (i * pattern) % 512);
+        std::vector<float> weights(static_cast<size_t>(heads), pattern / 256.0f);
+        kvc_index_query* query = nullptr;
+        const int rc = kvc_index_query_prepare(cache, position, q.data(), weights.data(), heads, &query);
+        CheckCode(rc);
+        Check((rc == KVC_OK) == (query != nullptr));
+        if (rc != KVC_OK) break;
+        const int32_t layer = static_cast<int32_t>(in.Byte() % 5) - 1;
+        std::vector<float> scores(in.Byte() % 40);
+        int64_t count = -1;
+        const int scored = kvc_index_scores(cache, seq, layer, query, scores.data(), static_cast<int64_t>(scores.size()),
+                                            &count);
+        CheckCode(scored);
+        if (scored == KVC_OK) {
+          Check(known != lengths.end() && layer == 1);
+          Check(count == (with_params ? known->second[1] / 4 : 0));
+        }
+        kvc_index_query_destroy(query);
         break;
       }
       default: {
