@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <exception>
+#include <limits>
 #include <new>
 #include <cstdint>
 #include <memory>
@@ -86,6 +87,30 @@ int Guarded(const char* function, Body&& body) noexcept {
   do {                                                                                                      \
     if ((pointer) == nullptr) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": " #pointer " is NULL")); \
   } while (0)
+
+// The stream numbered `stream` (KVC_STREAM_*), or an error naming it.
+absl::StatusOr<kvc::Stream> ToStream(int32_t stream, const char* function) {
+  if (stream < 0 || stream >= kvc::kNumStreams) {
+    return absl::InvalidArgumentError(absl::StrCat(function, ": stream ", stream, " is not a KVC_STREAM_* number"));
+  }
+  return static_cast<kvc::Stream>(stream);
+}
+
+// Copies min(values.size(), capacity) values to `out` and pads the rest of
+// its capacity with `pad`.
+template <typename T>
+void WriteCapped(const std::vector<T>& values, T* out, int64_t capacity, T pad) {
+  const size_t n = static_cast<size_t>(capacity);
+  const size_t written = std::min(values.size(), n);
+  std::copy_n(values.begin(), written, out);
+  if (out != nullptr) std::fill(out + written, out + n, pad);
+}
+
+absl::StatusOr<absl::Span<const kvc::SequenceId>> Batch(const kvc_seq* seqs, int64_t batch, const char* function) {
+  if (batch < 0) return absl::InvalidArgumentError(absl::StrCat(function, ": batch ", batch, " is negative"));
+  if (batch > 0 && seqs == nullptr) return absl::InvalidArgumentError(absl::StrCat(function, ": seqs is NULL"));
+  return absl::MakeConstSpan(seqs, static_cast<size_t>(batch));
+}
 
 kvc::CacheOptions ToOptions(const kvc_options* options) {
   kvc::CacheOptions out;
@@ -446,6 +471,155 @@ int kvc_index_scores(const kvc_cache* cache, kvc_seq seq, int32_t layer, const k
     const size_t written = std::min(scores.size(), static_cast<size_t>(capacity));
     std::copy_n(scores.begin(), written, out);
     *count = static_cast<int64_t>(scores.size());
+    return KVC_OK;
+  });
+}
+
+int kvc_layer_pages(const kvc_cache* cache, int32_t layer, int32_t stream, kvc_page_array* out) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    const absl::StatusOr<kvc::Stream> s = ToStream(stream, function);
+    if (!s.ok()) return FromStatus(s.status());
+    const absl::StatusOr<kvc::PageArray> pages = cache->cache->LayerPages(layer, *s);
+    if (!pages.ok()) return FromStatus(pages.status());
+    *out = {pages->base, pages->page_bytes, pages->num_pages, pages->rows_per_page, pages->row_data_bytes,
+            pages->row_scale_bytes};
+    return KVC_OK;
+  });
+}
+
+int kvc_seq_block_table(const kvc_cache* cache, kvc_seq seq, int32_t stream, int32_t* ids, int64_t capacity,
+                        int64_t* count) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(count);
+    if (capacity < 0) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": capacity ", capacity, " < 0"));
+    if (capacity > 0) KVC_C_REQUIRE(ids);
+    const absl::StatusOr<kvc::Stream> s = ToStream(stream, function);
+    if (!s.ok()) return FromStatus(s.status());
+    const absl::StatusOr<std::vector<int32_t>> table = cache->cache->BlockTable(seq, *s);
+    if (!table.ok()) return FromStatus(table.status());
+    const size_t written = std::min(table->size(), static_cast<size_t>(capacity));
+    std::copy_n(table->begin(), written, ids);
+    *count = static_cast<int64_t>(table->size());
+    return KVC_OK;
+  });
+}
+
+int kvc_batch_block_tables(const kvc_cache* cache, const kvc_seq* seqs, int64_t batch, int32_t stream, int32_t* ids,
+                           int64_t capacity, int64_t* max_blocks, int32_t* blocks, int64_t* rows) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(max_blocks);
+    if (capacity < 0) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": capacity ", capacity, " < 0"));
+    const absl::StatusOr<absl::Span<const kvc::SequenceId>> span = Batch(seqs, batch, function);
+    if (!span.ok()) return FromStatus(span.status());
+    const absl::StatusOr<kvc::Stream> s = ToStream(stream, function);
+    if (!s.ok()) return FromStatus(s.status());
+    const absl::StatusOr<kvc::DenseBlockTables> tables = cache->cache->BatchBlockTables(*span, *s);
+    if (!tables.ok()) return FromStatus(tables.status());
+    *max_blocks = tables->max_blocks;
+    if (static_cast<int64_t>(tables->ids.size()) > capacity) {
+      return Fail(KVC_ERR_OUT_OF_RANGE, absl::StrCat(function, ": the table needs ", tables->ids.size(),
+                                                     " ids (batch ", batch, " x max_blocks ", tables->max_blocks,
+                                                     "); capacity is ", capacity));
+    }
+    if (!tables->ids.empty()) KVC_C_REQUIRE(ids);
+    std::copy(tables->ids.begin(), tables->ids.end(), ids);
+    if (blocks != nullptr) std::copy(tables->blocks.begin(), tables->blocks.end(), blocks);
+    if (rows != nullptr) std::copy(tables->rows.begin(), tables->rows.end(), rows);
+    return KVC_OK;
+  });
+}
+
+int kvc_batch_block_tables_csr(const kvc_cache* cache, const kvc_seq* seqs, int64_t batch, int32_t stream,
+                               int32_t* indptr, int32_t* indices, int64_t capacity, int64_t* count,
+                               int32_t* last_page_len) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(indptr);
+    KVC_C_REQUIRE(count);
+    if (batch > 0) KVC_C_REQUIRE(last_page_len);
+    if (capacity < 0) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": capacity ", capacity, " < 0"));
+    const absl::StatusOr<absl::Span<const kvc::SequenceId>> span = Batch(seqs, batch, function);
+    if (!span.ok()) return FromStatus(span.status());
+    const absl::StatusOr<kvc::Stream> s = ToStream(stream, function);
+    if (!s.ok()) return FromStatus(s.status());
+    const absl::StatusOr<kvc::CsrBlockTables> tables = cache->cache->BatchBlockTablesCsr(*span, *s);
+    if (!tables.ok()) return FromStatus(tables.status());
+    *count = static_cast<int64_t>(tables->indices.size());
+    if (*count > capacity) {
+      return Fail(KVC_ERR_OUT_OF_RANGE,
+                  absl::StrCat(function, ": the batch has ", *count, " pages; capacity is ", capacity));
+    }
+    if (*count > 0) KVC_C_REQUIRE(indices);
+    std::copy(tables->indptr.begin(), tables->indptr.end(), indptr);
+    std::copy(tables->indices.begin(), tables->indices.end(), indices);
+    std::copy(tables->last_page_len.begin(), tables->last_page_len.end(), last_page_len);
+    return KVC_OK;
+  });
+}
+
+int kvc_seq_append_rows(kvc_cache* cache, kvc_seq seq, int32_t layer, int32_t stream, int64_t first, const uint8_t* rows,
+                        int64_t count) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    if (count < 0) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": count ", count, " < 0"));
+    if (count > 0) KVC_C_REQUIRE(rows);
+    const absl::StatusOr<kvc::Stream> s = ToStream(stream, function);
+    if (!s.ok()) return FromStatus(s.status());
+    const int64_t row_bytes = *s == kvc::Stream::kCsaKeys ? kvc::FormatInfo(kvc::RowFormat::kIndexFp4).row_bytes
+                                                          : kvc::FormatInfo(kvc::RowFormat::kKvFp8).row_bytes;
+    if (count > std::numeric_limits<int64_t>::max() / row_bytes) {
+      return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": count ", count, " is out of range"));
+    }
+    return FromStatus(cache->cache->AppendRows(seq, layer, *s, first,
+                                               absl::MakeConstSpan(rows, static_cast<size_t>(count * row_bytes))));
+  });
+}
+
+int kvc_seq_stream_rows(const kvc_cache* cache, kvc_seq seq, int32_t layer, int32_t stream, int64_t* out) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    const absl::StatusOr<kvc::Stream> s = ToStream(stream, function);
+    if (!s.ok()) return FromStatus(s.status());
+    const absl::StatusOr<int64_t> rows = cache->cache->StreamRows(seq, layer, *s);
+    if (!rows.ok()) return FromStatus(rows.status());
+    *out = *rows;
+    return KVC_OK;
+  });
+}
+
+int kvc_seq_select(const kvc_cache* cache, kvc_seq seq, int32_t layer, const kvc_index_query* query,
+                   int32_t* window_indices, int64_t window_capacity, int64_t* window_count, int32_t* compressed_indices,
+                   int64_t compressed_capacity, int64_t* compressed_count) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(window_count);
+    KVC_C_REQUIRE(compressed_count);
+    if (window_capacity < 0 || compressed_capacity < 0) {
+      return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": capacities (", window_capacity, ", ",
+                                                         compressed_capacity, ") must be >= 0"));
+    }
+    if (window_capacity > 0) KVC_C_REQUIRE(window_indices);
+    if (compressed_capacity > 0) KVC_C_REQUIRE(compressed_indices);
+    const std::vector<kvc::LayerSpec>& layers = cache->cache->spec().layers;
+    if (layer < 0 || static_cast<size_t>(layer) >= layers.size()) {
+      return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": layer ", layer, " is outside [0, ", layers.size(), ")"));
+    }
+    const bool csa = layers[static_cast<size_t>(layer)].kind == kvc::LayerKind::kCsa;
+    if (csa && query == nullptr) {
+      return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": layer ", layer, " is CSA: it needs an index query"));
+    }
+    const absl::StatusOr<kvc::AttentionSet> set =
+        cache->cache->SelectAttentionSet(seq, layer, csa ? &query->query : nullptr);
+    if (!set.ok()) return FromStatus(set.status());
+    WriteCapped(set->window_indices, window_indices, window_capacity, int32_t{-1});
+    WriteCapped(set->compressed_indices, compressed_indices, compressed_capacity, int32_t{-1});
+    *window_count = static_cast<int64_t>(set->window_indices.size());
+    *compressed_count = static_cast<int64_t>(set->compressed_indices.size());
     return KVC_OK;
   });
 }

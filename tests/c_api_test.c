@@ -241,8 +241,195 @@ static void TestParams(void) {
   kvc_cache_destroy(same);
 }
 
+/* A ready-made 584-byte row kvc could have written: codes below 256 at
+ * small scales, finite bf16 RoPE dims, zero padding; distinct per seed. */
+static void MakeRow(uint8_t* row, uint32_t seed) {
+  for (int i = 0; i < 448; ++i) row[i] = (uint8_t)((seed * 31u + (uint32_t)i * 7u) % 0x70u);
+  for (int j = 0; j < 64; ++j) {
+    const uint16_t bits = Bf16((float)((int)(seed % 50u) - 25 + j));
+    memcpy(row + 448 + 2 * j, &bits, 2);
+  }
+  for (int b = 0; b < 7; ++b) row[576 + b] = (uint8_t)(120 + (seed + (uint32_t)b) % 8u);
+  row[583] = 0;
+}
+
+/* Page arrays, block tables, ready-made rows and selection from C: every row
+ * read back through base + id x page_bytes + offsets equals what was appended. */
+static void TestPages(void) {
+  kvc_options options;
+  kvc_options_default(&options);
+  options.rows_per_page = 8;
+  options.keys_per_page = 8;
+  options.state_bytes = (int64_t)64 << 20;
+  options.history_bytes = (int64_t)64 << 20;
+  kvc_cache* cache = NULL;
+  CHECK(kvc_cache_create_from_config(kConfig, sizeof(kConfig) - 1, &options, &cache) == KVC_OK);
+  if (cache == NULL) return;
+
+  kvc_page_array window, csa_rows, csa_keys, hca_rows, none;
+  CHECK(kvc_layer_pages(cache, 0, KVC_STREAM_WINDOW, &window) == KVC_OK);
+  CHECK(window.page_bytes % 576 == 0 && window.page_bytes >= 8 * 584 && window.rows_per_page == 8);
+  CHECK(window.row_data_bytes == 576 && window.row_scale_bytes == 8 && window.num_pages > 0);
+  CHECK(kvc_layer_pages(cache, 1, KVC_STREAM_CSA_ROWS, &csa_rows) == KVC_OK && csa_rows.page_bytes % 576 == 0);
+  CHECK(kvc_layer_pages(cache, 1, KVC_STREAM_CSA_KEYS, &csa_keys) == KVC_OK);
+  CHECK(csa_keys.row_data_bytes == 64 && csa_keys.row_scale_bytes == 4 && csa_keys.page_bytes >= 8 * 68);
+  CHECK(kvc_layer_pages(cache, 2, KVC_STREAM_HCA_ROWS, &hca_rows) == KVC_OK);
+  CHECK(kvc_layer_pages(cache, 0, KVC_STREAM_CSA_ROWS, &none) == KVC_ERR_NOT_FOUND);
+  CHECK(kvc_layer_pages(cache, 2, KVC_STREAM_CSA_KEYS, &none) == KVC_ERR_NOT_FOUND);
+  CHECK(kvc_layer_pages(cache, 0, 4, &none) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_layer_pages(cache, 3, KVC_STREAM_WINDOW, &none) == KVC_ERR_INVALID_ARGUMENT);
+
+  /* 300 tokens in every layer; the engine brings the CSA and HCA entries. */
+  enum { kTokens = 300, kCsaEntries = kTokens / 4, kHcaEntries = kTokens / 128 };
+  kvc_seq seq = 0;
+  CHECK(kvc_seq_create(cache, &seq) == KVC_OK);
+  uint16_t* tokens = calloc(kTokens * KVC_HEAD_DIM, sizeof(uint16_t));
+  for (int i = 0; i < kTokens * KVC_HEAD_DIM; ++i) tokens[i] = Bf16((float)(i % 13) - 6.0f);
+  for (int32_t layer = 0; layer < 3; ++layer) CHECK(kvc_seq_append(cache, seq, layer, 0, tokens, kTokens) == KVC_OK);
+  int64_t n = -1;
+  uint8_t* rows = calloc(kCsaEntries, 584);
+  uint8_t* keys = calloc(kCsaEntries, 68);
+  for (int r = 0; r < kCsaEntries; ++r) {
+    MakeRow(rows + 584 * r, (uint32_t)r);
+    for (int i = 0; i < 64; ++i) keys[68 * r + i] = (uint8_t)(r * 5 + i);
+    for (int i = 0; i < 4; ++i) keys[68 * r + 64 + i] = (uint8_t)(100 + (r + i) % 20);
+  }
+  CHECK(kvc_seq_append_rows(cache, seq, 1, KVC_STREAM_CSA_ROWS, 0, rows, 40) == KVC_OK);
+  /* Refusals change nothing: a NaN code, a block that reads back as
+   * infinity (code 256 at scale 2^120), a gap, a negative count. */
+  uint8_t bad[584];
+  MakeRow(bad, 7);
+  bad[10] = 0x7F;
+  CHECK(kvc_seq_append_rows(cache, seq, 1, KVC_STREAM_CSA_ROWS, 40, bad, 1) == KVC_ERR_INVALID_ARGUMENT);
+  MakeRow(bad, 7);
+  bad[10] = 0x78;
+  bad[576] = 247;
+  CHECK(kvc_seq_append_rows(cache, seq, 1, KVC_STREAM_CSA_ROWS, 40, bad, 1) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_seq_append_rows(cache, seq, 1, KVC_STREAM_CSA_ROWS, 41, rows, 1) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_seq_append_rows(cache, seq, 1, KVC_STREAM_CSA_ROWS, 40, rows, -1) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_seq_stream_rows(cache, seq, 1, KVC_STREAM_CSA_ROWS, &n) == KVC_OK && n == 40);
+  CHECK(kvc_seq_append_rows(cache, seq, 1, KVC_STREAM_CSA_ROWS, 40, rows + 584 * 40, kCsaEntries - 40) == KVC_OK);
+  CHECK(kvc_seq_append_rows(cache, seq, 1, KVC_STREAM_CSA_KEYS, 0, keys, kCsaEntries) == KVC_OK);
+  CHECK(kvc_seq_append_rows(cache, seq, 2, KVC_STREAM_HCA_ROWS, 0, rows, kHcaEntries) == KVC_OK);
+  CHECK(kvc_seq_stream_rows(cache, seq, 1, KVC_STREAM_CSA_ROWS, &n) == KVC_OK && n == kCsaEntries);
+  CHECK(kvc_seq_stream_rows(cache, seq, 1, KVC_STREAM_CSA_KEYS, &n) == KVC_OK && n == kCsaEntries);
+  CHECK(kvc_seq_stream_rows(cache, seq, 0, KVC_STREAM_WINDOW, &n) == KVC_OK && n == 16);
+  CHECK(kvc_seq_stream_rows(cache, seq, 0, KVC_STREAM_HCA_ROWS, &n) == KVC_ERR_NOT_FOUND);
+  CHECK(kvc_seq_append_rows(cache, seq, 1, KVC_STREAM_CSA_ROWS, kCsaEntries, rows, 1) == KVC_ERR_OUT_OF_RANGE);
+
+  CHECK(kvc_seq_stream_rows(cache, seq, 2, KVC_STREAM_HCA_ROWS, &n) == KVC_OK && n == kHcaEntries);
+
+  /* Every row read back through the block table. */
+  int32_t ids[64];
+  int64_t count = -1;
+  CHECK(kvc_seq_block_table(cache, seq, KVC_STREAM_CSA_ROWS, ids, 64, &count) == KVC_OK && count == (kCsaEntries + 7) / 8);
+  int same = 1;
+  for (int r = 0; r < kCsaEntries; ++r) {
+    const uint8_t* page = (const uint8_t*)csa_rows.base + (int64_t)ids[r / 8] * csa_rows.page_bytes;
+    CHECK(ids[r / 8] >= 0 && ids[r / 8] < csa_rows.num_pages);
+    same &= memcmp(page + (r % 8) * 576, rows + 584 * r, 576) == 0;
+    same &= memcmp(page + 8 * 576 + (r % 8) * 8, rows + 584 * r + 576, 8) == 0;
+  }
+  CHECK(same);
+  CHECK(kvc_seq_block_table(cache, seq, KVC_STREAM_CSA_KEYS, ids, 64, &count) == KVC_OK && count == (kCsaEntries + 7) / 8);
+  same = 1;
+  for (int r = 0; r < kCsaEntries; ++r) {
+    const uint8_t* page = (const uint8_t*)csa_keys.base + (int64_t)ids[r / 8] * csa_keys.page_bytes;
+    same &= memcmp(page + (r % 8) * 64, keys + 68 * r, 64) == 0 && memcmp(page + 8 * 64 + (r % 8) * 4, keys + 68 * r + 64, 4) == 0;
+  }
+  CHECK(same);
+  CHECK(kvc_seq_block_table(cache, seq, KVC_STREAM_CSA_ROWS, ids, 2, &count) == KVC_OK && count == 10); /* capped */
+  CHECK(kvc_seq_block_table(cache, seq, KVC_STREAM_CSA_ROWS, NULL, 0, &count) == KVC_OK && count == 10);
+  CHECK(kvc_seq_block_table(cache, seq, KVC_STREAM_CSA_ROWS, ids, -1, &count) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_seq_block_table(cache, seq + 99, KVC_STREAM_CSA_ROWS, ids, 64, &count) == KVC_ERR_NOT_FOUND);
+
+  /* Selection: HCA attends to every entry; the indices address its array. */
+  int32_t window_idx[32], compressed_idx[8], hca_ids[8], ring_ids[8];
+  int64_t window_count = -1, compressed_count = -1, ring_count = -1, hca_count = -1;
+  CHECK(kvc_seq_select(cache, seq, 2, NULL, window_idx, 32, &window_count, compressed_idx, 8, &compressed_count) == KVC_OK);
+  CHECK(window_count == 16 && compressed_count == kHcaEntries);
+  CHECK(kvc_seq_block_table(cache, seq, KVC_STREAM_HCA_ROWS, hca_ids, 8, &hca_count) == KVC_OK && hca_count == 1);
+  CHECK(kvc_seq_block_table(cache, seq, KVC_STREAM_WINDOW, ring_ids, 8, &ring_count) == KVC_OK && ring_count == 2);
+  for (int j = 0; j < kHcaEntries; ++j) CHECK(compressed_idx[j] == hca_ids[j / 8] * 8 + j % 8);
+  CHECK(compressed_idx[kHcaEntries] == -1 && window_idx[16] == -1); /* padded */
+  for (int i = 0; i < 16; ++i) {
+    const int slot = (kTokens - 16 + i) % 16; /* oldest first */
+    CHECK(window_idx[i] == ring_ids[slot / 8] * 8 + slot % 8);
+  }
+  {
+    const uint8_t* page = (const uint8_t*)hca_rows.base + (int64_t)(compressed_idx[1] / 8) * hca_rows.page_bytes;
+    CHECK(memcmp(page + (compressed_idx[1] % 8) * 576, rows + 584, 576) == 0);
+  }
+  CHECK(kvc_seq_select(cache, seq, 1, NULL, window_idx, 32, &window_count, compressed_idx, 8, &compressed_count) ==
+        KVC_ERR_INVALID_ARGUMENT); /* CSA needs a query */
+  CHECK(kvc_seq_select(cache, seq, 0, NULL, window_idx, -1, &window_count, compressed_idx, 8, &compressed_count) ==
+        KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_seq_select(cache, seq, 0, NULL, window_idx, 4, &window_count, NULL, 0, &compressed_count) == KVC_OK &&
+        window_count == 16 && compressed_count == 0);
+
+  /* CSA: the top index_topk (8) entries by the query's scores, ascending,
+   * each an index into the CSA rows array through the block table. */
+  {
+    uint16_t* q = calloc(64 * KVC_INDEX_DIM, sizeof(uint16_t));
+    float weights[64];
+    for (int i = 0; i < 64 * KVC_INDEX_DIM; ++i) q[i] = Bf16((float)((i * 7) % 11) - 5.0f);
+    for (int h = 0; h < 64; ++h) weights[h] = 0.01f * (float)(h + 1);
+    kvc_index_query* query = NULL;
+    CHECK(kvc_index_query_prepare(cache, kTokens - 1, q, weights, 64, &query) == KVC_OK);
+    float scores[kCsaEntries];
+    CHECK(kvc_index_scores(cache, seq, 1, query, scores, kCsaEntries, &n) == KVC_OK && n == kCsaEntries);
+    CHECK(kvc_seq_select(cache, seq, 1, query, window_idx, 32, &window_count, compressed_idx, 8, &compressed_count) == KVC_OK);
+    CHECK(window_count == 16 && compressed_count == 8);
+    CHECK(kvc_seq_block_table(cache, seq, KVC_STREAM_CSA_ROWS, ids, 64, &count) == KVC_OK);
+    /* The selected entries j are the 8 best scores: no unselected entry scores higher than a selected one. */
+    int selected[kCsaEntries] = {0}, ok = 1;
+    for (int k = 0; k < 8; ++k) {
+      int found = -1;
+      for (int j = 0; j < kCsaEntries; ++j) found = compressed_idx[k] == ids[j / 8] * 8 + j % 8 ? j : found;
+      CHECK(found >= 0);
+      if (found >= 0) selected[found] = 1;
+      if (k > 0) ok &= compressed_idx[k] != compressed_idx[k - 1];
+    }
+    for (int j = 0; j < kCsaEntries; ++j) {
+      for (int i = 0; i < kCsaEntries; ++i) ok &= !(selected[j] && !selected[i] && scores[i] > scores[j]);
+    }
+    CHECK(ok);
+    kvc_index_query_destroy(query);
+    free(q);
+  }
+
+  /* A fork shares the history pages: the same CSA ids; the batch tables. */
+  kvc_seq fork = 0;
+  CHECK(kvc_seq_fork(cache, seq, &fork) == KVC_OK);
+  CHECK(kvc_seq_truncate(cache, fork, 290) == KVC_OK); /* 72 CSA entries: 9 pages */
+  const kvc_seq batch[2] = {seq, fork};
+  int32_t dense[32], blocks[2];
+  int64_t max_blocks = -1, batch_rows[2];
+  CHECK(kvc_batch_block_tables(cache, batch, 2, KVC_STREAM_CSA_ROWS, dense, 4, &max_blocks, blocks, batch_rows) ==
+        KVC_ERR_OUT_OF_RANGE && max_blocks == 10);
+  CHECK(kvc_batch_block_tables(cache, batch, 2, KVC_STREAM_CSA_ROWS, dense, 32, &max_blocks, blocks, batch_rows) == KVC_OK);
+  CHECK(blocks[0] == 10 && blocks[1] == 9 && batch_rows[0] == kCsaEntries && batch_rows[1] == 72 && dense[10 + 9] == -1);
+  CHECK(kvc_seq_block_table(cache, seq, KVC_STREAM_CSA_ROWS, ids, 64, &count) == KVC_OK);
+  CHECK(memcmp(dense, ids, 10 * sizeof(int32_t)) == 0 && memcmp(dense + 10, ids, 9 * sizeof(int32_t)) == 0);
+  int32_t indptr[3], indices[32], last[2];
+  CHECK(kvc_batch_block_tables_csr(cache, batch, 2, KVC_STREAM_CSA_ROWS, indptr, indices, 32, &count, last) == KVC_OK);
+  CHECK(count == 19 && indptr[0] == 0 && indptr[1] == 10 && indptr[2] == 19);
+  CHECK(last[0] == kCsaEntries - 9 * 8 && last[1] == 8 && memcmp(indices + 10, ids, 9 * sizeof(int32_t)) == 0);
+  CHECK(kvc_batch_block_tables_csr(cache, batch, 2, KVC_STREAM_CSA_ROWS, indptr, indices, 3, &count, last) ==
+        KVC_ERR_OUT_OF_RANGE && count == 19);
+  CHECK(kvc_batch_block_tables(cache, batch, -1, KVC_STREAM_CSA_ROWS, dense, 32, &max_blocks, NULL, NULL) ==
+        KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_batch_block_tables(cache, batch, 2, 9, dense, 32, &max_blocks, NULL, NULL) == KVC_ERR_INVALID_ARGUMENT);
+
+  free(rows);
+  free(keys);
+  free(tokens);
+  kvc_cache_destroy(cache);
+}
+
 int main(void) {
   TestParams();
+  TestPages();
   kvc_options options;
   kvc_options_default(&options);
   CHECK(options.rollback_depth == 16);

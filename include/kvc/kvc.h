@@ -201,6 +201,80 @@ void kvc_index_query_destroy(kvc_index_query* query); /* NULL is fine */
 int kvc_index_scores(const kvc_cache* cache, kvc_seq seq, int32_t layer, const kvc_index_query* query, float* out,
                      int64_t capacity, int64_t* count);
 
+/* --- Pages as an engine kernel addresses them (docs/layout.md) ----------
+ * Each (layer, stream) is ONE array of equal pages: page b at
+ * base + b x page_bytes. A sequence has ONE block table of page ids per
+ * stream, the same for every layer of the stream. Row r of a stream: page
+ * ids[r / rows_per_page]; its data at (r % rows_per_page) x row_data_bytes
+ * and its scales at rows_per_page x row_data_bytes +
+ * (r % rows_per_page) x row_scale_bytes from the page start. Window rows
+ * are ring slots: slot s = position mod window is row s. */
+enum { KVC_STREAM_WINDOW = 0, KVC_STREAM_CSA_ROWS = 1, KVC_STREAM_CSA_KEYS = 2, KVC_STREAM_HCA_ROWS = 3 };
+typedef struct kvc_page_array {
+  void* base; int64_t page_bytes; int64_t num_pages;
+  int32_t rows_per_page; int32_t row_data_bytes; int32_t row_scale_bytes;  /* 576 + 8, or 64 + 4 */
+} kvc_page_array;
+/* KVC_ERR_NOT_FOUND when the layer has no such stream; KVC_ERR_INVALID_ARGUMENT
+ * for a layer or stream number out of range. The array is fixed for the
+ * cache's lifetime. */
+int kvc_layer_pages(const kvc_cache* cache, int32_t layer, int32_t stream, kvc_page_array* out);
+/* Page ids of the stream in row order, the same for every layer of the stream; writes
+ * min(count, capacity) ids. Row r: page ids[r / rows_per_page]; its data at
+ * (r % rows_per_page) x row_data_bytes and its scales at rows_per_page x row_data_bytes +
+ * (r % rows_per_page) x row_scale_bytes from the page start. *count = the
+ * sequence's pages of the stream (ids may be NULL when capacity is 0).
+ * KVC_ERR_NOT_FOUND: unknown sequence, or no layer has the stream.
+ * KVC_ERR_INVALID_ARGUMENT: stream out of range, capacity < 0. */
+int kvc_seq_block_table(const kvc_cache* cache, kvc_seq seq, int32_t stream, int32_t* ids,
+                        int64_t capacity, int64_t* count);
+/* Block tables of `batch` sequences, dense: ids[b x max_blocks + k] is page k
+ * of seqs[b], -1 past its blocks[b] pages; rows[b] the rows it stores (its
+ * longest layer's). *max_blocks is always set; the table is written only when
+ * capacity >= batch x *max_blocks (else KVC_ERR_OUT_OF_RANGE and nothing
+ * written: call again with a larger buffer). blocks and rows may be NULL.
+ * KVC_ERR_NOT_FOUND / KVC_ERR_INVALID_ARGUMENT as kvc_seq_block_table. */
+int kvc_batch_block_tables(const kvc_cache* cache, const kvc_seq* seqs, int64_t batch, int32_t stream,
+                           int32_t* ids, int64_t capacity, int64_t* max_blocks, int32_t* blocks, int64_t* rows);
+/* The same as FlashInfer's paged layout (CSR): the pages of seqs[b] are
+ * indices[indptr[b] .. indptr[b + 1]), the last holding last_page_len[b] rows
+ * (0 for a sequence without pages). indptr holds batch + 1 values,
+ * last_page_len batch; *count = the total pages, indices written only when
+ * capacity >= *count (else KVC_ERR_OUT_OF_RANGE and nothing written). */
+int kvc_batch_block_tables_csr(const kvc_cache* cache, const kvc_seq* seqs, int64_t batch, int32_t stream,
+                               int32_t* indptr, int32_t* indices, int64_t capacity, int64_t* count,
+                               int32_t* last_page_len);
+/* Ready-made rows (584 B) or keys (68 B), contiguous, for a layer whose compressor runs in the
+ * engine; `first` must equal the rows already stored. Validated like a snapshot's rows.
+ * KVC_ERR_INVALID_ARGUMENT: a row kvc could not have written (named), a
+ * stream the layer lacks, `first` not the rows stored, count < 0.
+ * KVC_ERR_OUT_OF_RANGE: more rows than the windows closed so far.
+ * KVC_ERR_FAILED_PRECONDITION: kvc runs this layer's compressor.
+ * KVC_ERR_NOT_FOUND: unknown sequence. KVC_ERR_RESOURCE_EXHAUSTED: no pages
+ * (the message names the stream). */
+int kvc_seq_append_rows(kvc_cache* cache, kvc_seq seq, int32_t layer, int32_t stream, int64_t first,
+                        const uint8_t* rows, int64_t count);
+/* Rows `layer` stores in `stream`: for KVC_STREAM_WINDOW the ring's valid
+ * slots (min(length, window)), else the rows appended. KVC_ERR_NOT_FOUND:
+ * unknown sequence, or the layer has no such stream. */
+int kvc_seq_stream_rows(const kvc_cache* cache, kvc_seq seq, int32_t layer, int32_t stream, int64_t* out);
+/* What the query at `layer`'s last position attends to, as row indices into
+ * the layer's page arrays (what a sparse attention kernel takes:
+ * page_id x rows_per_page + offset): window_indices into the
+ * KVC_STREAM_WINDOW array (window positions, oldest first), then
+ * compressed_indices into the layer's KVC_STREAM_CSA_ROWS or
+ * KVC_STREAM_HCA_ROWS array (ascending entries: the top index_topk by the
+ * query's index scores on CSA layers, ties to the lower entry; every visible
+ * entry on HCA layers; none on window-only layers). `query` is required on
+ * CSA layers (prepared at the layer's last position) and ignored elsewhere.
+ * The counts are always set; min(count, capacity) indices of each are
+ * written; the rest of each buffer (up to its capacity) is padded with -1.
+ * KVC_ERR_NOT_FOUND: unknown sequence. KVC_ERR_INVALID_ARGUMENT: layer out
+ * of range, a CSA layer without a query, a negative capacity, a key the
+ * query cannot score. KVC_ERR_FAILED_PRECONDITION: the layer holds no tokens. */
+int kvc_seq_select(const kvc_cache* cache, kvc_seq seq, int32_t layer, const kvc_index_query* query,
+                   int32_t* window_indices, int64_t window_capacity, int64_t* window_count,
+                   int32_t* compressed_indices, int64_t compressed_capacity, int64_t* compressed_count);
+
 /* Snapshots (kvc/snapshot.h). Saves `count` sequences to the file at `path`;
  * incremental != 0 appends only what is new to an existing snapshot of them
  * (after checking it as a restore would: a damaged file is rewritten whole).
