@@ -108,6 +108,7 @@ absl::StatusOr<std::unique_ptr<Cache>> Cache::Create(ModelSpec spec, CacheOption
   impl->options = std::move(options);
   KVC_ASSIGN_OR_RETURN(impl->store, PageStore::Create(impl->spec, impl->options));
   impl->compressed_rope = std::make_unique<RopeTable>(impl->spec.compressed_rope);
+  impl->Compose();
   return std::unique_ptr<Cache>(new Cache(std::move(impl)));
 }
 
@@ -138,6 +139,14 @@ std::array<Projection, 4> Projections(const ModelSpec& spec, const LayerSpec& l,
            {t.compressor_score, "compressor_score", w, main},
            {t.indexer_kv, "indexer_kv", iw, indexer},
            {t.indexer_score, "indexer_score", iw, indexer}}};
+}
+
+// Writes bf16 values quantized by `quantize` (dims values per row), as a
+// HistoryStream::Commit writer.
+auto Quantizer(absl::Span<const Bf16> values, int dims, absl::Status (*quantize)(absl::Span<const Bf16>, PackedRows)) {
+  return [values, dims, quantize](int64_t i, int64_t run, PackedRows to) {
+    return quantize(values.subspan(static_cast<size_t>(i * dims), static_cast<size_t>(run * dims)), to);
+  };
 }
 
 // The projections a chunk of n tokens must carry on this layer (shapes only).
@@ -232,15 +241,16 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
   if (n == 0) return absl::OkStatus();
 
   // Plan the entries' pages: a refusal still leaves the cache as it was.
-  Impl::HistoryPlan entry_plan, key_plan;
+  const HistoryStream* entry_part = impl_->RowsOf(layer);
+  const HistoryStream* key_part = impl_->KeysOf(layer);
+  HistoryStream::Plan entry_plan, key_plan;
   if (compresses) {
-    KVC_ASSIGN_OR_RETURN(entry_plan, impl_->PlanHistory(impl_->CompressedOf(sq, layer), static_cast<int64_t>(entries.size()) / kHeadDim));
+    KVC_ASSIGN_OR_RETURN(entry_plan, entry_part->PlanAppend(sq, layer, static_cast<int64_t>(entries.size()) / kHeadDim));
   }
   if (indexes) {
-    absl::StatusOr<Impl::HistoryPlan> plan =
-        impl_->PlanHistory(impl_->KeysOf(sq, layer), static_cast<int64_t>(keys.size()) / kIndexDim);
+    absl::StatusOr<HistoryStream::Plan> plan = key_part->PlanAppend(sq, layer, static_cast<int64_t>(keys.size()) / kIndexDim);
     if (!plan.ok()) {
-      impl_->AbandonHistory(impl_->CompressedOf(sq, layer), entry_plan);
+      entry_part->Abandon(entry_plan);
       return plan.status();
     }
     key_plan = *std::move(plan);
@@ -249,17 +259,16 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
   // Apply. Every row was checked above against what the row kernels accept
   // (window rows finite; entries and keys by CheckEntry), so nothing here
   // fails; a refusal would be a broken invariant, reported as kInternal.
-  absl::Status applied = impl_->WriteWindow(sq, layer, tokens.window_rows);
+  absl::Status applied = impl_->window_part->Write(sq, layer, tokens.window_rows);
   if (compresses) {
     Impl::WriteState(main_run, n);
-    applied.Update(impl_->CommitHistory(impl_->CompressedOf(sq, layer), entry_plan,
-                                        static_cast<int64_t>(entries.size()) / kHeadDim,
-                                        Impl::Quantizer(entries, kHeadDim, QuantizeKvRows)));
+    applied.Update(entry_part->Commit(sq, layer, entry_plan, static_cast<int64_t>(entries.size()) / kHeadDim,
+                                      Quantizer(entries, kHeadDim, QuantizeKvRows)));
   }
   if (indexes) {
     Impl::WriteState(indexer_run, n);
-    applied.Update(impl_->CommitHistory(impl_->KeysOf(sq, layer), key_plan, static_cast<int64_t>(keys.size()) / kIndexDim,
-                                        Impl::Quantizer(keys, kIndexDim, QuantizeIndexKeys)));
+    applied.Update(key_part->Commit(sq, layer, key_plan, static_cast<int64_t>(keys.size()) / kIndexDim,
+                                    Quantizer(keys, kIndexDim, QuantizeIndexKeys)));
   }
   ls.length += n;
   ls.floor = std::max(ls.floor, ls.length - impl_->depth());
@@ -308,7 +317,7 @@ absl::Status Cache::AppendCompressedRows(SequenceId id, int layer, int64_t first
                                                            rows.size(), kHeadDim, false, kWhat));
   KVC_RETURN_IF_ERROR(CheckKvRows(rows, kWhat));
   if (n == 0) return absl::OkStatus();
-  return impl_->AppendHistory(impl_->CompressedOf(*seq.seq, layer), rows, kHeadDim, QuantizeKvRows);
+  return impl_->RowsOf(layer)->Append(*seq.seq, layer, rows, kHeadDim, QuantizeKvRows);
 }
 
 absl::Status Cache::AppendIndexKeys(SequenceId id, int layer, int64_t first, absl::Span<const Bf16> keys) {
@@ -329,19 +338,25 @@ absl::Status Cache::AppendIndexKeys(SequenceId id, int layer, int64_t first, abs
     }
   }
   if (n == 0) return absl::OkStatus();
-  return impl_->AppendHistory(impl_->KeysOf(*seq.seq, layer), keys, kIndexDim, QuantizeIndexKeys);
+  return impl_->KeysOf(layer)->Append(*seq.seq, layer, keys, kIndexDim, QuantizeIndexKeys);
 }
 
 absl::StatusOr<HistoryView> Cache::CompressedRows(SequenceId id, int layer) const {
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
-  return impl_->ViewOf(impl_->CompressedOf(*seq.seq, layer));
+  if (const HistoryStream* part = impl_->RowsOf(layer)) return part->View(*seq.seq, layer);
+  HistoryView none;  // a window layer: no rows
+  none.rows_per_page = impl_->options.rows_per_page;
+  return none;
 }
 
 absl::StatusOr<HistoryView> Cache::IndexKeys(SequenceId id, int layer) const {
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
-  return impl_->ViewOf(impl_->KeysOf(*seq.seq, layer));
+  if (const HistoryStream* part = impl_->KeysOf(layer)) return part->View(*seq.seq, layer);
+  HistoryView none;  // not a CSA layer: no keys
+  none.rows_per_page = impl_->options.keys_per_page;
+  return none;
 }
 
 absl::StatusOr<SequenceId> Cache::Fork(SequenceId id) {
@@ -353,15 +368,9 @@ absl::StatusOr<SequenceId> Cache::Fork(SequenceId id) {
     KVC_RETURN_IF_ERROR(impl_->SameLengthEverywhere(parent->layers, id, "Fork:"));
     std::lock_guard<std::mutex> child_lock(child->mu);
     KVC_RETURN_IF_ERROR(impl_->AllocateState(*child));
-    // Apply (cannot fail): copy private pages in every layer, share history.
-    for (const int s : Impl::kStateStreams) {
-      const std::vector<PageId>& from = parent->tables[static_cast<size_t>(s)];
-      for (size_t k = 0; k < from.size(); ++k) impl_->store->CopyPage(s, from[k], child->tables[static_cast<size_t>(s)][k]);
-    }
-    for (const int s : {cache_internal::kCsaRowsStream, cache_internal::kCsaKeysStream, cache_internal::kHcaRowsStream}) {
-      for (const PageId page : parent->tables[static_cast<size_t>(s)]) impl_->store->Ref(s, page);
-      child->tables[static_cast<size_t>(s)] = parent->tables[static_cast<size_t>(s)];
-    }
+    // Apply (cannot fail): every part copies its private pages in every
+    // layer and shares the history.
+    for (const StreamPart* part : impl_->all_parts) part->Fork(*parent, *child);
     child->layers = parent->layers;
     // Same history as the parent: the parent's snapshot entry serves it too.
     child->snapshot_tag = parent->snapshot_tag;
@@ -385,26 +394,10 @@ absl::Status Cache::Truncate(SequenceId id, int64_t length) {
         "Truncate: sequence ", id, " can be rolled back to ", floor, " tokens at the least (rollback_depth ",
         impl_->depth(), "), not to ", length));
   }
-  const int64_t W = impl_->window();
-  const int64_t D = impl_->depth();
-  for (int i = 0; i < static_cast<int>(seq.layers().size()); ++i) {  // the invariant the floor guarantees
-    for (int64_t q = length; q < current; ++q) {
-      if (impl_->RollbackEvictors(*seq.seq, i)[q % D] != q) {
-        return absl::InternalError(absl::StrCat("Truncate: rollback record of position ", q, " is missing"));
-      }
-    }
-  }
+  KVC_RETURN_IF_ERROR(impl_->window_part->CheckTruncate(*seq.seq, current, length));
   // Apply (cannot fail).
-  for (int i = 0; i < static_cast<int>(seq.layers().size()); ++i) {
-    LayerStreams& ls = seq.layers()[static_cast<size_t>(i)];
-    int64_t* evictors = length < current ? impl_->RollbackEvictors(*seq.seq, i) : nullptr;
-    for (int64_t q = current - 1; q >= length; --q) {
-      Impl::CopyRow(impl_->RollbackRow(*seq.seq, i, q % D), impl_->RingSlot(*seq.seq, i, q % W));
-      evictors[q % D] = -1;
-    }
-    ls.length = length;
-  }
-  impl_->TruncateHistory(*seq.seq, length);
+  for (const StreamPart* part : impl_->all_parts) part->Truncate(*seq.seq, current, length);
+  for (LayerStreams& ls : seq.layers()) ls.length = length;
   seq.seq->snapshot_low_water = std::min(seq.seq->snapshot_low_water, length);
   return absl::OkStatus();
 }
@@ -440,7 +433,7 @@ absl::StatusOr<int64_t> Cache::RollbackFloor(SequenceId id) const {
 absl::StatusOr<WindowRingView> Cache::Window(SequenceId id, int layer) const {
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
-  return impl_->RingView(*seq.seq, layer);
+  return impl_->window_part->View(*seq.seq, layer);
 }
 
 absl::Status Cache::ReadWindow(SequenceId id, int layer, absl::Span<Bf16> out) const {
@@ -450,7 +443,7 @@ absl::Status Cache::ReadWindow(SequenceId id, int layer, absl::Span<Bf16> out) c
                                                    impl_->window(), " x ", kHeadDim));
   }
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));  // held while reading: no Append interleaves
-  const WindowRingView view = impl_->RingView(*seq.seq, layer);
+  const WindowRingView view = impl_->window_part->View(*seq.seq, layer);
   for (size_t p = 0; p < view.pages.size(); ++p) {
     const int64_t first = static_cast<int64_t>(p) * view.rows_per_page;
     const int64_t rows = std::min<int64_t>(view.rows_per_page, view.window - first);
@@ -517,13 +510,12 @@ absl::StatusOr<AttentionSet> Cache::SelectAttentionSet(SequenceId id, int layer,
   AttentionSet set;
   set.position = ls.length - 1;
   const int64_t W = impl_->window();
-  const int64_t B = impl_->rows_per_page();
-  const std::vector<PageId>& ring = sq.tables[cache_internal::kWindowStream];
+  const WindowStream& window = *impl_->window_part;
   for (int64_t p = std::max<int64_t>(0, ls.length - W); p < ls.length; ++p) {
     const int64_t slot = p % W;
-    const PackedRows row = impl_->RingSlot(sq, layer, slot);
+    const PackedRows row = window.RingSlot(sq, layer, slot);
     set.indices.push_back(static_cast<int32_t>(slot));
-    set.window_indices.push_back(static_cast<int32_t>(ring[static_cast<size_t>(slot / B)] * B + slot % B));
+    set.window_indices.push_back(window.SlotIndex(sq, slot));
     set.rows.push_back({row.data, row.scales});
   }
   if (kind == LayerKind::kWindow) return set;
@@ -534,11 +526,11 @@ absl::StatusOr<AttentionSet> Cache::SelectAttentionSet(SequenceId id, int layer,
   } else {
     const int64_t keyed = std::min(visible, ls.key_rows);
     std::vector<float> scores(static_cast<size_t>(keyed));
-    const Impl::History keys = impl_->KeysOf(sq, layer);
-    for (int64_t first = 0; first < keyed; first += keys.per_page) {
-      const int64_t n = std::min(keys.per_page, keyed - first);
+    const HistoryStream& keys = *impl_->KeysOf(layer);
+    for (int64_t first = 0; first < keyed; first += keys.per_page()) {
+      const int64_t n = std::min(keys.per_page(), keyed - first);
       const absl::Status scored =
-          ScoreIndexKeys(*query, impl_->HistoryPage(keys, static_cast<size_t>(first / keys.per_page)).Slice(0, n),
+          ScoreIndexKeys(*query, keys.RowsAt(sq, layer, first, n),
                          absl::MakeSpan(scores).subspan(static_cast<size_t>(first)));
       if (!scored.ok()) {  // its key numbers count from the page start
         return absl::Status(scored.code(), absl::StrCat("SelectAttentionSet: layer ", layer, ", index keys from entry ",
@@ -548,12 +540,11 @@ absl::StatusOr<AttentionSet> Cache::SelectAttentionSet(SequenceId id, int layer,
     KVC_RETURN_IF_ERROR(TopK(scores, impl_->spec.index_topk, &entries));
     if (index_scores != nullptr) *index_scores = std::move(scores);
   }
-  const Impl::History rows = impl_->CompressedOf(sq, layer);
+  const HistoryStream& rows = *impl_->RowsOf(layer);
   for (const int64_t j : entries) {
-    const PackedRows row = impl_->HistoryPage(rows, static_cast<size_t>(j / rows.per_page)).Slice(j % rows.per_page, 1);
+    const PackedRows row = rows.RowsAt(sq, layer, j, 1);
     set.indices.push_back(static_cast<int32_t>(W + j));
-    set.compressed_indices.push_back(
-        static_cast<int32_t>((*rows.pages)[static_cast<size_t>(j / rows.per_page)] * rows.per_page + j % rows.per_page));
+    set.compressed_indices.push_back(rows.RowIndex(sq, j));
     set.rows.push_back({row.data, row.scales});
   }
   return set;
@@ -701,9 +692,9 @@ absl::Status Cache::AppendRows(SequenceId id, int layer, Stream stream, int64_t 
         keys ? "a NaN UE8M0 scale" : "a NaN E4M3 code or UE8M0 scale, a non-finite RoPE dim or nonzero padding", ")"));
   }
   if (n == 0) return absl::OkStatus();
-  const Impl::History h = keys ? impl_->KeysOf(*seq.seq, layer) : impl_->CompressedOf(*seq.seq, layer);
-  KVC_ASSIGN_OR_RETURN(const Impl::HistoryPlan plan, impl_->PlanHistory(h, n));
-  return impl_->CommitHistory(h, plan, n, [&](int64_t i, int64_t run, PackedRows to) {
+  const HistoryStream& h = *impl_->History(static_cast<int>(stream));
+  KVC_ASSIGN_OR_RETURN(const HistoryStream::Plan plan, h.PlanAppend(*seq.seq, layer, n));
+  return h.Commit(*seq.seq, layer, plan, n, [&](int64_t i, int64_t run, PackedRows to) {
     CopyRows(format, ContiguousRows(format, rows.data() + i * row_bytes, run), to);
     return absl::OkStatus();
   });

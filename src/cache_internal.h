@@ -1,6 +1,8 @@
-// Internal to kvc (not installed): the per-layer streams of a sequence and
-// the cache's private state, shared by the cache (cache.cc) and snapshots
-// (snapshot.cc), which store and restore exactly these members.
+// Internal to kvc (not installed): the cache's private state, Cache::Impl:
+// the sequences, their locks, and the parts the cache is composed of
+// (src/stream_part.h: window, history, compressor state), which it
+// orchestrates. Shared by the cache (cache.cc) and snapshots (snapshot.cc),
+// which encode and restore through the parts.
 #ifndef KVC_SRC_CACHE_INTERNAL_H_
 #define KVC_SRC_CACHE_INTERNAL_H_
 
@@ -21,88 +23,78 @@
 #include "kvc/compressor.h"
 #include "kvc/row_kernels.h"
 #include "kvc/status.h"
+#include "src/compressor_state.h"
+#include "src/history_stream.h"
 #include "src/page_store.h"
+#include "src/stream_part.h"
+#include "src/window_stream.h"
 
 namespace kvc {
 namespace cache_internal {
-
-// The parts of a 584-byte KV row (row_formats.h).
-constexpr int64_t kKvDataBytes = FormatInfo(RowFormat::kKvFp8).data_bytes;    // codes + bf16 RoPE dims
-constexpr int64_t kKvScaleBytes = FormatInfo(RowFormat::kKvFp8).scale_bytes;  // UE8M0 scales + padding
-constexpr int64_t kKvRowBytes = FormatInfo(RowFormat::kKvFp8).row_bytes;
 
 // fp32 values per token row of a compressor's state: kv and score (+ape), each
 // width_factor * dim wide (spec §5).
 inline int64_t StateRowFloats(int width_factor, int dim) { return 2 * int64_t{width_factor} * dim; }
 
-// Compressed entries (and index keys) that exist once `length` tokens are in.
-inline int64_t EntriesAt(LayerKind kind, int64_t length) {
-  const int ratio = CompressRatio(kind);
-  return ratio == 0 ? 0 : length / ratio;
-}
-
-// True if kvc computes this layer's compressed entries (its ModelSpec carries
-// the compressor parameters); false for window-only layers and for compressed
-// layers whose engine brings its own entries.
-inline bool KvcCompresses(const LayerSpec& layer) {
-  return layer.kind != LayerKind::kWindow && !layer.compressor.ape.empty();
-}
-
-// One layer of one sequence: its position and its rows in the history
-// streams. Its pages are the sequence's (Sequence::tables).
-struct LayerStreams {
-  int64_t length = 0;  // tokens appended
-  int64_t floor = 0;   // smallest length a Truncate may restore
-  int64_t compressed_rows = 0;  // in kCsaRows (CSA) or kHcaRows (HCA)
-  int64_t key_rows = 0;         // in kCsaKeys (CSA)
-};
-
-struct Sequence {
-  mutable std::mutex mu;  // guards the members below
-  bool freed = false;
-  std::vector<LayerStreams> layers;
-  // One block table per stream, shared by every layer of it (StreamIndex):
-  // window ring ceil(W / B) ids; history streams the pages covering the
-  // longest layer; rollback and compressor state one id each (if present).
-  std::array<std::vector<PageId>, kStreamCount> tables;
-  // Incremental snapshots (snapshot.cc): the history rows of this sequence
-  // equal those of the snapshot entry tagged `snapshot_tag` in every layer
-  // below EntriesAt(kind, snapshot_low_water) (the entry's own row counts
-  // permitting). Each save draws a fresh tag; Truncate lowers the low water.
-  // 0: no such snapshot.
-  uint64_t snapshot_tag = 0;
-  int64_t snapshot_low_water = 0;
-};
-
 }  // namespace cache_internal
 
+using cache_internal::CompressorState;
 using cache_internal::EntriesAt;
+using cache_internal::HistoryStream;
 using cache_internal::kKvDataBytes;
 using cache_internal::kKvRowBytes;
 using cache_internal::kKvScaleBytes;
 using cache_internal::KvcCompresses;
+using cache_internal::LayerParts;
 using cache_internal::LayerStreams;
 using cache_internal::PageId;
 using cache_internal::PageStore;
+using cache_internal::PartsOf;
 using cache_internal::kNoPage;
 using cache_internal::Sequence;
 using cache_internal::StateRowFloats;
+using cache_internal::StreamPart;
+using cache_internal::WindowStream;
 
 struct Cache::Impl {
   ModelSpec spec;
   CacheOptions options;
   std::unique_ptr<PageStore> store;  // every stream's arrays, ids and budgets
   std::unique_ptr<RopeTable> compressed_rope;  // CSA/HCA layers' RoPE
-  std::vector<PageId> no_pages;  // the (empty) table of a layer without the stream
+
+  // The parts, over `store`: the window (every layer), one history part per
+  // history stream and one state part per compressor state stream the model
+  // has (null where it has none). `all_parts` lists them all, for what every
+  // part does (Reserve, Fork, Truncate, Release).
+  std::unique_ptr<WindowStream> window_part;
+  std::array<std::unique_ptr<HistoryStream>, cache_internal::kStreamCount> histories;
+  std::array<std::unique_ptr<CompressorState>, cache_internal::kStreamCount> states;
+  std::vector<const StreamPart*> all_parts;
 
   mutable std::mutex mu;  // guards the members below
   std::unordered_map<SequenceId, std::shared_ptr<Sequence>> sequences;
   SequenceId next_id = 1;
 
+  // Builds the parts over `store` (set first).
+  void Compose() {
+    window_part = std::make_unique<WindowStream>(*store, spec.window, options.rollback_depth, options.rows_per_page);
+    all_parts.push_back(window_part.get());
+    for (const int s : {cache_internal::kCsaRowsStream, cache_internal::kCsaKeysStream, cache_internal::kHcaRowsStream}) {
+      if (!store->present(s)) continue;
+      histories[static_cast<size_t>(s)] = std::make_unique<HistoryStream>(*store, s);
+      all_parts.push_back(histories[static_cast<size_t>(s)].get());
+    }
+    for (const int s : {cache_internal::kCsaStateStream, cache_internal::kCsaIndexerStateStream,
+                        cache_internal::kHcaStateStream}) {
+      if (!store->present(s)) continue;
+      states[static_cast<size_t>(s)] = std::make_unique<CompressorState>(*store, s, spec, options.rollback_depth);
+      all_parts.push_back(states[static_cast<size_t>(s)].get());
+    }
+  }
+
   int32_t window() const { return spec.window; }
   int32_t depth() const { return options.rollback_depth; }
   int32_t rows_per_page() const { return options.rows_per_page; }
-  int64_t ring_pages() const { return (window() + rows_per_page() - 1) / rows_per_page(); }
 
   // Adds a fully built sequence and returns its new id.
   SequenceId Register(std::shared_ptr<Sequence> seq) {
@@ -149,222 +141,16 @@ struct Cache::Impl {
   }
 
   LayerKind KindOf(int layer) const { return spec.layers[static_cast<size_t>(layer)].kind; }
-  // The layer's compressed-rows stream (-1 for a window layer) and its main
-  // compressor state stream (-1 likewise).
-  int RowsStream(int layer) const {
-    const LayerKind k = KindOf(layer);
-    return k == LayerKind::kCsa ? cache_internal::kCsaRowsStream : k == LayerKind::kHca ? cache_internal::kHcaRowsStream : -1;
-  }
-  int StateStream(int layer) const {
-    const LayerKind k = KindOf(layer);
-    return k == LayerKind::kCsa ? cache_internal::kCsaStateStream : k == LayerKind::kHca ? cache_internal::kHcaStateStream : -1;
-  }
+  LayerParts PartsOfLayer(int layer) const { return PartsOf(KindOf(layer)); }
+  // The layer's history part of its compressed rows / index keys (null: none).
+  const HistoryStream* RowsOf(int layer) const { return History(PartsOfLayer(layer).rows); }
+  const HistoryStream* KeysOf(int layer) const { return History(PartsOfLayer(layer).keys); }
+  const HistoryStream* History(int s) const { return s < 0 ? nullptr : histories[static_cast<size_t>(s)].get(); }
+  const CompressorState* State(int s) const { return s < 0 ? nullptr : states[static_cast<size_t>(s)].get(); }
   // Whether `layer` has public stream s.
   bool HasStream(int layer, int s) const {
     const std::vector<int32_t>& l = store->spec(s).layers;
     return std::binary_search(l.begin(), l.end(), layer);
-  }
-  // The one page of a per-sequence stream (rollback, compressor state).
-  uint8_t* OnePage(const Sequence& seq, int s, int layer) const {
-    return store->Page(s, layer, seq.tables[static_cast<size_t>(s)][0]);
-  }
-
-  // --- Window part: ring and rollback records ----------------------------
-
-  PackedRows RingPage(const Sequence& seq, int layer, int64_t page) const {
-    return PageFooterRows(RowFormat::kKvFp8,
-                          store->Page(cache_internal::kWindowStream, layer,
-                                      seq.tables[cache_internal::kWindowStream][static_cast<size_t>(page)]),
-                          rows_per_page());
-  }
-  // The one-row view of ring slot `slot`.
-  PackedRows RingSlot(const Sequence& seq, int layer, int64_t slot) const {
-    return RingPage(seq, layer, slot / rows_per_page()).Slice(slot % rows_per_page(), 1);
-  }
-  // Rollback record i: a contiguous 584-byte row, plus the position whose
-  // append evicted it (-1: none).
-  uint8_t* RollbackData(const Sequence& seq, int layer) const {
-    return OnePage(seq, cache_internal::kRollbackStream, layer);
-  }
-  PackedRows RollbackRow(const Sequence& seq, int layer, int64_t i) const {
-    return ContiguousRows(RowFormat::kKvFp8, RollbackData(seq, layer), depth()).Slice(i, 1);
-  }
-  int64_t* RollbackEvictors(const Sequence& seq, int layer) const {
-    return reinterpret_cast<int64_t*>(RollbackData(seq, layer) + depth() * kKvRowBytes);
-  }
-
-  WindowRingView RingView(const Sequence& seq, int layer) const {
-    WindowRingView view;
-    view.rows_per_page = rows_per_page();
-    view.window = window();
-    view.length = seq.layers[static_cast<size_t>(layer)].length;
-    for (int64_t p = 0; p < ring_pages(); ++p) view.pages.push_back(RingPage(seq, layer, p));
-    return view;
-  }
-
-  static void CopyRow(ConstPackedRows from, PackedRows to) { CopyRows(RowFormat::kKvFp8, from.Slice(0, 1), to); }
-  static void ZeroRow(PackedRows row) {
-    std::memset(row.data, 0, kKvDataBytes);
-    std::memset(row.scales, 0, kKvScaleBytes);
-  }
-
-  // Writes tokens [L, L + n) into the ring. Only the rows that survive are
-  // quantized: the last `window` into their slots, and for the last `depth`
-  // positions q the row each evicts (position q - W, from the old ring or
-  // from this chunk) into rollback record q mod depth. The caller checked
-  // the rows finite (all QuantizeKvRows refuses), so this does not fail; a
-  // refusal would be a broken invariant and is returned, not dropped.
-  absl::Status WriteWindow(const Sequence& seq, int layer, absl::Span<const Bf16> rows) const {
-    const int64_t L = seq.layers[static_cast<size_t>(layer)].length;
-    const int64_t n = static_cast<int64_t>(rows.size()) / kHeadDim;
-    const int64_t W = window();
-    auto quantize = [&](int64_t position, PackedRows to) {
-      return QuantizeKvRows(rows.subspan(static_cast<size_t>((position - L) * kHeadDim), kHeadDim), to);
-    };
-    if (depth() > 0) {
-      int64_t* evictors = RollbackEvictors(seq, layer);
-      for (int64_t q = std::max(L, L + n - depth()); q < L + n; ++q) {
-        const int64_t evicted = q - W;
-        const PackedRows record = RollbackRow(seq, layer, q % depth());
-        if (evicted < 0) {
-          ZeroRow(record);
-        } else if (evicted < L) {
-          CopyRow(RingSlot(seq, layer, evicted % W), record);
-        } else {
-          KVC_RETURN_IF_ERROR(quantize(evicted, record));
-        }
-        evictors[q % depth()] = q;
-      }
-    }
-    // Ring slots, in runs that stay inside one page.
-    for (int64_t p = std::max(L, L + n - W); p < L + n;) {
-      const int64_t slot = p % W;
-      const int64_t in_page = slot % rows_per_page();
-      int64_t run = std::min({L + n - p, W - slot, rows_per_page() - in_page});
-      KVC_RETURN_IF_ERROR(QuantizeKvRows(rows.subspan(static_cast<size_t>((p - L) * kHeadDim), static_cast<size_t>(run * kHeadDim)),
-                                         RingPage(seq, layer, slot / rows_per_page()).Slice(in_page, run)));
-      p += run;
-    }
-    return absl::OkStatus();
-  }
-
-  // --- History part: append-only rows, shared between forks -------------
-
-  // One layer's side of one history stream of a sequence: the stream's
-  // table (shared by its layers) and this layer's row count.
-  struct History {
-    std::vector<PageId>* pages;
-    int64_t* rows;
-    int stream;  // -1: the layer has no such stream (no pages, no rows)
-    int layer;
-    RowFormat format;
-    int64_t per_page;
-  };
-  History HistoryOf(Sequence& seq, int layer, int stream, bool keys) const {
-    LayerStreams& ls = seq.layers[static_cast<size_t>(layer)];
-    History h{stream < 0 ? const_cast<std::vector<PageId>*>(&no_pages) : &seq.tables[static_cast<size_t>(stream)],
-              keys ? &ls.key_rows : &ls.compressed_rows, stream, layer,
-              keys ? RowFormat::kIndexFp4 : RowFormat::kKvFp8,
-              keys ? options.keys_per_page : options.rows_per_page};
-    return h;
-  }
-  History CompressedOf(Sequence& seq, int layer) const { return HistoryOf(seq, layer, RowsStream(layer), false); }
-  History KeysOf(Sequence& seq, int layer) const {
-    return HistoryOf(seq, layer, KindOf(layer) == LayerKind::kCsa ? cache_internal::kCsaKeysStream : -1, true);
-  }
-  PackedRows HistoryPage(const History& h, size_t page) const {
-    return PageFooterRows(h.format, store->Page(h.stream, h.layer, (*h.pages)[page]), h.per_page);
-  }
-
-  // The pages `n` more rows of one layer need: new pages past the table, plus
-  // a private copy of every page of the table they write into that is shared
-  // with a fork (copied in every layer of the stream). Allocated now (all or
-  // nothing); CommitHistory uses them, AbandonHistory returns them.
-  struct HistoryPlan {
-    std::vector<PageId> fresh;
-    std::vector<size_t> copies;  // table positions to copy, ascending
-  };
-  absl::StatusOr<HistoryPlan> PlanHistory(const History& h, int64_t n) const {
-    HistoryPlan plan;
-    if (n <= 0) return plan;
-    const int64_t rows = *h.rows;
-    const int64_t end = (rows + n + h.per_page - 1) / h.per_page;
-    const int64_t have = static_cast<int64_t>(h.pages->size());
-    for (int64_t p = rows / h.per_page; p < std::min(end, have); ++p) {
-      if (store->RefCount(h.stream, (*h.pages)[static_cast<size_t>(p)]) > 1) plan.copies.push_back(static_cast<size_t>(p));
-    }
-    const int64_t new_pages = std::max<int64_t>(0, end - have);
-    KVC_RETURN_IF_ERROR(store->Allocate(h.stream, new_pages + static_cast<int64_t>(plan.copies.size()), &plan.fresh));
-    return plan;
-  }
-  void AbandonHistory(const History& h, const HistoryPlan& plan) const {
-    for (const PageId id : plan.fresh) store->Unref(h.stream, id);
-  }
-
-  // Takes the planned pages into the stream and writes n rows through
-  // write(i, run, to): rows [i, i + run) of the input into `to`. The caller
-  // checked the rows against what `write` accepts, so this does not fail; a
-  // refusal would be a broken invariant and is returned, not dropped (the
-  // pages are in the stream either way: nothing leaks).
-  template <typename Write>
-  absl::Status CommitHistory(const History& h, const HistoryPlan& plan, int64_t n, Write write) const {
-    const int64_t rows = *h.rows;
-    size_t next = 0;
-    for (const size_t p : plan.copies) {  // copy-on-write, in every layer of the stream
-      const PageId shared = (*h.pages)[p];
-      store->CopyPage(h.stream, shared, plan.fresh[next]);
-      store->Unref(h.stream, shared);
-      (*h.pages)[p] = plan.fresh[next++];
-    }
-    while (next < plan.fresh.size()) h.pages->push_back(plan.fresh[next++]);
-    for (int64_t i = 0; i < n;) {
-      const int64_t at = rows + i;
-      const int64_t run = std::min(n - i, h.per_page - at % h.per_page);
-      const absl::Status s = write(i, run, HistoryPage(h, static_cast<size_t>(at / h.per_page)).Slice(at % h.per_page, run));
-      if (!s.ok()) return absl::InternalError(absl::StrCat("a checked row was refused: ", s.message()));
-      i += run;
-    }
-    *h.rows += n;
-    return absl::OkStatus();
-  }
-  // Writes bf16 values quantized by `quantize` (dims values per row).
-  static auto Quantizer(absl::Span<const Bf16> values, int dims,
-                        absl::Status (*quantize)(absl::Span<const Bf16>, PackedRows)) {
-    return [values, dims, quantize](int64_t i, int64_t run, PackedRows to) {
-      return quantize(values.subspan(static_cast<size_t>(i * dims), static_cast<size_t>(run * dims)), to);
-    };
-  }
-
-  absl::Status AppendHistory(const History& h, absl::Span<const Bf16> values, int dims,
-                             absl::Status (*quantize)(absl::Span<const Bf16>, PackedRows)) const {
-    const int64_t n = static_cast<int64_t>(values.size()) / dims;
-    KVC_ASSIGN_OR_RETURN(const HistoryPlan plan, PlanHistory(h, n));
-    return CommitHistory(h, plan, n, Quantizer(values, dims, quantize));
-  }
-
-  // Drops the rows of `seq`'s history streams past the entries `length`
-  // tokens close, in every layer, and the pages no layer needs any more.
-  void TruncateHistory(Sequence& seq, int64_t length) const {
-    int64_t longest[cache_internal::kStreamCount] = {};
-    for (int i = 0; i < static_cast<int>(seq.layers.size()); ++i) {
-      LayerStreams& ls = seq.layers[static_cast<size_t>(i)];
-      const int64_t keep = EntriesAt(KindOf(i), length);
-      ls.compressed_rows = std::min(ls.compressed_rows, keep);
-      ls.key_rows = std::min(ls.key_rows, keep);
-      if (RowsStream(i) >= 0) longest[RowsStream(i)] = std::max(longest[RowsStream(i)], ls.compressed_rows);
-      if (KindOf(i) == LayerKind::kCsa) {
-        longest[cache_internal::kCsaKeysStream] = std::max(longest[cache_internal::kCsaKeysStream], ls.key_rows);
-      }
-    }
-    for (const int s : {cache_internal::kCsaRowsStream, cache_internal::kCsaKeysStream, cache_internal::kHcaRowsStream}) {
-      const int64_t per_page = store->spec(s).rows_per_page;
-      std::vector<PageId>& table = seq.tables[static_cast<size_t>(s)];
-      const size_t keep_pages = static_cast<size_t>((longest[s] + per_page - 1) / per_page);
-      while (table.size() > keep_pages) {
-        store->Unref(s, table.back());
-        table.pop_back();
-      }
-    }
   }
 
   // --- Compressors ---------------------------------------------------------
@@ -384,21 +170,16 @@ struct Cache::Impl {
     bool indexer;        // CSA's indexer (index keys) rather than the main compressor
   };
 
-  int64_t StateCapacity(const CompressorGeometry& g) const { return g.span() + depth(); }
-
-  // The layer's compressor state page (main or indexer).
-  uint8_t* StateData(const Sequence& seq, int layer, bool indexer) const {
-    return OnePage(seq, indexer ? cache_internal::kCsaIndexerStateStream : StateStream(layer), layer);
-  }
-
   CompressorRun RunFor(const Sequence& seq, bool indexer, int layer, const LayerTokens& t) const {
     const LayerSpec& spec_layer = spec.layers[static_cast<size_t>(layer)];
     const LayerStreams& ls = seq.layers[static_cast<size_t>(layer)];
     CompressorRun run;
-    run.g = indexer ? IndexerCompressor(spec.index_dim) : MainCompressor(spec_layer.kind, spec.head_dim);
+    const LayerParts parts = PartsOf(spec_layer.kind);
+    const CompressorState& state = *states[static_cast<size_t>(indexer ? parts.indexer_state : parts.main_state)];
+    run.g = state.geometry();
     run.params = indexer ? &spec_layer.indexer : &spec_layer.compressor;
-    run.state = reinterpret_cast<float*>(StateData(seq, layer, indexer));
-    run.capacity = StateCapacity(run.g);
+    run.state = state.Rows(seq, layer);
+    run.capacity = state.capacity();
     run.kv = indexer ? t.indexer_kv.data() : t.compressor_kv.data();
     run.score = indexer ? t.indexer_score.data() : t.compressor_score.data();
     run.first = ls.length;
@@ -579,14 +360,6 @@ struct Cache::Impl {
     }
   }
 
-  HistoryView ViewOf(const History& h) const {
-    HistoryView view;
-    view.rows_per_page = static_cast<int32_t>(h.per_page);
-    view.rows = *h.rows;
-    for (size_t p = 0; p < h.pages->size(); ++p) view.pages.push_back(HistoryPage(h, p));
-    return view;
-  }
-
   // A sequence's table of a public stream and the rows it covers (the
   // longest layer's); kNotFound if no layer has the stream.
   struct TableRows {
@@ -601,43 +374,28 @@ struct Cache::Impl {
     }
     int64_t rows = 0;
     for (const int32_t l : store->spec(s).layers) {
-      const LayerStreams& ls = seq.layers[static_cast<size_t>(l)];
-      rows = std::max(rows, s == cache_internal::kWindowStream    ? std::min<int64_t>(ls.length, window())
-                            : s == cache_internal::kCsaKeysStream ? ls.key_rows
-                                                                  : ls.compressed_rows);
+      rows = std::max(rows, s == cache_internal::kWindowStream ? std::min<int64_t>(seq.layers[static_cast<size_t>(l)].length, window())
+                                                               : History(s)->Rows(seq, l));
     }
     return TableRows{&seq.tables[static_cast<size_t>(s)], rows, store->spec(s).rows_per_page};
   }
 
-  // --- State part: the pages a sequence holds from its creation ----------
+  // --- What every part does ------------------------------------------------
 
-  // Private to a sequence, constant size, copied on fork.
-  static constexpr int kStateStreams[] = {cache_internal::kWindowStream, cache_internal::kRollbackStream,
-                                          cache_internal::kCsaStateStream, cache_internal::kCsaIndexerStateStream,
-                                          cache_internal::kHcaStateStream};
-
-  // The private pages of a new sequence (or fork): ring, rollback records,
-  // compressor state, all or nothing. Rollback records start empty.
+  // The pages of a new sequence (or fork) every part holds from its
+  // creation, all or nothing, with their first contents.
   absl::Status AllocateState(Sequence& seq) const {
     std::vector<PageStore::Request> requests;
-    for (const int s : kStateStreams) {
-      if (!store->present(s)) continue;
-      requests.push_back({s, s == cache_internal::kWindowStream ? ring_pages() : 1, &seq.tables[static_cast<size_t>(s)]});
-    }
+    for (const StreamPart* part : all_parts) part->Reserve(seq, &requests);
     KVC_RETURN_IF_ERROR(store->Allocate(requests));
     seq.layers.assign(spec.layers.size(), LayerStreams{});
-    if (depth() > 0) {
-      for (int i = 0; i < static_cast<int>(seq.layers.size()); ++i) std::fill_n(RollbackEvictors(seq, i), depth(), int64_t{-1});
-    }
+    for (const StreamPart* part : all_parts) part->Init(seq);
     return absl::OkStatus();
   }
 
   // Drops every page reference of `seq`.
   void Release(Sequence& seq) const {
-    for (int s = 0; s < cache_internal::kStreamCount; ++s) {
-      for (const PageId id : seq.tables[static_cast<size_t>(s)]) store->Unref(s, id);
-      seq.tables[static_cast<size_t>(s)].clear();
-    }
+    for (const StreamPart* part : all_parts) part->Release(seq);
     seq.layers.clear();
   }
 

@@ -12,6 +12,7 @@
 #include "kvc/compressor.h"
 #include "kvc/row_formats.h"
 #include "kvc/status.h"
+#include "src/stream_part.h"
 
 namespace kvc {
 namespace cache_internal {
@@ -68,12 +69,9 @@ std::array<StreamSpec, kStreamCount> StreamSpecs(const ModelSpec& spec, const Ca
     const LayerKind kind = spec.layers[static_cast<size_t>(i)].kind;
     s[kWindowStream].layers.push_back(i);
     if (D > 0) s[kRollbackStream].layers.push_back(i);
-    if (kind == LayerKind::kCsa) {
-      for (const int st : {kCsaRowsStream, kCsaKeysStream, kCsaStateStream, kCsaIndexerStateStream}) {
-        s[static_cast<size_t>(st)].layers.push_back(i);
-      }
-    } else if (kind == LayerKind::kHca) {
-      for (const int st : {kHcaRowsStream, kHcaStateStream}) s[static_cast<size_t>(st)].layers.push_back(i);
+    const LayerParts parts = PartsOf(kind);  // the layer kind's streams, stated once
+    for (const int st : {parts.rows, parts.keys, parts.main_state, parts.indexer_state}) {
+      if (st >= 0) s[static_cast<size_t>(st)].layers.push_back(i);
     }
   }
   return s;

@@ -137,11 +137,11 @@ absl::StatusOr<SequenceEntry> WriteSequence(const Impl& impl, const Geometry& ge
     LayerEntry layer;
     layer.length = ls.length;
     layer.floor = ls.floor;
-    const Impl::History histories[kStreams] = {impl.CompressedOf(seq, li), impl.KeysOf(seq, li)};
+    const HistoryStream* histories[kStreams] = {impl.RowsOf(li), impl.KeysOf(li)};
     for (int st = 0; st < kStreams; ++st) {
-      const Impl::History& h = histories[st];
+      const HistoryStream* h = histories[st];
       StreamEntry& stream = layer.streams[st];
-      stream.rows = *h.rows;
+      stream.rows = h != nullptr ? h->Rows(seq, li) : 0;
       // Rows below the low water are those the prior entry saved (unchanged since).
       int64_t kept = 0;
       if (before != nullptr) {
@@ -156,16 +156,16 @@ absl::StatusOr<SequenceEntry> WriteSequence(const Impl& impl, const Geometry& ge
       }
       stats.rows_reused += kept;
       for (int64_t r = kept; r < stream.rows;) {  // one block per cache page (or the rest of one)
-        const uint32_t n = static_cast<uint32_t>(std::min(stream.rows - r, h.per_page - r % h.per_page));
-        const ConstPackedRows rows = impl.HistoryPage(h, static_cast<size_t>(r / h.per_page)).Slice(r % h.per_page, n);
+        const uint32_t n = static_cast<uint32_t>(std::min(stream.rows - r, h->per_page() - r % h->per_page()));
+        const ConstPackedRows rows = h->RowsAt(seq, li, r, n);
         out.Begin();
         std::string& payload = out.payload();
         payload += EncodeRowsPreamble(static_cast<uint32_t>(i), st, r, n);
         // Then the rows verbatim, data part then scale part (appended, not
         // CopyRows into a resized string: no zero-fill of 3.5 GB at 1M tokens).
         for (uint32_t k = 0; k < n; ++k) {
-          payload.append(reinterpret_cast<const char*>(rows.row_data(k)), static_cast<size_t>(FormatInfo(h.format).data_bytes));
-          payload.append(reinterpret_cast<const char*>(rows.row_scales(k)), static_cast<size_t>(FormatInfo(h.format).scale_bytes));
+          payload.append(reinterpret_cast<const char*>(rows.row_data(k)), static_cast<size_t>(FormatInfo(h->format()).data_bytes));
+          payload.append(reinterpret_cast<const char*>(rows.row_scales(k)), static_cast<size_t>(FormatInfo(h->format()).scale_bytes));
         }
         KVC_ASSIGN_OR_RETURN(const int64_t offset, out.End(BlockType::kRows));
         stream.extents.push_back({offset, n});
@@ -182,21 +182,11 @@ absl::StatusOr<SequenceEntry> WriteSequence(const Impl& impl, const Geometry& ge
       e.Put<uint32_t>(static_cast<uint32_t>(i));
       e.Put<int64_t>(ls.length);
       e.Put<int64_t>(ls.floor);
-      for (int64_t slot = 0; slot < impl.window(); ++slot) {
-        const PackedRows row = impl.RingSlot(seq, li, slot);
-        e.PutBytes(row.data, kKvDataBytes);
-        e.PutBytes(row.scales, kKvScaleBytes);
-      }
-      if (impl.depth() > 0) {
-        e.PutBytes(impl.RollbackData(seq, li), static_cast<size_t>(impl.depth() * kKvRowBytes));
-        e.PutBytes(impl.RollbackEvictors(seq, li), static_cast<size_t>(impl.depth()) * 8);
-      }
-      if (geometry.MainStateFloats(i) > 0) {
-        e.PutBytes(impl.StateData(seq, li, false), static_cast<size_t>(geometry.MainStateFloats(i)) * 4);
-      }
-      if (geometry.IndexerStateFloats(i) > 0) {
-        e.PutBytes(impl.StateData(seq, li, true), static_cast<size_t>(geometry.IndexerStateFloats(i)) * 4);
-      }
+      // The parts in the block's order: ring and rollback, main state, indexer state.
+      impl.window_part->Encode(seq, li, e);
+      const LayerParts parts = PartsOf(kind);
+      if (geometry.MainStateFloats(i) > 0) impl.State(parts.main_state)->Encode(seq, li, e);
+      if (geometry.IndexerStateFloats(i) > 0) impl.State(parts.indexer_state)->Encode(seq, li, e);
       KVC_ASSIGN_OR_RETURN(layer.state_offset, out.Add(BlockType::kState, e.bytes()));
     }
     entry.layers.push_back(std::move(layer));
@@ -400,20 +390,19 @@ absl::StatusOr<std::vector<SequenceId>> RestoreSnapshot(Cache& cache, const std:
       int64_t longest[cache_internal::kStreamCount] = {};
       for (size_t i = 0; i < entry.layers.size(); ++i) {
         const int li = static_cast<int>(i);
-        const Impl::History histories[kStreams] = {impl.CompressedOf(*seq, li), impl.KeysOf(*seq, li)};
+        const HistoryStream* histories[kStreams] = {impl.RowsOf(li), impl.KeysOf(li)};
         for (int st = 0; st < kStreams; ++st) {
           const int64_t rows = entry.layers[i].streams[st].rows;
           if (rows == 0) continue;
-          if (histories[st].stream < 0) {
+          if (histories[st] == nullptr) {
             return absl::DataLossError(absl::StrCat(path, ": layer ", i, " has no ", st == 0 ? "compressed rows" : "index keys",
                                                     " but the snapshot holds ", rows));
           }
-          longest[histories[st].stream] = std::max(longest[histories[st].stream], rows);
+          longest[histories[st]->stream()] = std::max(longest[histories[st]->stream()], rows);
         }
       }
-      for (const int s : {cache_internal::kCsaRowsStream, cache_internal::kCsaKeysStream, cache_internal::kHcaRowsStream}) {
-        const int64_t per_page = impl.store->spec(s).rows_per_page;
-        KVC_RETURN_IF_ERROR(impl.store->Allocate(s, (longest[s] + per_page - 1) / per_page, &seq->tables[static_cast<size_t>(s)]));
+      for (const auto& h : impl.histories) {
+        if (h != nullptr) KVC_RETURN_IF_ERROR(h->ReserveRows(*seq, longest[h->stream()]));
       }
       int64_t shortest = entry.layers.empty() ? 0 : entry.layers[0].length;
       for (size_t i = 0; i < entry.layers.size(); ++i) {
@@ -423,40 +412,27 @@ absl::StatusOr<std::vector<SequenceId>> RestoreSnapshot(Cache& cache, const std:
         shortest = std::min(shortest, le.length);
         KVC_ASSIGN_OR_RETURN(const StateBlock state,
                              ReadState(f, le.state_offset, limit, g, i, le.length, le.floor, &buffer));
-        const ConstPackedRows ring = ContiguousRows(RowFormat::kKvFp8, state.ring, impl.window());
-        for (int64_t slot = 0; slot < impl.window(); slot += impl.rows_per_page()) {  // page by page
-          const int64_t n = std::min<int64_t>(impl.rows_per_page(), impl.window() - slot);
-          CopyRows(RowFormat::kKvFp8, ring.Slice(slot, n), impl.RingPage(*seq, li, slot / impl.rows_per_page()));
-        }
-        if (impl.depth() > 0) {
-          std::memcpy(impl.RollbackData(*seq, li), state.rollback, static_cast<size_t>(impl.depth() * kKvRowBytes));
-          std::memcpy(impl.RollbackEvictors(*seq, li), state.evictors, static_cast<size_t>(impl.depth()) * 8);
-        }
-        if (impl.StateStream(li) >= 0 && g.MainStateFloats(i) > 0) {
-          std::memcpy(impl.StateData(*seq, li, false), state.main_state, static_cast<size_t>(g.MainStateFloats(i) * 4));
-        }
-        if (g.kinds[i] == LayerKind::kCsa && g.IndexerStateFloats(i) > 0) {
-          std::memcpy(impl.StateData(*seq, li, true), state.indexer_state, static_cast<size_t>(g.IndexerStateFloats(i) * 4));
+        impl.window_part->Restore(*seq, li, state);
+        const LayerParts parts = PartsOf(g.kinds[i]);
+        if (parts.main_state >= 0 && g.MainStateFloats(i) > 0) impl.State(parts.main_state)->Restore(*seq, li, state.main_state);
+        if (parts.indexer_state >= 0 && g.IndexerStateFloats(i) > 0) {
+          impl.State(parts.indexer_state)->Restore(*seq, li, state.indexer_state);
         }
         ls.length = le.length;
         ls.floor = le.floor;
-        Impl::History histories[kStreams] = {impl.CompressedOf(*seq, li), impl.KeysOf(*seq, li)};
+        const HistoryStream* histories[kStreams] = {impl.RowsOf(li), impl.KeysOf(li)};
         for (int st = 0; st < kStreams; ++st) {
-          const Impl::History& h = histories[st];
+          const HistoryStream* h = histories[st];
+          if (h == nullptr) continue;  // no rows (checked above)
           const StreamEntry& stream = le.streams[st];
           const RowFormat format = kStreamFormat[st];
           int64_t r = 0;
           for (const Extent& x : stream.extents) {
             KVC_ASSIGN_OR_RETURN(const RowsBlock block, ReadRows(f, x.offset, limit, i, st, r, x.rows, &buffer));
-            const ConstPackedRows from = ContiguousRows(format, block.rows, x.rows);
-            for (int64_t k = 0; k < x.rows;) {  // in runs that stay inside one page
-              const int64_t n = std::min<int64_t>(x.rows - k, h.per_page - r % h.per_page);
-              CopyRows(format, from.Slice(k, n), impl.HistoryPage(h, static_cast<size_t>(r / h.per_page)).Slice(r % h.per_page, n));
-              k += n;
-              r += n;
-            }
+            h->RestoreRows(*seq, li, r, ContiguousRows(format, block.rows, x.rows));
+            r += x.rows;
           }
-          *h.rows = stream.rows;
+          h->Rows(*seq, li) = stream.rows;
         }
       }
       seq->snapshot_tag = entry.tag;  // a later save to this file appends only what is new

@@ -1,0 +1,26 @@
+#include "src/compressor_state.h"
+
+#include <cstring>
+
+#include "src/snapshot_format.h"
+
+namespace kvc {
+namespace cache_internal {
+
+CompressorState::CompressorState(PageStore& store, int s, const ModelSpec& spec, int32_t depth)
+    : store_(store),
+      stream_(s),
+      g_(s == kCsaIndexerStateStream ? IndexerCompressor(spec.index_dim)
+                                     : MainCompressor(s == kHcaStateStream ? LayerKind::kHca : LayerKind::kCsa, spec.head_dim)),
+      capacity_(g_.span() + depth) {}
+
+void CompressorState::Encode(const Sequence& seq, int layer, snapshot_format::Encoder& e) const {
+  e.PutBytes(Rows(seq, layer), static_cast<size_t>(floats()) * sizeof(float));
+}
+
+void CompressorState::Restore(Sequence& seq, int layer, const uint8_t* bytes) const {
+  std::memcpy(Rows(seq, layer), bytes, static_cast<size_t>(floats()) * sizeof(float));
+}
+
+}  // namespace cache_internal
+}  // namespace kvc

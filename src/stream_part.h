@@ -1,0 +1,121 @@
+// Internal to kvc (not installed): the common contract of the cache's parts
+// and the one place that says which parts a layer kind has.
+//
+// The cache (Cache::Impl) is composed of simple parts, as llama.cpp builds
+// its hybrid cache from simple caches (docs/architecture.md):
+//   WindowStream     (src/window_stream.h)     the ring + rollback records
+//   HistoryStream    (src/history_stream.h)    append-only rows or keys, one per history stream
+//   CompressorState  (src/compressor_state.h)  a compressor's open-window rows, one per state stream
+// Each owns some streams of the PageStore and the tables of those streams in
+// a Sequence, and implements StreamPart for them; each encodes its share of
+// a snapshot and restores it.
+#ifndef KVC_SRC_STREAM_PART_H_
+#define KVC_SRC_STREAM_PART_H_
+
+#include <array>
+#include <cstdint>
+#include <mutex>
+#include <vector>
+
+#include "kvc/cache.h"
+#include "kvc/model_spec.h"
+#include "kvc/row_formats.h"
+#include "src/page_store.h"
+
+namespace kvc {
+namespace cache_internal {
+
+// The parts of a 584-byte KV row (row_formats.h).
+constexpr int64_t kKvDataBytes = FormatInfo(RowFormat::kKvFp8).data_bytes;    // codes + bf16 RoPE dims
+constexpr int64_t kKvScaleBytes = FormatInfo(RowFormat::kKvFp8).scale_bytes;  // UE8M0 scales + padding
+constexpr int64_t kKvRowBytes = FormatInfo(RowFormat::kKvFp8).row_bytes;
+
+// The streams of one layer kind, beyond the window ring (every layer) and
+// the rollback records (every layer at rollback_depth > 0); -1: none. The
+// one place that says which parts a layer kind is composed of: the page
+// store's layer lists, the cache and the snapshot all ask it.
+struct LayerParts {
+  int rows = -1;           // history: compressed rows (kCsaRowsStream, kHcaRowsStream)
+  int keys = -1;           // history: index keys (kCsaKeysStream)
+  int main_state = -1;     // compressor state of the main compressor
+  int indexer_state = -1;  // compressor state of the indexer's compressor
+};
+constexpr LayerParts PartsOf(LayerKind kind) {
+  return kind == LayerKind::kCsa   ? LayerParts{kCsaRowsStream, kCsaKeysStream, kCsaStateStream, kCsaIndexerStateStream}
+         : kind == LayerKind::kHca ? LayerParts{kHcaRowsStream, -1, kHcaStateStream, -1}
+                                   : LayerParts{};
+}
+
+// Compressed entries (and index keys) that exist once `length` tokens are in.
+inline int64_t EntriesAt(LayerKind kind, int64_t length) {
+  const int ratio = CompressRatio(kind);
+  return ratio == 0 ? 0 : length / ratio;
+}
+
+// True if kvc computes this layer's compressed entries (its ModelSpec carries
+// the compressor parameters); false for window-only layers and for compressed
+// layers whose engine brings its own entries.
+inline bool KvcCompresses(const LayerSpec& layer) {
+  return layer.kind != LayerKind::kWindow && !layer.compressor.ape.empty();
+}
+
+// One layer of one sequence: its position and its rows in the history
+// streams. Its pages are the sequence's (Sequence::tables).
+struct LayerStreams {
+  int64_t length = 0;  // tokens appended
+  int64_t floor = 0;   // smallest length a Truncate may restore
+  int64_t compressed_rows = 0;  // in kCsaRows (CSA) or kHcaRows (HCA)
+  int64_t key_rows = 0;         // in kCsaKeys (CSA)
+};
+
+struct Sequence {
+  mutable std::mutex mu;  // guards the members below
+  bool freed = false;
+  std::vector<LayerStreams> layers;
+  // One block table per stream, shared by every layer of it (StreamIndex):
+  // window ring ceil(W / B) ids; history streams the pages covering the
+  // longest layer; rollback and compressor state one id each (if present).
+  // Each part owns the tables of its streams.
+  std::array<std::vector<PageId>, kStreamCount> tables;
+  // Incremental snapshots (snapshot.cc): the history rows of this sequence
+  // equal those of the snapshot entry tagged `snapshot_tag` in every layer
+  // below EntriesAt(kind, snapshot_low_water) (the entry's own row counts
+  // permitting). Each save draws a fresh tag; Truncate lowers the low water.
+  // 0: no such snapshot.
+  uint64_t snapshot_tag = 0;
+  int64_t snapshot_low_water = 0;
+};
+
+// What every part does for the sequences, on the streams it owns. A
+// mutation is planned (Reserve: can fail, changes nothing but the request
+// list) and then applied (Init, Fork, Truncate, Release: cannot fail). The
+// caller holds the sequence's lock.
+class StreamPart {
+ public:
+  virtual ~StreamPart() = default;
+  // Adds the pages a new sequence (or fork) holds from its creation to
+  // `requests`; the cache grants every part's requests together or none.
+  virtual void Reserve(Sequence& seq, std::vector<PageStore::Request>* requests) const = 0;
+  // The granted pages' first contents (the store hands them out zeroed).
+  virtual void Init(Sequence& /*seq*/) const {}
+  // Makes `child` (reserved and granted) hold what `parent` holds: private
+  // pages copied, shared pages referenced.
+  virtual void Fork(const Sequence& parent, Sequence& child) const = 0;
+  // Every layer goes back from `current` to `length` tokens (the cache
+  // checked the rollback floor; `layers[i].length` still reads `current`).
+  virtual void Truncate(Sequence& seq, int64_t current, int64_t length) const = 0;
+  // Drops every page reference of the part's streams.
+  virtual void Release(Sequence& seq) const = 0;
+
+ protected:
+  // Unrefs and clears the table of stream s.
+  static void ReleaseTable(PageStore& store, Sequence& seq, int s) {
+    for (const PageId id : seq.tables[static_cast<size_t>(s)]) store.Unref(s, id);
+    seq.tables[static_cast<size_t>(s)].clear();
+  }
+};
+
+}  // namespace cache_internal
+}  // namespace kvc
+
+#endif  // KVC_SRC_STREAM_PART_H_
