@@ -214,7 +214,7 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
   KVC_RETURN_IF_ERROR(CheckProjectionShapes(impl_->spec, layer, tokens, n));
   const bool compresses = KvcCompresses(layer_spec);
   const bool indexes = compresses && layer_spec.kind == LayerKind::kCsa;
-  Impl::CompressorRun main_run, indexer_run;
+  CompressorRun main_run, indexer_run;
   std::vector<Bf16> entries, keys;
   if (compresses) {
     main_run = impl_->RunFor(sq, false, layer, tokens);
@@ -232,10 +232,10 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
     const int64_t to = std::min(n, from + kSlice);
     KVC_RETURN_IF_ERROR(CheckFiniteSlice(tokens, from, to, layer_spec, impl_->spec));
     if (compresses) {
-      KVC_RETURN_IF_ERROR(Impl::CheckScorePlusApe(main_run, from, to));
-      if (indexes) KVC_RETURN_IF_ERROR(Impl::CheckScorePlusApe(indexer_run, from, to));
-      KVC_RETURN_IF_ERROR(impl_->ComputeEntries(main_run, indexes ? &indexer_run : nullptr, position + from,
-                                                position + to, entries, keys));
+      KVC_RETURN_IF_ERROR(CheckScorePlusApe(main_run, from, to));
+      if (indexes) KVC_RETURN_IF_ERROR(CheckScorePlusApe(indexer_run, from, to));
+      KVC_RETURN_IF_ERROR(ComputeEntries(main_run, indexes ? &indexer_run : nullptr, *impl_->compressed_rope, position + from,
+                                                position + to, absl::MakeSpan(entries), absl::MakeSpan(keys)));
     }
   }
   if (n == 0) return absl::OkStatus();
@@ -261,12 +261,12 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
   // fails; a refusal would be a broken invariant, reported as kInternal.
   absl::Status applied = impl_->window_part->Write(sq, layer, tokens.window_rows);
   if (compresses) {
-    Impl::WriteState(main_run, n);
+    WriteState(main_run, n);
     applied.Update(entry_part->Commit(sq, layer, entry_plan, static_cast<int64_t>(entries.size()) / kHeadDim,
                                       Quantizer(entries, kHeadDim, QuantizeKvRows)));
   }
   if (indexes) {
-    Impl::WriteState(indexer_run, n);
+    WriteState(indexer_run, n);
     applied.Update(key_part->Commit(sq, layer, key_plan, static_cast<int64_t>(keys.size()) / kIndexDim,
                                     Quantizer(keys, kIndexDim, QuantizeIndexKeys)));
   }

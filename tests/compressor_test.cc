@@ -9,12 +9,15 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kvc/cache.h"
 #include "kvc/row_kernels.h"
+#include "src/compressor_run.h"
+#include "tests/testing/tiny_model.h"
 #include "tests/testing/every_target.h"
 
 namespace kvc {
@@ -475,6 +478,85 @@ TEST(CompressedStreams, ScorePlusApeOverflowIsRefusedAndChangesNothing) {
     EXPECT_TRUE(Observe(*cache, seq) == before);
   }
   ExpectCleanContinuation(*cache, seq, clean, 130, 130);
+}
+
+// The compressor algorithm without a cache (src/compressor_run.h): a state
+// ring the test owns and two chunks of projections in, entries and keys out.
+// Quantized, they are byte for byte the rows and keys the cache stores for
+// the same chunks.
+TEST(CompressorRunTest, ComputesWhatTheCacheStoresWithoutACache) {
+  const testing::TinyModel model;
+  const ModelSpec& spec = model.spec();
+  const int layer = testing::TinyModel::kCsaLayer;
+  const LayerSpec& l = spec.layers[layer];
+  auto cache = *Cache::Create(spec, CacheOptions{});
+  const SequenceId seq = *cache->CreateSequence();
+  const int32_t depth = cache->options().rollback_depth;
+  const RopeTable rope(spec.compressed_rope);
+
+  CompressorRun main_run{}, indexer_run{};
+  main_run.g = MainCompressor(LayerKind::kCsa, spec.head_dim);
+  indexer_run.g = IndexerCompressor(spec.index_dim);
+  std::vector<float> main_state(static_cast<size_t>((main_run.g.span() + depth) * 2 * main_run.g.width()));
+  std::vector<float> indexer_state(static_cast<size_t>((indexer_run.g.span() + depth) * 2 * indexer_run.g.width()));
+  for (auto [run, params, state, indexer] :
+       {std::tuple{&main_run, &l.compressor, &main_state, false}, std::tuple{&indexer_run, &l.indexer, &indexer_state, true}}) {
+    run->params = params;
+    run->state = state->data();
+    run->capacity = run->g.span() + depth;
+    run->layer = layer;
+    run->indexer = indexer;
+    run->norm_eps = static_cast<float>(spec.norm_eps);
+  }
+
+  std::vector<Bf16> entries, keys;  // every chunk's, in order
+  int64_t at = 0;
+  for (const int64_t n : {37, 40, 3}) {
+    auto values = [&](uint64_t stream, int64_t width, float scale) {
+      return testing::DetValues(stream * 1000 + static_cast<uint64_t>(at), static_cast<size_t>(n * width), scale);
+    };
+    std::vector<Bf16> window(static_cast<size_t>(n * kHeadDim), ToBf16(0.5f));
+    const std::vector<float> kv = values(1, main_run.g.width(), 1.0f), score = values(2, main_run.g.width(), 2.0f);
+    const std::vector<float> ikv = values(3, indexer_run.g.width(), 1.0f), iscore = values(4, indexer_run.g.width(), 2.0f);
+    LayerTokens tokens;
+    tokens.window_rows = window;
+    tokens.compressor_kv = kv;
+    tokens.compressor_score = score;
+    tokens.indexer_kv = ikv;
+    tokens.indexer_score = iscore;
+    ASSERT_TRUE(cache->Append(seq, layer, at, tokens).ok());
+
+    main_run.kv = kv.data(), main_run.score = score.data(), main_run.first = at;
+    indexer_run.kv = ikv.data(), indexer_run.score = iscore.data(), indexer_run.first = at;
+    const int64_t closed = (at + n) / 4 - at / 4;
+    std::vector<Bf16> e(static_cast<size_t>(closed * kHeadDim)), k(static_cast<size_t>(closed * kIndexDim));
+    ASSERT_TRUE(CheckScorePlusApe(main_run, 0, n).ok());
+    ASSERT_TRUE(CheckScorePlusApe(indexer_run, 0, n).ok());
+    ASSERT_TRUE(ComputeEntries(main_run, &indexer_run, rope, at, at + n, absl::MakeSpan(e), absl::MakeSpan(k)).ok());
+    WriteState(main_run, n);
+    WriteState(indexer_run, n);
+    entries.insert(entries.end(), e.begin(), e.end());
+    keys.insert(keys.end(), k.begin(), k.end());
+    at += n;
+  }
+  ASSERT_EQ(entries.size(), static_cast<size_t>(at / 4 * kHeadDim));
+
+  // Quantized as the cache quantizes them: the same bytes.
+  for (const bool key_stream : {false, true}) {
+    const RowFormat format = key_stream ? RowFormat::kIndexFp4 : RowFormat::kKvFp8;
+    const RowFormatInfo& f = FormatInfo(format);
+    const int64_t rows = at / 4;
+    std::vector<uint8_t> mine(static_cast<size_t>(rows * f.row_bytes));
+    const PackedRows to = ContiguousRows(format, mine.data(), rows);
+    ASSERT_TRUE((key_stream ? QuantizeIndexKeys(keys, to) : QuantizeKvRows(entries, to)).ok());
+    const HistoryView view = *(key_stream ? cache->IndexKeys(seq, layer) : cache->CompressedRows(seq, layer));
+    ASSERT_EQ(view.rows, rows);
+    for (int64_t r = 0; r < rows; ++r) {
+      const ConstPackedRows stored = view.pages[static_cast<size_t>(r / view.rows_per_page)].Slice(r % view.rows_per_page, 1);
+      EXPECT_EQ(0, std::memcmp(stored.data, to.row_data(r), static_cast<size_t>(f.data_bytes))) << "row " << r;
+      EXPECT_EQ(0, std::memcmp(stored.scales, to.row_scales(r), static_cast<size_t>(f.scale_bytes))) << "row " << r;
+    }
+  }
 }
 
 }  // namespace

@@ -1,0 +1,61 @@
+// Internal to kvc (not installed): the compressor algorithm (spec §3,
+// docs/compressor.md) as the cache runs it, behind a function interface that
+// knows nothing of the cache: a compressor's state rows (the ring of the
+// tokens of the windows still open) and a chunk's projections in, entries
+// (bf16 rows the row kernels accept) out, and the state ring brought up to
+// date. The cache (src/cache.cc) fills a CompressorRun from its
+// CompressorState part; tests/compressor_test.cc calls these directly.
+#ifndef KVC_SRC_COMPRESSOR_RUN_H_
+#define KVC_SRC_COMPRESSOR_RUN_H_
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+#include "kvc/compressor.h"
+#include "kvc/model_spec.h"
+#include "kvc/number_formats.h"
+
+namespace kvc {
+
+// One compressor of one layer: its geometry, the engine's parameters, its
+// state ring (token rows kv ‖ score + ape, slot = t mod capacity) and the
+// chunk being appended.
+struct CompressorRun {
+  CompressorGeometry g;
+  const CompressorParams* params;
+  float* state;
+  int64_t capacity;  // token rows in the state ring
+  const float* kv;     // chunk projections, n x width
+  const float* score;  // without ape
+  int64_t first;       // position of the chunk's first token
+  int layer;           // for messages
+  bool indexer;        // CSA's indexer (index keys) rather than the main compressor
+  float norm_eps;      // the model's RMSNorm epsilon
+};
+
+// Refuses tokens [run.first + from, run.first + to) of the chunk if a score
+// + ape overflows fp32: that sum is what the state ring keeps for the token
+// (and what a snapshot stores), so it must be finite. kInvalidArgument naming
+// the layer, position and channel.
+absl::Status CheckScorePlusApe(const CompressorRun& run, int64_t from, int64_t to);
+
+// The entries (main.g.dim bf16 values each) and, with an indexer, the index
+// keys (indexer->g.dim each) of the windows that close with tokens
+// [from, to) (absolute positions), written at their index relative to the
+// chunk's first closed window (entry main.first / ratio goes to row 0).
+// RoPE at each window's first position from `rope`. Reads the state rows and
+// the projections; writes only `entries` and `keys`. Refuses an entry or key
+// the row kernels would not store: kInvalidArgument naming the layer, the
+// entry's tokens, the channel, the cause and the token that dominates it.
+// Requires the projections checked finite and CheckScorePlusApe passed.
+absl::Status ComputeEntries(const CompressorRun& main, const CompressorRun* indexer, const RopeTable& rope,
+                            int64_t from, int64_t to, absl::Span<Bf16> entries, absl::Span<Bf16> keys);
+
+// Keeps the chunk's last n tokens (as many as the ring holds) in the state
+// ring: kv, then score + ape. Call after every ComputeEntries of the chunk.
+void WriteState(const CompressorRun& run, int64_t n);
+
+}  // namespace kvc
+
+#endif  // KVC_SRC_COMPRESSOR_RUN_H_
