@@ -33,10 +33,6 @@
 namespace kvc {
 namespace cache_internal {
 
-// fp32 values per token row of a compressor's state: kv and score (+ape), each
-// width_factor * dim wide (spec §5).
-inline int64_t StateRowFloats(int width_factor, int dim) { return 2 * int64_t{width_factor} * dim; }
-
 }  // namespace cache_internal
 
 using cache_internal::CompressorState;
@@ -53,7 +49,6 @@ using cache_internal::PageStore;
 using cache_internal::PartsOf;
 using cache_internal::kNoPage;
 using cache_internal::Sequence;
-using cache_internal::StateRowFloats;
 using cache_internal::StreamPart;
 using cache_internal::WindowStream;
 

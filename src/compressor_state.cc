@@ -10,9 +10,9 @@ namespace cache_internal {
 CompressorState::CompressorState(PageStore& store, int s, const ModelSpec& spec, int32_t depth)
     : store_(store),
       stream_(s),
-      g_(s == kCsaIndexerStateStream ? IndexerCompressor(spec.index_dim)
-                                     : MainCompressor(s == kHcaStateStream ? LayerKind::kHca : LayerKind::kCsa, spec.head_dim)),
-      capacity_(g_.span() + depth) {}
+      g_(StateCompressor(s, spec.head_dim, spec.index_dim)),
+      depth_(depth),
+      capacity_(StateRows(g_, depth)) {}
 
 void CompressorState::Encode(const Sequence& seq, int layer, snapshot_format::Encoder& e) const {
   e.PutBytes(Rows(seq, layer), static_cast<size_t>(floats()) * sizeof(float));

@@ -27,7 +27,7 @@ class CompressorState final : public StreamPart {
   int stream() const { return stream_; }
   const CompressorGeometry& geometry() const { return g_; }
   int64_t capacity() const { return capacity_; }  // token rows in the ring
-  int64_t floats() const { return capacity_ * 2 * g_.width(); }  // what a snapshot stores
+  int64_t floats() const { return StateFloats(g_, depth_); }  // what a snapshot stores
 
   void Reserve(Sequence& seq, std::vector<PageStore::Request>* requests) const override {
     requests->push_back({stream_, 1, &seq.tables[static_cast<size_t>(stream_)]});
@@ -51,6 +51,7 @@ class CompressorState final : public StreamPart {
   PageStore& store_;
   int stream_;
   CompressorGeometry g_;
+  int32_t depth_;
   int64_t capacity_;
 };
 

@@ -11,6 +11,7 @@
 #include "absl/strings/str_split.h"
 #include "kvc/row_formats.h"
 #include "kvc/status.h"
+#include "src/page_store.h"
 
 namespace kvc {
 
@@ -37,11 +38,12 @@ std::vector<double> FootprintModel::ComponentBytes(int64_t tokens) const {
   const RowFormat key = format == StorageFormat::kFp8 ? RowFormat::kIndexFp4 : RowFormat::kIndexBf16;
   double csa_rows = 0, csa_keys = 0, hca_rows = 0;
   for (const LayerSpec& l : spec.layers) {
+    const double entries = l.kind == LayerKind::kWindow ? 0.0 : static_cast<double>(tokens / CompressRatio(l.kind));
     if (l.kind == LayerKind::kCsa) {
-      csa_rows += static_cast<double>(tokens / 4) * FormatInfo(row).row_bytes;
-      csa_keys += static_cast<double>(tokens / 4) * FormatInfo(key).row_bytes;
+      csa_rows += entries * FormatInfo(row).row_bytes;
+      csa_keys += entries * FormatInfo(key).row_bytes;
     } else if (l.kind == LayerKind::kHca) {
-      hca_rows += static_cast<double>(tokens / 128) * FormatInfo(row).row_bytes;
+      hca_rows += entries * FormatInfo(row).row_bytes;
     }
   }
   return {csa_rows, csa_keys, hca_rows};
@@ -62,11 +64,23 @@ FootprintModel V4Footprint(const ModelSpec& spec, StorageFormat format) {
   const double row = FormatInfo(format == StorageFormat::kFp8 ? RowFormat::kKvFp8 : RowFormat::kKvBf16).row_bytes;
   const double key = FormatInfo(format == StorageFormat::kFp8 ? RowFormat::kIndexFp4 : RowFormat::kIndexBf16).row_bytes;
   const double csa = spec.CountLayers(LayerKind::kCsa), hca = spec.CountLayers(LayerKind::kHca);
-  m.per_token = {{"csa_rows", csa * row / 4}, {"csa_index_keys", csa * key / 4}, {"hca_rows", hca * row / 128}};
+  const double csa_ratio = CompressRatio(LayerKind::kCsa), hca_ratio = CompressRatio(LayerKind::kHca);
+  m.per_token = {{"csa_rows", csa * row / csa_ratio}, {"csa_index_keys", csa * key / csa_ratio}, {"hca_rows", hca * row / hca_ratio}};
   const double layers = static_cast<double>(spec.layers.size());
-  // Compressor state: fp32 kv and score rows of the open windows (spec §6).
-  const double csa_state = (2.0 * 4) * (2 * 2 * spec.head_dim) * 4 + (2.0 * 4) * (2 * 2 * spec.index_dim) * 4;
-  const double hca_state = 128.0 * (2 * spec.head_dim) * 4;
+  // Compressor state: fp32 kv and score rows of the open windows (spec §6),
+  // as the cache's state pages hold them (without rollback_depth's rows).
+  auto state_bytes = [&](LayerKind kind) {
+    const cache_internal::LayerParts parts = cache_internal::PartsOf(kind);
+    double bytes = 0;
+    for (const int s : {parts.main_state, parts.indexer_state}) {
+      if (s < 0) continue;
+      const CompressorGeometry g = cache_internal::StateCompressor(s, spec.head_dim, spec.index_dim);
+      bytes += static_cast<double>(cache_internal::StateFloats(g, 0)) * sizeof(float);
+    }
+    return bytes;
+  };
+  const double csa_state = state_bytes(LayerKind::kCsa);
+  const double hca_state = state_bytes(LayerKind::kHca);
   m.per_sequence = {{"window_ring", layers * spec.window * row},
                     {"compressor_state", csa * csa_state + hca * hca_state}};
   return m;

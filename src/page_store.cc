@@ -12,7 +12,6 @@
 #include "kvc/compressor.h"
 #include "kvc/row_formats.h"
 #include "kvc/status.h"
-#include "src/stream_part.h"
 
 namespace kvc {
 namespace cache_internal {
@@ -22,10 +21,9 @@ constexpr int64_t kAlignment = 64;
 
 int64_t RoundUp(int64_t bytes, int64_t to) { return (bytes + to - 1) / to * to; }
 
-// Bytes of one compressor's state page: (span + depth) token rows of kv and
-// score, each width() floats.
-int64_t StatePageBytes(const CompressorGeometry& g, int32_t depth) {
-  return RoundUp((int64_t{g.span()} + depth) * 2 * g.width() * int64_t{sizeof(float)}, kAlignment);
+// Bytes of one compressor's state page (StateFloats, rounded up).
+int64_t StatePageBytes(int s, const ModelSpec& spec, int32_t depth) {
+  return RoundUp(StateFloats(StateCompressor(s, spec.head_dim, spec.index_dim), depth) * int64_t{sizeof(float)}, kAlignment);
 }
 
 }  // namespace
@@ -60,11 +58,11 @@ std::array<StreamSpec, kStreamCount> StreamSpecs(const ModelSpec& spec, const Ca
   // Rollback: D records of 584 B, then the D positions that evicted them.
   state(s[kRollbackStream], "rollback rows", Component::kWindowRing, int64_t{D} * (kv.row_bytes + 8));
   state(s[kCsaStateStream], "CSA compressor state", Component::kCompressorState,
-        StatePageBytes(MainCompressor(LayerKind::kCsa, spec.head_dim), D));
+        StatePageBytes(kCsaStateStream, spec, D));
   state(s[kCsaIndexerStateStream], "CSA indexer state", Component::kCompressorState,
-        StatePageBytes(IndexerCompressor(spec.index_dim), D));
+        StatePageBytes(kCsaIndexerStateStream, spec, D));
   state(s[kHcaStateStream], "HCA compressor state", Component::kCompressorState,
-        StatePageBytes(MainCompressor(LayerKind::kHca, spec.head_dim), D));
+        StatePageBytes(kHcaStateStream, spec, D));
   for (int32_t i = 0; i < static_cast<int32_t>(spec.layers.size()); ++i) {
     const LayerKind kind = spec.layers[static_cast<size_t>(i)].kind;
     s[kWindowStream].layers.push_back(i);

@@ -22,6 +22,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "kvc/cache.h"
+#include "kvc/compressor.h"
 #include "kvc/model_spec.h"
 
 namespace kvc {
@@ -44,7 +45,36 @@ enum StreamIndex : int {
 constexpr int kStreamCount = 8;
 constexpr int kPublicStreams = 4;
 
+// The streams of one layer kind, beyond the window ring (every layer) and
+// the rollback records (every layer at rollback_depth > 0); -1: none. The
+// one place that says which parts a layer kind is composed of: the page
+// store's layer lists, the cache and the snapshot all ask it.
+struct LayerParts {
+  int rows = -1;           // history: compressed rows (kCsaRowsStream, kHcaRowsStream)
+  int keys = -1;           // history: index keys (kCsaKeysStream)
+  int main_state = -1;     // compressor state of the main compressor
+  int indexer_state = -1;  // compressor state of the indexer's compressor
+};
+constexpr LayerParts PartsOf(LayerKind kind) {
+  return kind == LayerKind::kCsa   ? LayerParts{kCsaRowsStream, kCsaKeysStream, kCsaStateStream, kCsaIndexerStateStream}
+         : kind == LayerKind::kHca ? LayerParts{kHcaRowsStream, -1, kHcaStateStream, -1}
+                                   : LayerParts{};
+}
+
 enum class StreamClass : uint8_t { kHistory, kState };
+
+// The compressor of state stream s (kCsaStateStream, kCsaIndexerStateStream,
+// kHcaStateStream).
+inline CompressorGeometry StateCompressor(int s, int head_dim, int index_dim) {
+  return s == kCsaIndexerStateStream ? IndexerCompressor(index_dim)
+                                     : MainCompressor(s == kHcaStateStream ? LayerKind::kHca : LayerKind::kCsa, head_dim);
+}
+// A compressor's state, stated once (the cache's state pages, the snapshot's
+// state sections and the footprint model use these): a ring of span +
+// rollback_depth token rows, each kv then score + ape, width() fp32 values
+// each; slot t mod rows.
+inline int64_t StateRows(const CompressorGeometry& g, int64_t depth) { return g.span() + depth; }
+inline int64_t StateFloats(const CompressorGeometry& g, int64_t depth) { return StateRows(g, depth) * 2 * g.width(); }
 
 // What a stream is, before any memory: its page geometry and its layers.
 struct StreamSpec {

@@ -44,6 +44,7 @@
 #include "kvc/row_formats.h"
 #include "kvc/snapshot.h"
 #include "kvc/status.h"
+#include "src/page_store.h"
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "snapshots are little-endian and written natively");
 
@@ -354,15 +355,18 @@ struct Geometry {
   std::vector<bool> compresses;  // kvc computes the layer's entries (state saved)
   int64_t window = 0, depth = 0, head_dim = 0, index_dim = 0, max_context = 0;
 
+  // The state sections: cache_internal::StateFloats of the layer's state
+  // streams (the cache's CompressorState parts hold exactly these).
   int64_t MainStateFloats(size_t layer) const {
-    if (!compresses[layer]) return 0;
-    const CompressorGeometry g = MainCompressor(kinds[layer], static_cast<int>(head_dim));
-    return (g.span() + depth) * 2 * g.width();
+    return compresses[layer] ? StateFloatsOf(cache_internal::PartsOf(kinds[layer]).main_state) : 0;
   }
   int64_t IndexerStateFloats(size_t layer) const {
-    if (!compresses[layer] || kinds[layer] != LayerKind::kCsa) return 0;
-    const CompressorGeometry g = IndexerCompressor(static_cast<int>(index_dim));
-    return (g.span() + depth) * 2 * g.width();
+    return compresses[layer] ? StateFloatsOf(cache_internal::PartsOf(kinds[layer]).indexer_state) : 0;
+  }
+  int64_t StateFloatsOf(int s) const {
+    if (s < 0) return 0;
+    return cache_internal::StateFloats(
+        cache_internal::StateCompressor(s, static_cast<int>(head_dim), static_cast<int>(index_dim)), depth);
   }
 };
 

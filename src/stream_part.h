@@ -1,5 +1,5 @@
 // Internal to kvc (not installed): the common contract of the cache's parts
-// and the one place that says which parts a layer kind has.
+// (which parts a layer kind has: PartsOf in src/page_store.h).
 //
 // The cache (Cache::Impl) is composed of simple parts, as llama.cpp builds
 // its hybrid cache from simple caches (docs/architecture.md):
@@ -29,22 +29,6 @@ namespace cache_internal {
 constexpr int64_t kKvDataBytes = FormatInfo(RowFormat::kKvFp8).data_bytes;    // codes + bf16 RoPE dims
 constexpr int64_t kKvScaleBytes = FormatInfo(RowFormat::kKvFp8).scale_bytes;  // UE8M0 scales + padding
 constexpr int64_t kKvRowBytes = FormatInfo(RowFormat::kKvFp8).row_bytes;
-
-// The streams of one layer kind, beyond the window ring (every layer) and
-// the rollback records (every layer at rollback_depth > 0); -1: none. The
-// one place that says which parts a layer kind is composed of: the page
-// store's layer lists, the cache and the snapshot all ask it.
-struct LayerParts {
-  int rows = -1;           // history: compressed rows (kCsaRowsStream, kHcaRowsStream)
-  int keys = -1;           // history: index keys (kCsaKeysStream)
-  int main_state = -1;     // compressor state of the main compressor
-  int indexer_state = -1;  // compressor state of the indexer's compressor
-};
-constexpr LayerParts PartsOf(LayerKind kind) {
-  return kind == LayerKind::kCsa   ? LayerParts{kCsaRowsStream, kCsaKeysStream, kCsaStateStream, kCsaIndexerStateStream}
-         : kind == LayerKind::kHca ? LayerParts{kHcaRowsStream, -1, kHcaStateStream, -1}
-                                   : LayerParts{};
-}
 
 // Compressed entries (and index keys) that exist once `length` tokens are in.
 inline int64_t EntriesAt(LayerKind kind, int64_t length) {
