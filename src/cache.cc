@@ -485,19 +485,35 @@ absl::StatusOr<SequenceUsage> Cache::Usage(SequenceId id) const {
   return usage;
 }
 
-absl::StatusOr<IndexQuery> Cache::PrepareIndexQuery(int64_t position, absl::Span<const Bf16> q_raw,
-                                                    absl::Span<const float> weights) const {
+absl::Status Cache::PrepareIndexQuery(int64_t position, absl::Span<const Bf16> q_raw, absl::Span<const float> weights,
+                                      IndexQuery* out) const {
   if (position < 0 || position >= impl_->spec.max_context) {
     return absl::OutOfRangeError(absl::StrCat("PrepareIndexQuery: position ", position, " is outside [0, ",
                                               impl_->spec.max_context, ")"));
   }
   float cos_sin[64];
   impl_->compressed_rope->At(position, cos_sin);
-  return IndexQuery::Prepare(q_raw, weights, cos_sin);
+  return IndexQuery::Prepare(q_raw, weights, cos_sin, out);
+}
+
+absl::StatusOr<IndexQuery> Cache::PrepareIndexQuery(int64_t position, absl::Span<const Bf16> q_raw,
+                                                    absl::Span<const float> weights) const {
+  IndexQuery query;
+  KVC_RETURN_IF_ERROR(PrepareIndexQuery(position, q_raw, weights, &query));
+  return query;
 }
 
 absl::StatusOr<AttentionSet> Cache::SelectAttentionSet(SequenceId id, int layer, const IndexQuery* query,
                                                        std::vector<float>* index_scores) const {
+  SelectionScratch scratch;
+  AttentionSet set;
+  KVC_RETURN_IF_ERROR(SelectAttentionSet(id, layer, query, &scratch, &set));
+  if (index_scores != nullptr && impl_->KindOf(layer) == LayerKind::kCsa) *index_scores = std::move(scratch.scores);
+  return set;
+}
+
+absl::Status Cache::SelectAttentionSet(SequenceId id, int layer, const IndexQuery* query, SelectionScratch* scratch,
+                                       AttentionSet* out) const {
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
   const LayerKind kind = impl_->spec.layers[static_cast<size_t>(layer)].kind;
   if (kind == LayerKind::kCsa && query == nullptr) {
@@ -507,8 +523,12 @@ absl::StatusOr<AttentionSet> Cache::SelectAttentionSet(SequenceId id, int layer,
   Sequence& sq = *seq.seq;
   LayerStreams& ls = seq.layers()[static_cast<size_t>(layer)];
   if (ls.length == 0) return absl::FailedPreconditionError("SelectAttentionSet: the layer holds no tokens");
-  AttentionSet set;
+  AttentionSet& set = *out;
   set.position = ls.length - 1;
+  set.indices.clear();
+  set.rows.clear();
+  set.window_indices.clear();
+  set.compressed_indices.clear();
   const int64_t W = impl_->window();
   const WindowStream& window = *impl_->window_part;
   for (int64_t p = std::max<int64_t>(0, ls.length - W); p < ls.length; ++p) {
@@ -518,36 +538,35 @@ absl::StatusOr<AttentionSet> Cache::SelectAttentionSet(SequenceId id, int layer,
     set.window_indices.push_back(window.SlotIndex(sq, slot));
     set.rows.push_back({row.data, row.scales});
   }
-  if (kind == LayerKind::kWindow) return set;
+  if (kind == LayerKind::kWindow) return absl::OkStatus();
   const int64_t visible = std::min(EntriesAt(kind, ls.length), ls.compressed_rows);
-  std::vector<int64_t> entries;
-  if (kind == LayerKind::kHca) {
-    for (int64_t j = 0; j < visible; ++j) entries.push_back(j);
-  } else {
-    const int64_t keyed = std::min(visible, ls.key_rows);
-    std::vector<float> scores(static_cast<size_t>(keyed));
-    const HistoryStream& keys = *impl_->KeysOf(layer);
-    for (int64_t first = 0; first < keyed; first += keys.per_page()) {
-      const int64_t n = std::min(keys.per_page(), keyed - first);
-      const absl::Status scored =
-          ScoreIndexKeys(*query, keys.RowsAt(sq, layer, first, n),
-                         absl::MakeSpan(scores).subspan(static_cast<size_t>(first)));
-      if (!scored.ok()) {  // its key numbers count from the page start
-        return absl::Status(scored.code(), absl::StrCat("SelectAttentionSet: layer ", layer, ", index keys from entry ",
-                                                        first, ": ", scored.message()));
-      }
-    }
-    KVC_RETURN_IF_ERROR(TopK(scores, impl_->spec.index_topk, &entries));
-    if (index_scores != nullptr) *index_scores = std::move(scores);
-  }
   const HistoryStream& rows = *impl_->RowsOf(layer);
-  for (const int64_t j : entries) {
+  auto add = [&](int64_t j) {
     const PackedRows row = rows.RowsAt(sq, layer, j, 1);
     set.indices.push_back(static_cast<int32_t>(W + j));
     set.compressed_indices.push_back(rows.RowIndex(sq, j));
     set.rows.push_back({row.data, row.scales});
+  };
+  if (kind == LayerKind::kHca) {
+    for (int64_t j = 0; j < visible; ++j) add(j);
+    return absl::OkStatus();
   }
-  return set;
+  const int64_t keyed = std::min(visible, ls.key_rows);
+  std::vector<float>& scores = scratch->scores;
+  scores.resize(static_cast<size_t>(keyed));
+  const HistoryStream& keys = *impl_->KeysOf(layer);
+  for (int64_t first = 0; first < keyed; first += keys.per_page()) {
+    const int64_t n = std::min(keys.per_page(), keyed - first);
+    const absl::Status scored =
+        ScoreIndexKeys(*query, keys.RowsAt(sq, layer, first, n), absl::MakeSpan(scores).subspan(static_cast<size_t>(first)));
+    if (!scored.ok()) {  // its key numbers count from the page start
+      return absl::Status(scored.code(), absl::StrCat("SelectAttentionSet: layer ", layer, ", index keys from entry ",
+                                                      first, ": ", scored.message()));
+    }
+  }
+  KVC_RETURN_IF_ERROR(TopK(scores, impl_->spec.index_topk, &scratch->entries, &scratch->topk));
+  for (const int64_t j : scratch->entries) add(j);
+  return absl::OkStatus();
 }
 
 namespace {

@@ -17,6 +17,7 @@
 #include "kvc/compressor.h"
 #include "kvc/reference_codecs.h"
 #include "kvc/row_kernels.h"
+#include "kvc/status.h"
 
 namespace kvc {
 namespace {
@@ -27,6 +28,13 @@ int8_t Code(const uint8_t* packed, int e) { return kTwiceE2M1[(packed[e / 2] >> 
 
 absl::StatusOr<IndexQuery> IndexQuery::Prepare(absl::Span<const Bf16> q_raw, absl::Span<const float> weights,
                                                const float* cos_sin) {
+  IndexQuery q;
+  KVC_RETURN_IF_ERROR(Prepare(q_raw, weights, cos_sin, &q));
+  return q;
+}
+
+absl::Status IndexQuery::Prepare(absl::Span<const Bf16> q_raw, absl::Span<const float> weights, const float* cos_sin,
+                                 IndexQuery* out) {
   const int64_t heads = static_cast<int64_t>(weights.size());
   if (heads < 1 || heads > kMaxIndexHeads || q_raw.size() != static_cast<size_t>(heads) * kIndexDim) {
     return absl::InvalidArgumentError(absl::StrCat("IndexQuery: ", q_raw.size(), " query values for ", heads,
@@ -42,7 +50,7 @@ absl::StatusOr<IndexQuery> IndexQuery::Prepare(absl::Span<const Bf16> q_raw, abs
   for (size_t h = 0; h < weights.size(); ++h) {
     if (!std::isfinite(weights[h])) return absl::InvalidArgumentError(absl::StrCat("IndexQuery: weight ", h, " is not finite"));
   }
-  IndexQuery q;
+  IndexQuery& q = *out;  // assign() below reuses its buffers
   q.heads_ = static_cast<int>(heads);
   q.padded_ = (q.heads_ + 15) / 16 * 16;
   const size_t padded = static_cast<size_t>(q.padded_);
@@ -55,16 +63,22 @@ absl::StatusOr<IndexQuery> IndexQuery::Prepare(absl::Span<const Bf16> q_raw, abs
   // RoPE on every head's last 64 dims, then the index-key pipeline (spec §3)
   // for all heads at once through the SIMD kernel (bit-identical to
   // QuantizeIndexKeyRef; the values were range-checked above).
-  std::vector<Bf16> rotated(static_cast<size_t>(heads) * kIndexDim);
-  for (int h = 0; h < q.heads_; ++h) {
-    float x[kIndexDim];
-    for (int i = 0; i < kIndexDim; ++i) x[i] = ToF32(q_raw[static_cast<size_t>(h * kIndexDim + i)]);
-    RotateLast64(x, kIndexDim, cos_sin);
-    for (int i = 0; i < kIndexDim; ++i) rotated[static_cast<size_t>(h * kIndexDim + i)] = ToBf16(x[i]);
+  // 16 heads at a time through a buffer on the stack (rows are independent).
+  constexpr int kHeadsPerPass = 16;
+  Bf16 rotated[kHeadsPerPass * kIndexDim];
+  for (int first = 0; first < q.heads_; first += kHeadsPerPass) {
+    const int count = std::min(kHeadsPerPass, q.heads_ - first);
+    for (int h = first; h < first + count; ++h) {
+      float x[kIndexDim];
+      for (int i = 0; i < kIndexDim; ++i) x[i] = ToF32(q_raw[static_cast<size_t>(h * kIndexDim + i)]);
+      RotateLast64(x, kIndexDim, cos_sin);
+      for (int i = 0; i < kIndexDim; ++i) rotated[(h - first) * kIndexDim + i] = ToBf16(x[i]);
+    }
+    const absl::Status quantized = QuantizeIndexKeys(
+        absl::MakeConstSpan(rotated, static_cast<size_t>(count) * kIndexDim),
+        ContiguousRows(RowFormat::kIndexFp4, reinterpret_cast<uint8_t*>(q.stored_.data() + first), count));
+    if (!quantized.ok()) return quantized;
   }
-  const absl::Status quantized =
-      QuantizeIndexKeys(rotated, ContiguousRows(RowFormat::kIndexFp4, reinterpret_cast<uint8_t*>(q.stored_.data()), heads));
-  if (!quantized.ok()) return quantized;
   for (int h = 0; h < q.heads_; ++h) {
     const IndexKeyFp4& stored = q.stored_[static_cast<size_t>(h)];
     const size_t hs = static_cast<size_t>(h);
@@ -109,7 +123,7 @@ absl::StatusOr<IndexQuery> IndexQuery::Prepare(absl::Span<const Bf16> q_raw, abs
         ") makes scores overflow fp32 against every key, even of block scale 2^-127"));
   }
   q.max_key_scale_byte_ = byte;
-  return q;
+  return absl::OkStatus();
 }
 
 std::vector<float> IndexQuery::Values() const {
@@ -200,25 +214,32 @@ int64_t FirstNaN(absl::Span<const float> scores) {
   return -1;
 }
 
-// TopK's selection; sets *first_nan (and returns nothing) if scores hold NaN,
-// before any comparison sees one.
-std::vector<int64_t> SelectTopK(absl::Span<const float> scores, int64_t k, int64_t* first_nan) {
+// TopK's selection into *out (cleared first); sets *first_nan (and selects
+// nothing) if scores hold NaN, before any comparison sees one.
+void SelectTopK(absl::Span<const float> scores, int64_t k, int64_t* first_nan, TopKScratch& scratch,
+                std::vector<int64_t>* out) {
   const int64_t n = static_cast<int64_t>(scores.size());
   k = std::min(k, n);
   *first_nan = -1;
-  std::vector<int64_t> out;
-  if (k <= 0) return out;
+  out->clear();
+  if (k <= 0) return;
   // Higher score first, then the lower index (a strict weak order: no NaN).
   auto better = [&](int64_t a, int64_t b) {
     return scores[static_cast<size_t>(a)] > scores[static_cast<size_t>(b)] ||
            (scores[static_cast<size_t>(a)] == scores[static_cast<size_t>(b)] && a < b);
   };
-  std::vector<int64_t> candidates;
+  // Room for every index. Grown, never shrunk: a later call of the same
+  // size allocates and zeroes nothing (the filter writes only the few
+  // thousand it keeps).
+  std::vector<int64_t>& candidates = scratch.candidates;
+  if (static_cast<int64_t>(candidates.size()) < n) candidates.resize(static_cast<size_t>(n));
+  int64_t count = 0;
   if (k < n) {
     // A threshold that keeps a little more than k: the rank-(k*s/n + margin)
     // score of an evenly spaced sample of s scores.
     const int64_t s = std::min<int64_t>(n, 4096);
-    std::vector<float> sample(static_cast<size_t>(s));
+    std::vector<float>& sample = scratch.sample;
+    sample.resize(static_cast<size_t>(s));
     bool sample_has_nan = false;
     for (int64_t i = 0; i < s; ++i) {
       sample[static_cast<size_t>(i)] = scores[static_cast<size_t>(i * n / s)];
@@ -226,38 +247,34 @@ std::vector<int64_t> SelectTopK(absl::Span<const float> scores, int64_t k, int64
     }
     if (sample_has_nan) {
       *first_nan = FirstNaN(scores);
-      return out;
+      return;
     }
     const int64_t rank = std::min<int64_t>(s - 1, k * s / n + 2 * static_cast<int64_t>(std::sqrt(static_cast<double>(k * s / n))) + 8);
     std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), std::greater<float>());
     const float threshold = sample[static_cast<size_t>(rank)];
-    // Room for every index, left uninitialised: the filter writes only the
-    // few thousand it keeps (zeroing 8 bytes per score cost more than that).
-    const std::unique_ptr<int64_t[]> kept(new int64_t[static_cast<size_t>(n)]);
-    const int64_t count = FilterAtLeastDispatch(scores.data(), n, threshold, kept.get(), first_nan);
-    if (*first_nan >= 0) return out;
-    candidates.assign(kept.get(), kept.get() + count);
+    count = FilterAtLeastDispatch(scores.data(), n, threshold, candidates.data(), first_nan);
+    if (*first_nan >= 0) return;
   } else {
     *first_nan = FirstNaN(scores);
-    if (*first_nan >= 0) return out;
+    if (*first_nan >= 0) return;
   }
   // The filter saw every score: no NaN below.
-  if (static_cast<int64_t>(candidates.size()) < k) {  // the sample was unlucky (or k == n): take everything
-    candidates.resize(static_cast<size_t>(n));
+  if (count < k) {  // the sample was unlucky (or k == n): take everything
     for (int64_t i = 0; i < n; ++i) candidates[static_cast<size_t>(i)] = i;
+    count = n;
   }
-  std::nth_element(candidates.begin(), candidates.begin() + (k - 1), candidates.end(), better);
-  out.assign(candidates.begin(), candidates.begin() + k);
-  std::sort(out.begin(), out.end());
-  return out;
+  const auto first = candidates.begin();
+  std::nth_element(first, first + (k - 1), first + count, better);
+  out->assign(first, first + k);
+  std::sort(out->begin(), out->end());
 }
 
 }  // namespace
 
-absl::Status TopK(absl::Span<const float> scores, int64_t k, std::vector<int64_t>* out) {
+absl::Status TopK(absl::Span<const float> scores, int64_t k, std::vector<int64_t>* out, TopKScratch* scratch) {
   if (k < 0) return absl::InvalidArgumentError(absl::StrCat("TopK: k = ", k, " is negative"));
   int64_t first_nan = -1;
-  std::vector<int64_t> picked = SelectTopK(scores, k, &first_nan);
+  SelectTopK(scores, k, &first_nan, *scratch, out);
   if (k == 0) {  // nothing selected, but the promise holds: NaN is refused
     const auto nan = std::find_if(scores.begin(), scores.end(), [](float s) { return std::isnan(s); });
     if (nan != scores.end()) first_nan = nan - scores.begin();
@@ -265,17 +282,26 @@ absl::Status TopK(absl::Span<const float> scores, int64_t k, std::vector<int64_t
   if (first_nan >= 0) {
     return absl::InvalidArgumentError(absl::StrCat("TopK: score ", first_nan, " is NaN"));
   }
+  return absl::OkStatus();
+}
+
+absl::Status TopK(absl::Span<const float> scores, int64_t k, std::vector<int64_t>* out) {
+  TopKScratch scratch;
+  std::vector<int64_t> picked;
+  KVC_RETURN_IF_ERROR(TopK(scores, k, &picked, &scratch));
   *out = std::move(picked);
   return absl::OkStatus();
 }
 
 std::vector<int64_t> TopK(absl::Span<const float> scores, int64_t k) {
+  TopKScratch scratch;
   int64_t first_nan = -1;
-  std::vector<int64_t> picked = SelectTopK(scores, k, &first_nan);
+  std::vector<int64_t> picked;
+  SelectTopK(scores, k, &first_nan, scratch, &picked);
   if (first_nan < 0) return picked;
   std::vector<float> ordered(scores.begin(), scores.end());  // NaN counts as -inf
   for (float& s : ordered) s = std::isnan(s) ? -std::numeric_limits<float>::infinity() : s;
-  picked = SelectTopK(ordered, k, &first_nan);
+  SelectTopK(ordered, k, &first_nan, scratch, &picked);
   return picked;
 }
 

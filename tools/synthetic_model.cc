@@ -89,14 +89,12 @@ absl::Status SyntheticModel::DecodeStep(Cache& cache, SequenceId seq, int64_t t,
   for (size_t layer = 0; layer < spec_.layers.size(); ++layer) {
     const bool csa = spec_.layers[layer].kind == LayerKind::kCsa;
     start = std::chrono::steady_clock::now();
-    std::optional<IndexQuery> query;  // CSA layers only
-    if (csa) {
-      KVC_ASSIGN_OR_RETURN(query, cache.PrepareIndexQuery(t, index_q_, index_w_));
-    }
+    if (csa) KVC_RETURN_IF_ERROR(cache.PrepareIndexQuery(t, index_q_, index_w_, &query_));  // into its buffers
     stats->index_query += Since(start);
     start = std::chrono::steady_clock::now();
-    KVC_ASSIGN_OR_RETURN(const AttentionSet set,
-                         cache.SelectAttentionSet(seq, static_cast<int>(layer), query ? &*query : nullptr));
+    // Into the previous step's set and scratch: no allocation once grown.
+    KVC_RETURN_IF_ERROR(cache.SelectAttentionSet(seq, static_cast<int>(layer), csa ? &query_ : nullptr, &scratch_, &set_));
+    const AttentionSet& set = set_;
     stats->select += Since(start);
     if (csa) stats->keys_scored += (t + 1) / 4;
     start = std::chrono::steady_clock::now();

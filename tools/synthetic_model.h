@@ -40,7 +40,7 @@ class SyntheticModel {
   };
   // One decode step at position t (the sequence holds t tokens): append
   // token t to every layer, then select and gather every layer's set.
-  // Not thread-safe: it gathers into this object's scratch buffer.
+  // Not thread-safe: it selects and gathers into this object's scratch buffers.
   absl::Status DecodeStep(Cache& cache, SequenceId seq, int64_t t, StepStats* stats) const;
 
  private:
@@ -51,6 +51,11 @@ class SyntheticModel {
   std::vector<float> csa_kv_, csa_score_, idx_kv_, idx_score_, hca_kv_, hca_score_;
   std::vector<Bf16> index_q_;
   std::vector<float> index_w_;
+  // The decode path's reused buffers (DecodeStep allocates nothing for
+  // selection once they have grown).
+  mutable IndexQuery query_;
+  mutable SelectionScratch scratch_;
+  mutable AttentionSet set_;
   mutable std::vector<float> gathered_;
 };
 

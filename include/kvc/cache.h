@@ -214,6 +214,16 @@ struct AttentionSet {
   std::vector<int32_t> compressed_indices;
 };
 
+// What SelectAttentionSet works in, kept by the engine across decode steps
+// (one per thread): with it, and the AttentionSet of the previous step as
+// `out`, a selection allocates nothing once the buffers have grown to the
+// layer's sizes (they grow with the sequence, geometrically).
+struct SelectionScratch {
+  std::vector<float> scores;     // after a CSA selection: the index score of every visible entry
+  std::vector<int64_t> entries;  // after a CSA selection: the selected entries, ascending
+  TopKScratch topk;
+};
+
 // Block tables of a batch, dense: ids[b x max_blocks + k] is page k of
 // sequence b (-1 past its blocks[b] pages); rows[b] the rows it stores.
 struct DenseBlockTables {
@@ -312,6 +322,10 @@ class Cache {
   // heads fp32.
   absl::StatusOr<IndexQuery> PrepareIndexQuery(int64_t position, absl::Span<const Bf16> q_raw,
                                                absl::Span<const float> weights) const;
+  // The same into *out, reusing its buffers (IndexQuery::Prepare): allocates
+  // nothing when *out held a query with as many heads.
+  absl::Status PrepareIndexQuery(int64_t position, absl::Span<const Bf16> q_raw, absl::Span<const float> weights,
+                                 IndexQuery* out) const;
 
   // The rows the query at `layer`'s last position t attends to: the window
   // positions max(0, t - window + 1) .. t, then on CSA layers the top
@@ -322,6 +336,13 @@ class Cache {
   // for an empty layer.
   absl::StatusOr<AttentionSet> SelectAttentionSet(SequenceId seq, int layer, const IndexQuery* query,
                                                   std::vector<float>* index_scores = nullptr) const;
+  // The same selection into *out (its vectors cleared and refilled, their
+  // storage reused), working in *scratch (scratch->scores then holds the
+  // index scores of a CSA layer): the decode path's form, which allocates
+  // nothing once *out and *scratch have grown to the layer's sizes. On a
+  // refusal *out is unspecified.
+  absl::Status SelectAttentionSet(SequenceId seq, int layer, const IndexQuery* query, SelectionScratch* scratch,
+                                  AttentionSet* out) const;
 
   absl::StatusOr<HistoryView> CompressedRows(SequenceId seq, int layer) const;
   absl::StatusOr<HistoryView> IndexKeys(SequenceId seq, int layer) const;

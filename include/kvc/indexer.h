@@ -30,6 +30,11 @@ class IndexQuery {
   // block scale 2^-127 (see max_key_scale_byte()).
   static absl::StatusOr<IndexQuery> Prepare(absl::Span<const Bf16> q_raw, absl::Span<const float> weights,
                                             const float* cos_sin);
+  // The same into *out, reusing its buffers: allocates nothing when *out
+  // was prepared before with as many heads (the decode path's form). On a
+  // refusal *out is unspecified until prepared again.
+  static absl::Status Prepare(absl::Span<const Bf16> q_raw, absl::Span<const float> weights, const float* cos_sin,
+                              IndexQuery* out);
 
   int heads() const { return heads_; }
   int padded_heads() const { return padded_; }
@@ -96,6 +101,17 @@ float IndexScoreRef(const IndexQuery& query, const uint8_t* codes, const uint8_t
 // selection among the candidates (linear in scores.size(), typically ~8
 // bytes of work per key).
 absl::Status TopK(absl::Span<const float> scores, int64_t k, std::vector<int64_t>* out);
+
+// TopK's working buffers, kept by a caller that selects again and again (the
+// decode path): a call allocates nothing once the buffers (and *out) have
+// grown to the largest scores.size() and k seen.
+struct TopKScratch {
+  std::vector<float> sample;
+  std::vector<int64_t> candidates;
+};
+// TopK above, through `scratch` and into *out's existing storage. On a
+// refusal *out is empty or unchanged.
+absl::Status TopK(absl::Span<const float> scores, int64_t k, std::vector<int64_t>* out, TopKScratch* scratch);
 
 // The same selection for scores known to hold no NaN (ScoreIndexKeys'
 // output). NaN, if present anyway, counts as -inf (a total order): it is
