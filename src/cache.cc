@@ -15,7 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "kvc/compressor.h"
 #include "kvc/row_kernels.h"
-#include "kvc/status.h"
+#include "src/status.h"
 #include "src/cache_internal.h"
 #include "src/snapshot_format.h"
 

@@ -22,7 +22,7 @@
 #include "kvc/cache.h"
 #include "kvc/compressor.h"
 #include "kvc/row_kernels.h"
-#include "kvc/status.h"
+#include "src/status.h"
 #include "src/compressor_run.h"
 #include "src/compressor_state.h"
 #include "src/history_stream.h"

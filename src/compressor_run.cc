@@ -11,7 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kvc/row_kernels.h"
-#include "kvc/status.h"
+#include "src/status.h"
 
 namespace kvc {
 namespace {

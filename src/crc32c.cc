@@ -1,4 +1,4 @@
-#include "kvc/crc32c.h"
+#include "src/crc32c.h"
 
 #include <array>
 #include <cstdint>

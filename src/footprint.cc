@@ -10,7 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "kvc/row_formats.h"
-#include "kvc/status.h"
+#include "src/status.h"
 #include "src/page_store.h"
 
 namespace kvc {

@@ -1,6 +1,6 @@
 #include "src/history_stream.h"
 
-#include "kvc/status.h"
+#include "src/status.h"
 
 namespace kvc {
 namespace cache_internal {

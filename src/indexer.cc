@@ -17,7 +17,7 @@
 #include "kvc/compressor.h"
 #include "kvc/reference_codecs.h"
 #include "kvc/row_kernels.h"
-#include "kvc/status.h"
+#include "src/status.h"
 
 namespace kvc {
 namespace {

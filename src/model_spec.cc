@@ -9,8 +9,8 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "kvc/json.h"
-#include "kvc/status.h"
+#include "src/json.h"
+#include "src/status.h"
 
 namespace kvc {
 

@@ -388,7 +388,7 @@ HWY_AFTER_NAMESPACE();
 #include "absl/strings/str_cat.h"
 #include "absl/types/span.h"
 #include "kvc/row_kernels.h"
-#include "kvc/status.h"
+#include "src/status.h"
 
 namespace kvc {
 

@@ -22,8 +22,8 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "kvc/crc32c.h"
-#include "kvc/status.h"
+#include "src/crc32c.h"
+#include "src/status.h"
 #include "src/cache_internal.h"
 #include "src/snapshot_format.h"
 

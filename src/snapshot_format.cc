@@ -16,8 +16,8 @@
 #include "absl/strings/cord.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "kvc/crc32c.h"
-#include "kvc/status.h"
+#include "src/crc32c.h"
+#include "src/status.h"
 
 namespace kvc::snapshot_format {
 namespace {

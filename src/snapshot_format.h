@@ -39,11 +39,11 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "kvc/compressor.h"
-#include "kvc/crc32c.h"
+#include "src/crc32c.h"
 #include "kvc/model_spec.h"
 #include "kvc/row_formats.h"
 #include "kvc/snapshot.h"
-#include "kvc/status.h"
+#include "src/status.h"
 #include "src/page_store.h"
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "snapshots are little-endian and written natively");

@@ -5,7 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kvc/row_kernels.h"
-#include "kvc/status.h"
+#include "src/status.h"
 #include "src/snapshot_format.h"
 
 namespace kvc {

@@ -9,7 +9,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "kvc/json.h"
+#include "src/json.h"
 #include "tests/testing/run_program.h"
 
 namespace kvc {

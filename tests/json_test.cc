@@ -1,4 +1,4 @@
-#include "kvc/json.h"
+#include "src/json.h"
 
 #include <unistd.h>
 

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
-#include "kvc/safetensors.h"
+#include "src/safetensors.h"
 
 namespace kvc {
 namespace {

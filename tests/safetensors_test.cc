@@ -1,4 +1,4 @@
-#include "kvc/safetensors.h"
+#include "src/safetensors.h"
 
 #include <cstdint>
 #include <string>

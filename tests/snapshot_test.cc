@@ -31,7 +31,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kvc/cache.h"
-#include "kvc/crc32c.h"
+#include "src/crc32c.h"
 #include "src/snapshot_format.h"
 #include "tests/testing/run_program.h"
 #include "tests/testing/tiny_model.h"

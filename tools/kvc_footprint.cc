@@ -26,7 +26,7 @@
 #include "fmt/core.h"
 #include "kvc/cache.h"
 #include "kvc/footprint.h"
-#include "kvc/status.h"
+#include "src/status.h"
 #include "nlohmann/json.hpp"
 #include "tools/synthetic_model.h"
 #include "tools/tool_flags.h"

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "kvc/status.h"
+#include "src/status.h"
 
 namespace kvc::tools {
 namespace {

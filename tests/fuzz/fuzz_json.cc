@@ -5,7 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "kvc/json.h"
+#include "src/json.h"
 
 namespace {
 

@@ -8,7 +8,7 @@
 #include <utility>
 #include <vector>
 
-#include "kvc/safetensors.h"
+#include "src/safetensors.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   absl::StatusOr<kvc::SafetensorsFile> file =

@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "kvc/cache.h"
-#include "kvc/crc32c.h"
+#include "src/crc32c.h"
 #include "kvc/snapshot.h"
 #include "src/snapshot_format.h"
 

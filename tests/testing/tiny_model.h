@@ -15,7 +15,7 @@
 
 #include "absl/status/status.h"
 #include "kvc/cache.h"
-#include "kvc/status.h"
+#include "src/status.h"
 
 namespace kvc::testing {
 

@@ -12,7 +12,7 @@
 #include "kvc/number_formats.h"
 #include "kvc/reference_codecs.h"
 #include "kvc/row_kernels.h"
-#include "kvc/status.h"
+#include "src/status.h"
 #include "tools/conformance/conformance.h"
 
 namespace kvc::conformance {

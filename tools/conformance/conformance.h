@@ -15,8 +15,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "kvc/json.h"
-#include "kvc/safetensors.h"
+#include "src/json.h"
+#include "src/safetensors.h"
 
 namespace kvc::conformance {
 

@@ -5,7 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kvc/compressor.h"
-#include "kvc/status.h"
+#include "src/status.h"
 
 namespace kvc::conformance {
 

@@ -20,7 +20,7 @@
 #include "kvc/cache.h"
 #include "kvc/indexer.h"
 #include "kvc/row_kernels.h"
-#include "kvc/status.h"
+#include "src/status.h"
 #include "tools/conformance/conformance.h"
 #include "tools/conformance/golden_layer.h"
 

@@ -15,7 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "kvc/cache.h"
 #include "kvc/row_kernels.h"
-#include "kvc/status.h"
+#include "src/status.h"
 #include "tools/conformance/conformance.h"
 
 namespace kvc::conformance {

@@ -1,8 +1,8 @@
 // CRC-32C (Castagnoli, iSCSI / RFC 3720): the checksum of every snapshot
 // block. Uses the SSE4.2 crc32 instruction when the CPU has it, else a
 // table-driven software version; both give identical results.
-#ifndef KVC_CRC32C_H_
-#define KVC_CRC32C_H_
+#ifndef KVC_SRC_CRC32C_H_
+#define KVC_SRC_CRC32C_H_
 
 #include <cstddef>
 #include <cstdint>
@@ -21,4 +21,4 @@ bool Crc32cUsesHardware();
 
 }  // namespace kvc
 
-#endif  // KVC_CRC32C_H_
+#endif  // KVC_SRC_CRC32C_H_

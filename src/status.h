@@ -1,7 +1,7 @@
 // Status helpers. This abseil (20220623) ships absl::Status/StatusOr but no
 // RETURN_IF_ERROR-style macros; these are ours.
-#ifndef KVC_STATUS_H_
-#define KVC_STATUS_H_
+#ifndef KVC_SRC_STATUS_H_
+#define KVC_SRC_STATUS_H_
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -24,4 +24,4 @@
   if (!tmp.ok()) return tmp.status();               \
   lhs = std::move(tmp).value()
 
-#endif  // KVC_STATUS_H_
+#endif  // KVC_SRC_STATUS_H_

@@ -7,8 +7,8 @@
 // equals its data_offsets span, and the tensors tile the data section exactly
 // (in any order: no overlap, no hole, nothing after the last one), as the
 // reference implementation requires. Errors name the tensor.
-#ifndef KVC_SAFETENSORS_H_
-#define KVC_SAFETENSORS_H_
+#ifndef KVC_SRC_SAFETENSORS_H_
+#define KVC_SRC_SAFETENSORS_H_
 
 #include <cstdint>
 #include <cstring>
@@ -18,7 +18,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
-#include "kvc/json.h"
+#include "src/json.h"
 
 namespace kvc {
 
@@ -107,4 +107,4 @@ class SafetensorsWriter {
 
 }  // namespace kvc
 
-#endif  // KVC_SAFETENSORS_H_
+#endif  // KVC_SRC_SAFETENSORS_H_

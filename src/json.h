@@ -13,8 +13,8 @@
 // byte, at most 8 bytes per input byte (a 16 MiB array of one-digit numbers
 // takes 128 MiB); while parsing, up to 4 more bytes per input byte are used
 // and then freed.
-#ifndef KVC_JSON_H_
-#define KVC_JSON_H_
+#ifndef KVC_SRC_JSON_H_
+#define KVC_SRC_JSON_H_
 
 #include <cstddef>
 #include <cstdint>
@@ -101,4 +101,4 @@ class JsonValue {
 
 }  // namespace kvc
 
-#endif  // KVC_JSON_H_
+#endif  // KVC_SRC_JSON_H_
