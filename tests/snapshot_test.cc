@@ -841,7 +841,7 @@ TEST(SnapshotCorpus, CraftedOverflowFilesAreDataLoss) {
 // The child saves in a loop, growing its sequence between saves (every
 // third save a full rewrite); once it has saved, the parent kills it at a
 // random moment. The file must then restore to exactly one of the states
-// the child saved.
+// the child saved, and at least one kill must have interrupted a write.
 TEST(SnapshotCrash, KilledWriterLeavesThePreviousSnapshotUsable) {
   const TinyModel model;
   const std::string path = TempPath("crash");
@@ -853,8 +853,11 @@ TEST(SnapshotCrash, KilledWriterLeavesThePreviousSnapshotUsable) {
     ASSERT_TRUE(SaveSnapshot(*cache, {seq}, path).ok());
   }
   std::mt19937 rng(11);
+  // 30 kills, and more (up to 300) until one lands mid-write: a save now
+  // spends much of its time checking the file it appends to, and under
+  // sanitizers the write window is narrow.
   int interrupted = 0, kills = 0;
-  for (int trial = 0; trial < 30; ++trial) {
+  for (int trial = 0; trial < 300 && (trial < 30 || interrupted == 0); ++trial) {
     int ready[2];  // the child writes a byte once it is saving in its loop
     ASSERT_EQ(::pipe(ready), 0);
     const pid_t child = ::fork();
