@@ -645,6 +645,11 @@ absl::StatusOr<DenseBlockTables> Cache::BatchBlockTables(absl::Span<const Sequen
 
 absl::StatusOr<CsrBlockTables> Cache::BatchBlockTablesCsr(absl::Span<const SequenceId> ids, Stream stream) const {
   KVC_RETURN_IF_ERROR(CheckStream(stream));
+  if (stream == Stream::kWindow) {  // rows are ring slots, not a prefix of the pages
+    return absl::InvalidArgumentError(
+        "BatchBlockTablesCsr: the window ring is not a paged sequence (slot = position mod window); address it "
+        "with BlockTable or an AttentionSet's window_indices");
+  }
   CsrBlockTables out;
   out.indptr.push_back(0);
   for (const SequenceId id : ids) {

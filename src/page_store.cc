@@ -77,6 +77,13 @@ std::array<StreamSpec, kStreamCount> StreamSpecs(const ModelSpec& spec, const Ca
 
 namespace {
 
+// The most pages a stream's arrays may have: ids are int32, and so are the
+// row indices engines take (id x rows_per_page + offset, see AttentionSet).
+int64_t MaxPages(const StreamSpec& spec) {
+  const int64_t ids = std::numeric_limits<PageId>::max();
+  return spec.rows_per_page > 0 ? ids / spec.rows_per_page : ids;
+}
+
 // The engine's arrays, checked: arrays[s][layer] (empty span: none given).
 absl::StatusOr<std::array<std::vector<absl::Span<uint8_t>>, kPublicStreams>> EngineArrays(
     const std::array<StreamSpec, kStreamCount>& specs, const ModelSpec& model, const CacheOptions& options) {
@@ -114,6 +121,26 @@ absl::StatusOr<std::array<std::vector<absl::Span<uint8_t>>, kPublicStreams>> Eng
     }
     given[static_cast<size_t>(s)][static_cast<size_t>(a.layer)] = true;
     arrays[static_cast<size_t>(s)][static_cast<size_t>(a.layer)] = a.bytes;
+  }
+  // No two arrays may share a byte: a layer would write another's pages.
+  struct Range {
+    uintptr_t begin, end;
+    const EngineArray* array;
+  };
+  std::vector<Range> ranges;
+  for (const EngineArray& a : options.engine_arrays) {
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(a.bytes.data());
+    ranges.push_back({begin, begin + a.bytes.size(), &a});
+  }
+  std::sort(ranges.begin(), ranges.end(), [](const Range& x, const Range& y) { return x.begin < y.begin; });
+  for (size_t i = 1; i < ranges.size(); ++i) {
+    if (ranges[i].begin < ranges[i - 1].end) {
+      const EngineArray& a = *ranges[i - 1].array;
+      const EngineArray& b = *ranges[i].array;
+      return absl::InvalidArgumentError(absl::StrCat("engine_arrays: layer ", a.layer, " stream ", StreamName(a.stream),
+                                                     " and layer ", b.layer, " stream ", StreamName(b.stream),
+                                                     " overlap; every array needs memory of its own"));
+    }
   }
   // All or none per class: the window arrays, and the history arrays.
   const std::vector<std::vector<int>> classes = {{kWindowStream}, {kCsaRowsStream, kCsaKeysStream, kHcaRowsStream}};
@@ -166,7 +193,7 @@ absl::StatusOr<std::unique_ptr<PageStore>> PageStore::Create(const ModelSpec& mo
     if (st.engine_owned) {
       const int64_t n = static_cast<int64_t>(engine[static_cast<size_t>(s)][static_cast<size_t>(st.spec.layers[0])].size()) /
                         st.spec.page_bytes;
-      st.num_pages = std::min<int64_t>(n, std::numeric_limits<PageId>::max());
+      st.num_pages = std::min<int64_t>(n, MaxPages(st.spec));
       for (const int32_t l : st.spec.layers) st.bases[static_cast<size_t>(l)] = engine[static_cast<size_t>(s)][static_cast<size_t>(l)].data();
     } else {
       ++kvc_streams;
@@ -182,7 +209,7 @@ absl::StatusOr<std::unique_ptr<PageStore>> PageStore::Create(const ModelSpec& mo
       if (st.spec.layers.empty() || st.engine_owned) continue;
       const int64_t id_bytes = st.spec.page_bytes * static_cast<int64_t>(st.spec.layers.size());
       const int64_t budget = std::max<int64_t>(0, store->limit_[static_cast<int>(st.spec.cls)]);
-      st.num_pages = std::min({budget / id_bytes, int64_t{std::numeric_limits<PageId>::max()}, cap / kvc_streams / id_bytes});
+      st.num_pages = std::min({budget / id_bytes, MaxPages(st.spec), cap / kvc_streams / id_bytes});
       if (st.num_pages == 0) continue;
       const int64_t bytes = st.num_pages * st.spec.page_bytes;
       for (const int32_t l : st.spec.layers) {

@@ -60,9 +60,13 @@ int64_t FirstInvalidKvRow(const uint8_t* rows, int64_t n) {
 }
 
 int64_t FirstInvalidKey(const uint8_t* keys, int64_t n) {
+  // QuantizeIndexKeys takes values up to 2^120; the largest Hadamard output
+  // (128 x 2^120 / sqrt(128)) gets the block scale 2^121 (byte 248). A larger
+  // scale (NaN at 255 included) is no key kvc could have written.
+  constexpr uint8_t kLargestKeyScaleByte = 127 + 121;
   for (int64_t r = 0; r < n; ++r, keys += sizeof(IndexKeyFp4)) {
     for (const uint8_t s : reinterpret_cast<const IndexKeyFp4*>(keys)->scales) {
-      if (s == 0xFFu) return r;
+      if (s > kLargestKeyScaleByte) return r;
     }
   }
   return -1;

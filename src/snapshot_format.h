@@ -64,7 +64,8 @@ const char* BlockTypeName(BlockType type);
 // The first of n contiguous stored 584-byte rows (68-byte keys) kvc could
 // not have written, or -1: a NaN E4M3 code or UE8M0 scale, a block that
 // reads back as infinity (a scale above 2^120, or the code of 256 at 2^120),
-// a non-finite bf16 RoPE dim, nonzero padding. A restore and
+// a non-finite bf16 RoPE dim, nonzero padding; for keys, a block scale
+// above 2^121 (what the largest accepted key input gets). A restore and
 // Cache::AppendRows refuse them.
 int64_t FirstInvalidKvRow(const uint8_t* rows, int64_t n);
 int64_t FirstInvalidKey(const uint8_t* keys, int64_t n);

@@ -417,6 +417,8 @@ static void TestPages(void) {
   CHECK(last[0] == kCsaEntries - 9 * 8 && last[1] == 8 && memcmp(indices + 10, ids, 9 * sizeof(int32_t)) == 0);
   CHECK(kvc_batch_block_tables_csr(cache, batch, 2, KVC_STREAM_CSA_ROWS, indptr, indices, 3, &count, last) ==
         KVC_ERR_OUT_OF_RANGE && count == 19);
+  CHECK(kvc_batch_block_tables_csr(cache, batch, 2, KVC_STREAM_WINDOW, indptr, indices, 32, &count, last) ==
+        KVC_ERR_INVALID_ARGUMENT); /* ring slots are not a paged sequence */
   CHECK(kvc_batch_block_tables(cache, batch, -1, KVC_STREAM_CSA_ROWS, dense, 32, &max_blocks, NULL, NULL) ==
         KVC_ERR_INVALID_ARGUMENT);
   CHECK(kvc_batch_block_tables(cache, batch, 2, 9, dense, 32, &max_blocks, NULL, NULL) == KVC_ERR_INVALID_ARGUMENT);

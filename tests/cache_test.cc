@@ -680,6 +680,10 @@ TEST(Cache, BatchBlockTablesDenseAndCsr) {
   }
   // The window: every sequence has its ring pages.
   EXPECT_EQ(cache->BatchBlockTables(batch, Stream::kWindow)->blocks, (std::vector<int32_t>{3, 3, 3}));
+  // ...but no CSR form: FlashInfer's (pages - 1) x B + last_page_len = rows
+  // cannot hold for ring slots (a short ring has all its pages, rows in slot order).
+  EXPECT_THAT(std::string(cache->BatchBlockTablesCsr(batch, Stream::kWindow).status().message()),
+              HasSubstr("window ring is not a paged sequence"));
   // A stream no layer has, an unknown sequence.
   auto window_only = MakeCache([] {
     ModelSpec spec = SmallSpec();
@@ -778,6 +782,17 @@ TEST(Cache, AppendRowsTakesStoredBytesAndRefusesWhatKvcCannotHaveWritten) {
   }
   std::vector<uint8_t> bad_key = keys;
   bad_key[2 * 68 + 65] = 0xFF;
+  EXPECT_THAT(std::string(cache->AppendRows(seq, 1, Stream::kCsaKeys, 0, bad_key).message()), HasSubstr("row 2 "));
+  // The largest key scale kvc writes is 2^121 (byte 248: the Hadamard of 128
+  // values of 2^120); a larger one would block every query's scoring.
+  {
+    std::vector<Bf16> extreme(kIndexDim, Bf16{0x7B80});  // 2^120, the largest key input
+    std::vector<uint8_t> key(68);
+    ASSERT_TRUE(QuantizeIndexKeys(extreme, ContiguousRows(RowFormat::kIndexFp4, key.data(), 1)).ok());
+    EXPECT_EQ(*std::max_element(key.begin() + 64, key.end()), 248);
+  }
+  bad_key = keys;
+  bad_key[2 * 68 + 65] = 249;
   EXPECT_THAT(std::string(cache->AppendRows(seq, 1, Stream::kCsaKeys, 0, bad_key).message()), HasSubstr("row 2 "));
   EXPECT_EQ(*cache->StreamRows(seq, 1, Stream::kCsaRows), 0);
   EXPECT_EQ(*cache->StreamRows(seq, 1, Stream::kCsaKeys), 0);
@@ -895,6 +910,35 @@ TEST(Cache, EngineArraysHoldEveryPage) {
   std::vector<EngineArray> lacking = arrays;
   lacking.push_back({0, Stream::kCsaKeys, arrays[0].bytes});
   refused(lacking, "layer 0 stream CSA index keys: a window layer has no such stream");
+  std::vector<EngineArray> overlapping = arrays;  // layer 1's window array is layer 0's
+  overlapping[1].bytes = overlapping[0].bytes;
+  refused(overlapping, "overlap");
+  overlapping = arrays;  // a history array reusing a window array's tail
+  overlapping.back().bytes = arrays[0].bytes.subspan(static_cast<size_t>(geometry[0].page_bytes));
+  if (overlapping.back().bytes.size() >= static_cast<size_t>(geometry[static_cast<int>(overlapping.back().stream)].page_bytes)) {
+    refused(overlapping, "overlap");
+  }
+}
+
+// Row indices an engine takes (id x rows_per_page + offset) are int32: a
+// stream's arrays never have more pages than keep them so, even when the
+// budget and the address space would allow more.
+TEST(Cache, PagesAreCappedSoRowIndicesFitInt32) {
+  CacheOptions options;
+  options.rows_per_page = 4096;
+  options.rollback_depth = 0;
+  options.state_bytes = std::numeric_limits<int64_t>::max();
+  options.history_bytes = std::numeric_limits<int64_t>::max();
+  auto cache = MakeCache(SmallSpec(), options);
+  for (int layer = 0; layer < 3; ++layer) {
+    for (const Stream stream : {Stream::kWindow, Stream::kCsaRows, Stream::kHcaRows}) {
+      const absl::StatusOr<PageArray> pages = cache->LayerPages(layer, stream);
+      if (!pages.ok()) continue;
+      EXPECT_GT(pages->num_pages, 0);
+      EXPECT_LE(pages->num_pages * pages->rows_per_page, std::numeric_limits<int32_t>::max())
+          << "layer " << layer << " " << StreamName(stream);
+    }
+  }
 }
 
 TEST(Cache, RejectsInconsistentOptions) {

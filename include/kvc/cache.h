@@ -360,6 +360,8 @@ class Cache {
   // layer has the stream, or for an unknown sequence.
   absl::StatusOr<std::vector<int32_t>> BlockTable(SequenceId seq, Stream stream) const;
   // The same for a batch: dense [batch, max_blocks] (-1 padded) and CSR.
+  // CSR refuses kWindow (kInvalidArgument): ring slots are not a prefix of
+  // the pages, so FlashInfer's last_page_len cannot describe them.
   absl::StatusOr<DenseBlockTables> BatchBlockTables(absl::Span<const SequenceId> seqs, Stream stream) const;
   absl::StatusOr<CsrBlockTables> BatchBlockTablesCsr(absl::Span<const SequenceId> seqs, Stream stream) const;
 

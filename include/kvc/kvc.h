@@ -232,6 +232,7 @@ int kvc_seq_block_table(const kvc_cache* cache, kvc_seq seq, int32_t stream, int
  * longest layer's). *max_blocks is always set; the table is written only when
  * capacity >= batch x *max_blocks (else KVC_ERR_OUT_OF_RANGE and nothing
  * written: call again with a larger buffer). blocks and rows may be NULL.
+ * On any other error *max_blocks is left as it was.
  * KVC_ERR_NOT_FOUND / KVC_ERR_INVALID_ARGUMENT as kvc_seq_block_table. */
 int kvc_batch_block_tables(const kvc_cache* cache, const kvc_seq* seqs, int64_t batch, int32_t stream,
                            int32_t* ids, int64_t capacity, int64_t* max_blocks, int32_t* blocks, int64_t* rows);
@@ -239,14 +240,17 @@ int kvc_batch_block_tables(const kvc_cache* cache, const kvc_seq* seqs, int64_t 
  * indices[indptr[b] .. indptr[b + 1]), the last holding last_page_len[b] rows
  * (0 for a sequence without pages). indptr holds batch + 1 values,
  * last_page_len batch; *count = the total pages, indices written only when
- * capacity >= *count (else KVC_ERR_OUT_OF_RANGE and nothing written). */
+ * capacity >= *count (else KVC_ERR_OUT_OF_RANGE and nothing written).
+ * KVC_STREAM_WINDOW is KVC_ERR_INVALID_ARGUMENT: ring slots are not a paged
+ * sequence (use kvc_seq_block_table or kvc_seq_select's window_indices). */
 int kvc_batch_block_tables_csr(const kvc_cache* cache, const kvc_seq* seqs, int64_t batch, int32_t stream,
                                int32_t* indptr, int32_t* indices, int64_t capacity, int64_t* count,
                                int32_t* last_page_len);
 /* Ready-made rows (584 B) or keys (68 B), contiguous, for a layer whose compressor runs in the
  * engine; `first` must equal the rows already stored. Validated like a snapshot's rows.
- * KVC_ERR_INVALID_ARGUMENT: a row kvc could not have written (named), a
- * stream the layer lacks, `first` not the rows stored, count < 0.
+ * KVC_ERR_INVALID_ARGUMENT: a row kvc could not have written (named),
+ * KVC_STREAM_WINDOW (window rows go through kvc_seq_append), `first` not the
+ * rows stored, count < 0. KVC_ERR_NOT_FOUND: the layer has no such stream.
  * KVC_ERR_OUT_OF_RANGE: more rows than the windows closed so far.
  * KVC_ERR_FAILED_PRECONDITION: kvc runs this layer's compressor.
  * KVC_ERR_NOT_FOUND: unknown sequence. KVC_ERR_RESOURCE_EXHAUSTED: no pages
