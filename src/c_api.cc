@@ -112,14 +112,27 @@ absl::StatusOr<absl::Span<const kvc::SequenceId>> Batch(const kvc_seq* seqs, int
   return absl::MakeConstSpan(seqs, static_cast<size_t>(batch));
 }
 
-kvc::CacheOptions ToOptions(const kvc_options* options) {
+absl::StatusOr<kvc::CacheOptions> ToOptions(const kvc_options* options) {
   kvc::CacheOptions out;
-  if (options != nullptr) {
-    out.history_bytes = options->history_bytes;
-    out.state_bytes = options->state_bytes;
-    out.rollback_depth = options->rollback_depth;
-    out.rows_per_page = options->rows_per_page;
-    out.keys_per_page = options->keys_per_page;
+  if (options == nullptr) return out;
+  out.history_bytes = options->history_bytes;
+  out.state_bytes = options->state_bytes;
+  out.rollback_depth = options->rollback_depth;
+  out.rows_per_page = options->rows_per_page;
+  out.keys_per_page = options->keys_per_page;
+  const int64_t n = options->num_engine_arrays;
+  if (n < 0 || (n > 0 && options->engine_arrays == nullptr)) {
+    return absl::InvalidArgumentError(absl::StrCat("options: num_engine_arrays ", n, " with engine_arrays ",
+                                                   options->engine_arrays == nullptr ? "NULL" : "set"));
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const kvc_engine_array& a = options->engine_arrays[i];
+    if (a.bytes < 0 || (a.base == nullptr && a.bytes > 0)) {
+      return absl::InvalidArgumentError(absl::StrCat("options: engine_arrays[", i, "] (layer ", a.layer, "): ",
+                                                     a.bytes < 0 ? "bytes < 0" : "base is NULL"));
+    }
+    out.engine_arrays.push_back({a.layer, static_cast<kvc::Stream>(a.stream),
+                                 absl::MakeSpan(static_cast<uint8_t*>(a.base), static_cast<size_t>(a.bytes))});
   }
   return out;
 }
@@ -215,7 +228,9 @@ int Create(absl::StatusOr<kvc::ModelSpec> spec, const kvc_options* options, cons
     const absl::Status applied = ApplyParams(*params, *spec, storage);
     if (!applied.ok()) return FromStatus(applied);
   }
-  absl::StatusOr<std::unique_ptr<kvc::Cache>> cache = kvc::Cache::Create(*std::move(spec), ToOptions(options));
+  absl::StatusOr<kvc::CacheOptions> cache_options = ToOptions(options);
+  if (!cache_options.ok()) return FromStatus(cache_options.status());
+  absl::StatusOr<std::unique_ptr<kvc::Cache>> cache = kvc::Cache::Create(*std::move(spec), *std::move(cache_options));
   if (!cache.ok()) return FromStatus(cache.status());
   // Moving the vector keeps its buffer, which the cache's spec views.
   *out = new kvc_cache{std::move(storage), *std::move(cache)};
@@ -231,7 +246,7 @@ extern "C" {
 void kvc_options_default(kvc_options* options) {
   if (options == nullptr) return;
   const kvc::CacheOptions d;
-  *options = kvc_options{d.history_bytes, d.state_bytes, d.rollback_depth, d.rows_per_page, d.keys_per_page};
+  *options = kvc_options{d.history_bytes, d.state_bytes, d.rollback_depth, d.rows_per_page, d.keys_per_page, nullptr, 0};
 }
 
 int kvc_cache_create(const char* preset, const kvc_options* options, kvc_cache** out) {
@@ -485,6 +500,32 @@ int kvc_layer_pages(const kvc_cache* cache, int32_t layer, int32_t stream, kvc_p
     if (!pages.ok()) return FromStatus(pages.status());
     *out = {pages->base, pages->page_bytes, pages->num_pages, pages->rows_per_page, pages->row_data_bytes,
             pages->row_scale_bytes};
+    return KVC_OK;
+  });
+}
+
+int kvc_page_geometry(const char* preset, const char* config_json, size_t config_length, const kvc_options* options,
+                      int32_t stream, kvc_page_array* out, int32_t* layers, int32_t capacity, int32_t* count) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(out);
+    KVC_C_REQUIRE(count);
+    if (capacity < 0) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": capacity ", capacity, " < 0"));
+    if (capacity > 0) KVC_C_REQUIRE(layers);
+    if (preset == nullptr) KVC_C_REQUIRE(config_json);
+    const absl::StatusOr<kvc::Stream> s = ToStream(stream, function);
+    if (!s.ok()) return FromStatus(s.status());
+    const absl::StatusOr<kvc::ModelSpec> spec =
+        preset != nullptr ? kvc::ModelSpec::Preset(preset)
+                          : kvc::ModelSpec::FromHuggingFaceConfig(absl::string_view(config_json, config_length));
+    if (!spec.ok()) return FromStatus(spec.status());
+    const absl::StatusOr<kvc::CacheOptions> cache_options = ToOptions(options);
+    if (!cache_options.ok()) return FromStatus(cache_options.status());
+    const absl::StatusOr<std::vector<kvc::StreamGeometry>> geometry = kvc::Cache::PageGeometry(*spec, *cache_options);
+    if (!geometry.ok()) return FromStatus(geometry.status());
+    const kvc::StreamGeometry& g = (*geometry)[static_cast<size_t>(stream)];
+    *out = {nullptr, g.page_bytes, 0, g.rows_per_page, g.row_data_bytes, g.row_scale_bytes};
+    std::copy_n(g.layers.begin(), std::min(g.layers.size(), static_cast<size_t>(capacity)), layers);
+    *count = static_cast<int32_t>(g.layers.size());
     return KVC_OK;
   });
 }

@@ -41,12 +41,28 @@ enum { KVC_HEAD_DIM = 512, KVC_INDEX_DIM = 128, KVC_NUM_COMPONENTS = 4 };
 typedef struct kvc_cache kvc_cache;
 typedef int64_t kvc_seq;
 
+/* Engine memory for one (layer, stream) page array: page b at
+ * base + b x page_bytes, bytes / page_bytes pages (kvc_page_geometry gives
+ * page_bytes before any cache exists). 64-byte aligned, no two arrays
+ * overlapping; must outlive the cache. `stream` is a KVC_STREAM_* number. */
+typedef struct kvc_engine_array {
+  int32_t layer;
+  int32_t stream;
+  void* base;
+  int64_t bytes;
+} kvc_engine_array;
+
 typedef struct kvc_options {
   int64_t history_bytes;  /* byte limit of compressed rows + index keys */
   int64_t state_bytes;    /* byte limit of window rings, rollback rows, compressor state */
   int32_t rollback_depth; /* tokens a sequence can always be rolled back by */
   int32_t rows_per_page;  /* 584-byte rows per page */
   int32_t keys_per_page;  /* 68-byte index keys per page */
+  /* Engine memory for the page arrays, all or none per class: every layer's
+   * KVC_STREAM_WINDOW array, and/or every layer's CSA rows, CSA keys and HCA
+   * rows arrays (docs/layout.md). NULL / 0 (the default): kvc maps its own. */
+  const kvc_engine_array* engine_arrays;
+  int64_t num_engine_arrays;
 } kvc_options;
 
 typedef struct kvc_usage {
@@ -218,6 +234,16 @@ typedef struct kvc_page_array {
  * for a layer or stream number out of range. The array is fixed for the
  * cache's lifetime. */
 int kvc_layer_pages(const kvc_cache* cache, int32_t layer, int32_t stream, kvc_page_array* out);
+/* A stream's page geometry before any cache exists, for allocating
+ * kvc_engine_arrays: the model is a preset name, or (preset NULL) the text
+ * of a config.json. Sets out's page_bytes, rows_per_page, row_data_bytes and
+ * row_scale_bytes (base NULL, num_pages 0); *count = the layers that have the
+ * stream, min(*count, capacity) of them written to `layers` (ascending; may
+ * be NULL when capacity is 0). KVC_ERR_INVALID_ARGUMENT: options or a model
+ * kvc_cache_create would refuse, a stream number out of range, capacity < 0;
+ * KVC_ERR_NOT_FOUND: an unknown preset. */
+int kvc_page_geometry(const char* preset, const char* config_json, size_t config_length, const kvc_options* options,
+                      int32_t stream, kvc_page_array* out, int32_t* layers, int32_t capacity, int32_t* count);
 /* Page ids of the stream in row order, the same for every layer of the stream; writes
  * min(count, capacity) ids. Row r: page ids[r / rows_per_page]; its data at
  * (r % rows_per_page) x row_data_bytes and its scales at rows_per_page x row_data_bytes +
