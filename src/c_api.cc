@@ -106,10 +106,19 @@ void WriteCapped(const std::vector<T>& values, T* out, int64_t capacity, T pad) 
   if (out != nullptr) std::fill(out + written, out + n, pad);
 }
 
-absl::StatusOr<absl::Span<const kvc::SequenceId>> Batch(const kvc_seq* seqs, int64_t batch, const char* function) {
+// The sequences and stream of a batch block-table call, checked.
+struct BatchArgs {
+  absl::Span<const kvc::SequenceId> seqs;
+  kvc::Stream stream;
+};
+absl::StatusOr<BatchArgs> CheckBatch(const kvc_seq* seqs, int64_t batch, int32_t stream, int64_t capacity,
+                                     const char* function) {
+  if (capacity < 0) return absl::InvalidArgumentError(absl::StrCat(function, ": capacity ", capacity, " < 0"));
   if (batch < 0) return absl::InvalidArgumentError(absl::StrCat(function, ": batch ", batch, " is negative"));
   if (batch > 0 && seqs == nullptr) return absl::InvalidArgumentError(absl::StrCat(function, ": seqs is NULL"));
-  return absl::MakeConstSpan(seqs, static_cast<size_t>(batch));
+  const absl::StatusOr<kvc::Stream> s = ToStream(stream, function);
+  if (!s.ok()) return s.status();
+  return BatchArgs{absl::MakeConstSpan(seqs, static_cast<size_t>(batch)), *s};
 }
 
 absl::StatusOr<kvc::CacheOptions> ToOptions(const kvc_options* options) {
@@ -553,12 +562,9 @@ int kvc_batch_block_tables(const kvc_cache* cache, const kvc_seq* seqs, int64_t 
   return Guarded(__func__, [&](const char* function) -> int {
     KVC_C_REQUIRE(cache);
     KVC_C_REQUIRE(max_blocks);
-    if (capacity < 0) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": capacity ", capacity, " < 0"));
-    const absl::StatusOr<absl::Span<const kvc::SequenceId>> span = Batch(seqs, batch, function);
-    if (!span.ok()) return FromStatus(span.status());
-    const absl::StatusOr<kvc::Stream> s = ToStream(stream, function);
-    if (!s.ok()) return FromStatus(s.status());
-    const absl::StatusOr<kvc::DenseBlockTables> tables = cache->cache->BatchBlockTables(*span, *s);
+    const absl::StatusOr<BatchArgs> args = CheckBatch(seqs, batch, stream, capacity, function);
+    if (!args.ok()) return FromStatus(args.status());
+    const absl::StatusOr<kvc::DenseBlockTables> tables = cache->cache->BatchBlockTables(args->seqs, args->stream);
     if (!tables.ok()) return FromStatus(tables.status());
     *max_blocks = tables->max_blocks;
     if (static_cast<int64_t>(tables->ids.size()) > capacity) {
@@ -582,12 +588,9 @@ int kvc_batch_block_tables_csr(const kvc_cache* cache, const kvc_seq* seqs, int6
     KVC_C_REQUIRE(indptr);
     KVC_C_REQUIRE(count);
     if (batch > 0) KVC_C_REQUIRE(last_page_len);
-    if (capacity < 0) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": capacity ", capacity, " < 0"));
-    const absl::StatusOr<absl::Span<const kvc::SequenceId>> span = Batch(seqs, batch, function);
-    if (!span.ok()) return FromStatus(span.status());
-    const absl::StatusOr<kvc::Stream> s = ToStream(stream, function);
-    if (!s.ok()) return FromStatus(s.status());
-    const absl::StatusOr<kvc::CsrBlockTables> tables = cache->cache->BatchBlockTablesCsr(*span, *s);
+    const absl::StatusOr<BatchArgs> args = CheckBatch(seqs, batch, stream, capacity, function);
+    if (!args.ok()) return FromStatus(args.status());
+    const absl::StatusOr<kvc::CsrBlockTables> tables = cache->cache->BatchBlockTablesCsr(args->seqs, args->stream);
     if (!tables.ok()) return FromStatus(tables.status());
     *count = static_cast<int64_t>(tables->indices.size());
     if (*count > capacity) {

@@ -108,21 +108,33 @@ Tokens MakeTokens(int layer, int64_t n) {
 
 constexpr int64_t kTokens = 300;  // 75 CSA entries, 2 HCA entries
 
-void GrowC(kvc_cache* cache, kvc_seq seq) {
+// A new sequence of `cache` (C) holding kTokens tokens in every layer.
+kvc_seq GrownC(kvc_cache* cache) {
+  kvc_seq seq = 0;
+  EXPECT_EQ(kvc_seq_create(cache, &seq), KVC_OK) << kvc_last_error();
   for (int layer = 0; layer < 3; ++layer) {
     const Tokens t = MakeTokens(layer, kTokens);
     auto p = [](const std::vector<float>& v) { return v.empty() ? nullptr : v.data(); };
     const kvc_layer_tokens c{reinterpret_cast<const uint16_t*>(t.window.data()), p(t.kv), p(t.score), p(t.ikv),
                              p(t.iscore), kTokens};
-    ASSERT_EQ(kvc_seq_append_tokens(cache, seq, layer, 0, &c), KVC_OK) << kvc_last_error();
+    EXPECT_EQ(kvc_seq_append_tokens(cache, seq, layer, 0, &c), KVC_OK) << kvc_last_error();
   }
+  return seq;
 }
 
-void GrowCpp(Cache& cache, SequenceId seq) {
+// The same in a C++ cache of `spec`.
+struct GrownCpp {
+  std::unique_ptr<Cache> cache;
+  SequenceId seq = 0;
+};
+GrownCpp MakeGrownCpp(const ModelSpec& spec) {
+  GrownCpp g{*Cache::Create(spec), 0};
+  g.seq = *g.cache->CreateSequence();
   for (int layer = 0; layer < 3; ++layer) {
     const Tokens t = MakeTokens(layer, kTokens);
-    ASSERT_TRUE(cache.Append(seq, layer, 0, {t.window, t.kv, t.score, t.ikv, t.iscore}).ok());
+    EXPECT_TRUE(g.cache->Append(g.seq, layer, 0, {t.window, t.kv, t.score, t.ikv, t.iscore}).ok());
   }
+  return g;
 }
 
 // Every observable byte of the C cache's sequence, read through a snapshot
@@ -150,16 +162,11 @@ TEST(CApiParams, StoresTheBytesOfTheCppCache) {
   const Params params(10);
   CCache c = CreateC(params);
   ASSERT_NE(c, nullptr);
-  kvc_seq seq = 0;
-  ASSERT_EQ(kvc_seq_create(c.get(), &seq), KVC_OK);
-  GrowC(c.get(), seq);
-
-  std::unique_ptr<Cache> cpp = *Cache::Create(params.Spec());
-  const SequenceId ref = *cpp->CreateSequence();
-  GrowCpp(*cpp, ref);
-  ASSERT_EQ(cpp->CompressedRows(ref, kHca)->rows, 2);
-  ASSERT_EQ(cpp->IndexKeys(ref, kCsa)->rows, 75);
-  EXPECT_TRUE(SameBytes(BytesOfC(c.get(), seq, *cpp), testing::ObservableBytes(*cpp, ref)));
+  const kvc_seq seq = GrownC(c.get());
+  const GrownCpp cpp = MakeGrownCpp(params.Spec());
+  ASSERT_EQ(cpp.cache->CompressedRows(cpp.seq, kHca)->rows, 2);
+  ASSERT_EQ(cpp.cache->IndexKeys(cpp.seq, kCsa)->rows, 75);
+  EXPECT_TRUE(SameBytes(BytesOfC(c.get(), seq, *cpp.cache), testing::ObservableBytes(*cpp.cache, cpp.seq)));
 }
 
 TEST(CApiParams, ParametersAreCopied) {
@@ -168,27 +175,20 @@ TEST(CApiParams, ParametersAreCopied) {
   ASSERT_NE(c, nullptr);
   *params = Params(20);  // other values in the caller's buffers, then freed
   params.reset();
-  kvc_seq seq = 0;
-  ASSERT_EQ(kvc_seq_create(c.get(), &seq), KVC_OK);
-  GrowC(c.get(), seq);
-
+  const kvc_seq seq = GrownC(c.get());
   const Params same(10);
-  std::unique_ptr<Cache> cpp = *Cache::Create(same.Spec());
-  const SequenceId ref = *cpp->CreateSequence();
-  GrowCpp(*cpp, ref);
-  EXPECT_TRUE(SameBytes(BytesOfC(c.get(), seq, *cpp), testing::ObservableBytes(*cpp, ref)));
+  const GrownCpp cpp = MakeGrownCpp(same.Spec());
+  EXPECT_TRUE(SameBytes(BytesOfC(c.get(), seq, *cpp.cache), testing::ObservableBytes(*cpp.cache, cpp.seq)));
 }
 
 TEST(CApiParams, IndexScoresAreSelectAttentionSetsScores) {
   const Params params(10);
   CCache c = CreateC(params);
   ASSERT_NE(c, nullptr);
-  kvc_seq seq = 0;
-  ASSERT_EQ(kvc_seq_create(c.get(), &seq), KVC_OK);
-  GrowC(c.get(), seq);
-  std::unique_ptr<Cache> cpp = *Cache::Create(params.Spec());
-  const SequenceId ref = *cpp->CreateSequence();
-  GrowCpp(*cpp, ref);
+  const kvc_seq seq = GrownC(c.get());
+  const GrownCpp grown = MakeGrownCpp(params.Spec());
+  Cache* cpp = grown.cache.get();
+  const SequenceId ref = grown.seq;
 
   constexpr int kHeads = 64;
   std::vector<Bf16> q(kHeads * 128);
@@ -224,18 +224,14 @@ TEST(CApiParams, TheRopeTableIsUsed) {
   const Params params(10);
   CCache c = CreateC(params);
   ASSERT_NE(c, nullptr);
-  kvc_seq seq = 0;
-  ASSERT_EQ(kvc_seq_create(c.get(), &seq), KVC_OK);
-  GrowC(c.get(), seq);
+  const kvc_seq seq = GrownC(c.get());
   ModelSpec spec = params.Spec();
   spec.compressed_rope.engine_table = {};
-  std::unique_ptr<Cache> kvc_rope = *Cache::Create(spec);
-  const SequenceId other = *kvc_rope->CreateSequence();
-  GrowCpp(*kvc_rope, other);
+  const GrownCpp kvc_rope = MakeGrownCpp(spec);
   std::unique_ptr<Cache> reader = *Cache::Create(params.Spec());
   const std::string bytes = BytesOfC(c.get(), seq, *reader);
   ASSERT_NE(bytes.rfind("restore failed", 0), 0u) << bytes;
-  EXPECT_FALSE(SameBytes(bytes, testing::ObservableBytes(*kvc_rope, other)));
+  EXPECT_FALSE(SameBytes(bytes, testing::ObservableBytes(*kvc_rope.cache, kvc_rope.seq)));
 }
 
 TEST(CApiParams, WrongSizesAreRefusedNamingLayerAndField) {
