@@ -47,9 +47,14 @@ int64_t FirstInvalidKvRow(const uint8_t* rows, int64_t n) {
   for (int64_t r = 0; r < n; ++r, rows += kKvRowBytes) {
     const auto* row = reinterpret_cast<const KvRowFp8*>(rows);
     unsigned bad = 0;
-    for (int i = 0; i < kNopeDim; ++i) {
-      const unsigned magnitude = row->nope_codes[i] & 0x7Fu;
-      const uint8_t scale = row->scales[i / kFp8BlockSize];
+    for (int block = 0; block < kNopeDim / kFp8BlockSize; ++block) {
+      // The largest code magnitude of the block (a plain max loop the
+      // compiler vectorizes); 0x7F, the largest, is NaN.
+      uint8_t magnitude = 0;
+      for (int i = 0; i < kFp8BlockSize; ++i) {
+        magnitude = std::max<uint8_t>(magnitude, row->nope_codes[block * kFp8BlockSize + i] & 0x7Fu);
+      }
+      const uint8_t scale = row->scales[block];
       bad |= magnitude == 0x7Fu || scale > kLargestScaleByte || (scale == kLargestScaleByte && magnitude >= kCode256);
     }
     for (int j = 0; j < kRopeDim; ++j) bad |= (row->rope_bf16[2 * j + 1] & 0x7Fu) == 0x7Fu && (row->rope_bf16[2 * j] & 0x80u) != 0;
