@@ -111,7 +111,8 @@ struct CacheOptions {
   // records and compressor state are always kvc's.
   std::vector<EngineArray> engine_arrays;
   // Tokens a sequence can always be rolled back by (speculative decoding
-  // needs <= 16). Costs per layer: D * 584 B of rollback rows, plus D token
+  // needs <= 16). Costs per layer: D * 592 B of rollback records (a 584-byte
+  // row and an 8-byte position each, rounded up to 64 B), plus D token
   // rows of compressor state (8 KiB CSA + 2 KiB CSA indexer, 4 KiB HCA).
   int32_t rollback_depth = 16;
   int32_t rows_per_page = 64;  // 584-byte rows per page (window ring and compressed rows)
@@ -254,7 +255,8 @@ class Cache {
 
   // The page geometry of each public stream (indexed by Stream) for this
   // model and options: what an engine needs to allocate engine_arrays.
-  // kInvalidArgument for options Create would refuse. Allocates nothing else.
+  // kInvalidArgument for a spec or options Create would refuse (engine_arrays
+  // themselves are checked by Create). Allocates nothing else.
   static absl::StatusOr<std::vector<StreamGeometry>> PageGeometry(const ModelSpec& spec, const CacheOptions& options);
   ~Cache();
   Cache(const Cache&) = delete;

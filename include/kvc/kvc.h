@@ -240,7 +240,8 @@ int kvc_layer_pages(const kvc_cache* cache, int32_t layer, int32_t stream, kvc_p
  * row_scale_bytes (base NULL, num_pages 0); *count = the layers that have the
  * stream, min(*count, capacity) of them written to `layers` (ascending; may
  * be NULL when capacity is 0). KVC_ERR_INVALID_ARGUMENT: options or a model
- * kvc_cache_create would refuse, a stream number out of range, capacity < 0;
+ * kvc_cache_create would refuse (its engine_arrays are checked by the create
+ * calls, not here), a stream number out of range, capacity < 0;
  * KVC_ERR_NOT_FOUND: an unknown preset. */
 int kvc_page_geometry(const char* preset, const char* config_json, size_t config_length, const kvc_options* options,
                       int32_t stream, kvc_page_array* out, int32_t* layers, int32_t capacity, int32_t* count);
