@@ -121,6 +121,15 @@ absl::StatusOr<BatchArgs> CheckBatch(const kvc_seq* seqs, int64_t batch, int32_t
   return BatchArgs{absl::MakeConstSpan(seqs, static_cast<size_t>(batch)), *s};
 }
 
+// The kind of `layer` of the cache, or an error naming the layer.
+absl::StatusOr<kvc::LayerKind> KindOf(const kvc_cache& cache, int32_t layer, const char* function) {
+  const std::vector<kvc::LayerSpec>& layers = cache.cache->spec().layers;
+  if (layer < 0 || static_cast<size_t>(layer) >= layers.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(function, ": layer ", layer, " is outside [0, ", layers.size(), ")"));
+  }
+  return layers[static_cast<size_t>(layer)].kind;
+}
+
 absl::StatusOr<kvc::CacheOptions> ToOptions(const kvc_options* options) {
   kvc::CacheOptions out;
   if (options == nullptr) return out;
@@ -310,12 +319,9 @@ int kvc_cache_layer_kind(const kvc_cache* cache, int32_t layer, int32_t* kind) {
   return Guarded(__func__, [&](const char* function) -> int {
     KVC_C_REQUIRE(cache);
     KVC_C_REQUIRE(kind);
-    const std::vector<kvc::LayerSpec>& layers = cache->cache->spec().layers;
-    if (layer < 0 || static_cast<size_t>(layer) >= layers.size()) {
-      return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": layer ", layer, " is outside [0, ",
-                                                         layers.size(), ")"));
-    }
-    *kind = static_cast<int32_t>(layers[static_cast<size_t>(layer)].kind);
+    const absl::StatusOr<kvc::LayerKind> k = KindOf(*cache, layer, function);
+    if (!k.ok()) return FromStatus(k.status());
+    *kind = static_cast<int32_t>(*k);
     return KVC_OK;
   });
 }
@@ -478,12 +484,9 @@ int kvc_index_scores(const kvc_cache* cache, kvc_seq seq, int32_t layer, const k
     KVC_C_REQUIRE(count);
     if (capacity < 0) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": capacity ", capacity, " < 0"));
     if (capacity > 0) KVC_C_REQUIRE(out);
-    const std::vector<kvc::LayerSpec>& layers = cache->cache->spec().layers;
-    if (layer < 0 || static_cast<size_t>(layer) >= layers.size()) {
-      return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": layer ", layer, " is outside [0, ",
-                                                         layers.size(), ")"));
-    }
-    const kvc::LayerKind kind = layers[static_cast<size_t>(layer)].kind;
+    const absl::StatusOr<kvc::LayerKind> k = KindOf(*cache, layer, function);
+    if (!k.ok()) return FromStatus(k.status());
+    const kvc::LayerKind kind = *k;
     if (kind != kvc::LayerKind::kCsa) {
       return Fail(KVC_ERR_INVALID_ARGUMENT,
                   absl::StrCat(function, ": layer ", layer, " is ", kind == kvc::LayerKind::kHca ? "HCA" : "window-only",
@@ -649,11 +652,9 @@ int kvc_seq_select(const kvc_cache* cache, kvc_seq seq, int32_t layer, const kvc
     }
     if (window_capacity > 0) KVC_C_REQUIRE(window_indices);
     if (compressed_capacity > 0) KVC_C_REQUIRE(compressed_indices);
-    const std::vector<kvc::LayerSpec>& layers = cache->cache->spec().layers;
-    if (layer < 0 || static_cast<size_t>(layer) >= layers.size()) {
-      return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": layer ", layer, " is outside [0, ", layers.size(), ")"));
-    }
-    const bool csa = layers[static_cast<size_t>(layer)].kind == kvc::LayerKind::kCsa;
+    const absl::StatusOr<kvc::LayerKind> k = KindOf(*cache, layer, function);
+    if (!k.ok()) return FromStatus(k.status());
+    const bool csa = *k == kvc::LayerKind::kCsa;
     if (csa && query == nullptr) {
       return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": layer ", layer, " is CSA: it needs an index query"));
     }

@@ -606,11 +606,8 @@ absl::Status CheckStream(Stream stream) {
 absl::StatusOr<PageArray> Cache::LayerPages(int layer, Stream stream) const {
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
   KVC_RETURN_IF_ERROR(CheckStream(stream));
+  KVC_RETURN_IF_ERROR(impl_->CheckHasStream(layer, stream));
   const int s = static_cast<int>(stream);
-  if (!impl_->HasStream(layer, s)) {
-    return absl::NotFoundError(absl::StrCat("layer ", layer, " (", LayerKindName(impl_->KindOf(layer)),
-                                            ") has no ", StreamName(stream), " stream"));
-  }
   const PageStore& store = *impl_->store;
   const cache_internal::StreamSpec& st = store.spec(s);
   return PageArray{store.base(s, layer), st.page_bytes, store.num_pages(s), st.rows_per_page, st.row_data_bytes,
@@ -670,10 +667,7 @@ absl::StatusOr<CsrBlockTables> Cache::BatchBlockTablesCsr(absl::Span<const Seque
 absl::StatusOr<int64_t> Cache::StreamRows(SequenceId id, int layer, Stream stream) const {
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
   KVC_RETURN_IF_ERROR(CheckStream(stream));
-  if (!impl_->HasStream(layer, static_cast<int>(stream))) {
-    return absl::NotFoundError(absl::StrCat("layer ", layer, " (", LayerKindName(impl_->KindOf(layer)),
-                                            ") has no ", StreamName(stream), " stream"));
-  }
+  KVC_RETURN_IF_ERROR(impl_->CheckHasStream(layer, stream));
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
   const LayerStreams& ls = seq.layers()[static_cast<size_t>(layer)];
   switch (stream) {
@@ -690,9 +684,8 @@ absl::Status Cache::AppendRows(SequenceId id, int layer, Stream stream, int64_t 
   if (stream == Stream::kWindow) {
     return absl::InvalidArgumentError(absl::StrCat(kWhat, ": window rows are appended with Append"));
   }
-  if (!impl_->HasStream(layer, static_cast<int>(stream))) {
-    return absl::NotFoundError(absl::StrCat(kWhat, ": layer ", layer, " (", LayerKindName(impl_->KindOf(layer)),
-                                            ") has no ", StreamName(stream), " stream"));
+  if (const absl::Status has = impl_->CheckHasStream(layer, stream); !has.ok()) {
+    return absl::Status(has.code(), absl::StrCat(kWhat, ": ", has.message()));
   }
   const bool keys = stream == Stream::kCsaKeys;
   const RowFormat format = keys ? RowFormat::kIndexFp4 : RowFormat::kKvFp8;

@@ -148,6 +148,12 @@ struct Cache::Impl {
     const std::vector<int32_t>& l = store->spec(s).layers;
     return std::binary_search(l.begin(), l.end(), layer);
   }
+  // OK if `layer` (checked) has `stream`; else kNotFound naming both.
+  absl::Status CheckHasStream(int layer, Stream stream) const {
+    if (HasStream(layer, static_cast<int>(stream))) return absl::OkStatus();
+    return absl::NotFoundError(absl::StrCat("layer ", layer, " (", LayerKindName(KindOf(layer)), ") has no ",
+                                            StreamName(stream), " stream"));
+  }
 
   // --- Compressors (the algorithm: src/compressor_run.h) --------------------
 
