@@ -24,6 +24,92 @@ namespace {
 
 int8_t Code(const uint8_t* packed, int e) { return kTwiceE2M1[(packed[e / 2] >> (4 * (e & 1))) & 0xF]; }
 
+// x as fp64, from its bits (no fp32 operation: x may be subnormal).
+double F64FromF32(float x) {
+  const uint32_t u = F32Bits(x);
+  const int field = static_cast<int>((u >> 23) & 0xFF);
+  const double mantissa = static_cast<double>(field == 0 ? (u & 0x7FFFFF) : ((u & 0x7FFFFF) | 0x800000));
+  const double magnitude = std::ldexp(mantissa, (field == 0 ? 1 : field) - 150);
+  return (u >> 31) != 0 ? -magnitude : magnitude;  // finite x only (Prepare checked)
+}
+
+// The kernels' layout of a prepared query (src/indexer_layout.h).
+void BuildScoringLayout(IndexQuery& q, std::vector<int32_t>& slot_head, std::vector<int32_t>& group_begin,
+                        std::vector<int8_t>& codes, std::vector<float>& codes_f32, std::vector<int32_t>& offset,
+                        std::vector<int32_t>& scale_bits, std::vector<float>& weight, std::vector<double>& weight_f64,
+                        int& min_q_exp, int& fast_min_key_exp, int& neutral_key_exp, bool& fast_allowed) {
+  slot_head.clear();
+  group_begin.assign(17, 0);
+  auto block_is_zero = [&](int h, int b) {
+    for (int e = 32 * b; e < 32 * b + 32; ++e) {
+      if (Code(q.stored(h).codes, e) != 0) return false;
+    }
+    return true;
+  };
+  // Active heads, grouped by h mod 16 (the running sum they add into).
+  for (int p = 0; p < 16; ++p) {
+    group_begin[static_cast<size_t>(p)] = static_cast<int32_t>(slot_head.size());
+    for (int h = p; h < q.heads(); h += 16) {
+      const bool zero = block_is_zero(h, 0) && block_is_zero(h, 1) && block_is_zero(h, 2) && block_is_zero(h, 3);
+      if (q.weights()[h] != 0.0f && !zero) slot_head.push_back(h);
+    }
+  }
+  group_begin[16] = static_cast<int32_t>(slot_head.size());
+  const size_t slots = slot_head.size();
+  codes.assign(slots * kIndexDim, 0);
+  codes_f32.assign(slots * kIndexDim, 0.0f);
+  offset.assign(slots * 4, 0);
+  scale_bits.assign(slots * 4, 0);
+  weight.assign(slots, 0.0f);
+  weight_f64.assign(slots, 0.0);
+  // Exponents: qe = byte - 129 (s_q/4), over nonzero blocks; e_w of |w|.
+  int q_min = 1 << 20, q_max = -(1 << 20), weighted_min = 1 << 20;
+  bool positive = false, negative = false;
+  fast_allowed = true;
+  for (size_t slot = 0; slot < slots; ++slot) {
+    const int h = slot_head[slot];
+    const IndexKeyFp4& stored = q.stored(h);
+    int head_min = 1 << 20;
+    for (int b = 0; b < 4; ++b) {
+      int sum = 0;
+      for (int e = 32 * b; e < 32 * b + 32; ++e) {
+        const int8_t c = Code(stored.codes, e);
+        codes[slot * kIndexDim + static_cast<size_t>(e)] = c;
+        codes_f32[slot * kIndexDim + static_cast<size_t>(e)] = c;
+        sum += c;
+      }
+      offset[slot * 4 + static_cast<size_t>(b)] = 12 * sum;
+      if (block_is_zero(h, b)) continue;
+      const int qe = stored.scales[b] - 129;
+      head_min = std::min(head_min, qe);
+      q_max = std::max(q_max, qe);
+    }
+    q_min = std::min(q_min, head_min);
+    const float w = q.weights()[h];
+    weight[slot] = w;
+    weight_f64[slot] = F64FromF32(w);
+    const int w_field = static_cast<int>((F32Bits(w) >> 23) & 0xFF);
+    if (w_field == 0) fast_allowed = false;  // a subnormal weight: the fast path's relu * w would meet it
+    weighted_min = std::min(weighted_min, head_min + w_field - 127);
+    (w > 0.0f ? positive : negative) = true;
+  }
+  if (slots == 0) q_min = q_max = weighted_min = 0;
+  for (size_t slot = 0; slot < slots; ++slot) {
+    for (int b = 0; b < 4; ++b) {
+      const int qe = block_is_zero(slot_head[slot], b) ? q_min : q.stored(slot_head[slot]).scales[b] - 129;
+      scale_bits[slot * 4 + static_cast<size_t>(b)] = (qe + 127) << 23;
+    }
+  }
+  min_q_exp = q_min;
+  // Fast path: every block product >= 2^-126 (q_min + ke_min >= -126), every
+  // relu * w >= 2^-126, and with weights of both signs every running sum a
+  // multiple of 2^-149 * 2^23 at least (their grid: relu * w's ulp).
+  fast_min_key_exp = std::max(-126 - q_min, -126 - weighted_min + (positive && negative ? 23 : 0));
+  // The quantizer bounds query scales to 2^-128 .. 2^119, so this range is
+  // never empty.
+  neutral_key_exp = std::min(std::max(0, -126 - q_min), 127 - q_max);
+}
+
 }  // namespace
 
 absl::StatusOr<IndexQuery> IndexQuery::Prepare(absl::Span<const Bf16> q_raw, absl::Span<const float> weights,
@@ -55,10 +141,6 @@ absl::Status IndexQuery::Prepare(absl::Span<const Bf16> q_raw, absl::Span<const 
   q.padded_ = (q.heads_ + 15) / 16 * 16;
   const size_t padded = static_cast<size_t>(q.padded_);
   q.stored_.assign(static_cast<size_t>(heads), IndexKeyFp4{});
-  q.q_f32_.assign(kIndexDim * padded, 0.0f);
-  q.q_s8_.assign(kIndexDim * padded, 0);
-  q.q_offset_.assign(4 * padded, 0);
-  q.q_scale_.assign(4 * padded, 0.0f);
   q.weights_.assign(padded, 0.0f);
   // RoPE on every head's last 64 dims, then the index-key pipeline (spec §3)
   // for all heads at once through the SIMD kernel (bit-identical to
@@ -79,31 +161,21 @@ absl::Status IndexQuery::Prepare(absl::Span<const Bf16> q_raw, absl::Span<const 
         ContiguousRows(RowFormat::kIndexFp4, reinterpret_cast<uint8_t*>(q.stored_.data() + first), count));
     if (!quantized.ok()) return quantized;
   }
-  for (int h = 0; h < q.heads_; ++h) {
-    const IndexKeyFp4& stored = q.stored_[static_cast<size_t>(h)];
-    const size_t hs = static_cast<size_t>(h);
-    for (int e = 0; e < kIndexDim; ++e) {
-      const int8_t c = Code(stored.codes, e);
-      q.q_f32_[static_cast<size_t>(e) * padded + hs] = c;
-      q.q_s8_[((static_cast<size_t>(e / 4) * (padded / 16) + hs / 16) * 16 + hs % 16) * 4 + static_cast<size_t>(e % 4)] = c;
-      q.q_offset_[static_cast<size_t>(e / 32) * padded + hs] += 12 * c;
-    }
-    for (int b = 0; b < 4; ++b) q.q_scale_[static_cast<size_t>(b) * padded + hs] = F32FromUe8m0(stored.scales[b]) * 0.25f;
-    q.weights_[hs] = weights[hs];
-  }
+  for (int h = 0; h < q.heads_; ++h) q.weights_[static_cast<size_t>(h)] = weights[static_cast<size_t>(h)];
   // The score bound (indexer.h, max_key_scale_byte): |q_h · k| <= c_h *
   // (largest key scale), c_h = Σ_b (s_q/4) * 12 * Σ_e |code_e| (key codes are
   // at most 12 in magnitude); scaled by |w_h| and summed over heads. A head of
-  // weight 0 still multiplies (relu(inf) * 0 = NaN), hence the max.
+  // weight 0 still multiplies in the reference (relu(inf) * 0 = NaN), hence
+  // the max. In fp64 (s_q/4 = 2^(byte - 129) exactly).
   double largest_head = 0.0, weighted = 0.0, largest_term = -1.0;
   for (int h = 0; h < q.heads_; ++h) {
     double q_h = 0.0;
     for (int b = 0; b < 4; ++b) {
       int abs_codes = 0;
       for (int e = 32 * b; e < 32 * b + 32; ++e) abs_codes += std::abs(int{Code(q.stored_[static_cast<size_t>(h)].codes, e)});
-      q_h += 12.0 * abs_codes * q.q_scale_[static_cast<size_t>(b) * padded + static_cast<size_t>(h)];
+      q_h += 12.0 * abs_codes * std::ldexp(1.0, q.stored_[static_cast<size_t>(h)].scales[b] - 129);
     }
-    const double term = std::fabs(double{weights[static_cast<size_t>(h)]}) * q_h;
+    const double term = std::fabs(F64FromF32(weights[static_cast<size_t>(h)])) * q_h;
     largest_head = std::max(largest_head, q_h);
     weighted += term;
     if (std::max(term, q_h) > largest_term) {
@@ -122,6 +194,9 @@ absl::Status IndexQuery::Prepare(absl::Span<const Bf16> q_raw, absl::Span<const 
         *std::max_element(q.stored_[h].scales, q.stored_[h].scales + 4) - 127,
         ") makes scores overflow fp32 against every key, even of block scale 2^-127"));
   }
+  BuildScoringLayout(q, q.slot_head_, q.group_begin_, q.slot_codes_, q.slot_codes_f32_, q.slot_offset_, q.slot_scale_bits_,
+                     q.slot_weight_, q.slot_weight_f64_, q.min_q_exp_, q.fast_min_key_exp_, q.neutral_key_exp_,
+                     q.fast_allowed_);
   q.max_key_scale_byte_ = byte;
   return absl::OkStatus();
 }
@@ -139,11 +214,15 @@ float IndexScoreRef(const IndexQuery& q, const uint8_t* codes, const uint8_t* sc
   const size_t padded = static_cast<size_t>(q.padded_heads());
   float partial[16] = {};
   for (size_t h = 0; h < padded; ++h) {
+    const bool real = h < static_cast<size_t>(q.heads());  // padding heads: codes, scales and weight 0
     float s = 0.0f;
     for (int b = 0; b < 4; ++b) {
       float acc = 0.0f;  // an exact integer
-      for (int e = 32 * b; e < 32 * b + 32; ++e) acc += q.q_f32()[static_cast<size_t>(e) * padded + h] * Code(codes, e);
-      s += acc * (q.q_scale()[static_cast<size_t>(b) * padded + h] * F32FromUe8m0(scales[b]));
+      for (int e = 32 * b; e < 32 * b + 32; ++e) {
+        acc += (real ? static_cast<float>(Code(q.stored(static_cast<int>(h)).codes, e)) : 0.0f) * Code(codes, e);
+      }
+      const float q_scale = real ? F32FromUe8m0(q.stored(static_cast<int>(h)).scales[b]) * 0.25f : 0.0f;
+      s += acc * (q_scale * F32FromUe8m0(scales[b]));
     }
     const float relu = s > 0.0f ? s : 0.0f;
     partial[h % 16] += relu * q.weights()[h];

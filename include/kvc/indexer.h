@@ -57,24 +57,34 @@ class IndexQuery {
   // Dequantized values, heads x 128 (the official `idx_q`).
   std::vector<float> Values() const;
 
-  // Scoring layout (read by the kernels).
-  const float* q_f32() const { return q_f32_.data(); }      // [128][padded] 2*E2M1 codes as floats
-  const int8_t* q_s8() const { return q_s8_.data(); }       // [32 groups][padded/16][16 heads x 4 codes]
-  const int32_t* q_offset() const { return q_offset_.data(); }  // [4 blocks][padded] 12 * Σ codes of the block
-  const float* q_scale() const { return q_scale_.data(); }  // [4 blocks][padded] scale * 0.25
-  const float* weights() const { return weights_.data(); }  // [padded], 0 for padding
+  // The head weights, padded with zeros to padded_heads().
+  const float* weights() const { return weights_.data(); }
 
  private:
+  friend struct IndexQueryScoringView;  // src/indexer_layout.h: the kernels' view of the layout below
+
   int heads_ = 0;
   int padded_ = 0;
   int max_key_scale_byte_ = 254;
   int limiting_head_ = 0;
   std::vector<IndexKeyFp4> stored_;
-  std::vector<float> q_f32_;
-  std::vector<int8_t> q_s8_;
-  std::vector<int32_t> q_offset_;
-  std::vector<float> q_scale_;
   std::vector<float> weights_;
+  // The scoring layout (src/indexer_layout.h documents each field): the
+  // active heads (nonzero weight and codes) as slots grouped by head mod 16,
+  // their codes, block offsets, scale exponents and weights, and the key
+  // exponent thresholds of the subnormal-free paths.
+  std::vector<int32_t> slot_head_;
+  std::vector<int32_t> group_begin_;
+  std::vector<int8_t> slot_codes_;
+  std::vector<float> slot_codes_f32_;
+  std::vector<int32_t> slot_offset_;
+  std::vector<int32_t> slot_scale_bits_;
+  std::vector<float> slot_weight_;
+  std::vector<double> slot_weight_f64_;
+  int min_q_exp_ = 0;
+  int fast_min_key_exp_ = 0;
+  int neutral_key_exp_ = 0;
+  bool fast_allowed_ = true;
 };
 
 // Index scores of `count` keys (rows of `keys`, 68-byte FP4 keys in any
