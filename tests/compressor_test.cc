@@ -19,6 +19,8 @@
 #include "src/compressor_run.h"
 #include "tests/testing/tiny_model.h"
 #include "tests/testing/every_target.h"
+#include "tests/testing/distributions.h"
+#include "tests/testing/subnormal_traps.h"
 
 namespace kvc {
 namespace {
@@ -87,6 +89,48 @@ TEST_P(CompressorKernelsTest, NormRopeMatchesReference) {
       NormRope(pooled.data(), dim, weight.data(), 1e-6f, cos_sin.data(), simd.data());
       NormRopeRef(pooled.data(), dim, weight.data(), 1e-6f, cos_sin.data(), ref.data());
       for (int i = 0; i < dim; ++i) ASSERT_EQ(simd[static_cast<size_t>(i)].bits, ref[static_cast<size_t>(i)].bits) << dim << "/" << i;
+    }
+  }
+}
+
+// Pooling and RMSNorm + RoPE on every distribution (testing/distributions.h):
+// the reference's bits, and no fp operation on a subnormal. Scores are tiny,
+// N(0,1) or spread far beyond exp's range.
+TEST_P(CompressorKernelsTest, EveryDistributionIsExactWithoutSubnormalArithmetic) {
+  std::mt19937 rng(31);
+  for (const testing::Distribution d : testing::AllDistributions()) {
+    for (const testing::Distribution score_d : {testing::Distribution::kNormal, testing::Distribution::kTiny, testing::Distribution::kMixed}) {
+      const std::string name = testing::Name(d) + " kv, " + testing::Name(score_d) + " scores";
+      const int n = 8;
+      const int64_t channels = 512;
+      std::vector<std::vector<float>> kv, score, ape;
+      std::vector<PoolSlot> slots;
+      for (int j = 0; j < n; ++j) {
+        kv.push_back(testing::Floats(d, static_cast<size_t>(channels), rng));
+        score.push_back(testing::Floats(score_d, static_cast<size_t>(channels), rng, 8));
+        ape.push_back(testing::Floats(score_d, static_cast<size_t>(channels), rng, 8));
+      }
+      for (int j = 0; j < n; ++j) slots.push_back({kv[j].data(), score[j].data(), j % 2 ? ape[j].data() : nullptr});
+      std::vector<float> simd(static_cast<size_t>(channels)), ref(simd.size());
+      PoolChannels(slots.data(), n, channels, simd.data());
+      PoolRef(slots.data(), n, channels, ref.data());
+      for (int64_t c = 0; c < channels; ++c) {
+        ASSERT_EQ(F32Bits(simd[static_cast<size_t>(c)]), F32Bits(ref[static_cast<size_t>(c)])) << name << ", channel " << c;
+      }
+      testing::ExpectNoSubnormalOperations("PoolChannels " + name, [&] { PoolChannels(slots.data(), n, channels, simd.data()); });
+    }
+    for (const int dim : {128, 512}) {
+      const std::vector<float> pooled = testing::Floats(d, static_cast<size_t>(dim), rng, 60);
+      const std::vector<float> weight = testing::Floats(testing::Distribution::kNormal, static_cast<size_t>(dim), rng);
+      std::vector<float> cos_sin(64);
+      for (int j = 0; j < 32; ++j) cos_sin[2 * j] = std::cos(0.3f * static_cast<float>(j)), cos_sin[2 * j + 1] = std::sin(0.3f * static_cast<float>(j));
+      std::vector<Bf16> simd(static_cast<size_t>(dim)), ref(simd.size());
+      NormRope(pooled.data(), dim, weight.data(), 1e-6f, cos_sin.data(), simd.data());
+      NormRopeRef(pooled.data(), dim, weight.data(), 1e-6f, cos_sin.data(), ref.data());
+      for (int i = 0; i < dim; ++i) ASSERT_EQ(simd[static_cast<size_t>(i)].bits, ref[static_cast<size_t>(i)].bits) << testing::Name(d) << " " << dim << "/" << i;
+      testing::ExpectNoSubnormalOperations("NormRope " + testing::Name(d), [&] {
+        NormRope(pooled.data(), dim, weight.data(), 1e-6f, cos_sin.data(), simd.data());
+      });
     }
   }
 }
