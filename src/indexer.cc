@@ -17,21 +17,13 @@
 #include "kvc/compressor.h"
 #include "kvc/reference_codecs.h"
 #include "kvc/row_kernels.h"
+#include "src/fp_exact.h"
 #include "src/status.h"
 
 namespace kvc {
 namespace {
 
 int8_t Code(const uint8_t* packed, int e) { return kTwiceE2M1[(packed[e / 2] >> (4 * (e & 1))) & 0xF]; }
-
-// x as fp64, from its bits (no fp32 operation: x may be subnormal).
-double F64FromF32(float x) {
-  const uint32_t u = F32Bits(x);
-  const int field = static_cast<int>((u >> 23) & 0xFF);
-  const double mantissa = static_cast<double>(field == 0 ? (u & 0x7FFFFF) : ((u & 0x7FFFFF) | 0x800000));
-  const double magnitude = std::ldexp(mantissa, (field == 0 ? 1 : field) - 150);
-  return (u >> 31) != 0 ? -magnitude : magnitude;  // finite x only (Prepare checked)
-}
 
 // The kernels' layout of a prepared query (src/indexer_layout.h).
 void BuildScoringLayout(IndexQuery& q, std::vector<int32_t>& slot_head, std::vector<int32_t>& group_begin,
@@ -87,7 +79,7 @@ void BuildScoringLayout(IndexQuery& q, std::vector<int32_t>& slot_head, std::vec
     q_min = std::min(q_min, head_min);
     const float w = q.weights()[h];
     weight[slot] = w;
-    weight_f64[slot] = F64FromF32(w);
+    weight_f64[slot] = fp_exact::FromF32(w);
     const int w_field = static_cast<int>((F32Bits(w) >> 23) & 0xFF);
     if (w_field == 0) fast_allowed = false;  // a subnormal weight: the fast path's relu * w would meet it
     weighted_min = std::min(weighted_min, head_min + w_field - 127);
@@ -127,14 +119,14 @@ absl::Status IndexQuery::Prepare(absl::Span<const Bf16> q_raw, absl::Span<const 
                                                    " head weights; expected heads x 128 with 1..4096 heads"));
   }
   for (size_t i = 0; i < q_raw.size(); ++i) {
-    const float x = ToF32(q_raw[i]);
-    if (!(std::fabs(x) <= 0x1p120f)) {
+    const uint16_t magnitude = q_raw[i].bits & 0x7FFF;  // integer compares: x may be subnormal
+    if (magnitude > 0x7B80) {                            // 2^120
       return absl::InvalidArgumentError(absl::StrCat("IndexQuery: head ", i / kIndexDim, " dim ", i % kIndexDim,
-                                                     std::isfinite(x) ? " exceeds 2^120" : " is not finite"));
+                                                     magnitude < 0x7F80 ? " exceeds 2^120" : " is not finite"));
     }
   }
   for (size_t h = 0; h < weights.size(); ++h) {
-    if (!std::isfinite(weights[h])) return absl::InvalidArgumentError(absl::StrCat("IndexQuery: weight ", h, " is not finite"));
+    if ((F32Bits(weights[h]) & 0x7F800000u) == 0x7F800000u) return absl::InvalidArgumentError(absl::StrCat("IndexQuery: weight ", h, " is not finite"));
   }
   IndexQuery& q = *out;  // assign() below reuses its buffers
   q.heads_ = static_cast<int>(heads);
@@ -153,7 +145,7 @@ absl::Status IndexQuery::Prepare(absl::Span<const Bf16> q_raw, absl::Span<const 
     for (int h = first; h < first + count; ++h) {
       float x[kIndexDim];
       for (int i = 0; i < kIndexDim; ++i) x[i] = ToF32(q_raw[static_cast<size_t>(h * kIndexDim + i)]);
-      RotateLast64(x, kIndexDim, cos_sin);
+      fp_exact::RotateLast64NoSubnormal(x, kIndexDim, cos_sin);
       for (int i = 0; i < kIndexDim; ++i) rotated[(h - first) * kIndexDim + i] = ToBf16(x[i]);
     }
     const absl::Status quantized = QuantizeIndexKeys(
@@ -175,7 +167,7 @@ absl::Status IndexQuery::Prepare(absl::Span<const Bf16> q_raw, absl::Span<const 
       for (int e = 32 * b; e < 32 * b + 32; ++e) abs_codes += std::abs(int{Code(q.stored_[static_cast<size_t>(h)].codes, e)});
       q_h += 12.0 * abs_codes * std::ldexp(1.0, q.stored_[static_cast<size_t>(h)].scales[b] - 129);
     }
-    const double term = std::fabs(F64FromF32(weights[static_cast<size_t>(h)])) * q_h;
+    const double term = std::fabs(fp_exact::FromF32(weights[static_cast<size_t>(h)])) * q_h;
     largest_head = std::max(largest_head, q_h);
     weighted += term;
     if (std::max(term, q_h) > largest_term) {

@@ -26,37 +26,7 @@
 #include "kvc/indexer.h"
 #include "src/indexer_layout.h"
 
-#ifndef KVC_INDEXER_KERNELS_SHARED_
-#define KVC_INDEXER_KERNELS_SHARED_
-namespace kvc {
-
-// fp64 helpers of the emulation path (no fp32 arithmetic, so no fp32
-// subnormal operand; fp64 values here are at least 2^-298, all normal).
-namespace index_exact {
-
-// x rounded to fp32 (round to nearest even), kept as fp64.
-inline double RoundToF32(double x) {
-  const double a = std::fabs(x);
-  if (a >= 0x1p-126) return static_cast<double>(static_cast<float>(x));  // a normal fp32
-  // The subnormal range: multiples of 2^-149 (the addition rounds a to that grid).
-  const double rounded = (a + 0x1p-97) - 0x1p-97;
-  return std::copysign(rounded, x);
-}
-
-// The fp32 whose value x is (x is one), built from integers when subnormal.
-inline float ToF32Exact(double x) {
-  const double a = std::fabs(x);
-  if (a >= 0x1p-126) return static_cast<float>(x);
-  const uint32_t units = static_cast<uint32_t>(a * 0x1p149);  // exact: x is on the 2^-149 grid
-  uint32_t bits = units | (std::signbit(x) ? 0x80000000u : 0u);
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-}  // namespace index_exact
-}  // namespace kvc
-#endif  // KVC_INDEXER_KERNELS_SHARED_
+#include "src/fp_exact.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace kvc {
@@ -87,20 +57,16 @@ float ScoreKeyEmulated(const IndexQuery& q, const uint8_t* codes, const uint8_t*
       }
       const int exponent = stored.scales[b] - 129 + scales[b] - 127;  // fl(s_q/4 * s_k): 0 below 2^-149
       const double t = exponent >= -149 ? std::ldexp(static_cast<double>(acc), exponent) : 0.0;  // an fp32 value
-      s = index_exact::RoundToF32(s + t);
+      s = fp_exact::RoundToF32(s + t);
     }
     const double relu = s > 0.0 ? s : 0.0;
-    const uint32_t w_bits = F32Bits(q.weights()[h]);
-    const int w_field = static_cast<int>((w_bits >> 23) & 0xFF);
-    const double w_magnitude = std::ldexp(static_cast<double>(w_field == 0 ? (w_bits & 0x7FFFFF) : ((w_bits & 0x7FFFFF) | 0x800000)),
-                                          (w_field == 0 ? 1 : w_field) - 150);
-    const double w = (w_bits >> 31) != 0 ? -w_magnitude : w_magnitude;
-    partial[h % 16] = index_exact::RoundToF32(partial[h % 16] + index_exact::RoundToF32(relu * w));
+    const double w = fp_exact::FromF32(q.weights()[h]);
+    partial[h % 16] = fp_exact::RoundToF32(partial[h % 16] + fp_exact::RoundToF32(relu * w));
   }
   for (int width = 8; width >= 1; width /= 2) {
-    for (int k = 0; k < width; ++k) partial[k] = index_exact::RoundToF32(partial[k] + partial[k + width]);
+    for (int k = 0; k < width; ++k) partial[k] = fp_exact::RoundToF32(partial[k] + partial[k + width]);
   }
-  return index_exact::ToF32Exact(partial[0]);
+  return fp_exact::ToF32(partial[0]);
 }
 
 // Per key group: each lane's path and the exponents its blocks add.

@@ -24,37 +24,13 @@
 #ifndef KVC_ROW_KERNELS_SHARED_
 #define KVC_ROW_KERNELS_SHARED_
 #include <cmath>
+#include "src/fp_exact.h"
 namespace kvc {
 namespace row_exact {
 
-// fp32 arithmetic emulated in fp64 for the rare inputs whose fp32
-// intermediates would be subnormal: every fp32 result is the fp64 result
-// rounded to fp32 (round-to-nearest-even; fp64 keeps more than 2 * 24 + 2
-// bits, so rounding twice gives the same as once for + - *), and no fp32 or
-// fp64 value involved is subnormal (fp32-range values are normal in fp64).
-inline double RoundToF32(double x) {
-  const double a = std::fabs(x);
-  if (a >= 0x1p-126) return static_cast<double>(static_cast<float>(x));
-  return std::copysign((a + 0x1p-97) - 0x1p-97, x);  // multiples of 2^-149
-}
-
-// The fp32 bits of an fp32 value held in fp64, built from integers when it
-// is subnormal.
-inline uint32_t F32BitsOf(double x) {
-  const double a = std::fabs(x);
-  const uint32_t sign = std::signbit(x) ? 0x80000000u : 0u;
-  if (a >= 0x1p-126) return F32Bits(static_cast<float>(x));
-  return sign | static_cast<uint32_t>(a * 0x1p149);
-}
-
-// fp32 bits -> fp64 value, from integers.
-inline double F64FromF32Bits(uint32_t u) {
-  const int field = static_cast<int>((u >> 23) & 0xFF);
-  const uint32_t mantissa = u & 0x7FFFFFu;
-  const double magnitude = field == 0 ? std::ldexp(static_cast<double>(mantissa), -149)
-                                      : std::ldexp(static_cast<double>(mantissa | 0x800000u), field - 150);
-  return (u >> 31) != 0 ? -magnitude : magnitude;
-}
+using fp_exact::RoundToF32;
+using fp_exact::F32BitsOf;
+inline double F64FromF32Bits(uint32_t u) { return fp_exact::FromF32Bits(u); }
 
 // QuantizeIndexKeyRef, emulated: Hadamard butterflies and the 128^-0.5
 // scale each rounded to fp32, bf16 rounding on the bits, then the FP4 block
@@ -183,23 +159,22 @@ HWY_INLINE BlockScale Fp4BlockScaleFromBits(uint32_t amax_bits) {
   return Fp4BlockScale(F32FromBits(amax_bits > floor_bits ? amax_bits : floor_bits));
 }
 
-// v * 2^e exactly, from the bits, for an E4M3 value v (at most 4 significant
-// bits, |v| >= 2^-9), ±0 or NaN, and e in [-127, -118]: the product may be
-// subnormal (then it is the significand shifted right, exactly: v has few
-// bits), which an fp32 multiply would make with a microcode assist.
+// v * 2^e exactly, for an E4M3 value v (at most 4 significant bits, |v| >=
+// 2^-9), ±0 or NaN, and e in [-127, -118], without a subnormal operation: a
+// normal product is v's bits plus e in the exponent; a subnormal one is
+// |v| * 2^(e+149) (a normal fp32 product, an integer below 2^23 then, since
+// v has few bits) as the integer count of 2^-149 units.
 HWY_INLINE VF ScaleE4M3Exactly(DF df, VF v, int e) {
   const DU32 du32;
   const DI32 di32;
   const VU32 u = hn::BitCast(du32, v);
   const VU32 a = hn::And(u, hn::Set(du32, 0x7FFFFFFFu));
-  const auto new_field = hn::Add(hn::BitCast(di32, hn::ShiftRight<23>(a)), hn::Set(di32, e));
+  const VF units = hn::Mul(hn::BitCast(df, a), hn::BitCast(df, hn::Set(du32, static_cast<uint32_t>(e + 149 + 127) << 23)));
+  const auto subnormal = hn::RebindMask(du32, hn::Lt(hn::BitCast(di32, units), hn::Set(di32, (23 + 127) << 23)));
   const VU32 normal = hn::Add(u, hn::BitCast(du32, hn::Set(di32, e * (1 << 23))));
-  const VU32 significand = hn::Or(hn::And(a, hn::Set(du32, 0x7FFFFFu)), hn::Set(du32, 0x800000u));
-  const VU32 shift = hn::BitCast(du32, hn::Min(hn::Sub(hn::Set(di32, 1), new_field), hn::Set(di32, 31)));
-  const VU32 subnormal = hn::Or(hn::And(u, hn::Set(du32, 0x80000000u)), hn::Shr(significand, shift));
-  const VU32 scaled = hn::IfThenElse(hn::RebindMask(du32, hn::Gt(new_field, hn::Zero(di32))), normal, subnormal);
-  const auto keep = hn::Or(hn::Eq(a, hn::Zero(du32)), hn::RebindMask(du32, hn::Gt(hn::BitCast(di32, a), hn::Set(di32, 0x7F800000))));
-  return hn::BitCast(df, hn::IfThenElse(keep, u, scaled));
+  const VU32 tiny = hn::Or(hn::And(u, hn::Set(du32, 0x80000000u)), hn::BitCast(du32, hn::ConvertTo(di32, units)));
+  const auto nan = hn::RebindMask(du32, hn::Gt(hn::BitCast(di32, a), hn::Set(di32, 0x7F800000)));
+  return hn::BitCast(df, hn::IfThenElse(nan, u, hn::IfThenElse(subnormal, tiny, normal)));
 }
 
 // fp32 values of E4M3 codes (as F32FromE4M3), codes in u32 lanes.

@@ -176,6 +176,18 @@ TEST_P(IndexerKernelsTest, ScoresMatchTheReferenceOnEveryDistribution) {
 
 TEST_P(IndexerKernelsTest, ScoringMeetsNoSubnormalOperation) {
   std::mt19937 rng(12);
+  // Preparing a query: tiny (bf16 subnormal) values, RoPE and the index-key pipeline.
+  for (const float scale : {1.0f, 0x1p-118f, 0x1p-128f}) {
+    const std::vector<Bf16> q_raw = RandomBf16(64 * kIndexDim, rng, scale);
+    std::vector<float> w(64, 0.02f);
+    float cos_sin[64];
+    for (int j = 0; j < 32; ++j) cos_sin[2 * j] = std::cos(0.1f * static_cast<float>(j)), cos_sin[2 * j + 1] = std::sin(0.1f * static_cast<float>(j));
+    IndexQuery q;
+    ASSERT_TRUE(IndexQuery::Prepare(q_raw, w, cos_sin, &q).ok());
+    testing::ExpectNoSubnormalOperations("IndexQuery::Prepare", [&] {
+      if (!IndexQuery::Prepare(q_raw, w, cos_sin, &q).ok()) std::abort();
+    });
+  }
   for (const auto& [query_name, q] : QueryDistributions(rng)) {
     for (const KeyDistribution& dist : KeyDistributions()) {
       const int64_t n = 77;
