@@ -88,13 +88,12 @@ HWY_INLINE VF Exp(DF df, VF x) {
   return hn::IfThenElseZero(hn::Ge(x, hn::Set(df, -87.0f)), hn::Mul(y, scale));
 }
 
-// |v| below 2^-90 -> ±0, by an integer compare (pooling's scores: see
-// PoolChannels).
+// |v| below 2^-90 -> +0, by an integer compare (pooling's scores: see
+// PoolChannels; the sign of a zero score never changes an exp).
 HWY_INLINE VF FlushTiny(DF df, VF v) {
   const hn::RebindToSigned<DF> di;
   const auto a = hn::And(hn::BitCast(di, v), hn::Set(di, 0x7FFFFFFF));
-  return hn::IfThenElse(hn::RebindMask(df, hn::Lt(a, hn::Set(di, (127 - 90) << 23))),
-                        hn::BitCast(df, hn::And(hn::BitCast(di, v), hn::Set(di, static_cast<int32_t>(0x80000000u)))), v);
+  return hn::IfThenZeroElse(hn::RebindMask(df, hn::Lt(a, hn::Set(di, (127 - 90) << 23))), v);
 }
 
 // Pooling without a subnormal operation, bit-identical to PoolRef:
