@@ -1,7 +1,7 @@
 # Sourced by run.sh and test.sh: installs kvc's build dependencies from
 # Debian's packages (apt) when any is missing. Nothing is fetched elsewhere.
 kvc_install_deps() {
-  local packages=(cmake ninja-build g++ clang libclang-rt-dev pkg-config libhwy-dev libabsl-dev libfmt-dev
+  local packages=(cmake ninja-build g++ clang libclang-rt-dev pkg-config libhwy-dev libabsl-dev libtbb-dev libfmt-dev
                   libbenchmark-dev libgtest-dev libgmock-dev nlohmann-json3-dev python3)
   local missing=() p
   for p in "${packages[@]}"; do

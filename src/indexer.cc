@@ -2,6 +2,7 @@
 #include "kvc/model_spec.h"
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cmath>
 #include <cstdint>
@@ -18,6 +19,7 @@
 #include "kvc/reference_codecs.h"
 #include "kvc/row_kernels.h"
 #include "src/fp_exact.h"
+#include "src/indexer_internal.h"
 #include "src/status.h"
 
 namespace kvc {
@@ -261,6 +263,75 @@ absl::Status CheckKeyScales(const IndexQuery& query, const ConstPackedRows& keys
 }
 
 }  // namespace
+
+namespace {
+
+// Tasks for n keys on `executor`: a few per thread for balance on a shared
+// machine, each at least 2048 keys (~40 us at 64 heads), at most kMaxKeyTasks.
+constexpr int64_t kMaxKeyTasks = 64;
+int64_t KeyTasks(int64_t n, const Executor& executor) {
+  const int64_t by_size = n / 2048;
+  const int64_t wanted = executor.concurrency() == 1 ? 1 : 4 * int64_t{executor.concurrency()};
+  return std::max<int64_t>(1, std::min({by_size, wanted, kMaxKeyTasks}));
+}
+
+}  // namespace
+
+absl::Status ScoreIndexKeys(const IndexQuery& query, ConstPackedRows keys, absl::Span<float> scores, Executor* executor) {
+  Executor& ex = ExecutorOrInline(executor);
+  const int64_t tasks = KeyTasks(keys.count, ex);
+  if (tasks == 1) return ScoreIndexKeys(query, keys, scores);
+  if (keys.count < 0 || scores.size() < static_cast<size_t>(keys.count)) {
+    return absl::InvalidArgumentError(absl::StrCat("ScoreIndexKeys: ", keys.count, " keys but room for ", scores.size(), " scores"));
+  }
+  if (keys.data == nullptr || keys.scales == nullptr || keys.data_stride < 64 || keys.scale_stride < 4) {
+    return absl::InvalidArgumentError("ScoreIndexKeys: keys view has null pointers or strides below 64 / 4 bytes");
+  }
+  KVC_RETURN_IF_ERROR(CheckKeyScales(query, keys));
+  const int64_t per_task = (keys.count + tasks - 1) / tasks / 32 * 32 + 32;
+  ex.ParallelFor((keys.count + per_task - 1) / per_task, [&](int64_t t) {
+    const int64_t first = t * per_task, n = std::min(per_task, keys.count - first);
+    ScoreKeysDispatch(query, keys.data + first * keys.data_stride, keys.data_stride, keys.scales + first * keys.scale_stride,
+                      keys.scale_stride, n, scores.data() + first);
+  });
+  return absl::OkStatus();
+}
+
+absl::Status ScoreIndexKeyPages(const IndexQuery& query, int64_t pages, int64_t keys_per_page,
+                                absl::FunctionRef<ConstPackedRows(int64_t)> page, absl::Span<float> scores,
+                                Executor* executor, int64_t* failed_page) {
+  Executor& ex = ExecutorOrInline(executor);
+  const int64_t tasks = std::min(pages, KeyTasks(pages * keys_per_page, ex));
+  const int64_t per_task = tasks > 0 ? (pages + tasks - 1) / tasks : 0;
+  // Each task scores its pages in order and stops at its first refusal; the
+  // first refusal overall is the one of the lowest page.
+  struct Refusal {
+    int64_t page = -1;
+    absl::Status status;
+  };
+  Refusal inline_refusal;
+  std::array<Refusal, kMaxKeyTasks> refusals;  // on the stack: the decode path allocates nothing
+  auto run = [&](int64_t t, Refusal& refusal) {
+    for (int64_t p = t * per_task; p < std::min(pages, (t + 1) * per_task); ++p) {
+      absl::Status scored = ScoreIndexKeys(query, page(p), scores.subspan(static_cast<size_t>(p * keys_per_page)));
+      if (!scored.ok()) {
+        refusal = {p, std::move(scored)};
+        return;
+      }
+    }
+  };
+  if (tasks <= 1) {
+    run(0, inline_refusal);
+  } else {
+    ex.ParallelFor(tasks, [&](int64_t t) { run(t, refusals[static_cast<size_t>(t)]); });
+    for (int64_t t = 0; t < tasks && inline_refusal.page < 0; ++t) {
+      if (refusals[static_cast<size_t>(t)].page >= 0) inline_refusal = std::move(refusals[static_cast<size_t>(t)]);
+    }
+  }
+  if (inline_refusal.page < 0) return absl::OkStatus();
+  *failed_page = inline_refusal.page;
+  return inline_refusal.status;
+}
 
 absl::Status ScoreIndexKeys(const IndexQuery& query, ConstPackedRows keys, absl::Span<float> scores) {
   if (keys.count < 0 || scores.size() < static_cast<size_t>(keys.count)) {

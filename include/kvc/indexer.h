@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "kvc/executor.h"
 #include "kvc/number_formats.h"
 #include "kvc/row_formats.h"
 
@@ -98,6 +99,10 @@ class IndexQuery {
 // included) is refused with kInvalidArgument naming the key (its index in
 // `keys`) and block, before any score is written.
 absl::Status ScoreIndexKeys(const IndexQuery& query, ConstPackedRows keys, absl::Span<float> scores);
+// The same, the keys split across `executor`'s tasks (nullptr: the calling
+// thread): one query's latency on several cores. Identical scores and
+// refusals (checked before any score is written).
+absl::Status ScoreIndexKeys(const IndexQuery& query, ConstPackedRows keys, absl::Span<float> scores, Executor* executor);
 
 // The scalar reference of one key's score (for tests). Finite for keys whose
 // scale bytes are at most query.max_key_scale_byte().
