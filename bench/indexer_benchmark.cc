@@ -5,11 +5,10 @@
 // accumulators: the int8 multiply-add peak) for scoring, and
 // std::nth_element on the same scores for top-k. The key buffers of four
 // layers (71 MB) rotate, so keys come from DRAM, not the 32 MiB L3.
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstdlib>
 #include <cstdint>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -17,6 +16,9 @@
 #include "benchmark/benchmark.h"
 #include "kvc/indexer.h"
 #include "kvc/row_kernels.h"
+#include "kvc/executor.h"
+#include "absl/strings/str_cat.h"
+#include "tools/int8_peak.h"
 
 namespace kvc::bench {
 namespace {
@@ -81,33 +83,35 @@ void BM_IndexerScore_1M(benchmark::State& state) {
     layer = (layer + 1) % kLayers;
   }
   SetRates(state, double{kKeys} * kHeads * kIndexDim, kKeys);
-  state.SetLabel(ActiveSimdTargetName());
+  state.SetLabel(absl::StrCat(ActiveSimdTargetName(), ", N(0,1) keys"));
 }
 BENCHMARK(BM_IndexerScore_1M)->Threads(1)->Threads(2)->UseRealTime()->Unit(benchmark::kMillisecond);
 KVC_BENCHMARK_ROOFLINE(BM_IndexerScore_1M, "BM_Int8Peak", "MACs_per_second");
 
-// The int8 multiply-add peak: 8 independent 512-bit vpdpbusd accumulators,
-// kept in registers (an array would put them on the stack and measure
-// store-to-load latency instead).
-#define KVC_DPBUSD(r) r = _mm512_dpbusd_epi32(r, a, b);
-__attribute__((target("avx512f,avx512vnni"))) int VnniLoop(int64_t iterations) {
-  __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(-2);
-  asm volatile("" : "+v"(a), "+v"(b));  // opaque inputs
-  __m512i r0 = a, r1 = a, r2 = a, r3 = a, r4 = a, r5 = a, r6 = a, r7 = a;
-  for (int64_t n = 0; n < iterations; ++n) {
-    KVC_DPBUSD(r0) KVC_DPBUSD(r1) KVC_DPBUSD(r2) KVC_DPBUSD(r3) KVC_DPBUSD(r4) KVC_DPBUSD(r5) KVC_DPBUSD(r6) KVC_DPBUSD(r7)
-    asm volatile("" : "+v"(r0), "+v"(r1), "+v"(r2), "+v"(r3), "+v"(r4), "+v"(r5), "+v"(r6), "+v"(r7));
+// One query's keys split across N threads (an executor of N threads): the
+// latency an engine sees for one layer's selection.
+void BM_IndexerScore_1M_OneQuery(benchmark::State& state) {
+  const Keys& keys = SharedKeys();
+  const IndexQuery q = Query();
+  const std::unique_ptr<Executor> executor = *ThreadPoolExecutor(static_cast<int>(state.range(0)));
+  std::vector<float> scores(kKeys);
+  int layer = 0;
+  for (auto _ : state) {
+    const ConstPackedRows view = PageFooterRows(RowFormat::kIndexFp4, keys.pages[layer].data(), kKeys);
+    if (!ScoreIndexKeys(q, view, absl::MakeSpan(scores), executor.get()).ok()) state.SkipWithError("ScoreIndexKeys failed");
+    benchmark::DoNotOptimize(scores.data());
+    layer = (layer + 1) % kLayers;
   }
-  alignas(64) int32_t lanes[16];
-  _mm512_store_si512(lanes, _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(r0, r1), _mm512_add_epi32(r2, r3)),
-                                             _mm512_add_epi32(_mm512_add_epi32(r4, r5), _mm512_add_epi32(r6, r7))));
-  return lanes[0];
+  SetRates(state, double{kKeys} * kHeads * kIndexDim, kKeys);
+  state.SetLabel(absl::StrCat(ActiveSimdTargetName(), ", N(0,1) keys"));
 }
+BENCHMARK(BM_IndexerScore_1M_OneQuery)->ArgName("threads")->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
+KVC_BENCHMARK_ROOFLINE(BM_IndexerScore_1M_OneQuery, "BM_Int8Peak", "MACs_per_second");
 
 void BM_Int8Peak(benchmark::State& state) {
-  if (!__builtin_cpu_supports("avx512vnni")) return state.SkipWithError("no AVX512-VNNI on this CPU");
+  if (!tools::HaveVnni512()) return state.SkipWithError("no AVX512-VNNI on this CPU");
   constexpr int64_t kIterations = 1 << 20;
-  for (auto _ : state) benchmark::DoNotOptimize(VnniLoop(kIterations));
+  for (auto _ : state) benchmark::DoNotOptimize(tools::VnniLoop(kIterations));
   SetRates(state, double{kIterations} * 8 * 64, 0);  // 8 instructions x 64 int8 MACs
   state.SetLabel("vpdpbusd zmm, 8 accumulators");
 }

@@ -14,6 +14,7 @@
 //      domain, summed in order, relu, times the weight, into running sum
 //      h mod 16; then the halving, and (scaled path) the unscaling.
 // Identical bits on every target.
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -203,15 +204,23 @@ struct VnniKeys {
 KVC_VNNI512 HWY_INLINE void LoadVnniKeys(const uint8_t* codes, int64_t code_stride, const uint8_t* scales,
                                         int64_t scale_stride, int64_t count, int kv, VnniKeys* keys) {
   __m512i r[16];
-  alignas(64) uint8_t scale_bytes[16][4];
-  for (int i = 0; i < 16; ++i) {
-    if (i < count) {
-      r[i] = _mm512_loadu_si512(codes + i * code_stride);
-      std::memcpy(scale_bytes[i], scales + i * scale_stride, 4);
+  __m512i all_scales;  // lane i: key i's 4 scale bytes
+  if (count >= 16) {
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(codes + i * code_stride);
+    if (scale_stride == 4) {  // the page-footer layout: 64 contiguous bytes
+      all_scales = _mm512_loadu_si512(scales);
     } else {
-      r[i] = _mm512_setzero_si512();
-      std::memset(scale_bytes[i], 0, 4);
+      alignas(64) uint32_t scale_words[16];
+      for (int i = 0; i < 16; ++i) std::memcpy(&scale_words[i], scales + i * scale_stride, 4);
+      all_scales = _mm512_load_si512(scale_words);
     }
+  } else {
+    alignas(64) uint32_t scale_words[16] = {};
+    for (int i = 0; i < 16; ++i) {
+      r[i] = i < count ? _mm512_loadu_si512(codes + i * code_stride) : _mm512_setzero_si512();
+      if (i < count) std::memcpy(&scale_words[i], scales + i * scale_stride, 4);
+    }
+    all_scales = _mm512_load_si512(scale_words);
   }
   __m512i t[16], u[16];
   for (int k = 0; k < 8; ++k) {
@@ -248,7 +257,6 @@ KVC_VNNI512 HWY_INLINE void LoadVnniKeys(const uint8_t* codes, int64_t code_stri
   // Block b is codes 32b..32b+31: packed dwords 4b..4b+3. Zero codes are
   // nibbles 0 and 8.
   const __m512i magnitude = _mm512_set1_epi32(0x77777777);
-  const __m512i all_scales = _mm512_load_si512(scale_bytes);
   for (int b = 0; b < 4; ++b) {
     const __m512i any = _mm512_or_si512(_mm512_or_si512(column[4 * b], column[4 * b + 1]),
                                         _mm512_or_si512(column[4 * b + 2], column[4 * b + 3]));
@@ -262,15 +270,23 @@ KVC_VNNI512 HWY_INLINE void LoadVnniKeys(const uint8_t* codes, int64_t code_stri
 template <int kSlots, int kKv, bool kScaled>
 KVC_VNNI512 HWY_INLINE void ScoreSlotsVnni(const IndexQueryScoringView& v, int first, const VnniKeys& keys,
                                           const GroupSetup* setup, VF* partial) {
+  // The key vectors are read from L1 for every chunk of slots: hide the
+  // pointer, or GCC hoists all 64 loads out of the slot loop and spills them.
+  const uint8_t* key_u8 = &keys.u8[0][0][0];
+  asm volatile("" : "+r"(key_u8));
   VF s[kSlots][kKv];
+  // Fully unrolled, so that the accumulators stay in registers (a rolled
+  // group loop made GCC copy them between registers every iteration).
+#pragma GCC unroll 4
   for (int b = 0; b < 4; ++b) {
     __m512i acc[kSlots][kKv];
     for (int i = 0; i < kSlots; ++i) {
       for (int kv = 0; kv < kKv; ++kv) acc[i][kv] = _mm512_setzero_si512();
     }
+#pragma GCC unroll 8
     for (int g = 8 * b; g < 8 * b + 8; ++g) {
       __m512i key[kKv];
-      for (int kv = 0; kv < kKv; ++kv) key[kv] = _mm512_load_si512(keys.u8[kv][g]);
+      for (int kv = 0; kv < kKv; ++kv) key[kv] = _mm512_load_si512(key_u8 + (kv * 32 + g) * 64);
       for (int i = 0; i < kSlots; ++i) {
         int32_t four;
         std::memcpy(&four, v.codes + static_cast<size_t>(first + i) * 128 + 4 * g, 4);
@@ -320,6 +336,12 @@ KVC_VNNI512 void ScoreKeysVnni(const IndexQuery& q, const uint8_t* codes, int64_
   for (int64_t j = 0; j < n; j += 16 * kKv) {
     const int64_t count = n - j < 16 * kKv ? n - j : 16 * kKv;
     const int kvs = static_cast<int>((count + 15) / 16);
+    // The next group's codes and scales, while this one is scored.
+    for (int64_t k = j + 16 * kKv; k < std::min<int64_t>(n, j + 32 * kKv); ++k) {
+      _mm_prefetch(reinterpret_cast<const char*>(codes + k * code_stride), _MM_HINT_T0);
+    }
+    _mm_prefetch(reinterpret_cast<const char*>(scales + std::min<int64_t>(n - 1, j + 16 * kKv) * scale_stride), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(scales + std::min<int64_t>(n - 1, j + 32 * kKv - 1) * scale_stride), _MM_HINT_T0);
     GroupSetup setup[kKv];
     bool feasible = true, scaled = false;
     for (int kv = 0; kv < kvs; ++kv) {

@@ -1,5 +1,7 @@
 #include "tools/synthetic_model.h"
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
@@ -8,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "kvc/row_kernels.h"
 #include "src/status.h"
 
 namespace kvc::tools {
@@ -82,7 +85,30 @@ absl::Status SyntheticModel::Append(Cache& cache, SequenceId seq, int64_t first,
   return absl::OkStatus();
 }
 
-absl::Status SyntheticModel::DecodeStep(Cache& cache, SequenceId seq, int64_t t, StepStats* stats) const {
+namespace {
+
+// GatherAttentionRows (rows dequantized to fp32 one by one), the rows split
+// across the executor's tasks: the same bytes.
+absl::Status GatherRows(const AttentionSet& set, absl::Span<float> out, Executor& executor) {
+  const int64_t rows = static_cast<int64_t>(set.rows.size());
+  if (out.size() != set.rows.size() * kHeadDim) return GatherAttentionRows(set, out);  // its refusal
+  constexpr int64_t kRowsPerTask = 512;
+  const int64_t tasks = executor.concurrency() == 1 ? 1 : (rows + kRowsPerTask - 1) / kRowsPerTask;
+  if (tasks <= 1) return GatherAttentionRows(set, out);
+  std::atomic<bool> failed{false};
+  executor.ParallelFor(tasks, [&](int64_t task) {
+    for (int64_t i = task * kRowsPerTask; i < std::min(rows, (task + 1) * kRowsPerTask); ++i) {
+      const RowRef& row = set.rows[static_cast<size_t>(i)];
+      const ConstPackedRows view{row.data, row.scales, 576, 8, 1};
+      if (!DequantizeKvRows(view, out.subspan(static_cast<size_t>(i) * kHeadDim, kHeadDim)).ok()) failed = true;
+    }
+  });
+  return failed ? GatherAttentionRows(set, out) : absl::OkStatus();  // the refusal, as the serial gather words it
+}
+
+}  // namespace
+
+absl::Status SyntheticModel::DecodeStep(Cache& cache, SequenceId seq, int64_t t, StepStats* stats, Executor* executor) const {
   auto start = std::chrono::steady_clock::now();
   KVC_RETURN_IF_ERROR(Append(cache, seq, t, 1));
   stats->append += Since(start);
@@ -99,7 +125,7 @@ absl::Status SyntheticModel::DecodeStep(Cache& cache, SequenceId seq, int64_t t,
     if (csa) stats->keys_scored += (t + 1) / 4;
     start = std::chrono::steady_clock::now();
     gathered_.resize(set.rows.size() * kHeadDim);
-    KVC_RETURN_IF_ERROR(GatherAttentionRows(set, absl::MakeSpan(gathered_)));
+    KVC_RETURN_IF_ERROR(GatherRows(set, absl::MakeSpan(gathered_), ExecutorOrInline(executor)));
     stats->gather += Since(start);
     stats->rows_gathered += static_cast<int64_t>(set.rows.size());
   }
