@@ -2,7 +2,8 @@
 # Debian's packages (apt) when any is missing. Nothing is fetched elsewhere.
 kvc_install_deps() {
   local packages=(cmake ninja-build g++ clang libclang-rt-dev pkg-config libhwy-dev libabsl-dev libtbb-dev libfmt-dev
-                  libbenchmark-dev libgtest-dev libgmock-dev nlohmann-json3-dev python3)
+                  libbenchmark-dev libgtest-dev libgmock-dev nlohmann-json3-dev python3
+                  python3-numpy)  # bench/numpy_selection.py (its ctest: numpy_selection.small)
   local missing=() p
   for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

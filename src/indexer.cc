@@ -312,8 +312,16 @@ absl::Status ScoreIndexKeyPages(const IndexQuery& query, int64_t pages, int64_t 
   Refusal inline_refusal;
   std::array<Refusal, kMaxKeyTasks> refusals;  // on the stack: the decode path allocates nothing
   auto run = [&](int64_t t, Refusal& refusal) {
-    for (int64_t p = t * per_task; p < std::min(pages, (t + 1) * per_task); ++p) {
-      absl::Status scored = ScoreIndexKeys(query, page(p), scores.subspan(static_cast<size_t>(p * keys_per_page)));
+    const int64_t end = std::min(pages, (t + 1) * per_task);
+    ConstPackedRows next = t * per_task < end ? page(t * per_task) : ConstPackedRows{};
+    for (int64_t p = t * per_task; p < end; ++p) {
+      const ConstPackedRows keys = next;
+      if (p + 1 < end) {  // the next page from memory while this one is scored (the kernel prefetches within a page)
+        next = page(p + 1);
+        for (int64_t line = 0; line < next.count * next.data_stride; line += 64) __builtin_prefetch(next.data + line);
+        for (int64_t line = 0; line < next.count * next.scale_stride; line += 64) __builtin_prefetch(next.scales + line);
+      }
+      absl::Status scored = ScoreIndexKeys(query, keys, scores.subspan(static_cast<size_t>(p * keys_per_page)));
       if (!scored.ok()) {
         refusal = {p, std::move(scored)};
         return;
