@@ -311,6 +311,47 @@ void NormRope(const float* pooled, int dim, const float* weight, float eps, cons
   for (int i = 0; i < dim; ++i) out[i] = Bf16{static_cast<uint16_t>(F32Bits(y[i]) >> 16)};
 }
 
+// The first i < n with fl(score[i] + ape[i]) = ±inf, or -1 (n a multiple
+// of the lanes). Values below 2^-90 are set to 0 first: that cannot change
+// whether a sum overflows, and keeps every sum free of subnormals.
+int64_t FindScorePlusApeOverflow(const float* score, const float* ape, int64_t n) {
+  const DF df;
+  const hn::RebindToSigned<DF> di;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
+  for (int64_t i = 0; i < n; i += lanes) {
+    const VF sum = hn::Add(FlushTiny(df, hn::LoadU(df, score + i)), FlushTiny(df, hn::LoadU(df, ape + i)));
+    const auto a = hn::And(hn::BitCast(di, sum), hn::Set(di, 0x7FFFFFFF));
+    if (hn::AllFalse(di, hn::Gt(a, hn::Set(di, 0x7F7FFFFF)))) continue;
+    for (int64_t k = i; k < i + lanes; ++k) {
+      const uint32_t exact = fp_exact::F32BitsOf(fp_exact::RoundToF32(fp_exact::FromF32(score[k]) + fp_exact::FromF32(ape[k])));
+      if ((exact & 0x7FFFFFFFu) >= 0x7F800000u) return k;
+    }
+  }
+  return -1;
+}
+
+// out[i] = fl(score[i] + ape[i]) for i < n (n a multiple of the lanes),
+// bit for bit, without a subnormal operation: sums of values that are 0 or
+// at least 2^-103 are 0 or at least 2^-126; lanes with a smaller input are
+// added in fp64 (src/fp_exact.h).
+void AddScoreAndApe(const float* score, const float* ape, float* out, int64_t n) {
+  const DF df;
+  const hn::RebindToUnsigned<DF> du;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
+  const auto small = hn::Set(du, ((127u - 103u) << 23) - 1u);  // |x| - 1 below this: 0 < |x| < 2^-103
+  for (int64_t i = 0; i < n; i += lanes) {
+    const VF s = hn::LoadU(df, score + i), a = hn::LoadU(df, ape + i);
+    auto tiny = [&](VF v) {
+      return hn::Lt(hn::Sub(hn::And(hn::BitCast(du, v), hn::Set(du, 0x7FFFFFFFu)), hn::Set(du, 1u)), small);
+    };
+    if (hn::AllFalse(du, hn::Or(tiny(s), tiny(a)))) {
+      hn::StoreU(hn::Add(s, a), df, out + i);
+      continue;
+    }
+    for (int64_t k = i; k < i + lanes; ++k) out[k] = fp_exact::ToF32(fp_exact::FromF32(score[k]) + fp_exact::FromF32(ape[k]));
+  }
+}
+
 // NOLINTNEXTLINE(google-readability-namespace-comments)
 }  // namespace HWY_NAMESPACE
 }  // namespace kvc
@@ -321,6 +362,16 @@ namespace kvc {
 
 HWY_EXPORT(PoolChannels);
 HWY_EXPORT(NormRope);
+HWY_EXPORT(FindScorePlusApeOverflow);
+HWY_EXPORT(AddScoreAndApe);
+
+int64_t FindScorePlusApeOverflow(const float* score, const float* ape, int64_t n) {
+  return HWY_DYNAMIC_DISPATCH(FindScorePlusApeOverflow)(score, ape, n);
+}
+
+void AddScoreAndApe(const float* score, const float* ape, float* out, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(AddScoreAndApe)(score, ape, out, n);
+}
 
 void PoolChannels(const PoolSlot* slots, int n, int64_t channels, float* out) {
   HWY_DYNAMIC_DISPATCH(PoolChannels)(slots, n, channels, out);

@@ -10,6 +10,7 @@
 #include <random>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "gmock/gmock.h"
@@ -133,6 +134,61 @@ TEST_P(CompressorKernelsTest, EveryDistributionIsExactWithoutSubnormalArithmetic
         NormRope(pooled.data(), dim, weight.data(), 1e-6f, cos_sin.data(), simd.data());
       });
     }
+    }
+  }
+}
+
+// A whole Append through the cache (finiteness checks, score + ape checks,
+// pooling, RMSNorm + RoPE, the state ring, FP8 rows and FP4 keys) with
+// projections of every distribution meets no subnormal operation, and a
+// cache fed the same tokens in other chunks holds the same bytes.
+TEST(CompressedStreams, AppendMeetsNoSubnormalOnAnyDistribution) {
+  testing::TinyModel model;
+  std::mt19937 rng(41);
+  for (const testing::Distribution d : testing::AllDistributions()) {
+    for (const testing::Distribution score_d : {testing::Distribution::kNormal, testing::Distribution::kTiny}) {
+      const std::string name = testing::Name(d) + " kv, " + testing::Name(score_d) + " scores";
+      CacheOptions options;
+      options.history_bytes = 64 << 20;
+      options.state_bytes = 64 << 20;
+      auto cache = *Cache::Create(model.spec(), options);
+      const SequenceId seq = *cache->CreateSequence();
+      const int64_t n = 300;
+      const std::vector<Bf16> window = testing::Bf16s(d, static_cast<size_t>(n) * kHeadDim, rng, 60);
+      const std::vector<float> kv = testing::Floats(d, static_cast<size_t>(n) * 1024, rng, 60),
+                               score = testing::Floats(score_d, static_cast<size_t>(n) * 1024, rng, 60),
+                               ikv = testing::Floats(d, static_cast<size_t>(n) * 256, rng, 60),
+                               iscore = testing::Floats(score_d, static_cast<size_t>(n) * 256, rng, 60);
+      const LayerTokens csa{window, kv, score, ikv, iscore};
+      const LayerTokens hca{window, absl::MakeConstSpan(kv).first(static_cast<size_t>(n) * 512),
+                            absl::MakeConstSpan(score).first(static_cast<size_t>(n) * 512), {}, {}};
+      // The same tokens in two chunks into a second cache: the reference bytes.
+      auto split = *Cache::Create(model.spec(), options);
+      const SequenceId split_seq = *split->CreateSequence();
+      auto part = [&](const LayerTokens& t, int64_t from, int64_t to, int64_t width, int64_t iwidth) {
+        auto sub = [&](auto span, int64_t w) { return span.empty() ? span : span.subspan(static_cast<size_t>(from * w), static_cast<size_t>((to - from) * w)); };
+        return LayerTokens{sub(t.window_rows, kHeadDim), sub(t.compressor_kv, width), sub(t.compressor_score, width),
+                           sub(t.indexer_kv, iwidth), sub(t.indexer_score, iwidth)};
+      };
+      for (const auto& [from, to] : {std::pair<int64_t, int64_t>{0, 131}, {131, n}}) {
+        ASSERT_TRUE(split->Append(split_seq, testing::TinyModel::kCsaLayer, from, part(csa, from, to, 1024, 256)).ok()) << name;
+        ASSERT_TRUE(split->Append(split_seq, testing::TinyModel::kHcaLayer, from, part(hca, from, to, 512, 0)).ok()) << name;
+      }
+      testing::ExpectNoSubnormalOperations("Cache::Append " + name, [&] {
+        if (!cache->Append(seq, testing::TinyModel::kCsaLayer, 0, csa).ok()) std::abort();
+        if (!cache->Append(seq, testing::TinyModel::kHcaLayer, 0, hca).ok()) std::abort();
+      });
+      ASSERT_TRUE(cache->Append(seq, testing::TinyModel::kCsaLayer, 0, csa).ok()) << name;
+      ASSERT_TRUE(cache->Append(seq, testing::TinyModel::kHcaLayer, 0, hca).ok()) << name;
+      for (const int layer : {testing::TinyModel::kCsaLayer, testing::TinyModel::kHcaLayer}) {
+        const HistoryView a = *cache->CompressedRows(seq, layer), b = *split->CompressedRows(split_seq, layer);
+        ASSERT_EQ(a.rows, b.rows);
+        for (int64_t i = 0; i < a.rows; ++i) {
+          const ConstPackedRows& pa = a.pages[static_cast<size_t>(i / a.rows_per_page)];
+          const ConstPackedRows& pb = b.pages[static_cast<size_t>(i / b.rows_per_page)];
+          ASSERT_EQ(0, std::memcmp(pa.row_data(i % a.rows_per_page), pb.row_data(i % b.rows_per_page), 576)) << name << " row " << i;
+        }
+      }
     }
   }
 }
