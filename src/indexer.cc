@@ -357,9 +357,20 @@ absl::Status ScoreIndexKeys(const IndexQuery& query, ConstPackedRows keys, absl:
 
 namespace {
 
+// Scores compared as integers: for non-NaN floats the key orders as the
+// value (-0 and +0 alike), and no float comparison meets a subnormal score
+// (tiny keys give subnormal scores; an fp32 compare of one may cost Intel
+// cores an assist).
+inline int32_t OrderKey(float f) {
+  const int32_t bits = static_cast<int32_t>(F32Bits(f));
+  if (bits == static_cast<int32_t>(0x80000000u)) return 0;  // -0 = +0
+  return bits >= 0 ? bits : static_cast<int32_t>(0x80000000u) - bits;
+}
+inline bool IsNaNBits(float f) { return (F32Bits(f) & 0x7FFFFFFFu) > 0x7F800000u; }
+
 int64_t FirstNaN(absl::Span<const float> scores) {
   for (size_t i = 0; i < scores.size(); ++i) {
-    if (std::isnan(scores[i])) return static_cast<int64_t>(i);
+    if (IsNaNBits(scores[i])) return static_cast<int64_t>(i);
   }
   return -1;
 }
@@ -375,8 +386,8 @@ void SelectTopK(absl::Span<const float> scores, int64_t k, int64_t* first_nan, T
   if (k <= 0) return;
   // Higher score first, then the lower index (a strict weak order: no NaN).
   auto better = [&](int64_t a, int64_t b) {
-    return scores[static_cast<size_t>(a)] > scores[static_cast<size_t>(b)] ||
-           (scores[static_cast<size_t>(a)] == scores[static_cast<size_t>(b)] && a < b);
+    const int32_t ka = OrderKey(scores[static_cast<size_t>(a)]), kb = OrderKey(scores[static_cast<size_t>(b)]);
+    return ka > kb || (ka == kb && a < b);
   };
   // Room for every index. Grown, never shrunk: a later call of the same
   // size allocates and zeroes nothing (the filter writes only the few
@@ -393,14 +404,15 @@ void SelectTopK(absl::Span<const float> scores, int64_t k, int64_t* first_nan, T
     bool sample_has_nan = false;
     for (int64_t i = 0; i < s; ++i) {
       sample[static_cast<size_t>(i)] = scores[static_cast<size_t>(i * n / s)];
-      sample_has_nan |= std::isnan(sample[static_cast<size_t>(i)]);
+      sample_has_nan |= IsNaNBits(sample[static_cast<size_t>(i)]);
     }
     if (sample_has_nan) {
       *first_nan = FirstNaN(scores);
       return;
     }
     const int64_t rank = std::min<int64_t>(s - 1, k * s / n + 2 * static_cast<int64_t>(std::sqrt(static_cast<double>(k * s / n))) + 8);
-    std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), std::greater<float>());
+    std::nth_element(sample.begin(), sample.begin() + rank, sample.end(),
+                     [](float a, float b) { return OrderKey(a) > OrderKey(b); });
     const float threshold = sample[static_cast<size_t>(rank)];
     count = FilterAtLeastDispatch(scores.data(), n, threshold, candidates.data(), first_nan);
     if (*first_nan >= 0) return;
@@ -426,7 +438,7 @@ absl::Status TopK(absl::Span<const float> scores, int64_t k, std::vector<int64_t
   int64_t first_nan = -1;
   SelectTopK(scores, k, &first_nan, *scratch, out);
   if (k == 0) {  // nothing selected, but the promise holds: NaN is refused
-    const auto nan = std::find_if(scores.begin(), scores.end(), [](float s) { return std::isnan(s); });
+    const auto nan = std::find_if(scores.begin(), scores.end(), [](float s) { return IsNaNBits(s); });
     if (nan != scores.end()) first_nan = nan - scores.begin();
   }
   if (first_nan >= 0) {
@@ -450,7 +462,7 @@ std::vector<int64_t> TopK(absl::Span<const float> scores, int64_t k) {
   SelectTopK(scores, k, &first_nan, scratch, &picked);
   if (first_nan < 0) return picked;
   std::vector<float> ordered(scores.begin(), scores.end());  // NaN counts as -inf
-  for (float& s : ordered) s = std::isnan(s) ? -std::numeric_limits<float>::infinity() : s;
+  for (float& s : ordered) s = IsNaNBits(s) ? -std::numeric_limits<float>::infinity() : s;
   SelectTopK(ordered, k, &first_nan, scratch, &picked);
   return picked;
 }

@@ -454,34 +454,53 @@ void ScoreKeys(const IndexQuery& q, const uint8_t* codes, int64_t code_stride, c
 // and returns how many. Skips whole vectors of scores all below the threshold
 // (NaN is not below it, so no NaN is skipped; only vectors with a hit or a NaN
 // are looked at again); stops at the first NaN, setting *first_nan to its
-// index (left alone otherwise).
+// index (left alone otherwise). Compares integer keys that order like the
+// scores (-0 = +0): no float compare meets a subnormal score.
+HWY_INLINE VI OrderKeys(VF v) {
+  const DI di;
+  const VI bits = hn::BitCast(di, v);
+  const VI negative = hn::Sub(hn::Set(di, static_cast<int32_t>(0x80000000u)), bits);  // -0 -> 0
+  return hn::IfThenElse(hn::Lt(bits, hn::Zero(di)), negative, bits);
+}
+HWY_INLINE MI IsNaNBits(VF v) {
+  const DI di;
+  return hn::Gt(hn::And(hn::BitCast(di, v), hn::Set(di, 0x7FFFFFFF)), hn::Set(di, 0x7F800000));
+}
+inline int32_t OrderKey(float f) {
+  const int32_t bits = static_cast<int32_t>(F32Bits(f));
+  return bits >= 0 ? bits : static_cast<int32_t>(0x80000000u) - bits;
+}
+
 int64_t FilterAtLeast(const float* scores, int64_t n, float threshold, int64_t* out, int64_t* first_nan) {
   const DF df;
+  const DI di;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
-  const VF t = hn::Set(df, threshold);
+  const int32_t t_key = OrderKey(threshold);
+  const VI t = hn::Set(di, t_key);
+  auto below = [&](VF v) { return hn::And(hn::Lt(OrderKeys(v), t), hn::Not(IsNaNBits(v))); };
   int64_t count = 0, i = 0;
   for (; i + 4 * lanes <= n; i += 4 * lanes) {
     const VF v0 = hn::LoadU(df, scores + i), v1 = hn::LoadU(df, scores + i + lanes);
     const VF v2 = hn::LoadU(df, scores + i + 2 * lanes), v3 = hn::LoadU(df, scores + i + 3 * lanes);
-    if (hn::AllTrue(df, hn::And(hn::And(hn::Lt(v0, t), hn::Lt(v1, t)), hn::And(hn::Lt(v2, t), hn::Lt(v3, t))))) continue;
-    if (!hn::AllFalse(df, hn::Or(hn::Or(hn::IsNaN(v0), hn::IsNaN(v1)), hn::Or(hn::IsNaN(v2), hn::IsNaN(v3))))) {
+    if (hn::AllTrue(di, hn::And(hn::And(below(v0), below(v1)), hn::And(below(v2), below(v3))))) continue;
+    if (!hn::AllFalse(di, hn::Or(hn::Or(IsNaNBits(v0), IsNaNBits(v1)), hn::Or(IsNaNBits(v2), IsNaNBits(v3))))) {
       for (int64_t k = i; k < i + 4 * lanes; ++k) {
-        if (std::isnan(scores[k])) {
+        if ((F32Bits(scores[k]) & 0x7FFFFFFFu) > 0x7F800000u) {
           *first_nan = k;
           return count;
         }
       }
     }
     for (int64_t k = i; k < i + 4 * lanes; ++k) {
-      if (scores[k] >= threshold) out[count++] = k;
+      if (OrderKey(scores[k]) >= t_key) out[count++] = k;
     }
   }
   for (; i < n; ++i) {
-    if (std::isnan(scores[i])) {
+    if ((F32Bits(scores[i]) & 0x7FFFFFFFu) > 0x7F800000u) {
       *first_nan = i;
       return count;
     }
-    if (scores[i] >= threshold) out[count++] = i;
+    if (OrderKey(scores[i]) >= t_key) out[count++] = i;
   }
   return count;
 }

@@ -431,6 +431,53 @@ TEST_P(IndexerKernelsTest, TopKRefusesNaNNamingTheIndex) {
   EXPECT_TRUE(untouched.empty());
 }
 
+// The decode path on tiny keys and rows (subnormal scores): preparing the
+// query, scoring, top-k and gathering meet no subnormal operation, and top-k
+// picks what it picks on scores compared as floats.
+TEST(Indexer, SelectionOnTinyKeysMeetsNoSubnormal) {
+  std::mt19937 rng(21);
+  ModelSpec spec = ModelSpec::V4Flash();
+  spec.layers.assign(1, LayerSpec{});
+  spec.layers[0].kind = LayerKind::kCsa;
+  spec.window = 8;
+  spec.index_topk = 64;
+  CacheOptions options;
+  options.rollback_depth = 4;
+  auto cache = *Cache::Create(spec, options);
+  const SequenceId seq = *cache->CreateSequence();
+  const int64_t entries = 3000;
+  for (int64_t at = 0; at < 4 * entries; at += 8) ASSERT_TRUE(cache->Append(seq, 0, at, {RandomBf16(8 * kHeadDim, rng, 0x1p-128f)}).ok());
+  ASSERT_TRUE(cache->AppendCompressedRows(seq, 0, 0, RandomBf16(entries * kHeadDim, rng, 0x1p-128f)).ok());
+  ASSERT_TRUE(cache->AppendIndexKeys(seq, 0, 0, RandomBf16(entries * kIndexDim, rng, 0x1p-124f)).ok());
+  const std::vector<Bf16> q_raw = RandomBf16(64 * kIndexDim, rng, 0x1p-20f);
+  const std::vector<float> w(64, 0.03f);
+  IndexQuery q;
+  SelectionScratch scratch;
+  AttentionSet set;
+  std::vector<float> rows_f32;
+  std::vector<Bf16> rows_bf16;
+  ASSERT_TRUE(cache->PrepareIndexQuery(4 * entries - 1, q_raw, w, &q).ok());
+  ASSERT_TRUE(cache->SelectAttentionSet(seq, 0, &q, &scratch, &set).ok());
+  size_t subnormal = 0;
+  for (const float x : scratch.scores) subnormal += x != 0.0f && std::fabs(x) < 0x1p-126f;
+  EXPECT_GT(subnormal, scratch.scores.size() / 2) << "the scores should be subnormal";
+  // Top-k on subnormal scores: the float ordering (ties to the lower index).
+  std::vector<int64_t> order(scratch.scores.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return scratch.scores[static_cast<size_t>(a)] > scratch.scores[static_cast<size_t>(b)]; });
+  order.resize(64);
+  std::sort(order.begin(), order.end());
+  EXPECT_EQ(scratch.entries, order);
+  rows_f32.resize(set.rows.size() * kHeadDim);
+  rows_bf16.resize(set.rows.size() * kHeadDim);
+  testing::ExpectNoSubnormalOperations("decode on tiny keys", [&] {
+    if (!cache->PrepareIndexQuery(4 * entries - 1, q_raw, w, &q).ok() || !cache->SelectAttentionSet(seq, 0, &q, &scratch, &set).ok() ||
+        !GatherAttentionRows(set, absl::MakeSpan(rows_f32)).ok() || !GatherAttentionRows(set, absl::MakeSpan(rows_bf16)).ok()) {
+      std::abort();
+    }
+  });
+}
+
 TEST(Indexer, ScoresAreTheMathOfTheDequantizedValues) {
   std::mt19937 rng(3);
   const IndexQuery q = RandomQuery(64, rng);
