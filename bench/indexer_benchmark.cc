@@ -14,6 +14,7 @@
 
 #include "bench/roofline.h"
 #include "benchmark/benchmark.h"
+#include "kvc/cache.h"
 #include "kvc/indexer.h"
 #include "kvc/row_kernels.h"
 #include "kvc/executor.h"
@@ -107,6 +108,52 @@ void BM_IndexerScore_1M_OneQuery(benchmark::State& state) {
 }
 BENCHMARK(BM_IndexerScore_1M_OneQuery)->ArgName("threads")->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
 KVC_BENCHMARK_ROOFLINE(BM_IndexerScore_1M_OneQuery, "BM_Int8Peak", "MACs_per_second");
+
+// One CSA layer's whole selection at 1M tokens through the cache
+// (Cache::SelectAttentionSet: paged index scoring split across the
+// executor's N threads, top-k, the set), keys from N(0,1) values appended by
+// the engine (AppendIndexKeys). The decode step's per-layer work, minus the
+// gather.
+void BM_SelectAttentionSet_1M(benchmark::State& state) {
+  const std::unique_ptr<Executor> executor = *ThreadPoolExecutor(static_cast<int>(state.range(0)));
+  ModelSpec spec = ModelSpec::V4Flash();
+  spec.layers.assign(1, LayerSpec{});
+  spec.layers[0].kind = LayerKind::kCsa;
+  const int64_t tokens = 4 * kKeys, chunk = 8192;
+  spec.max_context = tokens;
+  CacheOptions options;
+  options.history_bytes = int64_t{1} << 30;
+  options.executor = executor.get();
+  auto cache = Cache::Create(spec, options);
+  if (!cache.ok()) return state.SkipWithError(cache.status().ToString().c_str());
+  const SequenceId seq = *(*cache)->CreateSequence();
+  std::mt19937 rng(4);
+  std::normal_distribution<float> normal;
+  std::vector<Bf16> values(static_cast<size_t>(chunk) * kHeadDim);
+  for (Bf16& v : values) v = ToBf16(normal(rng));
+  for (int64_t at = 0; at < tokens; at += chunk) {
+    if (!(*cache)->Append(seq, 0, at, {values}).ok()) return state.SkipWithError("append");
+  }
+  for (int64_t at = 0; at < kKeys; at += chunk / 4) {
+    const auto rows = absl::MakeConstSpan(values).first(static_cast<size_t>(chunk / 4) * kHeadDim);
+    const auto keys = absl::MakeConstSpan(values).subspan(static_cast<size_t>(at % 7) * 128, static_cast<size_t>(chunk / 4) * kIndexDim);
+    if (!(*cache)->AppendCompressedRows(seq, 0, at, rows).ok() || !(*cache)->AppendIndexKeys(seq, 0, at, keys).ok()) {
+      return state.SkipWithError("append entries");
+    }
+  }
+  std::vector<Bf16> q_raw(kHeads * kIndexDim);
+  for (Bf16& v : q_raw) v = ToBf16(normal(rng));
+  const IndexQuery q = *(*cache)->PrepareIndexQuery(tokens - 1, q_raw, std::vector<float>(kHeads, 0.02f));
+  SelectionScratch scratch;
+  AttentionSet set;
+  for (auto _ : state) {
+    if (!(*cache)->SelectAttentionSet(seq, 0, &q, &scratch, &set).ok()) state.SkipWithError("select");
+  }
+  SetRates(state, double{kKeys} * kHeads * kIndexDim, kKeys);
+  state.SetLabel(absl::StrCat(ActiveSimdTargetName(), ", N(0,1) keys, top ", spec.index_topk));
+}
+BENCHMARK(BM_SelectAttentionSet_1M)->ArgName("threads")->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
+KVC_BENCHMARK_ROOFLINE(BM_SelectAttentionSet_1M, "BM_Int8Peak", "MACs_per_second");
 
 void BM_Int8Peak(benchmark::State& state) {
   if (!tools::HaveVnni512()) return state.SkipWithError("no AVX512-VNNI on this CPU");

@@ -231,6 +231,8 @@ float IndexScoreRef(const IndexQuery& q, const uint8_t* codes, const uint8_t* sc
 void ScoreKeysDispatch(const IndexQuery& q, const uint8_t* codes, int64_t code_stride, const uint8_t* scales,
                        int64_t scale_stride, int64_t n, float* out);
 int64_t FilterAtLeastDispatch(const float* scores, int64_t n, float threshold, int64_t* out, int64_t* first_nan);
+void ScoreKeyPagesDispatch(const IndexQuery& q, const ConstPackedRows* pages, int64_t count, int64_t keys_per_page,
+                           float* out);
 
 namespace {
 
@@ -311,21 +313,26 @@ absl::Status ScoreIndexKeyPages(const IndexQuery& query, int64_t pages, int64_t 
   };
   Refusal inline_refusal;
   std::array<Refusal, kMaxKeyTasks> refusals;  // on the stack: the decode path allocates nothing
+  // Each task takes its pages in batches: checks their scales (the first
+  // refusal in order stops it), then scores the batch in one kernel call.
   auto run = [&](int64_t t, Refusal& refusal) {
+    constexpr int64_t kBatch = 64;
+    ConstPackedRows batch[kBatch];
     const int64_t end = std::min(pages, (t + 1) * per_task);
-    ConstPackedRows next = t * per_task < end ? page(t * per_task) : ConstPackedRows{};
-    for (int64_t p = t * per_task; p < end; ++p) {
-      const ConstPackedRows keys = next;
-      if (p + 1 < end) {  // the next page from memory while this one is scored (the kernel prefetches within a page)
-        next = page(p + 1);
-        for (int64_t line = 0; line < next.count * next.data_stride; line += 64) __builtin_prefetch(next.data + line);
-        for (int64_t line = 0; line < next.count * next.scale_stride; line += 64) __builtin_prefetch(next.scales + line);
+    for (int64_t first = t * per_task; first < end; first += kBatch) {
+      const int64_t count = std::min(kBatch, end - first);
+      for (int64_t i = 0; i < count; ++i) {
+        batch[i] = page(first + i);
+        const ConstPackedRows& keys = batch[i];
+        absl::Status checked = keys.count > 0 && (keys.data == nullptr || keys.scales == nullptr || keys.data_stride < 64 || keys.scale_stride < 4)
+                                   ? absl::InvalidArgumentError("ScoreIndexKeys: keys view has null pointers or strides below 64 / 4 bytes")
+                                   : CheckKeyScales(query, keys);
+        if (!checked.ok()) {
+          refusal = {first + i, std::move(checked)};
+          return;
+        }
       }
-      absl::Status scored = ScoreIndexKeys(query, keys, scores.subspan(static_cast<size_t>(p * keys_per_page)));
-      if (!scored.ok()) {
-        refusal = {p, std::move(scored)};
-        return;
-      }
+      ScoreKeyPagesDispatch(query, batch, count, keys_per_page, scores.data() + first * keys_per_page);
     }
   };
   if (tasks <= 1) {

@@ -328,9 +328,8 @@ KVC_VNNI512 void ScoreGroupVnni(const IndexQueryScoringView& v, const VnniKeys& 
   }
 }
 
-KVC_VNNI512 void ScoreKeysVnni(const IndexQuery& q, const uint8_t* codes, int64_t code_stride, const uint8_t* scales,
-                               int64_t scale_stride, int64_t n, float* out) {
-  const IndexQueryScoringView v(q);
+KVC_VNNI512 void ScoreKeysVnni(const IndexQueryScoringView& v, const IndexQuery& q, const uint8_t* codes,
+                               int64_t code_stride, const uint8_t* scales, int64_t scale_stride, int64_t n, float* out) {
   constexpr int kKv = 2;
   VnniKeys keys;
   for (int64_t j = 0; j < n; j += 16 * kKv) {
@@ -401,14 +400,14 @@ void ScoreGroupGeneric(const IndexQueryScoringView& v, const float* key_f, const
   }
 }
 
-void ScoreKeys(const IndexQuery& q, const uint8_t* codes, int64_t code_stride, const uint8_t* scales,
-               int64_t scale_stride, int64_t n, float* out) {
+// Scores n keys (any strides) with the view `v` of query q.
+void ScoreKeysWith(const IndexQueryScoringView& v, const IndexQuery& q, const uint8_t* codes, int64_t code_stride,
+                   const uint8_t* scales, int64_t scale_stride, int64_t n, float* out) {
 #if HWY_TARGET == HWY_AVX3_DL
-  ScoreKeysVnni(q, codes, code_stride, scales, scale_stride, n, out);
+  ScoreKeysVnni(v, q, codes, code_stride, scales, scale_stride, n, out);
 #else
   const DF df;
   const DI di;
-  const IndexQueryScoringView v(q);
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   HWY_ALIGN float key_f[128 * kMaxLanes];
   HWY_ALIGN int32_t bytes[4][kMaxLanes];
@@ -448,6 +447,27 @@ void ScoreKeys(const IndexQuery& q, const uint8_t* codes, int64_t code_stride, c
     for (int64_t i = 0; i < count; ++i) out[j + i] = score[i];
   }
 #endif
+}
+
+void ScoreKeys(const IndexQuery& q, const uint8_t* codes, int64_t code_stride, const uint8_t* scales,
+               int64_t scale_stride, int64_t n, float* out) {
+  ScoreKeysWith(IndexQueryScoringView(q), q, codes, code_stride, scales, scale_stride, n, out);
+}
+
+// Scores `count` pages of keys (page i's scores at out + i * keys_per_page),
+// the query's view built once and the next page prefetched while one is
+// scored: the cache's paged scoring without a call per page.
+void ScoreKeyPages(const IndexQuery& q, const ConstPackedRows* pages, int64_t count, int64_t keys_per_page, float* out) {
+  const IndexQueryScoringView v(q);
+  for (int64_t i = 0; i < count; ++i) {
+    if (i + 1 < count) {
+      const ConstPackedRows& next = pages[i + 1];
+      for (int64_t line = 0; line < next.count * next.data_stride; line += 64) __builtin_prefetch(next.data + line);
+      for (int64_t line = 0; line < next.count * next.scale_stride; line += 64) __builtin_prefetch(next.scales + line);
+    }
+    const ConstPackedRows& page = pages[i];
+    ScoreKeysWith(v, q, page.data, page.data_stride, page.scales, page.scale_stride, page.count, out + i * keys_per_page);
+  }
 }
 
 // Writes the indices i with scores[i] >= threshold to `out` (room for n)
@@ -514,7 +534,13 @@ HWY_AFTER_NAMESPACE();
 namespace kvc {
 
 HWY_EXPORT(ScoreKeys);
+HWY_EXPORT(ScoreKeyPages);
 HWY_EXPORT(FilterAtLeast);
+
+void ScoreKeyPagesDispatch(const IndexQuery& q, const ConstPackedRows* pages, int64_t count, int64_t keys_per_page,
+                           float* out) {
+  HWY_DYNAMIC_DISPATCH(ScoreKeyPages)(q, pages, count, keys_per_page, out);
+}
 
 void ScoreKeysDispatch(const IndexQuery& q, const uint8_t* codes, int64_t code_stride, const uint8_t* scales,
                        int64_t scale_stride, int64_t n, float* out) {

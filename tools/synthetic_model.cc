@@ -87,22 +87,34 @@ absl::Status SyntheticModel::Append(Cache& cache, SequenceId seq, int64_t first,
 
 namespace {
 
-// GatherAttentionRows (rows dequantized to fp32 one by one), the rows split
-// across the executor's tasks: the same bytes.
+// GatherAttentionRows, faster: runs of rows that lie next to each other in
+// a page (row i + 1's bytes right after row i's, its scales right after
+// too: compressed entries) are dequantized in one call, and the rows are
+// split across the executor's tasks. The same bytes.
 absl::Status GatherRows(const AttentionSet& set, absl::Span<float> out, Executor& executor) {
   const int64_t rows = static_cast<int64_t>(set.rows.size());
   if (out.size() != set.rows.size() * kHeadDim) return GatherAttentionRows(set, out);  // its refusal
   constexpr int64_t kRowsPerTask = 512;
   const int64_t tasks = executor.concurrency() == 1 ? 1 : (rows + kRowsPerTask - 1) / kRowsPerTask;
-  if (tasks <= 1) return GatherAttentionRows(set, out);
   std::atomic<bool> failed{false};
-  executor.ParallelFor(tasks, [&](int64_t task) {
-    for (int64_t i = task * kRowsPerTask; i < std::min(rows, (task + 1) * kRowsPerTask); ++i) {
-      const RowRef& row = set.rows[static_cast<size_t>(i)];
-      const ConstPackedRows view{row.data, row.scales, 576, 8, 1};
-      if (!DequantizeKvRows(view, out.subspan(static_cast<size_t>(i) * kHeadDim, kHeadDim)).ok()) failed = true;
+  auto gather = [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end;) {
+      const RowRef& first = set.rows[static_cast<size_t>(i)];
+      int64_t n = 1;
+      while (i + n < end && set.rows[static_cast<size_t>(i + n)].data == first.data + 576 * n &&
+             set.rows[static_cast<size_t>(i + n)].scales == first.scales + 8 * n) {
+        ++n;
+      }
+      const ConstPackedRows run{first.data, first.scales, 576, 8, n};
+      if (!DequantizeKvRows(run, out.subspan(static_cast<size_t>(i) * kHeadDim, static_cast<size_t>(n) * kHeadDim)).ok()) failed = true;
+      i += n;
     }
-  });
+  };
+  if (tasks <= 1) {
+    gather(0, rows);
+  } else {
+    executor.ParallelFor(tasks, [&](int64_t task) { gather(task * kRowsPerTask, std::min(rows, (task + 1) * kRowsPerTask)); });
+  }
   return failed ? GatherAttentionRows(set, out) : absl::OkStatus();  // the refusal, as the serial gather words it
 }
 
