@@ -19,8 +19,8 @@ namespace kvc {
 
 // A prepared index query: per head, RoPE (at the query position, on the last
 // 64 dims) -> bf16 -> Hadamard-128 -> bf16 -> FP4, exactly as an index key;
-// kept in the layout the scoring kernel reads (heads contiguous, padded to a
-// multiple of 16 with zero weight).
+// also kept in the layout the scoring kernels read (src/indexer_layout.h:
+// the heads that can add to a score, with their codes and scale exponents).
 class IndexQuery {
  public:
   // q_raw: heads x 128 bf16 (wq_b output, before RoPE), |x| <= 2^120;
