@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Builds kvc and runs every test, twice: a release build with warnings as
-# errors, then an AddressSanitizer + UndefinedBehaviorSanitizer build. In
-# between: the main job (./scripts/run.sh) at a reduced size and at its
-# max_context edge, each leaving nothing behind but its JSON summary; the
-# concurrent parts (cache, the stress test with saves and
-# restores) under ThreadSanitizer; and the parsers, the snapshot loader and
-# the C API under libFuzzer for a bounded time.
+# errors (with the Python module and its pytest suite), then an
+# AddressSanitizer + UndefinedBehaviorSanitizer build. In between: the main
+# job (./scripts/run.sh) at a reduced size and at its max_context edge, each
+# leaving nothing behind but its JSON summary; the concurrent parts (cache,
+# the stress test with saves and restores) under ThreadSanitizer; and the
+# parsers, the snapshot loader and the C API under libFuzzer for a bounded
+# time.
 # Installs missing packages first. This is what CI runs (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,8 +14,8 @@ source scripts/deps.sh
 kvc_install_deps
 jobs=$(nproc)
 
-echo "== release build (-Werror)"
-cmake -S . -B build/release -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVC_WERROR=ON > /dev/null
+echo "== release build (-Werror), with the Python module (Debian's /usr/bin/python3)"
+cmake -S . -B build/release -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVC_WERROR=ON -DKVC_PYTHON=ON > /dev/null
 cmake --build build/release -j "$jobs"
 ctest --test-dir build/release --output-on-failure -j "$jobs"
 
