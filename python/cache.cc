@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -284,7 +285,7 @@ void Append(PyCache& c, kvc::SequenceId seq, int layer, int64_t position, py::ha
     py::handle obj;
     const char* name;
     bool indexer;
-    py::array array;
+    absl::Span<const float> values;  // empty when not given
   };
   Projection projections[] = {{compressor_kv, "compressor_kv", false, {}},
                               {compressor_score, "compressor_score", false, {}},
@@ -292,17 +293,15 @@ void Append(PyCache& c, kvc::SequenceId seq, int layer, int64_t position, py::ha
                               {indexer_score, "indexer_score", true, {}}};
   for (Projection& p : projections) {
     if (p.obj.is_none()) continue;
-    p.array = CheckedArray(p.obj, p.name, {Elem::kFloat32, {n, ProjectionWidth(spec, layer, p.indexer)}});
+    // The caller's arguments keep the array alive for the call.
+    const py::array a = CheckedArray(p.obj, p.name, {Elem::kFloat32, {n, ProjectionWidth(spec, layer, p.indexer)}});
+    p.values = absl::MakeConstSpan(static_cast<const float*>(a.data()), static_cast<size_t>(a.size()));
   }
-  auto span = [](const Projection& p) {
-    if (!p.array) return absl::Span<const float>();
-    return absl::MakeConstSpan(static_cast<const float*>(p.array.data()), static_cast<size_t>(p.array.size()));
-  };
   kvc::LayerTokens tokens;
-  tokens.compressor_kv = span(projections[0]);
-  tokens.compressor_score = span(projections[1]);
-  tokens.indexer_kv = span(projections[2]);
-  tokens.indexer_score = span(projections[3]);
+  tokens.compressor_kv = projections[0].values;
+  tokens.compressor_score = projections[1].values;
+  tokens.indexer_kv = projections[2].values;
+  tokens.indexer_score = projections[3].values;
   const Bf16Source source = SourceOf(r);
   Run([&] {
     std::vector<kvc::Bf16> storage;
@@ -330,11 +329,8 @@ void AppendBf16History(PyCache& c, kvc::SequenceId seq, int layer, int64_t first
   });
 }
 
-int64_t Length(PyCache& c, kvc::SequenceId seq, const py::object& layer) {
-  if (!layer.is_none()) {
-    const int l = layer.cast<int>();
-    return Get([&] { return c.get().Length(seq, l); });
-  }
+int64_t Length(PyCache& c, kvc::SequenceId seq, std::optional<int> layer) {
+  if (layer.has_value()) return Get([&] { return c.get().Length(seq, *layer); });
   return Get([&]() -> absl::StatusOr<int64_t> {
     int64_t length = 0;
     for (int l = 0; l < static_cast<int>(c.get().spec().layers.size()); ++l) {
@@ -494,14 +490,13 @@ py::dict SequenceUsageDict(const kvc::SequenceUsage& u) {
   return d;
 }
 
-py::dict SaveSnapshot(PyCache& c, py::handle path, const py::object& seqs, bool incremental) {
+py::dict SaveSnapshot(PyCache& c, py::handle path, const std::optional<std::vector<kvc::SequenceId>>& seqs,
+                      bool incremental) {
   const std::string p = PathString(path);
   kvc::SaveOptions options;
   options.incremental = incremental;
-  const bool all = seqs.is_none();
-  const std::vector<kvc::SequenceId> ids = all ? std::vector<kvc::SequenceId>{} : seqs.cast<std::vector<kvc::SequenceId>>();
   const kvc::SaveStats s = Get([&] {
-    return all ? kvc::SaveCacheSnapshot(c.get(), p, options) : kvc::SaveSnapshot(c.get(), ids, p, options);
+    return seqs ? kvc::SaveSnapshot(c.get(), *seqs, p, options) : kvc::SaveCacheSnapshot(c.get(), p, options);
   });
   py::dict d;
   d["bytes_written"] = s.bytes_written;

@@ -7,6 +7,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -27,7 +29,11 @@ PyObject* g_error_type = nullptr;
 
 void Raise(const absl::Status& status) {
   py::object type = py::reinterpret_borrow<py::object>(g_error_type);
-  py::object error = type(std::string(status.message()));
+  // kvc's messages may quote bytes that are not UTF-8 (a path): replace them.
+  const absl::string_view text = status.message();
+  PyObject* message = PyUnicode_DecodeUTF8(text.data(), static_cast<Py_ssize_t>(text.size()), "replace");
+  if (message == nullptr) throw py::error_already_set();
+  py::object error = type(py::reinterpret_steal<py::str>(message));
   error.attr("code") = absl::StatusCodeToString(status.code());
   error.attr("errno") = kvc::FileSystemErrno(status);
   PyErr_SetObject(g_error_type, error.ptr());
@@ -134,8 +140,9 @@ absl::Span<const kvc::Bf16> Bf16Source::Values(std::vector<kvc::Bf16>* storage) 
 }
 
 std::string PathString(py::handle path) {
-  py::object fspath = py::module_::import("os").attr("fspath")(path);
-  return fspath.cast<std::string>();
+  // os.fsencode: str (surrogate-escaped bytes included), bytes or os.PathLike -> the file system's bytes.
+  const py::bytes encoded = py::module_::import("os").attr("fsencode")(path);
+  return encoded;
 }
 
 namespace {
@@ -259,14 +266,15 @@ int64_t CheckedTokens(py::handle t) {
   return value.cast<int64_t>();
 }
 
-py::object Footprint(const std::string& model, py::handle tokens, const py::object& baseline, const std::string& format) {
+py::object Footprint(const std::string& model, py::handle tokens, const std::optional<std::string>& baseline,
+                     const std::string& format) {
   if (format != "fp8" && format != "bf16") throw py::value_error("format: expected \"fp8\" or \"bf16\"; got \"" + format + "\"");
   const kvc::StorageFormat storage = format == "bf16" ? kvc::StorageFormat::kBf16 : kvc::StorageFormat::kFp8;
   const kvc::FootprintModel m = Value(kvc::FootprintByName(model, storage));
   std::unique_ptr<kvc::FootprintModel> base;
-  if (!baseline.is_none()) {
+  if (baseline) {
     // As kvc-footprint: the baseline in its default (fp8) format.
-    base = std::make_unique<kvc::FootprintModel>(Value(kvc::FootprintByName(baseline.cast<std::string>(), kvc::StorageFormat::kFp8)));
+    base = std::make_unique<kvc::FootprintModel>(Value(kvc::FootprintByName(*baseline, kvc::StorageFormat::kFp8)));
   }
   if (py::isinstance<py::int_>(tokens)) return FootprintRow(m, CheckedTokens(tokens), base.get());
   if (!py::isinstance<py::sequence>(tokens) || py::isinstance<py::str>(tokens)) {

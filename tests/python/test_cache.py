@@ -4,6 +4,7 @@ formulas of docs/layout.md and independent references."""
 
 import errno
 import gc
+import os
 import weakref
 
 import numpy as np
@@ -425,6 +426,10 @@ def test_snapshots_round_trip(tiny, tiny_config, tmp_path):
     with pytest.raises(kvc.Error) as error:
         other.restore_snapshot(tmp_path / "absent.kvcsnap")
     assert error.value.errno == errno.ENOENT and "absent.kvcsnap" in str(error.value)
+    odd_name = os.fsdecode(bytes(tmp_path / "absent") + b"-\xff.kvcsnap")  # not UTF-8: surrogate-escaped
+    with pytest.raises(kvc.Error) as error:
+        other.restore_snapshot(odd_name)
+    assert error.value.errno == errno.ENOENT and "absent-\ufffd.kvcsnap" in str(error.value)
     damaged = bytearray(path.read_bytes())
     damaged[len(damaged) // 2] ^= 0x40
     (tmp_path / "damaged.kvcsnap").write_bytes(bytes(damaged))
