@@ -225,7 +225,18 @@ int kvc_index_scores(const kvc_cache* cache, kvc_seq seq, int32_t layer, const k
  * and its scales at rows_per_page x row_data_bytes +
  * (r % rows_per_page) x row_scale_bytes from the page start. Window rows
  * are ring slots: slot s = position mod window is row s. */
-enum { KVC_STREAM_WINDOW = 0, KVC_STREAM_CSA_ROWS = 1, KVC_STREAM_CSA_KEYS = 2, KVC_STREAM_HCA_ROWS = 3 };
+enum {
+  KVC_STREAM_WINDOW = 0,
+  KVC_STREAM_CSA_ROWS = 1,
+  KVC_STREAM_CSA_KEYS = 2,
+  KVC_STREAM_HCA_ROWS = 3,
+  /* Compressor state rings (one page per sequence; a row is one token's kv
+   * then score + ape, 2 x width fp32; slot = position mod rows_per_page):
+   * what an engine compressing on its own device writes in page-manager mode. */
+  KVC_STREAM_CSA_STATE = 4,
+  KVC_STREAM_CSA_INDEXER_STATE = 5,
+  KVC_STREAM_HCA_STATE = 6
+};
 typedef struct kvc_page_array {
   void* base; int64_t page_bytes; int64_t num_pages;
   int32_t rows_per_page; int32_t row_data_bytes; int32_t row_scale_bytes;  /* 576 + 8, or 64 + 4 */
