@@ -73,7 +73,8 @@ struct Cache::Impl {
 
   // Builds the parts over `store` (set first).
   void Compose() {
-    window_part = std::make_unique<WindowStream>(*store, spec.window, options.rollback_depth, options.rows_per_page);
+    window_part = std::make_unique<WindowStream>(*store, spec.window, options.draft_slots, options.rollback_depth,
+                                                 options.rows_per_page);
     all_parts.push_back(window_part.get());
     for (const int s : {cache_internal::kCsaRowsStream, cache_internal::kCsaKeysStream, cache_internal::kHcaRowsStream}) {
       if (!store->present(s)) continue;
@@ -89,6 +90,7 @@ struct Cache::Impl {
   }
 
   int32_t window() const { return spec.window; }
+  int64_t ring_slots() const { return window_part->ring_slots(); }  // window + draft_slots
   int32_t depth() const { return options.rollback_depth; }
   int32_t rows_per_page() const { return options.rows_per_page; }
 
@@ -190,7 +192,7 @@ struct Cache::Impl {
     }
     int64_t rows = 0;
     for (const int32_t l : store->spec(s).layers) {
-      rows = std::max(rows, s == cache_internal::kWindowStream ? std::min<int64_t>(seq.layers[static_cast<size_t>(l)].length, window())
+      rows = std::max(rows, s == cache_internal::kWindowStream ? std::min(seq.layers[static_cast<size_t>(l)].length, ring_slots())
                                                                : History(s)->Rows(seq, l));
     }
     return TableRows{&seq.tables[static_cast<size_t>(s)], rows, store->spec(s).rows_per_page};
