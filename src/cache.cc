@@ -81,6 +81,15 @@ absl::Status CheckOptions(const ModelSpec& spec, const CacheOptions& options) {
     return absl::InvalidArgumentError(absl::StrCat("rollback_depth ", options.rollback_depth,
                                                    " must be in [0, window = ", spec.window, "]"));
   }
+  if (options.draft_slots < 0 || options.draft_slots > kMaxDraftSlots) {
+    return absl::InvalidArgumentError(absl::StrCat("draft_slots ", options.draft_slots, " must be in [0, ",
+                                                   kMaxDraftSlots, "]"));
+  }
+  if (options.page_manager && options.draft_slots < options.rollback_depth) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "page_manager needs draft_slots >= rollback_depth (", options.draft_slots, " < ", options.rollback_depth,
+        "): without rollback records, the ring itself must still hold the rows a truncation brings back"));
+  }
   if (options.rows_per_page < 1 || options.rows_per_page > 4096 || options.keys_per_page < 1 ||
       options.keys_per_page > 65536) {
     return absl::InvalidArgumentError("rows_per_page must be in [1, 4096] and keys_per_page in [1, 65536]");
@@ -101,6 +110,7 @@ absl::StatusOr<std::vector<StreamGeometry>> Cache::PageGeometry(const ModelSpec&
     out.push_back({static_cast<Stream>(s), st.page_bytes, st.rows_per_page, st.row_data_bytes, st.row_scale_bytes,
                    st.layers});
   }
+  out[static_cast<size_t>(Stream::kWindow)].ring_slots = int64_t{spec.window} + options.draft_slots;
   return out;
 }
 
@@ -473,13 +483,17 @@ absl::Status Cache::ReadWindow(SequenceId id, int layer, absl::Span<Bf16> out) c
                                                    impl_->window(), " x ", kHeadDim));
   }
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));  // held while reading: no Append interleaves
-  const WindowRingView view = impl_->window_part->View(*seq.seq, layer);
-  for (size_t p = 0; p < view.pages.size(); ++p) {
-    const int64_t first = static_cast<int64_t>(p) * view.rows_per_page;
-    const int64_t rows = std::min<int64_t>(view.rows_per_page, view.window - first);
-    KVC_RETURN_IF_ERROR(DequantizeKvRows(view.pages[p].Slice(0, rows),
-                                         out.subspan(static_cast<size_t>(first * kHeadDim),
-                                                     static_cast<size_t>(rows * kHeadDim))));
+  // Official slot s holds the position p in [length - W, length) with
+  // p mod W == s (none below 0: zero), read from its ring slot p mod R.
+  const int64_t W = impl_->window(), length = seq.layers()[static_cast<size_t>(layer)].length;
+  const WindowStream& window = *impl_->window_part;
+  for (int64_t p = length - W; p < length; ++p) {
+    const absl::Span<Bf16> to = out.subspan(static_cast<size_t>(((p % W + W) % W) * kHeadDim), kHeadDim);
+    if (p < 0) {
+      std::fill(to.begin(), to.end(), Bf16{});
+    } else {
+      KVC_RETURN_IF_ERROR(DequantizeKvRows(window.RingSlot(*seq.seq, layer, window.SlotOf(p)), to));
+    }
   }
   return absl::OkStatus();
 }
@@ -569,9 +583,9 @@ absl::Status Cache::SelectAttentionSet(SequenceId id, int layer, const IndexQuer
   const int64_t W = impl_->window();
   const WindowStream& window = *impl_->window_part;
   for (int64_t p = std::max<int64_t>(0, ls.length - W); p < ls.length; ++p) {
-    const int64_t slot = p % W;
+    const int64_t slot = window.SlotOf(p);
     const PackedRows row = window.RingSlot(sq, layer, slot);
-    set.indices.push_back(static_cast<int32_t>(slot));
+    set.indices.push_back(static_cast<int32_t>(p % W));  // official slot
     set.window_indices.push_back(window.SlotIndex(sq, slot));
     set.rows.push_back({row.data, row.scales});
   }

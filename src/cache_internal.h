@@ -73,7 +73,8 @@ struct Cache::Impl {
 
   // Builds the parts over `store` (set first).
   void Compose() {
-    window_part = std::make_unique<WindowStream>(*store, spec.window, options.rollback_depth, options.rows_per_page);
+    window_part = std::make_unique<WindowStream>(*store, spec.window, options.draft_slots, options.rollback_depth,
+                                                 options.rows_per_page);
     all_parts.push_back(window_part.get());
     for (const int s : {cache_internal::kCsaRowsStream, cache_internal::kCsaKeysStream, cache_internal::kHcaRowsStream}) {
       if (!store->present(s)) continue;
@@ -103,6 +104,7 @@ struct Cache::Impl {
     return absl::FailedPreconditionError(absl::StrCat(what, ": sequence ", id, " is in open step ", seq.step->epoch,
                                                       "; commit or abort it first"));
   }
+  int64_t ring_slots() const { return window_part->ring_slots(); }  // window + draft_slots
   int32_t depth() const { return options.rollback_depth; }
   int32_t rows_per_page() const { return options.rows_per_page; }
 
@@ -262,7 +264,7 @@ struct Cache::Impl {
   // ring's valid slots (window, compressor state), a history stream's rows.
   int64_t StreamRowsOf(const Sequence& seq, int layer, int s) const {
     const int64_t length = seq.layers[static_cast<size_t>(layer)].length;
-    if (s == cache_internal::kWindowStream) return std::min<int64_t>(length, window());
+    if (s == cache_internal::kWindowStream) return std::min<int64_t>(length, ring_slots());
     if (cache_internal::IsStateStream(s)) return std::min<int64_t>(length, store->spec(s).rows_per_page);
     return History(s)->Rows(seq, layer);
   }

@@ -154,7 +154,7 @@ absl::StatusOr<StepPlan> Cache::PlanStep(absl::Span<const StepRequest> batch) {
       const int64_t start = plans[b].start, end = start + plans[b].n;
       auto index = [&](int64_t row) { return int64_t{table[static_cast<size_t>(row / per_page)]} * per_page + row % per_page; };
       if (s == kWindowStream || IsStateStream(s)) {  // rings: one row per token, the last write of a slot kept
-        const int64_t ring = s == kWindowStream ? impl.window_part->window() : per_page;
+        const int64_t ring = s == kWindowStream ? impl.ring_slots() : per_page;
         for (int64_t t = start; t < end; ++t) out.slots.push_back(t < end - ring ? -1 : index(t % ring));
       } else {
         const LayerKind kind = impl.KindOf(store.spec(s).layers[0]);

@@ -113,6 +113,10 @@ ModelDescription Describe(const Impl& impl) {
   add("window_rope", RopeText(s.window_rope));
   add("compressed_rope", RopeText(s.compressed_rope));
   add("rollback_depth", absl::StrCat(impl.options.rollback_depth));
+  // The state blocks' rings hold window + draft_slots rows. Absent (what
+  // every file before draft slots has) means 0, so a cache without draft
+  // slots describes itself, and writes its files, exactly as before.
+  if (impl.options.draft_slots != 0) add("draft_slots", absl::StrCat(impl.options.draft_slots));
   for (size_t i = 0; i < s.layers.size(); ++i) {
     m.fields.emplace_back(absl::StrCat("layer ", i, " compressor"), ParamsText(s.layers[i].compressor));
     m.fields.emplace_back(absl::StrCat("layer ", i, " indexer"), ParamsText(s.layers[i].indexer));

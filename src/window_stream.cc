@@ -60,7 +60,7 @@ void WindowStream::TruncateLayer(Sequence& seq, int layer, int64_t current, int6
   if (length >= current || !store_.present(kRollbackStream)) return;
   int64_t* evictors = RollbackEvictors(seq, layer);
   for (int64_t q = current - 1; q >= length; --q) {
-    CopyRow(RollbackRow(seq, layer, q % depth_), RingSlot(seq, layer, q % window_));
+    CopyRow(RollbackRow(seq, layer, q % depth_), RingSlot(seq, layer, SlotOf(q)));
     evictors[q % depth_] = -1;
   }
 }
@@ -84,30 +84,31 @@ WindowRingView WindowStream::View(const Sequence& seq, int layer) const {
   WindowRingView view;
   view.rows_per_page = rows_per_page_;
   view.window = window_;
+  view.ring_slots = ring_slots_;
   view.length = seq.layers[static_cast<size_t>(layer)].length;
   for (int64_t p = 0; p < ring_pages(); ++p) view.pages.push_back(RingPage(seq, layer, p));
   return view;
 }
 
-// Only the rows that survive are quantized: the last `window` into their
-// slots, and for the last `depth` positions q the row each evicts (position
-// q - W, from the old ring or from this chunk) into rollback record q mod depth.
+// Only the rows that survive are quantized: the last R into their slots, and
+// for the last `depth` positions q the row each evicts (position q - R, from
+// the old ring or from this chunk) into rollback record q mod depth.
 absl::Status WindowStream::Write(const Sequence& seq, int layer, absl::Span<const Bf16> rows) const {
   const int64_t L = seq.layers[static_cast<size_t>(layer)].length;
   const int64_t n = static_cast<int64_t>(rows.size()) / kHeadDim;
-  const int64_t W = window_;
+  const int64_t R = ring_slots_;
   auto quantize = [&](int64_t position, PackedRows to) {
     return QuantizeKvRows(rows.subspan(static_cast<size_t>((position - L) * kHeadDim), kHeadDim), to);
   };
   if (depth_ > 0) {
     int64_t* evictors = RollbackEvictors(seq, layer);
     for (int64_t q = std::max(L, L + n - depth_); q < L + n; ++q) {
-      const int64_t evicted = q - W;
+      const int64_t evicted = q - R;
       const PackedRows record = RollbackRow(seq, layer, q % depth_);
       if (evicted < 0) {
         ZeroRow(record);
       } else if (evicted < L) {
-        CopyRow(RingSlot(seq, layer, evicted % W), record);
+        CopyRow(RingSlot(seq, layer, SlotOf(evicted)), record);
       } else {
         KVC_RETURN_IF_ERROR(quantize(evicted, record));
       }
@@ -115,10 +116,10 @@ absl::Status WindowStream::Write(const Sequence& seq, int layer, absl::Span<cons
     }
   }
   // Ring slots, in runs that stay inside one page.
-  for (int64_t p = std::max(L, L + n - W); p < L + n;) {
-    const int64_t slot = p % W;
+  for (int64_t p = std::max(L, L + n - R); p < L + n;) {
+    const int64_t slot = SlotOf(p);
     const int64_t in_page = slot % rows_per_page_;
-    int64_t run = std::min({L + n - p, W - slot, rows_per_page_ - in_page});
+    int64_t run = std::min({L + n - p, R - slot, rows_per_page_ - in_page});
     KVC_RETURN_IF_ERROR(QuantizeKvRows(rows.subspan(static_cast<size_t>((p - L) * kHeadDim), static_cast<size_t>(run * kHeadDim)),
                                        RingPage(seq, layer, slot / rows_per_page_).Slice(in_page, run)));
     p += run;
@@ -127,7 +128,7 @@ absl::Status WindowStream::Write(const Sequence& seq, int layer, absl::Span<cons
 }
 
 void WindowStream::Encode(const Sequence& seq, int layer, snapshot_format::Encoder& e) const {
-  for (int64_t slot = 0; slot < window_; ++slot) {
+  for (int64_t slot = 0; slot < ring_slots_; ++slot) {
     const PackedRows row = RingSlot(seq, layer, slot);
     e.PutBytes(row.data, kKvDataBytes);
     e.PutBytes(row.scales, kKvScaleBytes);
@@ -139,9 +140,9 @@ void WindowStream::Encode(const Sequence& seq, int layer, snapshot_format::Encod
 }
 
 void WindowStream::Restore(Sequence& seq, int layer, const snapshot_format::StateBlock& block) const {
-  const ConstPackedRows ring = ContiguousRows(RowFormat::kKvFp8, block.ring, window_);
-  for (int64_t slot = 0; slot < window_; slot += rows_per_page_) {  // page by page
-    const int64_t n = std::min<int64_t>(rows_per_page_, window_ - slot);
+  const ConstPackedRows ring = ContiguousRows(RowFormat::kKvFp8, block.ring, ring_slots_);
+  for (int64_t slot = 0; slot < ring_slots_; slot += rows_per_page_) {  // page by page
+    const int64_t n = std::min<int64_t>(rows_per_page_, ring_slots_ - slot);
     CopyRows(RowFormat::kKvFp8, ring.Slice(slot, n), RingPage(seq, layer, slot / rows_per_page_));
   }
   if (depth_ > 0) {

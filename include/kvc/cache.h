@@ -3,7 +3,8 @@
 // its layer kind (spec §1), stored in pages whose bytes are the engines'
 // layout (docs/layout.md):
 //
-//   window ring        W rows of 584 B, slot = position mod W       (state)
+//   window ring        R = W + draft_slots rows of 584 B,
+//                      slot = position mod R                        (state)
 //   rollback rows      the last D ring rows overwritten, to undo    (state)
 //   compressor state   projections of the open windows, fp32        (state)
 //   compressed rows    one 584-byte row per m tokens (CSA, HCA)     (history)
@@ -56,7 +57,7 @@ namespace kvc {
 // kCsaState and kCsaIndexerState; HCA layers kHcaRows and kHcaState.
 // (Rollback records are internal, and absent in page-manager mode.)
 enum class Stream : int32_t {
-  kWindow = 0,   // the window ring: 584-byte rows, slot = position mod window
+  kWindow = 0,   // the window ring: 584-byte rows, slot = position mod (window + draft_slots)
   kCsaRows = 1,  // CSA compressed entries: 584-byte rows
   kCsaKeys = 2,  // CSA index keys: 68-byte FP4 keys
   kHcaRows = 3,  // HCA compressed entries: 584-byte rows
@@ -96,7 +97,16 @@ struct StreamGeometry {
   int32_t row_data_bytes = 0;
   int32_t row_scale_bytes = 0;
   std::vector<int32_t> layers;  // the layers that have the stream, ascending; empty: none
+  // kWindow: the rows of one sequence's ring, window + draft_slots, held in
+  // ceil(ring_slots / rows_per_page) pages per sequence. 0 for the others.
+  int64_t ring_slots = 0;
 };
+
+// The most draft slots a cache may have (CacheOptions::draft_slots): a
+// prefill chunk of up to this many tokens, or any verify step, finds every
+// window row of its positions in the ring. Each slot costs 584 B per layer
+// per sequence (4096: 2.3 MiB per layer).
+constexpr int32_t kMaxDraftSlots = 4096;
 
 // Engine memory for one (layer, stream) array: page b at
 // bytes.data() + b x page_bytes; num_pages = bytes.size() / page_bytes.
@@ -138,6 +148,14 @@ struct CacheOptions {
   // row and an 8-byte position each, rounded up to 64 B), plus D token
   // rows of compressor state (8 KiB CSA + 2 KiB CSA indexer, 4 KiB HCA).
   int32_t rollback_depth = 16;
+  // Extra window ring slots, in [0, kMaxDraftSlots]: the ring holds
+  // R = window + draft_slots rows, slot = position mod R, so the window rows
+  // of the last R positions stay in it. A step that appends k tokens and
+  // then selects for all k positions (SelectAttentionSets: an MTP verify
+  // step, a prefill chunk) finds every window row it needs in the ring when
+  // k <= draft_slots + 1. 0: the official 128-slot ring, byte for byte.
+  // Costs draft_slots x 584 B per layer per sequence (state class).
+  int32_t draft_slots = 0;
   int32_t rows_per_page = 64;  // 584-byte rows per page (window ring and compressed rows)
   int32_t keys_per_page = 64;  // 68-byte index keys per page
 };
@@ -251,14 +269,17 @@ struct HistoryView {
   int64_t rows = 0;
 };
 
-// Zero-copy view of one layer's window ring: slot s (= position mod window)
-// is row s % rows_per_page of pages[s / rows_per_page]; pages are in the
-// engines' footer layout. Slots never written read as zero.
+// Zero-copy view of one layer's window ring: slot s (= position mod
+// ring_slots) is row s % rows_per_page of pages[s / rows_per_page]; pages
+// are in the engines' footer layout. The ring holds positions
+// [max(0, length - ring_slots), length); slots never written read as zero.
+// With draft_slots = 0, ring_slots == window: the official ring.
 struct WindowRingView {
   std::vector<ConstPackedRows> pages;
   int32_t rows_per_page = 0;
   int32_t window = 0;
-  int64_t length = 0;  // tokens appended to this layer
+  int64_t length = 0;      // tokens appended to this layer
+  int64_t ring_slots = 0;  // window + draft_slots
 };
 
 // One stored 584-byte row, zero-copy: its 576 data bytes and 8 scale bytes
@@ -271,15 +292,17 @@ struct RowRef {
 // What the query at a layer's last position attends to (spec §3, Selection).
 struct AttentionSet {
   int64_t position = 0;  // the query's position: the layer's last token
-  // Official index space: window ring slots [0, window), then window + j for
-  // compressed entry j. Window positions first (oldest first), then entries
-  // in ascending order.
+  // Official index space: window slots [0, window) (position p at p mod
+  // window, whatever draft_slots is), then window + j for compressed entry
+  // j. Window positions first (oldest first), then entries in ascending
+  // order.
   std::vector<int32_t> indices;
   std::vector<RowRef> rows;  // the stored rows, in the same order
   // The same rows as indices into the layer's page arrays (what a sparse
   // kernel takes: block_id x rows_per_page + offset):
   // window_indices[i] = ids[s / B] x B + s % B for the i-th window position
-  // p (oldest first), s = p mod window, ids = BlockTable(seq, kWindow),
+  // p (oldest first), s = p mod ring_slots (the real ring slot: p mod
+  // (window + draft_slots)), ids = BlockTable(seq, kWindow),
   // B = its rows_per_page; compressed_indices[k] = ids[j / B] x B + j % B
   // for the k-th selected entry j, ids = BlockTable(seq, kCsaRows or
   // kHcaRows). So row window_indices[i] of the window array is rows[i], and
@@ -426,8 +449,11 @@ class Cache {
   // The smallest length Truncate(seq, ...) accepts.
   absl::StatusOr<int64_t> RollbackFloor(SequenceId seq) const;
 
-  // The window ring of `layer` dequantized into `out` (window x 512 bf16, in
-  // slot order). Unwritten slots are zero.
+  // The official window of `layer` dequantized into `out` (window x 512
+  // bf16): the last `window` positions p, each in official slot p mod window
+  // (whatever draft_slots is); slots of positions < 0 are zero. With
+  // draft_slots = 0 this is the ring itself, in slot order. Window() views
+  // the whole ring (window + draft_slots slots).
   absl::Status ReadWindow(SequenceId seq, int layer, absl::Span<Bf16> out) const;
   absl::StatusOr<WindowRingView> Window(SequenceId seq, int layer) const;
 
@@ -469,8 +495,8 @@ class Cache {
   absl::StatusOr<PageArray> LayerPages(int layer, Stream stream) const;
 
   // The sequence's page ids of `stream` in row order, the same for every
-  // layer of the stream. kWindow: the ring's ceil(window / rows_per_page)
-  // pages (slot s in page ids[s / B]). History streams: the pages covering
+  // layer of the stream. kWindow: the ring's ceil(ring_slots / rows_per_page)
+  // pages (ring_slots = window + draft_slots; slot s in page ids[s / B]). History streams: the pages covering
   // the longest layer's rows (layers may differ mid-step). kNotFound when no
   // layer has the stream, or for an unknown sequence.
   absl::StatusOr<std::vector<int32_t>> BlockTable(SequenceId seq, Stream stream) const;
@@ -481,7 +507,7 @@ class Cache {
   absl::StatusOr<CsrBlockTables> BatchBlockTablesCsr(absl::Span<const SequenceId> seqs, Stream stream) const;
 
   // Rows `layer` of `seq` stores in `stream`: kWindow, the ring's valid
-  // slots, min(length, window); history streams, the rows appended (row r
+  // slots, min(length, window + draft_slots); history streams, the rows appended (row r
   // at BlockTable[r / B], offset r % B). kNotFound when the layer has no
   // such stream.
   absl::StatusOr<int64_t> StreamRows(SequenceId seq, int layer, Stream stream) const;

@@ -133,7 +133,8 @@ class TinyModel {
 };
 
 // Every byte of `seq` a caller can observe: per layer its length, rollback
-// floor, window ring rows (slot order), compressed rows and index keys.
+// floor, window ring rows (all window + draft_slots slots, in slot order),
+// compressed rows and index keys.
 inline std::string ObservableBytes(const Cache& cache, SequenceId seq) {
   std::string out;
   auto put = [&](const void* p, size_t n) { out.append(static_cast<const char*>(p), n); };
@@ -144,7 +145,7 @@ inline std::string ObservableBytes(const Cache& cache, SequenceId seq) {
     put(&length, sizeof(length));
     const absl::StatusOr<WindowRingView> ring = cache.Window(seq, layer);
     if (!ring.ok()) return "error";
-    for (int64_t s = 0; s < ring->window; ++s) {
+    for (int64_t s = 0; s < ring->ring_slots; ++s) {
       const ConstPackedRows& page = ring->pages[static_cast<size_t>(s / ring->rows_per_page)];
       put(page.row_data(s % ring->rows_per_page), 576);
       put(page.row_scales(s % ring->rows_per_page), 8);
