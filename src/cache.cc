@@ -290,6 +290,7 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
                                     Quantizer(keys, kIndexDim, QuantizeIndexKeys)));
   }
   ls.length += n;
+  ls.ring_end = ls.length;
   ls.floor = std::max(ls.floor, ls.length - impl_->depth());
   if (!applied.ok()) return absl::InternalError(absl::StrCat("Append: ", applied.message()));
   return absl::OkStatus();
@@ -435,7 +436,10 @@ absl::Status Cache::Truncate(SequenceId id, int64_t length) {
   KVC_RETURN_IF_ERROR(impl_->window_part->CheckTruncate(*seq.seq, current, length));
   // Apply (cannot fail).
   for (const StreamPart* part : impl_->all_parts) part->Truncate(*seq.seq, current, length);
-  for (LayerStreams& ls : seq.layers()) ls.length = length;
+  for (LayerStreams& ls : seq.layers()) {
+    ls.length = length;
+    if (!impl_->page_manager()) ls.ring_end = length;  // the rollback records put the evicted rows back
+  }
   seq.seq->snapshot_low_water = std::min(seq.seq->snapshot_low_water, length);
   return absl::OkStatus();
 }

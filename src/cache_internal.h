@@ -105,6 +105,11 @@ struct Cache::Impl {
                                                       "; commit or abort it first"));
   }
   int64_t ring_slots() const { return window_part->ring_slots(); }  // window + draft_slots
+  // The oldest position of `layer` whose window row the ring still holds
+  // (LayerStreams::ring_end).
+  int64_t OldestRingPosition(const Sequence& seq, int layer) const {
+    return std::max<int64_t>(0, seq.layers[static_cast<size_t>(layer)].ring_end - ring_slots());
+  }
   int32_t depth() const { return options.rollback_depth; }
   int32_t rows_per_page() const { return options.rows_per_page; }
 

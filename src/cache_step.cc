@@ -217,6 +217,7 @@ absl::Status Cache::CommitStep(uint64_t epoch) {
         LayerStreams& ls = seq.layers[l];
         const LayerKind kind = impl.KindOf(static_cast<int>(l));
         ls.length = end;
+        ls.ring_end = std::max(ls.ring_end, end);
         ls.floor = std::max(ls.floor, end - impl.depth());
         if (kind != LayerKind::kWindow) ls.compressed_rows = EntriesAt(kind, end);
         if (kind == LayerKind::kCsa) ls.key_rows = EntriesAt(kind, end);
@@ -274,6 +275,9 @@ absl::Status Cache::AbortStep(uint64_t epoch) {
       // of `reached` tokens would allow.
       const int64_t written = impl.page_manager() ? step.start + step.new_tokens : reached;
       for (LayerStreams& ls : seq.layers) ls.floor = std::max(ls.floor, written - impl.depth());
+    }
+    if (impl.page_manager()) {  // the engine's ring rows stay where it wrote them
+      for (LayerStreams& ls : seq.layers) ls.ring_end = std::max(ls.ring_end, step.start + step.new_tokens);
     }
     EndStep(store, seq, /*keep_copies=*/false);
   }

@@ -426,6 +426,7 @@ absl::StatusOr<std::vector<SequenceId>> RestoreSnapshot(Cache& cache, const std:
           impl.State(parts.indexer_state)->Restore(*seq, li, state.indexer_state);
         }
         ls.length = le.length;
+        ls.ring_end = le.length;
         ls.floor = le.floor;
         const HistoryStream* histories[kStreams] = {impl.RowsOf(li), impl.KeysOf(li)};
         for (int st = 0; st < kStreams; ++st) {

@@ -52,6 +52,12 @@ struct LayerStreams {
   int64_t floor = 0;   // smallest length a Truncate may restore
   int64_t compressed_rows = 0;  // in kCsaRows (CSA) or kHcaRows (HCA)
   int64_t key_rows = 0;         // in kCsaKeys (CSA)
+  // The furthest length whose ring rows were written: the ring holds the
+  // rows of positions [ring_end - ring slots, length). Equal to `length` in
+  // kvc's mode (a truncation or abort puts evicted rows back); in
+  // page-manager mode a truncation or abort leaves the later rows in place,
+  // so older positions are gone until the sequence grows past ring_end.
+  int64_t ring_end = 0;
 };
 
 // A sequence's part in an open step (Cache::PlanStep): what the plan
