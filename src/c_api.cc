@@ -138,6 +138,7 @@ absl::StatusOr<kvc::CacheOptions> ToOptions(const kvc_options* options) {
   out.rollback_depth = options->rollback_depth;
   out.rows_per_page = options->rows_per_page;
   out.keys_per_page = options->keys_per_page;
+  out.draft_slots = options->draft_slots;
   const int64_t n = options->num_engine_arrays;
   if (n < 0 || (n > 0 && options->engine_arrays == nullptr)) {
     return absl::InvalidArgumentError(absl::StrCat("options: num_engine_arrays ", n, " with engine_arrays ",
@@ -264,7 +265,8 @@ extern "C" {
 void kvc_options_default(kvc_options* options) {
   if (options == nullptr) return;
   const kvc::CacheOptions d;
-  *options = kvc_options{d.history_bytes, d.state_bytes, d.rollback_depth, d.rows_per_page, d.keys_per_page, nullptr, 0};
+  *options = kvc_options{d.history_bytes, d.state_bytes, d.rollback_depth, d.rows_per_page, d.keys_per_page, nullptr, 0,
+                         d.draft_slots};
 }
 
 int kvc_cache_create(const char* preset, const kvc_options* options, kvc_cache** out) {

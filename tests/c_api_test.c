@@ -276,7 +276,8 @@ static void TestPages(void) {
   CHECK(kvc_layer_pages(cache, 2, KVC_STREAM_HCA_ROWS, &hca_rows) == KVC_OK);
   CHECK(kvc_layer_pages(cache, 0, KVC_STREAM_CSA_ROWS, &none) == KVC_ERR_NOT_FOUND);
   CHECK(kvc_layer_pages(cache, 2, KVC_STREAM_CSA_KEYS, &none) == KVC_ERR_NOT_FOUND);
-  CHECK(kvc_layer_pages(cache, 0, 4, &none) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_layer_pages(cache, 0, KVC_STREAM_CSA_STATE, &none) == KVC_ERR_NOT_FOUND);
+  CHECK(kvc_layer_pages(cache, 0, 7, &none) == KVC_ERR_INVALID_ARGUMENT);
   CHECK(kvc_layer_pages(cache, 3, KVC_STREAM_WINDOW, &none) == KVC_ERR_INVALID_ARGUMENT);
 
   /* 300 tokens in every layer; the engine brings the CSA and HCA entries. */

@@ -63,6 +63,12 @@ typedef struct kvc_options {
    * rows arrays (docs/layout.md). NULL / 0 (the default): kvc maps its own. */
   const kvc_engine_array* engine_arrays;
   int64_t num_engine_arrays;
+  /* Extra window ring slots, 0..4096 (kvc::CacheOptions::draft_slots): the
+   * ring holds window + draft_slots rows (slot = position mod that), so a
+   * step appending k <= draft_slots + 1 tokens finds the window rows of all
+   * k positions in it (kvc_seq_select_positions). 0 (the default): the
+   * official 128-slot ring. */
+  int32_t draft_slots;
 } kvc_options;
 
 typedef struct kvc_usage {
@@ -187,7 +193,8 @@ int kvc_seq_free(kvc_cache* cache, kvc_seq seq);
 int kvc_seq_length(const kvc_cache* cache, kvc_seq seq, int32_t layer, int64_t* out);
 /* KVC_ERR_NOT_FOUND: unknown sequence. */
 int kvc_seq_rollback_floor(const kvc_cache* cache, kvc_seq seq, int64_t* out);
-/* The window ring of `layer`, dequantized: out holds out_values = window x 512 bf16, by slot.
+/* The window of `layer`, dequantized: out holds out_values = window x 512 bf16, the last
+ * `window` positions each at official slot position mod window (zero below position 0).
  * KVC_ERR_NOT_FOUND: unknown sequence. KVC_ERR_INVALID_ARGUMENT: layer or out_values wrong. */
 int kvc_seq_read_window(const kvc_cache* cache, kvc_seq seq, int32_t layer, uint16_t* out,
                         int64_t out_values);
@@ -224,8 +231,19 @@ int kvc_index_scores(const kvc_cache* cache, kvc_seq seq, int32_t layer, const k
  * ids[r / rows_per_page]; its data at (r % rows_per_page) x row_data_bytes
  * and its scales at rows_per_page x row_data_bytes +
  * (r % rows_per_page) x row_scale_bytes from the page start. Window rows
- * are ring slots: slot s = position mod window is row s. */
-enum { KVC_STREAM_WINDOW = 0, KVC_STREAM_CSA_ROWS = 1, KVC_STREAM_CSA_KEYS = 2, KVC_STREAM_HCA_ROWS = 3 };
+ * are ring slots: slot s = position mod (window + draft_slots) is row s. */
+enum {
+  KVC_STREAM_WINDOW = 0,
+  KVC_STREAM_CSA_ROWS = 1,
+  KVC_STREAM_CSA_KEYS = 2,
+  KVC_STREAM_HCA_ROWS = 3,
+  /* Compressor state rings (one page per sequence; a row is one token's kv
+   * then score + ape, 2 x width fp32; slot = position mod rows_per_page):
+   * what an engine compressing on its own device writes in page-manager mode. */
+  KVC_STREAM_CSA_STATE = 4,
+  KVC_STREAM_CSA_INDEXER_STATE = 5,
+  KVC_STREAM_HCA_STATE = 6
+};
 typedef struct kvc_page_array {
   void* base; int64_t page_bytes; int64_t num_pages;
   int32_t rows_per_page; int32_t row_data_bytes; int32_t row_scale_bytes;  /* 576 + 8, or 64 + 4 */
@@ -285,7 +303,7 @@ int kvc_batch_block_tables_csr(const kvc_cache* cache, const kvc_seq* seqs, int6
 int kvc_seq_append_rows(kvc_cache* cache, kvc_seq seq, int32_t layer, int32_t stream, int64_t first,
                         const uint8_t* rows, int64_t count);
 /* Rows `layer` stores in `stream`: for KVC_STREAM_WINDOW the ring's valid
- * slots (min(length, window)), else the rows appended. KVC_ERR_NOT_FOUND:
+ * slots (min(length, window + draft_slots)), else the rows appended. KVC_ERR_NOT_FOUND:
  * unknown sequence, or the layer has no such stream. */
 int kvc_seq_stream_rows(const kvc_cache* cache, kvc_seq seq, int32_t layer, int32_t stream, int64_t* out);
 /* What the query at `layer`'s last position attends to, as row indices into
