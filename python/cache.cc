@@ -28,7 +28,10 @@ namespace {
 static_assert(KVC_STREAM_WINDOW == static_cast<int>(kvc::Stream::kWindow) &&
                   KVC_STREAM_CSA_ROWS == static_cast<int>(kvc::Stream::kCsaRows) &&
                   KVC_STREAM_CSA_KEYS == static_cast<int>(kvc::Stream::kCsaKeys) &&
-                  KVC_STREAM_HCA_ROWS == static_cast<int>(kvc::Stream::kHcaRows),
+                  KVC_STREAM_HCA_ROWS == static_cast<int>(kvc::Stream::kHcaRows) &&
+                  KVC_STREAM_CSA_STATE == static_cast<int>(kvc::Stream::kCsaState) &&
+                  KVC_STREAM_CSA_INDEXER_STATE == static_cast<int>(kvc::Stream::kCsaIndexerState) &&
+                  KVC_STREAM_HCA_STATE == static_cast<int>(kvc::Stream::kHcaState),
               "kvc.STREAM_* are the C API's numbers");
 
 // A kvc::Cache and what it must not outlive.
@@ -38,6 +41,9 @@ struct PyCache {
   std::vector<float> params;
   // The objects owning the engine's page arrays (CacheOptions::engine_arrays).
   std::vector<py::object> engine_buffers;
+  // The (layer, stream) arrays the engine gave as addresses (page-manager
+  // mode): kvc cannot tell host from device memory, so no view is made.
+  std::vector<std::pair<int32_t, int32_t>> address_arrays;
   std::vector<kvc::StreamGeometry> geometry;  // indexed by stream
   std::unique_ptr<kvc::Cache> cache;
 
@@ -69,8 +75,10 @@ struct OptionArgs {
   int64_t history_bytes;
   int64_t state_bytes;
   int32_t rollback_depth;
+  int32_t draft_slots;
   int32_t rows_per_page;
   int32_t keys_per_page;
+  bool page_manager;
 };
 
 kvc::CacheOptions ToOptions(const OptionArgs& a) {
@@ -78,10 +86,30 @@ kvc::CacheOptions ToOptions(const OptionArgs& a) {
   o.history_bytes = a.history_bytes;
   o.state_bytes = a.state_bytes;
   o.rollback_depth = a.rollback_depth;
+  o.draft_slots = a.draft_slots;
   o.rows_per_page = a.rows_per_page;
   o.keys_per_page = a.keys_per_page;
+  o.page_manager = a.page_manager;
   return o;
 }
+
+// A step's page copies as an int32 (n, 3) array: stream, src, dst per row.
+py::array CopiesArray(const std::vector<kvc::PageCopy>& copies) {
+  std::vector<int32_t> flat;
+  flat.reserve(copies.size() * 3);
+  for (const kvc::PageCopy& c : copies) flat.insert(flat.end(), {static_cast<int32_t>(c.stream), c.src, c.dst});
+  return ToArray(std::move(flat), {static_cast<py::ssize_t>(copies.size()), 3});
+}
+
+struct PyStepSlots {
+  py::object indptr, slots;
+};
+
+struct PyStepPlan {
+  uint64_t epoch = 0;
+  py::object seqs, first_position, new_tokens, copies, abort_copies;
+  py::tuple slots;  // a PyStepSlots per stream
+};
 
 // --- compressor parameters ---------------------------------------------------
 
@@ -161,7 +189,10 @@ void ApplyParams(py::handle params, kvc::ModelSpec& spec, std::vector<float>* st
 
 // --- engine arrays ----------------------------------------------------------
 
-std::vector<kvc::EngineArray> EngineArrays(py::handle arrays, std::vector<py::object>* owners) {
+// engine_arrays: {(layer, stream): a writable C-contiguous uint8 array, or
+// in page-manager mode (address, bytes) ints (device memory: never
+// dereferenced)}.
+std::vector<kvc::EngineArray> EngineArrays(py::handle arrays, bool page_manager, PyCache* c) {
   std::vector<kvc::EngineArray> out;
   if (arrays.is_none()) return out;
   if (!py::isinstance<py::dict>(arrays)) {
@@ -178,13 +209,29 @@ std::vector<kvc::EngineArray> EngineArrays(py::handle arrays, std::vector<py::ob
     } catch (const py::cast_error&) {
       throw py::value_error(where + ": keys are (layer, stream) pairs of ints");
     }
-    const py::array a = CheckedArray(item.second, where.c_str(), {Elem::kUint8, {-1, -1}}, /*writable=*/true);
     kvc::EngineArray e;
     e.layer = layer;
     e.stream = static_cast<kvc::Stream>(stream);
-    e.bytes = absl::MakeSpan(static_cast<uint8_t*>(const_cast<void*>(a.data())), static_cast<size_t>(a.nbytes()));
+    if (py::isinstance<py::tuple>(item.second)) {
+      if (!page_manager) {
+        throw py::value_error(where + ": (address, bytes) is for page-manager mode, where kvc never touches the "
+                                      "memory; here kvc writes it: give a writable numpy.uint8 array");
+      }
+      std::pair<uintptr_t, int64_t> address;
+      try {
+        address = item.second.cast<std::pair<uintptr_t, int64_t>>();
+      } catch (const py::cast_error&) {
+        throw py::value_error(where + ": expected (address, bytes) as two non-negative ints");
+      }
+      if (address.second < 0) throw py::value_error(where + ": bytes is negative");
+      e.bytes = absl::MakeSpan(reinterpret_cast<uint8_t*>(address.first), static_cast<size_t>(address.second));
+      c->address_arrays.emplace_back(layer, stream);
+    } else {
+      const py::array a = CheckedArray(item.second, where.c_str(), {Elem::kUint8, {-1, -1}}, /*writable=*/true);
+      e.bytes = absl::MakeSpan(static_cast<uint8_t*>(const_cast<void*>(a.data())), static_cast<size_t>(a.nbytes()));
+      c->engine_buffers.push_back(a);
+    }
     out.push_back(e);
-    owners->push_back(a);
   }
   return out;
 }
@@ -195,7 +242,7 @@ std::unique_ptr<PyCache> MakeCache(absl::StatusOr<kvc::ModelSpec> spec_or, const
   auto c = std::make_unique<PyCache>();
   ApplyParams(params, spec, &c->params);
   kvc::CacheOptions options = ToOptions(args);
-  options.engine_arrays = EngineArrays(engine_arrays, &c->engine_buffers);
+  options.engine_arrays = EngineArrays(engine_arrays, options.page_manager, c.get());
   absl::StatusOr<std::unique_ptr<kvc::Cache>> cache;
   absl::StatusOr<std::vector<kvc::StreamGeometry>> geometry;
   {
@@ -239,6 +286,7 @@ py::dict GeometryDict(const kvc::StreamGeometry& g) {
   d["row_data_bytes"] = g.row_data_bytes;
   d["row_scale_bytes"] = g.row_scale_bytes;
   d["layers"] = g.layers;
+  d["ring_slots"] = g.ring_slots;
   return d;
 }
 
@@ -359,6 +407,10 @@ py::array ReadWindow(PyCache& c, kvc::SequenceId seq, int layer) {
 // ring slot, in slot order).
 py::array ReadRows(PyCache& c, kvc::SequenceId seq, int layer, int32_t stream) {
   const kvc::Stream s = ToStream(stream);
+  if (stream >= static_cast<int32_t>(kvc::Stream::kCsaState) && stream < kvc::kNumStreams) {
+    RaiseInvalid(absl::StrCat("read_rows: stream ", stream, " (", kvc::StreamName(s),
+                              ") holds compressor state, not rows: read it through layer_pages"));
+  }
   std::vector<uint8_t> bytes;
   int64_t rows = 0, row_bytes = 0;
   Run([&]() -> absl::Status {
@@ -373,7 +425,7 @@ py::array ReadRows(PyCache& c, kvc::SequenceId seq, int layer, int32_t stream) {
       if (!ring.ok()) return ring.status();
       pages = std::move(ring->pages);
       per_page = ring->rows_per_page;
-      rows = ring->window;
+      rows = ring->ring_slots;
     } else {
       absl::StatusOr<kvc::HistoryView> history =
           s == kvc::Stream::kCsaKeys ? c.get().IndexKeys(seq, layer) : c.get().CompressedRows(seq, layer);
@@ -398,7 +450,17 @@ py::array ReadRows(PyCache& c, kvc::SequenceId seq, int layer, int32_t stream) {
 py::object LayerPages(const py::object& self, int layer, int32_t stream) {
   PyCache& c = self.cast<PyCache&>();
   const kvc::PageArray a = Value(c.get().LayerPages(layer, ToStream(stream)));
-  if (a.base == nullptr) Raise(absl::InternalError(absl::StrCat("layer ", layer, " stream ", stream, ": page array without memory")));
+  for (const auto& [l, s] : c.address_arrays) {
+    if (l == layer && s == stream) {
+      Raise(absl::FailedPreconditionError(absl::StrCat(
+          "layer_pages: layer ", layer, " stream ", stream,
+          " is engine memory given by address (maybe a device's): no NumPy view; page_array() gives the address")));
+    }
+  }
+  if (a.base == nullptr) {
+    Raise(absl::FailedPreconditionError(absl::StrCat("layer_pages: layer ", layer, " stream ", stream,
+                                                     " has no memory (page-manager mode without engine arrays)")));
+  }
   py::array array(py::dtype::of<uint8_t>(), {static_cast<py::ssize_t>(a.num_pages), static_cast<py::ssize_t>(a.page_bytes)},
                   {static_cast<py::ssize_t>(a.page_bytes), py::ssize_t{1}}, a.base, self);
   py::object view = array.attr("view")(py::module_::import("kvc").attr("PageView"));
@@ -476,6 +538,10 @@ py::dict UsageDict(const kvc::CacheUsage& u) {
   d["history_limit_bytes"] = u.history_limit_bytes;
   d["state_limit_bytes"] = u.state_limit_bytes;
   d["sequences"] = u.sequences;
+  d["open_steps"] = u.open_steps;
+  d["deferred_pages"] = u.deferred_pages;
+  d["epoch"] = u.epoch;
+  d["completed_epoch"] = u.completed_epoch;
   d["components"] = components;
   return d;
 }
@@ -509,6 +575,32 @@ py::dict SaveSnapshot(PyCache& c, py::handle path, const std::optional<std::vect
   return d;
 }
 
+PyStepPlan PlanStep(PyCache& c, const std::vector<std::pair<kvc::SequenceId, int64_t>>& requests) {
+  std::vector<kvc::StepRequest> batch;
+  for (const auto& [seq, n] : requests) batch.push_back({seq, n});
+  kvc::StepPlan plan = Get([&] { return c.get().PlanStep(batch); });
+  PyStepPlan out;
+  out.epoch = plan.epoch;
+  out.seqs = ToArray(std::move(plan.seqs));
+  out.first_position = ToArray(std::move(plan.first_position));
+  out.new_tokens = ToArray(std::move(plan.new_tokens));
+  out.copies = CopiesArray(plan.copies);
+  out.abort_copies = CopiesArray(plan.abort_copies);
+  out.slots = py::tuple(kvc::kNumStreams);
+  for (int s = 0; s < kvc::kNumStreams; ++s) {
+    out.slots[static_cast<size_t>(s)] =
+        py::cast(PyStepSlots{ToArray(std::move(plan.slots[s].indptr)), ToArray(std::move(plan.slots[s].slots))});
+  }
+  return out;
+}
+
+py::object Fork(PyCache& c, kvc::SequenceId seq, bool return_copies) {
+  if (!return_copies) return py::int_(Get([&] { return c.get().Fork(seq); }));
+  std::vector<kvc::PageCopy> copies;
+  const kvc::SequenceId child = Get([&] { return c.get().Fork(seq, &copies); });
+  return py::make_tuple(child, CopiesArray(copies));
+}
+
 std::string Repr(PyCache& c) {
   const kvc::ModelSpec& spec = c.get().spec();
   return absl::StrCat("<kvc.Cache ", spec.name, ": ", spec.layers.size(), " layers, ", c.get().Usage().sequences,
@@ -520,8 +612,10 @@ std::string Repr(PyCache& c) {
   py::arg("history_bytes") = kvc::CacheOptions().history_bytes,                                              \
       py::arg("state_bytes") = kvc::CacheOptions().state_bytes,                                              \
       py::arg("rollback_depth") = kvc::CacheOptions().rollback_depth,                                        \
+      py::arg("draft_slots") = kvc::CacheOptions().draft_slots,                                              \
       py::arg("rows_per_page") = kvc::CacheOptions().rows_per_page,                                          \
-      py::arg("keys_per_page") = kvc::CacheOptions().keys_per_page
+      py::arg("keys_per_page") = kvc::CacheOptions().keys_per_page,                                          \
+      py::arg("page_manager") = kvc::CacheOptions().page_manager
 
 }  // namespace
 
@@ -553,11 +647,46 @@ void BindCache(py::module_& m) {
       .def_readonly("indices", &PyCsrTables::indices, "int32: the pages of sequence b are indices[indptr[b]:indptr[b + 1]]")
       .def_readonly("last_page_len", &PyCsrTables::last_page_len, "int32 (batch,): rows in each sequence's last page");
 
+  py::class_<PyStepSlots>(m, "StepSlots",
+                          "Rows a step writes in one stream (vLLM's slot_mapping): request b's are "
+                          "slots[indptr[b]:indptr[b + 1]], each page_id x rows_per_page + offset in every layer's array; "
+                          "-1: nothing to write.")
+      .def_readonly("indptr", &PyStepSlots::indptr, "int32 (batch + 1,), empty when the model lacks the stream")
+      .def_readonly("slots", &PyStepSlots::slots, "int64");
+
+  py::class_<PyStepPlan>(m, "StepPlan", "A planned batch step (Cache.plan_step).")
+      .def_readonly("epoch", &PyStepPlan::epoch, "the step's id, for commit_step / abort_step / complete_steps")
+      .def_readonly("seqs", &PyStepPlan::seqs, "int64 (batch,): the requests' sequences")
+      .def_readonly("first_position", &PyStepPlan::first_position, "int64 (batch,): each sequence's length when planned")
+      .def_readonly("new_tokens", &PyStepPlan::new_tokens, "int64 (batch,)")
+      .def_readonly("slots", &PyStepPlan::slots, "a StepSlots per stream (indexed by kvc.STREAM_*)")
+      .def_readonly("copies", &PyStepPlan::copies,
+                    "int32 (n, 3) page copies (stream, src, dst) to make, in every layer's array of the stream, "
+                    "before writing the step (page-manager mode; empty when kvc writes)")
+      .def_readonly("abort_copies", &PyStepPlan::abort_copies,
+                    "int32 (n, 3): the copies that undo the step's writes, before abort_step (page-manager mode)")
+      .def(
+          "request_slots",
+          [](const PyStepPlan& plan, int32_t stream, int64_t b) -> py::object {
+            if (stream < 0 || stream >= kvc::kNumStreams) {
+              RaiseInvalid(absl::StrCat("stream ", stream, " is not a Stream (0..", kvc::kNumStreams - 1, ")"));
+            }
+            const PyStepSlots& st = plan.slots[static_cast<size_t>(stream)].cast<const PyStepSlots&>();
+            const py::array_t<int32_t> indptr = st.indptr;
+            if (indptr.size() == 0) return st.slots;  // the model lacks the stream: empty
+            if (b < 0 || b + 1 >= indptr.size()) {
+              RaiseInvalid(absl::StrCat("request ", b, " is out of range (the step has ", indptr.size() - 1, ")"));
+            }
+            return st.slots[py::slice(indptr.at(b), indptr.at(b + 1), 1)];
+          },
+          py::arg("stream"), py::arg("b"), "slots[stream].slots of request b (a view)");
+
   py::class_<PyCache>(m, "Cache",
                       "kvc::Cache: sequences of DeepSeek-V4 KV rows in the engines' page layout (docs/python.md).")
       .def(py::init([](const std::string& model, int64_t history_bytes, int64_t state_bytes, int32_t rollback_depth,
-                       int32_t rows_per_page, int32_t keys_per_page, py::handle params, py::handle engine_arrays) {
-             return MakeCache(kvc::ModelSpec::Preset(model), {history_bytes, state_bytes, rollback_depth, rows_per_page, keys_per_page},
+                       int32_t draft_slots, int32_t rows_per_page, int32_t keys_per_page, bool page_manager,
+                       py::handle params, py::handle engine_arrays) {
+             return MakeCache(kvc::ModelSpec::Preset(model), {history_bytes, state_bytes, rollback_depth, draft_slots, rows_per_page, keys_per_page, page_manager},
                               params, engine_arrays);
            }),
            py::arg("model"), py::kw_only(), KVC_PY_OPTION_ARGS, py::arg("params") = py::none(), py::arg("engine_arrays") = py::none(),
@@ -568,14 +697,15 @@ void BindCache(py::module_& m) {
       .def_static(
           "from_config",
           [](py::handle path, bool include_mtp, int64_t history_bytes, int64_t state_bytes, int32_t rollback_depth,
-             int32_t rows_per_page, int32_t keys_per_page, py::handle params, py::handle engine_arrays) {
+             int32_t draft_slots, int32_t rows_per_page, int32_t keys_per_page, bool page_manager, py::handle params,
+             py::handle engine_arrays) {
             absl::StatusOr<kvc::ModelSpec> spec;
             const std::string p = PathString(path);
             {
               py::gil_scoped_release release;
               spec = kvc::ModelSpec::FromHuggingFaceConfigFile(p, include_mtp);
             }
-            return MakeCache(std::move(spec), {history_bytes, state_bytes, rollback_depth, rows_per_page, keys_per_page},
+            return MakeCache(std::move(spec), {history_bytes, state_bytes, rollback_depth, draft_slots, rows_per_page, keys_per_page, page_manager},
                              params, engine_arrays);
           },
           py::arg("path"), py::kw_only(), py::arg("include_mtp") = false, KVC_PY_OPTION_ARGS,
@@ -602,12 +732,32 @@ void BindCache(py::module_& m) {
       .def_property_readonly("index_topk", [](PyCache& c) { return c.get().spec().index_topk; })
       .def_property_readonly("index_heads", [](PyCache& c) { return c.get().spec().index_heads; })
       .def_property_readonly("rollback_depth", [](PyCache& c) { return c.get().options().rollback_depth; })
+      .def_property_readonly("draft_slots", [](PyCache& c) { return c.get().options().draft_slots; })
+      .def_property_readonly("page_manager", [](PyCache& c) { return c.get().options().page_manager; })
       .def(
           "create_sequence", [](PyCache& c) { return Get([&] { return c.get().CreateSequence(); }); },
           "A new, empty sequence id (allocates its state pages).")
+      .def("fork", &Fork, py::arg("seq"), py::kw_only(), py::arg("return_copies") = false,
+           "A new sequence equal to seq: history pages shared, state copied. return_copies=True (required in "
+           "page-manager mode) returns (id, copies): int32 (n, 3) page copies (stream, src, dst) the engine makes "
+           "before it reads or writes the child.")
+      .def("plan_step", &PlanStep, py::arg("requests"),
+           "Plans a batch step: requests is a sequence of (seq, new_tokens). Reserves every page the step writes, "
+           "all or nothing (kvc.Error RESOURCE_EXHAUSTED); returns a kvc.StepPlan. Then append every layer (kvc "
+           "writes) or write through plan.slots after plan.copies (page-manager mode), and commit_step or abort_step.")
       .def(
-          "fork", [](PyCache& c, kvc::SequenceId seq) { return Get([&] { return c.get().Fork(seq); }); }, py::arg("seq"),
-          "A new sequence equal to seq: history pages shared, state copied.")
+          "commit_step", [](PyCache& c, uint64_t epoch) { Run([&] { return c.get().CommitStep(epoch); }); },
+          py::arg("epoch"), "Every layer of every sequence of the step advanced by its new_tokens.")
+      .def(
+          "abort_step", [](PyCache& c, uint64_t epoch) { Run([&] { return c.get().AbortStep(epoch); }); },
+          py::arg("epoch"),
+          "Every sequence of the step back to its planned length, every row as it was (page-manager mode: after "
+          "the engine made plan.abort_copies, if it wrote).")
+      .def(
+          "complete_steps", [](PyCache& c, uint64_t epoch) { return Get([&] { return c.get().CompleteSteps(epoch); }); },
+          py::arg("epoch"),
+          "The device finished every step up to epoch: pages freed meanwhile become reusable (page-manager mode). "
+          "Returns how many page ids did.")
       .def(
           "truncate", [](PyCache& c, kvc::SequenceId seq, int64_t length) { Run([&] { return c.get().Truncate(seq, length); }); },
           py::arg("seq"), py::arg("length"), "Rolls seq back to `length` tokens in every layer (>= rollback_floor(seq)).")
@@ -724,10 +874,10 @@ void BindCache(py::module_& m) {
   m.def(
       "page_geometry",
       [](py::handle model, bool include_mtp, int64_t history_bytes, int64_t state_bytes, int32_t rollback_depth,
-         int32_t rows_per_page, int32_t keys_per_page) {
+         int32_t draft_slots, int32_t rows_per_page, int32_t keys_per_page, bool page_manager) {
         const kvc::ModelSpec spec = Value(SpecOf(model, include_mtp));
         const std::vector<kvc::StreamGeometry> geometry = Value(kvc::Cache::PageGeometry(
-            spec, ToOptions({history_bytes, state_bytes, rollback_depth, rows_per_page, keys_per_page})));
+            spec, ToOptions({history_bytes, state_bytes, rollback_depth, draft_slots, rows_per_page, keys_per_page, page_manager})));
         py::list out;
         for (const kvc::StreamGeometry& g : geometry) out.append(GeometryDict(g));
         return out;

@@ -380,7 +380,11 @@ PYBIND11_MODULE(_kvc, m) {
   m.attr("STREAM_CSA_ROWS") = static_cast<int>(kvc::Stream::kCsaRows);
   m.attr("STREAM_CSA_KEYS") = static_cast<int>(kvc::Stream::kCsaKeys);
   m.attr("STREAM_HCA_ROWS") = static_cast<int>(kvc::Stream::kHcaRows);
+  m.attr("STREAM_CSA_STATE") = static_cast<int>(kvc::Stream::kCsaState);
+  m.attr("STREAM_CSA_INDEXER_STATE") = static_cast<int>(kvc::Stream::kCsaIndexerState);
+  m.attr("STREAM_HCA_STATE") = static_cast<int>(kvc::Stream::kHcaState);
   m.attr("NUM_STREAMS") = kvc::kNumStreams;
+  m.attr("MAX_DRAFT_SLOTS") = kvc::kMaxDraftSlots;
   m.attr("LAYER_WINDOW") = static_cast<int>(kvc::LayerKind::kWindow);
   m.attr("LAYER_CSA") = static_cast<int>(kvc::LayerKind::kCsa);
   m.attr("LAYER_HCA") = static_cast<int>(kvc::LayerKind::kHca);

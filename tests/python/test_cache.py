@@ -87,7 +87,11 @@ def state_of(cache, seqs):
         for layer in range(cache.num_layers):
             state.append(cache.length(seq, layer))
             for stream in range(kvc.NUM_STREAMS):
-                if layer in cache.page_geometry(stream)["layers"]:
+                if layer not in cache.page_geometry(stream)["layers"]:
+                    continue
+                if stream >= kvc.STREAM_CSA_STATE:  # compressor state: the sequence's page
+                    state.append(cache.layer_pages(layer, stream)[cache.block_table(seq, stream)].tobytes())
+                else:
                     state.append(cache.read_rows(seq, layer, stream).tobytes())
     return state
 
