@@ -692,8 +692,10 @@ void BindCache(py::module_& m) {
            py::arg("model"), py::kw_only(), KVC_PY_OPTION_ARGS, py::arg("params") = py::none(), py::arg("engine_arrays") = py::none(),
            "A cache for a preset model (\"v4-flash\", \"v4-pro\"). Options as kvc::CacheOptions; params: one entry per "
            "layer (None or a dict of float32 compressor_ape, compressor_norm_weight, indexer_ape, indexer_norm_weight), "
-           "copied; engine_arrays: {(layer, stream): writable uint8 array} of engine memory for the page arrays, kept "
-           "alive by the cache.")
+           "copied; engine_arrays: {(layer, stream): writable uint8 array (num_pages, page_bytes)} of engine memory for "
+           "the page arrays, kept alive by the cache, or in page-manager mode (address, bytes) (device memory: never "
+           "dereferenced). page_manager=True: kvc keeps ids, tables, forks and rollback and never touches a page byte "
+           "(needs draft_slots >= rollback_depth).")
       .def_static(
           "from_config",
           [](py::handle path, bool include_mtp, int64_t history_bytes, int64_t state_bytes, int32_t rollback_depth,
