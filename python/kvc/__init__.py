@@ -72,12 +72,13 @@ class PageView(_numpy.ndarray):
     read-only flag, so the exported tensor is writable: do not write through it.
     """
 
-    def __dlpack__(self, *, stream=None):
+    def __dlpack__(self, **kwargs):
         # NumPy refuses to export read-only arrays; export a writable alias of the
-        # same memory (its base chain keeps the cache alive).
+        # same memory (its base chain keeps the cache alive). The keywords (stream,
+        # and in newer protocols max_version, dl_device, copy) go to NumPy's exporter.
         alias = self.view(_numpy.ndarray)
         alias.flags.writeable = True
-        return alias.__dlpack__(stream=stream)
+        return alias.__dlpack__(**kwargs)
 
 
 __all__ = [name for name in dir() if not name.startswith("_")]
