@@ -496,3 +496,45 @@ def test_engine_arrays(tiny_config):
     with pytest.raises(kvc.Error) as error:  # one layer's array missing
         kvc.Cache.from_config(tiny_config, engine_arrays={(0, 0): aligned_zeros(6, 37440)})
     assert error.value.code == "INVALID_ARGUMENT"
+
+
+def test_compressor_parameters_are_checked_and_copied(tiny_config):
+    from conftest import tiny_params
+    params = tiny_params(seed=3)
+    malformed = [
+        (params[:2], "params: 2 entries; the model has 3 layers"),
+        ([{"compressor_ape": params[1]["compressor_ape"]}] + params[1:], r"params\[0\]\[\"compressor_ape\"\]: layer 0 is a window"),
+        ([None, dict(params[1], bias=np.zeros(3, np.float32)), params[2]], "unknown key"),
+        ([None, dict(params[1], compressor_ape=params[1]["compressor_ape"].T.copy()), params[2]], r"shape \(4, 1024\)"),
+        ([None, dict(params[1], indexer_norm_weight=params[1]["indexer_norm_weight"].astype(np.float64)), params[2]], "float64"),
+        ([None, params[1], dict(params[2], indexer_ape=params[1]["indexer_ape"])], "hca layer, which has no indexer"),
+        ([None, {k: v for k, v in params[1].items() if k != "indexer_norm_weight"}, params[2]], "go together"),
+        ("abc", "expected a sequence"),
+    ]
+    for bad, message in malformed:
+        with pytest.raises(ValueError, match=message):
+            kvc.Cache.from_config(tiny_config, params=bad)
+    with pytest.raises(kvc.Error) as error:  # a CSA layer with a compressor but no indexer: kvc refuses
+        kvc.Cache.from_config(tiny_config, params=[None, {k: v for k, v in params[1].items() if k.startswith("compressor")}, params[2]])
+    assert error.value.code == "INVALID_ARGUMENT"
+
+    # Copied: changing the arrays afterwards changes nothing in the cache.
+    a = kvc.Cache.from_config(tiny_config, params=params)
+    b = kvc.Cache.from_config(tiny_config, params=tiny_params(seed=3))
+    for array in params[1].values():
+        array[...] = 0.5
+    for cache in (a, b):
+        seq = cache.create_sequence()
+        append_tokens(cache, seq, CSA_LAYER, 64, np.random.default_rng(22))
+    np.testing.assert_array_equal(a.read_rows(0, CSA_LAYER, kvc.STREAM_CSA_ROWS), b.read_rows(0, CSA_LAYER, kvc.STREAM_CSA_ROWS))
+    assert a.read_rows(0, CSA_LAYER, kvc.STREAM_CSA_ROWS).any()
+
+
+def test_engine_arrays_are_checked(tiny_config):
+    good = {(layer, kvc.STREAM_WINDOW): aligned_zeros(4, 37440) for layer in range(3)}
+    for bad, message in [({"0": good[0, 0]}, r"keys are \(layer, stream\) pairs"),
+                         ({(0, 0): good[0, 0].astype(np.int8)}, "uint8"),
+                         ({(0, 0): good[0, 0][:, ::2]}, "non-contiguous"),
+                         ([good[0, 0]], "expected a dict")]:
+        with pytest.raises(ValueError, match=message):
+            kvc.Cache.from_config(tiny_config, engine_arrays=bad)
