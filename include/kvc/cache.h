@@ -92,10 +92,10 @@ struct StreamGeometry {
   int64_t ring_slots = 0;
 };
 
-// The most draft slots a cache may have (CacheOptions::draft_slots): a
-// prefill chunk of up to this many tokens, or any verify step, finds every
-// window row of its positions in the ring. Each slot costs 584 B per layer
-// per sequence (4096: 2.3 MiB per layer).
+// The most draft slots a cache may have (CacheOptions::draft_slots): with
+// them a step of up to 4097 tokens (a verify step, a prefill chunk) finds
+// every window row of its positions in the ring. Each slot costs 584 B per
+// layer per sequence (4096: 2.3 MiB per layer).
 constexpr int32_t kMaxDraftSlots = 4096;
 
 // Engine memory for one (layer, stream) array: page b at
@@ -440,10 +440,11 @@ class Cache {
   absl::StatusOr<PageArray> LayerPages(int layer, Stream stream) const;
 
   // The sequence's page ids of `stream` in row order, the same for every
-  // layer of the stream. kWindow: the ring's ceil(ring_slots / rows_per_page)
-  // pages (ring_slots = window + draft_slots; slot s in page ids[s / B]). History streams: the pages covering
-  // the longest layer's rows (layers may differ mid-step). kNotFound when no
-  // layer has the stream, or for an unknown sequence.
+  // layer of the stream. kWindow: the ring's
+  // ceil(ring_slots / rows_per_page) pages (ring_slots = window +
+  // draft_slots; slot s in page ids[s / B]). History streams: the pages
+  // covering the longest layer's rows (layers may differ mid-step).
+  // kNotFound when no layer has the stream, or for an unknown sequence.
   absl::StatusOr<std::vector<int32_t>> BlockTable(SequenceId seq, Stream stream) const;
   // The same for a batch: dense [batch, max_blocks] (-1 padded) and CSR.
   // CSR refuses kWindow (kInvalidArgument): ring slots are not a prefix of
@@ -452,9 +453,9 @@ class Cache {
   absl::StatusOr<CsrBlockTables> BatchBlockTablesCsr(absl::Span<const SequenceId> seqs, Stream stream) const;
 
   // Rows `layer` of `seq` stores in `stream`: kWindow, the ring's valid
-  // slots, min(length, window + draft_slots); history streams, the rows appended (row r
-  // at BlockTable[r / B], offset r % B). kNotFound when the layer has no
-  // such stream.
+  // slots, min(length, window + draft_slots); history streams, the rows
+  // appended (row r at BlockTable[r / B], offset r % B). kNotFound when the
+  // layer has no such stream.
   absl::StatusOr<int64_t> StreamRows(SequenceId seq, int layer, Stream stream) const;
 
   // Ready-made rows for a layer whose compressor runs in the engine:
