@@ -612,6 +612,16 @@ absl::Status Cache::SelectAttentionSets(SequenceId id, int layer, int64_t first,
   if (first < 0 || count < 0) {
     return absl::InvalidArgumentError(absl::StrCat(kWhat, ": first ", first, " and count ", count, " must be >= 0"));
   }
+  // The positions first (a caller sizing its query array by them learns of
+  // a position past the end, not of a query count).
+  KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
+  const Sequence& sq = *seq.seq;
+  const LayerStreams& ls = seq.layers()[static_cast<size_t>(layer)];
+  if (first > ls.length || count > ls.length - first) {
+    return absl::OutOfRangeError(absl::StrCat(kWhat, ": positions [", first, ", ", first, " + ", count, ") of layer ",
+                                              layer, ", which holds ", ls.length, " tokens: position ",
+                                              std::max(first, ls.length), " is not in it (append it first)"));
+  }
   const LayerKind kind = impl_->KindOf(layer);
   const int64_t given = static_cast<int64_t>(queries.size());
   if (kind == LayerKind::kCsa && given != count) {
@@ -628,14 +638,6 @@ absl::Status Cache::SelectAttentionSets(SequenceId id, int layer, int64_t first,
         return absl::InvalidArgumentError(absl::StrCat(kWhat, ": query ", i, " (position ", first + i, ") is missing"));
       }
     }
-  }
-  KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
-  const Sequence& sq = *seq.seq;
-  const LayerStreams& ls = seq.layers()[static_cast<size_t>(layer)];
-  if (first > ls.length || count > ls.length - first) {
-    return absl::OutOfRangeError(absl::StrCat(kWhat, ": positions [", first, ", ", first, " + ", count, ") of layer ",
-                                              layer, ", which holds ", ls.length, " tokens: position ",
-                                              std::max(first, ls.length), " is not in it (append it first)"));
   }
   PositionSets& sets = *out;
   sets.first = first;
