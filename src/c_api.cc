@@ -30,6 +30,11 @@ struct kvc_index_query {
   kvc::IndexQuery query;
 };
 
+struct kvc_step_plan {
+  kvc::StepPlan plan;
+  std::vector<kvc_page_copy> copies, abort_copies;
+};
+
 namespace {
 
 thread_local std::string last_error;
@@ -139,6 +144,7 @@ absl::StatusOr<kvc::CacheOptions> ToOptions(const kvc_options* options) {
   out.rows_per_page = options->rows_per_page;
   out.keys_per_page = options->keys_per_page;
   out.draft_slots = options->draft_slots;
+  out.page_manager = options->page_manager != 0;
   const int64_t n = options->num_engine_arrays;
   if (n < 0 || (n > 0 && options->engine_arrays == nullptr)) {
     return absl::InvalidArgumentError(absl::StrCat("options: num_engine_arrays ", n, " with engine_arrays ",
@@ -266,7 +272,7 @@ void kvc_options_default(kvc_options* options) {
   if (options == nullptr) return;
   const kvc::CacheOptions d;
   *options = kvc_options{d.history_bytes, d.state_bytes, d.rollback_depth, d.rows_per_page, d.keys_per_page, nullptr, 0,
-                         d.draft_slots};
+                         d.draft_slots, d.page_manager ? 1 : 0};
 }
 
 int kvc_cache_create(const char* preset, const kvc_options* options, kvc_cache** out) {
@@ -340,6 +346,10 @@ int kvc_cache_usage(const kvc_cache* cache, kvc_usage* out) {
     out->history_limit_bytes = usage.history_limit_bytes;
     out->state_limit_bytes = usage.state_limit_bytes;
     out->sequences = usage.sequences;
+    out->open_steps = usage.open_steps;
+    out->deferred_pages = usage.deferred_pages;
+    out->epoch = usage.epoch;
+    out->completed_epoch = usage.completed_epoch;
     return KVC_OK;
   });
 }
@@ -754,6 +764,161 @@ int kvc_snapshot_restore(kvc_cache* cache, const char* path, kvc_seq* out, size_
     }
     std::copy(ids->begin(), ids->end(), out);
     *count = ids->size();
+    return KVC_OK;
+  });
+}
+
+// --- Planned batch steps ----------------------------------------------------
+
+namespace {
+
+std::vector<kvc_page_copy> ToCCopies(const std::vector<kvc::PageCopy>& copies) {
+  std::vector<kvc_page_copy> out;
+  out.reserve(copies.size());
+  for (const kvc::PageCopy& c : copies) out.push_back({static_cast<int32_t>(c.stream), c.src, c.dst});
+  return out;
+}
+
+}  // namespace
+
+int kvc_step_plan_create(kvc_cache* cache, const kvc_seq* seqs, const int64_t* new_tokens, int64_t batch,
+                         kvc_step_plan** out) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    if (batch < 0) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": batch ", batch, " is negative"));
+    if (batch > 0) {
+      KVC_C_REQUIRE(seqs);
+      KVC_C_REQUIRE(new_tokens);
+    }
+    std::vector<kvc::StepRequest> requests;
+    for (int64_t b = 0; b < batch; ++b) requests.push_back({seqs[b], new_tokens[b]});
+    auto plan = std::make_unique<kvc_step_plan>();
+    absl::StatusOr<kvc::StepPlan> planned = cache->cache->PlanStep(requests);
+    if (!planned.ok()) return FromStatus(planned.status());
+    plan->plan = *std::move(planned);
+    // The step is open now: a failure below (memory for the C copies) must
+    // not leave it so.
+    try {
+      plan->copies = ToCCopies(plan->plan.copies);
+      plan->abort_copies = ToCCopies(plan->plan.abort_copies);
+    } catch (...) {
+      if (!cache->cache->AbortStep(plan->plan.epoch).ok()) return Fail(KVC_ERR_INTERNAL, absl::StrCat(function, ": abort failed"));
+      throw;
+    }
+    *out = plan.release();
+    return KVC_OK;
+  });
+}
+
+void kvc_step_plan_destroy(kvc_step_plan* plan) { delete plan; }
+
+int kvc_step_plan_epoch(const kvc_step_plan* plan, uint64_t* epoch) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(plan);
+    KVC_C_REQUIRE(epoch);
+    *epoch = plan->plan.epoch;
+    return KVC_OK;
+  });
+}
+
+int kvc_step_plan_slots(const kvc_step_plan* plan, int32_t stream, const int32_t** indptr, const int64_t** slots,
+                        int64_t* num_slots) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(plan);
+    KVC_C_REQUIRE(indptr);
+    KVC_C_REQUIRE(slots);
+    KVC_C_REQUIRE(num_slots);
+    const absl::StatusOr<kvc::Stream> s = ToStream(stream, function);
+    if (!s.ok()) return FromStatus(s.status());
+    const kvc::StepSlots& st = plan->plan.slots[static_cast<int>(*s)];
+    *indptr = st.indptr.empty() ? nullptr : st.indptr.data();
+    *slots = st.slots.data();
+    *num_slots = static_cast<int64_t>(st.slots.size());
+    return KVC_OK;
+  });
+}
+
+int kvc_step_plan_copies(const kvc_step_plan* plan, const kvc_page_copy** copies, int64_t* count) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(plan);
+    KVC_C_REQUIRE(copies);
+    KVC_C_REQUIRE(count);
+    *copies = plan->copies.data();
+    *count = static_cast<int64_t>(plan->copies.size());
+    return KVC_OK;
+  });
+}
+
+int kvc_step_plan_abort_copies(const kvc_step_plan* plan, const kvc_page_copy** copies, int64_t* count) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(plan);
+    KVC_C_REQUIRE(copies);
+    KVC_C_REQUIRE(count);
+    *copies = plan->abort_copies.data();
+    *count = static_cast<int64_t>(plan->abort_copies.size());
+    return KVC_OK;
+  });
+}
+
+int kvc_step_commit(kvc_cache* cache, uint64_t epoch) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    return FromStatus(cache->cache->CommitStep(epoch));
+  });
+}
+
+int kvc_step_abort(kvc_cache* cache, uint64_t epoch) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    return FromStatus(cache->cache->AbortStep(epoch));
+  });
+}
+
+int kvc_steps_complete(kvc_cache* cache, uint64_t epoch, int64_t* released) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    const absl::StatusOr<int64_t> n = cache->cache->CompleteSteps(epoch);
+    if (!n.ok()) return FromStatus(n.status());
+    if (released != nullptr) *released = *n;
+    return KVC_OK;
+  });
+}
+
+int kvc_seq_fork_pages(kvc_cache* cache, kvc_seq seq, kvc_seq* out, kvc_page_copy* copies, int64_t capacity,
+                       int64_t* count) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    KVC_C_REQUIRE(count);
+    if (capacity < 0) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": capacity ", capacity, " < 0"));
+    if (capacity > 0) KVC_C_REQUIRE(copies);
+    // The copies a fork lists: the parent's private pages (ring and state).
+    int64_t needed = 0;
+    if (cache->cache->options().page_manager) {
+      for (const kvc::Stream s : {kvc::Stream::kWindow, kvc::Stream::kCsaState, kvc::Stream::kCsaIndexerState,
+                                  kvc::Stream::kHcaState}) {
+        const absl::StatusOr<std::vector<int32_t>> table = cache->cache->BlockTable(seq, s);
+        if (table.ok()) {
+          needed += static_cast<int64_t>(table->size());
+        } else if (s == kvc::Stream::kWindow) {
+          return FromStatus(table.status());  // an unknown sequence
+        }
+      }
+    }
+    if (needed > capacity) {
+      *count = needed;
+      return Fail(KVC_ERR_OUT_OF_RANGE, absl::StrCat(function, ": the fork lists ", needed,
+                                                     " page copies; capacity is ", capacity));
+    }
+    std::vector<kvc::PageCopy> listed;
+    absl::StatusOr<kvc::SequenceId> child = cache->cache->Fork(seq, &listed);
+    if (!child.ok()) return FromStatus(child.status());
+    for (size_t i = 0; i < listed.size(); ++i) {  // no allocation once the child exists
+      copies[i] = {static_cast<int32_t>(listed[i].stream), listed[i].src, listed[i].dst};
+    }
+    *count = static_cast<int64_t>(listed.size());
+    *out = *child;
     return KVC_OK;
   });
 }

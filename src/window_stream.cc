@@ -26,36 +26,42 @@ void WindowStream::Reserve(Sequence& seq, std::vector<PageStore::Request>* reque
 }
 
 void WindowStream::Init(Sequence& seq) const {
-  if (depth_ == 0) return;
+  if (!store_.present(kRollbackStream)) return;  // depth 0, or page-manager mode
   for (int i = 0; i < static_cast<int>(seq.layers.size()); ++i) std::fill_n(RollbackEvictors(seq, i), depth_, int64_t{-1});
 }
 
-void WindowStream::Fork(const Sequence& parent, Sequence& child) const {
+void WindowStream::Fork(const Sequence& parent, Sequence& child, std::vector<PageCopy>* engine_copies) const {
   for (const int s : {int{kWindowStream}, int{kRollbackStream}}) {
     const std::vector<PageId>& from = parent.tables[static_cast<size_t>(s)];
-    for (size_t k = 0; k < from.size(); ++k) store_.CopyPage(s, from[k], child.tables[static_cast<size_t>(s)][k]);
+    for (size_t k = 0; k < from.size(); ++k) store_.CopyPage(s, from[k], child.tables[static_cast<size_t>(s)][k], engine_copies);
   }
 }
 
 absl::Status WindowStream::CheckTruncate(const Sequence& seq, int64_t current, int64_t length) const {
-  for (int i = 0; i < static_cast<int>(seq.layers.size()); ++i) {
-    for (int64_t q = length; q < current; ++q) {
-      if (RollbackEvictors(seq, i)[q % depth_] != q) {
-        return absl::InternalError(absl::StrCat("Truncate: rollback record of position ", q, " is missing"));
-      }
+  for (int i = 0; i < static_cast<int>(seq.layers.size()); ++i) KVC_RETURN_IF_ERROR(CheckTruncateLayer(seq, i, current, length));
+  return absl::OkStatus();
+}
+
+absl::Status WindowStream::CheckTruncateLayer(const Sequence& seq, int layer, int64_t current, int64_t length) const {
+  if (!store_.present(kRollbackStream)) return absl::OkStatus();  // nothing evicted is needed back
+  for (int64_t q = length; q < current; ++q) {
+    if (RollbackEvictors(seq, layer)[q % depth_] != q) {
+      return absl::InternalError(absl::StrCat("Truncate: rollback record of position ", q, " is missing"));
     }
   }
   return absl::OkStatus();
 }
 
 void WindowStream::Truncate(Sequence& seq, int64_t current, int64_t length) const {
-  if (length >= current) return;
-  for (int i = 0; i < static_cast<int>(seq.layers.size()); ++i) {
-    int64_t* evictors = RollbackEvictors(seq, i);
-    for (int64_t q = current - 1; q >= length; --q) {
-      CopyRow(RollbackRow(seq, i, q % depth_), RingSlot(seq, i, SlotOf(q)));
-      evictors[q % depth_] = -1;
-    }
+  for (int i = 0; i < static_cast<int>(seq.layers.size()); ++i) TruncateLayer(seq, i, current, length);
+}
+
+void WindowStream::TruncateLayer(Sequence& seq, int layer, int64_t current, int64_t length) const {
+  if (length >= current || !store_.present(kRollbackStream)) return;
+  int64_t* evictors = RollbackEvictors(seq, layer);
+  for (int64_t q = current - 1; q >= length; --q) {
+    CopyRow(RollbackRow(seq, layer, q % depth_), RingSlot(seq, layer, SlotOf(q)));
+    evictors[q % depth_] = -1;
   }
 }
 

@@ -42,7 +42,7 @@ class WindowStream final : public StreamPart {
 
   void Reserve(Sequence& seq, std::vector<PageStore::Request>* requests) const override;
   void Init(Sequence& seq) const override;  // no rollback records yet
-  void Fork(const Sequence& parent, Sequence& child) const override;
+  void Fork(const Sequence& parent, Sequence& child, std::vector<PageCopy>* engine_copies) const override;
   // Puts back the rows positions [length, current) evicted (CheckTruncate first).
   void Truncate(Sequence& seq, int64_t current, int64_t length) const override;
   void Release(Sequence& seq) const override;
@@ -50,6 +50,9 @@ class WindowStream final : public StreamPart {
   // kInternal if a rollback record Truncate needs is missing (the invariant
   // the rollback floor guarantees).
   absl::Status CheckTruncate(const Sequence& seq, int64_t current, int64_t length) const;
+  // The same for one layer (a step's abort: layers may differ in length).
+  absl::Status CheckTruncateLayer(const Sequence& seq, int layer, int64_t current, int64_t length) const;
+  void TruncateLayer(Sequence& seq, int layer, int64_t current, int64_t length) const;
 
   // Writes tokens [L, L + n) of `layer` (L its length) into the ring; the
   // caller checked the rows finite, so this does not fail (a refusal is a

@@ -53,16 +53,26 @@
 namespace kvc {
 
 // The page streams an engine addresses. Stable numbering (the C API's
-// KVC_STREAM_*). Every layer has kWindow; CSA layers kCsaRows and kCsaKeys;
-// HCA layers kHcaRows. (Rollback records and compressor state are internal
-// streams of the same kind, not addressable.)
+// KVC_STREAM_*). Every layer has kWindow; CSA layers kCsaRows, kCsaKeys,
+// kCsaState and kCsaIndexerState; HCA layers kHcaRows and kHcaState.
+// (Rollback records are internal, and absent in page-manager mode.)
 enum class Stream : int32_t {
   kWindow = 0,   // the window ring: 584-byte rows, slot = position mod (window + draft_slots)
   kCsaRows = 1,  // CSA compressed entries: 584-byte rows
   kCsaKeys = 2,  // CSA index keys: 68-byte FP4 keys
   kHcaRows = 3,  // HCA compressed entries: 584-byte rows
+  // Compressor state: one page per sequence, a ring of token rows (slot =
+  // position mod rows_per_page = the compressor's span + rollback_depth),
+  // each 2 x width fp32: the token's kv projection, then score + ape
+  // (width 1024 CSA main, 256 CSA indexer, 512 HCA). What the open windows
+  // need; an engine that compresses on its own device writes them.
+  kCsaState = 4,
+  kCsaIndexerState = 5,
+  kHcaState = 6,
 };
-constexpr int kNumStreams = 4;
+constexpr int kNumStreams = 7;
+
+using SequenceId = int64_t;
 const char* StreamName(Stream stream);
 
 // One (layer, stream) array of equal pages, non-owning: page b at
@@ -115,11 +125,24 @@ struct CacheOptions {
   int64_t history_bytes = int64_t{8} << 30;  // compressed rows + index keys
   int64_t state_bytes = int64_t{1} << 30;    // window rings, rollback rows, compressor state
   // Engine memory for the page arrays instead of kvc's, all or none per
-  // class: every (layer, kWindow) array, and/or every (layer, kCsaRows /
-  // kCsaKeys / kHcaRows) array of the model. All arrays of a stream must
-  // hold the same number of pages; the budgets above still apply. Rollback
-  // records and compressor state are always kvc's.
+  // group: every (layer, kWindow) array, and/or every (layer, kCsaRows /
+  // kCsaKeys / kHcaRows) array, and/or every compressor state array of the
+  // model. All arrays of a stream must hold the same number of pages; the
+  // budgets above still apply. Rollback records are always kvc's.
   std::vector<EngineArray> engine_arrays;
+  // Page-manager mode: kvc keeps page ids, block tables, refcounts,
+  // fork/copy-on-write, rollback and accounting, and never reads or writes a
+  // page byte: the engine writes every row through the slots a StepPlan
+  // returns and makes the page copies kvc lists (PlanStep, Fork). The
+  // arrays may be device memory (engine_arrays: kvc records the addresses
+  // and never dereferences them) or absent (LayerPages then has a null
+  // base). Rollback needs no records: requires draft_slots >=
+  // rollback_depth, so the ring still holds what a truncation needs. Calls
+  // that would touch bytes (Append*, AppendRows, Window, ReadWindow,
+  // CompressedRows, IndexKeys, CSA selection, snapshots) are refused with
+  // kFailedPrecondition; HCA and window selection return indices only.
+  // Page frees wait for CompleteSteps (see PlanStep).
+  bool page_manager = false;
   // Tokens a sequence can always be rolled back by (speculative decoding
   // needs <= 16). Costs per layer: D * 592 B of rollback records (a 584-byte
   // row and an 8-byte position each, rounded up to 64 B), plus D token
@@ -137,6 +160,53 @@ struct CacheOptions {
   int32_t keys_per_page = 64;  // 68-byte index keys per page
 };
 
+// A page copy the engine must make in page-manager mode: page `src` onto
+// page `dst` of `stream`, in every layer's array of the stream.
+struct PageCopy {
+  Stream stream = Stream::kWindow;
+  int32_t src = 0;
+  int32_t dst = 0;
+  bool operator==(const PageCopy& o) const { return stream == o.stream && src == o.src && dst == o.dst; }
+};
+
+// --- Planned batch steps ---------------------------------------------------
+
+// One sequence of a step: `new_tokens` (>= 1) tokens appended to every
+// layer, at positions [Length, Length + new_tokens).
+struct StepRequest {
+  SequenceId seq = 0;
+  int64_t new_tokens = 0;
+};
+
+// Rows a step writes in one stream, by sequence (vLLM's slot_mapping): the
+// rows of request b are slots[indptr[b] .. indptr[b + 1]), each a row index
+// into every layer's array of the stream: page id x rows_per_page + offset
+// (docs/layout.md). -1: nothing to write (a later row of the same step
+// takes that slot, so only the last write of a slot is listed). Per stream:
+//   kWindow            one per new token (position p at ring slot p mod ring)
+//   kCsaRows, kHcaRows one per compressed entry the step closes, ascending
+//   kCsaKeys           one per index key the step closes
+//   state streams      one per new token (position p at p mod capacity)
+struct StepSlots {
+  std::vector<int32_t> indptr;  // batch + 1 (empty when the model lacks the stream)
+  std::vector<int64_t> slots;
+};
+
+struct StepPlan {
+  uint64_t epoch = 0;                 // the step's id: increasing, never reused
+  std::vector<SequenceId> seqs;       // the requests' sequences, in order
+  std::vector<int64_t> first_position;  // each sequence's length when planned
+  std::vector<int64_t> new_tokens;
+  StepSlots slots[kNumStreams];       // indexed by Stream
+  // Page-manager mode: copies to make before any write of the step (copy-
+  // on-write of a shared page the step writes into, and checkpoints of a
+  // long step's ring and state pages); and the copies that undo the writes
+  // if the step is aborted after the engine wrote (the checkpoints back).
+  // Empty in kvc's own mode, where kvc copies.
+  std::vector<PageCopy> copies;
+  std::vector<PageCopy> abort_copies;
+};
+
 // What memory is for. Stable numbering.
 enum class Component : uint8_t {
   kWindowRing = 0,        // ring pages and rollback rows
@@ -149,7 +219,8 @@ const char* ComponentName(Component component);
 
 struct ComponentUsage {
   // Page ids in use x page_bytes x the layers of their stream, counted once
-  // however many sequences share them.
+  // however many sequences share them (ids waiting for CompleteSteps
+  // included: their pages may still be read).
   int64_t used_bytes = 0;
   int64_t reserved_bytes = 0;  // the same for every id ever handed out (in use + free lists)
   int64_t pages = 0;           // pages in use: ids x layers
@@ -160,6 +231,10 @@ struct CacheUsage {
   int64_t history_limit_bytes = 0;
   int64_t state_limit_bytes = 0;
   int64_t sequences = 0;
+  int64_t open_steps = 0;       // planned, neither committed nor aborted
+  int64_t deferred_pages = 0;   // page ids waiting for CompleteSteps (page-manager mode)
+  uint64_t epoch = 0;           // the last step planned
+  uint64_t completed_epoch = 0; // the last epoch CompleteSteps was given
   int64_t used_bytes() const;
   int64_t reserved_bytes() const;
 };
@@ -169,8 +244,6 @@ struct SequenceUsage {
   int64_t shared_bytes = 0;            // of which also referenced by another sequence
   int64_t total_bytes() const;
 };
-
-using SequenceId = int64_t;
 
 // What the engine hands in for `n` consecutive tokens of one layer (spec §2).
 // The projections are required on CSA and HCA layers whose ModelSpec carries
@@ -365,8 +438,48 @@ class Cache {
   // (kFailedPrecondition otherwise, with the floor).
   absl::Status Truncate(SequenceId seq, int64_t length);
 
-  // Releases the sequence's pages. Its id is never reused.
+  // The same; in page-manager mode *engine_copies receives the page copies
+  // the engine must make (the child's ring and state pages from the
+  // parent's) before it reads or writes the child.
+  absl::StatusOr<SequenceId> Fork(SequenceId seq, std::vector<PageCopy>* engine_copies);
+
+  // Releases the sequence's pages. Its id is never reused. Refused
+  // (kFailedPrecondition) while the sequence is in an open step.
   absl::Status Free(SequenceId seq);
+
+  // --- Planned batch steps (docs/embedding.md) -----------------------------
+  //
+  // PlanStep reserves, for every sequence of the batch and every layer,
+  // every page the step writes: new history pages, a private copy of a
+  // shared page it writes into, and for a step longer than rollback_depth a
+  // checkpoint of the sequence's ring and state pages (so an abort can undo
+  // it). All or nothing: kResourceExhausted naming the stream, and nothing
+  // changes. Each sequence must exist, be in no open step, hold the same
+  // length in every layer and stay within max_context; each at most once.
+  // The block tables then already cover the step's rows.
+  //
+  // Then the step's rows are written: by Append (kvc's mode; layer by layer,
+  // each within the planned tokens; Append allocates nothing), or by the
+  // engine through plan.slots (page-manager mode, after plan.copies). Then
+  // CommitStep (every layer of every sequence advanced by its new_tokens;
+  // kvc's mode checks it) or AbortStep (every sequence back to its planned
+  // length, every row and byte as it was -- in page-manager mode after the
+  // engine made plan.abort_copies, if it wrote; the rollback floor may rise
+  // as after an append and truncate). Truncate, Fork and Free of a sequence
+  // in an open step are refused.
+  //
+  // Epochs: plan.epoch numbers steps. In page-manager mode a page whose last
+  // reference goes (Free, Truncate, a replaced copy-on-write page, a
+  // checkpoint) while a step up to the current epoch may still run on the
+  // device is not reused until CompleteSteps(epoch) says the device
+  // finished every step up to `epoch` (it stays counted as used); call it
+  // when the step's kernels are done (e.g. after its CUDA event). In kvc's
+  // mode pages are reusable at once and CompleteSteps is a no-op.
+  absl::StatusOr<StepPlan> PlanStep(absl::Span<const StepRequest> batch);
+  absl::Status CommitStep(uint64_t epoch);
+  absl::Status AbortStep(uint64_t epoch);
+  // Returns the number of page ids that became reusable.
+  absl::StatusOr<int64_t> CompleteSteps(uint64_t epoch);
 
   absl::StatusOr<int64_t> Length(SequenceId seq, int layer) const;
   // The smallest length Truncate(seq, ...) accepts.

@@ -69,6 +69,13 @@ typedef struct kvc_options {
    * k positions in it (kvc_seq_select_positions). 0 (the default): the
    * official 128-slot ring. */
   int32_t draft_slots;
+  /* Nonzero: page-manager mode (kvc::CacheOptions::page_manager): kvc keeps
+   * page ids, block tables, refcounts, copy-on-write, rollback and
+   * accounting and never reads or writes a page byte; the engine writes
+   * rows through kvc_step_plan_slots and makes the page copies kvc lists.
+   * engine_arrays may then be device memory (never dereferenced) or absent.
+   * Requires draft_slots >= rollback_depth. */
+  int32_t page_manager;
 } kvc_options;
 
 typedef struct kvc_usage {
@@ -77,6 +84,10 @@ typedef struct kvc_usage {
   int64_t history_limit_bytes;
   int64_t state_limit_bytes;
   int64_t sequences;
+  int64_t open_steps;      /* planned, neither committed nor aborted */
+  int64_t deferred_pages;  /* page-manager mode: freed pages waiting for kvc_steps_complete */
+  uint64_t epoch;          /* the last step planned */
+  uint64_t completed_epoch;
 } kvc_usage;
 
 /* The defaults of kvc::CacheOptions. */
@@ -180,7 +191,8 @@ typedef struct kvc_layer_tokens {
 int kvc_seq_append_tokens(kvc_cache* cache, kvc_seq seq, int32_t layer, int64_t position,
                           const kvc_layer_tokens* tokens);
 /* A copy of `seq` sharing its history pages. KVC_ERR_NOT_FOUND: unknown sequence.
- * KVC_ERR_FAILED_PRECONDITION: its layers hold different lengths (mid-step).
+ * KVC_ERR_FAILED_PRECONDITION: its layers hold different lengths (mid-step),
+ * it is in an open step, or the cache is in page-manager mode (use kvc_seq_fork_pages).
  * KVC_ERR_RESOURCE_EXHAUSTED: also when the byte limits leave no room. */
 int kvc_seq_fork(kvc_cache* cache, kvc_seq seq, kvc_seq* out);
 /* Rolls `seq` back to `length` tokens. KVC_ERR_NOT_FOUND: unknown sequence.
@@ -232,7 +244,18 @@ int kvc_index_scores(const kvc_cache* cache, kvc_seq seq, int32_t layer, const k
  * and its scales at rows_per_page x row_data_bytes +
  * (r % rows_per_page) x row_scale_bytes from the page start. Window rows
  * are ring slots: slot s = position mod (window + draft_slots) is row s. */
-enum { KVC_STREAM_WINDOW = 0, KVC_STREAM_CSA_ROWS = 1, KVC_STREAM_CSA_KEYS = 2, KVC_STREAM_HCA_ROWS = 3 };
+enum {
+  KVC_STREAM_WINDOW = 0,
+  KVC_STREAM_CSA_ROWS = 1,
+  KVC_STREAM_CSA_KEYS = 2,
+  KVC_STREAM_HCA_ROWS = 3,
+  /* Compressor state rings (one page per sequence; a row is one token's kv
+   * then score + ape, 2 x width fp32; slot = position mod rows_per_page):
+   * what an engine compressing on its own device writes in page-manager mode. */
+  KVC_STREAM_CSA_STATE = 4,
+  KVC_STREAM_CSA_INDEXER_STATE = 5,
+  KVC_STREAM_HCA_STATE = 6
+};
 typedef struct kvc_page_array {
   void* base; int64_t page_bytes; int64_t num_pages;
   int32_t rows_per_page; int32_t row_data_bytes; int32_t row_scale_bytes;  /* 576 + 8, or 64 + 4 */
@@ -377,6 +400,58 @@ int kvc_snapshot_save(const kvc_cache* cache, const kvc_seq* seqs, size_t count,
  * (a missing file, a directory, ...) KVC_ERR_IO; the cache is unchanged after
  * any error. */
 int kvc_snapshot_restore(kvc_cache* cache, const char* path, kvc_seq* out, size_t capacity, size_t* count);
+
+/* --- Planned batch steps (kvc::Cache::PlanStep; docs/embedding.md) -----
+ * kvc_step_plan_create reserves every page a step of `batch` sequences
+ * needs -- new_tokens[b] >= 1 tokens appended to every layer of seqs[b] --
+ * all or nothing, and returns the plan: its epoch, per stream the slot
+ * (page id x rows_per_page + offset; -1: skip) of every row the step
+ * writes (vLLM's slot_mapping, by sequence), and in page-manager mode the
+ * page copies to make before writing and those that undo the writes on
+ * abort. Then the rows are written (kvc_seq_append* per layer, or the
+ * engine through the slots), then kvc_step_commit or kvc_step_abort. In
+ * page-manager mode freed pages are reused only after
+ * kvc_steps_complete(epoch) says the device finished that step.
+ * kvc_step_plan_create: KVC_ERR_NOT_FOUND unknown sequence;
+ * KVC_ERR_INVALID_ARGUMENT new_tokens < 1, a sequence twice, batch < 0;
+ * KVC_ERR_OUT_OF_RANGE past max_context; KVC_ERR_FAILED_PRECONDITION a
+ * sequence already in a step or with layers of different lengths;
+ * KVC_ERR_RESOURCE_EXHAUSTED not enough pages (the message names the stream). */
+typedef struct kvc_step_plan kvc_step_plan;
+/* Copy page src onto page dst of `stream` in every layer's array of it. */
+typedef struct kvc_page_copy {
+  int32_t stream;
+  int32_t src;
+  int32_t dst;
+} kvc_page_copy;
+int kvc_step_plan_create(kvc_cache* cache, const kvc_seq* seqs, const int64_t* new_tokens, int64_t batch,
+                         kvc_step_plan** out);
+void kvc_step_plan_destroy(kvc_step_plan* plan); /* NULL is fine; the step itself stays open */
+int kvc_step_plan_epoch(const kvc_step_plan* plan, uint64_t* epoch);
+/* The slots of `stream`: request b's rows are slots[indptr[b] .. indptr[b + 1]);
+ * *indptr holds batch + 1 values, *slots *num_slots. Views into the plan,
+ * valid until kvc_step_plan_destroy. A stream the model lacks: *num_slots = 0
+ * and *indptr NULL. KVC_ERR_INVALID_ARGUMENT: not a KVC_STREAM_* number. */
+int kvc_step_plan_slots(const kvc_step_plan* plan, int32_t stream, const int32_t** indptr, const int64_t** slots,
+                        int64_t* num_slots);
+/* Page-manager mode: the copies to make before writing (*copies views the
+ * plan), and those that undo the writes of an aborted step. Empty otherwise. */
+int kvc_step_plan_copies(const kvc_step_plan* plan, const kvc_page_copy** copies, int64_t* count);
+int kvc_step_plan_abort_copies(const kvc_step_plan* plan, const kvc_page_copy** copies, int64_t* count);
+/* KVC_ERR_NOT_FOUND: no open step `epoch`. kvc_step_commit, kvc's mode:
+ * KVC_ERR_FAILED_PRECONDITION when a layer was not appended (the step stays open). */
+int kvc_step_commit(kvc_cache* cache, uint64_t epoch);
+int kvc_step_abort(kvc_cache* cache, uint64_t epoch);
+/* The device finished every step up to `epoch`: their deferred page frees
+ * become reusable (*released of them; released may be NULL).
+ * KVC_ERR_INVALID_ARGUMENT: an epoch never planned. */
+int kvc_steps_complete(kvc_cache* cache, uint64_t epoch, int64_t* released);
+/* kvc_seq_fork for page-manager mode (works in both): the page copies the
+ * engine must make before it uses the child go to copies[0 .. *count). If
+ * `capacity` is too small nothing is forked: KVC_ERR_OUT_OF_RANGE with
+ * *count the number needed. Otherwise kvc_seq_fork's codes. */
+int kvc_seq_fork_pages(kvc_cache* cache, kvc_seq seq, kvc_seq* out, kvc_page_copy* copies, int64_t capacity,
+                       int64_t* count);
 
 const char* kvc_last_error(void);
 const char* kvc_component_name(int component); /* "?" for unknown numbers */
