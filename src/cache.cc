@@ -658,17 +658,32 @@ absl::Status Cache::SelectAttentionSets(SequenceId id, int layer, int64_t first,
   if (first < 0 || count < 0) {
     return absl::InvalidArgumentError(absl::StrCat(kWhat, ": first ", first, " and count ", count, " must be >= 0"));
   }
+  const LayerKind kind = impl_->KindOf(layer);
+  if (impl_->page_manager() && kind == LayerKind::kCsa) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        kWhat, ": layer ", layer, " is a CSA layer, whose selection reads its index keys; in page-manager mode kvc "
+        "never reads page bytes (the engine scores the keys and picks the top-k)"));
+  }
   // The positions first (a caller sizing its query array by them learns of
   // a position past the end, not of a query count).
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
   const Sequence& sq = *seq.seq;
   const LayerStreams& ls = seq.layers()[static_cast<size_t>(layer)];
-  if (first > ls.length || count > ls.length - first) {
-    return absl::OutOfRangeError(absl::StrCat(kWhat, ": positions [", first, ", ", first, " + ", count, ") of layer ",
-                                              layer, ", which holds ", ls.length, " tokens: position ",
-                                              std::max(first, ls.length), " is not in it (append it first)"));
+  // What the layer holds for selection. In page-manager mode an open step's
+  // tokens count: the engine writes their rows through the plan's slots
+  // (the block tables already cover them) before its attention kernel reads
+  // them, and they join the length at CommitStep.
+  int64_t length = ls.length, entries_held = ls.compressed_rows, ring_end = ls.ring_end;
+  if (impl_->page_manager() && sq.step != nullptr) {
+    length = sq.step->start + sq.step->new_tokens;
+    entries_held = EntriesAt(kind, length);
+    ring_end = std::max(ring_end, length);
   }
-  const LayerKind kind = impl_->KindOf(layer);
+  if (first > length || count > length - first) {
+    return absl::OutOfRangeError(absl::StrCat(kWhat, ": positions [", first, ", ", first, " + ", count, ") of layer ",
+                                              layer, ", which holds ", length, " tokens: position ",
+                                              std::max(first, length), " is not in it (append it first)"));
+  }
   const int64_t given = static_cast<int64_t>(queries.size());
   if (kind == LayerKind::kCsa && given != count) {
     return absl::InvalidArgumentError(absl::StrCat(kWhat, ": layer ", layer, " is a CSA layer: it needs one index query "
@@ -694,7 +709,10 @@ absl::Status Cache::SelectAttentionSets(SequenceId id, int layer, int64_t first,
   sets.compressed_offsets.push_back(0);
   const int64_t W = impl_->window();
   const WindowStream& window = *impl_->window_part;
-  const int64_t oldest_in_ring = ls.length - window.ring_slots();  // positions below it were overwritten
+  // The ring holds positions [ring_end - ring_slots, length): older ones were
+  // overwritten (ring_end: the furthest length written, = length but in
+  // page-manager mode after a truncation or an abort).
+  const int64_t oldest_in_ring = ring_end - window.ring_slots();
   const HistoryStream* rows = impl_->RowsOf(layer);
   for (int64_t t = first; t < first + count; ++t) {
     for (int64_t p = std::max<int64_t>(0, t - W + 1); p <= t; ++p) {
@@ -703,7 +721,7 @@ absl::Status Cache::SelectAttentionSets(SequenceId id, int layer, int64_t first,
     }
     sets.window_offsets.push_back(static_cast<int64_t>(sets.window_positions.size()));
     if (rows != nullptr) {
-      const int64_t visible = std::min(EntriesAt(kind, t + 1), ls.compressed_rows);
+      const int64_t visible = std::min(EntriesAt(kind, t + 1), entries_held);
       auto add = [&](int64_t j) {
         sets.entries.push_back(j);
         sets.compressed_indices.push_back(rows->RowIndex(sq, j));

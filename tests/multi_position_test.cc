@@ -609,5 +609,76 @@ TEST(SelectAttentionSets, MidStepLayersAnswerForTheirOwnLength) {
             absl::StatusCode::kOutOfRange);
 }
 
+// Checks each window and compressed index of `sets` against the block-table
+// formula of `cache` (ring slot p mod R; entry j), and the -1 rule: a window
+// position is -1 exactly when it is below `oldest`.
+void ExpectTheTableFormula(const Cache& cache, SequenceId seq, const PositionSets& sets, int64_t oldest,
+                           const std::string& what) {
+  const int64_t R = cache.spec().window + cache.options().draft_slots;
+  const int64_t B = cache.options().rows_per_page;
+  const std::vector<int32_t> ring = *cache.BlockTable(seq, Stream::kWindow);
+  for (size_t k = 0; k < sets.window_positions.size(); ++k) {
+    const int64_t p = sets.window_positions[k];
+    const int64_t slot = p % R;
+    EXPECT_EQ(sets.window_indices[k], p < oldest ? -1 : ring[static_cast<size_t>(slot / B)] * B + slot % B)
+        << what << ": window position " << p;
+  }
+  if (sets.entries.empty()) return;
+  const std::vector<int32_t> rows = *cache.BlockTable(seq, Stream::kHcaRows);
+  for (size_t k = 0; k < sets.entries.size(); ++k) {
+    const int64_t j = sets.entries[k];
+    EXPECT_EQ(sets.compressed_indices[k], rows[static_cast<size_t>(j / B)] * B + j % B) << what << ": entry " << j;
+  }
+}
+
+TEST(SelectAttentionSets, PageManagerModeGivesIndicesOnlyAndCountsTheOpenStep) {
+  const TinyModel model;
+  CacheOptions options = TinyOptions(4);  // draft_slots >= rollback_depth (4)
+  options.page_manager = true;
+  auto managed = *Cache::Create(model.spec(), options);  // no arrays at all: kvc reads no byte
+  auto writing = *Cache::Create(model.spec(), TinyOptions(4));
+  const SequenceId a = *managed->CreateSequence(), b = *writing->CreateSequence();
+  for (int64_t at = 0; at < 300; at += 50) {
+    const StepPlan plan = *managed->PlanStep({{a, 50}});
+    ASSERT_TRUE(managed->CommitStep(plan.epoch).ok());
+    ASSERT_TRUE(managed->CompleteSteps(plan.epoch).ok());
+  }
+  ASSERT_TRUE(model.Grow(*writing, b, 300, 61).ok());
+  const int win = TinyModel::kWindowLayer, hca = TinyModel::kHcaLayer;
+  // A verify step of four, planned and not yet committed: its positions count.
+  const StepPlan verify = *managed->PlanStep({{a, 4}});
+  ASSERT_TRUE(model.Grow(*writing, b, 304, 61).ok());
+  for (const int layer : {win, hca}) {
+    const PositionSets x = *managed->SelectAttentionSets(a, layer, 300, 4);
+    const PositionSets y = *writing->SelectAttentionSets(b, layer, 300, 4);
+    EXPECT_EQ(x.window_offsets, y.window_offsets);
+    EXPECT_EQ(x.window_positions, y.window_positions);
+    EXPECT_EQ(x.compressed_offsets, y.compressed_offsets);
+    EXPECT_EQ(x.entries, y.entries);  // HCA: entries 0 and 1 (the step closes none)
+    ExpectTheTableFormula(*managed, a, x, 0, "open step, layer " + std::to_string(layer));
+  }
+  EXPECT_EQ(managed->SelectAttentionSets(a, hca, 300, 4)->entries.size(), 8u);  // 2 entries x 4 positions
+  EXPECT_EQ(managed->SelectAttentionSets(a, win, 300, 5).status().code(), absl::StatusCode::kOutOfRange);
+  const Queries queries(*managed, 300, 4);
+  const absl::Status csa = managed->SelectAttentionSets(a, TinyModel::kCsaLayer, 300, 4, queries.Pointers()).status();
+  EXPECT_EQ(csa.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(csa.message()), HasSubstr("page-manager mode"));
+  ASSERT_TRUE(managed->CommitStep(verify.epoch).ok());
+  EXPECT_EQ(managed->SelectAttentionSets(a, hca, 300, 4)->entries, writing->SelectAttentionSets(b, hca, 300, 4)->entries);
+
+  // Rejected drafts: truncate by 3. kvc's mode puts the evicted rows back;
+  // in page-manager mode the ring keeps the drafts' rows, so it holds
+  // positions from 304 - 20 on only, until the sequence grows past 304.
+  ASSERT_TRUE(managed->Truncate(a, 301).ok());
+  ASSERT_TRUE(writing->Truncate(b, 301).ok());
+  const PositionSets x = *managed->SelectAttentionSets(a, win, 280, 21);
+  const PositionSets y = *writing->SelectAttentionSets(b, win, 280, 21);
+  EXPECT_EQ(x.window_positions, y.window_positions);
+  ExpectTheTableFormula(*managed, a, x, 304 - 20, "page-manager mode after a truncation");
+  ExpectTheTableFormula(*writing, b, y, 301 - 20, "kvc's mode after a truncation");
+  EXPECT_TRUE(std::count(x.window_indices.begin(), x.window_indices.end(), -1) >
+              std::count(y.window_indices.begin(), y.window_indices.end(), -1));
+}
+
 }  // namespace
 }  // namespace kvc

@@ -333,11 +333,13 @@ struct SelectionScratch {
 //   window:      [window_offsets[i], window_offsets[i + 1])
 //   compressed:  [compressed_offsets[i], compressed_offsets[i + 1])
 // Which window rows the ring holds: positions p >= length - ring_slots
-// (ring_slots = window + draft_slots, length = the layer's tokens). So after
-// appending k tokens every one of the k positions finds all its window rows
-// when k <= draft_slots + 1; a position further back gets -1 for rows the
-// ring has overwritten, which the engine takes from its own activations of
-// this step (the chunk's K rows it just appended).
+// (ring_slots = window + draft_slots, length = the layer's tokens; in
+// page-manager mode, after a truncation or an aborted step, the furthest
+// length written instead of `length`). So after appending k tokens every
+// one of the k positions finds all its window rows when
+// k <= draft_slots + 1; a position further back gets -1 for rows the ring
+// has overwritten, which the engine takes from its own activations of this
+// step (the chunk's K rows it just appended).
 struct PositionSets {
   int64_t first = 0;  // the position of query 0
   std::vector<int64_t> window_offsets;  // count + 1, from 0
@@ -537,6 +539,11 @@ class Cache {
   // storage and allocates nothing once they have grown to the call's sizes;
   // a refusal of the arguments leaves *out unchanged (after a scoring
   // refusal it is unspecified). Reads only; changes nothing in the cache.
+  // Page-manager mode: window and HCA layers get indices only (no byte is
+  // read), and the tokens of the sequence's open step count as held (the
+  // engine writes their rows through the plan's slots before its attention
+  // reads them); CSA layers are refused (kFailedPrecondition): their
+  // selection reads index keys, which the engine scores itself.
   absl::Status SelectAttentionSets(SequenceId seq, int layer, int64_t first, int64_t count,
                                    absl::Span<const IndexQuery* const> queries, SelectionScratch* scratch,
                                    PositionSets* out) const;

@@ -344,8 +344,9 @@ int kvc_seq_select(const kvc_cache* cache, kvc_seq seq, int32_t layer, const kvc
  * window_indices are rows of the layer's KVC_STREAM_WINDOW array (ring slot
  * position mod (window + draft_slots), as page_id x rows_per_page + offset),
  * or -1 for a window position the ring no longer holds (position <
- * length - window - draft_slots): the engine takes that row from its own
- * activations. window_positions (optional) says which position each is,
+ * length - window - draft_slots; in page-manager mode after a truncation or
+ * an aborted step, the furthest length written instead of length): the
+ * engine takes that row from its own activations. window_positions (optional) says which position each is,
  * oldest first: max(0, t - window + 1) .. t. compressed_indices are rows of
  * the layer's KVC_STREAM_CSA_ROWS or KVC_STREAM_HCA_ROWS array; entries
  * (optional) the entry numbers, ascending. */
@@ -376,7 +377,9 @@ typedef struct kvc_position_sets {
  * KVC_ERR_NOT_FOUND: unknown sequence. KVC_ERR_INVALID_ARGUMENT: layer out of
  * range, first or count negative, a negative capacity, a NULL offsets or
  * (capacity > 0) index buffer, a CSA layer without queries or with a NULL
- * one (named), a key a query cannot score. */
+ * one (named), a key a query cannot score. KVC_ERR_FAILED_PRECONDITION: a
+ * CSA layer in page-manager mode (its selection reads index keys). In
+ * page-manager mode the tokens of the sequence's open step count as held. */
 int kvc_seq_select_positions(const kvc_cache* cache, kvc_seq seq, int32_t layer, int64_t first, int64_t count,
                              const kvc_index_query* const* queries, kvc_position_sets* out);
 
