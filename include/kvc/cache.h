@@ -347,7 +347,9 @@ struct PositionSets {
   // Per query, its window positions, oldest first, and the row of the
   // layer's window page array holding each: ids[s / B] x B + s % B for ring
   // slot s = p mod ring_slots (ids = BlockTable(seq, kWindow), B its
-  // rows_per_page), or -1 for p < length - ring_slots (not in the ring).
+  // rows_per_page), or -1 for a position the ring no longer holds: p <
+  // length - ring_slots (in page-manager mode, after a truncation or abort,
+  // p < the furthest length written - ring_slots).
   std::vector<int64_t> window_positions;
   std::vector<int32_t> window_indices;
   std::vector<int64_t> compressed_offsets;  // count + 1, from 0
