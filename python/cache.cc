@@ -61,6 +61,13 @@ struct PyAttentionSet {
   py::object indices, window_indices, compressed_indices, rows;
 };
 
+// What select_positions() returns: CSR index arrays, one slice per query.
+struct PyPositionSets {
+  int64_t first = 0;
+  int64_t count = 0;
+  py::object window_offsets, window_positions, window_indices, compressed_offsets, entries, compressed_indices;
+};
+
 struct PyDenseTables {
   int64_t max_blocks = 0;
   py::object ids, blocks, rows;
@@ -501,6 +508,25 @@ PyAttentionSet Select(PyCache& c, kvc::SequenceId seq, int layer, const PyIndexQ
   return out;
 }
 
+PyPositionSets SelectPositions(PyCache& c, kvc::SequenceId seq, int layer, int64_t first, int64_t count,
+                               const std::optional<std::vector<const PyIndexQuery*>>& queries) {
+  std::vector<const kvc::IndexQuery*> q;
+  if (queries) {
+    for (const PyIndexQuery* query : *queries) q.push_back(query == nullptr ? nullptr : &query->query);
+  }
+  kvc::PositionSets sets = Get([&] { return c.get().SelectAttentionSets(seq, layer, first, count, q); });
+  PyPositionSets out;
+  out.first = sets.first;
+  out.count = sets.count();
+  out.window_offsets = ToArray(std::move(sets.window_offsets));
+  out.window_positions = ToArray(std::move(sets.window_positions));
+  out.window_indices = ToArray(std::move(sets.window_indices));
+  out.compressed_offsets = ToArray(std::move(sets.compressed_offsets));
+  out.entries = ToArray(std::move(sets.entries));
+  out.compressed_indices = ToArray(std::move(sets.compressed_indices));
+  return out;
+}
+
 py::array IndexScores(PyCache& c, kvc::SequenceId seq, int layer, const PyIndexQuery& query) {
   const kvc::ModelSpec& spec = c.get().spec();
   if (layer >= 0 && layer < static_cast<int>(spec.layers.size()) &&
@@ -635,6 +661,22 @@ void BindCache(py::module_& m) {
       .def_readonly("compressed_indices", &PyAttentionSet::compressed_indices,
                     "rows of the layer's STREAM_CSA_ROWS / STREAM_HCA_ROWS page array, ascending entries")
       .def_readonly("rows", &PyAttentionSet::rows, "float32 (n, 512) dequantized rows in `indices` order, or None");
+
+  py::class_<PyPositionSets>(m, "PositionSets",
+                             "What the queries at positions first .. first + count - 1 of a layer attend to "
+                             "(Cache.select_positions): per query i, window rows "
+                             "window_*[window_offsets[i]:window_offsets[i + 1]] and compressed rows "
+                             "entries / compressed_indices[compressed_offsets[i]:compressed_offsets[i + 1]].")
+      .def_readonly("first", &PyPositionSets::first, "the position of query 0")
+      .def_readonly("count", &PyPositionSets::count)
+      .def_readonly("window_offsets", &PyPositionSets::window_offsets, "int64 (count + 1,)")
+      .def_readonly("window_positions", &PyPositionSets::window_positions, "int64: each query's window positions, oldest first")
+      .def_readonly("window_indices", &PyPositionSets::window_indices,
+                    "int32 rows of the STREAM_WINDOW page array, -1 for a position the ring no longer holds")
+      .def_readonly("compressed_offsets", &PyPositionSets::compressed_offsets, "int64 (count + 1,)")
+      .def_readonly("entries", &PyPositionSets::entries, "int64: each query's compressed entries, ascending")
+      .def_readonly("compressed_indices", &PyPositionSets::compressed_indices,
+                    "int32 rows of the layer's STREAM_CSA_ROWS / STREAM_HCA_ROWS page array");
 
   py::class_<PyDenseTables>(m, "DenseBlockTables", "Block tables of a batch, dense (Cache.batch_block_tables).")
       .def_readonly("max_blocks", &PyDenseTables::max_blocks)
@@ -855,6 +897,11 @@ void BindCache(py::module_& m) {
            py::arg("gather") = false,
            "What the query at the layer's last position attends to (the query is required on CSA layers): a "
            "kvc.AttentionSet of int32 index arrays; gather=True also dequantizes the rows.")
+      .def("select_positions", &SelectPositions, py::arg("seq"), py::arg("layer"), py::arg("first"), py::arg("count"),
+           py::arg("queries") = py::none(),
+           "The attention sets of positions [first, first + count) of the layer in one call (a verify step's drafts, a "
+           "prefill chunk): a kvc.PositionSets of CSR index arrays. queries: one IndexQuery per position (each prepared "
+           "at its position), required on CSA layers. Page-manager mode: window and HCA layers only.")
       .def("index_scores", &IndexScores, py::arg("seq"), py::arg("layer"), py::arg("query"),
            "float32 index scores of every visible compressed entry of a CSA layer.")
       .def("usage", [](PyCache& c) { return UsageDict(c.get().Usage()); })

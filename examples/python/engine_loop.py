@@ -82,7 +82,9 @@ class KvcEngine:
     """kvc writes the bytes: each step is planned, every layer appended, committed."""
 
     def __init__(self, params):
-        self.cache = kvc.Cache(MODEL, params=params, state_bytes=256 << 20, history_bytes=256 << 20)
+        # draft_slots: the ring keeps 16 rows more than the window, so a verify step's
+        # drafts all find their window rows in it (select_positions).
+        self.cache = kvc.Cache(MODEL, params=params, state_bytes=256 << 20, history_bytes=256 << 20, draft_slots=16)
         self.kinds = self.cache.layer_kinds
         self.geometry = [self.cache.page_geometry(s) for s in range(kvc.NUM_STREAMS)]
         # Zero-copy views of the arrays attention reads, taken once: they show every later write.
@@ -224,8 +226,29 @@ def main():
     # that fails half-way is aborted as a whole; a branch shares the history.
     lengths = [cache.length(s) for s in batch]
     engine.step(batch, [3] * len(batch))
-    for seq, length in zip(batch, lengths):
-        cache.truncate(seq, length + 1)
+    verified = 0
+    for seq, length in zip(batch, lengths):  # the target model attends from all 3 draft positions at once
+        queries = [cache.prepare_index_query(length + i, kvc.to_bf16(engine.rng.standard_normal((cache.index_heads, 128)).astype(np.float32)),
+                                             np.full(cache.index_heads, (128 * cache.index_heads) ** -0.5, np.float32))
+                   for i in range(3)]
+        for layer, kind in enumerate(engine.kinds):
+            sets = cache.select_positions(seq, layer, length, 3, queries if kind == kvc.LAYER_CSA else None)
+            check((sets.window_indices >= 0).all(), "a draft's window row is not in the ring")
+            for i in range(3):
+                window = sets.window_indices[sets.window_offsets[i]:sets.window_offsets[i + 1]]
+                rows = gather(engine.pages[layer, kvc.STREAM_WINDOW], window, engine.geometry[kvc.STREAM_WINDOW])
+                stream = {kvc.LAYER_CSA: kvc.STREAM_CSA_ROWS, kvc.LAYER_HCA: kvc.STREAM_HCA_ROWS}.get(kind)
+                if stream is not None:
+                    compressed = sets.compressed_indices[sets.compressed_offsets[i]:sets.compressed_offsets[i + 1]]
+                    rows = np.concatenate([rows, gather(engine.pages[layer, stream], compressed, engine.geometry[stream])])
+                rows = kvc.dequantize_kv_rows(rows)
+                if i == 2:  # the last position's set is the one select() gives
+                    last = cache.select(seq, layer, queries[2] if kind == kvc.LAYER_CSA else None, gather=True)
+                    check(np.array_equal(rows, last.rows), f"sequence {seq} layer {layer}: verify rows differ")
+                sparse_attention(engine.rng.standard_normal((4, 512)).astype(np.float32), rows)
+                verified += len(rows)
+        cache.truncate(seq, length + 1)  # the first draft accepted
+    print(f"verify step: 3 drafts per sequence attended to {verified} rows (select_positions); 1 accepted")
     plan = cache.plan_step([(batch[0], 2)])
     rows, projections = layer_tokens(0, 0, engine.kinds[0], int(plan.first_position[0]), 2)
     cache.append(batch[0], 0, int(plan.first_position[0]), rows, **projections)  # layer 0 only: "the GPU failed"

@@ -39,6 +39,7 @@ from ._kvc import (  # noqa: F401  (the public names)
     DenseBlockTables,
     Error,
     IndexQuery,
+    PositionSets,
     StepPlan,
     StepSlots,
     dequantize_index_keys,

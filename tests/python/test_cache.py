@@ -540,3 +540,54 @@ def test_engine_arrays_are_checked(tiny_config):
                          ([good[0, 0]], "expected a dict")]:
         with pytest.raises(ValueError, match=message):
             kvc.Cache.from_config(tiny_config, engine_arrays=bad)
+
+
+@pytest.mark.parametrize("first_tokens, chunk", [(0, 9), (200, 6), (1000, 12)])
+def test_select_positions_of_a_chunk(tiny_config, first_tokens, chunk):
+    from conftest import tiny_params
+    cache = kvc.Cache.from_config(tiny_config, params=tiny_params(seed=3), draft_slots=8)
+    rng = np.random.default_rng(23 + first_tokens)
+    seq = cache.create_sequence()
+    for layer in range(cache.num_layers):
+        if first_tokens:
+            append_tokens(cache, seq, layer, first_tokens, rng)
+        append_tokens(cache, seq, layer, chunk, rng)  # the chunk (or verify step) just appended
+    length, ring = first_tokens + chunk, 128 + 8
+    first = length - chunk
+    ids = cache.block_table(seq, kvc.STREAM_WINDOW)
+    queries = [index_query(cache, first + i, rng) for i in range(chunk)]
+    for layer, stream in [(WINDOW_LAYER, None), (HCA_LAYER, kvc.STREAM_HCA_ROWS), (CSA_LAYER, kvc.STREAM_CSA_ROWS)]:
+        sets = cache.select_positions(seq, layer, first, chunk, queries if layer == CSA_LAYER else None)
+        assert (sets.first, sets.count) == (first, chunk)
+        assert sets.window_offsets.dtype == np.int64 and sets.window_indices.dtype == np.int32
+        for i in range(chunk):
+            t = first + i
+            window = slice(sets.window_offsets[i], sets.window_offsets[i + 1])
+            positions = np.arange(max(0, t - 127), t + 1)
+            np.testing.assert_array_equal(sets.window_positions[window], positions)
+            slots = positions % ring
+            expected = np.where(positions >= length - ring, ids[slots // 64] * 64 + slots % 64, -1)
+            np.testing.assert_array_equal(sets.window_indices[window], expected)
+            compressed = slice(sets.compressed_offsets[i], sets.compressed_offsets[i + 1])
+            if stream is None:
+                entries = np.array([], np.int64)
+            elif stream == kvc.STREAM_HCA_ROWS:
+                entries = np.arange((t + 1) // 128)
+            else:
+                scores = cache.index_scores(seq, layer, queries[i])[:(t + 1) // 4]  # the entries visible at t
+                order = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
+                entries = np.sort(np.array(order[:min(cache.index_topk, len(scores))], np.int64))
+            np.testing.assert_array_equal(sets.entries[compressed], entries)
+            if stream is not None:
+                rows_ids = cache.block_table(seq, stream)
+                np.testing.assert_array_equal(sets.compressed_indices[compressed], rows_ids[entries // 64] * 64 + entries % 64)
+        # The last position's set is select()'s.
+        last = cache.select(seq, layer, queries[-1] if layer == CSA_LAYER else None)
+        np.testing.assert_array_equal(sets.window_indices[sets.window_offsets[-2]:], last.window_indices)
+        np.testing.assert_array_equal(sets.compressed_indices[sets.compressed_offsets[-2]:], last.compressed_indices)
+    with pytest.raises(kvc.Error) as error:
+        cache.select_positions(seq, CSA_LAYER, first, chunk)  # CSA needs the queries
+    assert error.value.code == "INVALID_ARGUMENT"
+    with pytest.raises(kvc.Error) as error:
+        cache.select_positions(seq, WINDOW_LAYER, first, chunk + 1)  # past the layer's tokens
+    assert error.value.code == "OUT_OF_RANGE"

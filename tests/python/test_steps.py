@@ -200,6 +200,17 @@ def test_an_engine_writing_through_slots_gets_kvcs_bytes(tiny_config, pointers):
             np.testing.assert_array_equal(
                 rows_through_pages(engine.memory[layer, kvc.STREAM_WINDOW], np.arange(128), indices, 8, 576, 8),
                 rows_through_pages(kvc_side.memory[layer, kvc.STREAM_WINDOW], np.arange(128), indices, 8, 576, 8))
+        # Multi-position selection gives page-manager mode the same indices (window and HCA layers).
+        for layer in (WINDOW_LAYER, HCA_LAYER):
+            mine, kvcs = (side.cache.select_positions(seq, layer, length - 5, 5) for side in (engine, kvc_side))
+            for name in ("window_offsets", "window_positions", "window_indices", "compressed_offsets", "entries",
+                         "compressed_indices"):
+                np.testing.assert_array_equal(getattr(mine, name), getattr(kvcs, name), err_msg=name)
+            assert (mine.window_indices >= 0).all()  # 5 <= draft_slots + 1: the ring holds every row
+            assert len(mine.entries) == (0 if layer == WINDOW_LAYER else sum((t + 1) // 128 for t in range(length - 5, length)))
+        with pytest.raises(kvc.Error) as error:  # CSA selection reads index keys
+            engine.cache.select_positions(seq, CSA_LAYER, length - 1, 1, [None])
+        assert error.value.code == "FAILED_PRECONDITION"
 
 
 def test_page_manager_refusals_and_deferred_frees(tiny_config):
