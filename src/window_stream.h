@@ -61,6 +61,12 @@ class WindowStream final : public StreamPart {
   }
   WindowRingView View(const Sequence& seq, int layer) const;
 
+  // Prefix cache (src/prefix_cache.h): copies the ring pages into the pages
+  // `to` (ring_pages() ids) as they were at `length` <= `current` tokens (the
+  // rollback records of [length, current) put back into the copy; the caller
+  // checked CheckTruncate). The sequence is unchanged.
+  void CopyRingAt(const Sequence& seq, int64_t current, int64_t length, const std::vector<PageId>& to) const;
+
   // Snapshot: appends the layer's ring (W rows in slot order, data then
   // scales each), rollback records and evictors to a state block; Restore
   // reads them back from a checked block.
