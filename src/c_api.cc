@@ -121,6 +121,15 @@ absl::StatusOr<BatchArgs> CheckBatch(const kvc_seq* seqs, int64_t batch, int32_t
   return BatchArgs{absl::MakeConstSpan(seqs, static_cast<size_t>(batch)), *s};
 }
 
+// The chain hashes of a prefix call, checked for what C can get wrong.
+absl::StatusOr<absl::Span<const uint64_t>> Hashes(const uint64_t* hashes, int64_t count, const char* function) {
+  if (count < 0) return absl::InvalidArgumentError(absl::StrCat(function, ": count ", count, " is negative"));
+  if (hashes == nullptr && count > 0) {
+    return absl::InvalidArgumentError(absl::StrCat(function, ": block_hashes is NULL with count ", count));
+  }
+  return absl::MakeConstSpan(hashes, static_cast<size_t>(count));
+}
+
 // The kind of `layer` of the cache, or an error naming the layer.
 absl::StatusOr<kvc::LayerKind> KindOf(const kvc_cache& cache, int32_t layer, const char* function) {
   const std::vector<kvc::LayerSpec>& layers = cache.cache->spec().layers;
@@ -138,6 +147,8 @@ absl::StatusOr<kvc::CacheOptions> ToOptions(const kvc_options* options) {
   out.rollback_depth = options->rollback_depth;
   out.rows_per_page = options->rows_per_page;
   out.keys_per_page = options->keys_per_page;
+  out.prefix_bytes = options->prefix_bytes;
+  out.prefix_block_tokens = options->prefix_block_tokens;
   const int64_t n = options->num_engine_arrays;
   if (n < 0 || (n > 0 && options->engine_arrays == nullptr)) {
     return absl::InvalidArgumentError(absl::StrCat("options: num_engine_arrays ", n, " with engine_arrays ",
@@ -264,7 +275,8 @@ extern "C" {
 void kvc_options_default(kvc_options* options) {
   if (options == nullptr) return;
   const kvc::CacheOptions d;
-  *options = kvc_options{d.history_bytes, d.state_bytes, d.rollback_depth, d.rows_per_page, d.keys_per_page, nullptr, 0};
+  *options = kvc_options{d.history_bytes, d.state_bytes, d.rollback_depth, d.rows_per_page, d.keys_per_page, nullptr, 0,
+                         d.prefix_bytes, d.prefix_block_tokens};
 }
 
 int kvc_cache_create(const char* preset, const kvc_options* options, kvc_cache** out) {
@@ -705,6 +717,68 @@ int kvc_snapshot_restore(kvc_cache* cache, const char* path, kvc_seq* out, size_
     }
     std::copy(ids->begin(), ids->end(), out);
     *count = ids->size();
+    return KVC_OK;
+  });
+}
+
+// --- Prefix caching ----------------------------------------------------------
+
+int kvc_prefix_block_tokens(const kvc_cache* cache, int64_t* out) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    *out = cache->cache->PrefixBlockTokens();
+    return KVC_OK;
+  });
+}
+
+int kvc_prefix_publish(kvc_cache* cache, kvc_seq seq, const uint64_t* block_hashes, int64_t count) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    const absl::StatusOr<absl::Span<const uint64_t>> hashes = Hashes(block_hashes, count, function);
+    if (!hashes.ok()) return FromStatus(hashes.status());
+    return FromStatus(cache->cache->PublishPrefix(seq, *hashes));
+  });
+}
+
+int kvc_seq_create_from_prefix(kvc_cache* cache, const uint64_t* block_hashes, int64_t count, kvc_seq* out,
+                               int64_t* tokens) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    KVC_C_REQUIRE(tokens);
+    const absl::StatusOr<absl::Span<const uint64_t>> hashes = Hashes(block_hashes, count, function);
+    if (!hashes.ok()) return FromStatus(hashes.status());
+    const absl::StatusOr<kvc::Cache::PrefixMatch> match = cache->cache->CreateSequenceFromPrefix(*hashes);
+    if (!match.ok()) return FromStatus(match.status());
+    *out = match->seq;
+    *tokens = match->tokens;
+    return KVC_OK;
+  });
+}
+
+int kvc_prefix_lookup(const kvc_cache* cache, const uint64_t* block_hashes, int64_t count, int64_t* tokens,
+                      int64_t* shared_tokens) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(tokens);
+    const absl::StatusOr<absl::Span<const uint64_t>> hashes = Hashes(block_hashes, count, function);
+    if (!hashes.ok()) return FromStatus(hashes.status());
+    const kvc::Cache::PrefixMatch match = cache->cache->LookupPrefix(*hashes);
+    *tokens = match.tokens;
+    if (shared_tokens != nullptr) *shared_tokens = match.shared_tokens;
+    return KVC_OK;
+  });
+}
+
+int kvc_cache_prefix_usage(const kvc_cache* cache, kvc_prefix_usage* out) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    const kvc::PrefixUsage u = cache->cache->Usage().prefix;
+    *out = kvc_prefix_usage{u.limit_bytes, u.cached_bytes, u.history_bytes, u.checkpoint_bytes,
+                            u.shared_bytes, u.prefixes,    u.cached_tokens, u.hits,
+                            u.misses,       u.tokens_reused, u.published,  u.evictions};
     return KVC_OK;
   });
 }
