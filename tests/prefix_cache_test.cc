@@ -737,7 +737,7 @@ TEST(PrefixCache, PageReferencesMatchAReferenceModel) {
               h.tables[static_cast<size_t>(s2)] = e.tables[static_cast<size_t>(s2)];
               for (const int32_t page : e.tables[static_cast<size_t>(s2)]) {
                 for (const auto& [other, o] : live) {
-                  const auto& t = PrefixAccess::SequenceTables(*cache, other)[static_cast<size_t>(s2)];
+                  const std::vector<int32_t> t = PrefixAccess::SequenceTables(*cache, other)[static_cast<size_t>(s2)];
                   EXPECT_EQ(std::count(t.begin(), t.end(), page), 0) << "a checkpoint page is a live sequence's";
                 }
               }
