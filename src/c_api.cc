@@ -30,6 +30,11 @@ struct kvc_index_query {
   kvc::IndexQuery query;
 };
 
+struct kvc_step_plan {
+  kvc::StepPlan plan;
+  std::vector<kvc_page_copy> copies, abort_copies;
+};
+
 namespace {
 
 thread_local std::string last_error;
@@ -147,6 +152,8 @@ absl::StatusOr<kvc::CacheOptions> ToOptions(const kvc_options* options) {
   out.rollback_depth = options->rollback_depth;
   out.rows_per_page = options->rows_per_page;
   out.keys_per_page = options->keys_per_page;
+  out.draft_slots = options->draft_slots;
+  out.page_manager = options->page_manager != 0;
   out.prefix_bytes = options->prefix_bytes;
   out.prefix_block_tokens = options->prefix_block_tokens;
   const int64_t n = options->num_engine_arrays;
@@ -276,7 +283,7 @@ void kvc_options_default(kvc_options* options) {
   if (options == nullptr) return;
   const kvc::CacheOptions d;
   *options = kvc_options{d.history_bytes, d.state_bytes, d.rollback_depth, d.rows_per_page, d.keys_per_page, nullptr, 0,
-                         d.prefix_bytes, d.prefix_block_tokens};
+                         d.draft_slots, d.page_manager ? 1 : 0, d.prefix_bytes, d.prefix_block_tokens};
 }
 
 int kvc_cache_create(const char* preset, const kvc_options* options, kvc_cache** out) {
@@ -350,6 +357,10 @@ int kvc_cache_usage(const kvc_cache* cache, kvc_usage* out) {
     out->history_limit_bytes = usage.history_limit_bytes;
     out->state_limit_bytes = usage.state_limit_bytes;
     out->sequences = usage.sequences;
+    out->open_steps = usage.open_steps;
+    out->deferred_pages = usage.deferred_pages;
+    out->epoch = usage.epoch;
+    out->completed_epoch = usage.completed_epoch;
     return KVC_OK;
   });
 }
@@ -721,6 +732,161 @@ int kvc_snapshot_restore(kvc_cache* cache, const char* path, kvc_seq* out, size_
   });
 }
 
+// --- Planned batch steps ----------------------------------------------------
+
+namespace {
+
+std::vector<kvc_page_copy> ToCCopies(const std::vector<kvc::PageCopy>& copies) {
+  std::vector<kvc_page_copy> out;
+  out.reserve(copies.size());
+  for (const kvc::PageCopy& c : copies) out.push_back({static_cast<int32_t>(c.stream), c.src, c.dst});
+  return out;
+}
+
+}  // namespace
+
+int kvc_step_plan_create(kvc_cache* cache, const kvc_seq* seqs, const int64_t* new_tokens, int64_t batch,
+                         kvc_step_plan** out) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    if (batch < 0) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": batch ", batch, " is negative"));
+    if (batch > 0) {
+      KVC_C_REQUIRE(seqs);
+      KVC_C_REQUIRE(new_tokens);
+    }
+    std::vector<kvc::StepRequest> requests;
+    for (int64_t b = 0; b < batch; ++b) requests.push_back({seqs[b], new_tokens[b]});
+    auto plan = std::make_unique<kvc_step_plan>();
+    absl::StatusOr<kvc::StepPlan> planned = cache->cache->PlanStep(requests);
+    if (!planned.ok()) return FromStatus(planned.status());
+    plan->plan = *std::move(planned);
+    // The step is open now: a failure below (memory for the C copies) must
+    // not leave it so.
+    try {
+      plan->copies = ToCCopies(plan->plan.copies);
+      plan->abort_copies = ToCCopies(plan->plan.abort_copies);
+    } catch (...) {
+      if (!cache->cache->AbortStep(plan->plan.epoch).ok()) return Fail(KVC_ERR_INTERNAL, absl::StrCat(function, ": abort failed"));
+      throw;
+    }
+    *out = plan.release();
+    return KVC_OK;
+  });
+}
+
+void kvc_step_plan_destroy(kvc_step_plan* plan) { delete plan; }
+
+int kvc_step_plan_epoch(const kvc_step_plan* plan, uint64_t* epoch) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(plan);
+    KVC_C_REQUIRE(epoch);
+    *epoch = plan->plan.epoch;
+    return KVC_OK;
+  });
+}
+
+int kvc_step_plan_slots(const kvc_step_plan* plan, int32_t stream, const int32_t** indptr, const int64_t** slots,
+                        int64_t* num_slots) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(plan);
+    KVC_C_REQUIRE(indptr);
+    KVC_C_REQUIRE(slots);
+    KVC_C_REQUIRE(num_slots);
+    const absl::StatusOr<kvc::Stream> s = ToStream(stream, function);
+    if (!s.ok()) return FromStatus(s.status());
+    const kvc::StepSlots& st = plan->plan.slots[static_cast<int>(*s)];
+    *indptr = st.indptr.empty() ? nullptr : st.indptr.data();
+    *slots = st.slots.data();
+    *num_slots = static_cast<int64_t>(st.slots.size());
+    return KVC_OK;
+  });
+}
+
+int kvc_step_plan_copies(const kvc_step_plan* plan, const kvc_page_copy** copies, int64_t* count) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(plan);
+    KVC_C_REQUIRE(copies);
+    KVC_C_REQUIRE(count);
+    *copies = plan->copies.data();
+    *count = static_cast<int64_t>(plan->copies.size());
+    return KVC_OK;
+  });
+}
+
+int kvc_step_plan_abort_copies(const kvc_step_plan* plan, const kvc_page_copy** copies, int64_t* count) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(plan);
+    KVC_C_REQUIRE(copies);
+    KVC_C_REQUIRE(count);
+    *copies = plan->abort_copies.data();
+    *count = static_cast<int64_t>(plan->abort_copies.size());
+    return KVC_OK;
+  });
+}
+
+int kvc_step_commit(kvc_cache* cache, uint64_t epoch) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    return FromStatus(cache->cache->CommitStep(epoch));
+  });
+}
+
+int kvc_step_abort(kvc_cache* cache, uint64_t epoch) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    return FromStatus(cache->cache->AbortStep(epoch));
+  });
+}
+
+int kvc_steps_complete(kvc_cache* cache, uint64_t epoch, int64_t* released) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    const absl::StatusOr<int64_t> n = cache->cache->CompleteSteps(epoch);
+    if (!n.ok()) return FromStatus(n.status());
+    if (released != nullptr) *released = *n;
+    return KVC_OK;
+  });
+}
+
+int kvc_seq_fork_pages(kvc_cache* cache, kvc_seq seq, kvc_seq* out, kvc_page_copy* copies, int64_t capacity,
+                       int64_t* count) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    KVC_C_REQUIRE(count);
+    if (capacity < 0) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": capacity ", capacity, " < 0"));
+    if (capacity > 0) KVC_C_REQUIRE(copies);
+    // The copies a fork lists: the parent's private pages (ring and state).
+    int64_t needed = 0;
+    if (cache->cache->options().page_manager) {
+      for (const kvc::Stream s : {kvc::Stream::kWindow, kvc::Stream::kCsaState, kvc::Stream::kCsaIndexerState,
+                                  kvc::Stream::kHcaState}) {
+        const absl::StatusOr<std::vector<int32_t>> table = cache->cache->BlockTable(seq, s);
+        if (table.ok()) {
+          needed += static_cast<int64_t>(table->size());
+        } else if (s == kvc::Stream::kWindow) {
+          return FromStatus(table.status());  // an unknown sequence
+        }
+      }
+    }
+    if (needed > capacity) {
+      *count = needed;
+      return Fail(KVC_ERR_OUT_OF_RANGE, absl::StrCat(function, ": the fork lists ", needed,
+                                                     " page copies; capacity is ", capacity));
+    }
+    std::vector<kvc::PageCopy> listed;
+    absl::StatusOr<kvc::SequenceId> child = cache->cache->Fork(seq, &listed);
+    if (!child.ok()) return FromStatus(child.status());
+    for (size_t i = 0; i < listed.size(); ++i) {  // no allocation once the child exists
+      copies[i] = {static_cast<int32_t>(listed[i].stream), listed[i].src, listed[i].dst};
+    }
+    *count = static_cast<int64_t>(listed.size());
+    *out = *child;
+    return KVC_OK;
+  });
+}
+
 // --- Prefix caching ----------------------------------------------------------
 
 int kvc_prefix_block_tokens(const kvc_cache* cache, int64_t* out) {
@@ -779,6 +945,82 @@ int kvc_cache_prefix_usage(const kvc_cache* cache, kvc_prefix_usage* out) {
     *out = kvc_prefix_usage{u.limit_bytes, u.cached_bytes, u.history_bytes, u.checkpoint_bytes,
                             u.shared_bytes, u.prefixes,    u.cached_tokens, u.hits,
                             u.misses,       u.tokens_reused, u.published,  u.evictions};
+    return KVC_OK;
+  });
+}
+
+namespace {
+
+// The most page copies a prefix call lists (page-manager mode): the ring's
+// pages and one page of each CSA compressor state; none in kvc's mode.
+absl::StatusOr<int64_t> CheckpointCopies(const kvc_cache& cache) {
+  const kvc::CacheOptions& options = cache.cache->options();
+  if (!options.page_manager) return 0;
+  absl::StatusOr<std::vector<kvc::StreamGeometry>> geometry = kvc::Cache::PageGeometry(cache.cache->spec(), options);
+  if (!geometry.ok()) return geometry.status();
+  const kvc::StreamGeometry& window = (*geometry)[static_cast<size_t>(kvc::Stream::kWindow)];
+  int64_t copies = (window.ring_slots + window.rows_per_page - 1) / window.rows_per_page;
+  for (const kvc::Stream s : {kvc::Stream::kCsaState, kvc::Stream::kCsaIndexerState}) {
+    if (!(*geometry)[static_cast<size_t>(s)].layers.empty()) ++copies;
+  }
+  return copies;
+}
+
+// Checks a page-copy buffer; OK when `capacity` holds the most copies a
+// prefix call lists (else KVC_ERR_OUT_OF_RANGE with *copy_count the need).
+int CheckCopyBuffer(const kvc_cache& cache, const kvc_page_copy* copies, int64_t capacity, int64_t* copy_count,
+                    const char* function) {
+  if (capacity < 0) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": capacity ", capacity, " < 0"));
+  if (capacity > 0 && copies == nullptr) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": copies is NULL"));
+  const absl::StatusOr<int64_t> needed = CheckpointCopies(cache);
+  if (!needed.ok()) return FromStatus(needed.status());
+  if (*needed > capacity) {
+    *copy_count = *needed;
+    return Fail(KVC_ERR_OUT_OF_RANGE, absl::StrCat(function, ": the call may list ", *needed,
+                                                   " page copies; capacity is ", capacity));
+  }
+  return KVC_OK;
+}
+
+void WriteCopies(const std::vector<kvc::PageCopy>& listed, kvc_page_copy* copies, int64_t* copy_count) {
+  for (size_t i = 0; i < listed.size(); ++i) copies[i] = {static_cast<int32_t>(listed[i].stream), listed[i].src, listed[i].dst};
+  *copy_count = static_cast<int64_t>(listed.size());
+}
+
+}  // namespace
+
+int kvc_prefix_publish_pages(kvc_cache* cache, kvc_seq seq, const uint64_t* block_hashes, int64_t count,
+                             kvc_page_copy* copies, int64_t capacity, int64_t* copy_count) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(copy_count);
+    const absl::StatusOr<absl::Span<const uint64_t>> hashes = Hashes(block_hashes, count, function);
+    if (!hashes.ok()) return FromStatus(hashes.status());
+    if (const int rc = CheckCopyBuffer(*cache, copies, capacity, copy_count, function); rc != KVC_OK) return rc;
+    std::vector<kvc::PageCopy> listed;
+    const absl::Status published = cache->cache->PublishPrefix(seq, *hashes, &listed);
+    if (!published.ok()) return FromStatus(published);
+    WriteCopies(listed, copies, copy_count);
+    return KVC_OK;
+  });
+}
+
+int kvc_seq_create_from_prefix_pages(kvc_cache* cache, const uint64_t* block_hashes, int64_t count, kvc_seq* out,
+                                     int64_t* tokens, kvc_page_copy* copies, int64_t capacity, int64_t* copy_count) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    KVC_C_REQUIRE(tokens);
+    KVC_C_REQUIRE(copy_count);
+    const absl::StatusOr<absl::Span<const uint64_t>> hashes = Hashes(block_hashes, count, function);
+    if (!hashes.ok()) return FromStatus(hashes.status());
+    if (const int rc = CheckCopyBuffer(*cache, copies, capacity, copy_count, function); rc != KVC_OK) return rc;
+    std::vector<kvc::PageCopy> listed;
+    const absl::StatusOr<kvc::Cache::PrefixMatch> match = cache->cache->CreateSequenceFromPrefix(*hashes, &listed);
+    if (!match.ok()) return FromStatus(match.status());
+    *out = match->seq;
+    *tokens = match->tokens;
+    WriteCopies(listed, copies, copy_count);
     return KVC_OK;
   });
 }

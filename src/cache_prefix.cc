@@ -44,26 +44,47 @@ absl::Status CheckBlocks(absl::Span<const uint64_t> hashes, int64_t block_tokens
 int64_t Cache::PrefixBlockTokens() const { return impl_->options.prefix_block_tokens; }
 
 absl::Status Cache::PublishPrefix(SequenceId id, absl::Span<const uint64_t> hashes) {
+  if (impl_->page_manager()) {
+    return absl::FailedPreconditionError(
+        "PublishPrefix: in page-manager mode the engine copies the checkpoint; call PublishPrefix(seq, hashes, "
+        "&engine_copies)");
+  }
+  return PublishPrefix(id, hashes, nullptr);
+}
+
+absl::Status Cache::PublishPrefix(SequenceId id, absl::Span<const uint64_t> hashes,
+                                  std::vector<PageCopy>* engine_copies) {
   constexpr const char* kWhat = "PublishPrefix";
+  if (impl_->page_manager() && engine_copies == nullptr) {
+    return absl::InvalidArgumentError("PublishPrefix: page-manager mode needs engine_copies for the copies the engine makes");
+  }
   const int64_t B = PrefixBlockTokens();
   if (hashes.empty()) return absl::InvalidArgumentError(absl::StrCat(kWhat, ": no block hashes"));
   KVC_RETURN_IF_ERROR(CheckBlocks(hashes, B, impl_->spec.max_context, kWhat));
   const int64_t P = static_cast<int64_t>(hashes.size()) * B;
   KVC_ASSIGN_OR_RETURN(const Impl::Locked locked, impl_->Lock(id));
   const Sequence& seq = *locked.seq;
+  KVC_RETURN_IF_ERROR(Impl::RefuseInStep(seq, id, kWhat));
   KVC_RETURN_IF_ERROR(impl_->SameLengthEverywhere(seq.layers, id, "PublishPrefix:"));
   const int64_t L = seq.layers[0].length;
   if (L < P) {
     return absl::FailedPreconditionError(absl::StrCat(kWhat, ": sequence ", id, " holds ", L, " tokens, fewer than the ",
                                                       hashes.size(), " blocks of ", B, " = ", P, " to publish"));
   }
-  int64_t floor = 0;
-  for (const LayerStreams& ls : seq.layers) floor = std::max(floor, ls.floor);
-  if (P < floor) {
+  // The ring and compressor state at P: in kvc's mode the rollback records
+  // put back what [P, L) evicted (P >= the floor); in page-manager mode the
+  // ring and state rings still hold it while their furthest write is within
+  // rollback_depth of P (draft_slots >= rollback_depth).
+  int64_t floor = 0, ring_end = 0;
+  for (const LayerStreams& ls : seq.layers) {
+    floor = std::max(floor, ls.floor);
+    ring_end = std::max(ring_end, ls.ring_end);
+  }
+  if (P < floor || ring_end - P > impl_->depth()) {
     return absl::FailedPreconditionError(absl::StrCat(
-        kWhat, ": sequence ", id, " has passed ", P, " tokens by ", L - P, "; its ring and compressor state at ", P,
-        " are gone (it can be rolled back to ", floor, " at the least, rollback_depth ", impl_->depth(),
-        "): publish when the length is a multiple of ", B));
+        kWhat, ": sequence ", id, " has passed ", P, " tokens by ", std::max(L, ring_end) - P,
+        "; its ring and compressor state at ", P, " are gone (rollback floor ", floor, ", rollback_depth ",
+        impl_->depth(), "): publish when the length is a multiple of ", B));
   }
   // Engine-compressed layers must hold the prefix's rows and keys.
   for (int layer = 0; layer < static_cast<int>(seq.layers.size()); ++layer) {
@@ -105,12 +126,17 @@ absl::Status Cache::PublishPrefix(SequenceId id, absl::Span<const uint64_t> hash
   // The checkpoint: the ring as it was at P, the CSA states as they are (they
   // keep rollback_depth tokens beyond the open windows, so the rows P reads
   // are still there). Nothing below fails.
-  impl_->window_part->CopyRingAt(seq, L, P, tables[cache_internal::kWindowStream]);
+  std::vector<PageCopy> copies;
+  impl_->window_part->CopyRingAt(seq, L, P, tables[cache_internal::kWindowStream], &copies);
   for (const PrefixCache::CheckpointStream& c : cache.checkpoint()) {
     if (c.stream == cache_internal::kWindowStream) continue;
-    impl_->store->CopyPage(c.stream, seq.tables[static_cast<size_t>(c.stream)][0], tables[static_cast<size_t>(c.stream)][0]);
+    impl_->store->CopyPage(c.stream, seq.tables[static_cast<size_t>(c.stream)][0],
+                           tables[static_cast<size_t>(c.stream)][0], &copies);
   }
-  cache.Insert(hashes, std::move(tables));
+  std::vector<int64_t> ring_ends;
+  for (const LayerStreams& ls : seq.layers) ring_ends.push_back(impl_->page_manager() ? ls.ring_end : P);
+  cache.Insert(hashes, std::move(tables), std::move(ring_ends));
+  if (engine_copies != nullptr) *engine_copies = std::move(copies);
   return absl::OkStatus();
 }
 
@@ -127,7 +153,22 @@ Cache::PrefixMatch Cache::LookupPrefix(absl::Span<const uint64_t> hashes) const 
 }
 
 absl::StatusOr<Cache::PrefixMatch> Cache::CreateSequenceFromPrefix(absl::Span<const uint64_t> hashes) {
+  if (impl_->page_manager()) {
+    return absl::FailedPreconditionError(
+        "CreateSequenceFromPrefix: in page-manager mode the engine copies the checkpoint; call "
+        "CreateSequenceFromPrefix(hashes, &engine_copies)");
+  }
+  return CreateSequenceFromPrefix(hashes, nullptr);
+}
+
+absl::StatusOr<Cache::PrefixMatch> Cache::CreateSequenceFromPrefix(absl::Span<const uint64_t> hashes,
+                                                                   std::vector<PageCopy>* engine_copies) {
+  if (impl_->page_manager() && engine_copies == nullptr) {
+    return absl::InvalidArgumentError(
+        "CreateSequenceFromPrefix: page-manager mode needs engine_copies for the copies the engine makes");
+  }
   const int64_t B = PrefixBlockTokens();
+  std::vector<PageCopy> copies;
   KVC_RETURN_IF_ERROR(CheckBlocks(hashes, B, impl_->spec.max_context, "CreateSequenceFromPrefix"));
   auto seq = std::make_shared<Sequence>();
   PrefixMatch match;
@@ -160,7 +201,7 @@ absl::StatusOr<Cache::PrefixMatch> Cache::CreateSequenceFromPrefix(absl::Span<co
       for (const PrefixCache::CheckpointStream& c : cache.checkpoint()) {
         for (int64_t k = 0; k < c.pages; ++k) {
           impl_->store->CopyPage(c.stream, entry.tables[static_cast<size_t>(c.stream)][static_cast<size_t>(k)],
-                                 seq->tables[static_cast<size_t>(c.stream)][static_cast<size_t>(k)]);
+                                 seq->tables[static_cast<size_t>(c.stream)][static_cast<size_t>(k)], &copies);
         }
       }
       // The HCA state stays zero: at a multiple of 128 tokens its window has
@@ -170,6 +211,7 @@ absl::StatusOr<Cache::PrefixMatch> Cache::CreateSequenceFromPrefix(absl::Span<co
         const LayerKind kind = impl_->KindOf(layer);
         ls.length = entry.tokens;
         ls.floor = entry.tokens;  // the rollback records start here
+        ls.ring_end = entry.ring_ends[static_cast<size_t>(layer)];
         if (impl_->RowsOf(layer) != nullptr) ls.compressed_rows = EntriesAt(kind, entry.tokens);
         if (impl_->KeysOf(layer) != nullptr) ls.key_rows = EntriesAt(kind, entry.tokens);
       }
@@ -178,6 +220,7 @@ absl::StatusOr<Cache::PrefixMatch> Cache::CreateSequenceFromPrefix(absl::Span<co
     }
   }
   match.seq = impl_->Register(std::move(seq));
+  if (engine_copies != nullptr) *engine_copies = std::move(copies);
   return match;
 }
 

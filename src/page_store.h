@@ -3,10 +3,16 @@
 // A stream is one kind of page (window ring, CSA rows, ...) with one id
 // space shared by every layer that has the stream: id b names page b of
 // every such layer's array, at base + b x page_bytes. A PageStore holds the
-// eight streams of a cache (four public, four internal), their per-layer
-// arrays (anonymous mappings kvc reserves, or engine memory), one id
-// allocator per stream (refcounts, free list; grows with use, never with the
-// limit) and the byte budgets of the two lifetime classes (docs/layout.md).
+// eight streams of a cache (seven public, the rollback records internal),
+// their per-layer arrays (anonymous mappings kvc reserves, engine memory, or
+// none at all in page-manager mode), one id allocator per stream (refcounts,
+// free list; grows with use, never with the limit) and the byte budgets of
+// the two lifetime classes (docs/layout.md).
+//
+// Page-manager mode (CacheOptions::page_manager): the store never reads or
+// writes a page (no zeroing, no copies: callers hand copies to the engine),
+// and an id whose last reference goes while a step may still be running on
+// the device waits until CompleteSteps says that step is done.
 #ifndef KVC_SRC_PAGE_STORE_H_
 #define KVC_SRC_PAGE_STORE_H_
 
@@ -32,19 +38,22 @@ namespace cache_internal {
 using PageId = int32_t;
 constexpr PageId kNoPage = -1;
 
-// Stream numbers: the public ones (Stream), then the internal ones.
+// Stream numbers: the public ones (Stream), then the internal one.
 enum StreamIndex : int {
   kWindowStream = 0,
   kCsaRowsStream = 1,
   kCsaKeysStream = 2,
   kHcaRowsStream = 3,
-  kRollbackStream = 4,          // rollback records, all layers (none at depth 0)
-  kCsaStateStream = 5,          // CSA main compressor state
-  kCsaIndexerStateStream = 6,   // CSA indexer compressor state
-  kHcaStateStream = 7,          // HCA compressor state
+  kCsaStateStream = 4,          // CSA main compressor state
+  kCsaIndexerStateStream = 5,   // CSA indexer compressor state
+  kHcaStateStream = 6,          // HCA compressor state
+  kRollbackStream = 7,          // rollback records, all layers (none at depth 0 or in page-manager mode)
 };
 constexpr int kStreamCount = 8;
-constexpr int kPublicStreams = 4;
+constexpr int kPublicStreams = kNumStreams;
+static_assert(kPublicStreams == 7, "Stream and StreamIndex number the public streams alike");
+// Whether stream s is a compressor state stream (a ring of token rows, one page per sequence).
+constexpr bool IsStateStream(int s) { return s >= kCsaStateStream && s <= kHcaStateStream; }
 
 // The streams of one layer kind, beyond the window ring (every layer) and
 // the rollback records (every layer at rollback_depth > 0); -1: none. The
@@ -83,9 +92,12 @@ struct StreamSpec {
   StreamClass cls = StreamClass::kState;
   Component component = Component::kWindowRing;
   int64_t page_bytes = 0;       // a multiple of 64 (of 576 for 584-byte rows)
-  int32_t rows_per_page = 0;    // 0: a state stream (one page per sequence)
-  int32_t row_data_bytes = 0;   // 576 or 64; 0 for state streams
-  int32_t row_scale_bytes = 0;  // 8 or 4; 0 for state streams
+  // Rows of a page: 584-byte rows or 68-byte keys; a compressor state page
+  // holds its ring of StateRows token rows (one page per sequence); 0 for
+  // the rollback records (internal, no rows an engine addresses).
+  int32_t rows_per_page = 0;
+  int32_t row_data_bytes = 0;   // 576 or 64; a state row's 2 x width fp32 values
+  int32_t row_scale_bytes = 0;  // 8 or 4; 0 for state rows
   std::vector<int32_t> layers;  // ascending; empty: the model has no such stream
 };
 
@@ -107,6 +119,9 @@ class PageStore {
   PageStore& operator=(const PageStore&) = delete;
 
   const StreamSpec& spec(int s) const { return streams_[static_cast<size_t>(s)].spec; }
+  // Page-manager mode: the store never touches page bytes (CopyPage and Page
+  // must not be called; arrays may be absent, base() then nullptr).
+  bool page_manager() const { return page_manager_; }
   bool present(int s) const { return !spec(s).layers.empty(); }
   int64_t num_pages(int s) const { return streams_[static_cast<size_t>(s)].num_pages; }
   int64_t layers(int s) const { return static_cast<int64_t>(spec(s).layers.size()); }
@@ -161,12 +176,25 @@ class PageStore {
   // Bytes of cache-only ids, all streams; and of one class.
   int64_t prefix_used() const;
   int64_t prefix_used(StreamClass c) const;
-  // Copies page `from` onto page `to` in every layer of stream s.
-  void CopyPage(int s, PageId from, PageId to) const;
+  // Copies page `from` onto page `to` in every layer of stream s; in
+  // page-manager mode appends the copy to *engine_copies instead (the engine
+  // makes it; required non-null there).
+  void CopyPage(int s, PageId from, PageId to, std::vector<PageCopy>* engine_copies) const;
+
+  // Steps (page-manager mode): BeginStep hands out the next epoch; an id
+  // freed while a step up to the current epoch may still run on the device
+  // is kept (in use, counted) until CompleteSteps(epoch >= that one). Outside
+  // page-manager mode ids are reusable at once.
+  uint64_t BeginStep();
+  // Makes the ids waiting on steps <= epoch reusable; returns how many.
+  int64_t CompleteSteps(uint64_t epoch);
+  uint64_t epoch() const;            // the last epoch handed out (0: none)
+  uint64_t completed_epoch() const;  // the last epoch CompleteSteps was told of
 
   struct Stats {
-    int64_t used_ids = 0;     // referenced at least once
+    int64_t used_ids = 0;     // referenced at least once, or waiting on a step (deferred)
     int64_t created_ids = 0;  // ever handed out (high water)
+    int64_t deferred_ids = 0; // of used_ids: unreferenced, waiting for CompleteSteps
     int64_t pinned_ids = 0;   // of the used, pinned at least once
     int64_t cached_ids = 0;   // of the pinned, cache-only (every reference a pin)
   };
@@ -183,6 +211,9 @@ class PageStore {
     std::vector<int32_t> refcount;  // one per created id
     std::vector<int32_t> pins;      // one per created id: the references that are pins
     std::vector<PageId> free;       // capacity >= created: Unref never allocates
+    // Page-manager mode: unreferenced ids waiting for their epoch to complete
+    // (capacity >= created, as `free`).
+    std::vector<std::pair<uint64_t, PageId>> deferred;
     int64_t used = 0;
     int64_t pinned = 0;  // ids with pins > 0
     int64_t cached = 0;  // ids with pins == refcount > 0
@@ -192,16 +223,23 @@ class PageStore {
   // The id moved between live and cache-only: its bytes change budget.
   void ToCacheOnly(int s);
   void ToLive(int s);
+  // An id's last reference went: free it now, or when the steps that may
+  // read it complete (page-manager mode). cache_only: it counts against the
+  // prefix budget until then.
+  void Release(int s, PageId id, bool cache_only);
+  void Free(int s, PageId id);
   PageStore() = default;
 
   std::array<Stream, kStreamCount> streams_;
   std::vector<std::pair<uint8_t*, int64_t>> mappings_;  // kvc's arrays, unmapped by the destructor
   int64_t limit_[2] = {0, 0};
+  bool page_manager_ = false;
   int64_t prefix_limit_ = 0;
   std::function<void()> over_budget_hook_;
-  mutable std::mutex mu_;  // guards the id tables, used_ and prefix_used_
+  mutable std::mutex mu_;  // guards the id tables, used_, prefix_used_ and the epochs
   int64_t used_[2] = {0, 0};  // bytes of live ids, per class
   int64_t prefix_used_[2] = {0, 0};  // bytes of cache-only ids, per class
+  uint64_t epoch_ = 0, completed_epoch_ = 0;
 };
 
 }  // namespace cache_internal

@@ -100,8 +100,10 @@ void PrefixCache::SetPriority(Entry& entry) {
   order_.emplace(std::make_pair(entry.priority, entry.stamp), entry.last_hash);
 }
 
-void PrefixCache::Insert(absl::Span<const uint64_t> hashes, std::array<std::vector<PageId>, kStreamCount> tables) {
+void PrefixCache::Insert(absl::Span<const uint64_t> hashes, std::array<std::vector<PageId>, kStreamCount> tables,
+                         std::vector<int64_t> ring_ends) {
   Entry entry;
+  entry.ring_ends = std::move(ring_ends);
   entry.last_hash = hashes.back();
   entry.blocks = static_cast<int64_t>(hashes.size());
   entry.tokens = entry.blocks * block_tokens_;

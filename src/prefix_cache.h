@@ -67,6 +67,10 @@ class PrefixCache {
     // History streams: the ids covering the prefix's rows; checkpoint
     // streams: its checkpoint pages. Every id pinned once by this entry.
     std::array<std::vector<PageId>, kStreamCount> tables;
+    // Per layer: the furthest length whose rows the checkpoint's ring holds
+    // (LayerStreams::ring_end; `tokens` unless a page-manager publisher had
+    // passed them).
+    std::vector<int64_t> ring_ends;
     int64_t bytes = 0;  // id bytes of every page it holds
     double priority = 0;
     uint64_t stamp = 0;  // when published or last hit (ties: older first)
@@ -106,7 +110,8 @@ class PrefixCache {
   // Adds a prefix of `hashes` (checked): pins every id of the history
   // streams' tables; the checkpoint streams' tables hold ids allocated
   // pinned for it (PageStore::AllocatePinned), which it takes over.
-  void Insert(absl::Span<const uint64_t> hashes, std::array<std::vector<PageId>, kStreamCount> tables);
+  void Insert(absl::Span<const uint64_t> hashes, std::array<std::vector<PageId>, kStreamCount> tables,
+              std::vector<int64_t> ring_ends);
   // A hit on `entry` (restored): counts it and refreshes its priority.
   void Hit(Entry& entry);
   void Miss() { ++misses_; }

@@ -276,7 +276,8 @@ static void TestPages(void) {
   CHECK(kvc_layer_pages(cache, 2, KVC_STREAM_HCA_ROWS, &hca_rows) == KVC_OK);
   CHECK(kvc_layer_pages(cache, 0, KVC_STREAM_CSA_ROWS, &none) == KVC_ERR_NOT_FOUND);
   CHECK(kvc_layer_pages(cache, 2, KVC_STREAM_CSA_KEYS, &none) == KVC_ERR_NOT_FOUND);
-  CHECK(kvc_layer_pages(cache, 0, 4, &none) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_layer_pages(cache, 0, KVC_STREAM_CSA_STATE, &none) == KVC_ERR_NOT_FOUND);
+  CHECK(kvc_layer_pages(cache, 0, 7, &none) == KVC_ERR_INVALID_ARGUMENT);
   CHECK(kvc_layer_pages(cache, 3, KVC_STREAM_WINDOW, &none) == KVC_ERR_INVALID_ARGUMENT);
 
   /* 300 tokens in every layer; the engine brings the CSA and HCA entries. */
@@ -649,11 +650,169 @@ static void TestPrefix(void) {
   ParamsFree(&p);
 }
 
+/* Planned steps from C: page-manager mode over no memory at all (ids
+ * only), then kvc's own mode with appends inside a step. */
+static void TestSteps(void) {
+  kvc_options options;
+  kvc_options_default(&options);
+  CHECK(options.page_manager == 0);
+  options.page_manager = 1;
+  kvc_cache* cache = NULL;
+  CHECK(kvc_cache_create_from_config(kConfig, strlen(kConfig), &options, &cache) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(kvc_last_error(), "draft_slots >= rollback_depth") != NULL);
+  options.draft_slots = 16;
+  options.rows_per_page = 8;
+  CHECK(kvc_cache_create_from_config(kConfig, strlen(kConfig), &options, &cache) == KVC_OK);
+  kvc_seq seqs[2] = {0, 0};
+  CHECK(kvc_seq_create(cache, &seqs[0]) == KVC_OK && kvc_seq_create(cache, &seqs[1]) == KVC_OK);
+  const int64_t tokens[2] = {130, 1};
+  kvc_step_plan* plan = NULL;
+  CHECK(kvc_step_plan_create(cache, seqs, tokens, 2, &plan) == KVC_OK && plan != NULL);
+  uint64_t epoch = 0;
+  CHECK(kvc_step_plan_epoch(plan, &epoch) == KVC_OK && epoch == 1);
+  const int32_t* indptr = NULL;
+  const int64_t* slots = NULL;
+  int64_t n = 0;
+  /* Window: one slot per token (a ring of 16 + 16 slots keeps the last 32 of 130). */
+  CHECK(kvc_step_plan_slots(plan, KVC_STREAM_WINDOW, &indptr, &slots, &n) == KVC_OK && n == 131);
+  CHECK(indptr[0] == 0 && indptr[1] == 130 && indptr[2] == 131);
+  CHECK(slots[97] == -1 && slots[98] >= 0 && slots[129] >= 0);
+  /* CSA: 32 entries and keys close in 130 tokens, HCA one. */
+  CHECK(kvc_step_plan_slots(plan, KVC_STREAM_CSA_ROWS, &indptr, &slots, &n) == KVC_OK && n == 32);
+  CHECK(kvc_step_plan_slots(plan, KVC_STREAM_CSA_KEYS, &indptr, &slots, &n) == KVC_OK && n == 32);
+  CHECK(kvc_step_plan_slots(plan, KVC_STREAM_HCA_ROWS, &indptr, &slots, &n) == KVC_OK && n == 1 && indptr[1] == 1);
+  CHECK(kvc_step_plan_slots(plan, KVC_STREAM_HCA_STATE, &indptr, &slots, &n) == KVC_OK && n == 131);
+  CHECK(kvc_step_plan_slots(plan, 9, &indptr, &slots, &n) == KVC_ERR_INVALID_ARGUMENT);
+  /* 130 tokens > the rollback depth: checkpoint copies there and back. */
+  const kvc_page_copy* copies = NULL;
+  int64_t ncopies = 0, nback = 0;
+  CHECK(kvc_step_plan_copies(plan, &copies, &ncopies) == KVC_OK && ncopies > 0);
+  CHECK(kvc_step_plan_abort_copies(plan, &copies, &nback) == KVC_OK && nback == ncopies);
+  CHECK(copies[0].stream == KVC_STREAM_WINDOW);
+  /* Mid-step: the sequences refuse other changes; a second plan of them too. */
+  CHECK(kvc_seq_truncate(cache, seqs[0], 0) == KVC_ERR_FAILED_PRECONDITION);
+  kvc_step_plan* again = NULL;
+  CHECK(kvc_step_plan_create(cache, seqs, tokens, 2, &again) == KVC_ERR_FAILED_PRECONDITION && again == NULL);
+  CHECK(kvc_step_commit(cache, epoch) == KVC_OK);
+  CHECK(kvc_step_commit(cache, epoch) == KVC_ERR_NOT_FOUND);
+  kvc_step_plan_destroy(plan);
+  int64_t length = 0;
+  CHECK(kvc_seq_length(cache, seqs[0], 2, &length) == KVC_OK && length == 130);
+  CHECK(kvc_seq_append(cache, seqs[0], 0, 130, NULL, 0) == KVC_ERR_FAILED_PRECONDITION); /* bytes are the engine's */
+
+  /* A fork lists its copies; too small a buffer forks nothing. */
+  kvc_page_copy fork_copies[16];
+  int64_t needed = 0;
+  kvc_seq child = 0;
+  kvc_usage usage;
+  CHECK(kvc_cache_usage(cache, &usage) == KVC_OK && usage.sequences == 2 && usage.open_steps == 0);
+  CHECK(kvc_seq_fork(cache, seqs[0], &child) == KVC_ERR_FAILED_PRECONDITION);
+  CHECK(kvc_seq_fork_pages(cache, seqs[0], &child, fork_copies, 1, &needed) == KVC_ERR_OUT_OF_RANGE);
+  CHECK(needed == 4 + 1 + 1 + 1); /* 32 ring slots in pages of 8, and the three compressor states */
+  CHECK(kvc_cache_usage(cache, &usage) == KVC_OK && usage.sequences == 2);
+  CHECK(kvc_seq_fork_pages(cache, seqs[0], &child, fork_copies, 16, &needed) == KVC_OK && needed == 7);
+  CHECK(fork_copies[0].stream == KVC_STREAM_WINDOW && fork_copies[0].src != fork_copies[0].dst);
+  /* Freed under step 1: held until the device is done with it. */
+  CHECK(kvc_seq_free(cache, seqs[1]) == KVC_OK);
+  CHECK(kvc_cache_usage(cache, &usage) == KVC_OK && usage.deferred_pages > 0);
+  int64_t released = 0;
+  CHECK(kvc_steps_complete(cache, 5, &released) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_steps_complete(cache, epoch, &released) == KVC_OK && released > 0);
+  CHECK(kvc_cache_usage(cache, &usage) == KVC_OK && usage.deferred_pages == 0 && usage.completed_epoch == 1);
+  kvc_cache_destroy(cache);
+
+  /* kvc's mode: the step's appends, then commit; a short layer is refused. */
+  kvc_options_default(&options);
+  CHECK(kvc_cache_create_from_config(kConfig, strlen(kConfig), &options, &cache) == KVC_OK);
+  kvc_seq seq = 0;
+  CHECK(kvc_seq_create(cache, &seq) == KVC_OK);
+  const int64_t four = 4;
+  CHECK(kvc_step_plan_create(cache, &seq, &four, 1, &plan) == KVC_OK);
+  CHECK(kvc_step_plan_epoch(plan, &epoch) == KVC_OK);
+  CHECK(kvc_step_plan_copies(plan, &copies, &ncopies) == KVC_OK && ncopies == 0);
+  uint16_t rows[4 * KVC_HEAD_DIM];
+  for (int i = 0; i < 4 * KVC_HEAD_DIM; ++i) rows[i] = Bf16(1.0f);
+  CHECK(kvc_seq_append(cache, seq, 0, 0, rows, 4) == KVC_OK);
+  CHECK(kvc_step_commit(cache, epoch) == KVC_ERR_FAILED_PRECONDITION);
+  CHECK(strstr(kvc_last_error(), "layer 1 holds 0 tokens") != NULL);
+  CHECK(kvc_seq_append(cache, seq, 1, 0, rows, 4) == KVC_OK && kvc_seq_append(cache, seq, 2, 0, rows, 4) == KVC_OK);
+  CHECK(kvc_step_commit(cache, epoch) == KVC_OK);
+  kvc_step_plan_destroy(plan);
+  CHECK(kvc_step_plan_create(cache, &seq, &four, 1, &plan) == KVC_OK && kvc_step_plan_epoch(plan, &epoch) == KVC_OK);
+  CHECK(kvc_seq_append(cache, seq, 0, 4, rows, 4) == KVC_OK);
+  CHECK(kvc_step_abort(cache, epoch) == KVC_OK);
+  CHECK(kvc_seq_length(cache, seq, 0, &length) == KVC_OK && length == 4);
+  kvc_step_plan_destroy(plan);
+  kvc_step_plan_destroy(NULL);
+  kvc_cache_destroy(cache);
+}
+
+/* Prefix caching in page-manager mode from C (ids only, no memory): the
+ * copies a publish and a restore list, and the buffer protocol. */
+static void TestPrefixPages(void) {
+  kvc_options options;
+  kvc_options_default(&options);
+  options.page_manager = 1;
+  options.draft_slots = 16;
+  options.rows_per_page = 8;
+  options.prefix_block_tokens = 128;
+  kvc_cache* cache = NULL;
+  CHECK(kvc_cache_create_from_config(kConfig, strlen(kConfig), &options, &cache) == KVC_OK);
+  if (cache == NULL) return;
+  kvc_seq seq = 0;
+  CHECK(kvc_seq_create(cache, &seq) == KVC_OK);
+  const int64_t tokens = 128;
+  kvc_step_plan* plan = NULL;
+  uint64_t epoch = 0;
+  CHECK(kvc_step_plan_create(cache, &seq, &tokens, 1, &plan) == KVC_OK && kvc_step_plan_epoch(plan, &epoch) == KVC_OK);
+  CHECK(kvc_step_commit(cache, epoch) == KVC_OK); /* the engine wrote the rows */
+  CHECK(kvc_steps_complete(cache, epoch, NULL) == KVC_OK);
+  kvc_step_plan_destroy(plan);
+
+  const uint64_t hashes[] = {0x51, 0x52};
+  /* (16 + 16) / 8 = 4 ring pages, the CSA main and indexer states. */
+  enum { kCopies = 6 };
+  kvc_page_copy copies[kCopies];
+  int64_t count = -1;
+  CHECK(kvc_prefix_publish(cache, seq, hashes, 1) == KVC_ERR_FAILED_PRECONDITION);
+  CHECK(kvc_prefix_publish_pages(cache, seq, hashes, 1, copies, 2, &count) == KVC_ERR_OUT_OF_RANGE && count == kCopies);
+  CHECK(kvc_prefix_publish_pages(cache, seq, hashes, 1, NULL, 2, &count) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_prefix_publish_pages(cache, seq, hashes, 1, copies, kCopies, &count) == KVC_OK && count == kCopies);
+  int32_t ring[4];
+  int64_t ring_count = 0;
+  CHECK(kvc_seq_block_table(cache, seq, KVC_STREAM_WINDOW, ring, 4, &ring_count) == KVC_OK && ring_count == 4);
+  for (int i = 0; i < 4; ++i) CHECK(copies[i].stream == KVC_STREAM_WINDOW && copies[i].src == ring[i] && copies[i].dst != ring[i]);
+  CHECK(copies[4].stream == KVC_STREAM_CSA_STATE && copies[5].stream == KVC_STREAM_CSA_INDEXER_STATE);
+  const int32_t checkpoint_ring0 = copies[0].dst;
+  /* Published again: nothing to copy. */
+  CHECK(kvc_prefix_publish_pages(cache, seq, hashes, 1, copies, kCopies, &count) == KVC_OK && count == 0);
+
+  kvc_seq reused = 0;
+  int64_t restored = -1;
+  CHECK(kvc_seq_create_from_prefix(cache, hashes, 2, &reused, &restored) == KVC_ERR_FAILED_PRECONDITION);
+  CHECK(kvc_seq_create_from_prefix_pages(cache, hashes, 2, &reused, &restored, copies, 1, &count) ==
+        KVC_ERR_OUT_OF_RANGE && count == kCopies);
+  CHECK(kvc_seq_create_from_prefix_pages(cache, hashes, 2, &reused, &restored, copies, kCopies, &count) == KVC_OK);
+  CHECK(restored == 128 && count == kCopies && copies[0].src == checkpoint_ring0);
+  CHECK(kvc_seq_block_table(cache, reused, KVC_STREAM_WINDOW, ring, 4, &ring_count) == KVC_OK);
+  CHECK(copies[0].dst == ring[0] && copies[3].dst == ring[3]);
+  int64_t length = -1;
+  CHECK(kvc_seq_length(cache, reused, 2, &length) == KVC_OK && length == 128);
+  /* A miss lists nothing. */
+  const uint64_t other = 0x99;
+  kvc_seq empty = 0;
+  CHECK(kvc_seq_create_from_prefix_pages(cache, &other, 1, &empty, &restored, copies, kCopies, &count) == KVC_OK);
+  CHECK(restored == 0 && count == 0);
+  kvc_cache_destroy(cache);
+}
+
 int main(void) {
   TestParams();
   TestPrefix();
+  TestPrefixPages();
   TestPages();
   TestEngineArrays();
+  TestSteps();
   kvc_options options;
   kvc_options_default(&options);
   CHECK(options.rollback_depth == 16);

@@ -22,6 +22,7 @@
 #include "gtest/gtest.h"
 #include "kvc/cache.h"
 #include "src/cache_internal.h"
+#include "tests/testing/engine_writer.h"
 #include "tests/testing/tiny_model.h"
 
 namespace kvc {
@@ -584,6 +585,165 @@ TEST_F(PrefixCacheTest, ARestoredSequencePublishesItsLongerPrefix) {
   ASSERT_TRUE(GrowTo(model_, *cache_, again.seq, a, 4 * kB + 3).ok());
   ASSERT_TRUE(GrowTo(model_, *cache_, fresh, a, 4 * kB + 3).ok());
   EXPECT_EQ(testing::ObservableBytes(*cache_, again.seq), testing::ObservableBytes(*cache_, fresh));
+}
+
+// A publish is refused while the sequence is in an open step (its layers
+// may be half written).
+TEST_F(PrefixCacheTest, APublishWaitsForTheOpenStep) {
+  const Script a = {{INT64_MAX, 1}};
+  const SequenceId seq = Grown(a, kB);
+  const absl::StatusOr<StepPlan> plan = cache_->PlanStep({{seq, 3}});
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  const absl::Status s = cache_->PublishPrefix(seq, Chain(a, 1));
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("open step"));
+  ASSERT_TRUE(cache_->AbortStep(plan->epoch).ok());
+  EXPECT_TRUE(cache_->PublishPrefix(seq, Chain(a, 1)).ok());
+}
+
+// --- Page-manager mode -----------------------------------------------------------
+
+using testing::EngineCopy;
+using testing::EngineMemory;
+using testing::EngineWrite;
+
+// The rows a sequence holds, read through block tables and page arrays
+// alone (what an engine kernel reads): per layer its length, the ring slots
+// of its last `window` positions, every history row, and the compressor
+// state rows of the tokens in [from, length) the state ring holds.
+std::string HeldRows(const Cache& cache, SequenceId seq, int64_t from) {
+  std::string out;
+  auto put = [&](const void* p, size_t n) { out.append(static_cast<const char*>(p), n); };
+  const int64_t window = cache.spec().window, ring = window + cache.options().draft_slots;
+  for (int layer = 0; layer < static_cast<int>(cache.spec().layers.size()); ++layer) {
+    const int64_t length = *cache.Length(seq, layer);
+    put(&length, sizeof(length));
+    for (int s = 0; s < kNumStreams; ++s) {
+      const Stream stream = static_cast<Stream>(s);
+      const absl::StatusOr<PageArray> a = cache.LayerPages(layer, stream);
+      if (!a.ok()) continue;
+      const std::vector<int32_t> ids = *cache.BlockTable(seq, stream);
+      auto put_row = [&](int64_t r) {
+        const uint8_t* page = a->base + int64_t{ids[static_cast<size_t>(r / a->rows_per_page)]} * a->page_bytes;
+        put(page + r % a->rows_per_page * a->row_data_bytes, static_cast<size_t>(a->row_data_bytes));
+        put(page + int64_t{a->rows_per_page} * a->row_data_bytes + r % a->rows_per_page * a->row_scale_bytes,
+            static_cast<size_t>(a->row_scale_bytes));
+      };
+      if (stream == Stream::kWindow) {
+        for (int64_t t = std::max<int64_t>(0, length - window); t < length; ++t) put_row(t % ring);
+      } else if (s >= static_cast<int>(Stream::kCsaState)) {
+        for (int64_t t = std::max(from, length - a->rows_per_page); t < length; ++t) put_row(t % a->rows_per_page);
+      } else {
+        const int64_t rows = *cache.StreamRows(seq, layer, stream);
+        for (int64_t r = 0; r < rows; ++r) put_row(r);
+      }
+    }
+  }
+  return out;
+}
+
+// kvc writing its own bytes and an engine in page-manager mode writing
+// through the plans' slots and making the copies kvc lists (the checkpoint
+// on publish, its restore on reuse) hold the same rows at every point, and
+// the restored sequences hold those of a sequence that appended everything.
+TEST(PrefixCachePageManager, AnEngineMakingTheListedCopiesRestoresKvcsBytes) {
+  const TinyModel model;
+  CacheOptions o;
+  o.rollback_depth = 4;
+  o.draft_slots = 4;
+  o.rows_per_page = 8;
+  o.keys_per_page = 8;
+  o.prefix_block_tokens = static_cast<int32_t>(kB);
+  EngineMemory kvc_memory(model.spec(), o, 128), engine_memory(model.spec(), o, 128);
+  CacheOptions ko = o, eo = o;
+  ko.engine_arrays = kvc_memory.arrays;
+  eo.engine_arrays = engine_memory.arrays;
+  eo.page_manager = true;
+  std::unique_ptr<Cache> kvc = *Cache::Create(model.spec(), ko), engine = *Cache::Create(model.spec(), eo);
+  auto step = [&](SequenceId seq, int64_t n, uint64_t seed) {
+    const absl::StatusOr<StepPlan> a = kvc->PlanStep({{seq, n}});
+    const absl::StatusOr<StepPlan> b = engine->PlanStep({{seq, n}});
+    ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
+    EngineCopy(*engine, b->copies);
+    for (int layer = 0; layer < 3; ++layer) {
+      ASSERT_TRUE(model.AppendLayer(*kvc, seq, layer, a->first_position[0], n, seed).ok());
+      EngineWrite(*engine, model, *b, 0, layer, seed);
+    }
+    ASSERT_TRUE(kvc->CommitStep(a->epoch).ok());
+    ASSERT_TRUE(engine->CommitStep(b->epoch).ok());
+    ASSERT_TRUE(engine->CompleteSteps(b->epoch).ok());  // the "device" is done
+  };
+  auto create = [&] {
+    const SequenceId a = *kvc->CreateSequence(), b = *engine->CreateSequence();
+    EXPECT_EQ(a, b);
+    return a;
+  };
+  auto publish = [&](SequenceId seq, const std::vector<uint64_t>& chain) {
+    ASSERT_TRUE(kvc->PublishPrefix(seq, chain).ok());
+    std::vector<PageCopy> copies;
+    ASSERT_TRUE(engine->PublishPrefix(seq, chain, &copies).ok());
+    EXPECT_FALSE(copies.empty());
+    for (const PageCopy& c : copies) EXPECT_TRUE(c.stream == Stream::kWindow || c.stream == Stream::kCsaState ||
+                                                 c.stream == Stream::kCsaIndexerState);
+    EngineCopy(*engine, copies);
+  };
+  auto restore = [&](const std::vector<uint64_t>& chain, int64_t tokens) {
+    const Cache::PrefixMatch a = *kvc->CreateSequenceFromPrefix(chain);
+    std::vector<PageCopy> copies;
+    const Cache::PrefixMatch b = *engine->CreateSequenceFromPrefix(chain, &copies);
+    EXPECT_EQ(a.seq, b.seq);
+    EXPECT_EQ(a.tokens, tokens);
+    EXPECT_EQ(b.tokens, tokens);
+    EngineCopy(*engine, copies);
+    return a.seq;
+  };
+
+  const std::vector<uint64_t> chain = {0xA1, 0xA2}, passed = {0xB1}, too_far = {0xC1};
+  const SequenceId p = create();
+  step(p, 60, 1);
+  step(p, 68, 1);  // 1 block
+  publish(p, {chain[0]});
+  EXPECT_EQ(engine->PublishPrefix(p, {chain[0]}).code(), absl::StatusCode::kFailedPrecondition);  // copies would be lost
+  EXPECT_EQ(engine->CreateSequenceFromPrefix(chain).status().code(), absl::StatusCode::kFailedPrecondition);
+  step(p, 1, 2);
+  step(p, 30, 2);  // writes into pages the prefix shares: copied on write
+  // Passed by 3 <= rollback_depth: still possible; by 5: refused in both modes.
+  const SequenceId q = create();
+  step(q, 131, 3);
+  publish(q, passed);
+  const SequenceId r = create();
+  step(r, 133, 5);
+  std::vector<PageCopy> copies;
+  EXPECT_EQ(kvc->PublishPrefix(r, too_far).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(engine->PublishPrefix(r, too_far, &copies).code(), absl::StatusCode::kFailedPrecondition);
+  for (const SequenceId s : {p, q, r}) {
+    ASSERT_TRUE(kvc->Free(s).ok());
+    ASSERT_TRUE(engine->Free(s).ok());
+  }
+
+  // Reuse both prefixes and grow past an HCA window; the reference appends
+  // everything itself in kvc's cache.
+  for (const auto& [prefix, seed] : {std::make_pair(std::vector<uint64_t>{chain[0], chain[1]}, uint64_t{1}),
+                                     std::make_pair(passed, uint64_t{3})}) {
+    const SequenceId reused = restore(prefix, kB);
+    const SequenceId fresh = create();  // in both, so that both hand out the same ids
+    ASSERT_TRUE(model.Grow(*kvc, fresh, kB, seed).ok());
+    EXPECT_EQ(HeldRows(*kvc, reused, kB), HeldRows(*engine, reused, kB));
+    EXPECT_EQ(HeldRows(*kvc, reused, kB), HeldRows(*kvc, fresh, kB));
+    int64_t length = kB;
+    for (const int64_t n : {1, 3, 40, 100, 30}) {
+      step(reused, n, 9);
+      ASSERT_TRUE(model.Grow(*kvc, fresh, length + n, 9, n).ok());
+      length += n;
+      EXPECT_EQ(HeldRows(*kvc, reused, kB), HeldRows(*engine, reused, kB)) << "at " << length;
+      EXPECT_EQ(HeldRows(*kvc, reused, kB), HeldRows(*kvc, fresh, kB)) << "at " << length;
+    }
+    ASSERT_TRUE(kvc->Free(fresh).ok());
+    ASSERT_TRUE(engine->Free(fresh).ok());
+  }
+  EXPECT_EQ(kvc->Usage().prefix.hits, 2);
+  EXPECT_EQ(engine->Usage().prefix.hits, 2);
+  EXPECT_EQ(kvc->Usage().prefix.cached_bytes, engine->Usage().prefix.cached_bytes);
 }
 
 // --- Page references against a reference model --------------------------------

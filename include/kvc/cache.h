@@ -3,7 +3,8 @@
 // its layer kind (spec §1), stored in pages whose bytes are the engines'
 // layout (docs/layout.md):
 //
-//   window ring        W rows of 584 B, slot = position mod W       (state)
+//   window ring        R = W + draft_slots rows of 584 B,
+//                      slot = position mod R                        (state)
 //   rollback rows      the last D ring rows overwritten, to undo    (state)
 //   compressor state   projections of the open windows, fp32        (state)
 //   compressed rows    one 584-byte row per m tokens (CSA, HCA)     (history)
@@ -52,16 +53,26 @@
 namespace kvc {
 
 // The page streams an engine addresses. Stable numbering (the C API's
-// KVC_STREAM_*). Every layer has kWindow; CSA layers kCsaRows and kCsaKeys;
-// HCA layers kHcaRows. (Rollback records and compressor state are internal
-// streams of the same kind, not addressable.)
+// KVC_STREAM_*). Every layer has kWindow; CSA layers kCsaRows, kCsaKeys,
+// kCsaState and kCsaIndexerState; HCA layers kHcaRows and kHcaState.
+// (Rollback records are internal, and absent in page-manager mode.)
 enum class Stream : int32_t {
-  kWindow = 0,   // the window ring: 584-byte rows, slot = position mod window
+  kWindow = 0,   // the window ring: 584-byte rows, slot = position mod (window + draft_slots)
   kCsaRows = 1,  // CSA compressed entries: 584-byte rows
   kCsaKeys = 2,  // CSA index keys: 68-byte FP4 keys
   kHcaRows = 3,  // HCA compressed entries: 584-byte rows
+  // Compressor state: one page per sequence, a ring of token rows (slot =
+  // position mod rows_per_page = the compressor's span + rollback_depth),
+  // each 2 x width fp32: the token's kv projection, then score + ape
+  // (width 1024 CSA main, 256 CSA indexer, 512 HCA). What the open windows
+  // need; an engine that compresses on its own device writes them.
+  kCsaState = 4,
+  kCsaIndexerState = 5,
+  kHcaState = 6,
 };
-constexpr int kNumStreams = 4;
+constexpr int kNumStreams = 7;
+
+using SequenceId = int64_t;
 const char* StreamName(Stream stream);
 
 // One (layer, stream) array of equal pages, non-owning: page b at
@@ -86,7 +97,16 @@ struct StreamGeometry {
   int32_t row_data_bytes = 0;
   int32_t row_scale_bytes = 0;
   std::vector<int32_t> layers;  // the layers that have the stream, ascending; empty: none
+  // kWindow: the rows of one sequence's ring, window + draft_slots, held in
+  // ceil(ring_slots / rows_per_page) pages per sequence. 0 for the others.
+  int64_t ring_slots = 0;
 };
+
+// The most draft slots a cache may have (CacheOptions::draft_slots): a
+// prefill chunk of up to this many tokens, or any verify step, finds every
+// window row of its positions in the ring. Each slot costs 584 B per layer
+// per sequence (4096: 2.3 MiB per layer).
+constexpr int32_t kMaxDraftSlots = 4096;
 
 // Engine memory for one (layer, stream) array: page b at
 // bytes.data() + b x page_bytes; num_pages = bytes.size() / page_bytes.
@@ -105,16 +125,37 @@ struct CacheOptions {
   int64_t history_bytes = int64_t{8} << 30;  // compressed rows + index keys
   int64_t state_bytes = int64_t{1} << 30;    // window rings, rollback rows, compressor state
   // Engine memory for the page arrays instead of kvc's, all or none per
-  // class: every (layer, kWindow) array, and/or every (layer, kCsaRows /
-  // kCsaKeys / kHcaRows) array of the model. All arrays of a stream must
-  // hold the same number of pages; the budgets above still apply. Rollback
-  // records and compressor state are always kvc's.
+  // group: every (layer, kWindow) array, and/or every (layer, kCsaRows /
+  // kCsaKeys / kHcaRows) array, and/or every compressor state array of the
+  // model. All arrays of a stream must hold the same number of pages; the
+  // budgets above still apply. Rollback records are always kvc's.
   std::vector<EngineArray> engine_arrays;
+  // Page-manager mode: kvc keeps page ids, block tables, refcounts,
+  // fork/copy-on-write, rollback and accounting, and never reads or writes a
+  // page byte: the engine writes every row through the slots a StepPlan
+  // returns and makes the page copies kvc lists (PlanStep, Fork). The
+  // arrays may be device memory (engine_arrays: kvc records the addresses
+  // and never dereferences them) or absent (LayerPages then has a null
+  // base). Rollback needs no records: requires draft_slots >=
+  // rollback_depth, so the ring still holds what a truncation needs. Calls
+  // that would touch bytes (Append*, AppendRows, Window, ReadWindow,
+  // CompressedRows, IndexKeys, CSA selection, snapshots) are refused with
+  // kFailedPrecondition; HCA and window selection return indices only.
+  // Page frees wait for CompleteSteps (see PlanStep).
+  bool page_manager = false;
   // Tokens a sequence can always be rolled back by (speculative decoding
   // needs <= 16). Costs per layer: D * 592 B of rollback records (a 584-byte
   // row and an 8-byte position each, rounded up to 64 B), plus D token
   // rows of compressor state (8 KiB CSA + 2 KiB CSA indexer, 4 KiB HCA).
   int32_t rollback_depth = 16;
+  // Extra window ring slots, in [0, kMaxDraftSlots]: the ring holds
+  // R = window + draft_slots rows, slot = position mod R, so the window rows
+  // of the last R positions stay in it. A step that appends k tokens and
+  // then selects for all k positions (SelectAttentionSets: an MTP verify
+  // step, a prefill chunk) finds every window row it needs in the ring when
+  // k <= draft_slots + 1. 0: the official 128-slot ring, byte for byte.
+  // Costs draft_slots x 584 B per layer per sequence (state class).
+  int32_t draft_slots = 0;
   int32_t rows_per_page = 64;  // 584-byte rows per page (window ring and compressed rows)
   int32_t keys_per_page = 64;  // 68-byte index keys per page
 
@@ -131,6 +172,53 @@ struct CacheOptions {
   int64_t prefix_bytes = int64_t{1} << 30;
 };
 
+// A page copy the engine must make in page-manager mode: page `src` onto
+// page `dst` of `stream`, in every layer's array of the stream.
+struct PageCopy {
+  Stream stream = Stream::kWindow;
+  int32_t src = 0;
+  int32_t dst = 0;
+  bool operator==(const PageCopy& o) const { return stream == o.stream && src == o.src && dst == o.dst; }
+};
+
+// --- Planned batch steps ---------------------------------------------------
+
+// One sequence of a step: `new_tokens` (>= 1) tokens appended to every
+// layer, at positions [Length, Length + new_tokens).
+struct StepRequest {
+  SequenceId seq = 0;
+  int64_t new_tokens = 0;
+};
+
+// Rows a step writes in one stream, by sequence (vLLM's slot_mapping): the
+// rows of request b are slots[indptr[b] .. indptr[b + 1]), each a row index
+// into every layer's array of the stream: page id x rows_per_page + offset
+// (docs/layout.md). -1: nothing to write (a later row of the same step
+// takes that slot, so only the last write of a slot is listed). Per stream:
+//   kWindow            one per new token (position p at ring slot p mod ring)
+//   kCsaRows, kHcaRows one per compressed entry the step closes, ascending
+//   kCsaKeys           one per index key the step closes
+//   state streams      one per new token (position p at p mod capacity)
+struct StepSlots {
+  std::vector<int32_t> indptr;  // batch + 1 (empty when the model lacks the stream)
+  std::vector<int64_t> slots;
+};
+
+struct StepPlan {
+  uint64_t epoch = 0;                 // the step's id: increasing, never reused
+  std::vector<SequenceId> seqs;       // the requests' sequences, in order
+  std::vector<int64_t> first_position;  // each sequence's length when planned
+  std::vector<int64_t> new_tokens;
+  StepSlots slots[kNumStreams];       // indexed by Stream
+  // Page-manager mode: copies to make before any write of the step (copy-
+  // on-write of a shared page the step writes into, and checkpoints of a
+  // long step's ring and state pages); and the copies that undo the writes
+  // if the step is aborted after the engine wrote (the checkpoints back).
+  // Empty in kvc's own mode, where kvc copies.
+  std::vector<PageCopy> copies;
+  std::vector<PageCopy> abort_copies;
+};
+
 // What memory is for. Stable numbering.
 enum class Component : uint8_t {
   kWindowRing = 0,        // ring pages and rollback rows
@@ -143,7 +231,8 @@ const char* ComponentName(Component component);
 
 struct ComponentUsage {
   // Page ids in use x page_bytes x the layers of their stream, counted once
-  // however many sequences share them.
+  // however many sequences share them (ids waiting for CompleteSteps
+  // included: their pages may still be read).
   int64_t used_bytes = 0;
   int64_t reserved_bytes = 0;  // the same for every id ever handed out (in use + free lists)
   int64_t pages = 0;           // pages in use: ids x layers
@@ -175,6 +264,10 @@ struct CacheUsage {
   int64_t history_limit_bytes = 0;
   int64_t state_limit_bytes = 0;
   int64_t sequences = 0;
+  int64_t open_steps = 0;       // planned, neither committed nor aborted
+  int64_t deferred_pages = 0;   // page ids waiting for CompleteSteps (page-manager mode)
+  uint64_t epoch = 0;           // the last step planned
+  uint64_t completed_epoch = 0; // the last epoch CompleteSteps was given
   int64_t used_bytes() const;
   int64_t reserved_bytes() const;
 };
@@ -184,8 +277,6 @@ struct SequenceUsage {
   int64_t shared_bytes = 0;            // of which also referenced by another sequence
   int64_t total_bytes() const;
 };
-
-using SequenceId = int64_t;
 
 // What the engine hands in for `n` consecutive tokens of one layer (spec §2).
 // The projections are required on CSA and HCA layers whose ModelSpec carries
@@ -211,14 +302,17 @@ struct HistoryView {
   int64_t rows = 0;
 };
 
-// Zero-copy view of one layer's window ring: slot s (= position mod window)
-// is row s % rows_per_page of pages[s / rows_per_page]; pages are in the
-// engines' footer layout. Slots never written read as zero.
+// Zero-copy view of one layer's window ring: slot s (= position mod
+// ring_slots) is row s % rows_per_page of pages[s / rows_per_page]; pages
+// are in the engines' footer layout. The ring holds positions
+// [max(0, length - ring_slots), length); slots never written read as zero.
+// With draft_slots = 0, ring_slots == window: the official ring.
 struct WindowRingView {
   std::vector<ConstPackedRows> pages;
   int32_t rows_per_page = 0;
   int32_t window = 0;
-  int64_t length = 0;  // tokens appended to this layer
+  int64_t length = 0;      // tokens appended to this layer
+  int64_t ring_slots = 0;  // window + draft_slots
 };
 
 // One stored 584-byte row, zero-copy: its 576 data bytes and 8 scale bytes
@@ -231,15 +325,17 @@ struct RowRef {
 // What the query at a layer's last position attends to (spec §3, Selection).
 struct AttentionSet {
   int64_t position = 0;  // the query's position: the layer's last token
-  // Official index space: window ring slots [0, window), then window + j for
-  // compressed entry j. Window positions first (oldest first), then entries
-  // in ascending order.
+  // Official index space: window slots [0, window) (position p at p mod
+  // window, whatever draft_slots is), then window + j for compressed entry
+  // j. Window positions first (oldest first), then entries in ascending
+  // order.
   std::vector<int32_t> indices;
   std::vector<RowRef> rows;  // the stored rows, in the same order
   // The same rows as indices into the layer's page arrays (what a sparse
   // kernel takes: block_id x rows_per_page + offset):
   // window_indices[i] = ids[s / B] x B + s % B for the i-th window position
-  // p (oldest first), s = p mod window, ids = BlockTable(seq, kWindow),
+  // p (oldest first), s = p mod ring_slots (the real ring slot: p mod
+  // (window + draft_slots)), ids = BlockTable(seq, kWindow),
   // B = its rows_per_page; compressed_indices[k] = ids[j / B] x B + j % B
   // for the k-th selected entry j, ids = BlockTable(seq, kCsaRows or
   // kHcaRows). So row window_indices[i] of the window array is rows[i], and
@@ -339,15 +435,58 @@ class Cache {
   // (kFailedPrecondition otherwise, with the floor).
   absl::Status Truncate(SequenceId seq, int64_t length);
 
-  // Releases the sequence's pages. Its id is never reused.
+  // The same; in page-manager mode *engine_copies receives the page copies
+  // the engine must make (the child's ring and state pages from the
+  // parent's) before it reads or writes the child.
+  absl::StatusOr<SequenceId> Fork(SequenceId seq, std::vector<PageCopy>* engine_copies);
+
+  // Releases the sequence's pages. Its id is never reused. Refused
+  // (kFailedPrecondition) while the sequence is in an open step.
   absl::Status Free(SequenceId seq);
+
+  // --- Planned batch steps (docs/embedding.md) -----------------------------
+  //
+  // PlanStep reserves, for every sequence of the batch and every layer,
+  // every page the step writes: new history pages, a private copy of a
+  // shared page it writes into, and for a step longer than rollback_depth a
+  // checkpoint of the sequence's ring and state pages (so an abort can undo
+  // it). All or nothing: kResourceExhausted naming the stream, and nothing
+  // changes. Each sequence must exist, be in no open step, hold the same
+  // length in every layer and stay within max_context; each at most once.
+  // The block tables then already cover the step's rows.
+  //
+  // Then the step's rows are written: by Append (kvc's mode; layer by layer,
+  // each within the planned tokens; Append allocates nothing), or by the
+  // engine through plan.slots (page-manager mode, after plan.copies). Then
+  // CommitStep (every layer of every sequence advanced by its new_tokens;
+  // kvc's mode checks it) or AbortStep (every sequence back to its planned
+  // length, every row and byte as it was -- in page-manager mode after the
+  // engine made plan.abort_copies, if it wrote; the rollback floor may rise
+  // as after an append and truncate). Truncate, Fork and Free of a sequence
+  // in an open step are refused.
+  //
+  // Epochs: plan.epoch numbers steps. In page-manager mode a page whose last
+  // reference goes (Free, Truncate, a replaced copy-on-write page, a
+  // checkpoint) while a step up to the current epoch may still run on the
+  // device is not reused until CompleteSteps(epoch) says the device
+  // finished every step up to `epoch` (it stays counted as used); call it
+  // when the step's kernels are done (e.g. after its CUDA event). In kvc's
+  // mode pages are reusable at once and CompleteSteps is a no-op.
+  absl::StatusOr<StepPlan> PlanStep(absl::Span<const StepRequest> batch);
+  absl::Status CommitStep(uint64_t epoch);
+  absl::Status AbortStep(uint64_t epoch);
+  // Returns the number of page ids that became reusable.
+  absl::StatusOr<int64_t> CompleteSteps(uint64_t epoch);
 
   absl::StatusOr<int64_t> Length(SequenceId seq, int layer) const;
   // The smallest length Truncate(seq, ...) accepts.
   absl::StatusOr<int64_t> RollbackFloor(SequenceId seq) const;
 
-  // The window ring of `layer` dequantized into `out` (window x 512 bf16, in
-  // slot order). Unwritten slots are zero.
+  // The official window of `layer` dequantized into `out` (window x 512
+  // bf16): the last `window` positions p, each in official slot p mod window
+  // (whatever draft_slots is); slots of positions < 0 are zero. With
+  // draft_slots = 0 this is the ring itself, in slot order. Window() views
+  // the whole ring (window + draft_slots slots).
   absl::Status ReadWindow(SequenceId seq, int layer, absl::Span<Bf16> out) const;
   absl::StatusOr<WindowRingView> Window(SequenceId seq, int layer) const;
 
@@ -389,8 +528,8 @@ class Cache {
   absl::StatusOr<PageArray> LayerPages(int layer, Stream stream) const;
 
   // The sequence's page ids of `stream` in row order, the same for every
-  // layer of the stream. kWindow: the ring's ceil(window / rows_per_page)
-  // pages (slot s in page ids[s / B]). History streams: the pages covering
+  // layer of the stream. kWindow: the ring's ceil(ring_slots / rows_per_page)
+  // pages (ring_slots = window + draft_slots; slot s in page ids[s / B]). History streams: the pages covering
   // the longest layer's rows (layers may differ mid-step). kNotFound when no
   // layer has the stream, or for an unknown sequence.
   absl::StatusOr<std::vector<int32_t>> BlockTable(SequenceId seq, Stream stream) const;
@@ -401,7 +540,7 @@ class Cache {
   absl::StatusOr<CsrBlockTables> BatchBlockTablesCsr(absl::Span<const SequenceId> seqs, Stream stream) const;
 
   // Rows `layer` of `seq` stores in `stream`: kWindow, the ring's valid
-  // slots, min(length, window); history streams, the rows appended (row r
+  // slots, min(length, window + draft_slots); history streams, the rows appended (row r
   // at BlockTable[r / B], offset r % B). kNotFound when the layer has no
   // such stream.
   absl::StatusOr<int64_t> StreamRows(SequenceId seq, int layer, Stream stream) const;
@@ -442,7 +581,17 @@ class Cache {
   // compressed rows or keys of the prefix. kResourceExhausted: the
   // checkpoint does not fit the prefix budget even when empty, or pages ran
   // out. kNotFound: unknown sequence.
+  // kFailedPrecondition in page-manager mode (use the next form) and while
+  // the sequence is in an open step.
   absl::Status PublishPrefix(SequenceId seq, absl::Span<const uint64_t> block_hashes);
+  // The same in either mode; in page-manager mode *engine_copies receives
+  // the checkpoint's page copies (the sequence's ring and CSA state pages
+  // onto the prefix's), which the engine makes before the sequence's next
+  // step writes (and before any copy a later restore of this prefix lists).
+  // There, a sequence that passed n x B is accepted while its ring and state
+  // rows still hold what n x B needs: ring_end - n x B <= rollback_depth.
+  absl::Status PublishPrefix(SequenceId seq, absl::Span<const uint64_t> block_hashes,
+                             std::vector<PageCopy>* engine_copies);
 
   struct PrefixMatch {
     SequenceId seq = 0;
@@ -460,7 +609,14 @@ class Cache {
   // Without a match, a new empty sequence. Counts a hit or a miss.
   // kResourceExhausted: the state budget cannot supply the new sequence's
   // pages, or the history budget the shared pages that only the cache held.
+  // kFailedPrecondition in page-manager mode (use the next form).
   absl::StatusOr<PrefixMatch> CreateSequenceFromPrefix(absl::Span<const uint64_t> block_hashes);
+  // The same in either mode; in page-manager mode *engine_copies receives the
+  // page copies that restore the checkpoint (the prefix's ring and CSA state
+  // pages onto the new sequence's), which the engine makes before it uses
+  // the sequence.
+  absl::StatusOr<PrefixMatch> CreateSequenceFromPrefix(absl::Span<const uint64_t> block_hashes,
+                                                       std::vector<PageCopy>* engine_copies);
   // What CreateSequenceFromPrefix would restore now (seq stays 0), without
   // creating or counting anything: for a scheduler.
   PrefixMatch LookupPrefix(absl::Span<const uint64_t> block_hashes) const;
