@@ -80,7 +80,9 @@ absl::StatusOr<StepPlan> Cache::PlanStep(absl::Span<const StepRequest> batch) {
       const std::vector<PageId>& table = seq.tables[static_cast<size_t>(s)];
       const int64_t end = (rows_after + h->per_page() - 1) / h->per_page();
       const int64_t have = static_cast<int64_t>(table.size());
-      for (int64_t page = least / h->per_page(); page < std::min(end, have); ++page) {
+      // Pages the step writes into: those holding rows [least, rows_after).
+      const int64_t first_written = rows_after > least ? least / h->per_page() : end;
+      for (int64_t page = first_written; page < std::min(end, have); ++page) {
         if (store.RefCount(s, table[static_cast<size_t>(page)]) > 1) p.cow[static_cast<size_t>(s)].push_back(static_cast<size_t>(page));
       }
       p.new_pages[static_cast<size_t>(s)] = std::max<int64_t>(0, end - have);

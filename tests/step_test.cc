@@ -380,5 +380,30 @@ TEST(Steps, PageFreesWaitForTheDeviceInPageManagerMode) {
   EXPECT_THAT(std::string(Cache::Create(model.spec(), o).status().message()), HasSubstr("draft_slots >= rollback_depth"));
 }
 
+TEST(Steps, OnlyPagesTheStepWritesIntoAreCopiedOnWrite) {
+  TinyModel model;
+  CacheOptions o = SmallOptions();
+  o.page_manager = true;
+  std::unique_ptr<Cache> cache = *Cache::Create(model.spec(), o);
+  const SequenceId a = *cache->CreateSequence();
+  const StepPlan grow = *cache->PlanStep({{a, 130}});  // 32 CSA entries, 1 HCA entry: partial pages
+  ASSERT_TRUE(cache->CommitStep(grow.epoch).ok());
+  std::vector<PageCopy> copies;
+  const SequenceId fork = *cache->Fork(a, &copies);
+  // 130 -> 131 closes no entry: the shared partial pages stay shared.
+  const StepPlan one = *cache->PlanStep({{fork, 1}});
+  EXPECT_TRUE(one.copies.empty()) << one.copies.size() << " copies; the first is of " << StreamName(one.copies[0].stream);
+  ASSERT_TRUE(cache->AbortStep(one.epoch).ok());
+  // 130 -> 132 closes CSA entry 32 (a new page: nothing to copy) ...
+  const StepPlan two = *cache->PlanStep({{fork, 2}});
+  EXPECT_TRUE(two.copies.empty());
+  ASSERT_TRUE(cache->CommitStep(two.epoch).ok());
+  // The parent's next entries (32, 33) start a page of its own; its shared
+  // HCA page is not written either.
+  const StepPlan four = *cache->PlanStep({{a, 6}});
+  for (const PageCopy& c : four.copies) EXPECT_NE(c.stream, Stream::kHcaRows);
+  ASSERT_TRUE(cache->CommitStep(four.epoch).ok());
+}
+
 }  // namespace
 }  // namespace kvc
