@@ -350,7 +350,7 @@ void PageStore::Unref(int s, PageId id) {
     Stream& st = streams_[static_cast<size_t>(s)];
     const size_t i = static_cast<size_t>(id);
     if (--st.refcount[i] == 0) {
-      Release(s, id, /*cache_only=*/false);
+      Release(s, id);
     } else if (st.refcount[i] == st.pins[i]) {
       ToCacheOnly(s);  // its last live reference went
       over_budget = prefix_used_[0] + prefix_used_[1] > prefix_limit_;
@@ -359,28 +359,22 @@ void PageStore::Unref(int s, PageId id) {
   if (over_budget && over_budget_hook_) over_budget_hook_();
 }
 
-void PageStore::Release(int s, PageId id, bool cache_only) {
+void PageStore::Release(int s, PageId id) {
   Stream& st = streams_[static_cast<size_t>(s)];
   if (page_manager_ && epoch_ > completed_epoch_) {  // a running step may still read it
     st.deferred.emplace_back(epoch_, id);             // capacity reserved when the id was created
-    // Counted where it was until CompleteSteps frees it (pins -1 marks a
-    // cache-only id: unreferenced ids otherwise have no pins).
-    if (cache_only) st.pins[static_cast<size_t>(id)] = -1;
-    return;
+    return;                                           // counted where it was (if anywhere) until CompleteSteps
   }
   Free(s, id);
 }
 
 void PageStore::Free(int s, PageId id) {
   Stream& st = streams_[static_cast<size_t>(s)];
-  const int c = static_cast<int>(st.spec.cls);
   int32_t& pins = st.pins[static_cast<size_t>(id)];
-  if (pins == -1) {  // cache-only when its last reference (a pin) went
-    pins = 0;
-    --st.cached;
-    prefix_used_[c] -= id_bytes(s);
+  if (pins == -1) {
+    pins = 0;  // an evicted prefix's page: it left the prefix budget when its last pin went
   } else {
-    used_[c] -= id_bytes(s);
+    used_[static_cast<int>(st.spec.cls)] -= id_bytes(s);
   }
   st.free.push_back(id);  // capacity reserved when the id was created
   --st.used;
@@ -417,8 +411,14 @@ void PageStore::Unpin(int s, PageId id) {
   --st.refcount[i];
   if (--st.pins[i] == 0) --st.pinned;
   if (st.refcount[i] == 0) {  // it was cache-only: its last reference was this pin
+    // It leaves the prefix budget now, even if a running step may still read
+    // it (page-manager mode; it is then reused only after CompleteSteps):
+    // the prefix is gone, and a publish must not wait for the device to
+    // find the room it made. pins -1 marks it counted in no budget.
+    --st.cached;
+    prefix_used_[static_cast<int>(st.spec.cls)] -= id_bytes(s);
     st.pins[i] = -1;
-    Release(s, id, /*cache_only=*/true);
+    Release(s, id);
   }
 }
 

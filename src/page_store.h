@@ -176,6 +176,7 @@ class PageStore {
   // Bytes of cache-only ids, all streams; and of one class.
   int64_t prefix_used() const;
   int64_t prefix_used(StreamClass c) const;
+
   // Copies page `from` onto page `to` in every layer of stream s; in
   // page-manager mode appends the copy to *engine_copies instead (the engine
   // makes it; required non-null there).
@@ -224,9 +225,9 @@ class PageStore {
   void ToCacheOnly(int s);
   void ToLive(int s);
   // An id's last reference went: free it now, or when the steps that may
-  // read it complete (page-manager mode). cache_only: it counts against the
-  // prefix budget until then.
-  void Release(int s, PageId id, bool cache_only);
+  // read it complete (page-manager mode; it stays counted in its class
+  // budget until then, unless it was a cached prefix's: pins -1).
+  void Release(int s, PageId id);
   void Free(int s, PageId id);
   PageStore() = default;
 

@@ -746,6 +746,52 @@ TEST(PrefixCachePageManager, AnEngineMakingTheListedCopiesRestoresKvcsBytes) {
   EXPECT_EQ(kvc->Usage().prefix.cached_bytes, engine->Usage().prefix.cached_bytes);
 }
 
+// Page-manager mode: an evicted checkpoint's pages wait for the device like
+// every freed page (they are reused only after CompleteSteps), but leave the
+// prefix budget at once, so a publish that evicts is not refused for room
+// the device still holds.
+TEST(PrefixCachePageManager, AnEvictedCheckpointWaitsForTheDeviceOutsideTheBudget) {
+  const TinyModel model;
+  CacheOptions o;
+  o.page_manager = true;
+  o.rollback_depth = 4;
+  o.draft_slots = 4;
+  o.rows_per_page = 8;
+  o.keys_per_page = 8;
+  o.prefix_block_tokens = static_cast<int32_t>(kB);
+  std::unique_ptr<Cache> probe = *Cache::Create(model.spec(), o);
+  o.prefix_bytes = PrefixAccess::CheckpointBytes(*probe);  // one checkpoint
+  std::unique_ptr<Cache> cache = *Cache::Create(model.spec(), o);
+  auto grown = [&](int64_t tokens) {
+    const SequenceId seq = *cache->CreateSequence();
+    const StepPlan plan = *cache->PlanStep({{seq, tokens}});  // the engine writes the rows
+    EXPECT_TRUE(cache->CommitStep(plan.epoch).ok());
+    EXPECT_TRUE(cache->CompleteSteps(plan.epoch).ok());
+    return seq;
+  };
+  const SequenceId a = grown(kB), b = grown(kB), c = grown(kB);
+  std::vector<PageCopy> copies;
+  ASSERT_TRUE(cache->PublishPrefix(a, {1}, &copies).ok());
+  const std::vector<int32_t> first = PrefixAccess::Entries(*cache)[0].tables[cache_internal::kWindowStream];
+  const int64_t deferred = cache->Usage().deferred_pages;
+  const StepPlan running = *cache->PlanStep({{a, 1}});  // a step the device may be running
+  ASSERT_TRUE(cache->PublishPrefix(b, {2}, &copies).ok());  // evicts prefix 1
+  CacheUsage u = cache->Usage();
+  EXPECT_EQ(u.prefix.evictions, 1);
+  EXPECT_EQ(u.prefix.checkpoint_bytes, o.prefix_bytes);  // prefix 2's alone
+  EXPECT_GT(u.deferred_pages, deferred);                  // prefix 1's wait
+  for (const int32_t id : PrefixAccess::Entries(*cache)[0].tables[cache_internal::kWindowStream]) {
+    EXPECT_EQ(std::count(first.begin(), first.end(), id), 0) << "a page the running step may read was reused";
+  }
+  ASSERT_TRUE(cache->PublishPrefix(c, {3}, &copies).ok());  // evicts prefix 2 while the step runs
+  EXPECT_EQ(cache->Usage().prefix.evictions, 2);
+  ASSERT_TRUE(cache->CommitStep(running.epoch).ok());
+  ASSERT_TRUE(cache->CompleteSteps(running.epoch).ok());
+  EXPECT_EQ(cache->Usage().deferred_pages, deferred);
+  EXPECT_EQ(cache->Usage().prefix.checkpoint_bytes, o.prefix_bytes);
+  EXPECT_EQ(cache->LookupPrefix({3}).tokens, kB);
+}
+
 // --- Page references against a reference model --------------------------------
 
 // Random operations (create, restore, grow, fork, truncate, publish, free)
