@@ -21,6 +21,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kvc/cache.h"
+#include "kvc/snapshot.h"
 #include "src/cache_internal.h"
 #include "tests/testing/engine_writer.h"
 #include "tests/testing/tiny_model.h"
@@ -599,6 +600,25 @@ TEST_F(PrefixCacheTest, APublishWaitsForTheOpenStep) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("open step"));
   ASSERT_TRUE(cache_->AbortStep(plan->epoch).ok());
   EXPECT_TRUE(cache_->PublishPrefix(seq, Chain(a, 1)).ok());
+}
+
+// A restored sequence saved to a snapshot and restored from it is the same
+// sequence: it continues like one that appended everything.
+TEST_F(PrefixCacheTest, ARestoredSequenceSurvivesASnapshot) {
+  const Script a = {{INT64_MAX, 1}};
+  Publish(a, 2);
+  const SequenceId reused = cache_->CreateSequenceFromPrefix(Chain(a, 2))->seq;
+  ASSERT_TRUE(GrowTo(model_, *cache_, reused, a, 2 * kB + 3).ok());
+  const std::string path = ::testing::TempDir() + "/prefix_restored.kvcsnap";
+  ASSERT_TRUE(SaveSnapshot(*cache_, {reused}, path).ok());
+  const absl::StatusOr<std::vector<SequenceId>> back = RestoreSnapshot(*cache_, path);
+  ASSERT_TRUE(back.ok()) << back.status();
+  ASSERT_EQ(back->size(), 1u);
+  EXPECT_EQ(testing::ObservableBytes(*cache_, (*back)[0]), testing::ObservableBytes(*cache_, reused));
+  const SequenceId fresh = Grown(a, 2 * kB + 3);
+  for (const SequenceId s : {(*back)[0], fresh}) ASSERT_TRUE(GrowTo(model_, *cache_, s, a, 3 * kB + 11).ok());
+  EXPECT_EQ(testing::ObservableBytes(*cache_, (*back)[0]), testing::ObservableBytes(*cache_, fresh));
+  std::remove(path.c_str());
 }
 
 // --- Page-manager mode -----------------------------------------------------------
