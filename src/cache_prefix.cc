@@ -18,7 +18,6 @@
 namespace kvc {
 
 using cache_internal::PrefixCache;
-using cache_internal::StreamClass;
 
 namespace {
 

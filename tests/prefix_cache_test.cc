@@ -800,7 +800,8 @@ TEST(PrefixCachePageManager, AnEvictedCheckpointWaitsForTheDeviceOutsideTheBudge
   EXPECT_EQ(u.prefix.evictions, 1);
   EXPECT_EQ(u.prefix.checkpoint_bytes, o.prefix_bytes);  // prefix 2's alone
   EXPECT_GT(u.deferred_pages, deferred);                  // prefix 1's wait
-  for (const int32_t id : PrefixAccess::Entries(*cache)[0].tables[cache_internal::kWindowStream]) {
+  const std::vector<int32_t> second = PrefixAccess::Entries(*cache)[0].tables[cache_internal::kWindowStream];
+  for (const int32_t id : second) {
     EXPECT_EQ(std::count(first.begin(), first.end(), id), 0) << "a page the running step may read was reused";
   }
   ASSERT_TRUE(cache->PublishPrefix(c, {3}, &copies).ok());  // evicts prefix 2 while the step runs
