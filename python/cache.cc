@@ -68,6 +68,12 @@ struct PyPositionSets {
   py::object window_offsets, window_positions, window_indices, compressed_offsets, entries, compressed_indices;
 };
 
+struct PyPrefixMatch {
+  kvc::SequenceId seq = 0;
+  int64_t tokens = 0;
+  int64_t shared_tokens = 0;
+};
+
 struct PyDenseTables {
   int64_t max_blocks = 0;
   py::object ids, blocks, rows;
@@ -86,6 +92,8 @@ struct OptionArgs {
   int32_t rows_per_page;
   int32_t keys_per_page;
   bool page_manager;
+  int64_t prefix_bytes;
+  int32_t prefix_block_tokens;
 };
 
 kvc::CacheOptions ToOptions(const OptionArgs& a) {
@@ -97,6 +105,8 @@ kvc::CacheOptions ToOptions(const OptionArgs& a) {
   o.rows_per_page = a.rows_per_page;
   o.keys_per_page = a.keys_per_page;
   o.page_manager = a.page_manager;
+  o.prefix_bytes = a.prefix_bytes;
+  o.prefix_block_tokens = a.prefix_block_tokens;
   return o;
 }
 
@@ -549,6 +559,23 @@ PyIndexQuery PrepareIndexQuery(PyCache& c, int64_t position, py::handle q_raw, p
   return out;
 }
 
+py::dict PrefixUsageDict(const kvc::PrefixUsage& u) {
+  py::dict d;
+  d["limit_bytes"] = u.limit_bytes;
+  d["cached_bytes"] = u.cached_bytes;
+  d["history_bytes"] = u.history_bytes;
+  d["checkpoint_bytes"] = u.checkpoint_bytes;
+  d["shared_bytes"] = u.shared_bytes;
+  d["prefixes"] = u.prefixes;
+  d["cached_tokens"] = u.cached_tokens;
+  d["hits"] = u.hits;
+  d["misses"] = u.misses;
+  d["tokens_reused"] = u.tokens_reused;
+  d["published"] = u.published;
+  d["evictions"] = u.evictions;
+  return d;
+}
+
 py::dict UsageDict(const kvc::CacheUsage& u) {
   py::dict components;
   for (int i = 0; i < kvc::kNumComponents; ++i) {
@@ -568,6 +595,7 @@ py::dict UsageDict(const kvc::CacheUsage& u) {
   d["deferred_pages"] = u.deferred_pages;
   d["epoch"] = u.epoch;
   d["completed_epoch"] = u.completed_epoch;
+  d["prefix"] = PrefixUsageDict(u.prefix);
   d["components"] = components;
   return d;
 }
@@ -627,6 +655,25 @@ py::object Fork(PyCache& c, kvc::SequenceId seq, bool return_copies) {
   return py::make_tuple(child, CopiesArray(copies));
 }
 
+PyPrefixMatch ToPy(const kvc::Cache::PrefixMatch& m) { return {m.seq, m.tokens, m.shared_tokens}; }
+
+py::object PublishPrefix(PyCache& c, kvc::SequenceId seq, const std::vector<uint64_t>& hashes, bool return_copies) {
+  if (!return_copies) {
+    Run([&] { return c.get().PublishPrefix(seq, hashes); });
+    return py::none();
+  }
+  std::vector<kvc::PageCopy> copies;
+  Run([&] { return c.get().PublishPrefix(seq, hashes, &copies); });
+  return CopiesArray(copies);
+}
+
+py::object CreateFromPrefix(PyCache& c, const std::vector<uint64_t>& hashes, bool return_copies) {
+  if (!return_copies) return py::cast(ToPy(Get([&] { return c.get().CreateSequenceFromPrefix(hashes); })));
+  std::vector<kvc::PageCopy> copies;
+  const kvc::Cache::PrefixMatch match = Get([&] { return c.get().CreateSequenceFromPrefix(hashes, &copies); });
+  return py::make_tuple(ToPy(match), CopiesArray(copies));
+}
+
 std::string Repr(PyCache& c) {
   const kvc::ModelSpec& spec = c.get().spec();
   return absl::StrCat("<kvc.Cache ", spec.name, ": ", spec.layers.size(), " layers, ", c.get().Usage().sequences,
@@ -641,7 +688,9 @@ std::string Repr(PyCache& c) {
       py::arg("draft_slots") = kvc::CacheOptions().draft_slots,                                              \
       py::arg("rows_per_page") = kvc::CacheOptions().rows_per_page,                                          \
       py::arg("keys_per_page") = kvc::CacheOptions().keys_per_page,                                          \
-      py::arg("page_manager") = kvc::CacheOptions().page_manager
+      py::arg("page_manager") = kvc::CacheOptions().page_manager,                                            \
+      py::arg("prefix_bytes") = kvc::CacheOptions().prefix_bytes,                                            \
+      py::arg("prefix_block_tokens") = kvc::CacheOptions().prefix_block_tokens
 
 }  // namespace
 
@@ -677,6 +726,17 @@ void BindCache(py::module_& m) {
       .def_readonly("entries", &PyPositionSets::entries, "int64: each query's compressed entries, ascending")
       .def_readonly("compressed_indices", &PyPositionSets::compressed_indices,
                     "int32 rows of the layer's STREAM_CSA_ROWS / STREAM_HCA_ROWS page array");
+
+  py::class_<PyPrefixMatch>(m, "PrefixMatch",
+                            "What a prefix lookup found (Cache.create_sequence_from_prefix, Cache.lookup_prefix).")
+      .def_readonly("seq", &PyPrefixMatch::seq, "the new sequence (0 from lookup_prefix)")
+      .def_readonly("tokens", &PyPrefixMatch::tokens, "the restored prefix's length, a multiple of prefix_block_tokens (0: none)")
+      .def_readonly("shared_tokens", &PyPrefixMatch::shared_tokens,
+                    "tokens of the longest run of leading blocks whose history the cache holds (>= tokens)")
+      .def("__repr__", [](const PyPrefixMatch& match) {
+        return absl::StrCat("PrefixMatch(seq=", match.seq, ", tokens=", match.tokens, ", shared_tokens=",
+                            match.shared_tokens, ")");
+      });
 
   py::class_<PyDenseTables>(m, "DenseBlockTables", "Block tables of a batch, dense (Cache.batch_block_tables).")
       .def_readonly("max_blocks", &PyDenseTables::max_blocks)
@@ -727,8 +787,9 @@ void BindCache(py::module_& m) {
                       "kvc::Cache: sequences of DeepSeek-V4 KV rows in the engines' page layout (docs/python.md).")
       .def(py::init([](const std::string& model, int64_t history_bytes, int64_t state_bytes, int32_t rollback_depth,
                        int32_t draft_slots, int32_t rows_per_page, int32_t keys_per_page, bool page_manager,
-                       py::handle params, py::handle engine_arrays) {
-             return MakeCache(kvc::ModelSpec::Preset(model), {history_bytes, state_bytes, rollback_depth, draft_slots, rows_per_page, keys_per_page, page_manager},
+                       int64_t prefix_bytes, int32_t prefix_block_tokens, py::handle params, py::handle engine_arrays) {
+             return MakeCache(kvc::ModelSpec::Preset(model), {history_bytes, state_bytes, rollback_depth, draft_slots, rows_per_page, keys_per_page, page_manager, prefix_bytes,
+                               prefix_block_tokens},
                               params, engine_arrays);
            }),
            py::arg("model"), py::kw_only(), KVC_PY_OPTION_ARGS, py::arg("params") = py::none(), py::arg("engine_arrays") = py::none(),
@@ -741,15 +802,16 @@ void BindCache(py::module_& m) {
       .def_static(
           "from_config",
           [](py::handle path, bool include_mtp, int64_t history_bytes, int64_t state_bytes, int32_t rollback_depth,
-             int32_t draft_slots, int32_t rows_per_page, int32_t keys_per_page, bool page_manager, py::handle params,
-             py::handle engine_arrays) {
+             int32_t draft_slots, int32_t rows_per_page, int32_t keys_per_page, bool page_manager, int64_t prefix_bytes,
+             int32_t prefix_block_tokens, py::handle params, py::handle engine_arrays) {
             absl::StatusOr<kvc::ModelSpec> spec;
             const std::string p = PathString(path);
             {
               py::gil_scoped_release release;
               spec = kvc::ModelSpec::FromHuggingFaceConfigFile(p, include_mtp);
             }
-            return MakeCache(std::move(spec), {history_bytes, state_bytes, rollback_depth, draft_slots, rows_per_page, keys_per_page, page_manager},
+            return MakeCache(std::move(spec), {history_bytes, state_bytes, rollback_depth, draft_slots, rows_per_page, keys_per_page, page_manager, prefix_bytes,
+                               prefix_block_tokens},
                              params, engine_arrays);
           },
           py::arg("path"), py::kw_only(), py::arg("include_mtp") = false, KVC_PY_OPTION_ARGS,
@@ -902,6 +964,29 @@ void BindCache(py::module_& m) {
            "The attention sets of positions [first, first + count) of the layer in one call (a verify step's drafts, a "
            "prefill chunk): a kvc.PositionSets of CSR index arrays. queries: one IndexQuery per position (each prepared "
            "at its position), required on CSA layers. Page-manager mode: window and HCA layers only.")
+      .def_property_readonly("prefix_block_tokens", [](PyCache& c) { return c.get().PrefixBlockTokens(); },
+                             "B: a prefix of n blocks is tokens [0, n x B)")
+      .def("publish_prefix", &PublishPrefix, py::arg("seq"), py::arg("block_hashes"), py::kw_only(),
+           py::arg("return_copies") = false,
+           "The first len(block_hashes) blocks of seq become reusable under the engine's chain hashes (hash i names "
+           "tokens [0, (i + 1) x B)), until evicted. return_copies=True (required in page-manager mode) returns the "
+           "checkpoint's page copies, int32 (n, 3), which the engine makes before the sequence's next step writes.")
+      .def("create_sequence_from_prefix", &CreateFromPrefix, py::arg("block_hashes"), py::kw_only(),
+           py::arg("return_copies") = false,
+           "A new sequence holding the longest published prefix of block_hashes (history shared, ring and compressor "
+           "state from its checkpoint), or an empty one: a kvc.PrefixMatch. return_copies=True (required in "
+           "page-manager mode) returns (match, copies): the page copies the engine makes before it uses the sequence.")
+      .def(
+          "lookup_prefix",
+          [](PyCache& c, const std::vector<uint64_t>& hashes) {
+            kvc::Cache::PrefixMatch match;
+            {
+              py::gil_scoped_release release;
+              match = c.get().LookupPrefix(hashes);
+            }
+            return ToPy(match);
+          },
+          py::arg("block_hashes"), "What create_sequence_from_prefix would restore now (seq 0); creates and counts nothing.")
       .def("index_scores", &IndexScores, py::arg("seq"), py::arg("layer"), py::arg("query"),
            "float32 index scores of every visible compressed entry of a CSA layer.")
       .def("usage", [](PyCache& c) { return UsageDict(c.get().Usage()); })
@@ -923,10 +1008,12 @@ void BindCache(py::module_& m) {
   m.def(
       "page_geometry",
       [](py::handle model, bool include_mtp, int64_t history_bytes, int64_t state_bytes, int32_t rollback_depth,
-         int32_t draft_slots, int32_t rows_per_page, int32_t keys_per_page, bool page_manager) {
+         int32_t draft_slots, int32_t rows_per_page, int32_t keys_per_page, bool page_manager, int64_t prefix_bytes,
+         int32_t prefix_block_tokens) {
         const kvc::ModelSpec spec = Value(SpecOf(model, include_mtp));
         const std::vector<kvc::StreamGeometry> geometry = Value(kvc::Cache::PageGeometry(
-            spec, ToOptions({history_bytes, state_bytes, rollback_depth, draft_slots, rows_per_page, keys_per_page, page_manager})));
+            spec, ToOptions({history_bytes, state_bytes, rollback_depth, draft_slots, rows_per_page, keys_per_page, page_manager, prefix_bytes,
+                               prefix_block_tokens})));
         py::list out;
         for (const kvc::StreamGeometry& g : geometry) out.append(GeometryDict(g));
         return out;

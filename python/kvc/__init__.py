@@ -40,6 +40,7 @@ from ._kvc import (  # noqa: F401  (the public names)
     Error,
     IndexQuery,
     PositionSets,
+    PrefixMatch,
     StepPlan,
     StepSlots,
     dequantize_index_keys,

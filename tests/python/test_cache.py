@@ -591,3 +591,53 @@ def test_select_positions_of_a_chunk(tiny_config, first_tokens, chunk):
     with pytest.raises(kvc.Error) as error:
         cache.select_positions(seq, WINDOW_LAYER, first, chunk + 1)  # past the layer's tokens
     assert error.value.code == "OUT_OF_RANGE"
+
+
+def all_rows(cache, seq):
+    """Every stored row of every (layer, stream) of seq, through page arrays and block tables."""
+    return {(layer, stream): read_stream_through_pages(cache, seq, layer, stream)
+            for layer, stream in [(0, kvc.STREAM_WINDOW), (1, kvc.STREAM_WINDOW), (2, kvc.STREAM_WINDOW),
+                                  (1, kvc.STREAM_CSA_ROWS), (1, kvc.STREAM_CSA_KEYS), (2, kvc.STREAM_HCA_ROWS)]}
+
+
+def test_prefix_caching(tiny_config):
+    from conftest import tiny_params
+    cache = kvc.Cache.from_config(tiny_config, params=tiny_params(seed=3), prefix_block_tokens=128)
+    assert cache.prefix_block_tokens == 128
+    rng = np.random.default_rng(24)
+    inputs = [layer_inputs(cache, layer, 256, rng) for layer in range(3)]  # the shared prompt
+    more = [layer_inputs(cache, layer, 70, rng) for layer in range(3)]      # what follows it
+    a = cache.create_sequence()
+    for layer, (rows, projections) in enumerate(inputs):
+        cache.append(a, layer, 0, rows, **projections)
+    hashes = np.array([0x1111, 0x2222], np.uint64)
+    assert cache.publish_prefix(a, hashes) is None
+    assert cache.lookup_prefix([0x1111, 0x2222, 0x3333]).tokens == 256
+    assert cache.lookup_prefix([0x9999]).tokens == 0
+    cache.free(a)  # the prefix outlives its publisher
+
+    match = cache.create_sequence_from_prefix([0x1111, 0x2222, 0x3333])
+    assert isinstance(match, kvc.PrefixMatch) and match.tokens == 256 and match.shared_tokens >= 256
+    b = match.seq
+    assert cache.length(b) == 256 and cache.rollback_floor(b) == 256
+    # b continues byte for byte like a sequence that appended everything itself.
+    c = cache.create_sequence()
+    for layer in range(3):
+        cache.append(c, layer, 0, inputs[layer][0], **inputs[layer][1])
+    for seq in (b, c):
+        for layer in range(3):
+            cache.append(seq, layer, 256, more[layer][0], **more[layer][1])
+    mine, theirs = all_rows(cache, b), all_rows(cache, c)
+    for key in mine:
+        np.testing.assert_array_equal(mine[key], theirs[key], err_msg=str(key))
+    assert mine[1, kvc.STREAM_CSA_ROWS].shape[0] == 81
+
+    miss = cache.create_sequence_from_prefix([0x7777])
+    assert miss.tokens == 0 and cache.length(miss.seq) == 0
+    usage = cache.usage()["prefix"]
+    assert (usage["published"], usage["hits"], usage["misses"], usage["tokens_reused"], usage["prefixes"]) == (1, 1, 1, 256, 1)
+    with pytest.raises(kvc.Error) as error:
+        cache.publish_prefix(c, [0x1111, 0x2222, 0x3333])  # 326 tokens: fewer than 3 x 128
+    assert error.value.code == "FAILED_PRECONDITION"
+    with pytest.raises(TypeError):
+        cache.lookup_prefix([-1])  # hashes are unsigned 64-bit

@@ -10,7 +10,7 @@ import pytest
 import kvc
 from conftest import CSA_LAYER, HCA_LAYER, WINDOW_LAYER, layer_inputs, read_stream_through_pages, rows_through_pages
 
-OPTIONS = dict(rollback_depth=4, draft_slots=4, rows_per_page=8, keys_per_page=8)
+OPTIONS = dict(rollback_depth=4, draft_slots=4, rows_per_page=8, keys_per_page=8, prefix_block_tokens=128)
 RATIO = {CSA_LAYER: 4, HCA_LAYER: 128}
 ROWS_STREAM = {CSA_LAYER: kvc.STREAM_CSA_ROWS, HCA_LAYER: kvc.STREAM_HCA_ROWS}
 
@@ -211,6 +211,42 @@ def test_an_engine_writing_through_slots_gets_kvcs_bytes(tiny_config, pointers):
         with pytest.raises(kvc.Error) as error:  # CSA selection reads index keys
             engine.cache.select_positions(seq, CSA_LAYER, length - 1, 1, [None])
         assert error.value.code == "FAILED_PRECONDITION"
+
+    # Prefix caching: publish a 128-token prompt, restore it into a new sequence, go on.
+    c = kvc_side.cache.create_sequence()
+    assert engine.cache.create_sequence() == c
+    step(kvc_side, engine, [(c, 128)])
+    kvc_side.cache.publish_prefix(c, [42])
+    with pytest.raises(kvc.Error) as error:
+        engine.cache.publish_prefix(c, [42])  # the checkpoint's copies would be lost
+    assert error.value.code == "FAILED_PRECONDITION"
+    engine.copy(engine.cache.publish_prefix(c, [42], return_copies=True))
+    restored = kvc_side.cache.create_sequence_from_prefix([42, 43])
+    match, copies = engine.cache.create_sequence_from_prefix([42, 43], return_copies=True)
+    assert (match.seq, match.tokens) == (restored.seq, restored.tokens) and match.tokens == 128
+    assert len(copies) > 0
+    engine.copy(copies)
+    d = match.seq
+    # d's next tokens (kvc writes them in one run, the engine in the other); then d's rows
+    # agree: the history it shares with c, and its ring, restored from the checkpoint.
+    step(kvc_side, engine, [(d, 10)])
+    for layer, stream in [(CSA_LAYER, kvc.STREAM_CSA_ROWS), (CSA_LAYER, kvc.STREAM_CSA_KEYS)]:
+        ids = engine.cache.block_table(d, stream)
+        np.testing.assert_array_equal(ids, kvc_side.cache.block_table(d, stream))
+        np.testing.assert_array_equal(ids[:4], engine.cache.block_table(c, stream)[:4])  # shared with the publisher
+        g = engine.geometry[stream]
+        rows = np.arange(engine.cache.stream_rows(d, layer, stream))
+        assert len(rows) == 34
+        np.testing.assert_array_equal(
+            rows_through_pages(engine.memory[layer, stream], ids, rows, 8, g["row_data_bytes"], g["row_scale_bytes"]),
+            read_stream_through_pages(kvc_side.cache, d, layer, stream))
+    ring_ids = engine.cache.block_table(d, kvc.STREAM_WINDOW)
+    slots = np.arange(138 - 128, 138) % 132
+    indices = ring_ids[slots // 8] * 8 + slots % 8
+    for layer in range(3):
+        np.testing.assert_array_equal(
+            rows_through_pages(engine.memory[layer, kvc.STREAM_WINDOW], np.arange(128), indices, 8, 576, 8),
+            rows_through_pages(kvc_side.memory[layer, kvc.STREAM_WINDOW], np.arange(128), indices, 8, 576, 8))
 
 
 def test_page_manager_refusals_and_deferred_frees(tiny_config):
