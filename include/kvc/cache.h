@@ -266,7 +266,7 @@ struct CacheUsage {
   int64_t state_limit_bytes = 0;
   int64_t sequences = 0;
   int64_t open_steps = 0;       // planned, neither committed nor aborted
-  int64_t deferred_pages = 0;   // page ids waiting for CompleteSteps (page-manager mode)
+  int64_t deferred_pages = 0;   // pages (ids x their stream's layers) waiting for CompleteSteps (page-manager mode)
   uint64_t epoch = 0;           // the last step planned
   uint64_t completed_epoch = 0; // the last epoch CompleteSteps was given
   int64_t used_bytes() const;

@@ -90,7 +90,7 @@ typedef struct kvc_usage {
   int64_t state_limit_bytes;
   int64_t sequences;
   int64_t open_steps;      /* planned, neither committed nor aborted */
-  int64_t deferred_pages;  /* page-manager mode: freed pages waiting for kvc_steps_complete */
+  int64_t deferred_pages;  /* page-manager mode: freed pages (ids x layers) waiting for kvc_steps_complete */
   uint64_t epoch;          /* the last step planned */
   uint64_t completed_epoch;
 } kvc_usage;
