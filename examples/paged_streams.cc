@@ -58,7 +58,9 @@ int main() {
   if (!Step(cache, fork, 1000, 1300, rng)) return 1;  // writes into shared pages: copied in every layer
 
   int64_t rows_read = 0, mismatches = 0;
-  for (int s = 0; s < kvc::kNumStreams; ++s) {
+  // The row streams (the compressor state streams hold fp32 rings, which
+  // kvc's own compressor reads and writes).
+  for (int s = 0; s <= static_cast<int>(kvc::Stream::kHcaRows); ++s) {
     const kvc::Stream stream = static_cast<kvc::Stream>(s);
     const std::vector<int32_t> ids = *cache.BlockTable(fork, stream);  // one table for all layers
     const std::vector<int32_t> parent_ids = *cache.BlockTable(parent, stream);

@@ -30,6 +30,11 @@ struct kvc_index_query {
   kvc::IndexQuery query;
 };
 
+struct kvc_step_plan {
+  kvc::StepPlan plan;
+  std::vector<kvc_page_copy> copies, abort_copies;
+};
+
 namespace {
 
 thread_local std::string last_error;
@@ -121,6 +126,15 @@ absl::StatusOr<BatchArgs> CheckBatch(const kvc_seq* seqs, int64_t batch, int32_t
   return BatchArgs{absl::MakeConstSpan(seqs, static_cast<size_t>(batch)), *s};
 }
 
+// The chain hashes of a prefix call, checked for what C can get wrong.
+absl::StatusOr<absl::Span<const uint64_t>> Hashes(const uint64_t* hashes, int64_t count, const char* function) {
+  if (count < 0) return absl::InvalidArgumentError(absl::StrCat(function, ": count ", count, " is negative"));
+  if (hashes == nullptr && count > 0) {
+    return absl::InvalidArgumentError(absl::StrCat(function, ": block_hashes is NULL with count ", count));
+  }
+  return absl::MakeConstSpan(hashes, static_cast<size_t>(count));
+}
+
 // The kind of `layer` of the cache, or an error naming the layer.
 absl::StatusOr<kvc::LayerKind> KindOf(const kvc_cache& cache, int32_t layer, const char* function) {
   const std::vector<kvc::LayerSpec>& layers = cache.cache->spec().layers;
@@ -138,6 +152,10 @@ absl::StatusOr<kvc::CacheOptions> ToOptions(const kvc_options* options) {
   out.rollback_depth = options->rollback_depth;
   out.rows_per_page = options->rows_per_page;
   out.keys_per_page = options->keys_per_page;
+  out.draft_slots = options->draft_slots;
+  out.page_manager = options->page_manager != 0;
+  out.prefix_bytes = options->prefix_bytes;
+  out.prefix_block_tokens = options->prefix_block_tokens;
   const int64_t n = options->num_engine_arrays;
   if (n < 0 || (n > 0 && options->engine_arrays == nullptr)) {
     return absl::InvalidArgumentError(absl::StrCat("options: num_engine_arrays ", n, " with engine_arrays ",
@@ -264,7 +282,8 @@ extern "C" {
 void kvc_options_default(kvc_options* options) {
   if (options == nullptr) return;
   const kvc::CacheOptions d;
-  *options = kvc_options{d.history_bytes, d.state_bytes, d.rollback_depth, d.rows_per_page, d.keys_per_page, nullptr, 0};
+  *options = kvc_options{d.history_bytes, d.state_bytes, d.rollback_depth, d.rows_per_page, d.keys_per_page, nullptr, 0,
+                         d.draft_slots, d.page_manager ? 1 : 0, d.prefix_bytes, d.prefix_block_tokens};
 }
 
 int kvc_cache_create(const char* preset, const kvc_options* options, kvc_cache** out) {
@@ -338,6 +357,10 @@ int kvc_cache_usage(const kvc_cache* cache, kvc_usage* out) {
     out->history_limit_bytes = usage.history_limit_bytes;
     out->state_limit_bytes = usage.state_limit_bytes;
     out->sequences = usage.sequences;
+    out->open_steps = usage.open_steps;
+    out->deferred_pages = usage.deferred_pages;
+    out->epoch = usage.epoch;
+    out->completed_epoch = usage.completed_epoch;
     return KVC_OK;
   });
 }
@@ -669,6 +692,53 @@ int kvc_seq_select(const kvc_cache* cache, kvc_seq seq, int32_t layer, const kvc
   });
 }
 
+int kvc_seq_select_positions(const kvc_cache* cache, kvc_seq seq, int32_t layer, int64_t first, int64_t count,
+                             const kvc_index_query* const* queries, kvc_position_sets* out) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    out->window_total = -1;
+    out->compressed_total = -1;
+    KVC_C_REQUIRE(out->window_offsets);
+    KVC_C_REQUIRE(out->compressed_offsets);
+    if (out->window_capacity < 0 || out->compressed_capacity < 0) {
+      return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": capacities (", out->window_capacity, ", ",
+                                                         out->compressed_capacity, ") must be >= 0"));
+    }
+    if (out->window_capacity > 0) KVC_C_REQUIRE(out->window_indices);
+    if (out->compressed_capacity > 0) KVC_C_REQUIRE(out->compressed_indices);
+    // Read `count` query pointers only for positions the layer holds (the
+    // selection refuses the others, naming the first missing position).
+    const absl::StatusOr<int64_t> length = cache->cache->Length(seq, layer);
+    if (!length.ok()) return FromStatus(length.status());
+    const bool held = first >= 0 && count >= 0 && first <= *length && count <= *length - first;
+    std::vector<const kvc::IndexQuery*> pointers;
+    if (queries != nullptr && held) {
+      pointers.reserve(static_cast<size_t>(count));
+      for (int64_t i = 0; i < count; ++i) pointers.push_back(queries[i] != nullptr ? &queries[i]->query : nullptr);
+    }
+    const absl::StatusOr<kvc::PositionSets> sets = cache->cache->SelectAttentionSets(seq, layer, first, count, pointers);
+    if (!sets.ok()) return FromStatus(sets.status());
+    out->window_total = static_cast<int64_t>(sets->window_indices.size());
+    out->compressed_total = static_cast<int64_t>(sets->compressed_indices.size());
+    if (out->window_total > out->window_capacity || out->compressed_total > out->compressed_capacity) {
+      return Fail(KVC_ERR_OUT_OF_RANGE,
+                  absl::StrCat(function, ": the sets hold ", out->window_total, " window and ", out->compressed_total,
+                               " compressed rows; capacities are ", out->window_capacity, " and ",
+                               out->compressed_capacity));
+    }
+    std::copy(sets->window_offsets.begin(), sets->window_offsets.end(), out->window_offsets);
+    std::copy(sets->compressed_offsets.begin(), sets->compressed_offsets.end(), out->compressed_offsets);
+    std::copy(sets->window_indices.begin(), sets->window_indices.end(), out->window_indices);
+    std::copy(sets->compressed_indices.begin(), sets->compressed_indices.end(), out->compressed_indices);
+    if (out->window_positions != nullptr) {
+      std::copy(sets->window_positions.begin(), sets->window_positions.end(), out->window_positions);
+    }
+    if (out->entries != nullptr) std::copy(sets->entries.begin(), sets->entries.end(), out->entries);
+    return KVC_OK;
+  });
+}
+
 int kvc_snapshot_save(const kvc_cache* cache, const kvc_seq* seqs, size_t count, const char* path, int incremental) {
   return Guarded(__func__, [&](const char* function) -> int {
     KVC_C_REQUIRE(cache);
@@ -705,6 +775,299 @@ int kvc_snapshot_restore(kvc_cache* cache, const char* path, kvc_seq* out, size_
     }
     std::copy(ids->begin(), ids->end(), out);
     *count = ids->size();
+    return KVC_OK;
+  });
+}
+
+// --- Planned batch steps ----------------------------------------------------
+
+namespace {
+
+std::vector<kvc_page_copy> ToCCopies(const std::vector<kvc::PageCopy>& copies) {
+  std::vector<kvc_page_copy> out;
+  out.reserve(copies.size());
+  for (const kvc::PageCopy& c : copies) out.push_back({static_cast<int32_t>(c.stream), c.src, c.dst});
+  return out;
+}
+
+}  // namespace
+
+int kvc_step_plan_create(kvc_cache* cache, const kvc_seq* seqs, const int64_t* new_tokens, int64_t batch,
+                         kvc_step_plan** out) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    if (batch < 0) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": batch ", batch, " is negative"));
+    if (batch > 0) {
+      KVC_C_REQUIRE(seqs);
+      KVC_C_REQUIRE(new_tokens);
+    }
+    std::vector<kvc::StepRequest> requests;
+    for (int64_t b = 0; b < batch; ++b) requests.push_back({seqs[b], new_tokens[b]});
+    auto plan = std::make_unique<kvc_step_plan>();
+    absl::StatusOr<kvc::StepPlan> planned = cache->cache->PlanStep(requests);
+    if (!planned.ok()) return FromStatus(planned.status());
+    plan->plan = *std::move(planned);
+    // The step is open now: a failure below (memory for the C copies) must
+    // not leave it so.
+    try {
+      plan->copies = ToCCopies(plan->plan.copies);
+      plan->abort_copies = ToCCopies(plan->plan.abort_copies);
+    } catch (...) {
+      if (!cache->cache->AbortStep(plan->plan.epoch).ok()) return Fail(KVC_ERR_INTERNAL, absl::StrCat(function, ": abort failed"));
+      throw;
+    }
+    *out = plan.release();
+    return KVC_OK;
+  });
+}
+
+void kvc_step_plan_destroy(kvc_step_plan* plan) { delete plan; }
+
+int kvc_step_plan_epoch(const kvc_step_plan* plan, uint64_t* epoch) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(plan);
+    KVC_C_REQUIRE(epoch);
+    *epoch = plan->plan.epoch;
+    return KVC_OK;
+  });
+}
+
+int kvc_step_plan_slots(const kvc_step_plan* plan, int32_t stream, const int32_t** indptr, const int64_t** slots,
+                        int64_t* num_slots) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(plan);
+    KVC_C_REQUIRE(indptr);
+    KVC_C_REQUIRE(slots);
+    KVC_C_REQUIRE(num_slots);
+    const absl::StatusOr<kvc::Stream> s = ToStream(stream, function);
+    if (!s.ok()) return FromStatus(s.status());
+    const kvc::StepSlots& st = plan->plan.slots[static_cast<int>(*s)];
+    *indptr = st.indptr.empty() ? nullptr : st.indptr.data();
+    *slots = st.slots.data();
+    *num_slots = static_cast<int64_t>(st.slots.size());
+    return KVC_OK;
+  });
+}
+
+int kvc_step_plan_copies(const kvc_step_plan* plan, const kvc_page_copy** copies, int64_t* count) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(plan);
+    KVC_C_REQUIRE(copies);
+    KVC_C_REQUIRE(count);
+    *copies = plan->copies.data();
+    *count = static_cast<int64_t>(plan->copies.size());
+    return KVC_OK;
+  });
+}
+
+int kvc_step_plan_abort_copies(const kvc_step_plan* plan, const kvc_page_copy** copies, int64_t* count) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(plan);
+    KVC_C_REQUIRE(copies);
+    KVC_C_REQUIRE(count);
+    *copies = plan->abort_copies.data();
+    *count = static_cast<int64_t>(plan->abort_copies.size());
+    return KVC_OK;
+  });
+}
+
+int kvc_step_commit(kvc_cache* cache, uint64_t epoch) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    return FromStatus(cache->cache->CommitStep(epoch));
+  });
+}
+
+int kvc_step_abort(kvc_cache* cache, uint64_t epoch) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    return FromStatus(cache->cache->AbortStep(epoch));
+  });
+}
+
+int kvc_steps_complete(kvc_cache* cache, uint64_t epoch, int64_t* released) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    const absl::StatusOr<int64_t> n = cache->cache->CompleteSteps(epoch);
+    if (!n.ok()) return FromStatus(n.status());
+    if (released != nullptr) *released = *n;
+    return KVC_OK;
+  });
+}
+
+int kvc_seq_fork_pages(kvc_cache* cache, kvc_seq seq, kvc_seq* out, kvc_page_copy* copies, int64_t capacity,
+                       int64_t* count) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    KVC_C_REQUIRE(count);
+    if (capacity < 0) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": capacity ", capacity, " < 0"));
+    if (capacity > 0) KVC_C_REQUIRE(copies);
+    // The copies a fork lists: the parent's private pages (ring and state).
+    int64_t needed = 0;
+    if (cache->cache->options().page_manager) {
+      for (const kvc::Stream s : {kvc::Stream::kWindow, kvc::Stream::kCsaState, kvc::Stream::kCsaIndexerState,
+                                  kvc::Stream::kHcaState}) {
+        const absl::StatusOr<std::vector<int32_t>> table = cache->cache->BlockTable(seq, s);
+        if (table.ok()) {
+          needed += static_cast<int64_t>(table->size());
+        } else if (s == kvc::Stream::kWindow) {
+          return FromStatus(table.status());  // an unknown sequence
+        }
+      }
+    }
+    if (needed > capacity) {
+      *count = needed;
+      return Fail(KVC_ERR_OUT_OF_RANGE, absl::StrCat(function, ": the fork lists ", needed,
+                                                     " page copies; capacity is ", capacity));
+    }
+    std::vector<kvc::PageCopy> listed;
+    absl::StatusOr<kvc::SequenceId> child = cache->cache->Fork(seq, &listed);
+    if (!child.ok()) return FromStatus(child.status());
+    for (size_t i = 0; i < listed.size(); ++i) {  // no allocation once the child exists
+      copies[i] = {static_cast<int32_t>(listed[i].stream), listed[i].src, listed[i].dst};
+    }
+    *count = static_cast<int64_t>(listed.size());
+    *out = *child;
+    return KVC_OK;
+  });
+}
+
+// --- Prefix caching ----------------------------------------------------------
+
+int kvc_prefix_block_tokens(const kvc_cache* cache, int64_t* out) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    *out = cache->cache->PrefixBlockTokens();
+    return KVC_OK;
+  });
+}
+
+int kvc_prefix_publish(kvc_cache* cache, kvc_seq seq, const uint64_t* block_hashes, int64_t count) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    const absl::StatusOr<absl::Span<const uint64_t>> hashes = Hashes(block_hashes, count, function);
+    if (!hashes.ok()) return FromStatus(hashes.status());
+    return FromStatus(cache->cache->PublishPrefix(seq, *hashes));
+  });
+}
+
+int kvc_seq_create_from_prefix(kvc_cache* cache, const uint64_t* block_hashes, int64_t count, kvc_seq* out,
+                               int64_t* tokens) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    KVC_C_REQUIRE(tokens);
+    const absl::StatusOr<absl::Span<const uint64_t>> hashes = Hashes(block_hashes, count, function);
+    if (!hashes.ok()) return FromStatus(hashes.status());
+    const absl::StatusOr<kvc::Cache::PrefixMatch> match = cache->cache->CreateSequenceFromPrefix(*hashes);
+    if (!match.ok()) return FromStatus(match.status());
+    *out = match->seq;
+    *tokens = match->tokens;
+    return KVC_OK;
+  });
+}
+
+int kvc_prefix_lookup(const kvc_cache* cache, const uint64_t* block_hashes, int64_t count, int64_t* tokens,
+                      int64_t* shared_tokens) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(tokens);
+    const absl::StatusOr<absl::Span<const uint64_t>> hashes = Hashes(block_hashes, count, function);
+    if (!hashes.ok()) return FromStatus(hashes.status());
+    const kvc::Cache::PrefixMatch match = cache->cache->LookupPrefix(*hashes);
+    *tokens = match.tokens;
+    if (shared_tokens != nullptr) *shared_tokens = match.shared_tokens;
+    return KVC_OK;
+  });
+}
+
+int kvc_cache_prefix_usage(const kvc_cache* cache, kvc_prefix_usage* out) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    const kvc::PrefixUsage u = cache->cache->Usage().prefix;
+    *out = kvc_prefix_usage{u.limit_bytes, u.cached_bytes, u.history_bytes, u.checkpoint_bytes,
+                            u.shared_bytes, u.prefixes,    u.cached_tokens, u.hits,
+                            u.misses,       u.tokens_reused, u.published,  u.evictions};
+    return KVC_OK;
+  });
+}
+
+namespace {
+
+// The most page copies a prefix call lists (page-manager mode): the ring's
+// pages and one page of each CSA compressor state; none in kvc's mode.
+absl::StatusOr<int64_t> CheckpointCopies(const kvc_cache& cache) {
+  const kvc::CacheOptions& options = cache.cache->options();
+  if (!options.page_manager) return 0;
+  absl::StatusOr<std::vector<kvc::StreamGeometry>> geometry = kvc::Cache::PageGeometry(cache.cache->spec(), options);
+  if (!geometry.ok()) return geometry.status();
+  const kvc::StreamGeometry& window = (*geometry)[static_cast<size_t>(kvc::Stream::kWindow)];
+  int64_t copies = (window.ring_slots + window.rows_per_page - 1) / window.rows_per_page;
+  for (const kvc::Stream s : {kvc::Stream::kCsaState, kvc::Stream::kCsaIndexerState}) {
+    if (!(*geometry)[static_cast<size_t>(s)].layers.empty()) ++copies;
+  }
+  return copies;
+}
+
+// Checks a page-copy buffer; OK when `capacity` holds the most copies a
+// prefix call lists (else KVC_ERR_OUT_OF_RANGE with *copy_count the need).
+int CheckCopyBuffer(const kvc_cache& cache, const kvc_page_copy* copies, int64_t capacity, int64_t* copy_count,
+                    const char* function) {
+  if (capacity < 0) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": capacity ", capacity, " < 0"));
+  if (capacity > 0 && copies == nullptr) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": copies is NULL"));
+  const absl::StatusOr<int64_t> needed = CheckpointCopies(cache);
+  if (!needed.ok()) return FromStatus(needed.status());
+  if (*needed > capacity) {
+    *copy_count = *needed;
+    return Fail(KVC_ERR_OUT_OF_RANGE, absl::StrCat(function, ": the call may list ", *needed,
+                                                   " page copies; capacity is ", capacity));
+  }
+  return KVC_OK;
+}
+
+void WriteCopies(const std::vector<kvc::PageCopy>& listed, kvc_page_copy* copies, int64_t* copy_count) {
+  for (size_t i = 0; i < listed.size(); ++i) copies[i] = {static_cast<int32_t>(listed[i].stream), listed[i].src, listed[i].dst};
+  *copy_count = static_cast<int64_t>(listed.size());
+}
+
+}  // namespace
+
+int kvc_prefix_publish_pages(kvc_cache* cache, kvc_seq seq, const uint64_t* block_hashes, int64_t count,
+                             kvc_page_copy* copies, int64_t capacity, int64_t* copy_count) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(copy_count);
+    const absl::StatusOr<absl::Span<const uint64_t>> hashes = Hashes(block_hashes, count, function);
+    if (!hashes.ok()) return FromStatus(hashes.status());
+    if (const int rc = CheckCopyBuffer(*cache, copies, capacity, copy_count, function); rc != KVC_OK) return rc;
+    std::vector<kvc::PageCopy> listed;
+    const absl::Status published = cache->cache->PublishPrefix(seq, *hashes, &listed);
+    if (!published.ok()) return FromStatus(published);
+    WriteCopies(listed, copies, copy_count);
+    return KVC_OK;
+  });
+}
+
+int kvc_seq_create_from_prefix_pages(kvc_cache* cache, const uint64_t* block_hashes, int64_t count, kvc_seq* out,
+                                     int64_t* tokens, kvc_page_copy* copies, int64_t capacity, int64_t* copy_count) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    KVC_C_REQUIRE(tokens);
+    KVC_C_REQUIRE(copy_count);
+    const absl::StatusOr<absl::Span<const uint64_t>> hashes = Hashes(block_hashes, count, function);
+    if (!hashes.ok()) return FromStatus(hashes.status());
+    if (const int rc = CheckCopyBuffer(*cache, copies, capacity, copy_count, function); rc != KVC_OK) return rc;
+    std::vector<kvc::PageCopy> listed;
+    const absl::StatusOr<kvc::Cache::PrefixMatch> match = cache->cache->CreateSequenceFromPrefix(*hashes, &listed);
+    if (!match.ok()) return FromStatus(match.status());
+    *out = match->seq;
+    *tokens = match->tokens;
+    WriteCopies(listed, copies, copy_count);
     return KVC_OK;
   });
 }

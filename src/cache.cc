@@ -38,6 +38,9 @@ const char* StreamName(Stream stream) {
     case Stream::kCsaRows: return "CSA rows";
     case Stream::kCsaKeys: return "CSA keys";
     case Stream::kHcaRows: return "HCA rows";
+    case Stream::kCsaState: return "CSA state";
+    case Stream::kCsaIndexerState: return "CSA indexer state";
+    case Stream::kHcaState: return "HCA state";
   }
   return "?";
 }
@@ -79,12 +82,27 @@ absl::Status CheckOptions(const ModelSpec& spec, const CacheOptions& options) {
     return absl::InvalidArgumentError(absl::StrCat("rollback_depth ", options.rollback_depth,
                                                    " must be in [0, window = ", spec.window, "]"));
   }
+  if (options.draft_slots < 0 || options.draft_slots > kMaxDraftSlots) {
+    return absl::InvalidArgumentError(absl::StrCat("draft_slots ", options.draft_slots, " must be in [0, ",
+                                                   kMaxDraftSlots, "]"));
+  }
+  if (options.page_manager && options.draft_slots < options.rollback_depth) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "page_manager needs draft_slots >= rollback_depth (", options.draft_slots, " < ", options.rollback_depth,
+        "): without rollback records, the ring itself must still hold the rows a truncation brings back"));
+  }
   if (options.rows_per_page < 1 || options.rows_per_page > 4096 || options.keys_per_page < 1 ||
       options.keys_per_page > 65536) {
     return absl::InvalidArgumentError("rows_per_page must be in [1, 4096] and keys_per_page in [1, 65536]");
   }
   if (options.history_bytes < 0) return absl::InvalidArgumentError("history_bytes must be >= 0");
   if (options.state_bytes < 0) return absl::InvalidArgumentError("state_bytes must be >= 0");
+  if (options.prefix_bytes < 0) return absl::InvalidArgumentError("prefix_bytes must be >= 0");
+  if (options.prefix_block_tokens < 128 || options.prefix_block_tokens % 128 != 0 ||
+      options.prefix_block_tokens > (1 << 20)) {
+    return absl::InvalidArgumentError(absl::StrCat("prefix_block_tokens ", options.prefix_block_tokens,
+                                                   " must be a multiple of 128 in [128, 2^20]"));
+  }
   return absl::OkStatus();
 }
 
@@ -99,6 +117,7 @@ absl::StatusOr<std::vector<StreamGeometry>> Cache::PageGeometry(const ModelSpec&
     out.push_back({static_cast<Stream>(s), st.page_bytes, st.rows_per_page, st.row_data_bytes, st.row_scale_bytes,
                    st.layers});
   }
+  out[static_cast<size_t>(Stream::kWindow)].ring_slots = int64_t{spec.window} + options.draft_slots;
   return out;
 }
 
@@ -193,6 +212,7 @@ absl::Status CheckFiniteSlice(const LayerTokens& t, int64_t from, int64_t to, co
 }  // namespace
 
 absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const LayerTokens& tokens) {
+  KVC_RETURN_IF_ERROR(impl_->RefuseInPageManagerMode("Append"));
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
   Sequence& sq = *seq.seq;
@@ -211,6 +231,11 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
   if (n > impl_->spec.max_context - position) {
     return absl::OutOfRangeError(absl::StrCat("Append: ", position, " + ", n, " tokens exceed max_context ",
                                               impl_->spec.max_context));
+  }
+  if (sq.step != nullptr && position + n > sq.step->start + sq.step->new_tokens) {  // the step reserved no more
+    return absl::FailedPreconditionError(absl::StrCat("Append: sequence ", id, " is in step ", sq.step->epoch,
+                                                      ", which plans tokens up to ", sq.step->start + sq.step->new_tokens,
+                                                      "; ", position, " + ", n, " go beyond"));
   }
   KVC_RETURN_IF_ERROR(CheckProjectionShapes(impl_->spec, layer, tokens, n));
   const bool compresses = KvcCompresses(layer_spec);
@@ -284,6 +309,7 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
                                     Quantizer(keys, kIndexDim, QuantizeIndexKeys)));
   }
   ls.length += n;
+  ls.ring_end = ls.length;
   ls.floor = std::max(ls.floor, ls.length - impl_->depth());
   if (!applied.ok()) return absl::InternalError(absl::StrCat("Append: ", applied.message()));
   return absl::OkStatus();
@@ -323,6 +349,7 @@ absl::StatusOr<int64_t> CheckHistoryAppend(const ModelSpec& spec, int layer, con
 
 absl::Status Cache::AppendCompressedRows(SequenceId id, int layer, int64_t first, absl::Span<const Bf16> rows) {
   constexpr const char* kWhat = "AppendCompressedRows";
+  KVC_RETURN_IF_ERROR(impl_->RefuseInPageManagerMode(kWhat));
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
   LayerStreams& ls = seq.layers()[static_cast<size_t>(layer)];
@@ -335,6 +362,7 @@ absl::Status Cache::AppendCompressedRows(SequenceId id, int layer, int64_t first
 
 absl::Status Cache::AppendIndexKeys(SequenceId id, int layer, int64_t first, absl::Span<const Bf16> keys) {
   constexpr const char* kWhat = "AppendIndexKeys";
+  KVC_RETURN_IF_ERROR(impl_->RefuseInPageManagerMode(kWhat));
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
   LayerStreams& ls = seq.layers()[static_cast<size_t>(layer)];
@@ -355,6 +383,7 @@ absl::Status Cache::AppendIndexKeys(SequenceId id, int layer, int64_t first, abs
 }
 
 absl::StatusOr<HistoryView> Cache::CompressedRows(SequenceId id, int layer) const {
+  KVC_RETURN_IF_ERROR(impl_->RefuseInPageManagerMode("CompressedRows"));
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
   if (const HistoryStream* part = impl_->RowsOf(layer)) return part->View(*seq.seq, layer);
@@ -364,6 +393,7 @@ absl::StatusOr<HistoryView> Cache::CompressedRows(SequenceId id, int layer) cons
 }
 
 absl::StatusOr<HistoryView> Cache::IndexKeys(SequenceId id, int layer) const {
+  KVC_RETURN_IF_ERROR(impl_->RefuseInPageManagerMode("IndexKeys"));
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
   if (const HistoryStream* part = impl_->KeysOf(layer)) return part->View(*seq.seq, layer);
@@ -373,27 +403,42 @@ absl::StatusOr<HistoryView> Cache::IndexKeys(SequenceId id, int layer) const {
 }
 
 absl::StatusOr<SequenceId> Cache::Fork(SequenceId id) {
+  if (impl_->page_manager()) {
+    return absl::FailedPreconditionError(
+        "Fork: in page-manager mode the engine copies the child's pages; call Fork(seq, &engine_copies)");
+  }
+  return Fork(id, nullptr);
+}
+
+absl::StatusOr<SequenceId> Cache::Fork(SequenceId id, std::vector<PageCopy>* engine_copies) {
+  if (impl_->page_manager() && engine_copies == nullptr) {
+    return absl::InvalidArgumentError("Fork: page-manager mode needs engine_copies for the copies the engine makes");
+  }
   KVC_ASSIGN_OR_RETURN(std::shared_ptr<Sequence> parent, impl_->Find(id));
   auto child = std::make_shared<Sequence>();
+  std::vector<PageCopy> copies;
   {
     std::lock_guard<std::mutex> parent_lock(parent->mu);
     if (parent->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
+    KVC_RETURN_IF_ERROR(Impl::RefuseInStep(*parent, id, "Fork"));
     KVC_RETURN_IF_ERROR(impl_->SameLengthEverywhere(parent->layers, id, "Fork:"));
     std::lock_guard<std::mutex> child_lock(child->mu);
     KVC_RETURN_IF_ERROR(impl_->AllocateState(*child));
     // Apply (cannot fail): every part copies its private pages in every
-    // layer and shares the history.
-    for (const StreamPart* part : impl_->all_parts) part->Fork(*parent, *child);
+    // layer (lists them, in page-manager mode) and shares the history.
+    for (const StreamPart* part : impl_->all_parts) part->Fork(*parent, *child, &copies);
     child->layers = parent->layers;
     // Same history as the parent: the parent's snapshot entry serves it too.
     child->snapshot_tag = parent->snapshot_tag;
     child->snapshot_low_water = parent->snapshot_low_water;
   }
+  if (engine_copies != nullptr) *engine_copies = std::move(copies);
   return impl_->Register(std::move(child));
 }
 
 absl::Status Cache::Truncate(SequenceId id, int64_t length) {
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
+  KVC_RETURN_IF_ERROR(Impl::RefuseInStep(*seq.seq, id, "Truncate"));
   KVC_RETURN_IF_ERROR(impl_->SameLengthEverywhere(seq.layers(), id, "Truncate:"));
   const int64_t current = seq.layers()[0].length;
   if (length < 0 || length > current) {
@@ -410,21 +455,24 @@ absl::Status Cache::Truncate(SequenceId id, int64_t length) {
   KVC_RETURN_IF_ERROR(impl_->window_part->CheckTruncate(*seq.seq, current, length));
   // Apply (cannot fail).
   for (const StreamPart* part : impl_->all_parts) part->Truncate(*seq.seq, current, length);
-  for (LayerStreams& ls : seq.layers()) ls.length = length;
+  for (LayerStreams& ls : seq.layers()) {
+    ls.length = length;
+    if (!impl_->page_manager()) ls.ring_end = length;  // the rollback records put the evicted rows back
+  }
   seq.seq->snapshot_low_water = std::min(seq.seq->snapshot_low_water, length);
   return absl::OkStatus();
 }
 
 absl::Status Cache::Free(SequenceId id) {
-  std::shared_ptr<Sequence> seq;
+  // Lock the sequence before unregistering it, so that a refusal leaves it
+  // registered (the lock order is the sequence's, then the cache's).
+  KVC_ASSIGN_OR_RETURN(Impl::Locked locked, impl_->Lock(id));
+  KVC_RETURN_IF_ERROR(Impl::RefuseInStep(*locked.seq, id, "Free"));
+  std::shared_ptr<Sequence> seq = locked.seq;
   {
     std::lock_guard<std::mutex> lock(impl_->mu);
-    const auto it = impl_->sequences.find(id);
-    if (it == impl_->sequences.end()) return absl::NotFoundError(absl::StrCat("no sequence ", id));
-    seq = std::move(it->second);
-    impl_->sequences.erase(it);
+    impl_->sequences.erase(id);
   }
-  std::lock_guard<std::mutex> seq_lock(seq->mu);
   seq->freed = true;
   impl_->Release(*seq);
   return absl::OkStatus();
@@ -444,25 +492,31 @@ absl::StatusOr<int64_t> Cache::RollbackFloor(SequenceId id) const {
 }
 
 absl::StatusOr<WindowRingView> Cache::Window(SequenceId id, int layer) const {
+  KVC_RETURN_IF_ERROR(impl_->RefuseInPageManagerMode("Window"));
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
   return impl_->window_part->View(*seq.seq, layer);
 }
 
 absl::Status Cache::ReadWindow(SequenceId id, int layer, absl::Span<Bf16> out) const {
+  KVC_RETURN_IF_ERROR(impl_->RefuseInPageManagerMode("ReadWindow"));
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
   if (out.size() != static_cast<size_t>(impl_->window()) * kHeadDim) {
     return absl::InvalidArgumentError(absl::StrCat("ReadWindow: out holds ", out.size(), " values, expected ",
                                                    impl_->window(), " x ", kHeadDim));
   }
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));  // held while reading: no Append interleaves
-  const WindowRingView view = impl_->window_part->View(*seq.seq, layer);
-  for (size_t p = 0; p < view.pages.size(); ++p) {
-    const int64_t first = static_cast<int64_t>(p) * view.rows_per_page;
-    const int64_t rows = std::min<int64_t>(view.rows_per_page, view.window - first);
-    KVC_RETURN_IF_ERROR(DequantizeKvRows(view.pages[p].Slice(0, rows),
-                                         out.subspan(static_cast<size_t>(first * kHeadDim),
-                                                     static_cast<size_t>(rows * kHeadDim))));
+  // Official slot s holds the position p in [length - W, length) with
+  // p mod W == s (none below 0: zero), read from its ring slot p mod R.
+  const int64_t W = impl_->window(), length = seq.layers()[static_cast<size_t>(layer)].length;
+  const WindowStream& window = *impl_->window_part;
+  for (int64_t p = length - W; p < length; ++p) {
+    const absl::Span<Bf16> to = out.subspan(static_cast<size_t>(((p % W + W) % W) * kHeadDim), kHeadDim);
+    if (p < 0) {
+      std::fill(to.begin(), to.end(), Bf16{});
+    } else {
+      KVC_RETURN_IF_ERROR(DequantizeKvRows(window.RingSlot(*seq.seq, layer, window.SlotOf(p)), to));
+    }
   }
   return absl::OkStatus();
 }
@@ -480,8 +534,18 @@ CacheUsage Cache::Usage() const {
   }
   usage.history_limit_bytes = store.limit(cache_internal::StreamClass::kHistory);
   usage.state_limit_bytes = store.limit(cache_internal::StreamClass::kState);
+  for (int s = 0; s < cache_internal::kStreamCount; ++s) {
+    if (store.present(s)) usage.deferred_pages += store.StreamStats(s).deferred_ids * store.layers(s);
+  }
+  usage.epoch = store.epoch();
+  usage.completed_epoch = store.completed_epoch();
+  {
+    std::lock_guard<std::mutex> prefix_lock(impl_->prefix->mu());
+    usage.prefix = impl_->prefix->Usage();
+  }
   std::lock_guard<std::mutex> lock(impl_->mu);
   usage.sequences = static_cast<int64_t>(impl_->sequences.size());
+  usage.open_steps = static_cast<int64_t>(impl_->open_steps.size());
   return usage;
 }
 
@@ -516,6 +580,30 @@ absl::StatusOr<IndexQuery> Cache::PrepareIndexQuery(int64_t position, absl::Span
   return query;
 }
 
+namespace {
+
+// The index scores of `query` against index keys [0, n) of `layer` into
+// *scores (resized to n), page by page, the pages split across `executor`'s
+// tasks (src/indexer_internal.h; nullptr: this thread). A refusal names the
+// first refusing page's first entry (the kernel counts keys from the page
+// start).
+absl::Status ScoreKeys(const HistoryStream& keys, const Sequence& sq, int layer, const IndexQuery& query, int64_t n,
+                       std::vector<float>* scores, Executor* executor) {
+  scores->resize(static_cast<size_t>(n));
+  const int64_t per_page = keys.per_page();
+  int64_t failed_page = 0;
+  const absl::Status scored = ScoreIndexKeyPages(
+      query, (n + per_page - 1) / per_page, per_page,
+      [&](int64_t p) { return ConstPackedRows(keys.RowsAt(sq, layer, p * per_page, std::min(per_page, n - p * per_page))); },
+      absl::MakeSpan(*scores), executor, &failed_page);
+  if (!scored.ok()) {
+    return absl::Status(scored.code(), absl::StrCat("index keys from entry ", failed_page * per_page, ": ", scored.message()));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<AttentionSet> Cache::SelectAttentionSet(SequenceId id, int layer, const IndexQuery* query,
                                                        std::vector<float>* index_scores) const {
   SelectionScratch scratch;
@@ -527,6 +615,7 @@ absl::StatusOr<AttentionSet> Cache::SelectAttentionSet(SequenceId id, int layer,
 
 absl::Status Cache::SelectAttentionSet(SequenceId id, int layer, const IndexQuery* query, SelectionScratch* scratch,
                                        AttentionSet* out) const {
+  KVC_RETURN_IF_ERROR(impl_->RefuseInPageManagerMode("SelectAttentionSet"));
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
   const LayerKind kind = impl_->spec.layers[static_cast<size_t>(layer)].kind;
   if (kind == LayerKind::kCsa && query == nullptr) {
@@ -545,9 +634,9 @@ absl::Status Cache::SelectAttentionSet(SequenceId id, int layer, const IndexQuer
   const int64_t W = impl_->window();
   const WindowStream& window = *impl_->window_part;
   for (int64_t p = std::max<int64_t>(0, ls.length - W); p < ls.length; ++p) {
-    const int64_t slot = p % W;
+    const int64_t slot = window.SlotOf(p);
     const PackedRows row = window.RingSlot(sq, layer, slot);
-    set.indices.push_back(static_cast<int32_t>(slot));
+    set.indices.push_back(static_cast<int32_t>(p % W));  // official slot
     set.window_indices.push_back(window.SlotIndex(sq, slot));
     set.rows.push_back({row.data, row.scales});
   }
@@ -565,21 +654,122 @@ absl::Status Cache::SelectAttentionSet(SequenceId id, int layer, const IndexQuer
     return absl::OkStatus();
   }
   const int64_t keyed = std::min(visible, ls.key_rows);
-  std::vector<float>& scores = scratch->scores;
-  scores.resize(static_cast<size_t>(keyed));
-  const HistoryStream& keys = *impl_->KeysOf(layer);
-  const int64_t per_page = keys.per_page();
-  int64_t failed_page = 0;
-  const absl::Status scored = ScoreIndexKeyPages(
-      *query, (keyed + per_page - 1) / per_page, per_page,
-      [&](int64_t p) { return ConstPackedRows(keys.RowsAt(sq, layer, p * per_page, std::min(per_page, keyed - p * per_page))); },
-      absl::MakeSpan(scores), impl_->options.executor, &failed_page);
-  if (!scored.ok()) {  // its key numbers count from the page start
-    return absl::Status(scored.code(), absl::StrCat("SelectAttentionSet: layer ", layer, ", index keys from entry ",
-                                                    failed_page * per_page, ": ", scored.message()));
+  if (const absl::Status scored = ScoreKeys(*impl_->KeysOf(layer), sq, layer, *query, keyed, &scratch->scores,
+                                                 impl_->options.executor);
+      !scored.ok()) {
+    return absl::Status(scored.code(), absl::StrCat("SelectAttentionSet: layer ", layer, ", ", scored.message()));
   }
-  KVC_RETURN_IF_ERROR(TopK(scores, impl_->spec.index_topk, &scratch->entries, &scratch->topk));
+  KVC_RETURN_IF_ERROR(TopK(scratch->scores, impl_->spec.index_topk, &scratch->entries, &scratch->topk));
   for (const int64_t j : scratch->entries) add(j);
+  return absl::OkStatus();
+}
+
+// --- Selecting for several positions ---------------------------------------
+
+absl::StatusOr<PositionSets> Cache::SelectAttentionSets(SequenceId id, int layer, int64_t first, int64_t count,
+                                                        absl::Span<const IndexQuery* const> queries) const {
+  SelectionScratch scratch;
+  PositionSets sets;
+  KVC_RETURN_IF_ERROR(SelectAttentionSets(id, layer, first, count, queries, &scratch, &sets));
+  return sets;
+}
+
+absl::Status Cache::SelectAttentionSets(SequenceId id, int layer, int64_t first, int64_t count,
+                                        absl::Span<const IndexQuery* const> queries, SelectionScratch* scratch,
+                                        PositionSets* out) const {
+  constexpr const char* kWhat = "SelectAttentionSets";
+  KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
+  if (scratch == nullptr || out == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(kWhat, ": scratch and out are required"));
+  }
+  if (first < 0 || count < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(kWhat, ": first ", first, " and count ", count, " must be >= 0"));
+  }
+  const LayerKind kind = impl_->KindOf(layer);
+  if (impl_->page_manager() && kind == LayerKind::kCsa) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        kWhat, ": layer ", layer, " is a CSA layer, whose selection reads its index keys; in page-manager mode kvc "
+        "never reads page bytes (the engine scores the keys and picks the top-k)"));
+  }
+  // The positions first (a caller sizing its query array by them learns of
+  // a position past the end, not of a query count).
+  KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
+  const Sequence& sq = *seq.seq;
+  const LayerStreams& ls = seq.layers()[static_cast<size_t>(layer)];
+  // What the layer holds for selection. In page-manager mode an open step's
+  // tokens count: the engine writes their rows through the plan's slots
+  // (the block tables already cover them) before its attention kernel reads
+  // them, and they join the length at CommitStep.
+  int64_t length = ls.length, entries_held = ls.compressed_rows, ring_end = ls.ring_end;
+  if (impl_->page_manager() && sq.step != nullptr) {
+    length = sq.step->start + sq.step->new_tokens;
+    entries_held = EntriesAt(kind, length);
+    ring_end = std::max(ring_end, length);
+  }
+  if (first > length || count > length - first) {
+    return absl::OutOfRangeError(absl::StrCat(kWhat, ": positions [", first, ", ", first, " + ", count, ") of layer ",
+                                              layer, ", which holds ", length, " tokens: position ",
+                                              std::max(first, length), " is not in it (append it first)"));
+  }
+  const int64_t given = static_cast<int64_t>(queries.size());
+  if (kind == LayerKind::kCsa && given != count) {
+    return absl::InvalidArgumentError(absl::StrCat(kWhat, ": layer ", layer, " is a CSA layer: it needs one index query "
+                                                   "per position, ", count, ", not ", given));
+  }
+  if (kind != LayerKind::kCsa && given != 0 && given != count) {
+    return absl::InvalidArgumentError(absl::StrCat(kWhat, ": ", given, " index queries for ", count, " positions (layer ",
+                                                   layer, " uses none: pass none or one per position)"));
+  }
+  if (kind == LayerKind::kCsa) {
+    for (int64_t i = 0; i < count; ++i) {
+      if (queries[static_cast<size_t>(i)] == nullptr) {
+        return absl::InvalidArgumentError(absl::StrCat(kWhat, ": query ", i, " (position ", first + i, ") is missing"));
+      }
+    }
+  }
+  PositionSets& sets = *out;
+  sets.first = first;
+  for (auto* v : {&sets.window_offsets, &sets.window_positions, &sets.compressed_offsets, &sets.entries}) v->clear();
+  sets.window_indices.clear();
+  sets.compressed_indices.clear();
+  sets.window_offsets.push_back(0);
+  sets.compressed_offsets.push_back(0);
+  const int64_t W = impl_->window();
+  const WindowStream& window = *impl_->window_part;
+  // The ring holds positions [ring_end - ring_slots, length): older ones were
+  // overwritten (ring_end: the furthest length written, = length but in
+  // page-manager mode after a truncation or an abort).
+  const int64_t oldest_in_ring = ring_end - window.ring_slots();
+  const HistoryStream* rows = impl_->RowsOf(layer);
+  for (int64_t t = first; t < first + count; ++t) {
+    for (int64_t p = std::max<int64_t>(0, t - W + 1); p <= t; ++p) {
+      sets.window_positions.push_back(p);
+      sets.window_indices.push_back(p >= oldest_in_ring ? window.SlotIndex(sq, window.SlotOf(p)) : -1);
+    }
+    sets.window_offsets.push_back(static_cast<int64_t>(sets.window_positions.size()));
+    if (rows != nullptr) {
+      const int64_t visible = std::min(EntriesAt(kind, t + 1), entries_held);
+      auto add = [&](int64_t j) {
+        sets.entries.push_back(j);
+        sets.compressed_indices.push_back(rows->RowIndex(sq, j));
+      };
+      if (kind == LayerKind::kHca) {
+        for (int64_t j = 0; j < visible; ++j) add(j);
+      } else {
+        const int64_t keyed = std::min(visible, ls.key_rows);
+        const IndexQuery& query = *queries[static_cast<size_t>(t - first)];
+        if (const absl::Status scored = ScoreKeys(*impl_->KeysOf(layer), sq, layer, query, keyed, &scratch->scores,
+                                                       impl_->options.executor);
+            !scored.ok()) {
+          return absl::Status(scored.code(), absl::StrCat(kWhat, ": layer ", layer, ", position ", t, ", ",
+                                                          scored.message()));
+        }
+        KVC_RETURN_IF_ERROR(TopK(scratch->scores, impl_->spec.index_topk, &scratch->entries, &scratch->topk));
+        for (const int64_t j : scratch->entries) add(j);
+      }
+    }
+    sets.compressed_offsets.push_back(static_cast<int64_t>(sets.entries.size()));
+  }
   return absl::OkStatus();
 }
 
@@ -656,10 +846,11 @@ absl::StatusOr<DenseBlockTables> Cache::BatchBlockTables(absl::Span<const Sequen
 
 absl::StatusOr<CsrBlockTables> Cache::BatchBlockTablesCsr(absl::Span<const SequenceId> ids, Stream stream) const {
   KVC_RETURN_IF_ERROR(CheckStream(stream));
-  if (stream == Stream::kWindow) {  // rows are ring slots, not a prefix of the pages
-    return absl::InvalidArgumentError(
-        "BatchBlockTablesCsr: the window ring is not a paged sequence (slot = position mod window); address it "
-        "with BlockTable or an AttentionSet's window_indices");
+  if (stream == Stream::kWindow || cache_internal::IsStateStream(static_cast<int>(stream))) {  // ring slots, not a prefix of the pages
+    return absl::InvalidArgumentError(absl::StrCat(
+        "BatchBlockTablesCsr: the ", StreamName(stream),
+        " stream is a ring (slot = position mod its rows), not a paged sequence; address it with BlockTable, "
+        "a StepPlan's slots or an AttentionSet's window_indices"));
   }
   CsrBlockTables out;
   out.indptr.push_back(0);
@@ -683,20 +874,16 @@ absl::StatusOr<int64_t> Cache::StreamRows(SequenceId id, int layer, Stream strea
   KVC_RETURN_IF_ERROR(CheckStream(stream));
   KVC_RETURN_IF_ERROR(impl_->CheckHasStream(layer, stream));
   KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
-  const LayerStreams& ls = seq.layers()[static_cast<size_t>(layer)];
-  switch (stream) {
-    case Stream::kWindow: return std::min<int64_t>(ls.length, impl_->window());
-    case Stream::kCsaKeys: return ls.key_rows;
-    default: return ls.compressed_rows;
-  }
+  return impl_->StreamRowsOf(*seq.seq, layer, static_cast<int>(stream));
 }
 
 absl::Status Cache::AppendRows(SequenceId id, int layer, Stream stream, int64_t first, absl::Span<const uint8_t> rows) {
   constexpr const char* kWhat = "AppendRows";
   KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
   KVC_RETURN_IF_ERROR(CheckStream(stream));
-  if (stream == Stream::kWindow) {
-    return absl::InvalidArgumentError(absl::StrCat(kWhat, ": window rows are appended with Append"));
+  KVC_RETURN_IF_ERROR(impl_->RefuseInPageManagerMode(kWhat));
+  if (stream == Stream::kWindow || cache_internal::IsStateStream(static_cast<int>(stream))) {
+    return absl::InvalidArgumentError(absl::StrCat(kWhat, ": ", StreamName(stream), " rows are written by Append"));
   }
   if (const absl::Status has = impl_->CheckHasStream(layer, stream); !has.ok()) {
     return absl::Status(has.code(), absl::StrCat(kWhat, ": ", has.message()));

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -27,13 +28,11 @@
 #include "src/compressor_state.h"
 #include "src/history_stream.h"
 #include "src/page_store.h"
+#include "src/prefix_cache.h"
 #include "src/stream_part.h"
 #include "src/window_stream.h"
 
 namespace kvc {
-namespace cache_internal {
-
-}  // namespace cache_internal
 
 using cache_internal::CompressorState;
 using cache_internal::EntriesAt;
@@ -44,6 +43,7 @@ using cache_internal::kKvScaleBytes;
 using cache_internal::KvcCompresses;
 using cache_internal::LayerParts;
 using cache_internal::LayerStreams;
+using cache_internal::OpenStep;
 using cache_internal::PageId;
 using cache_internal::PageStore;
 using cache_internal::PartsOf;
@@ -66,14 +66,19 @@ struct Cache::Impl {
   std::array<std::unique_ptr<HistoryStream>, cache_internal::kStreamCount> histories;
   std::array<std::unique_ptr<CompressorState>, cache_internal::kStreamCount> states;
   std::vector<const StreamPart*> all_parts;
+  // Published prefixes (src/prefix_cache.h, src/cache_prefix.cc); after
+  // `store`, so it goes first.
+  std::unique_ptr<cache_internal::PrefixCache> prefix;
 
   mutable std::mutex mu;  // guards the members below
   std::unordered_map<SequenceId, std::shared_ptr<Sequence>> sequences;
   SequenceId next_id = 1;
+  std::map<uint64_t, std::vector<SequenceId>> open_steps;  // epoch -> its sequences (src/cache_step.cc)
 
   // Builds the parts over `store` (set first).
   void Compose() {
-    window_part = std::make_unique<WindowStream>(*store, spec.window, options.rollback_depth, options.rows_per_page);
+    window_part = std::make_unique<WindowStream>(*store, spec.window, options.draft_slots, options.rollback_depth,
+                                                 options.rows_per_page);
     all_parts.push_back(window_part.get());
     for (const int s : {cache_internal::kCsaRowsStream, cache_internal::kCsaKeysStream, cache_internal::kHcaRowsStream}) {
       if (!store->present(s)) continue;
@@ -86,9 +91,38 @@ struct Cache::Impl {
       states[static_cast<size_t>(s)] = std::make_unique<CompressorState>(*store, s, spec, options.rollback_depth);
       all_parts.push_back(states[static_cast<size_t>(s)].get());
     }
+    prefix = std::make_unique<cache_internal::PrefixCache>(
+        *store, options.prefix_block_tokens,
+        cache_internal::PrefixCache::CheckpointStreams(*store, window_part->ring_pages()));
+    // Pages become cache-only when sequences let go of them (Free, Truncate,
+    // copy-on-write): the prefix cache then evicts what no longer fits.
+    store->SetOverBudgetHook([cache = prefix.get()] {
+      std::lock_guard<std::mutex> lock(cache->mu());
+      cache->Trim();
+    });
   }
 
   int32_t window() const { return spec.window; }
+  bool page_manager() const { return options.page_manager; }
+  // kFailedPrecondition for a call that touches page bytes, in page-manager mode.
+  absl::Status RefuseInPageManagerMode(const char* what) const {
+    if (!page_manager()) return absl::OkStatus();
+    return absl::FailedPreconditionError(absl::StrCat(
+        what, ": the cache is in page-manager mode, where kvc never reads or writes page bytes; the engine writes "
+              "rows through a StepPlan's slots"));
+  }
+  // kFailedPrecondition while `seq` is in an open step.
+  static absl::Status RefuseInStep(const Sequence& seq, SequenceId id, const char* what) {
+    if (seq.step == nullptr) return absl::OkStatus();
+    return absl::FailedPreconditionError(absl::StrCat(what, ": sequence ", id, " is in open step ", seq.step->epoch,
+                                                      "; commit or abort it first"));
+  }
+  int64_t ring_slots() const { return window_part->ring_slots(); }  // window + draft_slots
+  // The oldest position of `layer` whose window row the ring still holds
+  // (LayerStreams::ring_end).
+  int64_t OldestRingPosition(const Sequence& seq, int layer) const {
+    return std::max<int64_t>(0, seq.layers[static_cast<size_t>(layer)].ring_end - ring_slots());
+  }
   int32_t depth() const { return options.rollback_depth; }
   int32_t rows_per_page() const { return options.rows_per_page; }
 
@@ -127,6 +161,57 @@ struct Cache::Impl {
     std::unique_lock<std::mutex> lock(seq->mu);
     if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
     return Locked{std::move(seq), std::move(lock)};
+  }
+
+  // Several sequences, each locked, in ascending id order (the order every
+  // multi-sequence call takes their locks in). kInvalidArgument for an id
+  // given twice; kNotFound for an unknown or freed one.
+  struct LockedBatch {
+    std::vector<SequenceId> ids;                  // in the caller's order
+    std::vector<std::shared_ptr<Sequence>> seqs;  // in the caller's order
+    std::vector<std::unique_lock<std::mutex>> locks;
+  };
+  absl::StatusOr<LockedBatch> LockBatch(const std::vector<SequenceId>& ids, const char* what) const {
+    LockedBatch batch;
+    batch.ids = ids;
+    for (const SequenceId id : ids) {
+      absl::StatusOr<std::shared_ptr<Sequence>> seq = Find(id);
+      if (!seq.ok()) return absl::Status(seq.status().code(), absl::StrCat(what, ": ", seq.status().message()));
+      batch.seqs.push_back(*std::move(seq));
+    }
+    std::vector<size_t> order(ids.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return ids[a] < ids[b]; });
+    for (size_t k = 0; k < order.size(); ++k) {
+      if (k > 0 && ids[order[k]] == ids[order[k - 1]]) {
+        return absl::InvalidArgumentError(absl::StrCat(what, ": sequence ", ids[order[k]], " appears twice"));
+      }
+      batch.locks.emplace_back(batch.seqs[order[k]]->mu);
+      if (batch.seqs[order[k]]->freed) {
+        return absl::NotFoundError(absl::StrCat(what, ": sequence ", ids[order[k]], " was freed"));
+      }
+    }
+    return batch;
+  }
+  // The sequences of open step `epoch`, locked; kNotFound for an unknown or
+  // finished step.
+  absl::StatusOr<LockedBatch> LockStep(uint64_t epoch, const char* what) const {
+    std::vector<SequenceId> ids;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      const auto it = open_steps.find(epoch);
+      if (it == open_steps.end()) {
+        return absl::NotFoundError(absl::StrCat(what, ": no open step ", epoch, " (committed, aborted or never planned)"));
+      }
+      ids = it->second;
+    }
+    KVC_ASSIGN_OR_RETURN(LockedBatch batch, LockBatch(ids, what));
+    for (const std::shared_ptr<Sequence>& seq : batch.seqs) {  // another call may have ended it meanwhile
+      if (seq->step == nullptr || seq->step->epoch != epoch) {
+        return absl::NotFoundError(absl::StrCat(what, ": step ", epoch, " was committed or aborted meanwhile"));
+      }
+    }
+    return batch;
   }
 
   absl::Status CheckLayer(int layer) const {
@@ -189,11 +274,17 @@ struct Cache::Impl {
       return absl::NotFoundError(absl::StrCat("the model has no layer with a ", StreamName(stream), " stream"));
     }
     int64_t rows = 0;
-    for (const int32_t l : store->spec(s).layers) {
-      rows = std::max(rows, s == cache_internal::kWindowStream ? std::min<int64_t>(seq.layers[static_cast<size_t>(l)].length, window())
-                                                               : History(s)->Rows(seq, l));
-    }
+    for (const int32_t l : store->spec(s).layers) rows = std::max(rows, StreamRowsOf(seq, l, s));
     return TableRows{&seq.tables[static_cast<size_t>(s)], rows, store->spec(s).rows_per_page};
+  }
+
+  // Rows `layer` of `seq` holds in public stream s (the layer has it): a
+  // ring's valid slots (window, compressor state), a history stream's rows.
+  int64_t StreamRowsOf(const Sequence& seq, int layer, int s) const {
+    const int64_t length = seq.layers[static_cast<size_t>(layer)].length;
+    if (s == cache_internal::kWindowStream) return std::min<int64_t>(length, ring_slots());
+    if (cache_internal::IsStateStream(s)) return std::min<int64_t>(length, store->spec(s).rows_per_page);
+    return History(s)->Rows(seq, layer);
   }
 
   // --- What every part does ------------------------------------------------

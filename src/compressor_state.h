@@ -32,8 +32,9 @@ class CompressorState final : public StreamPart {
   void Reserve(Sequence& seq, std::vector<PageStore::Request>* requests) const override {
     requests->push_back({stream_, 1, &seq.tables[static_cast<size_t>(stream_)]});
   }
-  void Fork(const Sequence& parent, Sequence& child) const override {
-    store_.CopyPage(stream_, parent.tables[static_cast<size_t>(stream_)][0], child.tables[static_cast<size_t>(stream_)][0]);
+  void Fork(const Sequence& parent, Sequence& child, std::vector<PageCopy>* engine_copies) const override {
+    store_.CopyPage(stream_, parent.tables[static_cast<size_t>(stream_)][0], child.tables[static_cast<size_t>(stream_)][0],
+                    engine_copies);
   }
   // Nothing to undo: the ring keeps `depth` rows beyond the open windows.
   void Truncate(Sequence&, int64_t, int64_t) const override {}

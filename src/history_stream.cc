@@ -13,7 +13,7 @@ HistoryStream::HistoryStream(PageStore& store, int s)
       per_page_(store.spec(s).rows_per_page),
       kind_(s == kHcaRowsStream ? LayerKind::kHca : LayerKind::kCsa) {}
 
-void HistoryStream::Fork(const Sequence& parent, Sequence& child) const {
+void HistoryStream::Fork(const Sequence& parent, Sequence& child, std::vector<PageCopy>*) const {
   const std::vector<PageId>& from = parent.tables[static_cast<size_t>(stream_)];
   for (const PageId page : from) store_.Ref(stream_, page);
   child.tables[static_cast<size_t>(stream_)] = from;

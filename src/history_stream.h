@@ -41,7 +41,7 @@ class HistoryStream final : public StreamPart {
   }
 
   void Reserve(Sequence&, std::vector<PageStore::Request>*) const override {}  // empty at creation
-  void Fork(const Sequence& parent, Sequence& child) const override;  // shares every page
+  void Fork(const Sequence& parent, Sequence& child, std::vector<PageCopy>*) const override;  // shares every page
   // Drops the rows past the entries `length` tokens close, and the pages no
   // layer needs any more.
   void Truncate(Sequence& seq, int64_t current, int64_t length) const override;
@@ -107,7 +107,7 @@ absl::Status HistoryStream::Commit(Sequence& seq, int layer, const Plan& plan, i
   size_t next = 0;
   for (const size_t p : plan.copies) {  // copy-on-write, in every layer of the stream
     const PageId shared = table[p];
-    store_.CopyPage(stream_, shared, plan.fresh[next]);
+    store_.CopyPage(stream_, shared, plan.fresh[next], nullptr);  // Append: not in page-manager mode
     store_.Unref(stream_, shared);
     table[p] = plan.fresh[next++];
   }

@@ -21,11 +21,6 @@ constexpr int64_t kAlignment = 64;
 
 int64_t RoundUp(int64_t bytes, int64_t to) { return (bytes + to - 1) / to * to; }
 
-// Bytes of one compressor's state page (StateFloats, rounded up).
-int64_t StatePageBytes(int s, const ModelSpec& spec, int32_t depth) {
-  return RoundUp(StateFloats(StateCompressor(s, spec.head_dim, spec.index_dim), depth) * int64_t{sizeof(float)}, kAlignment);
-}
-
 }  // namespace
 
 std::array<StreamSpec, kStreamCount> StreamSpecs(const ModelSpec& spec, const CacheOptions& options) {
@@ -43,11 +38,17 @@ std::array<StreamSpec, kStreamCount> StreamSpecs(const ModelSpec& spec, const Ca
     out.row_data_bytes = f.data_bytes;
     out.row_scale_bytes = f.scale_bytes;
   };
-  auto state = [](StreamSpec& out, const char* name, Component c, int64_t bytes) {
+  // A compressor's state: one page per sequence holding its ring of
+  // StateRows token rows of 2 x width fp32 (kv, then score + ape).
+  auto state = [&](int st, const char* name) {
+    StreamSpec& out = s[static_cast<size_t>(st)];
+    const CompressorGeometry g = StateCompressor(st, spec.head_dim, spec.index_dim);
     out.name = name;
     out.cls = StreamClass::kState;
-    out.component = c;
-    out.page_bytes = RoundUp(bytes, kAlignment);
+    out.component = Component::kCompressorState;
+    out.rows_per_page = static_cast<int32_t>(StateRows(g, D));
+    out.row_data_bytes = 2 * g.width() * static_cast<int32_t>(sizeof(float));  // a multiple of 64
+    out.page_bytes = int64_t{out.rows_per_page} * out.row_data_bytes;
   };
   rows(s[kWindowStream], "window ring", StreamClass::kState, Component::kWindowRing, kv, RowFormat::kKvFp8, B);
   rows(s[kCsaRowsStream], "CSA compressed rows", StreamClass::kHistory, Component::kCompressedRows, kv,
@@ -55,18 +56,20 @@ std::array<StreamSpec, kStreamCount> StreamSpecs(const ModelSpec& spec, const Ca
   rows(s[kCsaKeysStream], "CSA index keys", StreamClass::kHistory, Component::kIndexKeys, key, RowFormat::kIndexFp4, K);
   rows(s[kHcaRowsStream], "HCA compressed rows", StreamClass::kHistory, Component::kCompressedRows, kv,
        RowFormat::kKvFp8, B);
+  state(kCsaStateStream, "CSA compressor state");
+  state(kCsaIndexerStateStream, "CSA indexer state");
+  state(kHcaStateStream, "HCA compressor state");
   // Rollback: D records of 584 B, then the D positions that evicted them.
-  state(s[kRollbackStream], "rollback rows", Component::kWindowRing, int64_t{D} * (kv.row_bytes + 8));
-  state(s[kCsaStateStream], "CSA compressor state", Component::kCompressorState,
-        StatePageBytes(kCsaStateStream, spec, D));
-  state(s[kCsaIndexerStateStream], "CSA indexer state", Component::kCompressorState,
-        StatePageBytes(kCsaIndexerStateStream, spec, D));
-  state(s[kHcaStateStream], "HCA compressor state", Component::kCompressorState,
-        StatePageBytes(kHcaStateStream, spec, D));
+  // None in page-manager mode, where rollback is bookkeeping only.
+  StreamSpec& rollback = s[kRollbackStream];
+  rollback.name = "rollback rows";
+  rollback.cls = StreamClass::kState;
+  rollback.component = Component::kWindowRing;
+  rollback.page_bytes = RoundUp(int64_t{D} * (kv.row_bytes + 8), kAlignment);
   for (int32_t i = 0; i < static_cast<int32_t>(spec.layers.size()); ++i) {
     const LayerKind kind = spec.layers[static_cast<size_t>(i)].kind;
     s[kWindowStream].layers.push_back(i);
-    if (D > 0) s[kRollbackStream].layers.push_back(i);
+    if (D > 0 && !options.page_manager) s[kRollbackStream].layers.push_back(i);
     const LayerParts parts = PartsOf(kind);  // the layer kind's streams, stated once
     for (const int st : {parts.rows, parts.keys, parts.main_state, parts.indexer_state}) {
       if (st >= 0) s[static_cast<size_t>(st)].layers.push_back(i);
@@ -98,7 +101,7 @@ absl::StatusOr<std::array<std::vector<absl::Span<uint8_t>>, kPublicStreams>> Eng
     const int s = static_cast<int>(a.stream);
     if (s < 0 || s >= kPublicStreams) {
       return absl::InvalidArgumentError(absl::StrCat("engine_arrays: layer ", a.layer, ": stream ", s,
-                                                     " is not a Stream (0..3)"));
+                                                     " is not a Stream (0..", kPublicStreams - 1, ")"));
     }
     const StreamSpec& spec = specs[static_cast<size_t>(s)];
     const std::string what = absl::StrCat("engine_arrays: layer ", a.layer, " stream ", spec.name);
@@ -142,8 +145,11 @@ absl::StatusOr<std::array<std::vector<absl::Span<uint8_t>>, kPublicStreams>> Eng
                                                      " overlap; every array needs memory of its own"));
     }
   }
-  // All or none per class: the window arrays, and the history arrays.
-  const std::vector<std::vector<int>> classes = {{kWindowStream}, {kCsaRowsStream, kCsaKeysStream, kHcaRowsStream}};
+  // All or none per group: the window arrays, the history arrays, and the
+  // compressor state arrays.
+  const std::vector<std::vector<int>> classes = {{kWindowStream},
+                                                 {kCsaRowsStream, kCsaKeysStream, kHcaRowsStream},
+                                                 {kCsaStateStream, kCsaIndexerStateStream, kHcaStateStream}};
   for (const std::vector<int>& cls : classes) {
     bool any = false;
     for (const int s : cls) {
@@ -158,7 +164,8 @@ absl::StatusOr<std::array<std::vector<absl::Span<uint8_t>>, kPublicStreams>> Eng
         if (!given[static_cast<size_t>(s)][static_cast<size_t>(l)]) {
           return absl::InvalidArgumentError(absl::StrCat(
               "engine_arrays: layer ", l, " stream ", spec.name, " is missing (arrays are given for every layer of ",
-              s == kWindowStream ? "the window stream" : "the history streams", " or for none)"));
+              s == kWindowStream ? "the window stream" : IsStateStream(s) ? "the compressor state streams" : "the history streams",
+              " or for none)"));
         }
         const int64_t n = static_cast<int64_t>(a.size()) / spec.page_bytes;
         if (pages >= 0 && n != pages) {
@@ -180,8 +187,10 @@ absl::StatusOr<std::unique_ptr<PageStore>> PageStore::Create(const ModelSpec& mo
   const std::array<StreamSpec, kStreamCount> specs = StreamSpecs(model, options);
   KVC_ASSIGN_OR_RETURN(const auto engine, EngineArrays(specs, model, options));
   std::unique_ptr<PageStore> store(new PageStore());
+  store->page_manager_ = options.page_manager;
   store->limit_[static_cast<int>(StreamClass::kHistory)] = options.history_bytes;
   store->limit_[static_cast<int>(StreamClass::kState)] = options.state_bytes;
+  store->prefix_limit_ = options.prefix_bytes;
   const size_t n_layers = model.layers.size();
   int kvc_streams = 0;
   for (int s = 0; s < kStreamCount; ++s) {
@@ -208,9 +217,11 @@ absl::StatusOr<std::unique_ptr<PageStore>> PageStore::Create(const ModelSpec& mo
       Stream& st = store->streams_[static_cast<size_t>(s)];
       if (st.spec.layers.empty() || st.engine_owned) continue;
       const int64_t id_bytes = st.spec.page_bytes * static_cast<int64_t>(st.spec.layers.size());
-      const int64_t budget = std::max<int64_t>(0, store->limit_[static_cast<int>(st.spec.cls)]);
+      // Room for the class's live pages and for the prefix cache's.
+      const int64_t class_limit = std::max<int64_t>(0, store->limit_[static_cast<int>(st.spec.cls)]);
+      const int64_t budget = class_limit > INT64_MAX - store->prefix_limit_ ? INT64_MAX : class_limit + store->prefix_limit_;
       st.num_pages = std::min({budget / id_bytes, MaxPages(st.spec), cap / kvc_streams / id_bytes});
-      if (st.num_pages == 0) continue;
+      if (st.num_pages == 0 || store->page_manager_) continue;  // page-manager mode: ids only, no memory
       const int64_t bytes = st.num_pages * st.spec.page_bytes;
       for (const int32_t l : st.spec.layers) {
         void* p = ::mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE,
@@ -237,7 +248,11 @@ PageStore::~PageStore() {
   for (const auto& [p, bytes] : mappings_) ::munmap(p, static_cast<size_t>(bytes));
 }
 
-absl::Status PageStore::Allocate(absl::Span<const Request> requests) {
+absl::Status PageStore::Allocate(absl::Span<const Request> requests) { return AllocateIds(requests, false); }
+
+absl::Status PageStore::AllocatePinned(absl::Span<const Request> requests) { return AllocateIds(requests, true); }
+
+absl::Status PageStore::AllocateIds(absl::Span<const Request> requests, bool pinned) {
   // Grant under the lock (all or nothing); zero the pages after it.
   std::vector<std::pair<int, PageId>> to_zero;
   {
@@ -255,14 +270,16 @@ absl::Status PageStore::Allocate(absl::Span<const Request> requests) {
       const int64_t free_ids = static_cast<int64_t>(st.free.size());
       const int64_t created = static_cast<int64_t>(st.refcount.size());
       const int64_t id_bytes = this->id_bytes(s);
-      const int64_t left = limit_[c] - used_[c] - class_need[c];
+      const int64_t left = pinned ? prefix_limit_ - prefix_used_[0] - prefix_used_[1] - class_need[0] - class_need[1]
+                                  : limit_[c] - used_[c] - class_need[c];
       // Division, not multiplication: n may be anything.
       if (need[s] - free_ids > st.num_pages - created || need[s] > left / id_bytes) {
         return absl::ResourceExhaustedError(absl::StrCat(
             st.spec.name, ": needs ", need[s], " pages (", st.spec.page_bytes, " B x ", layers(s), " layers = ",
             id_bytes, " B each); ", st.num_pages - st.used, " of ", st.num_pages, " pages free; the ",
-            c == static_cast<int>(StreamClass::kHistory) ? "history" : "state", " budget has ", limit_[c] - used_[c],
-            " of ", limit_[c], " bytes free"));
+            pinned ? "prefix" : c == static_cast<int>(StreamClass::kHistory) ? "history" : "state", " budget has ",
+            pinned ? prefix_limit_ - prefix_used_[0] - prefix_used_[1] : limit_[c] - used_[c], " of ",
+            pinned ? prefix_limit_ : limit_[c], " bytes free"));
       }
       class_need[c] += need[s] * id_bytes;
     }
@@ -272,7 +289,9 @@ absl::Status PageStore::Allocate(absl::Span<const Request> requests) {
         Stream& st = streams_[static_cast<size_t>(s)];
         const size_t created = st.refcount.size() + static_cast<size_t>(std::max<int64_t>(0, need[s] - static_cast<int64_t>(st.free.size())));
         if (st.refcount.capacity() < created) st.refcount.reserve(std::max(created, 2 * st.refcount.capacity()));
+        if (st.pins.capacity() < created) st.pins.reserve(std::max(created, 2 * st.pins.capacity()));
         if (st.free.capacity() < created) st.free.reserve(std::max(created, 2 * st.free.capacity()));
+        if (page_manager_ && st.deferred.capacity() < created) st.deferred.reserve(std::max(created, 2 * st.deferred.capacity()));
       }
       size_t total = 0;
       for (const Request& r : requests) {
@@ -291,18 +310,25 @@ absl::Status PageStore::Allocate(absl::Span<const Request> requests) {
           id = st.free.back();
           st.free.pop_back();
           st.refcount[static_cast<size_t>(id)] = 1;
-          to_zero.emplace_back(r.stream, id);  // written before
+          st.pins[static_cast<size_t>(id)] = pinned ? 1 : 0;
+          if (!page_manager_) to_zero.emplace_back(r.stream, id);  // written before
         } else {
           id = static_cast<PageId>(st.refcount.size());
           st.refcount.push_back(1);
-          if (st.engine_owned) to_zero.emplace_back(r.stream, id);  // kvc's fresh pages are zero
+          st.pins.push_back(pinned ? 1 : 0);
+          if (st.engine_owned && !page_manager_) to_zero.emplace_back(r.stream, id);  // kvc's fresh pages are zero
         }
         r.out->push_back(id);
       }
       st.used += r.n;
+      if (pinned) {
+        st.pinned += r.n;
+        st.cached += r.n;
+      }
     }
-    used_[0] += class_need[0];
-    used_[1] += class_need[1];
+    int64_t* const used = pinned ? prefix_used_ : used_;
+    used[0] += class_need[0];
+    used[1] += class_need[1];
   }
   for (const auto& [s, id] : to_zero) {
     for (const int32_t l : spec(s).layers) std::memset(Page(s, l, id), 0, static_cast<size_t>(spec(s).page_bytes));
@@ -312,17 +338,167 @@ absl::Status PageStore::Allocate(absl::Span<const Request> requests) {
 
 void PageStore::Ref(int s, PageId id) {
   std::lock_guard<std::mutex> lock(mu_);
-  ++streams_[static_cast<size_t>(s)].refcount[static_cast<size_t>(id)];
+  Stream& st = streams_[static_cast<size_t>(s)];
+  const size_t i = static_cast<size_t>(id);
+  if (st.refcount[i]++ == st.pins[i] && st.pins[i] > 0) ToLive(s);
 }
 
 void PageStore::Unref(int s, PageId id) {
-  std::lock_guard<std::mutex> lock(mu_);
+  bool over_budget = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    Stream& st = streams_[static_cast<size_t>(s)];
+    const size_t i = static_cast<size_t>(id);
+    if (--st.refcount[i] == 0) {
+      Release(s, id);
+    } else if (st.refcount[i] == st.pins[i]) {
+      ToCacheOnly(s);  // its last live reference went
+      over_budget = prefix_used_[0] + prefix_used_[1] > prefix_limit_;
+    }
+  }
+  if (over_budget && over_budget_hook_) over_budget_hook_();
+}
+
+void PageStore::Release(int s, PageId id) {
   Stream& st = streams_[static_cast<size_t>(s)];
-  if (--st.refcount[static_cast<size_t>(id)] == 0) {
-    st.free.push_back(id);  // capacity reserved when the id was created
-    --st.used;
+  if (page_manager_ && epoch_ > completed_epoch_) {  // a running step may still read it
+    st.deferred.emplace_back(epoch_, id);             // capacity reserved when the id was created
+    return;                                           // counted where it was (if anywhere) until CompleteSteps
+  }
+  Free(s, id);
+}
+
+void PageStore::Free(int s, PageId id) {
+  Stream& st = streams_[static_cast<size_t>(s)];
+  int32_t& pins = st.pins[static_cast<size_t>(id)];
+  if (pins == -1) {
+    pins = 0;  // an evicted prefix's page: it left the prefix budget when its last pin went
+  } else {
     used_[static_cast<int>(st.spec.cls)] -= id_bytes(s);
   }
+  st.free.push_back(id);  // capacity reserved when the id was created
+  --st.used;
+}
+
+void PageStore::ToCacheOnly(int s) {
+  const int c = static_cast<int>(spec(s).cls);
+  used_[c] -= id_bytes(s);
+  prefix_used_[c] += id_bytes(s);
+  ++streams_[static_cast<size_t>(s)].cached;
+}
+
+void PageStore::ToLive(int s) {
+  const int c = static_cast<int>(spec(s).cls);
+  prefix_used_[c] -= id_bytes(s);
+  used_[c] += id_bytes(s);
+  --streams_[static_cast<size_t>(s)].cached;
+}
+
+void PageStore::Pin(int s, PageId id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stream& st = streams_[static_cast<size_t>(s)];
+  const size_t i = static_cast<size_t>(id);
+  ++st.refcount[i];  // cache-only stays cache-only, live stays live
+  if (st.pins[i]++ == 0) ++st.pinned;
+}
+
+void PageStore::Unpin(int s, PageId id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stream& st = streams_[static_cast<size_t>(s)];
+  const size_t i = static_cast<size_t>(id);
+  // Dropping a pin with its reference keeps a cache-only id cache-only and
+  // a live id live; only the last reference frees.
+  --st.refcount[i];
+  if (--st.pins[i] == 0) --st.pinned;
+  if (st.refcount[i] == 0) {  // it was cache-only: its last reference was this pin
+    // It leaves the prefix budget now, even if a running step may still read
+    // it (page-manager mode; it is then reused only after CompleteSteps):
+    // the prefix is gone, and a publish must not wait for the device to
+    // find the room it made. pins -1 marks it counted in no budget.
+    --st.cached;
+    prefix_used_[static_cast<int>(st.spec.cls)] -= id_bytes(s);
+    st.pins[i] = -1;
+    Release(s, id);
+  }
+}
+
+uint64_t PageStore::BeginStep() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return ++epoch_;
+}
+
+int64_t PageStore::CompleteSteps(uint64_t epoch) {
+  std::lock_guard<std::mutex> lock(mu_);
+  completed_epoch_ = std::max(completed_epoch_, std::min(epoch, epoch_));
+  int64_t released = 0;
+  for (int s = 0; s < kStreamCount; ++s) {
+    Stream& st = streams_[static_cast<size_t>(s)];
+    size_t kept = 0;
+    for (const auto& [tag, id] : st.deferred) {  // tags ascend: ids wait in the order they were freed
+      if (tag > completed_epoch_) {
+        st.deferred[kept++] = {tag, id};
+        continue;
+      }
+      Free(s, id);
+      ++released;
+    }
+    st.deferred.resize(kept);
+  }
+  return released;
+}
+
+uint64_t PageStore::epoch() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return epoch_;
+}
+
+uint64_t PageStore::completed_epoch() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return completed_epoch_;
+}
+
+absl::Status PageStore::RefLive(absl::Span<const std::pair<int, PageId>> ids) {
+  std::lock_guard<std::mutex> lock(mu_);
+  int64_t need[2] = {0, 0};  // bytes moving from the prefix budget to each class
+  int first_short[2] = {-1, -1};
+  for (const auto& [s, id] : ids) {
+    const Stream& st = streams_[static_cast<size_t>(s)];
+    const size_t i = static_cast<size_t>(id);
+    if (st.refcount[i] == st.pins[i]) {
+      const int c = static_cast<int>(st.spec.cls);
+      need[c] += id_bytes(s);
+      if (first_short[c] < 0) first_short[c] = s;
+    }
+  }
+  for (int c = 0; c < 2; ++c) {
+    if (need[c] > limit_[c] - used_[c]) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          spec(first_short[c]).name, ": a cached prefix's pages of ", need[c], " B become live; the ",
+          c == static_cast<int>(StreamClass::kHistory) ? "history" : "state", " budget has ", limit_[c] - used_[c],
+          " of ", limit_[c], " bytes free"));
+    }
+  }
+  for (const auto& [s, id] : ids) {
+    Stream& st = streams_[static_cast<size_t>(s)];
+    const size_t i = static_cast<size_t>(id);
+    if (st.refcount[i]++ == st.pins[i]) ToLive(s);
+  }
+  return absl::OkStatus();
+}
+
+int32_t PageStore::PinCount(int s, PageId id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return std::max(0, streams_[static_cast<size_t>(s)].pins[static_cast<size_t>(id)]);
+}
+
+int64_t PageStore::prefix_used() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return prefix_used_[0] + prefix_used_[1];
+}
+
+int64_t PageStore::prefix_used(StreamClass c) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return prefix_used_[static_cast<int>(c)];
 }
 
 int32_t PageStore::RefCount(int s, PageId id) const {
@@ -330,7 +506,11 @@ int32_t PageStore::RefCount(int s, PageId id) const {
   return streams_[static_cast<size_t>(s)].refcount[static_cast<size_t>(id)];
 }
 
-void PageStore::CopyPage(int s, PageId from, PageId to) const {
+void PageStore::CopyPage(int s, PageId from, PageId to, std::vector<PageCopy>* engine_copies) const {
+  if (page_manager_) {
+    engine_copies->push_back({static_cast<kvc::Stream>(s), from, to});
+    return;
+  }
   for (const int32_t l : spec(s).layers) {
     std::memcpy(Page(s, l, to), Page(s, l, from), static_cast<size_t>(spec(s).page_bytes));
   }
@@ -339,7 +519,8 @@ void PageStore::CopyPage(int s, PageId from, PageId to) const {
 PageStore::Stats PageStore::StreamStats(int s) const {
   std::lock_guard<std::mutex> lock(mu_);
   const Stream& st = streams_[static_cast<size_t>(s)];
-  return {st.used, static_cast<int64_t>(st.refcount.size())};
+  return {st.used, static_cast<int64_t>(st.refcount.size()), static_cast<int64_t>(st.deferred.size()), st.pinned,
+          st.cached};
 }
 
 }  // namespace cache_internal

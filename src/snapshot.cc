@@ -113,6 +113,10 @@ ModelDescription Describe(const Impl& impl) {
   add("window_rope", RopeText(s.window_rope));
   add("compressed_rope", RopeText(s.compressed_rope));
   add("rollback_depth", absl::StrCat(impl.options.rollback_depth));
+  // The state blocks' rings hold window + draft_slots rows. Absent (what
+  // every file before draft slots has) means 0, so a cache without draft
+  // slots describes itself, and writes its files, exactly as before.
+  if (impl.options.draft_slots != 0) add("draft_slots", absl::StrCat(impl.options.draft_slots));
   for (size_t i = 0; i < s.layers.size(); ++i) {
     m.fields.emplace_back(absl::StrCat("layer ", i, " compressor"), ParamsText(s.layers[i].compressor));
     m.fields.emplace_back(absl::StrCat("layer ", i, " indexer"), ParamsText(s.layers[i].indexer));
@@ -241,6 +245,7 @@ absl::StatusOr<SaveStats> Save(FileSystem& fs, const Cache& cache, absl::Span<co
   KVC_ASSIGN_OR_RETURN(const snapshot_format::SaveTarget target, snapshot_format::ResolveSaveTarget(path_given));
   const std::string& path = target.path;
   Impl& impl = SnapshotAccess::Of(cache);
+  KVC_RETURN_IF_ERROR(impl.RefuseInPageManagerMode("SaveSnapshot"));
   std::vector<std::pair<SequenceId, std::shared_ptr<Sequence>>> seqs;
   for (const SequenceId id : ids) {
     absl::StatusOr<std::shared_ptr<Sequence>> seq = impl.Find(id);
@@ -295,6 +300,7 @@ absl::StatusOr<SaveStats> Save(FileSystem& fs, const Cache& cache, absl::Span<co
       std::lock_guard<std::mutex> lock(seq->mu);
       if (seq->freed && skip_freed) continue;
       if (seq->freed) return absl::NotFoundError(absl::StrCat("sequence ", id, " was freed"));
+      KVC_RETURN_IF_ERROR(Impl::RefuseInStep(*seq, id, "SaveSnapshot"));  // its layers may be mid-step
       const SequenceEntry* prior = nullptr;
       if (existing && seq->snapshot_tag != 0) {
         for (const SequenceEntry& e : existing->commit.sequences) {
@@ -368,6 +374,7 @@ absl::StatusOr<SaveStats> SaveCacheSnapshot(const Cache& cache, const std::strin
 
 absl::StatusOr<std::vector<SequenceId>> RestoreSnapshot(Cache& cache, const std::string& path) {
   Impl& impl = SnapshotAccess::Of(cache);
+  KVC_RETURN_IF_ERROR(impl.RefuseInPageManagerMode("RestoreSnapshot"));
   KVC_ASSIGN_OR_RETURN(const OpenedSnapshot snap, OpenSnapshot(path));
   KVC_RETURN_IF_ERROR(CheckSameModel(snap.model, Describe(impl), path));
   KVC_RETURN_IF_ERROR(ScanBlocks(snap, /*check_superseded=*/true).status());
@@ -419,6 +426,7 @@ absl::StatusOr<std::vector<SequenceId>> RestoreSnapshot(Cache& cache, const std:
           impl.State(parts.indexer_state)->Restore(*seq, li, state.indexer_state);
         }
         ls.length = le.length;
+        ls.ring_end = le.length;
         ls.floor = le.floor;
         const HistoryStream* histories[kStreams] = {impl.RowsOf(li), impl.KeysOf(li)};
         for (int st = 0; st < kStreams; ++st) {

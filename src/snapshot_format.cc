@@ -338,14 +338,34 @@ absl::StatusOr<ModelDescription> DecodeModel(const std::vector<uint8_t>& payload
   return m;
 }
 
+namespace {
+
+// The value a model field has when a description leaves it out (fields added
+// after version 1 files were written), or null: the field is required.
+const char* FieldDefault(const std::string& key) { return key == "draft_slots" ? "0" : nullptr; }
+
+}  // namespace
+
 absl::Status CheckSameModel(const ModelDescription& file, const ModelDescription& cache, const std::string& path) {
   for (const auto& [key, value] : cache.fields) {
     const std::string* saved = file.Find(key);
-    if (saved == nullptr || *saved != value) {
+    const char* fallback = FieldDefault(key);
+    const std::string saved_value = saved != nullptr ? *saved : fallback != nullptr ? fallback : "";
+    if ((saved == nullptr && fallback == nullptr) || saved_value != value) {
       return absl::FailedPreconditionError(absl::StrCat(
           path, " was saved for another model (\"", file.name, "\"): ", key, " is ",
-          saved == nullptr ? "missing" : absl::StrCat("\"", *saved, "\""), " in the snapshot but \"", value,
-          "\" in this cache"));
+          saved == nullptr && fallback == nullptr ? "missing" : absl::StrCat("\"", saved_value, "\""),
+          " in the snapshot but \"", value, "\" in this cache"));
+    }
+  }
+  // Fields with a default that only the file has (a cache at the default
+  // leaves them out).
+  for (const auto& [key, value] : file.fields) {
+    const char* fallback = FieldDefault(key);
+    if (fallback != nullptr && cache.Find(key) == nullptr && value != fallback) {
+      return absl::FailedPreconditionError(absl::StrCat(path, " was saved for another model (\"", file.name, "\"): ",
+                                                        key, " is \"", value, "\" in the snapshot but \"", fallback,
+                                                        "\" in this cache"));
     }
   }
   if (file.fields.size() != cache.fields.size()) {
@@ -366,6 +386,9 @@ absl::StatusOr<Geometry> GeometryOf(const ModelDescription& m, const std::string
   };
   KVC_RETURN_IF_ERROR(number("window", 1, 1 << 20, &g.window));
   KVC_RETURN_IF_ERROR(number("rollback_depth", 0, g.window, &g.depth));
+  int64_t draft_slots = 0;  // absent: 0 (CheckSameModel's default)
+  if (m.Find("draft_slots") != nullptr) KVC_RETURN_IF_ERROR(number("draft_slots", 0, kMaxDraftSlots, &draft_slots));
+  g.ring_slots = g.window + draft_slots;
   KVC_RETURN_IF_ERROR(number("head_dim", kHeadDim, kHeadDim, &g.head_dim));
   KVC_RETURN_IF_ERROR(number("index_dim", kIndexDim, kIndexDim, &g.index_dim));
   KVC_RETURN_IF_ERROR(number("max_context", 1, int64_t{1} << 40, &g.max_context));
@@ -550,7 +573,7 @@ absl::StatusOr<StateBlock> ReadState(const File& f, int64_t offset, int64_t limi
                                             "; the commit expects layer ", layer, " at ", length));
   }
   const int64_t main_floats = g.MainStateFloats(layer), indexer_floats = g.IndexerStateFloats(layer);
-  b.ring = d.Bytes(static_cast<uint64_t>(g.window * kKvRowBytes));
+  b.ring = d.Bytes(static_cast<uint64_t>(g.ring_slots * kKvRowBytes));
   b.rollback = d.Bytes(static_cast<uint64_t>(g.depth * kKvRowBytes));
   b.evictors = d.Bytes(static_cast<uint64_t>(g.depth * 8));
   b.main_state = d.Bytes(static_cast<uint64_t>(main_floats * 4));
@@ -558,7 +581,7 @@ absl::StatusOr<StateBlock> ReadState(const File& f, int64_t offset, int64_t limi
   if (!d.ok() || d.remaining() != 0) {
     return absl::DataLossError(absl::StrCat(where, " has ", buffer->size(), " bytes, not the layer's state size"));
   }
-  if (FirstInvalidKvRow(b.ring, g.window) >= 0 || FirstInvalidKvRow(b.rollback, g.depth) >= 0) {
+  if (FirstInvalidKvRow(b.ring, g.ring_slots) >= 0 || FirstInvalidKvRow(b.rollback, g.depth) >= 0) {
     return absl::DataLossError(absl::StrCat(where, " holds window rows kvc cannot have written (NaN codes, non-finite values or padding)"));
   }
   // Rollback records: slot q mod D holds the record of position q (or -1);

@@ -346,7 +346,8 @@ struct ModelDescription {
 absl::StatusOr<ModelDescription> DecodeModel(const std::vector<uint8_t>& payload, const std::string& path);
 
 // kFailedPrecondition naming the first field where the snapshot's model and
-// the cache's differ.
+// the cache's differ. A field only one side has reads as its default on the
+// other where it has one ("draft_slots": "0"), else as missing.
 absl::Status CheckSameModel(const ModelDescription& file, const ModelDescription& cache, const std::string& path);
 
 // The shapes a snapshot's blocks must have, from its model description
@@ -355,6 +356,7 @@ struct Geometry {
   std::vector<LayerKind> kinds;
   std::vector<bool> compresses;  // kvc computes the layer's entries (state saved)
   int64_t window = 0, depth = 0, head_dim = 0, index_dim = 0, max_context = 0;
+  int64_t ring_slots = 0;  // window + draft_slots: the rows of a state block's ring
 
   // The state sections: cache_internal::StateFloats of the layer's state
   // streams (the cache's CompressorState parts hold exactly these).
@@ -444,7 +446,7 @@ absl::StatusOr<RowsBlock> ReadRows(const File& f, int64_t offset, int64_t limit,
 
 // A state block: one layer's private pages, pointing into the caller's buffer.
 struct StateBlock {
-  const uint8_t* ring = nullptr;       // window x 584 B, slot order
+  const uint8_t* ring = nullptr;       // ring_slots x 584 B, slot order
   const uint8_t* rollback = nullptr;   // depth x 584 B
   const uint8_t* evictors = nullptr;   // depth x int64 (position whose append evicted the record; -1 none)
   const uint8_t* main_state = nullptr;     // MainStateFloats x fp32

@@ -14,7 +14,9 @@
 
 #include <array>
 #include <cstdint>
+#include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "kvc/cache.h"
@@ -50,11 +52,36 @@ struct LayerStreams {
   int64_t floor = 0;   // smallest length a Truncate may restore
   int64_t compressed_rows = 0;  // in kCsaRows (CSA) or kHcaRows (HCA)
   int64_t key_rows = 0;         // in kCsaKeys (CSA)
+  // The furthest length whose ring rows were written: the ring holds the
+  // rows of positions [ring_end - ring slots, length). Equal to `length` in
+  // kvc's mode (a truncation or abort puts evicted rows back); in
+  // page-manager mode a truncation or abort leaves the later rows in place,
+  // so older positions are gone until the sequence grows past ring_end.
+  int64_t ring_end = 0;
+};
+
+// A sequence's part in an open step (Cache::PlanStep): what the plan
+// reserved, and what an abort puts back.
+struct OpenStep {
+  uint64_t epoch = 0;
+  int64_t start = 0;       // every layer's length when planned
+  int64_t new_tokens = 0;
+  std::vector<LayerStreams> layers_at_plan;
+  // Per stream: the table's length when planned, and the shared pages the
+  // plan replaced by private copies (table position, original id; the
+  // original stays referenced until the step ends).
+  std::array<size_t, kStreamCount> table_size{};
+  std::array<std::vector<std::pair<size_t, PageId>>, kStreamCount> replaced;
+  // A step longer than the rollback depth: a copy of each state stream's
+  // pages (ring, rollback records, compressor state), in table order.
+  bool checkpointed = false;
+  std::array<std::vector<PageId>, kStreamCount> checkpoint;
 };
 
 struct Sequence {
   mutable std::mutex mu;  // guards the members below
   bool freed = false;
+  std::unique_ptr<OpenStep> step;  // non-null while the sequence is in an open step
   std::vector<LayerStreams> layers;
   // One block table per stream, shared by every layer of it (StreamIndex):
   // window ring ceil(W / B) ids; history streams the pages covering the
@@ -83,8 +110,9 @@ class StreamPart {
   // The granted pages' first contents (the store hands them out zeroed).
   virtual void Init(Sequence& /*seq*/) const {}
   // Makes `child` (reserved and granted) hold what `parent` holds: private
-  // pages copied, shared pages referenced.
-  virtual void Fork(const Sequence& parent, Sequence& child) const = 0;
+  // pages copied (in page-manager mode listed in *engine_copies for the
+  // engine), shared pages referenced.
+  virtual void Fork(const Sequence& parent, Sequence& child, std::vector<PageCopy>* engine_copies) const = 0;
   // Every layer goes back from `current` to `length` tokens (the cache
   // checked the rollback floor; `layers[i].length` still reads `current`).
   virtual void Truncate(Sequence& seq, int64_t current, int64_t length) const = 0;

@@ -276,7 +276,8 @@ static void TestPages(void) {
   CHECK(kvc_layer_pages(cache, 2, KVC_STREAM_HCA_ROWS, &hca_rows) == KVC_OK);
   CHECK(kvc_layer_pages(cache, 0, KVC_STREAM_CSA_ROWS, &none) == KVC_ERR_NOT_FOUND);
   CHECK(kvc_layer_pages(cache, 2, KVC_STREAM_CSA_KEYS, &none) == KVC_ERR_NOT_FOUND);
-  CHECK(kvc_layer_pages(cache, 0, 4, &none) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_layer_pages(cache, 0, KVC_STREAM_CSA_STATE, &none) == KVC_ERR_NOT_FOUND);
+  CHECK(kvc_layer_pages(cache, 0, 7, &none) == KVC_ERR_INVALID_ARGUMENT);
   CHECK(kvc_layer_pages(cache, 3, KVC_STREAM_WINDOW, &none) == KVC_ERR_INVALID_ARGUMENT);
 
   /* 300 tokens in every layer; the engine brings the CSA and HCA entries. */
@@ -511,10 +512,461 @@ static void TestEngineArrays(void) {
   for (int i = 0; i < n; ++i) free(memory[i]);
 }
 
+/* Appends tokens [from, to) to every layer of kConfig's model with
+ * projections; a token's inputs depend only on its layer and position. */
+static void AppendRange(kvc_cache* cache, kvc_seq seq, int64_t from, int64_t to) {
+  const int64_t n = to - from;
+  uint16_t* window = malloc((size_t)n * KVC_HEAD_DIM * sizeof(uint16_t));
+  float* values = malloc(KVC_HEAD_DIM * sizeof(float));
+  float* kv = malloc((size_t)n * 1024 * sizeof(float));
+  float* score = malloc((size_t)n * 1024 * sizeof(float));
+  float* ikv = malloc((size_t)n * 256 * sizeof(float));
+  float* iscore = malloc((size_t)n * 256 * sizeof(float));
+  for (int32_t layer = 0; layer < 3; ++layer) {
+    const int64_t width = layer == 1 ? 1024 : 512;
+    for (int64_t t = 0; t < n; ++t) {
+      const uint32_t seed = (uint32_t)((from + t) * 8 + layer);
+      Fill(values, KVC_HEAD_DIM, seed, 3.0f);
+      for (int i = 0; i < KVC_HEAD_DIM; ++i) window[t * KVC_HEAD_DIM + i] = Bf16(values[i]);
+      Fill(kv + t * width, width, seed + 100000u, 1.0f);
+      Fill(score + t * width, width, seed + 200000u, 2.0f);
+      Fill(ikv + t * 256, 256, seed + 300000u, 1.0f);
+      Fill(iscore + t * 256, 256, seed + 400000u, 2.0f);
+    }
+    kvc_layer_tokens tokens = {window, NULL, NULL, NULL, NULL, n};
+    if (layer > 0) tokens.compressor_kv = kv, tokens.compressor_score = score;
+    if (layer == 1) tokens.indexer_kv = ikv, tokens.indexer_score = iscore;
+    CHECK(kvc_seq_append_tokens(cache, seq, layer, from, &tokens) == KVC_OK);
+  }
+  free(window);
+  free(values);
+  free(kv);
+  free(score);
+  free(ikv);
+  free(iscore);
+}
+
+/* 1 if the two sequences' window rings and every stored row of `stream` on
+ * `layer` are the same bytes. */
+static int SameRows(kvc_cache* cache, kvc_seq a, kvc_seq b, int32_t layer, int32_t stream) {
+  int64_t rows_a = -1, rows_b = -2;
+  if (kvc_seq_stream_rows(cache, a, layer, stream, &rows_a) != KVC_OK ||
+      kvc_seq_stream_rows(cache, b, layer, stream, &rows_b) != KVC_OK || rows_a != rows_b) {
+    return 0;
+  }
+  kvc_page_array pages;
+  int32_t ids_a[64], ids_b[64];
+  int64_t count = 0;
+  if (kvc_layer_pages(cache, layer, stream, &pages) != KVC_OK) return 0;
+  if (kvc_seq_block_table(cache, a, stream, ids_a, 64, &count) != KVC_OK || count > 64) return 0;
+  if (kvc_seq_block_table(cache, b, stream, ids_b, 64, &count) != KVC_OK || count > 64) return 0;
+  const int64_t row_bytes = pages.row_data_bytes + pages.row_scale_bytes;
+  for (int64_t r = 0; r < rows_a; ++r) {
+    const int64_t in_page = r % pages.rows_per_page;
+    for (int part = 0; part < 2; ++part) {
+      const int64_t offset = part == 0 ? in_page * pages.row_data_bytes
+                                       : pages.rows_per_page * pages.row_data_bytes + in_page * pages.row_scale_bytes;
+      const int64_t size = part == 0 ? pages.row_data_bytes : pages.row_scale_bytes;
+      const uint8_t* pa = (const uint8_t*)pages.base + ids_a[r / pages.rows_per_page] * pages.page_bytes + offset;
+      const uint8_t* pb = (const uint8_t*)pages.base + ids_b[r / pages.rows_per_page] * pages.page_bytes + offset;
+      if (memcmp(pa, pb, (size_t)size) != 0) return 0;
+    }
+  }
+  return row_bytes > 0;
+}
+
+/* Prefix caching from C: publish, free the publisher, restore, continue
+ * byte for byte as a sequence that appended everything; lookups, refusals,
+ * counters. */
+static void TestPrefix(void) {
+  Params p;
+  ParamsInit(&p, 7);
+  kvc_options options;
+  kvc_options_default(&options);
+  CHECK(options.prefix_block_tokens == 256 && options.prefix_bytes > 0);
+  options.prefix_block_tokens = 128;
+  options.rows_per_page = 8;
+  options.keys_per_page = 8;
+  kvc_cache* cache = NULL;
+  CHECK(kvc_cache_create_from_config_with_params(kConfig, strlen(kConfig), &options, &p.model, &cache) == KVC_OK);
+  if (cache == NULL) return;
+  int64_t block = 0;
+  CHECK(kvc_prefix_block_tokens(cache, &block) == KVC_OK && block == 128);
+
+  kvc_seq publisher = 0, fresh = 0, reused = 0;
+  CHECK(kvc_seq_create(cache, &publisher) == KVC_OK);
+  AppendRange(cache, publisher, 0, 256);
+  const uint64_t hashes[] = {0x1111, 0x2222, 0x3333};
+  CHECK(kvc_prefix_publish(cache, publisher, hashes, 2) == KVC_OK);
+  CHECK(kvc_seq_free(cache, publisher) == KVC_OK);
+  int64_t tokens = -1, shared = -1;
+  CHECK(kvc_prefix_lookup(cache, hashes, 3, &tokens, &shared) == KVC_OK && tokens == 256 && shared == 256);
+  CHECK(kvc_seq_create_from_prefix(cache, hashes, 3, &reused, &tokens) == KVC_OK && tokens == 256);
+  CHECK(kvc_seq_create(cache, &fresh) == KVC_OK);
+  AppendRange(cache, fresh, 0, 256);
+  AppendRange(cache, reused, 256, 300);
+  AppendRange(cache, fresh, 256, 300);
+  for (int32_t layer = 0; layer < 3; ++layer) {
+    uint16_t* ring_a = calloc(16 * KVC_HEAD_DIM, sizeof(uint16_t));
+    uint16_t* ring_b = calloc(16 * KVC_HEAD_DIM, sizeof(uint16_t));
+    CHECK(kvc_seq_read_window(cache, reused, layer, ring_a, 16 * KVC_HEAD_DIM) == KVC_OK);
+    CHECK(kvc_seq_read_window(cache, fresh, layer, ring_b, 16 * KVC_HEAD_DIM) == KVC_OK);
+    CHECK(memcmp(ring_a, ring_b, 16 * KVC_HEAD_DIM * sizeof(uint16_t)) == 0);
+    free(ring_a);
+    free(ring_b);
+  }
+  CHECK(SameRows(cache, reused, fresh, 1, KVC_STREAM_CSA_ROWS));
+  CHECK(SameRows(cache, reused, fresh, 1, KVC_STREAM_CSA_KEYS));
+  CHECK(SameRows(cache, reused, fresh, 2, KVC_STREAM_HCA_ROWS));
+
+  /* A chain that leaves after block 0: its history is there, no prefix ends there. */
+  const uint64_t other[] = {0x1111, 0x9999};
+  CHECK(kvc_prefix_lookup(cache, other, 2, &tokens, NULL) == KVC_OK && tokens == 0);
+  CHECK(kvc_prefix_lookup(cache, other, 2, &tokens, &shared) == KVC_OK && shared == 128);
+  kvc_seq empty = 0;
+  CHECK(kvc_seq_create_from_prefix(cache, NULL, 0, &empty, &tokens) == KVC_OK && tokens == 0);
+  int64_t length = -1;
+  CHECK(kvc_seq_length(cache, empty, 0, &length) == KVC_OK && length == 0);
+
+  /* Refusals: codes and messages, nothing published. */
+  CHECK(kvc_prefix_publish(cache, fresh, hashes, 2) == KVC_ERR_FAILED_PRECONDITION); /* passed by 44 > 16 */
+  CHECK(strstr(kvc_last_error(), "has passed 256 tokens by 44") != NULL);
+  CHECK(kvc_prefix_publish(cache, fresh, hashes, 3) == KVC_ERR_FAILED_PRECONDITION);
+  CHECK(kvc_prefix_publish(cache, fresh, hashes, 0) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_prefix_publish(cache, fresh, NULL, 2) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_prefix_publish(cache, 12345, hashes, 1) == KVC_ERR_NOT_FOUND);
+  CHECK(kvc_prefix_publish(NULL, fresh, hashes, 1) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_seq_create_from_prefix(cache, hashes, -1, &empty, &tokens) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_seq_create_from_prefix(cache, hashes, 1, NULL, &tokens) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_prefix_lookup(cache, NULL, 3, &tokens, &shared) == KVC_ERR_INVALID_ARGUMENT);
+
+  kvc_prefix_usage u;
+  CHECK(kvc_cache_prefix_usage(cache, &u) == KVC_OK);
+  CHECK(u.hits == 1 && u.misses == 1 && u.tokens_reused == 256 && u.published == 1 && u.prefixes == 1);
+  CHECK(u.cached_tokens == 256 && u.evictions == 0 && u.limit_bytes == options.prefix_bytes);
+  CHECK(u.checkpoint_bytes > 0 && u.cached_bytes == u.history_bytes + u.checkpoint_bytes);
+  CHECK(kvc_cache_prefix_usage(cache, NULL) == KVC_ERR_INVALID_ARGUMENT);
+  kvc_cache_destroy(cache);
+  ParamsFree(&p);
+}
+
+/* Draft ring slots and a verify step's selection (kvc_seq_select_positions):
+ * the last four positions of kvc_config's 100-token sequence selected in one
+ * call, each checked against what it must be: its window positions at ring
+ * slot position mod (16 + 3) through the block table; its CSA entries the 8
+ * best by its own query's index scores (kvc_index_scores) among the entries
+ * visible at it; the last position equal to kvc_seq_select. */
+static void TestSelectPositions(void) {
+  kvc_options options;
+  kvc_options_default(&options);
+  CHECK(options.draft_slots == 0);
+  kvc_cache* cache = NULL;
+  options.draft_slots = 4097;
+  CHECK(kvc_cache_create_from_config(kConfig, sizeof(kConfig) - 1, &options, &cache) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(kvc_last_error(), "draft_slots 4097 must be in [0, 4096]") != NULL);
+  options.draft_slots = -1;
+  CHECK(kvc_cache_create_from_config(kConfig, sizeof(kConfig) - 1, &options, &cache) == KVC_ERR_INVALID_ARGUMENT);
+  options.draft_slots = 3;
+  options.rows_per_page = 8;
+  Params p;
+  ParamsInit(&p, 5);
+  CHECK(kvc_cache_create_from_config_with_params(kConfig, sizeof(kConfig) - 1, &options, &p.model, &cache) == KVC_OK);
+  ParamsFree(&p);
+  if (cache == NULL) return;
+  const kvc_seq seq = Grow(cache); /* 100 tokens */
+  int32_t ring_ids[4];
+  int64_t count = -1;
+  CHECK(kvc_seq_block_table(cache, seq, KVC_STREAM_WINDOW, ring_ids, 4, &count) == KVC_OK && count == 3); /* ceil(19 / 8) */
+  CHECK(kvc_seq_stream_rows(cache, seq, 0, KVC_STREAM_WINDOW, &count) == KVC_OK && count == 19);
+
+  enum { kFirst = kParamTokens - 4, kCount = 4, kW = 16, kR = 16 + 3 };
+  kvc_index_query* queries[kCount];
+  uint16_t* q = malloc(kHeads * KVC_INDEX_DIM * sizeof(uint16_t));
+  float* values = malloc(kHeads * KVC_INDEX_DIM * sizeof(float));
+  float weights[kHeads];
+  for (int i = 0; i < kCount; ++i) {
+    Fill(values, kHeads * KVC_INDEX_DIM, 800 + (uint32_t)i, 4.0f);
+    for (int k = 0; k < kHeads * KVC_INDEX_DIM; ++k) q[k] = Bf16(values[k]);
+    Fill(weights, kHeads, 900 + (uint32_t)i, i % 2 ? 0.2f : 0.05f);
+    CHECK(kvc_index_query_prepare(cache, kFirst + i, q, weights, kHeads, &queries[i]) == KVC_OK);
+  }
+  int64_t window_offsets[kCount + 1], compressed_offsets[kCount + 1], positions[kCount * kW], entries[kCount * 8];
+  int32_t window_idx[kCount * kW], compressed_idx[kCount * 8];
+  kvc_position_sets sets = {window_offsets, positions, window_idx, kCount * kW,
+                            compressed_offsets, entries, compressed_idx, kCount * 8, 0, 0};
+  const kvc_index_query* const* const_queries = (const kvc_index_query* const*)queries;
+  CHECK(kvc_seq_select_positions(cache, seq, 1, kFirst, kCount, const_queries, &sets) == KVC_OK);
+  CHECK(sets.window_total == kCount * kW && sets.compressed_total == kCount * 8);
+  int32_t csa_ids[16];
+  CHECK(kvc_seq_block_table(cache, seq, KVC_STREAM_CSA_ROWS, csa_ids, 16, &count) == KVC_OK);
+  for (int i = 0; i < kCount; ++i) {
+    const int t = kFirst + i;
+    CHECK(window_offsets[i] == i * kW && compressed_offsets[i] == i * 8);
+    for (int k = 0; k < kW; ++k) {
+      const int position = t - kW + 1 + k, slot = position % kR;
+      CHECK(positions[i * kW + k] == position);
+      CHECK(window_idx[i * kW + k] == ring_ids[slot / 8] * 8 + slot % 8);
+    }
+    /* The entries: the 8 best scores of this query among those visible at t (ties to the lower entry). */
+    float scores[25];
+    CHECK(kvc_index_scores(cache, seq, 1, queries[i], scores, 25, &count) == KVC_OK && count == 25);
+    const int visible = (t + 1) / 4;
+    int picked[25] = {0};
+    for (int k = 0; k < 8; ++k) {
+      int best = -1;
+      for (int j = 0; j < visible; ++j) best = !picked[j] && (best < 0 || scores[j] > scores[best]) ? j : best;
+      picked[best] = 1;
+    }
+    int k = 0;
+    for (int j = 0; j < visible; ++j) {
+      if (!picked[j]) continue;
+      CHECK(entries[i * 8 + k] == j && compressed_idx[i * 8 + k] == csa_ids[j / 8] * 8 + j % 8);
+      ++k;
+    }
+  }
+  CHECK(window_offsets[kCount] == kCount * kW && compressed_offsets[kCount] == kCount * 8);
+  /* The last position is what kvc_seq_select gives for it. */
+  {
+    int32_t w[kW], c[8];
+    int64_t wn = -1, cn = -1;
+    CHECK(kvc_seq_select(cache, seq, 1, queries[kCount - 1], w, kW, &wn, c, 8, &cn) == KVC_OK);
+    CHECK(wn == kW && cn == 8);
+    CHECK(memcmp(w, window_idx + (kCount - 1) * kW, sizeof(w)) == 0);
+    CHECK(memcmp(c, compressed_idx + (kCount - 1) * 8, sizeof(c)) == 0);
+  }
+  /* HCA and window-only layers take no queries (NULL). 100 tokens close no HCA window. */
+  CHECK(kvc_seq_select_positions(cache, seq, 2, kFirst, kCount, NULL, &sets) == KVC_OK && sets.compressed_total == 0);
+  CHECK(kvc_seq_select_positions(cache, seq, 0, 0, 1, NULL, &sets) == KVC_OK && sets.window_total == 1);
+  CHECK(positions[0] == 0 && window_offsets[1] == 1);
+  /* A prefill-like run: positions 0..99 in one call; the early ones' window rows are no longer in the ring. */
+  {
+    enum { kAll = kParamTokens };
+    int64_t* wo = malloc((kAll + 1) * sizeof(int64_t));
+    int64_t* co = malloc((kAll + 1) * sizeof(int64_t));
+    int32_t* wi = malloc(kAll * kW * sizeof(int32_t));
+    kvc_position_sets all = {wo, NULL, wi, kAll * kW, co, NULL, NULL, 0, 0, 0};
+    CHECK(kvc_seq_select_positions(cache, seq, 0, 0, kAll, NULL, &all) == KVC_OK);
+    CHECK(all.compressed_total == 0 && wo[kAll] == all.window_total);
+    int missing = 0, ok = 1;
+    for (int t = 0; t < kAll; ++t) {
+      for (int64_t k = wo[t]; k < wo[t + 1]; ++k) {
+        const int position = t - (int)(wo[t + 1] - 1 - k);
+        ok &= (position < kParamTokens - kR) == (wi[k] == -1); /* in the ring: the last 19 positions */
+        missing += wi[k] == -1;
+      }
+    }
+    CHECK(ok && missing > 0);
+    free(wo);
+    free(co);
+    free(wi);
+  }
+
+  /* Refusals: named, and nothing written but the totals. */
+  for (int i = 0; i <= kCount; ++i) window_offsets[i] = compressed_offsets[i] = -7;
+  for (int i = 0; i < kCount * kW; ++i) window_idx[i] = -7;
+  sets.window_capacity = kCount * kW - 1;
+  CHECK(kvc_seq_select_positions(cache, seq, 1, kFirst, kCount, const_queries, &sets) == KVC_ERR_OUT_OF_RANGE);
+  CHECK(sets.window_total == kCount * kW && sets.compressed_total == kCount * 8); /* what to allocate */
+  CHECK(strstr(kvc_last_error(), "the sets hold 64 window and 32 compressed rows") != NULL);
+  sets.window_capacity = kCount * kW;
+  CHECK(kvc_seq_select_positions(cache, seq, 1, kFirst + 1, kCount, const_queries, &sets) == KVC_ERR_OUT_OF_RANGE);
+  CHECK(sets.window_total == -1 && strstr(kvc_last_error(), "position 100 is not in it") != NULL);
+  CHECK(kvc_seq_select_positions(cache, seq, 1, kFirst, kCount, NULL, &sets) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(kvc_last_error(), "needs one index query per position, 4, not 0") != NULL);
+  {
+    const kvc_index_query* holey[kCount] = {queries[0], NULL, queries[2], queries[3]};
+    CHECK(kvc_seq_select_positions(cache, seq, 1, kFirst, kCount, holey, &sets) == KVC_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(kvc_last_error(), "query 1 (position 97) is missing") != NULL);
+  }
+  CHECK(kvc_seq_select_positions(cache, seq, 1, -1, kCount, const_queries, &sets) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_seq_select_positions(cache, seq, 1, kFirst, -4, const_queries, &sets) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_seq_select_positions(cache, seq, 3, kFirst, kCount, const_queries, &sets) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_seq_select_positions(cache, seq + 99, 1, kFirst, kCount, const_queries, &sets) == KVC_ERR_NOT_FOUND);
+  CHECK(kvc_seq_select_positions(cache, seq, 1, kFirst, kCount, const_queries, NULL) == KVC_ERR_INVALID_ARGUMENT);
+  sets.window_offsets = NULL;
+  CHECK(kvc_seq_select_positions(cache, seq, 1, kFirst, kCount, const_queries, &sets) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(kvc_last_error(), "window_offsets is NULL") != NULL);
+  sets.window_offsets = window_offsets;
+  sets.compressed_capacity = -1;
+  CHECK(kvc_seq_select_positions(cache, seq, 1, kFirst, kCount, const_queries, &sets) == KVC_ERR_INVALID_ARGUMENT);
+  {
+    int untouched = 1; /* never written on a refusal */
+    for (int i = 0; i <= kCount; ++i) untouched &= window_offsets[i] == -7 && compressed_offsets[i] == -7;
+    for (int i = 0; i < kCount * kW; ++i) untouched &= window_idx[i] == -7;
+    CHECK(untouched);
+  }
+  CHECK(kvc_seq_length(cache, seq, 1, &count) == KVC_OK && count == kParamTokens);
+
+  for (int i = 0; i < kCount; ++i) kvc_index_query_destroy(queries[i]);
+  free(q);
+  free(values);
+  kvc_cache_destroy(cache);
+}
+
+/* Planned steps from C: page-manager mode over no memory at all (ids
+ * only), then kvc's own mode with appends inside a step. */
+static void TestSteps(void) {
+  kvc_options options;
+  kvc_options_default(&options);
+  CHECK(options.page_manager == 0);
+  options.page_manager = 1;
+  kvc_cache* cache = NULL;
+  CHECK(kvc_cache_create_from_config(kConfig, strlen(kConfig), &options, &cache) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(kvc_last_error(), "draft_slots >= rollback_depth") != NULL);
+  options.draft_slots = 16;
+  options.rows_per_page = 8;
+  CHECK(kvc_cache_create_from_config(kConfig, strlen(kConfig), &options, &cache) == KVC_OK);
+  kvc_seq seqs[2] = {0, 0};
+  CHECK(kvc_seq_create(cache, &seqs[0]) == KVC_OK && kvc_seq_create(cache, &seqs[1]) == KVC_OK);
+  const int64_t tokens[2] = {130, 1};
+  kvc_step_plan* plan = NULL;
+  CHECK(kvc_step_plan_create(cache, seqs, tokens, 2, &plan) == KVC_OK && plan != NULL);
+  uint64_t epoch = 0;
+  CHECK(kvc_step_plan_epoch(plan, &epoch) == KVC_OK && epoch == 1);
+  const int32_t* indptr = NULL;
+  const int64_t* slots = NULL;
+  int64_t n = 0;
+  /* Window: one slot per token (a ring of 16 + 16 slots keeps the last 32 of 130). */
+  CHECK(kvc_step_plan_slots(plan, KVC_STREAM_WINDOW, &indptr, &slots, &n) == KVC_OK && n == 131);
+  CHECK(indptr[0] == 0 && indptr[1] == 130 && indptr[2] == 131);
+  CHECK(slots[97] == -1 && slots[98] >= 0 && slots[129] >= 0);
+  /* CSA: 32 entries and keys close in 130 tokens, HCA one. */
+  CHECK(kvc_step_plan_slots(plan, KVC_STREAM_CSA_ROWS, &indptr, &slots, &n) == KVC_OK && n == 32);
+  CHECK(kvc_step_plan_slots(plan, KVC_STREAM_CSA_KEYS, &indptr, &slots, &n) == KVC_OK && n == 32);
+  CHECK(kvc_step_plan_slots(plan, KVC_STREAM_HCA_ROWS, &indptr, &slots, &n) == KVC_OK && n == 1 && indptr[1] == 1);
+  CHECK(kvc_step_plan_slots(plan, KVC_STREAM_HCA_STATE, &indptr, &slots, &n) == KVC_OK && n == 131);
+  CHECK(kvc_step_plan_slots(plan, 9, &indptr, &slots, &n) == KVC_ERR_INVALID_ARGUMENT);
+  /* 130 tokens > the rollback depth: checkpoint copies there and back. */
+  const kvc_page_copy* copies = NULL;
+  int64_t ncopies = 0, nback = 0;
+  CHECK(kvc_step_plan_copies(plan, &copies, &ncopies) == KVC_OK && ncopies > 0);
+  CHECK(kvc_step_plan_abort_copies(plan, &copies, &nback) == KVC_OK && nback == ncopies);
+  CHECK(copies[0].stream == KVC_STREAM_WINDOW);
+  /* Mid-step: the sequences refuse other changes; a second plan of them too. */
+  CHECK(kvc_seq_truncate(cache, seqs[0], 0) == KVC_ERR_FAILED_PRECONDITION);
+  kvc_step_plan* again = NULL;
+  CHECK(kvc_step_plan_create(cache, seqs, tokens, 2, &again) == KVC_ERR_FAILED_PRECONDITION && again == NULL);
+  CHECK(kvc_step_commit(cache, epoch) == KVC_OK);
+  CHECK(kvc_step_commit(cache, epoch) == KVC_ERR_NOT_FOUND);
+  kvc_step_plan_destroy(plan);
+  int64_t length = 0;
+  CHECK(kvc_seq_length(cache, seqs[0], 2, &length) == KVC_OK && length == 130);
+  CHECK(kvc_seq_append(cache, seqs[0], 0, 130, NULL, 0) == KVC_ERR_FAILED_PRECONDITION); /* bytes are the engine's */
+
+  /* A fork lists its copies; too small a buffer forks nothing. */
+  kvc_page_copy fork_copies[16];
+  int64_t needed = 0;
+  kvc_seq child = 0;
+  kvc_usage usage;
+  CHECK(kvc_cache_usage(cache, &usage) == KVC_OK && usage.sequences == 2 && usage.open_steps == 0);
+  CHECK(kvc_seq_fork(cache, seqs[0], &child) == KVC_ERR_FAILED_PRECONDITION);
+  CHECK(kvc_seq_fork_pages(cache, seqs[0], &child, fork_copies, 1, &needed) == KVC_ERR_OUT_OF_RANGE);
+  CHECK(needed == 4 + 1 + 1 + 1); /* 32 ring slots in pages of 8, and the three compressor states */
+  CHECK(kvc_cache_usage(cache, &usage) == KVC_OK && usage.sequences == 2);
+  CHECK(kvc_seq_fork_pages(cache, seqs[0], &child, fork_copies, 16, &needed) == KVC_OK && needed == 7);
+  CHECK(fork_copies[0].stream == KVC_STREAM_WINDOW && fork_copies[0].src != fork_copies[0].dst);
+  /* Freed under step 1: held until the device is done with it. */
+  CHECK(kvc_seq_free(cache, seqs[1]) == KVC_OK);
+  CHECK(kvc_cache_usage(cache, &usage) == KVC_OK && usage.deferred_pages > 0);
+  int64_t released = 0;
+  CHECK(kvc_steps_complete(cache, 5, &released) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_steps_complete(cache, epoch, &released) == KVC_OK && released > 0);
+  CHECK(kvc_cache_usage(cache, &usage) == KVC_OK && usage.deferred_pages == 0 && usage.completed_epoch == 1);
+  kvc_cache_destroy(cache);
+
+  /* kvc's mode: the step's appends, then commit; a short layer is refused. */
+  kvc_options_default(&options);
+  CHECK(kvc_cache_create_from_config(kConfig, strlen(kConfig), &options, &cache) == KVC_OK);
+  kvc_seq seq = 0;
+  CHECK(kvc_seq_create(cache, &seq) == KVC_OK);
+  const int64_t four = 4;
+  CHECK(kvc_step_plan_create(cache, &seq, &four, 1, &plan) == KVC_OK);
+  CHECK(kvc_step_plan_epoch(plan, &epoch) == KVC_OK);
+  CHECK(kvc_step_plan_copies(plan, &copies, &ncopies) == KVC_OK && ncopies == 0);
+  uint16_t rows[4 * KVC_HEAD_DIM];
+  for (int i = 0; i < 4 * KVC_HEAD_DIM; ++i) rows[i] = Bf16(1.0f);
+  CHECK(kvc_seq_append(cache, seq, 0, 0, rows, 4) == KVC_OK);
+  CHECK(kvc_step_commit(cache, epoch) == KVC_ERR_FAILED_PRECONDITION);
+  CHECK(strstr(kvc_last_error(), "layer 1 holds 0 tokens") != NULL);
+  CHECK(kvc_seq_append(cache, seq, 1, 0, rows, 4) == KVC_OK && kvc_seq_append(cache, seq, 2, 0, rows, 4) == KVC_OK);
+  CHECK(kvc_step_commit(cache, epoch) == KVC_OK);
+  kvc_step_plan_destroy(plan);
+  CHECK(kvc_step_plan_create(cache, &seq, &four, 1, &plan) == KVC_OK && kvc_step_plan_epoch(plan, &epoch) == KVC_OK);
+  CHECK(kvc_seq_append(cache, seq, 0, 4, rows, 4) == KVC_OK);
+  CHECK(kvc_step_abort(cache, epoch) == KVC_OK);
+  CHECK(kvc_seq_length(cache, seq, 0, &length) == KVC_OK && length == 4);
+  kvc_step_plan_destroy(plan);
+  kvc_step_plan_destroy(NULL);
+  kvc_cache_destroy(cache);
+}
+
+/* Prefix caching in page-manager mode from C (ids only, no memory): the
+ * copies a publish and a restore list, and the buffer protocol. */
+static void TestPrefixPages(void) {
+  kvc_options options;
+  kvc_options_default(&options);
+  options.page_manager = 1;
+  options.draft_slots = 16;
+  options.rows_per_page = 8;
+  options.prefix_block_tokens = 128;
+  kvc_cache* cache = NULL;
+  CHECK(kvc_cache_create_from_config(kConfig, strlen(kConfig), &options, &cache) == KVC_OK);
+  if (cache == NULL) return;
+  kvc_seq seq = 0;
+  CHECK(kvc_seq_create(cache, &seq) == KVC_OK);
+  const int64_t tokens = 128;
+  kvc_step_plan* plan = NULL;
+  uint64_t epoch = 0;
+  CHECK(kvc_step_plan_create(cache, &seq, &tokens, 1, &plan) == KVC_OK && kvc_step_plan_epoch(plan, &epoch) == KVC_OK);
+  CHECK(kvc_step_commit(cache, epoch) == KVC_OK); /* the engine wrote the rows */
+  CHECK(kvc_steps_complete(cache, epoch, NULL) == KVC_OK);
+  kvc_step_plan_destroy(plan);
+
+  const uint64_t hashes[] = {0x51, 0x52};
+  /* (16 + 16) / 8 = 4 ring pages, the CSA main and indexer states. */
+  enum { kCopies = 6 };
+  kvc_page_copy copies[kCopies];
+  int64_t count = -1;
+  CHECK(kvc_prefix_publish(cache, seq, hashes, 1) == KVC_ERR_FAILED_PRECONDITION);
+  CHECK(kvc_prefix_publish_pages(cache, seq, hashes, 1, copies, 2, &count) == KVC_ERR_OUT_OF_RANGE && count == kCopies);
+  CHECK(kvc_prefix_publish_pages(cache, seq, hashes, 1, NULL, 2, &count) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_prefix_publish_pages(cache, seq, hashes, 1, copies, kCopies, &count) == KVC_OK && count == kCopies);
+  int32_t ring[4];
+  int64_t ring_count = 0;
+  CHECK(kvc_seq_block_table(cache, seq, KVC_STREAM_WINDOW, ring, 4, &ring_count) == KVC_OK && ring_count == 4);
+  for (int i = 0; i < 4; ++i) CHECK(copies[i].stream == KVC_STREAM_WINDOW && copies[i].src == ring[i] && copies[i].dst != ring[i]);
+  CHECK(copies[4].stream == KVC_STREAM_CSA_STATE && copies[5].stream == KVC_STREAM_CSA_INDEXER_STATE);
+  const int32_t checkpoint_ring0 = copies[0].dst;
+  /* Published again: nothing to copy. */
+  CHECK(kvc_prefix_publish_pages(cache, seq, hashes, 1, copies, kCopies, &count) == KVC_OK && count == 0);
+
+  kvc_seq reused = 0;
+  int64_t restored = -1;
+  CHECK(kvc_seq_create_from_prefix(cache, hashes, 2, &reused, &restored) == KVC_ERR_FAILED_PRECONDITION);
+  CHECK(kvc_seq_create_from_prefix_pages(cache, hashes, 2, &reused, &restored, copies, 1, &count) ==
+        KVC_ERR_OUT_OF_RANGE && count == kCopies);
+  CHECK(kvc_seq_create_from_prefix_pages(cache, hashes, 2, &reused, &restored, copies, kCopies, &count) == KVC_OK);
+  CHECK(restored == 128 && count == kCopies && copies[0].src == checkpoint_ring0);
+  CHECK(kvc_seq_block_table(cache, reused, KVC_STREAM_WINDOW, ring, 4, &ring_count) == KVC_OK);
+  CHECK(copies[0].dst == ring[0] && copies[3].dst == ring[3]);
+  int64_t length = -1;
+  CHECK(kvc_seq_length(cache, reused, 2, &length) == KVC_OK && length == 128);
+  /* A miss lists nothing. */
+  const uint64_t other = 0x99;
+  kvc_seq empty = 0;
+  CHECK(kvc_seq_create_from_prefix_pages(cache, &other, 1, &empty, &restored, copies, kCopies, &count) == KVC_OK);
+  CHECK(restored == 0 && count == 0);
+  kvc_cache_destroy(cache);
+}
+
 int main(void) {
   TestParams();
+  TestPrefix();
+  TestPrefixPages();
   TestPages();
   TestEngineArrays();
+  TestSelectPositions();
+  TestSteps();
   kvc_options options;
   kvc_options_default(&options);
   CHECK(options.rollback_depth == 16);

@@ -539,6 +539,12 @@ void ExpectAddressable(const Cache& cache, SequenceId seq) {
       }
       std::vector<const uint8_t*> views;
       const int64_t rows = *cache.StreamRows(seq, layer, stream);
+      if (s >= static_cast<int>(Stream::kCsaState)) {  // a compressor's state ring: one page per sequence
+        EXPECT_EQ(table->size(), 1u);
+        EXPECT_EQ(rows, std::min<int64_t>(*cache.Length(seq, layer), pages->rows_per_page));
+        EXPECT_EQ(pages->page_bytes, int64_t{pages->rows_per_page} * pages->row_data_bytes);
+        continue;
+      }
       if (stream == Stream::kWindow) {
         const WindowRingView ring = *cache.Window(seq, layer);
         EXPECT_EQ(rows, std::min<int64_t>(ring.length, ring.window));
@@ -683,7 +689,8 @@ TEST(Cache, BatchBlockTablesDenseAndCsr) {
   // ...but no CSR form: FlashInfer's (pages - 1) x B + last_page_len = rows
   // cannot hold for ring slots (a short ring has all its pages, rows in slot order).
   EXPECT_THAT(std::string(cache->BatchBlockTablesCsr(batch, Stream::kWindow).status().message()),
-              HasSubstr("window ring is not a paged sequence"));
+              HasSubstr("is a ring"));
+  EXPECT_EQ(cache->BatchBlockTablesCsr(batch, Stream::kCsaState).status().code(), absl::StatusCode::kInvalidArgument);
   // A stream no layer has, an unknown sequence.
   auto window_only = MakeCache([] {
     ModelSpec spec = SmallSpec();
@@ -830,7 +837,7 @@ TEST(Cache, BudgetRefusalsChangeNoTable) {
 
 TEST(Cache, PageGeometryTellsAnEngineWhatToAllocate) {
   const std::vector<StreamGeometry> g = *Cache::PageGeometry(ModelSpec::V4Pro(), CacheOptions{});
-  ASSERT_EQ(g.size(), 4u);
+  ASSERT_EQ(g.size(), 7u);
   EXPECT_EQ(g[0].page_bytes, 37440);  // 64 x 584 = 37,376 rounded up to 65 x 576
   EXPECT_EQ(g[1].page_bytes, 37440);
   EXPECT_EQ(g[2].page_bytes, 4352);   // 64 x 68
@@ -841,6 +848,17 @@ TEST(Cache, PageGeometryTellsAnEngineWhatToAllocate) {
   EXPECT_EQ(g[1].layers, g[2].layers);
   EXPECT_EQ(g[2].row_data_bytes, 64);
   EXPECT_EQ(g[2].row_scale_bytes, 4);
+  // Compressor state rings (rollback depth 16): CSA span 8, HCA span 128
+  // token rows; a row is kv then score + ape, 2 x width fp32.
+  EXPECT_EQ(g[4].rows_per_page, 8 + 16);
+  EXPECT_EQ(g[4].row_data_bytes, 2 * 1024 * 4);
+  EXPECT_EQ(g[5].rows_per_page, 8 + 16);
+  EXPECT_EQ(g[5].row_data_bytes, 2 * 256 * 4);
+  EXPECT_EQ(g[6].rows_per_page, 128 + 16);
+  EXPECT_EQ(g[6].row_data_bytes, 2 * 512 * 4);
+  EXPECT_EQ(g[6].page_bytes, 144 * 4096);
+  EXPECT_EQ(g[4].layers, g[1].layers);
+  EXPECT_EQ(g[6].layers, g[3].layers);
   CacheOptions bad;
   bad.rows_per_page = 0;
   EXPECT_EQ(Cache::PageGeometry(ModelSpec::V4Pro(), bad).status().code(), absl::StatusCode::kInvalidArgument);
@@ -860,7 +878,7 @@ TEST(Cache, EngineArraysHoldEveryPage) {
   const ModelSpec spec = TwoOfEachSpec();
   CacheOptions options = SmallOptions();
   const std::vector<StreamGeometry> geometry = *Cache::PageGeometry(spec, options);
-  const int64_t pages[4] = {10, 20, 7, 4};  // per stream
+  const int64_t pages[kNumStreams] = {10, 20, 7, 4, 12, 12, 12};  // per stream
   std::vector<std::unique_ptr<AlignedBuffer>> buffers;
   std::vector<EngineArray> arrays;
   for (const StreamGeometry& g : geometry) {

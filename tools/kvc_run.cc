@@ -121,7 +121,7 @@ bool SameBytes(const kvc::Cache& x, kvc::SequenceId a, const kvc::Cache& y, kvc:
   for (int layer = 0; layer < static_cast<int>(x.spec().layers.size()); ++layer) {
     const auto ring_a = x.Window(a, layer), ring_b = y.Window(b, layer);
     if (!ring_a.ok() || !ring_b.ok() || ring_a->length != ring_b->length ||
-        !same_rows(ring_a->pages, ring_a->rows_per_page, ring_b->pages, ring_b->rows_per_page, ring_a->window)) {
+        !same_rows(ring_a->pages, ring_a->rows_per_page, ring_b->pages, ring_b->rows_per_page, ring_a->ring_slots)) {
       return false;
     }
     for (const bool keys : {false, true}) {

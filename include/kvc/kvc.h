@@ -63,6 +63,24 @@ typedef struct kvc_options {
    * rows arrays (docs/layout.md). NULL / 0 (the default): kvc maps its own. */
   const kvc_engine_array* engine_arrays;
   int64_t num_engine_arrays;
+  /* Extra window ring slots, 0..4096 (kvc::CacheOptions::draft_slots): the
+   * ring holds window + draft_slots rows (slot = position mod that), so a
+   * step appending k <= draft_slots + 1 tokens finds the window rows of all
+   * k positions in it (kvc_seq_select_positions). 0 (the default): the
+   * official 128-slot ring. */
+  int32_t draft_slots;
+  /* Nonzero: page-manager mode (kvc::CacheOptions::page_manager): kvc keeps
+   * page ids, block tables, refcounts, copy-on-write, rollback and
+   * accounting and never reads or writes a page byte; the engine writes
+   * rows through kvc_step_plan_slots and makes the page copies kvc lists.
+   * engine_arrays may then be device memory (never dereferenced) or absent.
+   * Requires draft_slots >= rollback_depth. */
+  int32_t page_manager;
+  /* Prefix caching (docs/prefix-cache.md): the byte budget of cached
+   * prefixes (pages only the prefix cache references), separate from the two
+   * above; and the tokens per prefix block, a multiple of 128 (default 256). */
+  int64_t prefix_bytes;
+  int32_t prefix_block_tokens;
 } kvc_options;
 
 typedef struct kvc_usage {
@@ -71,6 +89,10 @@ typedef struct kvc_usage {
   int64_t history_limit_bytes;
   int64_t state_limit_bytes;
   int64_t sequences;
+  int64_t open_steps;      /* planned, neither committed nor aborted */
+  int64_t deferred_pages;  /* page-manager mode: freed pages (ids x layers) waiting for kvc_steps_complete */
+  uint64_t epoch;          /* the last step planned */
+  uint64_t completed_epoch;
 } kvc_usage;
 
 /* The defaults of kvc::CacheOptions. */
@@ -174,7 +196,8 @@ typedef struct kvc_layer_tokens {
 int kvc_seq_append_tokens(kvc_cache* cache, kvc_seq seq, int32_t layer, int64_t position,
                           const kvc_layer_tokens* tokens);
 /* A copy of `seq` sharing its history pages. KVC_ERR_NOT_FOUND: unknown sequence.
- * KVC_ERR_FAILED_PRECONDITION: its layers hold different lengths (mid-step).
+ * KVC_ERR_FAILED_PRECONDITION: its layers hold different lengths (mid-step),
+ * it is in an open step, or the cache is in page-manager mode (use kvc_seq_fork_pages).
  * KVC_ERR_RESOURCE_EXHAUSTED: also when the byte limits leave no room. */
 int kvc_seq_fork(kvc_cache* cache, kvc_seq seq, kvc_seq* out);
 /* Rolls `seq` back to `length` tokens. KVC_ERR_NOT_FOUND: unknown sequence.
@@ -187,7 +210,8 @@ int kvc_seq_free(kvc_cache* cache, kvc_seq seq);
 int kvc_seq_length(const kvc_cache* cache, kvc_seq seq, int32_t layer, int64_t* out);
 /* KVC_ERR_NOT_FOUND: unknown sequence. */
 int kvc_seq_rollback_floor(const kvc_cache* cache, kvc_seq seq, int64_t* out);
-/* The window ring of `layer`, dequantized: out holds out_values = window x 512 bf16, by slot.
+/* The window of `layer`, dequantized: out holds out_values = window x 512 bf16, the last
+ * `window` positions each at official slot position mod window (zero below position 0).
  * KVC_ERR_NOT_FOUND: unknown sequence. KVC_ERR_INVALID_ARGUMENT: layer or out_values wrong. */
 int kvc_seq_read_window(const kvc_cache* cache, kvc_seq seq, int32_t layer, uint16_t* out,
                         int64_t out_values);
@@ -224,8 +248,19 @@ int kvc_index_scores(const kvc_cache* cache, kvc_seq seq, int32_t layer, const k
  * ids[r / rows_per_page]; its data at (r % rows_per_page) x row_data_bytes
  * and its scales at rows_per_page x row_data_bytes +
  * (r % rows_per_page) x row_scale_bytes from the page start. Window rows
- * are ring slots: slot s = position mod window is row s. */
-enum { KVC_STREAM_WINDOW = 0, KVC_STREAM_CSA_ROWS = 1, KVC_STREAM_CSA_KEYS = 2, KVC_STREAM_HCA_ROWS = 3 };
+ * are ring slots: slot s = position mod (window + draft_slots) is row s. */
+enum {
+  KVC_STREAM_WINDOW = 0,
+  KVC_STREAM_CSA_ROWS = 1,
+  KVC_STREAM_CSA_KEYS = 2,
+  KVC_STREAM_HCA_ROWS = 3,
+  /* Compressor state rings (one page per sequence; a row is one token's kv
+   * then score + ape, 2 x width fp32; slot = position mod rows_per_page):
+   * what an engine compressing on its own device writes in page-manager mode. */
+  KVC_STREAM_CSA_STATE = 4,
+  KVC_STREAM_CSA_INDEXER_STATE = 5,
+  KVC_STREAM_HCA_STATE = 6
+};
 typedef struct kvc_page_array {
   void* base; int64_t page_bytes; int64_t num_pages;
   int32_t rows_per_page; int32_t row_data_bytes; int32_t row_scale_bytes;  /* 576 + 8, or 64 + 4 */
@@ -285,7 +320,7 @@ int kvc_batch_block_tables_csr(const kvc_cache* cache, const kvc_seq* seqs, int6
 int kvc_seq_append_rows(kvc_cache* cache, kvc_seq seq, int32_t layer, int32_t stream, int64_t first,
                         const uint8_t* rows, int64_t count);
 /* Rows `layer` stores in `stream`: for KVC_STREAM_WINDOW the ring's valid
- * slots (min(length, window)), else the rows appended. KVC_ERR_NOT_FOUND:
+ * slots (min(length, window + draft_slots)), else the rows appended. KVC_ERR_NOT_FOUND:
  * unknown sequence, or the layer has no such stream. */
 int kvc_seq_stream_rows(const kvc_cache* cache, kvc_seq seq, int32_t layer, int32_t stream, int64_t* out);
 /* What the query at `layer`'s last position attends to, as row indices into
@@ -305,6 +340,53 @@ int kvc_seq_stream_rows(const kvc_cache* cache, kvc_seq seq, int32_t layer, int3
 int kvc_seq_select(const kvc_cache* cache, kvc_seq seq, int32_t layer, const kvc_index_query* query,
                    int32_t* window_indices, int64_t window_capacity, int64_t* window_count,
                    int32_t* compressed_indices, int64_t compressed_capacity, int64_t* compressed_count);
+
+/* --- Selecting for several positions (kvc::Cache::SelectAttentionSets) -----
+ * The caller's buffers for kvc_seq_select_positions, and the totals it
+ * reports. Query i (position first + i) of a call with `count` positions:
+ *   its window rows      window_indices[window_offsets[i] .. window_offsets[i + 1])
+ *   its compressed rows  compressed_indices[compressed_offsets[i] .. compressed_offsets[i + 1])
+ * window_indices are rows of the layer's KVC_STREAM_WINDOW array (ring slot
+ * position mod (window + draft_slots), as page_id x rows_per_page + offset),
+ * or -1 for a window position the ring no longer holds (position <
+ * length - window - draft_slots; in page-manager mode after a truncation or
+ * an aborted step, the furthest length written instead of length): the
+ * engine takes that row from its own activations. window_positions (optional) says which position each is,
+ * oldest first: max(0, t - window + 1) .. t. compressed_indices are rows of
+ * the layer's KVC_STREAM_CSA_ROWS or KVC_STREAM_HCA_ROWS array; entries
+ * (optional) the entry numbers, ascending. */
+typedef struct kvc_position_sets {
+  int64_t* window_offsets;      /* count + 1 values, required */
+  int64_t* window_positions;    /* window_capacity values, or NULL */
+  int32_t* window_indices;      /* window_capacity values (NULL only when 0) */
+  int64_t window_capacity;
+  int64_t* compressed_offsets;  /* count + 1 values, required */
+  int64_t* entries;             /* compressed_capacity values, or NULL */
+  int32_t* compressed_indices;  /* compressed_capacity values (NULL only when 0) */
+  int64_t compressed_capacity;
+  /* Set by the call: the rows the selection has (-1 until a selection was made). */
+  int64_t window_total;
+  int64_t compressed_total;
+} kvc_position_sets;
+/* What positions [first, first + count) of `layer` attend to, each with its
+ * own causal set (window positions t - window + 1 .. t; compressed entries
+ * visible at t, the top index_topk by its own query on CSA layers, all on
+ * HCA layers), in one call: a verify step's drafts after appending them, or
+ * a prefill chunk's positions. `queries`: count queries, queries[i]
+ * prepared at position first + i; required on CSA layers, NULL elsewhere
+ * (or count queries, unused). Writes the offsets, indices and (if given)
+ * positions and entries only when both totals fit their capacities.
+ * KVC_ERR_OUT_OF_RANGE: a capacity below its total (the totals are set, nothing
+ * else is written: call again with larger buffers), or a position >= the
+ * layer's length (totals -1; the message names the position).
+ * KVC_ERR_NOT_FOUND: unknown sequence. KVC_ERR_INVALID_ARGUMENT: layer out of
+ * range, first or count negative, a negative capacity, a NULL offsets or
+ * (capacity > 0) index buffer, a CSA layer without queries or with a NULL
+ * one (named), a key a query cannot score. KVC_ERR_FAILED_PRECONDITION: a
+ * CSA layer in page-manager mode (its selection reads index keys). In
+ * page-manager mode the tokens of the sequence's open step count as held. */
+int kvc_seq_select_positions(const kvc_cache* cache, kvc_seq seq, int32_t layer, int64_t first, int64_t count,
+                             const kvc_index_query* const* queries, kvc_position_sets* out);
 
 /* Snapshots (kvc/snapshot.h). Saves `count` sequences to the file at `path`;
  * incremental != 0 appends only what is new to an existing snapshot of them
@@ -326,6 +408,128 @@ int kvc_snapshot_save(const kvc_cache* cache, const kvc_seq* seqs, size_t count,
  * (a missing file, a directory, ...) KVC_ERR_IO; the cache is unchanged after
  * any error. */
 int kvc_snapshot_restore(kvc_cache* cache, const char* path, kvc_seq* out, size_t capacity, size_t* count);
+
+/* --- Planned batch steps (kvc::Cache::PlanStep; docs/embedding.md) -----
+ * kvc_step_plan_create reserves every page a step of `batch` sequences
+ * needs -- new_tokens[b] >= 1 tokens appended to every layer of seqs[b] --
+ * all or nothing, and returns the plan: its epoch, per stream the slot
+ * (page id x rows_per_page + offset; -1: skip) of every row the step
+ * writes (vLLM's slot_mapping, by sequence), and in page-manager mode the
+ * page copies to make before writing and those that undo the writes on
+ * abort. Then the rows are written (kvc_seq_append* per layer, or the
+ * engine through the slots), then kvc_step_commit or kvc_step_abort. In
+ * page-manager mode freed pages are reused only after
+ * kvc_steps_complete(epoch) says the device finished that step.
+ * kvc_step_plan_create: KVC_ERR_NOT_FOUND unknown sequence;
+ * KVC_ERR_INVALID_ARGUMENT new_tokens < 1, a sequence twice, batch < 0;
+ * KVC_ERR_OUT_OF_RANGE past max_context; KVC_ERR_FAILED_PRECONDITION a
+ * sequence already in a step or with layers of different lengths;
+ * KVC_ERR_RESOURCE_EXHAUSTED not enough pages (the message names the stream). */
+typedef struct kvc_step_plan kvc_step_plan;
+/* Copy page src onto page dst of `stream` in every layer's array of it. */
+typedef struct kvc_page_copy {
+  int32_t stream;
+  int32_t src;
+  int32_t dst;
+} kvc_page_copy;
+int kvc_step_plan_create(kvc_cache* cache, const kvc_seq* seqs, const int64_t* new_tokens, int64_t batch,
+                         kvc_step_plan** out);
+void kvc_step_plan_destroy(kvc_step_plan* plan); /* NULL is fine; the step itself stays open */
+int kvc_step_plan_epoch(const kvc_step_plan* plan, uint64_t* epoch);
+/* The slots of `stream`: request b's rows are slots[indptr[b] .. indptr[b + 1]);
+ * *indptr holds batch + 1 values, *slots *num_slots. Views into the plan,
+ * valid until kvc_step_plan_destroy. A stream the model lacks: *num_slots = 0
+ * and *indptr NULL. KVC_ERR_INVALID_ARGUMENT: not a KVC_STREAM_* number. */
+int kvc_step_plan_slots(const kvc_step_plan* plan, int32_t stream, const int32_t** indptr, const int64_t** slots,
+                        int64_t* num_slots);
+/* Page-manager mode: the copies to make before writing (*copies views the
+ * plan), and those that undo the writes of an aborted step. Empty otherwise. */
+int kvc_step_plan_copies(const kvc_step_plan* plan, const kvc_page_copy** copies, int64_t* count);
+int kvc_step_plan_abort_copies(const kvc_step_plan* plan, const kvc_page_copy** copies, int64_t* count);
+/* KVC_ERR_NOT_FOUND: no open step `epoch`. kvc_step_commit, kvc's mode:
+ * KVC_ERR_FAILED_PRECONDITION when a layer was not appended (the step stays open). */
+int kvc_step_commit(kvc_cache* cache, uint64_t epoch);
+int kvc_step_abort(kvc_cache* cache, uint64_t epoch);
+/* The device finished every step up to `epoch`: their deferred page frees
+ * become reusable (*released of them; released may be NULL).
+ * KVC_ERR_INVALID_ARGUMENT: an epoch never planned. */
+int kvc_steps_complete(kvc_cache* cache, uint64_t epoch, int64_t* released);
+/* kvc_seq_fork for page-manager mode (works in both): the page copies the
+ * engine must make before it uses the child go to copies[0 .. *count). If
+ * `capacity` is too small nothing is forked: KVC_ERR_OUT_OF_RANGE with
+ * *count the number needed. Otherwise kvc_seq_fork's codes. */
+int kvc_seq_fork_pages(kvc_cache* cache, kvc_seq seq, kvc_seq* out, kvc_page_copy* copies, int64_t capacity,
+                       int64_t* count);
+
+/* --- Prefix caching (docs/prefix-cache.md) ---------------------------------
+ * A prefix of n blocks is tokens [0, n x B), B = kvc_prefix_block_tokens,
+ * named by the engine's 64-bit chain hashes: hash i names tokens
+ * [0, (i + 1) x B) (the engine decides what goes into it). A published prefix
+ * shares its history pages copy-on-write and restores the window ring and
+ * compressor state exactly: a sequence created from it continues byte for
+ * byte as one that appended the tokens itself (its rollback floor is the
+ * prefix's length). It stays reusable after its publisher is freed, until
+ * evicted (kvc_options.prefix_bytes bounds what only the cache holds). */
+int kvc_prefix_block_tokens(const kvc_cache* cache, int64_t* out); /* B */
+/* The first `count` blocks of seq become reusable under these chain hashes
+ * (always possible when the sequence's length is count x B; also when it
+ * has passed count x B by no more than it could roll back). Publishing a
+ * prefix already published refreshes it.
+ * KVC_ERR_FAILED_PRECONDITION (nothing changes): kvc no longer has what they
+ * need (passed beyond the rollback floor), fewer than count x B tokens,
+ * layers at different lengths (mid-step), an engine-compressed layer
+ * missing rows or keys of the prefix. KVC_ERR_INVALID_ARGUMENT: count < 1,
+ * count x B past max_context, a hash naming a different block of a
+ * published chain (or twice in this one). KVC_ERR_NOT_FOUND: unknown
+ * sequence. KVC_ERR_RESOURCE_EXHAUSTED: the ring and compressor-state
+ * checkpoint does not fit prefix_bytes even with nothing cached, or no pages. */
+int kvc_prefix_publish(kvc_cache* cache, kvc_seq seq, const uint64_t* block_hashes, int64_t count);
+/* A new sequence holding the longest published prefix of `block_hashes`;
+ * *tokens = its length (0 if none matched: an empty sequence). block_hashes
+ * may be NULL when count is 0. KVC_ERR_INVALID_ARGUMENT: count < 0 or past
+ * max_context. KVC_ERR_RESOURCE_EXHAUSTED: the state budget cannot supply
+ * the sequence, or the history budget the shared pages only the cache held. */
+int kvc_seq_create_from_prefix(kvc_cache* cache, const uint64_t* block_hashes, int64_t count, kvc_seq* out,
+                               int64_t* tokens);
+/* What kvc_seq_create_from_prefix would restore now (*tokens), creating and
+ * counting nothing, and *shared_tokens: the tokens of the longest run of
+ * leading blocks whose history the cache holds (>= *tokens). A sequence
+ * that publishes at *shared_tokens gives later requests a prefix to branch
+ * from (the end of a shared system prompt, say). shared_tokens may be NULL.
+ * KVC_ERR_INVALID_ARGUMENT: count < 0. */
+int kvc_prefix_lookup(const kvc_cache* cache, const uint64_t* block_hashes, int64_t count, int64_t* tokens,
+                      int64_t* shared_tokens);
+typedef struct kvc_prefix_usage {
+  int64_t limit_bytes;      /* kvc_options.prefix_bytes */
+  int64_t cached_bytes;     /* pages only the prefix cache references: history_bytes + checkpoint_bytes */
+  int64_t history_bytes;
+  int64_t checkpoint_bytes; /* ring and compressor-state checkpoints */
+  int64_t shared_bytes;     /* its pages that live sequences reference too (their budgets) */
+  int64_t prefixes;         /* published prefixes held */
+  int64_t cached_tokens;    /* tokens their distinct blocks cover */
+  int64_t hits;             /* kvc_seq_create_from_prefix calls that restored a prefix */
+  int64_t misses;
+  int64_t tokens_reused;    /* restored tokens, summed over hits */
+  int64_t published;        /* kvc_prefix_publish calls that added a prefix */
+  int64_t evictions;
+} kvc_prefix_usage;
+int kvc_cache_prefix_usage(const kvc_cache* cache, kvc_prefix_usage* out);
+/* kvc_prefix_publish and kvc_seq_create_from_prefix for page-manager mode
+ * (which refuses the plain calls with KVC_ERR_FAILED_PRECONDITION; these
+ * work in both modes): the page copies the engine must make go to
+ * copies[0 .. *copy_count) -- a publish's (the sequence's ring and CSA
+ * state pages onto the prefix's checkpoint) before the sequence's next step
+ * writes, a restore's (the checkpoint onto the new sequence's pages) before
+ * the engine uses the sequence. They are at most ceil((window +
+ * draft_slots) / rows_per_page) + 2. If `capacity` is too small nothing
+ * happens: KVC_ERR_OUT_OF_RANGE with *copy_count the number needed.
+ * Otherwise the plain calls' codes. In page-manager mode a sequence that has
+ * passed count x B is accepted while its ring and state rows still hold
+ * what count x B needs (furthest write - count x B <= rollback_depth). */
+int kvc_prefix_publish_pages(kvc_cache* cache, kvc_seq seq, const uint64_t* block_hashes, int64_t count,
+                             kvc_page_copy* copies, int64_t capacity, int64_t* copy_count);
+int kvc_seq_create_from_prefix_pages(kvc_cache* cache, const uint64_t* block_hashes, int64_t count, kvc_seq* out,
+                                     int64_t* tokens, kvc_page_copy* copies, int64_t capacity, int64_t* copy_count);
 
 const char* kvc_last_error(void);
 const char* kvc_component_name(int component); /* "?" for unknown numbers */

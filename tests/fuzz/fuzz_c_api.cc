@@ -2,7 +2,8 @@
 // or without compressor parameters. Every call returns KVC_OK or a documented
 // error code with a message; lengths follow a shadow model of what succeeded;
 // index scores number the CSA entries closed; used bytes never exceed
-// reserved ones; freeing everything returns the cache to zero bytes in use.
+// reserved ones; prefixes restore at most what the lookup said; freeing
+// everything leaves only the cached prefixes' bytes, within their budget.
 #include <unistd.h>
 
 #include <algorithm>
@@ -83,9 +84,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   options.rollback_depth = in.Byte() % 6;  // 5 > window: creation must refuse it
   const uint8_t layout = in.Byte();
   options.rows_per_page = 1 + layout % 8;
+  options.draft_slots = (layout >> 3) % 4;  // the ring holds kWindow + draft_slots rows
   const bool with_params = layout >= 128;  // kvc compresses
   options.keys_per_page = 1 + in.Byte() % 8;
   options.history_bytes = 1 << 20;
+  options.prefix_block_tokens = 128;
+  options.prefix_bytes = int64_t{in.Byte()} << 14;  // 0 to 4 MiB: from none to a few checkpoints
   // Small: creation can run out (with parameters an HCA layer's compressor
   // state alone is 512 KiB a sequence).
   const uint8_t state = in.Byte();
@@ -115,7 +119,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return it->first;
   };
   for (int step = 0; step < 200 && !in.empty(); ++step) {
-    const uint8_t op = in.Byte() % 12;
+    const uint8_t op = in.Byte() % 15;
     const kvc_seq seq = pick(in.Byte());
     const auto known = lengths.find(seq);
     switch (op) {
@@ -251,11 +255,93 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         kvc_index_query_destroy(query);
         break;
       }
+      case 11: {  // a verify step's or a chunk's selection
+        const int32_t layer = static_cast<int32_t>(in.Byte() % 5) - 1;
+        const uint8_t shape = in.Byte();
+        const int64_t held = known != lengths.end() && layer >= 0 && layer < kLayers ? known->second[static_cast<size_t>(layer)] : 0;
+        const int64_t count = shape % 7 - 1;  // -1: refused
+        const int64_t first = shape % 11 == 0 ? in.Int64() : held - count + (shape % 13 == 0 ? 1 : 0);
+        std::vector<kvc_index_query*> queries;
+        if (layer == 1 && count > 0 && shape % 5 != 0) {  // CSA queries, or none (refused)
+          std::vector<uint16_t> q(2 * KVC_INDEX_DIM, 0x3F80);
+          const float weights[2] = {0.5f, 0.25f};
+          for (int64_t i = 0; i < count; ++i) {
+            kvc_index_query* query = nullptr;
+            if (kvc_index_query_prepare(cache, std::max<int64_t>(0, first + i), q.data(), weights, 2, &query) == KVC_OK) {
+              queries.push_back(query);
+            }
+          }
+        }
+        const int64_t capacity = in.Byte() % 32;
+        std::vector<int64_t> window_offsets(8), compressed_offsets(8), positions(static_cast<size_t>(capacity)),
+            entries(static_cast<size_t>(capacity));
+        std::vector<int32_t> window_indices(static_cast<size_t>(capacity)), compressed_indices(static_cast<size_t>(capacity));
+        kvc_position_sets sets{window_offsets.data(), positions.data(), window_indices.data(), capacity,
+                               compressed_offsets.data(), entries.data(), compressed_indices.data(), capacity, 0, 0};
+        const bool all_queries = static_cast<int64_t>(queries.size()) == count;
+        const int rc = kvc_seq_select_positions(cache, seq, layer, first, count,
+                                                all_queries && !queries.empty() ? queries.data() : nullptr, &sets);
+        CheckCode(rc);
+        if (rc == KVC_OK) {
+          Check(known != lengths.end() && first >= 0 && count >= 0 && first + count <= held);
+          Check(sets.window_total <= capacity && sets.compressed_total <= capacity);
+          Check(window_offsets[0] == 0 && window_offsets[static_cast<size_t>(count)] == sets.window_total);
+          const int64_t ring = kWindow + options.draft_slots;
+          for (int64_t i = 0; i < count; ++i) {
+            const int64_t t = first + i;
+            Check(window_offsets[static_cast<size_t>(i) + 1] - window_offsets[static_cast<size_t>(i)] == std::min<int64_t>(t + 1, kWindow));
+            for (int64_t k = window_offsets[static_cast<size_t>(i)]; k < window_offsets[static_cast<size_t>(i) + 1]; ++k) {
+              const int64_t p = positions[static_cast<size_t>(k)];
+              Check(p <= t && p > t - kWindow && (window_indices[static_cast<size_t>(k)] == -1) == (p < held - ring));
+            }
+          }
+        } else if (rc == KVC_ERR_OUT_OF_RANGE && sets.window_total >= 0) {
+          Check(sets.window_total > capacity || sets.compressed_total > capacity);
+        }
+        for (kvc_index_query* query : queries) kvc_index_query_destroy(query);
+        break;
+      }
+      case 12:
+      case 13: {  // prefix caching: chains share their first block by chain % 4, and reuse hashes now and then
+        const uint8_t chain = in.Byte();
+        const int64_t count = in.Byte() % 4;
+        std::vector<uint64_t> hashes;
+        for (int64_t i = 0; i < count; ++i) {
+          hashes.push_back(i == 0 ? 1000u + chain % 4 : chain % 8 == 7 ? 1000u + static_cast<uint64_t>(i) : chain * 100u + static_cast<uint64_t>(i));
+        }
+        if (op == 12) {
+          const int rc = kvc_prefix_publish(cache, seq, hashes.data(), count);
+          CheckCode(rc);
+          if (rc == KVC_OK) {
+            Check(known != lengths.end() && count > 0);
+            for (const int64_t l : known->second) Check(l == known->second[0] && l >= count * 128);
+          }
+        } else {
+          kvc_seq id = 0;
+          int64_t tokens = -1, looked = -1, shared = -1;
+          CheckCode(kvc_prefix_lookup(cache, hashes.data(), count, &looked, &shared));
+          const int rc = kvc_seq_create_from_prefix(cache, hashes.data(), count, &id, &tokens);
+          CheckCode(rc);
+          if (rc == KVC_OK) {
+            Check(tokens == looked && tokens % 128 == 0 && tokens <= shared && shared <= count * 128);
+            std::vector<int64_t>& l = lengths[id];
+            l.resize(kLayers);
+            for (int32_t layer = 0; layer < kLayers; ++layer) {
+              Check(kvc_seq_length(cache, id, layer, &l[static_cast<size_t>(layer)]) == KVC_OK);
+              Check(l[static_cast<size_t>(layer)] == tokens);
+            }
+          }
+        }
+        break;
+      }
       default: {
         kvc_usage usage;
         Check(kvc_cache_usage(cache, &usage) == KVC_OK);
         Check(usage.sequences == static_cast<int64_t>(lengths.size()));
         for (int c = 0; c < KVC_NUM_COMPONENTS; ++c) Check(usage.used_bytes[c] <= usage.reserved_bytes[c]);
+        kvc_prefix_usage prefix;
+        Check(kvc_cache_prefix_usage(cache, &prefix) == KVC_OK);
+        Check(prefix.cached_bytes <= prefix.limit_bytes && prefix.cached_bytes >= 0);
         break;
       }
     }
@@ -263,7 +349,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   for (const auto& entry : lengths) Check(kvc_seq_free(cache, entry.first) == KVC_OK);
   kvc_usage usage;
   Check(kvc_cache_usage(cache, &usage) == KVC_OK && usage.sequences == 0);
-  for (int c = 0; c < KVC_NUM_COMPONENTS; ++c) Check(usage.used_bytes[c] == 0);
+  // What is left is the cached prefixes', all of it within their budget.
+  kvc_prefix_usage prefix;
+  Check(kvc_cache_prefix_usage(cache, &prefix) == KVC_OK);
+  int64_t used = 0;
+  for (int c = 0; c < KVC_NUM_COMPONENTS; ++c) used += usage.used_bytes[c];
+  Check(used == prefix.cached_bytes && prefix.cached_bytes <= prefix.limit_bytes && prefix.shared_bytes == 0);
   kvc_cache_destroy(cache);
   std::remove(path.c_str());
   return 0;

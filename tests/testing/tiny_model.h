@@ -80,7 +80,22 @@ class TinyModel {
     return absl::OkStatus();
   }
 
-  absl::Status AppendLayer(Cache& cache, SequenceId seq, int layer, int64_t first, int64_t n, uint64_t seed) const {
+  // The inputs of tokens [first, first + n) of `layer`: the window rows and
+  // the compressor projections (on layers kvc compresses).
+  struct Inputs {
+    std::vector<Bf16> window;
+    std::vector<float> kv, score, ikv, iscore;
+    LayerTokens tokens() const {
+      LayerTokens t;
+      t.window_rows = window;
+      t.compressor_kv = kv;
+      t.compressor_score = score;
+      t.indexer_kv = ikv;
+      t.indexer_score = iscore;
+      return t;
+    }
+  };
+  Inputs InputsFor(int layer, int64_t first, int64_t n, uint64_t seed) const {
     const LayerSpec& l = spec_.layers[static_cast<size_t>(layer)];
     const uint64_t base = seed * 1000003u + static_cast<uint64_t>(layer) * 7919u;
     auto rows = [&](uint64_t stream, int64_t width, float scale) {
@@ -93,26 +108,27 @@ class TinyModel {
       }
       return v;
     };
+    Inputs in;
     const std::vector<float> window_f = rows(11, kHeadDim, 3.0f);
-    std::vector<Bf16> window(window_f.size());
-    std::transform(window_f.begin(), window_f.end(), window.begin(), [](float x) { return ToBf16(x); });
-    LayerTokens tokens;
-    tokens.window_rows = window;
-    std::vector<float> kv, score, ikv, iscore;
+    in.window.resize(window_f.size());
+    std::transform(window_f.begin(), window_f.end(), in.window.begin(), [](float x) { return ToBf16(x); });
     if (l.kind != LayerKind::kWindow && !l.compressor.ape.empty()) {
       const int64_t width = l.kind == LayerKind::kCsa ? 1024 : 512;
-      kv = rows(12, width, 1.0f);
-      score = rows(13, width, 2.0f);
-      tokens.compressor_kv = kv;
-      tokens.compressor_score = score;
+      in.kv = rows(12, width, 1.0f);
+      in.score = rows(13, width, 2.0f);
       if (l.kind == LayerKind::kCsa) {
-        ikv = rows(14, 256, 1.0f);
-        iscore = rows(15, 256, 2.0f);
-        tokens.indexer_kv = ikv;
-        tokens.indexer_score = iscore;
+        in.ikv = rows(14, 256, 1.0f);
+        in.iscore = rows(15, 256, 2.0f);
       }
     }
-    KVC_RETURN_IF_ERROR(cache.Append(seq, layer, first, tokens));
+    return in;
+  }
+
+  absl::Status AppendLayer(Cache& cache, SequenceId seq, int layer, int64_t first, int64_t n, uint64_t seed) const {
+    const LayerSpec& l = spec_.layers[static_cast<size_t>(layer)];
+    const uint64_t base = seed * 1000003u + static_cast<uint64_t>(layer) * 7919u;
+    const Inputs in = InputsFor(layer, first, n, seed);
+    KVC_RETURN_IF_ERROR(cache.Append(seq, layer, first, in.tokens()));
     if (l.kind == LayerKind::kHca && l.compressor.ape.empty()) {  // the engine's own entries
       KVC_ASSIGN_OR_RETURN(const HistoryView have, cache.CompressedRows(seq, layer));
       const int64_t closed = (first + n) / 128;
@@ -133,7 +149,8 @@ class TinyModel {
 };
 
 // Every byte of `seq` a caller can observe: per layer its length, rollback
-// floor, window ring rows (slot order), compressed rows and index keys.
+// floor, window ring rows (all window + draft_slots slots, in slot order),
+// compressed rows and index keys.
 inline std::string ObservableBytes(const Cache& cache, SequenceId seq) {
   std::string out;
   auto put = [&](const void* p, size_t n) { out.append(static_cast<const char*>(p), n); };
@@ -144,7 +161,7 @@ inline std::string ObservableBytes(const Cache& cache, SequenceId seq) {
     put(&length, sizeof(length));
     const absl::StatusOr<WindowRingView> ring = cache.Window(seq, layer);
     if (!ring.ok()) return "error";
-    for (int64_t s = 0; s < ring->window; ++s) {
+    for (int64_t s = 0; s < ring->ring_slots; ++s) {
       const ConstPackedRows& page = ring->pages[static_cast<size_t>(s / ring->rows_per_page)];
       put(page.row_data(s % ring->rows_per_page), 576);
       put(page.row_scales(s % ring->rows_per_page), 8);
