@@ -31,6 +31,8 @@ int8_t Code(const uint8_t* packed, int e) { return kTwiceE2M1[(packed[e / 2] >> 
 void BuildScoringLayout(IndexQuery& q, std::vector<int32_t>& slot_head, std::vector<int32_t>& group_begin,
                         std::vector<int8_t>& codes, std::vector<float>& codes_f32, std::vector<int32_t>& offset,
                         std::vector<int32_t>& scale_bits, std::vector<float>& weight, std::vector<double>& weight_f64,
+                        std::vector<int8_t>& codes_shifted, std::vector<int32_t>& offset_shifted,
+                        std::vector<int32_t>& min_scale_bits, int& max_q_shift,
                         int& min_q_exp, int& fast_min_key_exp, int& neutral_key_exp, bool& fast_allowed) {
   slot_head.clear();
   group_begin.assign(17, 0);
@@ -95,6 +97,32 @@ void BuildScoringLayout(IndexQuery& q, std::vector<int32_t>& slot_head, std::vec
     }
   }
   min_q_exp = q_min;
+  // Integer block sums: each head's codes shifted so its blocks share the
+  // head's smallest exponent (zero blocks: shift 0), if every shift is <= 3.
+  codes_shifted.assign(slots * kIndexDim, 0);
+  offset_shifted.assign(slots * 4, 0);
+  min_scale_bits.assign(slots, 0);
+  max_q_shift = 0;
+  for (size_t slot = 0; slot < slots; ++slot) {
+    const int h = slot_head[slot];
+    int head_min = 1 << 20;
+    for (int b = 0; b < 4; ++b) {
+      if (!block_is_zero(h, b)) head_min = std::min(head_min, q.stored(h).scales[b] - 129);
+    }
+    min_scale_bits[slot] = (head_min + 127) << 23;
+    for (int b = 0; b < 4; ++b) {
+      const int shift = block_is_zero(h, b) ? 0 : q.stored(h).scales[b] - 129 - head_min;
+      max_q_shift = std::max(max_q_shift, shift);
+      int sum = 0;
+      for (int e = 32 * b; e < 32 * b + 32; ++e) {
+        const int c = codes[slot * kIndexDim + static_cast<size_t>(e)] * (1 << std::min(shift, 3));
+        codes_shifted[slot * kIndexDim + static_cast<size_t>(e)] = static_cast<int8_t>(c);
+        sum += c;
+      }
+      offset_shifted[slot * 4 + static_cast<size_t>(b)] = 12 * sum;
+    }
+  }
+  if (max_q_shift > 3) max_q_shift = -1;  // not usable: the integer path is off for this query
   // Fast path: every block product >= 2^-126 (q_min + ke_min >= -126), every
   // relu * w >= 2^-126, and with weights of both signs every running sum a
   // multiple of 2^-149 * 2^23 at least (their grid: relu * w's ulp).
@@ -189,7 +217,8 @@ absl::Status IndexQuery::Prepare(absl::Span<const Bf16> q_raw, absl::Span<const 
         ") makes scores overflow fp32 against every key, even of block scale 2^-127"));
   }
   BuildScoringLayout(q, q.slot_head_, q.group_begin_, q.slot_codes_, q.slot_codes_f32_, q.slot_offset_, q.slot_scale_bits_,
-                     q.slot_weight_, q.slot_weight_f64_, q.min_q_exp_, q.fast_min_key_exp_, q.neutral_key_exp_,
+                     q.slot_weight_, q.slot_weight_f64_, q.slot_codes_shifted_, q.slot_offset_shifted_,
+                     q.slot_min_scale_bits_, q.max_q_shift_, q.min_q_exp_, q.fast_min_key_exp_, q.neutral_key_exp_,
                      q.fast_allowed_);
   q.max_key_scale_byte_ = byte;
   return absl::OkStatus();

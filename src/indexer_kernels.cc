@@ -76,6 +76,12 @@ struct GroupSetup {
   VI sigma;        // 0 (fast lanes) or the lane's scaling exponent
   VI underflow;    // (sigma - 22) << 23: a block scale field below it is fl(...) = 0 (scaled path)
   bool scaled = false;
+  // Integer block sums (src/indexer_layout.h): per lane and block the shift
+  // ke_b - ke_min, and ke_min << 23; usable when every lane's shifts plus the
+  // query's are at most 9.
+  VI key_shift[4];
+  VI min_key_bits;
+  bool integer_sums = false;
 };
 
 // From the lanes' block scale bytes and zero-block masks. Returns false if
@@ -101,6 +107,15 @@ HWY_INLINE bool SetupGroup(const IndexQueryScoringView& v, const VI* bytes, cons
     g->key_bits[b] = hn::ShiftLeft<23>(hn::Add(hn::IfThenElse(zero[b], zero_exp, ke[b]), g->sigma));
   }
   g->underflow = hn::ShiftLeft<23>(hn::Sub(g->sigma, hn::Set(di, 22)));
+  if (!g->scaled && v.max_q_shift >= 0) {
+    VI widest = hn::Zero(di);
+    for (int b = 0; b < 4; ++b) {
+      g->key_shift[b] = hn::IfThenZeroElse(hn::Or(zero[b], all_zero), hn::Sub(ke[b], kmin));
+      widest = hn::Max(widest, g->key_shift[b]);
+    }
+    g->min_key_bits = hn::ShiftLeft<23>(zero_exp);
+    g->integer_sums = hn::AllTrue(di, hn::Lt(widest, hn::Set(di, 9 - v.max_q_shift + 1)));
+  }
   return true;
 }
 
@@ -266,15 +281,20 @@ KVC_VNNI512 HWY_INLINE void LoadVnniKeys(const uint8_t* codes, int64_t code_stri
 }
 
 // Scores the slots [first, first + kSlots) of one running sum against kKv
-// key vectors, adding relu * w into partial[kv] in slot order.
-template <int kSlots, int kKv, bool kScaled>
+// key vectors, adding relu * w into partial[kv] in slot order. kIntSums: the
+// four block sums of a head combined as integers (shifted codes), one
+// conversion and scale per head.
+template <int kSlots, int kKv, bool kScaled, bool kIntSums>
 KVC_VNNI512 HWY_INLINE void ScoreSlotsVnni(const IndexQueryScoringView& v, int first, const VnniKeys& keys,
                                           const GroupSetup* setup, VF* partial) {
   // The key vectors are read from L1 for every chunk of slots: hide the
   // pointer, or GCC hoists all 64 loads out of the slot loop and spills them.
   const uint8_t* key_u8 = &keys.u8[0][0][0];
   asm volatile("" : "+r"(key_u8));
+  const int8_t* codes = kIntSums ? v.codes_shifted : v.codes;
+  const int32_t* offsets = kIntSums ? v.offset_shifted : v.offset;
   VF s[kSlots][kKv];
+  __m512i sum[kSlots][kKv];
   // Fully unrolled, so that the accumulators stay in registers (a rolled
   // group loop made GCC copy them between registers every iteration).
 #pragma GCC unroll 4
@@ -289,18 +309,32 @@ KVC_VNNI512 HWY_INLINE void ScoreSlotsVnni(const IndexQueryScoringView& v, int f
       for (int kv = 0; kv < kKv; ++kv) key[kv] = _mm512_load_si512(key_u8 + (kv * 32 + g) * 64);
       for (int i = 0; i < kSlots; ++i) {
         int32_t four;
-        std::memcpy(&four, v.codes + static_cast<size_t>(first + i) * 128 + 4 * g, 4);
+        std::memcpy(&four, codes + static_cast<size_t>(first + i) * 128 + 4 * g, 4);
         const __m512i q4 = _mm512_set1_epi32(four);
         for (int kv = 0; kv < kKv; ++kv) acc[i][kv] = _mm512_dpbusd_epi32(acc[i][kv], key[kv], q4);
       }
     }
     for (int i = 0; i < kSlots; ++i) {
       const size_t at = static_cast<size_t>(first + i) * 4 + static_cast<size_t>(b);
-      const __m512i offset = _mm512_set1_epi32(v.offset[at]);  // undoes the +12 key offset
+      const __m512i offset = _mm512_set1_epi32(offsets[at]);  // undoes the +12 key offset
       for (int kv = 0; kv < kKv; ++kv) {
-        const VF exact = VF{_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][kv], offset))};
-        const VF t = BlockTerm<kScaled>(exact, v.scale_bits[at], setup[kv], b);
-        s[i][kv] = b == 0 ? t : hn::Add(s[i][kv], t);
+        if (kIntSums) {
+          const __m512i t = _mm512_sllv_epi32(_mm512_sub_epi32(acc[i][kv], offset), setup[kv].key_shift[b].raw);
+          sum[i][kv] = b == 0 ? t : _mm512_add_epi32(sum[i][kv], t);
+        } else {
+          const VF exact = VF{_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][kv], offset))};
+          const VF t = BlockTerm<kScaled>(exact, v.scale_bits[at], setup[kv], b);
+          s[i][kv] = b == 0 ? t : hn::Add(s[i][kv], t);
+        }
+      }
+    }
+  }
+  if (kIntSums) {
+    for (int i = 0; i < kSlots; ++i) {
+      const __m512i head_bits = _mm512_set1_epi32(v.min_scale_bits[first + i]);
+      for (int kv = 0; kv < kKv; ++kv) {
+        const __m512 scale = _mm512_castsi512_ps(_mm512_add_epi32(head_bits, setup[kv].min_key_bits.raw));
+        s[i][kv] = VF{_mm512_mul_ps(_mm512_cvtepi32_ps(sum[i][kv]), scale)};
       }
     }
   }
@@ -311,7 +345,7 @@ KVC_VNNI512 HWY_INLINE void ScoreSlotsVnni(const IndexQueryScoringView& v, int f
   }
 }
 
-template <int kKv, bool kScaled>
+template <int kKv, bool kScaled, bool kIntSums = false>
 KVC_VNNI512 void ScoreGroupVnni(const IndexQueryScoringView& v, const VnniKeys& keys, const GroupSetup* setup,
                                 VF (*partial)[16]) {
   const DF df;
@@ -320,10 +354,10 @@ KVC_VNNI512 void ScoreGroupVnni(const IndexQueryScoringView& v, const VnniKeys& 
     for (int kv = 0; kv < kKv; ++kv) sum[kv] = hn::Zero(df);
     int slot = v.group_begin[p];
     const int end = v.group_begin[p + 1];
-    for (; slot + 4 <= end; slot += 4) ScoreSlotsVnni<4, kKv, kScaled>(v, slot, keys, setup, sum);
-    if (end - slot == 3) ScoreSlotsVnni<3, kKv, kScaled>(v, slot, keys, setup, sum);
-    if (end - slot == 2) ScoreSlotsVnni<2, kKv, kScaled>(v, slot, keys, setup, sum);
-    if (end - slot == 1) ScoreSlotsVnni<1, kKv, kScaled>(v, slot, keys, setup, sum);
+    for (; slot + 4 <= end; slot += 4) ScoreSlotsVnni<4, kKv, kScaled, kIntSums>(v, slot, keys, setup, sum);
+    if (end - slot == 3) ScoreSlotsVnni<3, kKv, kScaled, kIntSums>(v, slot, keys, setup, sum);
+    if (end - slot == 2) ScoreSlotsVnni<2, kKv, kScaled, kIntSums>(v, slot, keys, setup, sum);
+    if (end - slot == 1) ScoreSlotsVnni<1, kKv, kScaled, kIntSums>(v, slot, keys, setup, sum);
     for (int kv = 0; kv < kKv; ++kv) partial[kv][p] = sum[kv];
   }
 }
@@ -354,11 +388,25 @@ KVC_VNNI512 void ScoreKeysVnni(const IndexQueryScoringView& v, const IndexQuery&
       for (int64_t k = j; k < j + count; ++k) out[k] = ScoreKeyEmulated(q, codes + k * code_stride, scales + k * scale_stride);
       continue;
     }
+    bool integer_sums = !scaled;
+    for (int kv = 0; kv < kvs; ++kv) integer_sums = integer_sums && setup[kv].integer_sums;
     VF partial[kKv][16];
     if (kvs == 2) {
-      scaled ? ScoreGroupVnni<2, true>(v, keys, setup, partial) : ScoreGroupVnni<2, false>(v, keys, setup, partial);
+      if (scaled) {
+        ScoreGroupVnni<2, true>(v, keys, setup, partial);
+      } else if (integer_sums) {
+        ScoreGroupVnni<2, false, true>(v, keys, setup, partial);
+      } else {
+        ScoreGroupVnni<2, false>(v, keys, setup, partial);
+      }
     } else {
-      scaled ? ScoreGroupVnni<1, true>(v, keys, setup, partial) : ScoreGroupVnni<1, false>(v, keys, setup, partial);
+      if (scaled) {
+        ScoreGroupVnni<1, true>(v, keys, setup, partial);
+      } else if (integer_sums) {
+        ScoreGroupVnni<1, false, true>(v, keys, setup, partial);
+      } else {
+        ScoreGroupVnni<1, false>(v, keys, setup, partial);
+      }
     }
     for (int kv = 0; kv < kvs; ++kv) {
       VF score = Halve(partial[kv]);

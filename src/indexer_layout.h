@@ -37,6 +37,11 @@
 //   relu * w, where the reference rounds to the subnormal grid 2^-149, is
 //   rounded to 2^(sigma-149) explicitly (in fp64, where the product is
 //   exact). The score is unscaled with integer operations.
+// - Integer block sums (a refinement of the fast path): when a key's block
+//   exponents and the head's differ from their minima by d_b <= 9 in all,
+//   every partial sum of s_h is an integer below 2^24 times 2^E_min, so exact:
+//   s_h = (Σ_b acc_b << d_b) * 2^E_min, one conversion and one multiply per
+//   head instead of four.
 // - Keys neither path can take (block scales spanning more of the exponent
 //   range than the scaled domain holds) are scored by an fp64 emulation of
 //   the reference.
@@ -59,6 +64,10 @@ struct IndexQueryScoringView {
         scale_bits(q.slot_scale_bits_.data()),
         weight(q.slot_weight_.data()),
         weight_f64(q.slot_weight_f64_.data()),
+        codes_shifted(q.slot_codes_shifted_.data()),
+        offset_shifted(q.slot_offset_shifted_.data()),
+        min_scale_bits(q.slot_min_scale_bits_.data()),
+        max_q_shift(q.max_q_shift_),
         min_q_exp(q.min_q_exp_),
         fast_min_key_exp(q.fast_min_key_exp_),
         neutral_key_exp(q.neutral_key_exp_),
@@ -73,6 +82,14 @@ struct IndexQueryScoringView {
   const int32_t* scale_bits; // [slot][4] (qe + 127) << 23, qe the exponent of s_q/4 (zero blocks: min_q_exp)
   const float* weight;       // [slot]
   const double* weight_f64;  // [slot]
+  // Integer block sums (fast path, AVX3_DL): each head's codes times
+  // 2^(qe_b - qe_min,h), so that its four block sums share the exponent
+  // qe_min,h; usable when that shift is at most 3 (codes * 8 fit int8) for
+  // every head: max_q_shift, else -1.
+  const int8_t* codes_shifted;    // [slot][128]
+  const int32_t* offset_shifted;  // [slot][4] 12 * Σ shifted codes of the block
+  const int32_t* min_scale_bits;  // [slot] (qe_min,h + 127) << 23
+  int max_q_shift;
   int min_q_exp;             // smallest qe over the active slots' nonzero blocks
   int fast_min_key_exp;      // keys whose smallest nonzero-block exponent is at least this take the fast path
   int neutral_key_exp;       // an exponent ke with min_q_exp + ke >= -126 and max qe + ke <= 127 (all-zero keys)

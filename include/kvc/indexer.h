@@ -82,6 +82,10 @@ class IndexQuery {
   std::vector<int32_t> slot_scale_bits_;
   std::vector<float> slot_weight_;
   std::vector<double> slot_weight_f64_;
+  std::vector<int8_t> slot_codes_shifted_;
+  std::vector<int32_t> slot_offset_shifted_;
+  std::vector<int32_t> slot_min_scale_bits_;
+  int max_q_shift_ = -1;
   int min_q_exp_ = 0;
   int fast_min_key_exp_ = 0;
   int neutral_key_exp_ = 0;
