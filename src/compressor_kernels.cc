@@ -101,7 +101,8 @@ HWY_INLINE VF FlushTiny(DF df, VF v) {
 //   exactly 1 for |x| < 2^-26. Setting scores, ape and s below 2^-90 to ±0
 //   changes no e_j: such a value either leaves a sum unchanged (next to one
 //   >= 2^-66) or everything it meets is below 2^-65, where every x it makes is
-//   below 2^-26 either way. Then every sum and difference is 0 or >= 2^-113;
+//   below 2^-26 either way. Then every sum and difference is 0 or a multiple
+//   of 2^-113 (so normal);
 //   x below 2^-26 is set to 0, and x is clamped at -87 before exp's
 //   arithmetic (lanes below are zeroed anyway; further down, exp's scale
 //   factor could be a tiny normal).
@@ -127,15 +128,15 @@ void PoolChannels(const PoolSlot* slots, int n, int64_t channels, float* out) {
   for (int64_t ch = 0; ch < channels; ch += static_cast<int64_t>(lanes)) {
     VF max = hn::Set(df, -INFINITY);
     auto kv_min = hn::Set(du, 0xFFFFFFFFu);  // smallest nonzero |kv| bits - 1
-    auto kv_max = hn::Zero(du);
     for (int j = 0; j < n; ++j) {
+      // A sum of two values that are 0 or >= 2^-90 is 0 or a multiple of
+      // 2^-113: normal, and it needs no flush of its own.
       VF s = FlushTiny(df, hn::LoadU(df, slots[j].score + ch));
-      if (slots[j].ape != nullptr) s = FlushTiny(df, hn::Add(s, FlushTiny(df, hn::LoadU(df, slots[j].ape + ch))));
+      if (slots[j].ape != nullptr) s = hn::Add(s, FlushTiny(df, hn::LoadU(df, slots[j].ape + ch)));
       hn::Store(s, df, e_buf + static_cast<size_t>(j) * lanes);
       max = hn::Max(max, s);
       const auto kv_abs = hn::And(hn::BitCast(du, hn::LoadU(df, slots[j].kv + ch)), hn::Set(du, 0x7FFFFFFFu));
       kv_min = hn::Min(kv_min, hn::Sub(kv_abs, hn::Set(du, 1u)));
-      kv_max = hn::Max(kv_max, kv_abs);
     }
     VF sum = hn::Zero(df);
     auto e_min = hn::Set(du, 0xFFFFFFFFu);  // smallest nonzero e bits - 1
@@ -170,6 +171,10 @@ void PoolChannels(const PoolSlot* slots, int n, int64_t channels, float* out) {
       continue;
     }
     hn::Store(sum, df, sum_buf);
+    auto kv_max = hn::Zero(du);  // (only this rare path needs it)
+    for (int j = 0; j < n; ++j) {
+      kv_max = hn::Max(kv_max, hn::And(hn::BitCast(du, hn::LoadU(df, slots[j].kv + ch)), hn::Set(du, 0x7FFFFFFFu)));
+    }
     const int kv_max_field = static_cast<int>(hn::GetLane(hn::MaxOfLanes(du, kv_max)) >> 23);
     const int sigma = std::min(64, 125 - (kv_max_field - 127));
     if (!hn::AllFalse(di, hn::Eq(kv_field, hn::Zero(di))) || sigma < 23) {  // subnormal kv, or huge next to tiny
