@@ -224,7 +224,7 @@ void PoolChannels(const PoolSlot* slots, int n, int64_t channels, float* out) {
     const auto new_field = hn::Sub(hn::BitCast(di, hn::ShiftRight<23>(a)), hn::Set(di, sigma));
     const auto normal = hn::Sub(u, sigma_bits);
     const auto significand = hn::Or(hn::And(a, hn::Set(du, 0x7FFFFFu)), hn::Set(du, 0x800000u));
-    const auto shift = hn::BitCast(du, hn::Min(hn::Sub(hn::Set(di, 1), new_field), hn::Set(di, 31)));
+    const auto shift = hn::BitCast(du, hn::Max(hn::Min(hn::Sub(hn::Set(di, 1), new_field), hn::Set(di, 31)), hn::Zero(di)));
     const auto sub = hn::Or(hn::And(u, hn::Set(du, 0x80000000u)), hn::Shr(significand, shift));
     const auto result = hn::IfThenElse(hn::RebindMask(du, hn::Gt(new_field, hn::Zero(di))), normal, sub);
     hn::StoreU(hn::BitCast(df, hn::IfThenElse(hn::Eq(a, hn::Zero(du)), u, result)), df, out + ch);

@@ -93,7 +93,7 @@ void BuildScoringLayout(IndexQuery& q, std::vector<int32_t>& slot_head, std::vec
   for (size_t slot = 0; slot < slots; ++slot) {
     for (int b = 0; b < 4; ++b) {
       const int qe = block_is_zero(slot_head[slot], b) ? q_min : q.stored(slot_head[slot]).scales[b] - 129;
-      scale_bits[slot * 4 + static_cast<size_t>(b)] = (qe + 127) << 23;
+      scale_bits[slot * 4 + static_cast<size_t>(b)] = static_cast<int32_t>(static_cast<uint32_t>(qe + 127) << 23);  // qe + 127 may be -1
     }
   }
   min_q_exp = q_min;
@@ -109,7 +109,7 @@ void BuildScoringLayout(IndexQuery& q, std::vector<int32_t>& slot_head, std::vec
     for (int b = 0; b < 4; ++b) {
       if (!block_is_zero(h, b)) head_min = std::min(head_min, q.stored(h).scales[b] - 129);
     }
-    min_scale_bits[slot] = (head_min + 127) << 23;
+    min_scale_bits[slot] = static_cast<int32_t>(static_cast<uint32_t>(head_min + 127) << 23);
     for (int b = 0; b < 4; ++b) {
       const int shift = block_is_zero(h, b) ? 0 : q.stored(h).scales[b] - 129 - head_min;
       max_q_shift = std::max(max_q_shift, shift);

@@ -184,7 +184,7 @@ HWY_INLINE VF Unscale(VF scaled, VI sigma) {
   const auto normal = hn::Sub(u, hn::BitCast(du, hn::ShiftLeft<23>(sigma)));
   // Subnormal result: the significand shifted right by 1 - new_field (exact).
   const auto significand = hn::Or(hn::And(u, hn::Set(du, 0x7FFFFFu)), hn::Set(du, 0x800000u));
-  const VI shift = hn::Min(hn::Sub(hn::Set(di, 1), new_field), hn::Set(di, 31));
+  const VI shift = hn::Max(hn::Min(hn::Sub(hn::Set(di, 1), new_field), hn::Set(di, 31)), hn::Zero(di));
   const auto sub = hn::Or(sign, hn::Shr(significand, hn::BitCast(du, shift)));
   const auto is_zero = hn::Eq(hn::And(u, hn::Set(du, 0x7FFFFFFFu)), hn::Zero(du));
   const auto result = hn::IfThenElse(hn::RebindMask(du, hn::Gt(new_field, hn::Zero(di))), normal, sub);
