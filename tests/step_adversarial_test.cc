@@ -9,6 +9,8 @@
 // StepAdversarialConcurrency.* also run under ThreadSanitizer
 // (scripts/test.sh).
 #include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -63,6 +65,14 @@ thread_local bool t_fault_fired = false;
 [[gnu::noinline]] void operator delete[](void* p) noexcept { std::free(p); }
 [[gnu::noinline]] void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 [[gnu::noinline]] void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define KVC_TEST_SANITIZER 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define KVC_TEST_SANITIZER 1
+#endif
+#endif
 
 namespace kvc {
 namespace {
@@ -222,6 +232,60 @@ TEST(StepAdversarial, APlanThatRunsOutOfMemoryChangesNothing) {
       EXPECT_TRUE(cache->AbortStep((*plan)->epoch).ok());
     }
   }
+}
+
+#ifndef KVC_TEST_SANITIZER  // sanitizers reserve more address space than any limit set here
+// In a child process: a window-only model with max_context 2^40 and a step
+// of 2^31 tokens (every check passes: no history pages, a checkpoint of the
+// ring), under an address-space limit 1 GiB above what the process uses.
+// Exit status: 0 refused with nothing changed, 1 planned (its int32 indptr
+// cannot count 2^31 slots), 2 std::bad_alloc escaped, 3 refused but the
+// cache changed (pages kept, or the sequence left in a step).
+int PlanATooLargeStep() {
+  TinyModel model;
+  ModelSpec spec = model.spec();
+  for (LayerSpec& l : spec.layers) l = LayerSpec{};  // window-only
+  spec.max_context = int64_t{1} << 40;
+  std::unique_ptr<Cache> cache = *Cache::Create(spec, Options(true));
+  const SequenceId a = *cache->CreateSequence();
+  const std::vector<int64_t> before = UsageNumbers(cache->Usage());
+  FILE* f = std::fopen("/proc/self/statm", "r");
+  long pages = 0;
+  if (f == nullptr || std::fscanf(f, "%ld", &pages) != 1) return 4;
+  std::fclose(f);
+  struct rlimit limit;
+  ::getrlimit(RLIMIT_AS, &limit);
+  limit.rlim_cur = static_cast<rlim_t>(pages * ::sysconf(_SC_PAGESIZE) + (int64_t{1} << 30));
+  if (::setrlimit(RLIMIT_AS, &limit) != 0) return 4;
+  try {
+    const absl::StatusOr<StepPlan> plan = cache->PlanStep({{a, int64_t{1} << 31}});
+    if (plan.ok()) return 1;
+    std::fprintf(stderr, "refused: %s\n", plan.status().ToString().c_str());
+  } catch (const std::bad_alloc&) {
+    return 2;
+  }
+  return UsageNumbers(cache->Usage()) == before && !InStep(*cache, a) ? 0 : 3;
+}
+#endif
+
+// Diagnosis (src/cache_step.cc, PlanStep, the slots' `out.indptr.push_back(
+// static_cast<int32_t>(out.slots.size()))`): nothing bounds a step's slot
+// count, so 2^31 tokens on a window-only model (max_context may be 2^40)
+// pass every check, get their pages, and then either wrap the int32 indptr
+// or -- first, in practice -- exhaust memory building 2^31 slots after the
+// pages were granted (see APlanThatRunsOutOfMemoryChangesNothing).
+TEST(StepAdversarial, AStepTooLargeForItsSlotListsIsRefused) {
+#ifdef KVC_TEST_SANITIZER
+  GTEST_SKIP() << "sanitizers reserve more address space than any limit this test can set";
+#else
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) ::_exit(PlanATooLargeStep());
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status)) << "killed by signal " << (WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: planned; 2: std::bad_alloc escaped; 3: the cache changed";
+#endif
 }
 
 // Diagnosis (src/cache_internal.h, Impl::AllocateState, and cache.cc Fork):
