@@ -99,11 +99,14 @@ std::vector<std::vector<int32_t>> Tables(const Cache& cache, SequenceId seq) {
   return out;
 }
 
-std::vector<int64_t> UsageNumbers(const CacheUsage& u) {
+// Usage as numbers; reserved bytes (every id ever handed out: a high-water
+// mark) are left out where `with_reserved` is false -- the contract is
+// "contents, lengths and used bytes" (cache.h).
+std::vector<int64_t> UsageNumbers(const CacheUsage& u, bool with_reserved = true) {
   std::vector<int64_t> v;
   for (const ComponentUsage& c : u.components) {
     v.push_back(c.used_bytes);
-    v.push_back(c.reserved_bytes);
+    v.push_back(with_reserved ? c.reserved_bytes : 0);
     v.push_back(c.pages);
   }
   for (const int64_t x : {u.history_limit_bytes, u.state_limit_bytes, u.sequences, u.open_steps, u.deferred_pages,
@@ -130,7 +133,7 @@ struct Observed {
 };
 Observed Observe(Cache& cache, const std::vector<SequenceId>& ids) {
   Observed out;
-  out.usage = UsageNumbers(cache.Usage());
+  out.usage = UsageNumbers(cache.Usage(), /*with_reserved=*/false);
   for (const SequenceId id : ids) {
     std::vector<int64_t> numbers;
     for (int layer = 0; layer < kLayers; ++layer) numbers.push_back(cache.Length(id, layer).value_or(-1));
@@ -290,9 +293,11 @@ TEST(StepAdversarial, AStepTooLargeForItsSlotListsIsRefused) {
 
 // Diagnosis (src/cache_internal.h, Impl::AllocateState, and cache.cc Fork):
 // AllocateState grants the pages (store->Allocate) and only then allocates
-// seq.layers (`seq.layers.assign(...)`); Fork then lists copies into a
-// growing vector (part->Fork -> CopyPage -> engine_copies->push_back) and
-// Register emplaces into the sequence map. A std::bad_alloc after the grant
+// seq.layers (`seq.layers.assign(...)`); Fork then copies the parent's
+// history tables into the child's (HistoryStream::Fork, `child.tables[s] =
+// from`), lists copies into a growing vector (part->Fork -> CopyPage ->
+// engine_copies->push_back), and Register emplaces into the sequence map
+// (cache_internal.h). A std::bad_alloc after the grant
 // destroys the unregistered child without Release: its ring and state page
 // ids are never returned (Usage().used_bytes stays up for the cache's
 // lifetime). CreateSequence shares the AllocateState half.
@@ -302,6 +307,12 @@ TEST(StepAdversarial, AForkOrCreateThatRunsOutOfMemoryChangesNothing) {
     SCOPED_TRACE(page_manager ? "page-manager mode" : "kvc's mode");
     std::unique_ptr<Cache> cache = *Cache::Create(model.spec(), Options(page_manager));
     const SequenceId a = *cache->CreateSequence();
+    const StepPlan grow = *cache->PlanStep({{a, 40}});  // history pages the fork shares
+    if (!page_manager) {
+      for (int layer = 0; layer < kLayers; ++layer) ASSERT_TRUE(model.AppendLayer(*cache, a, layer, 0, 40, 1).ok());
+    }
+    ASSERT_TRUE(cache->CommitStep(grow.epoch).ok());
+    ASSERT_TRUE(cache->CompleteSteps(grow.epoch).ok());
     std::vector<PageCopy> copies;
     EachAllocationFailing(*cache, {a}, "Fork", [&] {
       const absl::StatusOr<SequenceId> child = cache->Fork(a, page_manager ? &copies : nullptr);
