@@ -404,6 +404,19 @@ absl::StatusOr<SequenceId> Cache::Fork(SequenceId id, std::vector<PageCopy>* eng
     KVC_RETURN_IF_ERROR(Impl::RefuseInStep(*parent, id, "Fork"));
     KVC_RETURN_IF_ERROR(impl_->SameLengthEverywhere(parent->layers, id, "Fork:"));
     std::lock_guard<std::mutex> child_lock(child->mu);
+    // Room first for the shared history tables and the copies the parts
+    // list: once the child's pages are granted nothing may allocate (a
+    // std::bad_alloc would drop the unregistered child with its pages).
+    size_t private_pages = 0;
+    for (int s = 0; s < cache_internal::kStreamCount; ++s) {
+      const std::vector<PageId>& table = parent->tables[static_cast<size_t>(s)];
+      if (impl_->History(s) != nullptr) {
+        child->tables[static_cast<size_t>(s)].reserve(table.size());
+      } else {
+        private_pages += table.size();
+      }
+    }
+    if (impl_->page_manager()) copies.reserve(private_pages);
     KVC_RETURN_IF_ERROR(impl_->AllocateState(*child));
     // Apply (cannot fail): every part copies its private pages in every
     // layer (lists them, in page-manager mode) and shares the history.

@@ -113,12 +113,18 @@ struct Cache::Impl {
   int32_t depth() const { return options.rollback_depth; }
   int32_t rows_per_page() const { return options.rows_per_page; }
 
-  // Adds a fully built sequence and returns its new id.
+  // Adds a fully built sequence and returns its new id. If the map cannot
+  // grow (std::bad_alloc), the sequence's pages are released before the
+  // exception propagates: nothing changed.
   SequenceId Register(std::shared_ptr<Sequence> seq) {
     std::lock_guard<std::mutex> lock(mu);
-    const SequenceId id = next_id++;
-    sequences.emplace(id, std::move(seq));
-    return id;
+    try {
+      sequences.emplace(next_id, seq);
+    } catch (...) {
+      Release(*seq);
+      throw;
+    }
+    return next_id++;
   }
 
   // The live sequences' ids, ascending.
@@ -277,12 +283,13 @@ struct Cache::Impl {
   // --- What every part does ------------------------------------------------
 
   // The pages of a new sequence (or fork) every part holds from its
-  // creation, all or nothing, with their first contents.
+  // creation, all or nothing, with their first contents. Allocates nothing
+  // once the pages are granted (a std::bad_alloc before leaves no page).
   absl::Status AllocateState(Sequence& seq) const {
     std::vector<PageStore::Request> requests;
     for (const StreamPart* part : all_parts) part->Reserve(seq, &requests);
-    KVC_RETURN_IF_ERROR(store->Allocate(requests));
     seq.layers.assign(spec.layers.size(), LayerStreams{});
+    KVC_RETURN_IF_ERROR(store->Allocate(requests));
     for (const StreamPart* part : all_parts) part->Init(seq);
     return absl::OkStatus();
   }
