@@ -1134,8 +1134,13 @@ TEST(StepAdversarial, CApiMisuseIsRefusedAndChangesNothing) {
 
 // The C API's own promise: a failing allocation inside kvc_step_plan_create
 // or kvc_seq_fork_pages is KVC_ERR_RESOURCE_EXHAUSTED and the cache is as it
-// was. (Diagnoses: see APlanThatRunsOutOfMemoryChangesNothing and
-// AForkOrCreateThatRunsOutOfMemoryChangesNothing.)
+// was. Diagnoses: APlanThatRunsOutOfMemoryChangesNothing and
+// AForkOrCreateThatRunsOutOfMemoryChangesNothing; and in src/c_api.cc,
+// kvc_step_plan_create converts the plan's copies to C structs after
+// PlanStep opened the step (`plan->copies = ToCCopies(...)`) and undoes a
+// failure with AbortStep -- which, in page-manager mode, holds the plan's
+// new pages as deferred until kvc_steps_complete (and the epoch has moved
+// on): the failed call leaves used bytes and deferred_pages up.
 TEST(StepAdversarial, CApiAllocationFailuresLeaveTheCacheAsItWas) {
   CCache c(1);
   kvc_seq a = 0;
