@@ -1163,6 +1163,16 @@ TEST(StepAdversarial, CApiAllocationFailuresLeaveTheCacheAsItWas) {
       t_fail_in = -1;
       if (code == KVC_OK) {
         if (call == 0) {
+          // The copies, as C structs: a getter that runs out of memory fails alone.
+          const kvc_page_copy* copies = nullptr;
+          int64_t n = -1;
+          t_fail_in = 0;
+          EXPECT_EQ(kvc_step_plan_copies(plan, &copies, &n), KVC_ERR_RESOURCE_EXHAUSTED);
+          t_fail_in = -1;
+          ASSERT_EQ(kvc_step_plan_copies(plan, &copies, &n), KVC_OK);
+          EXPECT_GT(n, 0);  // 40 tokens > depth 16: the checkpoint's copies
+          ASSERT_EQ(kvc_step_plan_abort_copies(plan, &copies, &n), KVC_OK);
+          EXPECT_GT(n, 0);
           uint64_t epoch = 0;
           ASSERT_EQ(kvc_step_plan_epoch(plan, &epoch), KVC_OK);
           ASSERT_EQ(kvc_step_abort(c.cache, epoch), KVC_OK);
