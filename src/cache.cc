@@ -8,6 +8,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -66,8 +67,16 @@ int64_t SequenceUsage::total_bytes() const {
 Cache::Cache(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 Cache::~Cache() {
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  for (auto& [id, seq] : impl_->sequences) {
+  // The sequences are taken out under the cache's lock and released under
+  // their own after it: every call takes a sequence's lock before the
+  // cache's, and so does this (no call may run during destruction; this
+  // keeps ThreadSanitizer's lock-order graph acyclic).
+  std::unordered_map<SequenceId, std::shared_ptr<Sequence>> sequences;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    sequences.swap(impl_->sequences);
+  }
+  for (auto& [id, seq] : sequences) {
     std::lock_guard<std::mutex> seq_lock(seq->mu);
     impl_->Release(*seq);
   }
