@@ -419,7 +419,8 @@ class Cache {
   // checkpoint of the sequence's ring and state pages (so an abort can undo
   // it). All or nothing: kResourceExhausted naming the stream, and nothing
   // changes. Each sequence must exist, be in no open step, hold the same
-  // length in every layer and stay within max_context; each at most once.
+  // length in every layer and stay within max_context (kOutOfRange); each at
+  // most once. A batch lists at most 2^31 - 1 slots per stream (kOutOfRange).
   // The block tables then already cover the step's rows.
   //
   // Then the step's rows are written: by Append (kvc's mode; layer by layer,

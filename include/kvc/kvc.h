@@ -370,7 +370,8 @@ int kvc_snapshot_restore(kvc_cache* cache, const char* path, kvc_seq* out, size_
  * kvc_steps_complete(epoch) says the device finished that step.
  * kvc_step_plan_create: KVC_ERR_NOT_FOUND unknown sequence;
  * KVC_ERR_INVALID_ARGUMENT new_tokens < 1, a sequence twice, batch < 0;
- * KVC_ERR_OUT_OF_RANGE past max_context; KVC_ERR_FAILED_PRECONDITION a
+ * KVC_ERR_OUT_OF_RANGE past max_context, or more than 2^31 - 1 slots in a
+ * stream; KVC_ERR_FAILED_PRECONDITION a
  * sequence already in a step or with layers of different lengths;
  * KVC_ERR_RESOURCE_EXHAUSTED not enough pages (the message names the stream). */
 typedef struct kvc_step_plan kvc_step_plan;
