@@ -889,6 +889,46 @@ TEST(StepAdversarial, DISABLED_CsrBlockTablesMidStepDescribeOneRowCount) {
   }
 }
 
+// Diagnosis (src/cache_internal.h, Impl::StreamRowsOf, the kWindow line
+// `min(length, ring_slots())`): in page-manager mode a truncation leaves the
+// rows the engine wrote past the new length in their slots (no rollback
+// records put the evicted ones back: LayerStreams::ring_end), so the ring
+// holds the positions [ring_end - ring_slots, length), fewer than
+// min(length, ring_slots). StreamRows(kWindow) -- "the ring's valid slots"
+// -- and the dense tables' rows for kWindow still count the slots whose
+// positions were overwritten; an engine reading that many positions back
+// from the last one reads the truncated drafts' rows as older positions.
+// Here (window 16 + 4 draft slots, 40 tokens, truncated to 36): slots of
+// positions 16..19 hold 36..39, so 16 positions are held, not 20.
+TEST(StepAdversarial, PageManagerStreamRowsCountOnlyRingRowsStillHeld) {
+  TinyModel model;
+  for (const bool page_manager : {true, false}) {
+    SCOPED_TRACE(page_manager ? "page-manager mode" : "kvc's mode");
+    std::unique_ptr<Cache> cache = *Cache::Create(model.spec(), Options(page_manager));
+    const SequenceId a = *cache->CreateSequence();
+    auto step = [&](int64_t n) {
+      const StepPlan plan = *cache->PlanStep({{a, n}});
+      if (!page_manager) {
+        for (int layer = 0; layer < kLayers; ++layer) {
+          ASSERT_TRUE(model.AppendLayer(*cache, a, layer, plan.first_position[0], n, 1).ok());
+        }
+      }
+      ASSERT_TRUE(cache->CommitStep(plan.epoch).ok());
+    };
+    step(40);
+    EXPECT_EQ(*cache->StreamRows(a, 0, Stream::kWindow), 20);
+    ASSERT_TRUE(cache->Truncate(a, 36).ok());
+    // kvc's mode: the rollback records put positions 16..19 back.
+    const int64_t held = page_manager ? 16 : 20;
+    EXPECT_EQ(*cache->StreamRows(a, 0, Stream::kWindow), held);
+    EXPECT_EQ(cache->BatchBlockTables({a}, Stream::kWindow)->rows[0], held);
+    step(2);  // 38 tokens; the ring was written up to 40
+    EXPECT_EQ(*cache->StreamRows(a, 0, Stream::kWindow), page_manager ? 18 : 20);
+    step(2);
+    EXPECT_EQ(*cache->StreamRows(a, 0, Stream::kWindow), 20);
+  }
+}
+
 // kvc's mode mid-step: a layer already appended selects as a sequence grown
 // straight to that length; a layer not yet appended as before the step;
 // block tables cover the planned rows at once.
