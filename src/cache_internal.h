@@ -275,7 +275,9 @@ struct Cache::Impl {
   // ring's valid slots (window, compressor state), a history stream's rows.
   int64_t StreamRowsOf(const Sequence& seq, int layer, int s) const {
     const int64_t length = seq.layers[static_cast<size_t>(layer)].length;
-    if (s == cache_internal::kWindowStream) return std::min<int64_t>(length, ring_slots());
+    // The window ring holds positions [OldestRingPosition, length): in
+    // page-manager mode a truncation leaves later rows in their slots.
+    if (s == cache_internal::kWindowStream) return std::max<int64_t>(0, length - OldestRingPosition(seq, layer));
     if (cache_internal::IsStateStream(s)) return std::min<int64_t>(length, store->spec(s).rows_per_page);
     return History(s)->Rows(seq, layer);
   }

@@ -508,7 +508,9 @@ class Cache {
   absl::StatusOr<CsrBlockTables> BatchBlockTablesCsr(absl::Span<const SequenceId> seqs, Stream stream) const;
 
   // Rows `layer` of `seq` stores in `stream`: kWindow, the ring's valid
-  // slots, min(length, window + draft_slots); history streams, the rows appended (row r
+  // slots, min(length, window + draft_slots) -- in page-manager mode fewer
+  // after a truncation, whose later rows stay in their slots until the
+  // sequence grows past them; history streams, the rows appended (row r
   // at BlockTable[r / B], offset r % B). kNotFound when the layer has no
   // such stream.
   absl::StatusOr<int64_t> StreamRows(SequenceId seq, int layer, Stream stream) const;

@@ -315,7 +315,8 @@ int kvc_batch_block_tables_csr(const kvc_cache* cache, const kvc_seq* seqs, int6
 int kvc_seq_append_rows(kvc_cache* cache, kvc_seq seq, int32_t layer, int32_t stream, int64_t first,
                         const uint8_t* rows, int64_t count);
 /* Rows `layer` stores in `stream`: for KVC_STREAM_WINDOW the ring's valid
- * slots (min(length, window + draft_slots)), else the rows appended. KVC_ERR_NOT_FOUND:
+ * slots (min(length, window + draft_slots); in page-manager mode fewer after a
+ * truncation, until the sequence grows back), else the rows appended. KVC_ERR_NOT_FOUND:
  * unknown sequence, or the layer has no such stream. */
 int kvc_seq_stream_rows(const kvc_cache* cache, kvc_seq seq, int32_t layer, int32_t stream, int64_t* out);
 /* What the query at `layer`'s last position attends to, as row indices into
