@@ -929,6 +929,34 @@ TEST(StepAdversarial, PageManagerStreamRowsCountOnlyRingRowsStillHeld) {
   }
 }
 
+// Diagnosis (src/cache_step.cc, AbortStep, `if (impl.page_manager()) { ...
+// ls.ring_end = std::max(ls.ring_end, step.start + step.new_tokens) }`): the
+// abort of a checkpointed step (longer than rollback_depth) moves ring_end
+// past the planned length as if the engine's rows stayed in the ring -- but
+// the engine made plan.abort_copies (or wrote nothing), so the ring is the
+// checkpoint: as planned. kvc then believes the positions before the step
+// were overwritten: StreamRows(kWindow) (and SelectAttentionSets' window
+// indices, which follow ring_end) report no window at all until the
+// sequence grows past the aborted step's end -- after an aborted prefill
+// chunk, the next decode step would attend to no window row.
+TEST(StepAdversarial, PageManagerCheckpointedAbortKeepsTheRing) {
+  TinyModel model;
+  std::unique_ptr<Cache> cache = *Cache::Create(model.spec(), Options(true));
+  const SequenceId a = *cache->CreateSequence();
+  const StepPlan grow = *cache->PlanStep({{a, 40}});
+  ASSERT_TRUE(cache->CommitStep(grow.epoch).ok());
+  ASSERT_EQ(*cache->StreamRows(a, 0, Stream::kWindow), 20);
+  const StepPlan chunk = *cache->PlanStep({{a, 30}});  // > depth 4: checkpointed
+  ASSERT_FALSE(chunk.abort_copies.empty());
+  ASSERT_TRUE(cache->AbortStep(chunk.epoch).ok());  // after the engine made chunk.abort_copies
+  EXPECT_EQ(*cache->StreamRows(a, 0, Stream::kWindow), 20) << "the checkpoint put positions 20..39 back";
+  // Without a checkpoint the engine's rows stay: 3 drafts over positions 20..22.
+  const StepPlan drafts = *cache->PlanStep({{a, 3}});
+  ASSERT_TRUE(drafts.abort_copies.empty());
+  ASSERT_TRUE(cache->AbortStep(drafts.epoch).ok());
+  EXPECT_EQ(*cache->StreamRows(a, 0, Stream::kWindow), 17);
+}
+
 // kvc's mode mid-step: a layer already appended selects as a sequence grown
 // straight to that length; a layer not yet appended as before the step;
 // block tables cover the planned rows at once.
