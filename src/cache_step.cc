@@ -338,7 +338,8 @@ absl::Status Cache::AbortStep(uint64_t epoch) {
       const int64_t written = impl.page_manager() ? step.start + step.new_tokens : reached;
       for (LayerStreams& ls : seq.layers) ls.floor = std::max(ls.floor, written - impl.depth());
     }
-    if (impl.page_manager()) {  // the engine's ring rows stay where it wrote them
+    if (impl.page_manager() && !step.checkpointed) {  // the engine's ring rows stay where it wrote them
+      // (a checkpointed step's abort copies put the ring back as planned)
       for (LayerStreams& ls : seq.layers) ls.ring_end = std::max(ls.ring_end, step.start + step.new_tokens);
     }
     EndStep(store, seq, /*keep_copies=*/false);
