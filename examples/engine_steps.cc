@@ -9,9 +9,10 @@
 //      the page copies (copy-on-write, checkpoints) to make first;
 //   3. the engine's "kernels" write window rows, compressed entries, index
 //      keys and compressor state through those slots; CommitStep;
-//   4. a prefill chunk, decode steps, a draft-verify step (4 drafts, 2
-//      accepted: commit and roll back), a failed step (AbortStep), a fork
-//      (its page copies), a free (held until the device is done);
+//   4. a prefill chunk (its 300 causal sets selected in one call), decode
+//      steps, a draft-verify step (4 drafts selected for in one call per
+//      layer, 2 accepted: commit and roll back), a failed step (AbortStep),
+//      a fork (its page copies), a free (held until the device is done);
 //   5. finally every row is read back through block tables and page arrays
 //      and checked against what the engine wrote.
 //
@@ -213,12 +214,50 @@ int main() {
   // A prefill chunk per sequence (longer than the rollback depth: kvc
   // checkpoints ring and state pages so the step could be aborted).
   if (!report("prefill chunk", step({{seqs[0], 300}, {seqs[1], 200}, {seqs[2], 64}}))) return 1;
+  {  // The chunk's 300 causal sets of the HCA layer in one call: window rows
+     // the ring no longer holds (-1) come from the chunk's own activations.
+    const kvc::PositionSets sets = *cache.SelectAttentionSets(seqs[0], 2, 0, 300, {});
+    const int64_t from_ring = static_cast<int64_t>(
+        std::count_if(sets.window_indices.begin(), sets.window_indices.end(), [](int32_t x) { return x >= 0; }));
+    std::printf("prefill sets: %lld positions, %zu window rows (%lld in the ring), %zu compressed rows\n",
+                static_cast<long long>(sets.count()), sets.window_indices.size(), static_cast<long long>(from_ring),
+                sets.compressed_indices.size());
+    if (sets.count() != 300 || sets.compressed_indices.size() != 300 - 127 + 300 - 255) return 1;
+  }
   for (int i = 0; i < 8; ++i) {
     if (!report("decode", step({{seqs[0], 1}, {seqs[1], 1}, {seqs[2], 1}}))) return 1;
   }
   // Draft-verify: four drafts on sequence 0; the target model accepts two.
+  // The four positions attend in one call per layer, each with its own
+  // causal set (indices into the page arrays), inside the open step.
   const int64_t before_verify = *cache.Length(seqs[0], 0);
-  if (!report("verify 4 drafts", step({{seqs[0], 4}, {seqs[1], 1}}))) return 1;
+  {
+    absl::StatusOr<kvc::StepPlan> plan = cache.PlanStep({{seqs[0], 4}, {seqs[1], 1}});
+    if (!report("verify 4 drafts", plan)) return 1;
+    engine.Copy(cache, plan->copies);
+    for (size_t b = 0; b < 2; ++b) engine.Forward(cache, *plan, b, layers);
+    int64_t checked = 0, wrong = 0;
+    for (const int layer : {0, 2}) {  // the window layer and the HCA layer (CSA: the engine's indexer picks)
+      const kvc::PositionSets sets = *cache.SelectAttentionSets(seqs[0], layer, before_verify, 4, {});
+      const kvc::PageArray window = *cache.LayerPages(layer, Stream::kWindow);
+      const std::vector<int32_t> ids = *cache.BlockTable(seqs[0], Stream::kWindow);
+      const int64_t ring = spec.window + options.draft_slots;
+      for (int64_t i = 0; i < sets.count(); ++i) {
+        const int64_t t = before_verify + i;
+        // The last window row of position t is t's own row, just written by the engine.
+        const int32_t last = sets.window_indices[static_cast<size_t>(sets.window_offsets[static_cast<size_t>(i) + 1] - 1)];
+        const int64_t slot = t % ring;
+        wrong += last != ids[static_cast<size_t>(slot / window.rows_per_page)] * window.rows_per_page + slot % window.rows_per_page;
+        wrong += sets.window_offsets[static_cast<size_t>(i) + 1] - sets.window_offsets[static_cast<size_t>(i)] != std::min<int64_t>(t + 1, spec.window);
+        wrong += sets.compressed_offsets[static_cast<size_t>(i) + 1] - sets.compressed_offsets[static_cast<size_t>(i)] !=
+                 (layer == 2 ? (t + 1) / 128 : 0);
+        ++checked;
+      }
+    }
+    std::printf("verify: %lld position sets selected in one call per layer, %lld wrong\n", static_cast<long long>(checked),
+                static_cast<long long>(wrong));
+    if (wrong != 0 || !cache.CommitStep(plan->epoch).ok() || !cache.CompleteSteps(plan->epoch).ok()) return 1;
+  }
   if (absl::Status s = cache.Truncate(seqs[0], before_verify + 2); !s.ok()) return std::fprintf(stderr, "%s\n", s.ToString().c_str()), 1;
   // A step that fails after the forward pass started: abort it as a whole.
   {

@@ -688,6 +688,53 @@ int kvc_seq_select(const kvc_cache* cache, kvc_seq seq, int32_t layer, const kvc
   });
 }
 
+int kvc_seq_select_positions(const kvc_cache* cache, kvc_seq seq, int32_t layer, int64_t first, int64_t count,
+                             const kvc_index_query* const* queries, kvc_position_sets* out) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    out->window_total = -1;
+    out->compressed_total = -1;
+    KVC_C_REQUIRE(out->window_offsets);
+    KVC_C_REQUIRE(out->compressed_offsets);
+    if (out->window_capacity < 0 || out->compressed_capacity < 0) {
+      return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": capacities (", out->window_capacity, ", ",
+                                                         out->compressed_capacity, ") must be >= 0"));
+    }
+    if (out->window_capacity > 0) KVC_C_REQUIRE(out->window_indices);
+    if (out->compressed_capacity > 0) KVC_C_REQUIRE(out->compressed_indices);
+    // Read `count` query pointers only for positions the layer holds (the
+    // selection refuses the others, naming the first missing position).
+    const absl::StatusOr<int64_t> length = cache->cache->Length(seq, layer);
+    if (!length.ok()) return FromStatus(length.status());
+    const bool held = first >= 0 && count >= 0 && first <= *length && count <= *length - first;
+    std::vector<const kvc::IndexQuery*> pointers;
+    if (queries != nullptr && held) {
+      pointers.reserve(static_cast<size_t>(count));
+      for (int64_t i = 0; i < count; ++i) pointers.push_back(queries[i] != nullptr ? &queries[i]->query : nullptr);
+    }
+    const absl::StatusOr<kvc::PositionSets> sets = cache->cache->SelectAttentionSets(seq, layer, first, count, pointers);
+    if (!sets.ok()) return FromStatus(sets.status());
+    out->window_total = static_cast<int64_t>(sets->window_indices.size());
+    out->compressed_total = static_cast<int64_t>(sets->compressed_indices.size());
+    if (out->window_total > out->window_capacity || out->compressed_total > out->compressed_capacity) {
+      return Fail(KVC_ERR_OUT_OF_RANGE,
+                  absl::StrCat(function, ": the sets hold ", out->window_total, " window and ", out->compressed_total,
+                               " compressed rows; capacities are ", out->window_capacity, " and ",
+                               out->compressed_capacity));
+    }
+    std::copy(sets->window_offsets.begin(), sets->window_offsets.end(), out->window_offsets);
+    std::copy(sets->compressed_offsets.begin(), sets->compressed_offsets.end(), out->compressed_offsets);
+    std::copy(sets->window_indices.begin(), sets->window_indices.end(), out->window_indices);
+    std::copy(sets->compressed_indices.begin(), sets->compressed_indices.end(), out->compressed_indices);
+    if (out->window_positions != nullptr) {
+      std::copy(sets->window_positions.begin(), sets->window_positions.end(), out->window_positions);
+    }
+    if (out->entries != nullptr) std::copy(sets->entries.begin(), sets->entries.end(), out->entries);
+    return KVC_OK;
+  });
+}
+
 int kvc_snapshot_save(const kvc_cache* cache, const kvc_seq* seqs, size_t count, const char* path, int incremental) {
   return Guarded(__func__, [&](const char* function) -> int {
     KVC_C_REQUIRE(cache);

@@ -579,6 +579,27 @@ absl::StatusOr<IndexQuery> Cache::PrepareIndexQuery(int64_t position, absl::Span
   return query;
 }
 
+namespace {
+
+// The index scores of `query` against index keys [0, n) of `layer` into
+// *scores (resized to n), page by page. A refusal names the page's first
+// entry (the kernel counts keys from the page start).
+absl::Status ScoreKeys(const HistoryStream& keys, const Sequence& sq, int layer, const IndexQuery& query, int64_t n,
+                       std::vector<float>* scores) {
+  scores->resize(static_cast<size_t>(n));
+  for (int64_t first = 0; first < n; first += keys.per_page()) {
+    const int64_t run = std::min(keys.per_page(), n - first);
+    const absl::Status scored =
+        ScoreIndexKeys(query, keys.RowsAt(sq, layer, first, run), absl::MakeSpan(*scores).subspan(static_cast<size_t>(first)));
+    if (!scored.ok()) {
+      return absl::Status(scored.code(), absl::StrCat("index keys from entry ", first, ": ", scored.message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<AttentionSet> Cache::SelectAttentionSet(SequenceId id, int layer, const IndexQuery* query,
                                                        std::vector<float>* index_scores) const {
   SelectionScratch scratch;
@@ -629,20 +650,120 @@ absl::Status Cache::SelectAttentionSet(SequenceId id, int layer, const IndexQuer
     return absl::OkStatus();
   }
   const int64_t keyed = std::min(visible, ls.key_rows);
-  std::vector<float>& scores = scratch->scores;
-  scores.resize(static_cast<size_t>(keyed));
-  const HistoryStream& keys = *impl_->KeysOf(layer);
-  for (int64_t first = 0; first < keyed; first += keys.per_page()) {
-    const int64_t n = std::min(keys.per_page(), keyed - first);
-    const absl::Status scored =
-        ScoreIndexKeys(*query, keys.RowsAt(sq, layer, first, n), absl::MakeSpan(scores).subspan(static_cast<size_t>(first)));
-    if (!scored.ok()) {  // its key numbers count from the page start
-      return absl::Status(scored.code(), absl::StrCat("SelectAttentionSet: layer ", layer, ", index keys from entry ",
-                                                      first, ": ", scored.message()));
+  if (const absl::Status scored = ScoreKeys(*impl_->KeysOf(layer), sq, layer, *query, keyed, &scratch->scores);
+      !scored.ok()) {
+    return absl::Status(scored.code(), absl::StrCat("SelectAttentionSet: layer ", layer, ", ", scored.message()));
+  }
+  KVC_RETURN_IF_ERROR(TopK(scratch->scores, impl_->spec.index_topk, &scratch->entries, &scratch->topk));
+  for (const int64_t j : scratch->entries) add(j);
+  return absl::OkStatus();
+}
+
+// --- Selecting for several positions ---------------------------------------
+
+absl::StatusOr<PositionSets> Cache::SelectAttentionSets(SequenceId id, int layer, int64_t first, int64_t count,
+                                                        absl::Span<const IndexQuery* const> queries) const {
+  SelectionScratch scratch;
+  PositionSets sets;
+  KVC_RETURN_IF_ERROR(SelectAttentionSets(id, layer, first, count, queries, &scratch, &sets));
+  return sets;
+}
+
+absl::Status Cache::SelectAttentionSets(SequenceId id, int layer, int64_t first, int64_t count,
+                                        absl::Span<const IndexQuery* const> queries, SelectionScratch* scratch,
+                                        PositionSets* out) const {
+  constexpr const char* kWhat = "SelectAttentionSets";
+  KVC_RETURN_IF_ERROR(impl_->CheckLayer(layer));
+  if (scratch == nullptr || out == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(kWhat, ": scratch and out are required"));
+  }
+  if (first < 0 || count < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(kWhat, ": first ", first, " and count ", count, " must be >= 0"));
+  }
+  const LayerKind kind = impl_->KindOf(layer);
+  if (impl_->page_manager() && kind == LayerKind::kCsa) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        kWhat, ": layer ", layer, " is a CSA layer, whose selection reads its index keys; in page-manager mode kvc "
+        "never reads page bytes (the engine scores the keys and picks the top-k)"));
+  }
+  // The positions first (a caller sizing its query array by them learns of
+  // a position past the end, not of a query count).
+  KVC_ASSIGN_OR_RETURN(const Impl::Locked seq, impl_->Lock(id));
+  const Sequence& sq = *seq.seq;
+  const LayerStreams& ls = seq.layers()[static_cast<size_t>(layer)];
+  // What the layer holds for selection. In page-manager mode an open step's
+  // tokens count: the engine writes their rows through the plan's slots
+  // (the block tables already cover them) before its attention kernel reads
+  // them, and they join the length at CommitStep.
+  int64_t length = ls.length, entries_held = ls.compressed_rows, ring_end = ls.ring_end;
+  if (impl_->page_manager() && sq.step != nullptr) {
+    length = sq.step->start + sq.step->new_tokens;
+    entries_held = EntriesAt(kind, length);
+    ring_end = std::max(ring_end, length);
+  }
+  if (first > length || count > length - first) {
+    return absl::OutOfRangeError(absl::StrCat(kWhat, ": positions [", first, ", ", first, " + ", count, ") of layer ",
+                                              layer, ", which holds ", length, " tokens: position ",
+                                              std::max(first, length), " is not in it (append it first)"));
+  }
+  const int64_t given = static_cast<int64_t>(queries.size());
+  if (kind == LayerKind::kCsa && given != count) {
+    return absl::InvalidArgumentError(absl::StrCat(kWhat, ": layer ", layer, " is a CSA layer: it needs one index query "
+                                                   "per position, ", count, ", not ", given));
+  }
+  if (kind != LayerKind::kCsa && given != 0 && given != count) {
+    return absl::InvalidArgumentError(absl::StrCat(kWhat, ": ", given, " index queries for ", count, " positions (layer ",
+                                                   layer, " uses none: pass none or one per position)"));
+  }
+  if (kind == LayerKind::kCsa) {
+    for (int64_t i = 0; i < count; ++i) {
+      if (queries[static_cast<size_t>(i)] == nullptr) {
+        return absl::InvalidArgumentError(absl::StrCat(kWhat, ": query ", i, " (position ", first + i, ") is missing"));
+      }
     }
   }
-  KVC_RETURN_IF_ERROR(TopK(scores, impl_->spec.index_topk, &scratch->entries, &scratch->topk));
-  for (const int64_t j : scratch->entries) add(j);
+  PositionSets& sets = *out;
+  sets.first = first;
+  for (auto* v : {&sets.window_offsets, &sets.window_positions, &sets.compressed_offsets, &sets.entries}) v->clear();
+  sets.window_indices.clear();
+  sets.compressed_indices.clear();
+  sets.window_offsets.push_back(0);
+  sets.compressed_offsets.push_back(0);
+  const int64_t W = impl_->window();
+  const WindowStream& window = *impl_->window_part;
+  // The ring holds positions [ring_end - ring_slots, length): older ones were
+  // overwritten (ring_end: the furthest length written, = length but in
+  // page-manager mode after a truncation or an abort).
+  const int64_t oldest_in_ring = ring_end - window.ring_slots();
+  const HistoryStream* rows = impl_->RowsOf(layer);
+  for (int64_t t = first; t < first + count; ++t) {
+    for (int64_t p = std::max<int64_t>(0, t - W + 1); p <= t; ++p) {
+      sets.window_positions.push_back(p);
+      sets.window_indices.push_back(p >= oldest_in_ring ? window.SlotIndex(sq, window.SlotOf(p)) : -1);
+    }
+    sets.window_offsets.push_back(static_cast<int64_t>(sets.window_positions.size()));
+    if (rows != nullptr) {
+      const int64_t visible = std::min(EntriesAt(kind, t + 1), entries_held);
+      auto add = [&](int64_t j) {
+        sets.entries.push_back(j);
+        sets.compressed_indices.push_back(rows->RowIndex(sq, j));
+      };
+      if (kind == LayerKind::kHca) {
+        for (int64_t j = 0; j < visible; ++j) add(j);
+      } else {
+        const int64_t keyed = std::min(visible, ls.key_rows);
+        const IndexQuery& query = *queries[static_cast<size_t>(t - first)];
+        if (const absl::Status scored = ScoreKeys(*impl_->KeysOf(layer), sq, layer, query, keyed, &scratch->scores);
+            !scored.ok()) {
+          return absl::Status(scored.code(), absl::StrCat(kWhat, ": layer ", layer, ", position ", t, ", ",
+                                                          scored.message()));
+        }
+        KVC_RETURN_IF_ERROR(TopK(scratch->scores, impl_->spec.index_topk, &scratch->entries, &scratch->topk));
+        for (const int64_t j : scratch->entries) add(j);
+      }
+    }
+    sets.compressed_offsets.push_back(static_cast<int64_t>(sets.entries.size()));
+  }
   return absl::OkStatus();
 }
 

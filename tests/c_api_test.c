@@ -512,6 +512,159 @@ static void TestEngineArrays(void) {
   for (int i = 0; i < n; ++i) free(memory[i]);
 }
 
+/* Draft ring slots and a verify step's selection (kvc_seq_select_positions):
+ * the last four positions of kvc_config's 100-token sequence selected in one
+ * call, each checked against what it must be: its window positions at ring
+ * slot position mod (16 + 3) through the block table; its CSA entries the 8
+ * best by its own query's index scores (kvc_index_scores) among the entries
+ * visible at it; the last position equal to kvc_seq_select. */
+static void TestSelectPositions(void) {
+  kvc_options options;
+  kvc_options_default(&options);
+  CHECK(options.draft_slots == 0);
+  kvc_cache* cache = NULL;
+  options.draft_slots = 4097;
+  CHECK(kvc_cache_create_from_config(kConfig, sizeof(kConfig) - 1, &options, &cache) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(kvc_last_error(), "draft_slots 4097 must be in [0, 4096]") != NULL);
+  options.draft_slots = -1;
+  CHECK(kvc_cache_create_from_config(kConfig, sizeof(kConfig) - 1, &options, &cache) == KVC_ERR_INVALID_ARGUMENT);
+  options.draft_slots = 3;
+  options.rows_per_page = 8;
+  Params p;
+  ParamsInit(&p, 5);
+  CHECK(kvc_cache_create_from_config_with_params(kConfig, sizeof(kConfig) - 1, &options, &p.model, &cache) == KVC_OK);
+  ParamsFree(&p);
+  if (cache == NULL) return;
+  const kvc_seq seq = Grow(cache); /* 100 tokens */
+  int32_t ring_ids[4];
+  int64_t count = -1;
+  CHECK(kvc_seq_block_table(cache, seq, KVC_STREAM_WINDOW, ring_ids, 4, &count) == KVC_OK && count == 3); /* ceil(19 / 8) */
+  CHECK(kvc_seq_stream_rows(cache, seq, 0, KVC_STREAM_WINDOW, &count) == KVC_OK && count == 19);
+
+  enum { kFirst = kParamTokens - 4, kCount = 4, kW = 16, kR = 16 + 3 };
+  kvc_index_query* queries[kCount];
+  uint16_t* q = malloc(kHeads * KVC_INDEX_DIM * sizeof(uint16_t));
+  float* values = malloc(kHeads * KVC_INDEX_DIM * sizeof(float));
+  float weights[kHeads];
+  for (int i = 0; i < kCount; ++i) {
+    Fill(values, kHeads * KVC_INDEX_DIM, 800 + (uint32_t)i, 4.0f);
+    for (int k = 0; k < kHeads * KVC_INDEX_DIM; ++k) q[k] = Bf16(values[k]);
+    Fill(weights, kHeads, 900 + (uint32_t)i, i % 2 ? 0.2f : 0.05f);
+    CHECK(kvc_index_query_prepare(cache, kFirst + i, q, weights, kHeads, &queries[i]) == KVC_OK);
+  }
+  int64_t window_offsets[kCount + 1], compressed_offsets[kCount + 1], positions[kCount * kW], entries[kCount * 8];
+  int32_t window_idx[kCount * kW], compressed_idx[kCount * 8];
+  kvc_position_sets sets = {window_offsets, positions, window_idx, kCount * kW,
+                            compressed_offsets, entries, compressed_idx, kCount * 8, 0, 0};
+  const kvc_index_query* const* const_queries = (const kvc_index_query* const*)queries;
+  CHECK(kvc_seq_select_positions(cache, seq, 1, kFirst, kCount, const_queries, &sets) == KVC_OK);
+  CHECK(sets.window_total == kCount * kW && sets.compressed_total == kCount * 8);
+  int32_t csa_ids[16];
+  CHECK(kvc_seq_block_table(cache, seq, KVC_STREAM_CSA_ROWS, csa_ids, 16, &count) == KVC_OK);
+  for (int i = 0; i < kCount; ++i) {
+    const int t = kFirst + i;
+    CHECK(window_offsets[i] == i * kW && compressed_offsets[i] == i * 8);
+    for (int k = 0; k < kW; ++k) {
+      const int position = t - kW + 1 + k, slot = position % kR;
+      CHECK(positions[i * kW + k] == position);
+      CHECK(window_idx[i * kW + k] == ring_ids[slot / 8] * 8 + slot % 8);
+    }
+    /* The entries: the 8 best scores of this query among those visible at t (ties to the lower entry). */
+    float scores[25];
+    CHECK(kvc_index_scores(cache, seq, 1, queries[i], scores, 25, &count) == KVC_OK && count == 25);
+    const int visible = (t + 1) / 4;
+    int picked[25] = {0};
+    for (int k = 0; k < 8; ++k) {
+      int best = -1;
+      for (int j = 0; j < visible; ++j) best = !picked[j] && (best < 0 || scores[j] > scores[best]) ? j : best;
+      picked[best] = 1;
+    }
+    int k = 0;
+    for (int j = 0; j < visible; ++j) {
+      if (!picked[j]) continue;
+      CHECK(entries[i * 8 + k] == j && compressed_idx[i * 8 + k] == csa_ids[j / 8] * 8 + j % 8);
+      ++k;
+    }
+  }
+  CHECK(window_offsets[kCount] == kCount * kW && compressed_offsets[kCount] == kCount * 8);
+  /* The last position is what kvc_seq_select gives for it. */
+  {
+    int32_t w[kW], c[8];
+    int64_t wn = -1, cn = -1;
+    CHECK(kvc_seq_select(cache, seq, 1, queries[kCount - 1], w, kW, &wn, c, 8, &cn) == KVC_OK);
+    CHECK(wn == kW && cn == 8);
+    CHECK(memcmp(w, window_idx + (kCount - 1) * kW, sizeof(w)) == 0);
+    CHECK(memcmp(c, compressed_idx + (kCount - 1) * 8, sizeof(c)) == 0);
+  }
+  /* HCA and window-only layers take no queries (NULL). 100 tokens close no HCA window. */
+  CHECK(kvc_seq_select_positions(cache, seq, 2, kFirst, kCount, NULL, &sets) == KVC_OK && sets.compressed_total == 0);
+  CHECK(kvc_seq_select_positions(cache, seq, 0, 0, 1, NULL, &sets) == KVC_OK && sets.window_total == 1);
+  CHECK(positions[0] == 0 && window_offsets[1] == 1);
+  /* A prefill-like run: positions 0..99 in one call; the early ones' window rows are no longer in the ring. */
+  {
+    enum { kAll = kParamTokens };
+    int64_t* wo = malloc((kAll + 1) * sizeof(int64_t));
+    int64_t* co = malloc((kAll + 1) * sizeof(int64_t));
+    int32_t* wi = malloc(kAll * kW * sizeof(int32_t));
+    kvc_position_sets all = {wo, NULL, wi, kAll * kW, co, NULL, NULL, 0, 0, 0};
+    CHECK(kvc_seq_select_positions(cache, seq, 0, 0, kAll, NULL, &all) == KVC_OK);
+    CHECK(all.compressed_total == 0 && wo[kAll] == all.window_total);
+    int missing = 0, ok = 1;
+    for (int t = 0; t < kAll; ++t) {
+      for (int64_t k = wo[t]; k < wo[t + 1]; ++k) {
+        const int position = t - (int)(wo[t + 1] - 1 - k);
+        ok &= (position < kParamTokens - kR) == (wi[k] == -1); /* in the ring: the last 19 positions */
+        missing += wi[k] == -1;
+      }
+    }
+    CHECK(ok && missing > 0);
+    free(wo);
+    free(co);
+    free(wi);
+  }
+
+  /* Refusals: named, and nothing written but the totals. */
+  for (int i = 0; i <= kCount; ++i) window_offsets[i] = compressed_offsets[i] = -7;
+  for (int i = 0; i < kCount * kW; ++i) window_idx[i] = -7;
+  sets.window_capacity = kCount * kW - 1;
+  CHECK(kvc_seq_select_positions(cache, seq, 1, kFirst, kCount, const_queries, &sets) == KVC_ERR_OUT_OF_RANGE);
+  CHECK(sets.window_total == kCount * kW && sets.compressed_total == kCount * 8); /* what to allocate */
+  CHECK(strstr(kvc_last_error(), "the sets hold 64 window and 32 compressed rows") != NULL);
+  sets.window_capacity = kCount * kW;
+  CHECK(kvc_seq_select_positions(cache, seq, 1, kFirst + 1, kCount, const_queries, &sets) == KVC_ERR_OUT_OF_RANGE);
+  CHECK(sets.window_total == -1 && strstr(kvc_last_error(), "position 100 is not in it") != NULL);
+  CHECK(kvc_seq_select_positions(cache, seq, 1, kFirst, kCount, NULL, &sets) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(kvc_last_error(), "needs one index query per position, 4, not 0") != NULL);
+  {
+    const kvc_index_query* holey[kCount] = {queries[0], NULL, queries[2], queries[3]};
+    CHECK(kvc_seq_select_positions(cache, seq, 1, kFirst, kCount, holey, &sets) == KVC_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(kvc_last_error(), "query 1 (position 97) is missing") != NULL);
+  }
+  CHECK(kvc_seq_select_positions(cache, seq, 1, -1, kCount, const_queries, &sets) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_seq_select_positions(cache, seq, 1, kFirst, -4, const_queries, &sets) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_seq_select_positions(cache, seq, 3, kFirst, kCount, const_queries, &sets) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_seq_select_positions(cache, seq + 99, 1, kFirst, kCount, const_queries, &sets) == KVC_ERR_NOT_FOUND);
+  CHECK(kvc_seq_select_positions(cache, seq, 1, kFirst, kCount, const_queries, NULL) == KVC_ERR_INVALID_ARGUMENT);
+  sets.window_offsets = NULL;
+  CHECK(kvc_seq_select_positions(cache, seq, 1, kFirst, kCount, const_queries, &sets) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(kvc_last_error(), "window_offsets is NULL") != NULL);
+  sets.window_offsets = window_offsets;
+  sets.compressed_capacity = -1;
+  CHECK(kvc_seq_select_positions(cache, seq, 1, kFirst, kCount, const_queries, &sets) == KVC_ERR_INVALID_ARGUMENT);
+  {
+    int untouched = 1; /* never written on a refusal */
+    for (int i = 0; i <= kCount; ++i) untouched &= window_offsets[i] == -7 && compressed_offsets[i] == -7;
+    for (int i = 0; i < kCount * kW; ++i) untouched &= window_idx[i] == -7;
+    CHECK(untouched);
+  }
+  CHECK(kvc_seq_length(cache, seq, 1, &count) == KVC_OK && count == kParamTokens);
+
+  for (int i = 0; i < kCount; ++i) kvc_index_query_destroy(queries[i]);
+  free(q);
+  free(values);
+  kvc_cache_destroy(cache);
+}
+
 /* Planned steps from C: page-manager mode over no memory at all (ids
  * only), then kvc's own mode with appends inside a step. */
 static void TestSteps(void) {
@@ -613,6 +766,7 @@ int main(void) {
   TestParams();
   TestPages();
   TestEngineArrays();
+  TestSelectPositions();
   TestSteps();
   kvc_options options;
   kvc_options_default(&options);

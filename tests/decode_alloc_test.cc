@@ -86,5 +86,45 @@ TEST(DecodeAllocTest, SelectionWithKeptScratchAllocatesNothing) {
   }
 }
 
+// A verify step's selection (SelectAttentionSets, four positions) with kept
+// scratch and PositionSets allocates nothing the second time either.
+TEST(DecodeAllocTest, MultiPositionSelectionWithKeptBuffersAllocatesNothing) {
+  const testing::TinyModel model;
+  CacheOptions options;
+  options.draft_slots = 3;
+  auto cache = *Cache::Create(model.spec(), options);
+  const SequenceId seq = *cache->CreateSequence();
+  ASSERT_TRUE(model.Grow(*cache, seq, 700, /*seed=*/4).ok());
+  constexpr int kHeads = 4;
+  std::vector<IndexQuery> queries(4);
+  std::vector<const IndexQuery*> pointers;
+  for (int i = 0; i < 4; ++i) {
+    const std::vector<float> q_f = testing::DetValues(80 + static_cast<uint64_t>(i), kHeads * kIndexDim, 1.0f);
+    std::vector<Bf16> q_raw(q_f.size());
+    for (size_t k = 0; k < q_f.size(); ++k) q_raw[k] = ToBf16(q_f[k]);
+    ASSERT_TRUE(cache->PrepareIndexQuery(696 + i, q_raw, std::vector<float>(kHeads, 0.25f), &queries[static_cast<size_t>(i)]).ok());
+    pointers.push_back(&queries[static_cast<size_t>(i)]);
+  }
+  SelectionScratch scratch;
+  PositionSets sets;
+  auto step = [&]() {
+    for (int layer = 0; layer < static_cast<int>(model.spec().layers.size()); ++layer) {
+      const bool csa = model.spec().layers[static_cast<size_t>(layer)].kind == LayerKind::kCsa;
+      ASSERT_TRUE(cache->SelectAttentionSets(seq, layer, 696, 4, csa ? absl::MakeConstSpan(pointers)
+                                                                   : absl::Span<const IndexQuery* const>(),
+                                             &scratch, &sets).ok());
+    }
+  };
+  step();  // grows the buffers
+  const int64_t before = g_allocations.load();
+  step();
+  EXPECT_EQ(g_allocations.load() - before, 0);
+  // The kept-buffer form selects what the allocating form selects.
+  const PositionSets expected = *cache->SelectAttentionSets(seq, testing::TinyModel::kHcaLayer, 696, 4);
+  EXPECT_EQ(sets.entries, expected.entries);  // the last layer stepped is the HCA layer
+  EXPECT_EQ(sets.window_indices, expected.window_indices);
+  EXPECT_GT(sets.entries.size(), 0u);
+}
+
 }  // namespace
 }  // namespace kvc

@@ -102,10 +102,10 @@ struct StreamGeometry {
   int64_t ring_slots = 0;
 };
 
-// The most draft slots a cache may have (CacheOptions::draft_slots): a
-// prefill chunk of up to this many tokens, or any verify step, finds every
-// window row of its positions in the ring. Each slot costs 584 B per layer
-// per sequence (4096: 2.3 MiB per layer).
+// The most draft slots a cache may have (CacheOptions::draft_slots): with
+// them a step of up to 4097 tokens (a verify step, a prefill chunk) finds
+// every window row of its positions in the ring. Each slot costs 584 B per
+// layer per sequence (4096: 2.3 MiB per layer).
 constexpr int32_t kMaxDraftSlots = 4096;
 
 // Engine memory for one (layer, stream) array: page b at
@@ -139,8 +139,9 @@ struct CacheOptions {
   // base). Rollback needs no records: requires draft_slots >=
   // rollback_depth, so the ring still holds what a truncation needs. Calls
   // that would touch bytes (Append*, AppendRows, Window, ReadWindow,
-  // CompressedRows, IndexKeys, CSA selection, snapshots) are refused with
-  // kFailedPrecondition; HCA and window selection return indices only.
+  // CompressedRows, IndexKeys, SelectAttentionSet, CSA selection, snapshots)
+  // are refused with kFailedPrecondition; SelectAttentionSets returns
+  // indices for window and HCA layers.
   // Page frees wait for CompleteSteps (see PlanStep).
   bool page_manager = false;
   // Tokens a sequence can always be rolled back by (speculative decoding
@@ -321,6 +322,46 @@ struct SelectionScratch {
   TopKScratch topk;
 };
 
+// --- Selecting for several positions (SelectAttentionSets) ----------------
+
+// What the queries at several consecutive positions of one layer of one
+// sequence attend to: a verify step's draft positions, a prefill chunk's.
+// Query i is at position t = first + i and sees its own causal set (spec
+// §3): the window positions max(0, t - window + 1) .. t and the compressed
+// entries visible at t (j < (t + 1) / ratio; on CSA layers the top
+// min(index_topk, visible) by query i's index scores, ties to the lower
+// entry; on HCA layers all of them). Its rows are two CSR slices:
+//   window:      [window_offsets[i], window_offsets[i + 1])
+//   compressed:  [compressed_offsets[i], compressed_offsets[i + 1])
+// Which window rows the ring holds: positions p >= length - ring_slots
+// (ring_slots = window + draft_slots, length = the layer's tokens; in
+// page-manager mode, after a truncation or an aborted step, the furthest
+// length written instead of `length`). So after appending k tokens every
+// one of the k positions finds all its window rows when
+// k <= draft_slots + 1; a position further back gets -1 for rows the ring
+// has overwritten, which the engine takes from its own activations of this
+// step (the chunk's K rows it just appended).
+struct PositionSets {
+  int64_t first = 0;  // the position of query 0
+  std::vector<int64_t> window_offsets;  // count + 1, from 0
+  // Per query, its window positions, oldest first, and the row of the
+  // layer's window page array holding each: ids[s / B] x B + s % B for ring
+  // slot s = p mod ring_slots (ids = BlockTable(seq, kWindow), B its
+  // rows_per_page), or -1 for a position the ring no longer holds: p <
+  // length - ring_slots (in page-manager mode, after a truncation or abort,
+  // p < the furthest length written - ring_slots).
+  std::vector<int64_t> window_positions;
+  std::vector<int32_t> window_indices;
+  std::vector<int64_t> compressed_offsets;  // count + 1, from 0
+  // Per query, its compressed entries j, ascending, and the row of the
+  // layer's kCsaRows / kHcaRows page array holding each (ids[j / B] x B +
+  // j % B, ids = BlockTable(seq, that stream)).
+  std::vector<int64_t> entries;
+  std::vector<int32_t> compressed_indices;
+
+  int64_t count() const { return window_offsets.empty() ? 0 : static_cast<int64_t>(window_offsets.size()) - 1; }
+};
+
 // Block tables of a batch, dense: ids[b x max_blocks + k] is page k of
 // sequence b (-1 past its blocks[b] pages); rows[b] the rows it stores.
 struct DenseBlockTables {
@@ -486,6 +527,33 @@ class Cache {
   absl::Status SelectAttentionSet(SequenceId seq, int layer, const IndexQuery* query, SelectionScratch* scratch,
                                   AttentionSet* out) const;
 
+  // --- Selecting for several positions (PositionSets) ---------------------
+
+  // The attention sets of positions [first, first + count) of `layer`, in
+  // one call (an MTP verify step after appending its draft tokens, a
+  // prefill chunk after appending it): each position with its own causal
+  // set, as PositionSets describes. Requires 0 <= first, 0 <= count and
+  // first + count <= the layer's length (kOutOfRange naming the position
+  // and the length otherwise). `queries`: one per position (queries[i] for
+  // first + i, each prepared at its position), required on CSA layers
+  // (kInvalidArgument for a wrong count or a null query, naming which);
+  // other layers do not use them, but a non-empty span must still hold
+  // `count`. A key a query cannot score is kInvalidArgument naming the
+  // position and entry. The form with *out and *scratch reuses their
+  // storage and allocates nothing once they have grown to the call's sizes;
+  // a refusal of the arguments leaves *out unchanged (after a scoring
+  // refusal it is unspecified). Reads only; changes nothing in the cache.
+  // Page-manager mode: window and HCA layers get indices only (no byte is
+  // read), and the tokens of the sequence's open step count as held (the
+  // engine writes their rows through the plan's slots before its attention
+  // reads them); CSA layers are refused (kFailedPrecondition): their
+  // selection reads index keys, which the engine scores itself.
+  absl::Status SelectAttentionSets(SequenceId seq, int layer, int64_t first, int64_t count,
+                                   absl::Span<const IndexQuery* const> queries, SelectionScratch* scratch,
+                                   PositionSets* out) const;
+  absl::StatusOr<PositionSets> SelectAttentionSets(SequenceId seq, int layer, int64_t first, int64_t count,
+                                                   absl::Span<const IndexQuery* const> queries = {}) const;
+
   absl::StatusOr<HistoryView> CompressedRows(SequenceId seq, int layer) const;
   absl::StatusOr<HistoryView> IndexKeys(SequenceId seq, int layer) const;
 
@@ -496,10 +564,11 @@ class Cache {
   absl::StatusOr<PageArray> LayerPages(int layer, Stream stream) const;
 
   // The sequence's page ids of `stream` in row order, the same for every
-  // layer of the stream. kWindow: the ring's ceil(ring_slots / rows_per_page)
-  // pages (ring_slots = window + draft_slots; slot s in page ids[s / B]). History streams: the pages covering
-  // the longest layer's rows (layers may differ mid-step). kNotFound when no
-  // layer has the stream, or for an unknown sequence.
+  // layer of the stream. kWindow: the ring's
+  // ceil(ring_slots / rows_per_page) pages (ring_slots = window +
+  // draft_slots; slot s in page ids[s / B]). History streams: the pages
+  // covering the longest layer's rows (layers may differ mid-step).
+  // kNotFound when no layer has the stream, or for an unknown sequence.
   absl::StatusOr<std::vector<int32_t>> BlockTable(SequenceId seq, Stream stream) const;
   // The same for a batch: dense [batch, max_blocks] (-1 padded) and CSR.
   // CSR refuses kWindow (kInvalidArgument): ring slots are not a prefix of

@@ -337,6 +337,53 @@ int kvc_seq_select(const kvc_cache* cache, kvc_seq seq, int32_t layer, const kvc
                    int32_t* window_indices, int64_t window_capacity, int64_t* window_count,
                    int32_t* compressed_indices, int64_t compressed_capacity, int64_t* compressed_count);
 
+/* --- Selecting for several positions (kvc::Cache::SelectAttentionSets) -----
+ * The caller's buffers for kvc_seq_select_positions, and the totals it
+ * reports. Query i (position first + i) of a call with `count` positions:
+ *   its window rows      window_indices[window_offsets[i] .. window_offsets[i + 1])
+ *   its compressed rows  compressed_indices[compressed_offsets[i] .. compressed_offsets[i + 1])
+ * window_indices are rows of the layer's KVC_STREAM_WINDOW array (ring slot
+ * position mod (window + draft_slots), as page_id x rows_per_page + offset),
+ * or -1 for a window position the ring no longer holds (position <
+ * length - window - draft_slots; in page-manager mode after a truncation or
+ * an aborted step, the furthest length written instead of length): the
+ * engine takes that row from its own activations. window_positions (optional) says which position each is,
+ * oldest first: max(0, t - window + 1) .. t. compressed_indices are rows of
+ * the layer's KVC_STREAM_CSA_ROWS or KVC_STREAM_HCA_ROWS array; entries
+ * (optional) the entry numbers, ascending. */
+typedef struct kvc_position_sets {
+  int64_t* window_offsets;      /* count + 1 values, required */
+  int64_t* window_positions;    /* window_capacity values, or NULL */
+  int32_t* window_indices;      /* window_capacity values (NULL only when 0) */
+  int64_t window_capacity;
+  int64_t* compressed_offsets;  /* count + 1 values, required */
+  int64_t* entries;             /* compressed_capacity values, or NULL */
+  int32_t* compressed_indices;  /* compressed_capacity values (NULL only when 0) */
+  int64_t compressed_capacity;
+  /* Set by the call: the rows the selection has (-1 until a selection was made). */
+  int64_t window_total;
+  int64_t compressed_total;
+} kvc_position_sets;
+/* What positions [first, first + count) of `layer` attend to, each with its
+ * own causal set (window positions t - window + 1 .. t; compressed entries
+ * visible at t, the top index_topk by its own query on CSA layers, all on
+ * HCA layers), in one call: a verify step's drafts after appending them, or
+ * a prefill chunk's positions. `queries`: count queries, queries[i]
+ * prepared at position first + i; required on CSA layers, NULL elsewhere
+ * (or count queries, unused). Writes the offsets, indices and (if given)
+ * positions and entries only when both totals fit their capacities.
+ * KVC_ERR_OUT_OF_RANGE: a capacity below its total (the totals are set, nothing
+ * else is written: call again with larger buffers), or a position >= the
+ * layer's length (totals -1; the message names the position).
+ * KVC_ERR_NOT_FOUND: unknown sequence. KVC_ERR_INVALID_ARGUMENT: layer out of
+ * range, first or count negative, a negative capacity, a NULL offsets or
+ * (capacity > 0) index buffer, a CSA layer without queries or with a NULL
+ * one (named), a key a query cannot score. KVC_ERR_FAILED_PRECONDITION: a
+ * CSA layer in page-manager mode (its selection reads index keys). In
+ * page-manager mode the tokens of the sequence's open step count as held. */
+int kvc_seq_select_positions(const kvc_cache* cache, kvc_seq seq, int32_t layer, int64_t first, int64_t count,
+                             const kvc_index_query* const* queries, kvc_position_sets* out);
+
 /* Snapshots (kvc/snapshot.h). Saves `count` sequences to the file at `path`;
  * incremental != 0 appends only what is new to an existing snapshot of them
  * (after checking it as a restore would: a damaged file is rewritten whole).

@@ -36,7 +36,10 @@ const char* const kNamedChecks[] = {
     "win/rope_table",   "csa/rope_table",   "hca/rope_table",
     "csa/compressed_entries", "csa/compressed_entries_rechunked",
     "csa/index_keys",   "csa/index_keys_rechunked",
-    "hca/compressed_entries", "hca/compressed_entries_rechunked"};
+    "hca/compressed_entries", "hca/compressed_entries_rechunked",
+    "csa/topk_overlap",  "win/attention_set", "hca/attention_set",
+    "win/prefill_attention_set", "csa/prefill_attention_set", "hca/prefill_attention_set",
+    "win/verify_attention_set",  "hca/verify_attention_set",  "csa/verify_topk_overlap"};
 
 // A fresh temporary directory, removed with its files at scope exit.
 class TempDir {
@@ -160,6 +163,7 @@ TEST(Conformance, FailsExactlyTheCheckWhoseExpectationWasAltered) {
     std::string golden_case, tensor;
     std::string must_fail;
     std::set<std::string> may_also_fail;
+    int64_t row = -1;  // >= 0: alter this row of an int32 matrix (its first index, by 256) instead
   };
   const std::vector<Case> cases = {
       {"codec", "e4m3_table", "codec/e4m3_table", {}},
@@ -181,12 +185,22 @@ TEST(Conformance, FailsExactlyTheCheckWhoseExpectationWasAltered) {
       {"hca", "comp_entries", "hca/compressed_entries", {"hca/compressed_entries_rechunked"}},
       // An input changed: every check reading it fails, nothing else.
       {"hca", "comp_score_in", "hca/compressed_entries", {"hca/compressed_entries_rechunked", "hca/attention_out"}},
+      // The official selections: a prefill row fails the prefill check only;
+      // a decode row the decode checks that read it and the verify check.
+      {"win", "attn_idx", "win/prefill_attention_set", {}, 30},
+      {"csa", "attn_idx", "csa/prefill_attention_set", {}, 20},
+      {"hca", "attn_idx", "hca/prefill_attention_set", {}, 70},
+      {"win", "attn_idx", "win/verify_attention_set", {"win/attention_set", "win/attention_out"}, 200},
+      {"csa", "attn_idx", "csa/verify_topk_overlap", {"csa/topk_overlap", "csa/attention_out"}, 300},
+      {"hca", "attn_idx", "hca/verify_attention_set", {"hca/attention_set", "hca/attention_out"}, 525},
   };
   for (const Case& c : cases) {
     TempDir dir;
-    RewriteCase(dir.path(), c.golden_case, [&](const TensorInfo& t, std::vector<int64_t>&, std::vector<uint8_t>& bytes) {
+    RewriteCase(dir.path(), c.golden_case, [&](const TensorInfo& t, std::vector<int64_t>& shape, std::vector<uint8_t>& bytes) {
       if (t.name != c.tensor) return;
-      if (c.tensor.size() > 3 && c.tensor.compare(c.tensor.size() - 3, 3, "_in") == 0) {
+      if (c.row >= 0) {  // bit 8 of the row's first int32: an index moves by 256
+        bytes[static_cast<size_t>(c.row * shape[1]) * 4 + 1] ^= 0x01;
+      } else if (c.tensor.size() > 3 && c.tensor.compare(c.tensor.size() - 3, 3, "_in") == 0) {
         // An input: flip an exponent bit of one fp32 value in the last quarter
         // (a low mantissa bit could vanish in bf16 rounding, as it should).
         bytes[bytes.size() * 3 / 4 / 4 * 4 + 3] ^= 0x40;

@@ -83,6 +83,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   options.rollback_depth = in.Byte() % 6;  // 5 > window: creation must refuse it
   const uint8_t layout = in.Byte();
   options.rows_per_page = 1 + layout % 8;
+  options.draft_slots = (layout >> 3) % 4;  // the ring holds kWindow + draft_slots rows
   const bool with_params = layout >= 128;  // kvc compresses
   options.keys_per_page = 1 + in.Byte() % 8;
   options.history_bytes = 1 << 20;
@@ -115,7 +116,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return it->first;
   };
   for (int step = 0; step < 200 && !in.empty(); ++step) {
-    const uint8_t op = in.Byte() % 12;
+    const uint8_t op = in.Byte() % 13;
     const kvc_seq seq = pick(in.Byte());
     const auto known = lengths.find(seq);
     switch (op) {
@@ -249,6 +250,52 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
           Check(count == (with_params ? known->second[1] / 4 : 0));
         }
         kvc_index_query_destroy(query);
+        break;
+      }
+      case 11: {  // a verify step's or a chunk's selection
+        const int32_t layer = static_cast<int32_t>(in.Byte() % 5) - 1;
+        const uint8_t shape = in.Byte();
+        const int64_t held = known != lengths.end() && layer >= 0 && layer < kLayers ? known->second[static_cast<size_t>(layer)] : 0;
+        const int64_t count = shape % 7 - 1;  // -1: refused
+        const int64_t first = shape % 11 == 0 ? in.Int64() : held - count + (shape % 13 == 0 ? 1 : 0);
+        std::vector<kvc_index_query*> queries;
+        if (layer == 1 && count > 0 && shape % 5 != 0) {  // CSA queries, or none (refused)
+          std::vector<uint16_t> q(2 * KVC_INDEX_DIM, 0x3F80);
+          const float weights[2] = {0.5f, 0.25f};
+          for (int64_t i = 0; i < count; ++i) {
+            kvc_index_query* query = nullptr;
+            if (kvc_index_query_prepare(cache, std::max<int64_t>(0, first + i), q.data(), weights, 2, &query) == KVC_OK) {
+              queries.push_back(query);
+            }
+          }
+        }
+        const int64_t capacity = in.Byte() % 32;
+        std::vector<int64_t> window_offsets(8), compressed_offsets(8), positions(static_cast<size_t>(capacity)),
+            entries(static_cast<size_t>(capacity));
+        std::vector<int32_t> window_indices(static_cast<size_t>(capacity)), compressed_indices(static_cast<size_t>(capacity));
+        kvc_position_sets sets{window_offsets.data(), positions.data(), window_indices.data(), capacity,
+                               compressed_offsets.data(), entries.data(), compressed_indices.data(), capacity, 0, 0};
+        const bool all_queries = static_cast<int64_t>(queries.size()) == count;
+        const int rc = kvc_seq_select_positions(cache, seq, layer, first, count,
+                                                all_queries && !queries.empty() ? queries.data() : nullptr, &sets);
+        CheckCode(rc);
+        if (rc == KVC_OK) {
+          Check(known != lengths.end() && first >= 0 && count >= 0 && first + count <= held);
+          Check(sets.window_total <= capacity && sets.compressed_total <= capacity);
+          Check(window_offsets[0] == 0 && window_offsets[static_cast<size_t>(count)] == sets.window_total);
+          const int64_t ring = kWindow + options.draft_slots;
+          for (int64_t i = 0; i < count; ++i) {
+            const int64_t t = first + i;
+            Check(window_offsets[static_cast<size_t>(i) + 1] - window_offsets[static_cast<size_t>(i)] == std::min<int64_t>(t + 1, kWindow));
+            for (int64_t k = window_offsets[static_cast<size_t>(i)]; k < window_offsets[static_cast<size_t>(i) + 1]; ++k) {
+              const int64_t p = positions[static_cast<size_t>(k)];
+              Check(p <= t && p > t - kWindow && (window_indices[static_cast<size_t>(k)] == -1) == (p < held - ring));
+            }
+          }
+        } else if (rc == KVC_ERR_OUT_OF_RANGE && sets.window_total >= 0) {
+          Check(sets.window_total > capacity || sets.compressed_total > capacity);
+        }
+        for (kvc_index_query* query : queries) kvc_index_query_destroy(query);
         break;
       }
       default: {

@@ -1,5 +1,7 @@
 #include "tools/conformance/conformance.h"
 
+#include <cmath>
+#include <cstdint>
 #include <ostream>
 #include <string>
 #include <utility>
@@ -18,6 +20,11 @@ void Report::Add(const std::string& case_name, const std::string& check, bool pa
     ++failed_;
     failed_checks_.push_back(name);
   }
+}
+
+std::string Percent(double fraction) {
+  const int64_t hundredths = static_cast<int64_t>(std::llround(fraction * 10000));
+  return absl::StrCat(hundredths / 100, ".", hundredths % 100 < 10 ? "0" : "", hundredths % 100, " %");
 }
 
 absl::StatusOr<GoldenCase> GoldenCase::Open(const std::string& dir, const std::string& name) {
@@ -62,9 +69,9 @@ Summary RunConformance(const std::string& dir, std::ostream& out) {
     const char* name;
     std::vector<void (*)(const GoldenCase&, Report&)> checks;
   } cases[] = {{"codec", {RunCodecChecks}},
-               {"win", {RunWindowChecks, RunCompressorChecks, RunIndexerChecks}},
-               {"csa", {RunWindowChecks, RunCompressorChecks, RunIndexerChecks}},
-               {"hca", {RunWindowChecks, RunCompressorChecks, RunIndexerChecks}}};
+               {"win", {RunWindowChecks, RunCompressorChecks, RunIndexerChecks, RunMultiPositionChecks}},
+               {"csa", {RunWindowChecks, RunCompressorChecks, RunIndexerChecks, RunMultiPositionChecks}},
+               {"hca", {RunWindowChecks, RunCompressorChecks, RunIndexerChecks, RunMultiPositionChecks}}};
   for (const auto& c : cases) {
     absl::StatusOr<GoldenCase> golden = GoldenCase::Open(dir, c.name);
     if (!golden.ok()) {

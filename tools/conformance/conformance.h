@@ -61,6 +61,9 @@ class GoldenCase {
   JsonValue meta_;
 };
 
+// A fraction as a percentage with two decimals ("99.95 %").
+std::string Percent(double fraction);
+
 // Number of positions where a and b differ, comparing bit patterns.
 template <typename T>
 int64_t CountMismatches(const std::vector<T>& a, const std::vector<T>& b, int64_t* first = nullptr) {
@@ -92,6 +95,11 @@ void RunCompressorChecks(const GoldenCase& golden, Report& report);
 // layer case: csa index_queries, index_scores, topk_overlap; hca and win
 // attention_set; attention_out on all three.
 void RunIndexerChecks(const GoldenCase& golden, Report& report);
+
+// Multi-position selection (Cache::SelectAttentionSets) on a layer case:
+// <case>/prefill_attention_set on all three; win and hca
+// verify_attention_set, csa verify_topk_overlap.
+void RunMultiPositionChecks(const GoldenCase& golden, Report& report);
 
 struct Summary {
   int passed;
