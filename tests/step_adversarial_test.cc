@@ -405,6 +405,21 @@ void RunEngineLoopWithoutTouching(const TinyModel& model, CacheOptions options, 
   // Per sequence: 7 block tables, 7 dense, 3 CSR (history streams), and
   // 1 + 5 + 3 streams over the three layers, twice (rows and arrays).
   EXPECT_EQ(answered, 2 * (7 + 7 + 3 + 2 * 9));
+  // Selection for several positions: indices only on window and HCA layers
+  // (no byte read), inside an open step too; CSA layers refused.
+  {
+    const int64_t length = *cache->Length(a, 0);
+    for (const int layer : {0, 2}) {
+      const absl::StatusOr<PositionSets> sets = cache->SelectAttentionSets(a, layer, length - 3, 3);
+      ASSERT_TRUE(sets.ok()) << sets.status();
+      EXPECT_EQ(sets->count(), 3);
+    }
+    const StepPlan open = *cache->PlanStep({{a, 4}});
+    EXPECT_TRUE(cache->SelectAttentionSets(a, 2, length, 4).ok());
+    EXPECT_EQ(cache->SelectAttentionSets(a, 1, length, 4, {nullptr, nullptr, nullptr, nullptr}).status().code(),
+              absl::StatusCode::kFailedPrecondition);
+    ASSERT_TRUE(cache->AbortStep(open.epoch).ok());
+  }
   // Calls that would touch bytes, with real inputs: refused before reading any.
   const TinyModel::Inputs in = model.InputsFor(1, *cache->Length(a, 1), 2, 1);
   std::vector<Bf16> window(16 * kHeadDim);
@@ -950,11 +965,18 @@ TEST(StepAdversarial, PageManagerCheckpointedAbortKeepsTheRing) {
   ASSERT_FALSE(chunk.abort_copies.empty());
   ASSERT_TRUE(cache->AbortStep(chunk.epoch).ok());  // after the engine made chunk.abort_copies
   EXPECT_EQ(*cache->StreamRows(a, 0, Stream::kWindow), 20) << "the checkpoint put positions 20..39 back";
+  // The next query (position 39) attends to its whole window: positions 24..39.
+  const PositionSets sets = *cache->SelectAttentionSets(a, 0, 39, 1);
+  ASSERT_EQ(sets.window_indices.size(), 16u);
+  EXPECT_EQ(std::count(sets.window_indices.begin(), sets.window_indices.end(), -1), 0)
+      << "window rows restored by the abort copies reported missing";
   // Without a checkpoint the engine's rows stay: 3 drafts over positions 20..22.
   const StepPlan drafts = *cache->PlanStep({{a, 3}});
   ASSERT_TRUE(drafts.abort_copies.empty());
   ASSERT_TRUE(cache->AbortStep(drafts.epoch).ok());
   EXPECT_EQ(*cache->StreamRows(a, 0, Stream::kWindow), 17);
+  const std::vector<int32_t> after_drafts = cache->SelectAttentionSets(a, 0, 39, 1)->window_indices;
+  EXPECT_EQ(std::count(after_drafts.begin(), after_drafts.end(), -1), 0);
 }
 
 // Diagnosis (src/cache_internal.h, Impl::StreamRowsOf, the state-stream line
