@@ -1007,6 +1007,38 @@ TEST(StepAdversarial, DISABLED_StateStreamRowsCountOnlyRowsStillHeld) {
   }
 }
 
+// Page-manager mode: a verify step's selection inside the open step (its
+// tokens count as held) equals the same selection after the commit, across
+// an HCA entry closing in the step; after an abort the query before the
+// step selects as before it.
+TEST(StepAdversarial, PageManagerSelectionInsideAStepEqualsAfterIt) {
+  TinyModel model;
+  std::unique_ptr<Cache> cache = *Cache::Create(model.spec(), Options(true));
+  const SequenceId a = *cache->CreateSequence();
+  const StepPlan grow = *cache->PlanStep({{a, 126}});
+  ASSERT_TRUE(cache->CommitStep(grow.epoch).ok());
+  auto same = [](const PositionSets& x, const PositionSets& y) {
+    return x.window_offsets == y.window_offsets && x.window_positions == y.window_positions &&
+           x.window_indices == y.window_indices && x.compressed_offsets == y.compressed_offsets &&
+           x.entries == y.entries && x.compressed_indices == y.compressed_indices;
+  };
+  const PositionSets before_hca = *cache->SelectAttentionSets(a, 2, 125, 1);
+  const PositionSets before_window = *cache->SelectAttentionSets(a, 0, 125, 1);
+  const StepPlan abort_me = *cache->PlanStep({{a, 4}});
+  ASSERT_TRUE(cache->AbortStep(abort_me.epoch).ok());
+  EXPECT_TRUE(same(*cache->SelectAttentionSets(a, 2, 125, 1), before_hca));
+  EXPECT_TRUE(same(*cache->SelectAttentionSets(a, 0, 125, 1), before_window));
+  const StepPlan verify = *cache->PlanStep({{a, 4}});  // positions 126..129: HCA entry 0 closes with token 127
+  const PositionSets inside_hca = *cache->SelectAttentionSets(a, 2, 126, 4);
+  const PositionSets inside_window = *cache->SelectAttentionSets(a, 0, 126, 4);
+  EXPECT_EQ(inside_hca.entries, (std::vector<int64_t>{0, 0, 0}));  // positions 127..129 see entry 0 (tokens 0..127)
+  ASSERT_TRUE(cache->CommitStep(verify.epoch).ok());
+  EXPECT_TRUE(same(*cache->SelectAttentionSets(a, 2, 126, 4), inside_hca));
+  EXPECT_TRUE(same(*cache->SelectAttentionSets(a, 0, 126, 4), inside_window));
+  // Every window index inside the step is a slot the plan wrote or the ring held.
+  for (const int32_t i : inside_window.window_indices) EXPECT_GE(i, 0);
+}
+
 // kvc's mode mid-step: a layer already appended selects as a sequence grown
 // straight to that length; a layer not yet appended as before the step;
 // block tables cover the planned rows at once.
