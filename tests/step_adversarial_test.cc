@@ -323,6 +323,27 @@ TEST(StepAdversarial, AForkOrCreateThatRunsOutOfMemoryChangesNothing) {
   }
 }
 
+// kvc's mode, outside any step: an Append (and an AppendRows) that needs a
+// new history page, with each of its allocations failing in turn, changes
+// nothing -- no bytes, no pages.
+TEST(StepAdversarial, AnAppendThatRunsOutOfMemoryChangesNothing) {
+  TinyModel model;
+  std::unique_ptr<Cache> cache = *Cache::Create(model.spec(), Options(false));
+  const SequenceId a = *cache->CreateSequence();
+  ASSERT_TRUE(model.Grow(*cache, a, 30, 1).ok());
+  const SequenceId fork = *cache->Fork(a);  // the partial CSA page is shared: copied on write
+  // Tokens 30..33 of the CSA layer: entry 7 into the shared page, entry 8 a new page.
+  const TinyModel::Inputs in = model.InputsFor(1, 30, 6, 1);
+  const std::string bytes_before = testing::ObservableBytes(*cache, a);
+  EachAllocationFailing(*cache, {a, fork}, "Append", [&] {
+    const absl::Status appended = cache->Append(a, 1, 30, in.tokens());
+    if (!appended.ok() || t_fault_fired) {
+      EXPECT_EQ(testing::ObservableBytes(*cache, a), bytes_before) << "a failed Append wrote bytes";
+    }
+    return appended;
+  });
+}
+
 // The calls that end steps and release pages change their state only where
 // nothing can fail: with any allocation failing they either finish or
 // change nothing.
