@@ -276,7 +276,13 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
     KVC_ASSIGN_OR_RETURN(entry_plan, entry_part->PlanAppend(sq, layer, static_cast<int64_t>(entries.size()) / kHeadDim));
   }
   if (indexes) {
-    absl::StatusOr<HistoryStream::Plan> plan = key_part->PlanAppend(sq, layer, static_cast<int64_t>(keys.size()) / kIndexDim);
+    absl::StatusOr<HistoryStream::Plan> plan;
+    try {  // the entries' pages are granted: a std::bad_alloc must give them back
+      plan = key_part->PlanAppend(sq, layer, static_cast<int64_t>(keys.size()) / kIndexDim);
+    } catch (...) {
+      entry_part->Abandon(entry_plan);
+      throw;
+    }
     if (!plan.ok()) {
       entry_part->Abandon(entry_plan);
       return plan.status();
