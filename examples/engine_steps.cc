@@ -13,7 +13,11 @@
 //      steps, a draft-verify step (4 drafts selected for in one call per
 //      layer, 2 accepted: commit and roll back), a failed step (AbortStep),
 //      a fork (its page copies), a free (held until the device is done);
-//   5. finally every row is read back through block tables and page arrays
+//   5. prefix caching: the first block of a prompt is published under its
+//      chain hash (the engine copies the ring and compressor-state
+//      checkpoint), and a new request with the same prompt starts from it
+//      (the engine copies the checkpoint back; the history pages are shared);
+//   6. finally every row is read back through block tables and page arrays
 //      and checked against what the engine wrote.
 //
 // The engine brings its own compressor (its layers have no compressor
@@ -74,6 +78,20 @@ struct Engine {
     std::vector<std::pair<std::tuple<int, int, kvc::SequenceId, int64_t>, kvc::SequenceId>> add;
     for (const auto& [key, who] : author) {
       if (std::get<2>(key) == parent) add.push_back({{std::get<0>(key), std::get<1>(key), child, std::get<3>(key)}, who});
+    }
+    author.insert(add.begin(), add.end());
+  }
+
+  // A request restored from a prefix of `tokens` tokens: it holds the rows
+  // `from` wrote for those tokens (its window rows and closed entries).
+  void Adopt(kvc::SequenceId from, kvc::SequenceId to, int64_t tokens) {
+    std::vector<std::pair<std::tuple<int, int, kvc::SequenceId, int64_t>, kvc::SequenceId>> add;
+    for (const auto& [key, who] : author) {
+      const Stream s = static_cast<Stream>(std::get<0>(key));
+      const int64_t rows = s == Stream::kWindow ? tokens : s == Stream::kHcaRows ? tokens / 128 : tokens / 4;
+      if (std::get<2>(key) == from && std::get<3>(key) < rows) {
+        add.push_back({{std::get<0>(key), std::get<1>(key), to, std::get<3>(key)}, who});
+      }
     }
     author.insert(add.begin(), add.end());
   }
@@ -213,7 +231,7 @@ int main() {
   for (int i = 0; i < 3; ++i) seqs.push_back(*cache.CreateSequence());
   // A prefill chunk per sequence (longer than the rollback depth: kvc
   // checkpoints ring and state pages so the step could be aborted).
-  if (!report("prefill chunk", step({{seqs[0], 300}, {seqs[1], 200}, {seqs[2], 64}}))) return 1;
+  if (!report("prefill chunk", step({{seqs[0], 300}, {seqs[1], 256}, {seqs[2], 64}}))) return 1;
   {  // The chunk's 300 causal sets of the HCA layer in one call: window rows
      // the ring no longer holds (-1) come from the chunk's own activations.
     const kvc::PositionSets sets = *cache.SelectAttentionSets(seqs[0], 2, 0, 300, {});
@@ -224,8 +242,27 @@ int main() {
                 sets.compressed_indices.size());
     if (sets.count() != 300 || sets.compressed_indices.size() != 300 - 127 + 300 - 255) return 1;
   }
+  // Prefix caching: sequence 1's first block (B = 256 tokens: a system
+  // prompt, say) becomes reusable under the engine's chain hash of it; the
+  // engine copies the ring and compressor-state checkpoint kvc lists. A new
+  // request whose prompt starts with the same block starts from it.
+  const std::vector<uint64_t> prompt = {0x5157ull, 0xA11CEull};  // chain hashes of the new request's blocks
+  std::vector<kvc::PageCopy> prefix_copies;
+  if (absl::Status s = cache.PublishPrefix(seqs[1], {prompt[0]}, &prefix_copies); !s.ok()) {
+    return std::fprintf(stderr, "publish: %s\n", s.ToString().c_str()), 1;
+  }
+  engine.Copy(cache, prefix_copies);
+  std::printf("published %lld tokens of sequence %lld: %zu page copies (its checkpoint)\n",
+              static_cast<long long>(cache.PrefixBlockTokens()), static_cast<long long>(seqs[1]), prefix_copies.size());
+  const absl::StatusOr<kvc::Cache::PrefixMatch> reuse = cache.CreateSequenceFromPrefix(prompt, &prefix_copies);
+  if (!reuse.ok()) return std::fprintf(stderr, "reuse: %s\n", reuse.status().ToString().c_str()), 1;
+  engine.Copy(cache, prefix_copies);
+  engine.Adopt(seqs[1], reuse->seq, reuse->tokens);
+  std::printf("new request %lld starts from %lld cached tokens: %zu page copies, history shared\n",
+              static_cast<long long>(reuse->seq), static_cast<long long>(reuse->tokens), prefix_copies.size());
+  seqs.push_back(reuse->seq);
   for (int i = 0; i < 8; ++i) {
-    if (!report("decode", step({{seqs[0], 1}, {seqs[1], 1}, {seqs[2], 1}}))) return 1;
+    if (!report("decode", step({{seqs[0], 1}, {seqs[1], 1}, {seqs[2], 1}, {reuse->seq, i == 0 ? 40 : 1}}))) return 1;
   }
   // Draft-verify: four drafts on sequence 0; the target model accepts two.
   // The four positions attend in one call per layer, each with its own
@@ -290,7 +327,12 @@ int main() {
               static_cast<long long>(released));
 
   int64_t rows_read = 0, mismatches = 0;
-  for (const kvc::SequenceId s : {seqs[0], seqs[1], branch}) mismatches += CheckSequence(cache, engine, s, &rows_read);
+  for (const kvc::SequenceId s : {seqs[0], seqs[1], branch, reuse->seq}) mismatches += CheckSequence(cache, engine, s, &rows_read);
+  const kvc::PrefixUsage prefix = cache.Usage().prefix;
+  std::printf("prefix cache: %lld prefix, %lld hit, %lld tokens reused, %lld B cached (%lld B shared with live sequences)\n",
+              static_cast<long long>(prefix.prefixes), static_cast<long long>(prefix.hits),
+              static_cast<long long>(prefix.tokens_reused), static_cast<long long>(prefix.cached_bytes),
+              static_cast<long long>(prefix.shared_bytes));
   std::printf("engine wrote %lld rows; read %lld back through block tables and page arrays: %lld mismatches\n",
               static_cast<long long>(engine.rows_written), static_cast<long long>(rows_read),
               static_cast<long long>(mismatches));

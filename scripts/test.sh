@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Builds kvc and runs every test, twice: a release build with warnings as
-# errors, then an AddressSanitizer + UndefinedBehaviorSanitizer build. In
-# between: the main job (./scripts/run.sh) at a reduced size and at its
-# max_context edge, each leaving nothing behind but its JSON summary; the
-# concurrent parts (cache, the stress test with saves and
-# restores, planned steps raced) under ThreadSanitizer; and the parsers, the snapshot loader and
+# errors (with the Python module and its pytest suite), then an
+# AddressSanitizer + UndefinedBehaviorSanitizer build. In between: the main
+# job (./scripts/run.sh) at a reduced size and at its max_context edge, each
+# leaving nothing behind but its JSON summary; the concurrent parts (cache,
+# the stress test with saves and restores, concurrent prefix publishers and
+# matchers, planned steps raced) under ThreadSanitizer; and the parsers, the snapshot loader and
 # the C API under libFuzzer for a bounded time.
 # Installs missing packages first. This is what CI runs (.ci/run).
 set -euo pipefail
@@ -13,8 +14,8 @@ source scripts/deps.sh
 kvc_install_deps
 jobs=$(nproc)
 
-echo "== release build (-Werror)"
-cmake -S . -B build/release -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVC_WERROR=ON > /dev/null
+echo "== release build (-Werror), with the Python module (Debian's /usr/bin/python3)"
+cmake -S . -B build/release -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVC_WERROR=ON -DKVC_PYTHON=ON > /dev/null
 cmake --build build/release -j "$jobs"
 ctest --test-dir build/release --output-on-failure -j "$jobs"
 
@@ -38,9 +39,9 @@ only_json_left
 echo "== ThreadSanitizer build of the concurrent parts (-Werror)"
 cmake -S . -B build/tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVC_WERROR=ON \
   -DKVC_SANITIZE=thread -DKVC_BUILD_BENCH=OFF -DKVC_BUILD_TOOLS=OFF -DKVC_BUILD_EXAMPLES=OFF > /dev/null
-cmake --build build/tsan -j "$jobs" --target cache_stress_test cache_test step_adversarial_test
+cmake --build build/tsan -j "$jobs" --target cache_stress_test cache_test prefix_cache_test step_adversarial_test
 TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
-  ctest --test-dir build/tsan --output-on-failure -j "$jobs" -R '^(CacheStress|Cache|StepAdversarialConcurrency)\.'
+  ctest --test-dir build/tsan --output-on-failure -j "$jobs" -R '^(CacheStress|Cache|PrefixCacheConcurrency|StepAdversarialConcurrency)\.'
 
 echo "== libFuzzer: JSON, safetensors, config.json, snapshot loader, C API call sequences (${FUZZ_SECONDS:-20}s each)"
 ./scripts/fuzz.sh

@@ -133,6 +133,15 @@ absl::StatusOr<BatchArgs> CheckBatch(const kvc_seq* seqs, int64_t batch, int32_t
   return BatchArgs{absl::MakeConstSpan(seqs, static_cast<size_t>(batch)), *s};
 }
 
+// The chain hashes of a prefix call, checked for what C can get wrong.
+absl::StatusOr<absl::Span<const uint64_t>> Hashes(const uint64_t* hashes, int64_t count, const char* function) {
+  if (count < 0) return absl::InvalidArgumentError(absl::StrCat(function, ": count ", count, " is negative"));
+  if (hashes == nullptr && count > 0) {
+    return absl::InvalidArgumentError(absl::StrCat(function, ": block_hashes is NULL with count ", count));
+  }
+  return absl::MakeConstSpan(hashes, static_cast<size_t>(count));
+}
+
 // The kind of `layer` of the cache, or an error naming the layer.
 absl::StatusOr<kvc::LayerKind> KindOf(const kvc_cache& cache, int32_t layer, const char* function) {
   const std::vector<kvc::LayerSpec>& layers = cache.cache->spec().layers;
@@ -152,6 +161,8 @@ absl::StatusOr<kvc::CacheOptions> ToOptions(const kvc_options* options) {
   out.keys_per_page = options->keys_per_page;
   out.draft_slots = options->draft_slots;
   out.page_manager = options->page_manager != 0;
+  out.prefix_bytes = options->prefix_bytes;
+  out.prefix_block_tokens = options->prefix_block_tokens;
   const int64_t n = options->num_engine_arrays;
   if (n < 0 || (n > 0 && options->engine_arrays == nullptr)) {
     return absl::InvalidArgumentError(absl::StrCat("options: num_engine_arrays ", n, " with engine_arrays ",
@@ -279,7 +290,7 @@ void kvc_options_default(kvc_options* options) {
   if (options == nullptr) return;
   const kvc::CacheOptions d;
   *options = kvc_options{d.history_bytes, d.state_bytes, d.rollback_depth, d.rows_per_page, d.keys_per_page, nullptr, 0,
-                         d.draft_slots, d.page_manager ? 1 : 0};
+                         d.draft_slots, d.page_manager ? 1 : 0, d.prefix_bytes, d.prefix_block_tokens};
 }
 
 int kvc_cache_create(const char* preset, const kvc_options* options, kvc_cache** out) {
@@ -934,6 +945,144 @@ int kvc_seq_fork_pages(kvc_cache* cache, kvc_seq seq, kvc_seq* out, kvc_page_cop
     }
     *count = static_cast<int64_t>(listed.size());
     *out = *child;
+    return KVC_OK;
+  });
+}
+
+// --- Prefix caching ----------------------------------------------------------
+
+int kvc_prefix_block_tokens(const kvc_cache* cache, int64_t* out) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    *out = cache->cache->PrefixBlockTokens();
+    return KVC_OK;
+  });
+}
+
+int kvc_prefix_publish(kvc_cache* cache, kvc_seq seq, const uint64_t* block_hashes, int64_t count) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    const absl::StatusOr<absl::Span<const uint64_t>> hashes = Hashes(block_hashes, count, function);
+    if (!hashes.ok()) return FromStatus(hashes.status());
+    return FromStatus(cache->cache->PublishPrefix(seq, *hashes));
+  });
+}
+
+int kvc_seq_create_from_prefix(kvc_cache* cache, const uint64_t* block_hashes, int64_t count, kvc_seq* out,
+                               int64_t* tokens) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    KVC_C_REQUIRE(tokens);
+    const absl::StatusOr<absl::Span<const uint64_t>> hashes = Hashes(block_hashes, count, function);
+    if (!hashes.ok()) return FromStatus(hashes.status());
+    const absl::StatusOr<kvc::Cache::PrefixMatch> match = cache->cache->CreateSequenceFromPrefix(*hashes);
+    if (!match.ok()) return FromStatus(match.status());
+    *out = match->seq;
+    *tokens = match->tokens;
+    return KVC_OK;
+  });
+}
+
+int kvc_prefix_lookup(const kvc_cache* cache, const uint64_t* block_hashes, int64_t count, int64_t* tokens,
+                      int64_t* shared_tokens) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(tokens);
+    const absl::StatusOr<absl::Span<const uint64_t>> hashes = Hashes(block_hashes, count, function);
+    if (!hashes.ok()) return FromStatus(hashes.status());
+    const kvc::Cache::PrefixMatch match = cache->cache->LookupPrefix(*hashes);
+    *tokens = match.tokens;
+    if (shared_tokens != nullptr) *shared_tokens = match.shared_tokens;
+    return KVC_OK;
+  });
+}
+
+int kvc_cache_prefix_usage(const kvc_cache* cache, kvc_prefix_usage* out) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    const kvc::PrefixUsage u = cache->cache->Usage().prefix;
+    *out = kvc_prefix_usage{u.limit_bytes, u.cached_bytes, u.history_bytes, u.checkpoint_bytes,
+                            u.shared_bytes, u.prefixes,    u.cached_tokens, u.hits,
+                            u.misses,       u.tokens_reused, u.published,  u.evictions};
+    return KVC_OK;
+  });
+}
+
+namespace {
+
+// The most page copies a prefix call lists (page-manager mode): the ring's
+// pages and one page of each CSA compressor state; none in kvc's mode.
+absl::StatusOr<int64_t> CheckpointCopies(const kvc_cache& cache) {
+  const kvc::CacheOptions& options = cache.cache->options();
+  if (!options.page_manager) return 0;
+  absl::StatusOr<std::vector<kvc::StreamGeometry>> geometry = kvc::Cache::PageGeometry(cache.cache->spec(), options);
+  if (!geometry.ok()) return geometry.status();
+  const kvc::StreamGeometry& window = (*geometry)[static_cast<size_t>(kvc::Stream::kWindow)];
+  int64_t copies = (window.ring_slots + window.rows_per_page - 1) / window.rows_per_page;
+  for (const kvc::Stream s : {kvc::Stream::kCsaState, kvc::Stream::kCsaIndexerState}) {
+    if (!(*geometry)[static_cast<size_t>(s)].layers.empty()) ++copies;
+  }
+  return copies;
+}
+
+// Checks a page-copy buffer; OK when `capacity` holds the most copies a
+// prefix call lists (else KVC_ERR_OUT_OF_RANGE with *copy_count the need).
+int CheckCopyBuffer(const kvc_cache& cache, const kvc_page_copy* copies, int64_t capacity, int64_t* copy_count,
+                    const char* function) {
+  if (capacity < 0) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": capacity ", capacity, " < 0"));
+  if (capacity > 0 && copies == nullptr) return Fail(KVC_ERR_INVALID_ARGUMENT, absl::StrCat(function, ": copies is NULL"));
+  const absl::StatusOr<int64_t> needed = CheckpointCopies(cache);
+  if (!needed.ok()) return FromStatus(needed.status());
+  if (*needed > capacity) {
+    *copy_count = *needed;
+    return Fail(KVC_ERR_OUT_OF_RANGE, absl::StrCat(function, ": the call may list ", *needed,
+                                                   " page copies; capacity is ", capacity));
+  }
+  return KVC_OK;
+}
+
+void WriteCopies(const std::vector<kvc::PageCopy>& listed, kvc_page_copy* copies, int64_t* copy_count) {
+  for (size_t i = 0; i < listed.size(); ++i) copies[i] = {static_cast<int32_t>(listed[i].stream), listed[i].src, listed[i].dst};
+  *copy_count = static_cast<int64_t>(listed.size());
+}
+
+}  // namespace
+
+int kvc_prefix_publish_pages(kvc_cache* cache, kvc_seq seq, const uint64_t* block_hashes, int64_t count,
+                             kvc_page_copy* copies, int64_t capacity, int64_t* copy_count) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(copy_count);
+    const absl::StatusOr<absl::Span<const uint64_t>> hashes = Hashes(block_hashes, count, function);
+    if (!hashes.ok()) return FromStatus(hashes.status());
+    if (const int rc = CheckCopyBuffer(*cache, copies, capacity, copy_count, function); rc != KVC_OK) return rc;
+    std::vector<kvc::PageCopy> listed;
+    const absl::Status published = cache->cache->PublishPrefix(seq, *hashes, &listed);
+    if (!published.ok()) return FromStatus(published);
+    WriteCopies(listed, copies, copy_count);
+    return KVC_OK;
+  });
+}
+
+int kvc_seq_create_from_prefix_pages(kvc_cache* cache, const uint64_t* block_hashes, int64_t count, kvc_seq* out,
+                                     int64_t* tokens, kvc_page_copy* copies, int64_t capacity, int64_t* copy_count) {
+  return Guarded(__func__, [&](const char* function) -> int {
+    KVC_C_REQUIRE(cache);
+    KVC_C_REQUIRE(out);
+    KVC_C_REQUIRE(tokens);
+    KVC_C_REQUIRE(copy_count);
+    const absl::StatusOr<absl::Span<const uint64_t>> hashes = Hashes(block_hashes, count, function);
+    if (!hashes.ok()) return FromStatus(hashes.status());
+    if (const int rc = CheckCopyBuffer(*cache, copies, capacity, copy_count, function); rc != KVC_OK) return rc;
+    std::vector<kvc::PageCopy> listed;
+    const absl::StatusOr<kvc::Cache::PrefixMatch> match = cache->cache->CreateSequenceFromPrefix(*hashes, &listed);
+    if (!match.ok()) return FromStatus(match.status());
+    *out = match->seq;
+    *tokens = match->tokens;
+    WriteCopies(listed, copies, copy_count);
     return KVC_OK;
   });
 }

@@ -105,6 +105,12 @@ absl::Status CheckOptions(const ModelSpec& spec, const CacheOptions& options) {
   }
   if (options.history_bytes < 0) return absl::InvalidArgumentError("history_bytes must be >= 0");
   if (options.state_bytes < 0) return absl::InvalidArgumentError("state_bytes must be >= 0");
+  if (options.prefix_bytes < 0) return absl::InvalidArgumentError("prefix_bytes must be >= 0");
+  if (options.prefix_block_tokens < 128 || options.prefix_block_tokens % 128 != 0 ||
+      options.prefix_block_tokens > (1 << 20)) {
+    return absl::InvalidArgumentError(absl::StrCat("prefix_block_tokens ", options.prefix_block_tokens,
+                                                   " must be a multiple of 128 in [128, 2^20]"));
+  }
   return absl::OkStatus();
 }
 
@@ -548,6 +554,10 @@ CacheUsage Cache::Usage() const {
   }
   usage.epoch = store.epoch();
   usage.completed_epoch = store.completed_epoch();
+  {
+    std::lock_guard<std::mutex> prefix_lock(impl_->prefix->mu());
+    usage.prefix = impl_->prefix->Usage();
+  }
   std::lock_guard<std::mutex> lock(impl_->mu);
   usage.sequences = static_cast<int64_t>(impl_->sequences.size());
   usage.open_steps = static_cast<int64_t>(impl_->open_steps.size());

@@ -28,6 +28,7 @@
 #include "src/compressor_state.h"
 #include "src/history_stream.h"
 #include "src/page_store.h"
+#include "src/prefix_cache.h"
 #include "src/stream_part.h"
 #include "src/window_stream.h"
 
@@ -65,6 +66,9 @@ struct Cache::Impl {
   std::array<std::unique_ptr<HistoryStream>, cache_internal::kStreamCount> histories;
   std::array<std::unique_ptr<CompressorState>, cache_internal::kStreamCount> states;
   std::vector<const StreamPart*> all_parts;
+  // Published prefixes (src/prefix_cache.h, src/cache_prefix.cc); after
+  // `store`, so it goes first.
+  std::unique_ptr<cache_internal::PrefixCache> prefix;
 
   mutable std::mutex mu;  // guards the members below
   std::unordered_map<SequenceId, std::shared_ptr<Sequence>> sequences;
@@ -87,6 +91,15 @@ struct Cache::Impl {
       states[static_cast<size_t>(s)] = std::make_unique<CompressorState>(*store, s, spec, options.rollback_depth);
       all_parts.push_back(states[static_cast<size_t>(s)].get());
     }
+    prefix = std::make_unique<cache_internal::PrefixCache>(
+        *store, options.prefix_block_tokens,
+        cache_internal::PrefixCache::CheckpointStreams(*store, window_part->ring_pages()));
+    // Pages become cache-only when sequences let go of them (Free, Truncate,
+    // copy-on-write): the prefix cache then evicts what no longer fits.
+    store->SetOverBudgetHook([cache = prefix.get()] {
+      std::lock_guard<std::mutex> lock(cache->mu());
+      cache->Trim();
+    });
   }
 
   int32_t window() const { return spec.window; }

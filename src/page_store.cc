@@ -190,6 +190,7 @@ absl::StatusOr<std::unique_ptr<PageStore>> PageStore::Create(const ModelSpec& mo
   store->page_manager_ = options.page_manager;
   store->limit_[static_cast<int>(StreamClass::kHistory)] = options.history_bytes;
   store->limit_[static_cast<int>(StreamClass::kState)] = options.state_bytes;
+  store->prefix_limit_ = options.prefix_bytes;
   const size_t n_layers = model.layers.size();
   int kvc_streams = 0;
   for (int s = 0; s < kStreamCount; ++s) {
@@ -216,7 +217,9 @@ absl::StatusOr<std::unique_ptr<PageStore>> PageStore::Create(const ModelSpec& mo
       Stream& st = store->streams_[static_cast<size_t>(s)];
       if (st.spec.layers.empty() || st.engine_owned) continue;
       const int64_t id_bytes = st.spec.page_bytes * static_cast<int64_t>(st.spec.layers.size());
-      const int64_t budget = std::max<int64_t>(0, store->limit_[static_cast<int>(st.spec.cls)]);
+      // Room for the class's live pages and for the prefix cache's.
+      const int64_t class_limit = std::max<int64_t>(0, store->limit_[static_cast<int>(st.spec.cls)]);
+      const int64_t budget = class_limit > INT64_MAX - store->prefix_limit_ ? INT64_MAX : class_limit + store->prefix_limit_;
       st.num_pages = std::min({budget / id_bytes, MaxPages(st.spec), cap / kvc_streams / id_bytes});
       if (st.num_pages == 0 || store->page_manager_) continue;  // page-manager mode: ids only, no memory
       const int64_t bytes = st.num_pages * st.spec.page_bytes;
@@ -245,7 +248,11 @@ PageStore::~PageStore() {
   for (const auto& [p, bytes] : mappings_) ::munmap(p, static_cast<size_t>(bytes));
 }
 
-absl::Status PageStore::Allocate(absl::Span<const Request> requests) {
+absl::Status PageStore::Allocate(absl::Span<const Request> requests) { return AllocateIds(requests, false); }
+
+absl::Status PageStore::AllocatePinned(absl::Span<const Request> requests) { return AllocateIds(requests, true); }
+
+absl::Status PageStore::AllocateIds(absl::Span<const Request> requests, bool pinned) {
   // Grant under the lock (all or nothing); zero the pages after it.
   std::vector<std::pair<int, PageId>> to_zero;
   {
@@ -263,14 +270,16 @@ absl::Status PageStore::Allocate(absl::Span<const Request> requests) {
       const int64_t free_ids = static_cast<int64_t>(st.free.size());
       const int64_t created = static_cast<int64_t>(st.refcount.size());
       const int64_t id_bytes = this->id_bytes(s);
-      const int64_t left = limit_[c] - used_[c] - class_need[c];
+      const int64_t left = pinned ? prefix_limit_ - prefix_used_[0] - prefix_used_[1] - class_need[0] - class_need[1]
+                                  : limit_[c] - used_[c] - class_need[c];
       // Division, not multiplication: n may be anything.
       if (need[s] - free_ids > st.num_pages - created || need[s] > left / id_bytes) {
         return absl::ResourceExhaustedError(absl::StrCat(
             st.spec.name, ": needs ", need[s], " pages (", st.spec.page_bytes, " B x ", layers(s), " layers = ",
             id_bytes, " B each); ", st.num_pages - st.used, " of ", st.num_pages, " pages free; the ",
-            c == static_cast<int>(StreamClass::kHistory) ? "history" : "state", " budget has ", limit_[c] - used_[c],
-            " of ", limit_[c], " bytes free"));
+            pinned ? "prefix" : c == static_cast<int>(StreamClass::kHistory) ? "history" : "state", " budget has ",
+            pinned ? prefix_limit_ - prefix_used_[0] - prefix_used_[1] : limit_[c] - used_[c], " of ",
+            pinned ? prefix_limit_ : limit_[c], " bytes free"));
       }
       class_need[c] += need[s] * id_bytes;
     }
@@ -280,6 +289,7 @@ absl::Status PageStore::Allocate(absl::Span<const Request> requests) {
         Stream& st = streams_[static_cast<size_t>(s)];
         const size_t created = st.refcount.size() + static_cast<size_t>(std::max<int64_t>(0, need[s] - static_cast<int64_t>(st.free.size())));
         if (st.refcount.capacity() < created) st.refcount.reserve(std::max(created, 2 * st.refcount.capacity()));
+        if (st.pins.capacity() < created) st.pins.reserve(std::max(created, 2 * st.pins.capacity()));
         if (st.free.capacity() < created) st.free.reserve(std::max(created, 2 * st.free.capacity()));
         if (page_manager_ && st.deferred.capacity() < created) st.deferred.reserve(std::max(created, 2 * st.deferred.capacity()));
       }
@@ -300,18 +310,25 @@ absl::Status PageStore::Allocate(absl::Span<const Request> requests) {
           id = st.free.back();
           st.free.pop_back();
           st.refcount[static_cast<size_t>(id)] = 1;
+          st.pins[static_cast<size_t>(id)] = pinned ? 1 : 0;
           if (!page_manager_) to_zero.emplace_back(r.stream, id);  // written before
         } else {
           id = static_cast<PageId>(st.refcount.size());
           st.refcount.push_back(1);
+          st.pins.push_back(pinned ? 1 : 0);
           if (st.engine_owned && !page_manager_) to_zero.emplace_back(r.stream, id);  // kvc's fresh pages are zero
         }
         r.out->push_back(id);
       }
       st.used += r.n;
+      if (pinned) {
+        st.pinned += r.n;
+        st.cached += r.n;
+      }
     }
-    used_[0] += class_need[0];
-    used_[1] += class_need[1];
+    int64_t* const used = pinned ? prefix_used_ : used_;
+    used[0] += class_need[0];
+    used[1] += class_need[1];
   }
   for (const auto& [s, id] : to_zero) {
     for (const int32_t l : spec(s).layers) std::memset(Page(s, l, id), 0, static_cast<size_t>(spec(s).page_bytes));
@@ -321,20 +338,88 @@ absl::Status PageStore::Allocate(absl::Span<const Request> requests) {
 
 void PageStore::Ref(int s, PageId id) {
   std::lock_guard<std::mutex> lock(mu_);
-  ++streams_[static_cast<size_t>(s)].refcount[static_cast<size_t>(id)];
+  Stream& st = streams_[static_cast<size_t>(s)];
+  const size_t i = static_cast<size_t>(id);
+  if (st.refcount[i]++ == st.pins[i] && st.pins[i] > 0) ToLive(s);
 }
 
 void PageStore::Unref(int s, PageId id) {
-  std::lock_guard<std::mutex> lock(mu_);
+  bool over_budget = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    Stream& st = streams_[static_cast<size_t>(s)];
+    const size_t i = static_cast<size_t>(id);
+    if (--st.refcount[i] == 0) {
+      Release(s, id);
+    } else if (st.refcount[i] == st.pins[i]) {
+      ToCacheOnly(s);  // its last live reference went
+      over_budget = prefix_used_[0] + prefix_used_[1] > prefix_limit_;
+    }
+  }
+  if (over_budget && over_budget_hook_) over_budget_hook_();
+}
+
+void PageStore::Release(int s, PageId id) {
   Stream& st = streams_[static_cast<size_t>(s)];
-  if (--st.refcount[static_cast<size_t>(id)] != 0) return;
   if (page_manager_ && epoch_ > completed_epoch_) {  // a running step may still read it
     st.deferred.emplace_back(epoch_, id);             // capacity reserved when the id was created
-    return;
+    return;                                           // counted where it was (if anywhere) until CompleteSteps
+  }
+  Free(s, id);
+}
+
+void PageStore::Free(int s, PageId id) {
+  Stream& st = streams_[static_cast<size_t>(s)];
+  int32_t& pins = st.pins[static_cast<size_t>(id)];
+  if (pins == -1) {
+    pins = 0;  // an evicted prefix's page: it left the prefix budget when its last pin went
+  } else {
+    used_[static_cast<int>(st.spec.cls)] -= id_bytes(s);
   }
   st.free.push_back(id);  // capacity reserved when the id was created
   --st.used;
-  used_[static_cast<int>(st.spec.cls)] -= id_bytes(s);
+}
+
+void PageStore::ToCacheOnly(int s) {
+  const int c = static_cast<int>(spec(s).cls);
+  used_[c] -= id_bytes(s);
+  prefix_used_[c] += id_bytes(s);
+  ++streams_[static_cast<size_t>(s)].cached;
+}
+
+void PageStore::ToLive(int s) {
+  const int c = static_cast<int>(spec(s).cls);
+  prefix_used_[c] -= id_bytes(s);
+  used_[c] += id_bytes(s);
+  --streams_[static_cast<size_t>(s)].cached;
+}
+
+void PageStore::Pin(int s, PageId id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stream& st = streams_[static_cast<size_t>(s)];
+  const size_t i = static_cast<size_t>(id);
+  ++st.refcount[i];  // cache-only stays cache-only, live stays live
+  if (st.pins[i]++ == 0) ++st.pinned;
+}
+
+void PageStore::Unpin(int s, PageId id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stream& st = streams_[static_cast<size_t>(s)];
+  const size_t i = static_cast<size_t>(id);
+  // Dropping a pin with its reference keeps a cache-only id cache-only and
+  // a live id live; only the last reference frees.
+  --st.refcount[i];
+  if (--st.pins[i] == 0) --st.pinned;
+  if (st.refcount[i] == 0) {  // it was cache-only: its last reference was this pin
+    // It leaves the prefix budget now, even if a running step may still read
+    // it (page-manager mode; it is then reused only after CompleteSteps):
+    // the prefix is gone, and a publish must not wait for the device to
+    // find the room it made. pins -1 marks it counted in no budget.
+    --st.cached;
+    prefix_used_[static_cast<int>(st.spec.cls)] -= id_bytes(s);
+    st.pins[i] = -1;
+    Release(s, id);
+  }
 }
 
 uint64_t PageStore::BeginStep() {
@@ -354,9 +439,7 @@ int64_t PageStore::CompleteSteps(uint64_t epoch) {
         st.deferred[kept++] = {tag, id};
         continue;
       }
-      st.free.push_back(id);
-      --st.used;
-      used_[static_cast<int>(st.spec.cls)] -= id_bytes(s);
+      Free(s, id);
       ++released;
     }
     st.deferred.resize(kept);
@@ -372,6 +455,50 @@ uint64_t PageStore::epoch() const {
 uint64_t PageStore::completed_epoch() const {
   std::lock_guard<std::mutex> lock(mu_);
   return completed_epoch_;
+}
+
+absl::Status PageStore::RefLive(absl::Span<const std::pair<int, PageId>> ids) {
+  std::lock_guard<std::mutex> lock(mu_);
+  int64_t need[2] = {0, 0};  // bytes moving from the prefix budget to each class
+  int first_short[2] = {-1, -1};
+  for (const auto& [s, id] : ids) {
+    const Stream& st = streams_[static_cast<size_t>(s)];
+    const size_t i = static_cast<size_t>(id);
+    if (st.refcount[i] == st.pins[i]) {
+      const int c = static_cast<int>(st.spec.cls);
+      need[c] += id_bytes(s);
+      if (first_short[c] < 0) first_short[c] = s;
+    }
+  }
+  for (int c = 0; c < 2; ++c) {
+    if (need[c] > limit_[c] - used_[c]) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          spec(first_short[c]).name, ": a cached prefix's pages of ", need[c], " B become live; the ",
+          c == static_cast<int>(StreamClass::kHistory) ? "history" : "state", " budget has ", limit_[c] - used_[c],
+          " of ", limit_[c], " bytes free"));
+    }
+  }
+  for (const auto& [s, id] : ids) {
+    Stream& st = streams_[static_cast<size_t>(s)];
+    const size_t i = static_cast<size_t>(id);
+    if (st.refcount[i]++ == st.pins[i]) ToLive(s);
+  }
+  return absl::OkStatus();
+}
+
+int32_t PageStore::PinCount(int s, PageId id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return std::max(0, streams_[static_cast<size_t>(s)].pins[static_cast<size_t>(id)]);
+}
+
+int64_t PageStore::prefix_used() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return prefix_used_[0] + prefix_used_[1];
+}
+
+int64_t PageStore::prefix_used(StreamClass c) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return prefix_used_[static_cast<int>(c)];
 }
 
 int32_t PageStore::RefCount(int s, PageId id) const {
@@ -392,7 +519,8 @@ void PageStore::CopyPage(int s, PageId from, PageId to, std::vector<PageCopy>* e
 PageStore::Stats PageStore::StreamStats(int s) const {
   std::lock_guard<std::mutex> lock(mu_);
   const Stream& st = streams_[static_cast<size_t>(s)];
-  return {st.used, static_cast<int64_t>(st.refcount.size()), static_cast<int64_t>(st.deferred.size())};
+  return {st.used, static_cast<int64_t>(st.refcount.size()), static_cast<int64_t>(st.deferred.size()), st.pinned,
+          st.cached};
 }
 
 }  // namespace cache_internal

@@ -18,6 +18,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -146,6 +147,36 @@ class PageStore {
   void Ref(int s, PageId id);
   void Unref(int s, PageId id);  // frees the id with its last reference; allocates nothing
   int32_t RefCount(int s, PageId id) const;
+
+  // --- Prefix cache references (src/prefix_cache.h) ----------------------
+  // A pin is a reference the prefix cache holds. An id with more references
+  // than pins is live: it counts against its class budget, as above. An id
+  // whose every reference is a pin is cache-only: it counts against the
+  // prefix budget (CacheOptions::prefix_bytes) instead, so cached prefixes
+  // and live sequences never take each other's memory. Ids move between the
+  // two as references come and go.
+  //
+  // n new ids of each request (pinned, cache-only, zeroed), all or none:
+  // kResourceExhausted when the prefix budget or the stream's pages cannot
+  // supply them; nothing changes on a refusal.
+  absl::Status AllocatePinned(absl::Span<const Request> requests);
+  void Pin(int s, PageId id);    // one more reference, a pin (the id is in use)
+  void Unpin(int s, PageId id);  // drops a pin and its reference; frees the id with its last
+  // One more live reference to each id (distinct ids, each in use), all or
+  // none: ids that were cache-only move to their class budget, which must
+  // have room (kResourceExhausted naming the stream otherwise).
+  absl::Status RefLive(absl::Span<const std::pair<int, PageId>> ids);
+  int32_t PinCount(int s, PageId id) const;
+  // Called (without the store's lock) after an Unref made an id cache-only
+  // and the cache-only bytes exceed the prefix budget: the prefix cache
+  // evicts there. Set once, before any sequence exists. Callers of Unref
+  // must not hold the prefix cache's lock (Unpin never calls it).
+  void SetOverBudgetHook(std::function<void()> hook) { over_budget_hook_ = std::move(hook); }
+  int64_t prefix_limit() const { return prefix_limit_; }
+  // Bytes of cache-only ids, all streams; and of one class.
+  int64_t prefix_used() const;
+  int64_t prefix_used(StreamClass c) const;
+
   // Copies page `from` onto page `to` in every layer of stream s; in
   // page-manager mode appends the copy to *engine_copies instead (the engine
   // makes it; required non-null there).
@@ -165,6 +196,8 @@ class PageStore {
     int64_t used_ids = 0;     // referenced at least once, or waiting on a step (deferred)
     int64_t created_ids = 0;  // ever handed out (high water)
     int64_t deferred_ids = 0; // of used_ids: unreferenced, waiting for CompleteSteps
+    int64_t pinned_ids = 0;   // of the used, pinned at least once
+    int64_t cached_ids = 0;   // of the pinned, cache-only (every reference a pin)
   };
   Stats StreamStats(int s) const;
   int64_t limit(StreamClass c) const { return limit_[static_cast<int>(c)]; }
@@ -177,20 +210,36 @@ class PageStore {
     bool engine_owned = false;    // else one anonymous mapping per layer's array
     // Guarded by mu_:
     std::vector<int32_t> refcount;  // one per created id
+    std::vector<int32_t> pins;      // one per created id: the references that are pins
     std::vector<PageId> free;       // capacity >= created: Unref never allocates
     // Page-manager mode: unreferenced ids waiting for their epoch to complete
     // (capacity >= created, as `free`).
     std::vector<std::pair<uint64_t, PageId>> deferred;
     int64_t used = 0;
+    int64_t pinned = 0;  // ids with pins > 0
+    int64_t cached = 0;  // ids with pins == refcount > 0
   };
+  // Allocate and AllocatePinned (under mu_ for the grant).
+  absl::Status AllocateIds(absl::Span<const Request> requests, bool pinned);
+  // The id moved between live and cache-only: its bytes change budget.
+  void ToCacheOnly(int s);
+  void ToLive(int s);
+  // An id's last reference went: free it now, or when the steps that may
+  // read it complete (page-manager mode; it stays counted in its class
+  // budget until then, unless it was a cached prefix's: pins -1).
+  void Release(int s, PageId id);
+  void Free(int s, PageId id);
   PageStore() = default;
 
   std::array<Stream, kStreamCount> streams_;
   std::vector<std::pair<uint8_t*, int64_t>> mappings_;  // kvc's arrays, unmapped by the destructor
   int64_t limit_[2] = {0, 0};
   bool page_manager_ = false;
-  mutable std::mutex mu_;  // guards the id tables, used_ and the epochs
-  int64_t used_[2] = {0, 0};  // bytes of ids in use, per class
+  int64_t prefix_limit_ = 0;
+  std::function<void()> over_budget_hook_;
+  mutable std::mutex mu_;  // guards the id tables, used_, prefix_used_ and the epochs
+  int64_t used_[2] = {0, 0};  // bytes of live ids, per class
+  int64_t prefix_used_[2] = {0, 0};  // bytes of cache-only ids, per class
   uint64_t epoch_ = 0, completed_epoch_ = 0;
 };
 

@@ -65,6 +65,21 @@ void WindowStream::TruncateLayer(Sequence& seq, int layer, int64_t current, int6
   }
 }
 
+void WindowStream::CopyRingAt(const Sequence& seq, int64_t current, int64_t length, const std::vector<PageId>& to,
+                              std::vector<PageCopy>* engine_copies) const {
+  const std::vector<PageId>& ring = seq.tables[kWindowStream];
+  for (size_t k = 0; k < ring.size(); ++k) store_.CopyPage(kWindowStream, ring[k], to[k], engine_copies);
+  if (!store_.present(kRollbackStream)) return;  // depth 0 (length == current), or page-manager mode
+  for (int i = 0; i < static_cast<int>(seq.layers.size()) && length < current; ++i) {
+    for (int64_t q = current - 1; q >= length; --q) {
+      const int64_t slot = SlotOf(q);
+      const PackedRows page = PageFooterRows(
+          RowFormat::kKvFp8, store_.Page(kWindowStream, i, to[static_cast<size_t>(slot / rows_per_page_)]), rows_per_page_);
+      CopyRow(RollbackRow(seq, i, q % depth_), page.Slice(slot % rows_per_page_, 1));
+    }
+  }
+}
+
 void WindowStream::Release(Sequence& seq) const {
   ReleaseTable(store_, seq, kWindowStream);
   ReleaseTable(store_, seq, kRollbackStream);

@@ -70,6 +70,16 @@ class WindowStream final : public StreamPart {
   }
   WindowRingView View(const Sequence& seq, int layer) const;
 
+  // Prefix cache (src/prefix_cache.h): copies the ring pages into the pages
+  // `to` (ring_pages() ids) as they were at `length` <= `current` tokens: in
+  // kvc's mode the rollback records of [length, current) put back into the
+  // copy (the caller checked CheckTruncate); in page-manager mode the copies
+  // are listed in *engine_copies, and the copy holds the rows of positions
+  // [ring_end - R, ring_end) (the caller checked that covers the window at
+  // `length`). The sequence is unchanged.
+  void CopyRingAt(const Sequence& seq, int64_t current, int64_t length, const std::vector<PageId>& to,
+                  std::vector<PageCopy>* engine_copies) const;
+
   // Snapshot: appends the layer's ring (R rows in slot order, data then
   // scales each), rollback records and evictors to a state block; Restore
   // reads them back from a checked block (of a cache with the same R).

@@ -512,6 +512,144 @@ static void TestEngineArrays(void) {
   for (int i = 0; i < n; ++i) free(memory[i]);
 }
 
+/* Appends tokens [from, to) to every layer of kConfig's model with
+ * projections; a token's inputs depend only on its layer and position. */
+static void AppendRange(kvc_cache* cache, kvc_seq seq, int64_t from, int64_t to) {
+  const int64_t n = to - from;
+  uint16_t* window = malloc((size_t)n * KVC_HEAD_DIM * sizeof(uint16_t));
+  float* values = malloc(KVC_HEAD_DIM * sizeof(float));
+  float* kv = malloc((size_t)n * 1024 * sizeof(float));
+  float* score = malloc((size_t)n * 1024 * sizeof(float));
+  float* ikv = malloc((size_t)n * 256 * sizeof(float));
+  float* iscore = malloc((size_t)n * 256 * sizeof(float));
+  for (int32_t layer = 0; layer < 3; ++layer) {
+    const int64_t width = layer == 1 ? 1024 : 512;
+    for (int64_t t = 0; t < n; ++t) {
+      const uint32_t seed = (uint32_t)((from + t) * 8 + layer);
+      Fill(values, KVC_HEAD_DIM, seed, 3.0f);
+      for (int i = 0; i < KVC_HEAD_DIM; ++i) window[t * KVC_HEAD_DIM + i] = Bf16(values[i]);
+      Fill(kv + t * width, width, seed + 100000u, 1.0f);
+      Fill(score + t * width, width, seed + 200000u, 2.0f);
+      Fill(ikv + t * 256, 256, seed + 300000u, 1.0f);
+      Fill(iscore + t * 256, 256, seed + 400000u, 2.0f);
+    }
+    kvc_layer_tokens tokens = {window, NULL, NULL, NULL, NULL, n};
+    if (layer > 0) tokens.compressor_kv = kv, tokens.compressor_score = score;
+    if (layer == 1) tokens.indexer_kv = ikv, tokens.indexer_score = iscore;
+    CHECK(kvc_seq_append_tokens(cache, seq, layer, from, &tokens) == KVC_OK);
+  }
+  free(window);
+  free(values);
+  free(kv);
+  free(score);
+  free(ikv);
+  free(iscore);
+}
+
+/* 1 if the two sequences' window rings and every stored row of `stream` on
+ * `layer` are the same bytes. */
+static int SameRows(kvc_cache* cache, kvc_seq a, kvc_seq b, int32_t layer, int32_t stream) {
+  int64_t rows_a = -1, rows_b = -2;
+  if (kvc_seq_stream_rows(cache, a, layer, stream, &rows_a) != KVC_OK ||
+      kvc_seq_stream_rows(cache, b, layer, stream, &rows_b) != KVC_OK || rows_a != rows_b) {
+    return 0;
+  }
+  kvc_page_array pages;
+  int32_t ids_a[64], ids_b[64];
+  int64_t count = 0;
+  if (kvc_layer_pages(cache, layer, stream, &pages) != KVC_OK) return 0;
+  if (kvc_seq_block_table(cache, a, stream, ids_a, 64, &count) != KVC_OK || count > 64) return 0;
+  if (kvc_seq_block_table(cache, b, stream, ids_b, 64, &count) != KVC_OK || count > 64) return 0;
+  const int64_t row_bytes = pages.row_data_bytes + pages.row_scale_bytes;
+  for (int64_t r = 0; r < rows_a; ++r) {
+    const int64_t in_page = r % pages.rows_per_page;
+    for (int part = 0; part < 2; ++part) {
+      const int64_t offset = part == 0 ? in_page * pages.row_data_bytes
+                                       : pages.rows_per_page * pages.row_data_bytes + in_page * pages.row_scale_bytes;
+      const int64_t size = part == 0 ? pages.row_data_bytes : pages.row_scale_bytes;
+      const uint8_t* pa = (const uint8_t*)pages.base + ids_a[r / pages.rows_per_page] * pages.page_bytes + offset;
+      const uint8_t* pb = (const uint8_t*)pages.base + ids_b[r / pages.rows_per_page] * pages.page_bytes + offset;
+      if (memcmp(pa, pb, (size_t)size) != 0) return 0;
+    }
+  }
+  return row_bytes > 0;
+}
+
+/* Prefix caching from C: publish, free the publisher, restore, continue
+ * byte for byte as a sequence that appended everything; lookups, refusals,
+ * counters. */
+static void TestPrefix(void) {
+  Params p;
+  ParamsInit(&p, 7);
+  kvc_options options;
+  kvc_options_default(&options);
+  CHECK(options.prefix_block_tokens == 256 && options.prefix_bytes > 0);
+  options.prefix_block_tokens = 128;
+  options.rows_per_page = 8;
+  options.keys_per_page = 8;
+  kvc_cache* cache = NULL;
+  CHECK(kvc_cache_create_from_config_with_params(kConfig, strlen(kConfig), &options, &p.model, &cache) == KVC_OK);
+  if (cache == NULL) return;
+  int64_t block = 0;
+  CHECK(kvc_prefix_block_tokens(cache, &block) == KVC_OK && block == 128);
+
+  kvc_seq publisher = 0, fresh = 0, reused = 0;
+  CHECK(kvc_seq_create(cache, &publisher) == KVC_OK);
+  AppendRange(cache, publisher, 0, 256);
+  const uint64_t hashes[] = {0x1111, 0x2222, 0x3333};
+  CHECK(kvc_prefix_publish(cache, publisher, hashes, 2) == KVC_OK);
+  CHECK(kvc_seq_free(cache, publisher) == KVC_OK);
+  int64_t tokens = -1, shared = -1;
+  CHECK(kvc_prefix_lookup(cache, hashes, 3, &tokens, &shared) == KVC_OK && tokens == 256 && shared == 256);
+  CHECK(kvc_seq_create_from_prefix(cache, hashes, 3, &reused, &tokens) == KVC_OK && tokens == 256);
+  CHECK(kvc_seq_create(cache, &fresh) == KVC_OK);
+  AppendRange(cache, fresh, 0, 256);
+  AppendRange(cache, reused, 256, 300);
+  AppendRange(cache, fresh, 256, 300);
+  for (int32_t layer = 0; layer < 3; ++layer) {
+    uint16_t* ring_a = calloc(16 * KVC_HEAD_DIM, sizeof(uint16_t));
+    uint16_t* ring_b = calloc(16 * KVC_HEAD_DIM, sizeof(uint16_t));
+    CHECK(kvc_seq_read_window(cache, reused, layer, ring_a, 16 * KVC_HEAD_DIM) == KVC_OK);
+    CHECK(kvc_seq_read_window(cache, fresh, layer, ring_b, 16 * KVC_HEAD_DIM) == KVC_OK);
+    CHECK(memcmp(ring_a, ring_b, 16 * KVC_HEAD_DIM * sizeof(uint16_t)) == 0);
+    free(ring_a);
+    free(ring_b);
+  }
+  CHECK(SameRows(cache, reused, fresh, 1, KVC_STREAM_CSA_ROWS));
+  CHECK(SameRows(cache, reused, fresh, 1, KVC_STREAM_CSA_KEYS));
+  CHECK(SameRows(cache, reused, fresh, 2, KVC_STREAM_HCA_ROWS));
+
+  /* A chain that leaves after block 0: its history is there, no prefix ends there. */
+  const uint64_t other[] = {0x1111, 0x9999};
+  CHECK(kvc_prefix_lookup(cache, other, 2, &tokens, NULL) == KVC_OK && tokens == 0);
+  CHECK(kvc_prefix_lookup(cache, other, 2, &tokens, &shared) == KVC_OK && shared == 128);
+  kvc_seq empty = 0;
+  CHECK(kvc_seq_create_from_prefix(cache, NULL, 0, &empty, &tokens) == KVC_OK && tokens == 0);
+  int64_t length = -1;
+  CHECK(kvc_seq_length(cache, empty, 0, &length) == KVC_OK && length == 0);
+
+  /* Refusals: codes and messages, nothing published. */
+  CHECK(kvc_prefix_publish(cache, fresh, hashes, 2) == KVC_ERR_FAILED_PRECONDITION); /* passed by 44 > 16 */
+  CHECK(strstr(kvc_last_error(), "has passed 256 tokens by 44") != NULL);
+  CHECK(kvc_prefix_publish(cache, fresh, hashes, 3) == KVC_ERR_FAILED_PRECONDITION);
+  CHECK(kvc_prefix_publish(cache, fresh, hashes, 0) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_prefix_publish(cache, fresh, NULL, 2) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_prefix_publish(cache, 12345, hashes, 1) == KVC_ERR_NOT_FOUND);
+  CHECK(kvc_prefix_publish(NULL, fresh, hashes, 1) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_seq_create_from_prefix(cache, hashes, -1, &empty, &tokens) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_seq_create_from_prefix(cache, hashes, 1, NULL, &tokens) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_prefix_lookup(cache, NULL, 3, &tokens, &shared) == KVC_ERR_INVALID_ARGUMENT);
+
+  kvc_prefix_usage u;
+  CHECK(kvc_cache_prefix_usage(cache, &u) == KVC_OK);
+  CHECK(u.hits == 1 && u.misses == 1 && u.tokens_reused == 256 && u.published == 1 && u.prefixes == 1);
+  CHECK(u.cached_tokens == 256 && u.evictions == 0 && u.limit_bytes == options.prefix_bytes);
+  CHECK(u.checkpoint_bytes > 0 && u.cached_bytes == u.history_bytes + u.checkpoint_bytes);
+  CHECK(kvc_cache_prefix_usage(cache, NULL) == KVC_ERR_INVALID_ARGUMENT);
+  kvc_cache_destroy(cache);
+  ParamsFree(&p);
+}
+
 /* Draft ring slots and a verify step's selection (kvc_seq_select_positions):
  * the last four positions of kvc_config's 100-token sequence selected in one
  * call, each checked against what it must be: its window positions at ring
@@ -762,8 +900,69 @@ static void TestSteps(void) {
   kvc_cache_destroy(cache);
 }
 
+/* Prefix caching in page-manager mode from C (ids only, no memory): the
+ * copies a publish and a restore list, and the buffer protocol. */
+static void TestPrefixPages(void) {
+  kvc_options options;
+  kvc_options_default(&options);
+  options.page_manager = 1;
+  options.draft_slots = 16;
+  options.rows_per_page = 8;
+  options.prefix_block_tokens = 128;
+  kvc_cache* cache = NULL;
+  CHECK(kvc_cache_create_from_config(kConfig, strlen(kConfig), &options, &cache) == KVC_OK);
+  if (cache == NULL) return;
+  kvc_seq seq = 0;
+  CHECK(kvc_seq_create(cache, &seq) == KVC_OK);
+  const int64_t tokens = 128;
+  kvc_step_plan* plan = NULL;
+  uint64_t epoch = 0;
+  CHECK(kvc_step_plan_create(cache, &seq, &tokens, 1, &plan) == KVC_OK && kvc_step_plan_epoch(plan, &epoch) == KVC_OK);
+  CHECK(kvc_step_commit(cache, epoch) == KVC_OK); /* the engine wrote the rows */
+  CHECK(kvc_steps_complete(cache, epoch, NULL) == KVC_OK);
+  kvc_step_plan_destroy(plan);
+
+  const uint64_t hashes[] = {0x51, 0x52};
+  /* (16 + 16) / 8 = 4 ring pages, the CSA main and indexer states. */
+  enum { kCopies = 6 };
+  kvc_page_copy copies[kCopies];
+  int64_t count = -1;
+  CHECK(kvc_prefix_publish(cache, seq, hashes, 1) == KVC_ERR_FAILED_PRECONDITION);
+  CHECK(kvc_prefix_publish_pages(cache, seq, hashes, 1, copies, 2, &count) == KVC_ERR_OUT_OF_RANGE && count == kCopies);
+  CHECK(kvc_prefix_publish_pages(cache, seq, hashes, 1, NULL, 2, &count) == KVC_ERR_INVALID_ARGUMENT);
+  CHECK(kvc_prefix_publish_pages(cache, seq, hashes, 1, copies, kCopies, &count) == KVC_OK && count == kCopies);
+  int32_t ring[4];
+  int64_t ring_count = 0;
+  CHECK(kvc_seq_block_table(cache, seq, KVC_STREAM_WINDOW, ring, 4, &ring_count) == KVC_OK && ring_count == 4);
+  for (int i = 0; i < 4; ++i) CHECK(copies[i].stream == KVC_STREAM_WINDOW && copies[i].src == ring[i] && copies[i].dst != ring[i]);
+  CHECK(copies[4].stream == KVC_STREAM_CSA_STATE && copies[5].stream == KVC_STREAM_CSA_INDEXER_STATE);
+  const int32_t checkpoint_ring0 = copies[0].dst;
+  /* Published again: nothing to copy. */
+  CHECK(kvc_prefix_publish_pages(cache, seq, hashes, 1, copies, kCopies, &count) == KVC_OK && count == 0);
+
+  kvc_seq reused = 0;
+  int64_t restored = -1;
+  CHECK(kvc_seq_create_from_prefix(cache, hashes, 2, &reused, &restored) == KVC_ERR_FAILED_PRECONDITION);
+  CHECK(kvc_seq_create_from_prefix_pages(cache, hashes, 2, &reused, &restored, copies, 1, &count) ==
+        KVC_ERR_OUT_OF_RANGE && count == kCopies);
+  CHECK(kvc_seq_create_from_prefix_pages(cache, hashes, 2, &reused, &restored, copies, kCopies, &count) == KVC_OK);
+  CHECK(restored == 128 && count == kCopies && copies[0].src == checkpoint_ring0);
+  CHECK(kvc_seq_block_table(cache, reused, KVC_STREAM_WINDOW, ring, 4, &ring_count) == KVC_OK);
+  CHECK(copies[0].dst == ring[0] && copies[3].dst == ring[3]);
+  int64_t length = -1;
+  CHECK(kvc_seq_length(cache, reused, 2, &length) == KVC_OK && length == 128);
+  /* A miss lists nothing. */
+  const uint64_t other = 0x99;
+  kvc_seq empty = 0;
+  CHECK(kvc_seq_create_from_prefix_pages(cache, &other, 1, &empty, &restored, copies, kCopies, &count) == KVC_OK);
+  CHECK(restored == 0 && count == 0);
+  kvc_cache_destroy(cache);
+}
+
 int main(void) {
   TestParams();
+  TestPrefix();
+  TestPrefixPages();
   TestPages();
   TestEngineArrays();
   TestSelectPositions();

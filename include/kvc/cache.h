@@ -159,6 +159,18 @@ struct CacheOptions {
   int32_t draft_slots = 0;
   int32_t rows_per_page = 64;  // 584-byte rows per page (window ring and compressed rows)
   int32_t keys_per_page = 64;  // 68-byte index keys per page
+
+  // Prefix caching (docs/prefix-cache.md). Tokens per prefix block, B: a
+  // positive multiple of 128 (every stream's boundary), at most 2^20. The
+  // default, 256, is one page of CSA rows and index keys at the default page
+  // sizes (64 x 4 tokens) and vLLM's V4 block size.
+  int32_t prefix_block_tokens = 256;
+  // Byte budget of cached prefixes: pages only the prefix cache references
+  // (history no live sequence shares, ring and compressor-state
+  // checkpoints), separate from history_bytes and state_bytes, which count
+  // live pages only. kvc's page arrays get room for it in both classes
+  // (address space only). 0: nothing can be published.
+  int64_t prefix_bytes = int64_t{1} << 30;
 };
 
 // A page copy the engine must make in page-manager mode: page `src` onto
@@ -227,13 +239,34 @@ struct ComponentUsage {
   int64_t pages = 0;           // pages in use: ids x layers
 };
 
+// The prefix cache (docs/prefix-cache.md): what it holds and how it served.
+struct PrefixUsage {
+  int64_t limit_bytes = 0;       // CacheOptions::prefix_bytes
+  // Pages only the prefix cache references, counted against limit_bytes
+  // (and not in the history / state budgets): history + checkpoint bytes.
+  int64_t cached_bytes = 0;
+  int64_t history_bytes = 0;     // of which history pages (shared by the prefixes of a chain)
+  int64_t checkpoint_bytes = 0;  // of which ring and compressor-state checkpoints (one per prefix)
+  // Pages the prefix cache references that live sequences reference too
+  // (counted in the live budgets, never evicted while they are referenced).
+  int64_t shared_bytes = 0;
+  int64_t prefixes = 0;          // published prefixes held
+  int64_t cached_tokens = 0;     // tokens their distinct blocks cover
+  int64_t hits = 0;              // CreateSequenceFromPrefix calls that restored a prefix
+  int64_t misses = 0;            // ... that found none
+  int64_t tokens_reused = 0;     // the restored prefixes' tokens, summed over hits
+  int64_t published = 0;         // PublishPrefix calls that added a prefix
+  int64_t evictions = 0;         // prefixes evicted
+};
+
 struct CacheUsage {
-  ComponentUsage components[kNumComponents];
+  ComponentUsage components[kNumComponents];  // every page in use, cached prefixes' included
+  PrefixUsage prefix;
   int64_t history_limit_bytes = 0;
   int64_t state_limit_bytes = 0;
   int64_t sequences = 0;
   int64_t open_steps = 0;       // planned, neither committed nor aborted
-  int64_t deferred_pages = 0;   // page ids waiting for CompleteSteps (page-manager mode)
+  int64_t deferred_pages = 0;   // pages (ids x their stream's layers) waiting for CompleteSteps (page-manager mode)
   uint64_t epoch = 0;           // the last step planned
   uint64_t completed_epoch = 0; // the last epoch CompleteSteps was given
   int64_t used_bytes() const;
@@ -594,6 +627,72 @@ class Cache {
   // (copying a page shared with a fork first) or kResourceExhausted.
   absl::Status AppendRows(SequenceId seq, int layer, Stream stream, int64_t first, absl::Span<const uint8_t> rows);
 
+  // --- Prefix caching (docs/prefix-cache.md) -------------------------------
+  // A prefix of n blocks is tokens [0, n x B) (B = PrefixBlockTokens()), named
+  // by the engine's 64-bit chain hashes: hash i names tokens [0, (i + 1) x B)
+  // (the engine decides what goes into it: token ids, the hash of block
+  // i - 1, a model or LoRA id, ...). A published prefix holds its history
+  // pages (shared copy-on-write with every sequence that uses them) and a
+  // checkpoint of the window ring and the CSA compressor states at n x B.
+
+  int64_t PrefixBlockTokens() const;
+
+  // The first n = block_hashes.size() blocks of `seq` become reusable under
+  // these hashes; it stays reusable after `seq` is freed, until evicted.
+  // Always possible when Length(seq) is n x B (every layer); for a sequence
+  // that has passed n x B, possible as long as it could Truncate to n x B
+  // (n x B >= RollbackFloor(seq)). Publishing a prefix already published
+  // only refreshes it. Copies the ring and CSA compressor-state pages
+  // (the checkpoint) into pages of the prefix budget, evicting other
+  // prefixes to make room (evictions stay made if the call then fails).
+  // kInvalidArgument: no hashes, or a hash that names a different block of
+  // a published chain (its position or its parent differ).
+  // kFailedPrecondition (nothing changes): the sequence holds fewer than
+  // n x B tokens, has passed n x B beyond its rollback floor, holds layers
+  // of different lengths (mid-step), or an engine-compressed layer lacks
+  // compressed rows or keys of the prefix. kResourceExhausted: the
+  // checkpoint does not fit the prefix budget even when empty, or pages ran
+  // out. kNotFound: unknown sequence.
+  // kFailedPrecondition in page-manager mode (use the next form) and while
+  // the sequence is in an open step.
+  absl::Status PublishPrefix(SequenceId seq, absl::Span<const uint64_t> block_hashes);
+  // The same in either mode; in page-manager mode *engine_copies receives
+  // the checkpoint's page copies (the sequence's ring and CSA state pages
+  // onto the prefix's), which the engine makes before the sequence's next
+  // step writes (and before any copy a later restore of this prefix lists).
+  // There, a sequence that passed n x B is accepted while its ring and state
+  // rows still hold what n x B needs: ring_end - n x B <= rollback_depth.
+  absl::Status PublishPrefix(SequenceId seq, absl::Span<const uint64_t> block_hashes,
+                             std::vector<PageCopy>* engine_copies);
+
+  struct PrefixMatch {
+    SequenceId seq = 0;
+    int64_t tokens = 0;         // the restored prefix's length, a multiple of B (0: none matched)
+    // The tokens of the longest run of leading blocks whose history the cache
+    // holds (>= tokens): a sequence that publishes there gives later requests
+    // a prefix to branch from (e.g. the end of a shared system prompt).
+    int64_t shared_tokens = 0;
+  };
+  // A new sequence holding the longest published prefix whose hashes are the
+  // first blocks of `block_hashes` (empty: none). It shares the prefix's
+  // history pages (copy-on-write) and gets the checkpoint's ring and
+  // compressor state, so it continues byte for byte as a sequence that
+  // appended those tokens itself; its rollback floor is the prefix's length.
+  // Without a match, a new empty sequence. Counts a hit or a miss.
+  // kResourceExhausted: the state budget cannot supply the new sequence's
+  // pages, or the history budget the shared pages that only the cache held.
+  // kFailedPrecondition in page-manager mode (use the next form).
+  absl::StatusOr<PrefixMatch> CreateSequenceFromPrefix(absl::Span<const uint64_t> block_hashes);
+  // The same in either mode; in page-manager mode *engine_copies receives the
+  // page copies that restore the checkpoint (the prefix's ring and CSA state
+  // pages onto the new sequence's), which the engine makes before it uses
+  // the sequence.
+  absl::StatusOr<PrefixMatch> CreateSequenceFromPrefix(absl::Span<const uint64_t> block_hashes,
+                                                       std::vector<PageCopy>* engine_copies);
+  // What CreateSequenceFromPrefix would restore now (seq stays 0), without
+  // creating or counting anything: for a scheduler.
+  PrefixMatch LookupPrefix(absl::Span<const uint64_t> block_hashes) const;
+
   CacheUsage Usage() const;
   absl::StatusOr<SequenceUsage> Usage(SequenceId seq) const;
 
@@ -602,6 +701,7 @@ class Cache {
 
  private:
   friend class SnapshotAccess;  // snapshot.cc stores and restores the streams
+  friend class PrefixAccess;    // tests inspect the prefix cache's pages (src/prefix_cache.h)
   struct Impl;
   explicit Cache(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;

@@ -76,6 +76,11 @@ typedef struct kvc_options {
    * engine_arrays may then be device memory (never dereferenced) or absent.
    * Requires draft_slots >= rollback_depth. */
   int32_t page_manager;
+  /* Prefix caching (docs/prefix-cache.md): the byte budget of cached
+   * prefixes (pages only the prefix cache references), separate from the two
+   * above; and the tokens per prefix block, a multiple of 128 (default 256). */
+  int64_t prefix_bytes;
+  int32_t prefix_block_tokens;
 } kvc_options;
 
 typedef struct kvc_usage {
@@ -85,7 +90,7 @@ typedef struct kvc_usage {
   int64_t state_limit_bytes;
   int64_t sequences;
   int64_t open_steps;      /* planned, neither committed nor aborted */
-  int64_t deferred_pages;  /* page-manager mode: freed pages waiting for kvc_steps_complete */
+  int64_t deferred_pages;  /* page-manager mode: freed pages (ids x layers) waiting for kvc_steps_complete */
   uint64_t epoch;          /* the last step planned */
   uint64_t completed_epoch;
 } kvc_usage;
@@ -457,6 +462,76 @@ int kvc_steps_complete(kvc_cache* cache, uint64_t epoch, int64_t* released);
  * *count the number needed. Otherwise kvc_seq_fork's codes. */
 int kvc_seq_fork_pages(kvc_cache* cache, kvc_seq seq, kvc_seq* out, kvc_page_copy* copies, int64_t capacity,
                        int64_t* count);
+
+/* --- Prefix caching (docs/prefix-cache.md) ---------------------------------
+ * A prefix of n blocks is tokens [0, n x B), B = kvc_prefix_block_tokens,
+ * named by the engine's 64-bit chain hashes: hash i names tokens
+ * [0, (i + 1) x B) (the engine decides what goes into it). A published prefix
+ * shares its history pages copy-on-write and restores the window ring and
+ * compressor state exactly: a sequence created from it continues byte for
+ * byte as one that appended the tokens itself (its rollback floor is the
+ * prefix's length). It stays reusable after its publisher is freed, until
+ * evicted (kvc_options.prefix_bytes bounds what only the cache holds). */
+int kvc_prefix_block_tokens(const kvc_cache* cache, int64_t* out); /* B */
+/* The first `count` blocks of seq become reusable under these chain hashes
+ * (always possible when the sequence's length is count x B; also when it
+ * has passed count x B by no more than it could roll back). Publishing a
+ * prefix already published refreshes it.
+ * KVC_ERR_FAILED_PRECONDITION (nothing changes): kvc no longer has what they
+ * need (passed beyond the rollback floor), fewer than count x B tokens,
+ * layers at different lengths (mid-step), an engine-compressed layer
+ * missing rows or keys of the prefix. KVC_ERR_INVALID_ARGUMENT: count < 1,
+ * count x B past max_context, a hash naming a different block of a
+ * published chain (or twice in this one). KVC_ERR_NOT_FOUND: unknown
+ * sequence. KVC_ERR_RESOURCE_EXHAUSTED: the ring and compressor-state
+ * checkpoint does not fit prefix_bytes even with nothing cached, or no pages. */
+int kvc_prefix_publish(kvc_cache* cache, kvc_seq seq, const uint64_t* block_hashes, int64_t count);
+/* A new sequence holding the longest published prefix of `block_hashes`;
+ * *tokens = its length (0 if none matched: an empty sequence). block_hashes
+ * may be NULL when count is 0. KVC_ERR_INVALID_ARGUMENT: count < 0 or past
+ * max_context. KVC_ERR_RESOURCE_EXHAUSTED: the state budget cannot supply
+ * the sequence, or the history budget the shared pages only the cache held. */
+int kvc_seq_create_from_prefix(kvc_cache* cache, const uint64_t* block_hashes, int64_t count, kvc_seq* out,
+                               int64_t* tokens);
+/* What kvc_seq_create_from_prefix would restore now (*tokens), creating and
+ * counting nothing, and *shared_tokens: the tokens of the longest run of
+ * leading blocks whose history the cache holds (>= *tokens). A sequence
+ * that publishes at *shared_tokens gives later requests a prefix to branch
+ * from (the end of a shared system prompt, say). shared_tokens may be NULL.
+ * KVC_ERR_INVALID_ARGUMENT: count < 0. */
+int kvc_prefix_lookup(const kvc_cache* cache, const uint64_t* block_hashes, int64_t count, int64_t* tokens,
+                      int64_t* shared_tokens);
+typedef struct kvc_prefix_usage {
+  int64_t limit_bytes;      /* kvc_options.prefix_bytes */
+  int64_t cached_bytes;     /* pages only the prefix cache references: history_bytes + checkpoint_bytes */
+  int64_t history_bytes;
+  int64_t checkpoint_bytes; /* ring and compressor-state checkpoints */
+  int64_t shared_bytes;     /* its pages that live sequences reference too (their budgets) */
+  int64_t prefixes;         /* published prefixes held */
+  int64_t cached_tokens;    /* tokens their distinct blocks cover */
+  int64_t hits;             /* kvc_seq_create_from_prefix calls that restored a prefix */
+  int64_t misses;
+  int64_t tokens_reused;    /* restored tokens, summed over hits */
+  int64_t published;        /* kvc_prefix_publish calls that added a prefix */
+  int64_t evictions;
+} kvc_prefix_usage;
+int kvc_cache_prefix_usage(const kvc_cache* cache, kvc_prefix_usage* out);
+/* kvc_prefix_publish and kvc_seq_create_from_prefix for page-manager mode
+ * (which refuses the plain calls with KVC_ERR_FAILED_PRECONDITION; these
+ * work in both modes): the page copies the engine must make go to
+ * copies[0 .. *copy_count) -- a publish's (the sequence's ring and CSA
+ * state pages onto the prefix's checkpoint) before the sequence's next step
+ * writes, a restore's (the checkpoint onto the new sequence's pages) before
+ * the engine uses the sequence. They are at most ceil((window +
+ * draft_slots) / rows_per_page) + 2. If `capacity` is too small nothing
+ * happens: KVC_ERR_OUT_OF_RANGE with *copy_count the number needed.
+ * Otherwise the plain calls' codes. In page-manager mode a sequence that has
+ * passed count x B is accepted while its ring and state rows still hold
+ * what count x B needs (furthest write - count x B <= rollback_depth). */
+int kvc_prefix_publish_pages(kvc_cache* cache, kvc_seq seq, const uint64_t* block_hashes, int64_t count,
+                             kvc_page_copy* copies, int64_t capacity, int64_t* copy_count);
+int kvc_seq_create_from_prefix_pages(kvc_cache* cache, const uint64_t* block_hashes, int64_t count, kvc_seq* out,
+                                     int64_t* tokens, kvc_page_copy* copies, int64_t capacity, int64_t* copy_count);
 
 const char* kvc_last_error(void);
 const char* kvc_component_name(int component); /* "?" for unknown numbers */

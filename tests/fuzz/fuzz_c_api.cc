@@ -4,8 +4,9 @@
 // index scores number the CSA entries closed; planned steps list a window
 // slot per token and end as a whole (committed once every layer was
 // appended, else aborted back to the planned lengths); used bytes never
-// exceed reserved ones; freeing everything returns the cache to zero bytes
-// in use.
+// exceed reserved ones; prefixes restore at most what the lookup said;
+// freeing everything leaves only the cached prefixes' bytes, within their
+// budget.
 #include <unistd.h>
 
 #include <algorithm>
@@ -90,6 +91,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const bool with_params = layout >= 128;  // kvc compresses
   options.keys_per_page = 1 + in.Byte() % 8;
   options.history_bytes = 1 << 20;
+  options.prefix_block_tokens = 128;
+  options.prefix_bytes = int64_t{in.Byte()} << 14;  // 0 to 4 MiB: from none to a few checkpoints
   // Small: creation can run out (with parameters an HCA layer's compressor
   // state alone is 512 KiB a sequence).
   const uint8_t state = in.Byte();
@@ -119,7 +122,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return it->first;
   };
   for (int step = 0; step < 200 && !in.empty(); ++step) {
-    const uint8_t op = in.Byte() % 14;
+    const uint8_t op = in.Byte() % 16;
     const kvc_seq seq = pick(in.Byte());
     const auto known = lengths.find(seq);
     switch (op) {
@@ -301,7 +304,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         for (kvc_index_query* query : queries) kvc_index_query_destroy(query);
         break;
       }
-      case 12: {  // a planned step over 1..3 sequences, appended and committed, or aborted part-way
+      case 14: {  // a planned step over 1..3 sequences, appended and committed, or aborted part-way
         const uint8_t shape = in.Byte();
         std::vector<kvc_seq> seqs = {seq};
         for (int i = 0; i < shape % 3; ++i) seqs.push_back(pick(in.Byte()));  // maybe unknown, maybe twice
@@ -374,11 +377,47 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         Check(kvc_cache_usage(cache, &usage) == KVC_OK && usage.open_steps == 0 && usage.deferred_pages == 0);
         break;
       }
+      case 12:
+      case 13: {  // prefix caching: chains share their first block by chain % 4, and reuse hashes now and then
+        const uint8_t chain = in.Byte();
+        const int64_t count = in.Byte() % 4;
+        std::vector<uint64_t> hashes;
+        for (int64_t i = 0; i < count; ++i) {
+          hashes.push_back(i == 0 ? 1000u + chain % 4 : chain % 8 == 7 ? 1000u + static_cast<uint64_t>(i) : chain * 100u + static_cast<uint64_t>(i));
+        }
+        if (op == 12) {
+          const int rc = kvc_prefix_publish(cache, seq, hashes.data(), count);
+          CheckCode(rc);
+          if (rc == KVC_OK) {
+            Check(known != lengths.end() && count > 0);
+            for (const int64_t l : known->second) Check(l == known->second[0] && l >= count * 128);
+          }
+        } else {
+          kvc_seq id = 0;
+          int64_t tokens = -1, looked = -1, shared = -1;
+          CheckCode(kvc_prefix_lookup(cache, hashes.data(), count, &looked, &shared));
+          const int rc = kvc_seq_create_from_prefix(cache, hashes.data(), count, &id, &tokens);
+          CheckCode(rc);
+          if (rc == KVC_OK) {
+            Check(tokens == looked && tokens % 128 == 0 && tokens <= shared && shared <= count * 128);
+            std::vector<int64_t>& l = lengths[id];
+            l.resize(kLayers);
+            for (int32_t layer = 0; layer < kLayers; ++layer) {
+              Check(kvc_seq_length(cache, id, layer, &l[static_cast<size_t>(layer)]) == KVC_OK);
+              Check(l[static_cast<size_t>(layer)] == tokens);
+            }
+          }
+        }
+        break;
+      }
       default: {
         kvc_usage usage;
         Check(kvc_cache_usage(cache, &usage) == KVC_OK);
         Check(usage.sequences == static_cast<int64_t>(lengths.size()));
         for (int c = 0; c < KVC_NUM_COMPONENTS; ++c) Check(usage.used_bytes[c] <= usage.reserved_bytes[c]);
+        kvc_prefix_usage prefix;
+        Check(kvc_cache_prefix_usage(cache, &prefix) == KVC_OK);
+        Check(prefix.cached_bytes <= prefix.limit_bytes && prefix.cached_bytes >= 0);
         break;
       }
     }
@@ -386,7 +425,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   for (const auto& entry : lengths) Check(kvc_seq_free(cache, entry.first) == KVC_OK);
   kvc_usage usage;
   Check(kvc_cache_usage(cache, &usage) == KVC_OK && usage.sequences == 0);
-  for (int c = 0; c < KVC_NUM_COMPONENTS; ++c) Check(usage.used_bytes[c] == 0);
+  // What is left is the cached prefixes', all of it within their budget.
+  kvc_prefix_usage prefix;
+  Check(kvc_cache_prefix_usage(cache, &prefix) == KVC_OK);
+  int64_t used = 0;
+  for (int c = 0; c < KVC_NUM_COMPONENTS; ++c) used += usage.used_bytes[c];
+  Check(used == prefix.cached_bytes && prefix.cached_bytes <= prefix.limit_bytes && prefix.shared_bytes == 0);
   kvc_cache_destroy(cache);
   std::remove(path.c_str());
   return 0;
