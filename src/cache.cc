@@ -312,6 +312,7 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
   }
   ls.length += n;
   ls.ring_end = ls.length;
+  ls.state_end = std::max(ls.state_end, ls.length);
   ls.floor = std::max(ls.floor, ls.length - impl_->depth());
   if (!applied.ok()) return absl::InternalError(absl::StrCat("Append: ", applied.message()));
   return absl::OkStatus();

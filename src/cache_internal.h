@@ -281,6 +281,11 @@ struct Cache::Impl {
     }
     int64_t rows = 0;
     for (const int32_t l : store->spec(s).layers) rows = std::max(rows, StreamRowsOf(seq, l, s));
+    // Mid-step a history table already lists the step's pages: it describes
+    // the rows the step will hold (what the step's kernels address).
+    if (seq.step != nullptr && History(s) != nullptr) {
+      rows = std::max(rows, EntriesAt(KindOf(store->spec(s).layers[0]), seq.step->start + seq.step->new_tokens));
+    }
     return TableRows{&seq.tables[static_cast<size_t>(s)], rows, store->spec(s).rows_per_page};
   }
 
@@ -291,7 +296,10 @@ struct Cache::Impl {
     // The window ring holds positions [OldestRingPosition, length): in
     // page-manager mode a truncation leaves later rows in their slots.
     if (s == cache_internal::kWindowStream) return std::max<int64_t>(0, length - OldestRingPosition(seq, layer));
-    if (cache_internal::IsStateStream(s)) return std::min<int64_t>(length, store->spec(s).rows_per_page);
+    if (cache_internal::IsStateStream(s)) {  // tokens [max(length, state_end) - capacity, length)
+      const int64_t end = std::max(length, seq.layers[static_cast<size_t>(layer)].state_end);
+      return std::max<int64_t>(0, length - std::max<int64_t>(0, end - store->spec(s).rows_per_page));
+    }
     return History(s)->Rows(seq, layer);
   }
 

@@ -280,6 +280,7 @@ absl::Status Cache::CommitStep(uint64_t epoch) {
         const LayerKind kind = impl.KindOf(static_cast<int>(l));
         ls.length = end;
         ls.ring_end = std::max(ls.ring_end, end);
+        ls.state_end = std::max(ls.state_end, end);
         ls.floor = std::max(ls.floor, end - impl.depth());
         if (kind != LayerKind::kWindow) ls.compressed_rows = EntriesAt(kind, end);
         if (kind == LayerKind::kCsa) ls.key_rows = EntriesAt(kind, end);
@@ -336,7 +337,10 @@ absl::Status Cache::AbortStep(uint64_t epoch) {
       // gone: a later Truncate can reach back only as far as after an append
       // of `reached` tokens would allow.
       const int64_t written = impl.page_manager() ? step.start + step.new_tokens : reached;
-      for (LayerStreams& ls : seq.layers) ls.floor = std::max(ls.floor, written - impl.depth());
+      for (LayerStreams& ls : seq.layers) {
+        ls.floor = std::max(ls.floor, written - impl.depth());
+        ls.state_end = std::max(ls.state_end, written);  // the state ring keeps what it was written
+      }
     }
     if (impl.page_manager() && !step.checkpointed) {  // the engine's ring rows stay where it wrote them
       // (a checkpointed step's abort copies put the ring back as planned)

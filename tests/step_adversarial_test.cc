@@ -898,10 +898,9 @@ TEST(StepAdversarial, DraftSlotsAndRollbackDepthRules) {
 // neither the committed nor the planned row count, and a middle page that
 // holds no row is counted full. Here: 8 rows committed (one full page), a
 // step to 18 rows: 3 pages, last_page_len 0, FlashInfer reads 16 rows.
-// Which count a mid-step CSR should describe (planned: what the step's
-// attention reads once the engine wrote it; or committed, listing only its
-// pages) is the lead's call; either way it must be one of them.
-TEST(StepAdversarial, DISABLED_CsrBlockTablesMidStepDescribeOneRowCount) {
+// Fixed: a mid-step history table describes the planned rows (what the
+// step's attention reads once the rows are written), Impl::TableOf.
+TEST(StepAdversarial, CsrBlockTablesMidStepDescribeOneRowCount) {
   TinyModel model;
   for (const bool page_manager : {true, false}) {
     SCOPED_TRACE(page_manager ? "page-manager mode" : "kvc's mode");
@@ -918,7 +917,7 @@ TEST(StepAdversarial, DISABLED_CsrBlockTablesMidStepDescribeOneRowCount) {
       const int64_t pages = csr.indptr[1] - csr.indptr[0];
       const int64_t rows = (pages - 1) * 8 + csr.last_page_len[0];
       EXPECT_GE(csr.last_page_len[0], 1) << StreamName(stream) << ": a listed last page holds no row";
-      EXPECT_TRUE(rows == 8 || rows == 18) << StreamName(stream) << ": " << pages << " pages, last_page_len "
+      EXPECT_EQ(rows, 18) << StreamName(stream) << ": " << pages << " pages, last_page_len "
                                            << csr.last_page_len[0] << " describe " << rows << " rows";
     }
     ASSERT_TRUE(cache->AbortStep(step.epoch).ok());
@@ -1008,9 +1007,8 @@ TEST(StepAdversarial, PageManagerCheckpointedAbortKeepsTheRing) {
 // ring holds [furthest length written - capacity, length), fewer than
 // min(length, capacity) -- yet StreamRows counts them all. Nothing tracks the
 // furthest length written to the state (ring_end is the window's, and kvc's
-// mode resets it on Truncate), so the fix (and whether StreamRows of a
-// state stream should promise more than the open windows) is the lead's.
-TEST(StepAdversarial, DISABLED_StateStreamRowsCountOnlyRowsStillHeld) {
+// mode resets it on Truncate). Fixed: LayerStreams::state_end records it.
+TEST(StepAdversarial, StateStreamRowsCountOnlyRowsStillHeld) {
   TinyModel model;
   for (const bool page_manager : {false, true}) {
     SCOPED_TRACE(page_manager ? "page-manager mode" : "kvc's mode");
