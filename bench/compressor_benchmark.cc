@@ -7,7 +7,8 @@
 // and every stored entry written once (584 B per entry, 68 B per key). The
 // ratio to BM_Memcpy (same run) is then the fraction of the memory floor.
 // Inputs cycle through two chunks of 8,192 tokens (88 MiB for CSA), so they
-// come from DRAM, not cache.
+// come from DRAM, not cache. /threads:N: the cache's executor has N threads
+// (kvc::ThreadPoolExecutor), read against the N-thread memcpy.
 #include <cstdint>
 #include <memory>
 #include <random>
@@ -18,6 +19,7 @@
 #include "kvc/cache.h"
 #include "absl/strings/str_cat.h"
 #include "kvc/compressor.h"
+#include "kvc/executor.h"
 
 namespace kvc::bench {
 namespace {
@@ -101,8 +103,10 @@ double BytesPerToken(LayerKind kind) {
   return 0;
 }
 
-// Appends `tokens` tokens to every layer of a fresh sequence of a fresh cache.
+// Appends `tokens` tokens to every layer of a fresh sequence of a fresh
+// cache, whose executor has state.range(0) threads.
 void RunAppend(benchmark::State& state, ModelSpec spec, int64_t tokens) {
+  const std::unique_ptr<Executor> executor = *ThreadPoolExecutor(static_cast<int>(state.range(0)));
   bool csa = false, hca = false;
   for (const LayerSpec& l : spec.layers) {
     csa |= l.kind == LayerKind::kCsa;
@@ -112,6 +116,7 @@ void RunAppend(benchmark::State& state, ModelSpec spec, int64_t tokens) {
   inputs.SetParams(spec);
   CacheOptions options;
   options.history_bytes = int64_t{12} << 30;
+  options.executor = executor.get();
   double bytes_per_token = 0;
   for (const LayerSpec& l : spec.layers) bytes_per_token += BytesPerToken(l.kind);
   for (auto _ : state) {
@@ -149,11 +154,11 @@ void BM_Append_Hca(benchmark::State& state) { RunAppend(state, OneLayer(LayerKin
 void BM_Prefill_V4Flash_1M(benchmark::State& state) { RunAppend(state, ModelSpec::V4Flash(), kMillion); }
 void BM_Prefill_V4Pro_1M(benchmark::State& state) { RunAppend(state, ModelSpec::V4Pro(), kMillion); }
 
-BENCHMARK(BM_Append_Window)->Iterations(1)->UseRealTime()->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_Append_Csa)->Iterations(1)->UseRealTime()->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_Append_Hca)->Iterations(1)->UseRealTime()->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_Prefill_V4Flash_1M)->Iterations(1)->UseRealTime()->Unit(benchmark::kSecond);
-BENCHMARK(BM_Prefill_V4Pro_1M)->Iterations(1)->UseRealTime()->Unit(benchmark::kSecond);
+BENCHMARK(BM_Append_Window)->ArgName("threads")->Arg(1)->Arg(2)->Iterations(1)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Append_Csa)->ArgName("threads")->Arg(1)->Arg(2)->Iterations(1)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Append_Hca)->ArgName("threads")->Arg(1)->Arg(2)->Iterations(1)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Prefill_V4Flash_1M)->ArgName("threads")->Arg(1)->Arg(2)->Iterations(1)->UseRealTime()->Unit(benchmark::kSecond);
+BENCHMARK(BM_Prefill_V4Pro_1M)->ArgName("threads")->Arg(1)->Arg(2)->Iterations(1)->UseRealTime()->Unit(benchmark::kSecond);
 KVC_BENCHMARK_ROOFLINE(BM_Append_Window, "BM_Memcpy");
 KVC_BENCHMARK_ROOFLINE(BM_Append_Csa, "BM_Memcpy");
 KVC_BENCHMARK_ROOFLINE(BM_Append_Hca, "BM_Memcpy");

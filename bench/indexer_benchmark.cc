@@ -5,18 +5,21 @@
 // accumulators: the int8 multiply-add peak) for scoring, and
 // std::nth_element on the same scores for top-k. The key buffers of four
 // layers (71 MB) rotate, so keys come from DRAM, not the 32 MiB L3.
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstdlib>
 #include <cstdint>
+#include <memory>
 #include <random>
 #include <vector>
 
 #include "bench/roofline.h"
 #include "benchmark/benchmark.h"
+#include "kvc/cache.h"
 #include "kvc/indexer.h"
 #include "kvc/row_kernels.h"
+#include "kvc/executor.h"
+#include "absl/strings/str_cat.h"
+#include "tools/int8_peak.h"
 
 namespace kvc::bench {
 namespace {
@@ -81,33 +84,81 @@ void BM_IndexerScore_1M(benchmark::State& state) {
     layer = (layer + 1) % kLayers;
   }
   SetRates(state, double{kKeys} * kHeads * kIndexDim, kKeys);
-  state.SetLabel(ActiveSimdTargetName());
+  state.SetLabel(absl::StrCat(ActiveSimdTargetName(), ", N(0,1) keys"));
 }
 BENCHMARK(BM_IndexerScore_1M)->Threads(1)->Threads(2)->UseRealTime()->Unit(benchmark::kMillisecond);
 KVC_BENCHMARK_ROOFLINE(BM_IndexerScore_1M, "BM_Int8Peak", "MACs_per_second");
 
-// The int8 multiply-add peak: 8 independent 512-bit vpdpbusd accumulators,
-// kept in registers (an array would put them on the stack and measure
-// store-to-load latency instead).
-#define KVC_DPBUSD(r) r = _mm512_dpbusd_epi32(r, a, b);
-__attribute__((target("avx512f,avx512vnni"))) int VnniLoop(int64_t iterations) {
-  __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(-2);
-  asm volatile("" : "+v"(a), "+v"(b));  // opaque inputs
-  __m512i r0 = a, r1 = a, r2 = a, r3 = a, r4 = a, r5 = a, r6 = a, r7 = a;
-  for (int64_t n = 0; n < iterations; ++n) {
-    KVC_DPBUSD(r0) KVC_DPBUSD(r1) KVC_DPBUSD(r2) KVC_DPBUSD(r3) KVC_DPBUSD(r4) KVC_DPBUSD(r5) KVC_DPBUSD(r6) KVC_DPBUSD(r7)
-    asm volatile("" : "+v"(r0), "+v"(r1), "+v"(r2), "+v"(r3), "+v"(r4), "+v"(r5), "+v"(r6), "+v"(r7));
+// One query's keys split across N threads (an executor of N threads): the
+// latency an engine sees for one layer's selection.
+void BM_IndexerScore_1M_OneQuery(benchmark::State& state) {
+  const Keys& keys = SharedKeys();
+  const IndexQuery q = Query();
+  const std::unique_ptr<Executor> executor = *ThreadPoolExecutor(static_cast<int>(state.range(0)));
+  std::vector<float> scores(kKeys);
+  int layer = 0;
+  for (auto _ : state) {
+    const ConstPackedRows view = PageFooterRows(RowFormat::kIndexFp4, keys.pages[layer].data(), kKeys);
+    if (!ScoreIndexKeys(q, view, absl::MakeSpan(scores), executor.get()).ok()) state.SkipWithError("ScoreIndexKeys failed");
+    benchmark::DoNotOptimize(scores.data());
+    layer = (layer + 1) % kLayers;
   }
-  alignas(64) int32_t lanes[16];
-  _mm512_store_si512(lanes, _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(r0, r1), _mm512_add_epi32(r2, r3)),
-                                             _mm512_add_epi32(_mm512_add_epi32(r4, r5), _mm512_add_epi32(r6, r7))));
-  return lanes[0];
+  SetRates(state, double{kKeys} * kHeads * kIndexDim, kKeys);
+  state.SetLabel(absl::StrCat(ActiveSimdTargetName(), ", N(0,1) keys"));
 }
+BENCHMARK(BM_IndexerScore_1M_OneQuery)->ArgName("threads")->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
+KVC_BENCHMARK_ROOFLINE(BM_IndexerScore_1M_OneQuery, "BM_Int8Peak", "MACs_per_second");
+
+// One CSA layer's whole selection at 1M tokens through the cache
+// (Cache::SelectAttentionSet: paged index scoring split across the
+// executor's N threads, top-k, the set), keys from N(0,1) values appended by
+// the engine (AppendIndexKeys). The decode step's per-layer work, minus the
+// gather.
+void BM_SelectAttentionSet_1M(benchmark::State& state) {
+  const std::unique_ptr<Executor> executor = *ThreadPoolExecutor(static_cast<int>(state.range(0)));
+  ModelSpec spec = ModelSpec::V4Flash();
+  spec.layers.assign(1, LayerSpec{});
+  spec.layers[0].kind = LayerKind::kCsa;
+  const int64_t tokens = 4 * kKeys, chunk = 8192;
+  spec.max_context = tokens;
+  CacheOptions options;
+  options.history_bytes = int64_t{1} << 30;
+  options.executor = executor.get();
+  auto cache = Cache::Create(spec, options);
+  if (!cache.ok()) return state.SkipWithError(cache.status().ToString().c_str());
+  const SequenceId seq = *(*cache)->CreateSequence();
+  std::mt19937 rng(4);
+  std::normal_distribution<float> normal;
+  std::vector<Bf16> values(static_cast<size_t>(chunk) * kHeadDim);
+  for (Bf16& v : values) v = ToBf16(normal(rng));
+  for (int64_t at = 0; at < tokens; at += chunk) {
+    if (!(*cache)->Append(seq, 0, at, {values}).ok()) return state.SkipWithError("append");
+  }
+  for (int64_t at = 0; at < kKeys; at += chunk / 4) {
+    const auto rows = absl::MakeConstSpan(values).first(static_cast<size_t>(chunk / 4) * kHeadDim);
+    const auto keys = absl::MakeConstSpan(values).subspan(static_cast<size_t>(at % 7) * 128, static_cast<size_t>(chunk / 4) * kIndexDim);
+    if (!(*cache)->AppendCompressedRows(seq, 0, at, rows).ok() || !(*cache)->AppendIndexKeys(seq, 0, at, keys).ok()) {
+      return state.SkipWithError("append entries");
+    }
+  }
+  std::vector<Bf16> q_raw(kHeads * kIndexDim);
+  for (Bf16& v : q_raw) v = ToBf16(normal(rng));
+  const IndexQuery q = *(*cache)->PrepareIndexQuery(tokens - 1, q_raw, std::vector<float>(kHeads, 0.02f));
+  SelectionScratch scratch;
+  AttentionSet set;
+  for (auto _ : state) {
+    if (!(*cache)->SelectAttentionSet(seq, 0, &q, &scratch, &set).ok()) state.SkipWithError("select");
+  }
+  SetRates(state, double{kKeys} * kHeads * kIndexDim, kKeys);
+  state.SetLabel(absl::StrCat(ActiveSimdTargetName(), ", N(0,1) keys, top ", spec.index_topk));
+}
+BENCHMARK(BM_SelectAttentionSet_1M)->ArgName("threads")->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
+KVC_BENCHMARK_ROOFLINE(BM_SelectAttentionSet_1M, "BM_Int8Peak", "MACs_per_second");
 
 void BM_Int8Peak(benchmark::State& state) {
-  if (!__builtin_cpu_supports("avx512vnni")) return state.SkipWithError("no AVX512-VNNI on this CPU");
+  if (!tools::HaveVnni512()) return state.SkipWithError("no AVX512-VNNI on this CPU");
   constexpr int64_t kIterations = 1 << 20;
-  for (auto _ : state) benchmark::DoNotOptimize(VnniLoop(kIterations));
+  for (auto _ : state) benchmark::DoNotOptimize(tools::VnniLoop(kIterations));
   SetRates(state, double{kIterations} * 8 * 64, 0);  // 8 instructions x 64 int8 MACs
   state.SetLabel("vpdpbusd zmm, 8 accumulators");
 }

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "kvc/compressor.h"
 #include "kvc/row_kernels.h"
+#include "src/indexer_internal.h"
 #include "src/status.h"
 #include "src/cache_internal.h"
 #include "src/snapshot_format.h"
@@ -261,9 +262,11 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
   }
   // Validate and compute slice by slice, so a slice's inputs are still in
   // cache when its entries are pooled. Nothing in the cache changes here.
+  // The slices are independent (each writes its own entries): through the
+  // executor, the first refusal in slice order is the one returned.
   constexpr int64_t kSlice = 512;
-  for (int64_t from = 0; from < n; from += kSlice) {
-    const int64_t to = std::min(n, from + kSlice);
+  auto slice = [&](int64_t s) -> absl::Status {
+    const int64_t from = s * kSlice, to = std::min(n, from + kSlice);
     KVC_RETURN_IF_ERROR(CheckFiniteSlice(tokens, from, to, layer_spec, impl_->spec));
     if (compresses) {
       KVC_RETURN_IF_ERROR(CheckScorePlusApe(main_run, from, to));
@@ -271,6 +274,16 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
       KVC_RETURN_IF_ERROR(ComputeEntries(main_run, indexes ? &indexer_run : nullptr, *impl_->compressed_rope, position + from,
                                                 position + to, absl::MakeSpan(entries), absl::MakeSpan(keys)));
     }
+    return absl::OkStatus();
+  };
+  const int64_t slices = (n + kSlice - 1) / kSlice;
+  Executor& executor = ExecutorOrInline(impl_->options.executor);
+  if (slices <= 1 || executor.concurrency() == 1) {
+    for (int64_t s = 0; s < slices; ++s) KVC_RETURN_IF_ERROR(slice(s));
+  } else {
+    std::vector<absl::Status> refusals(static_cast<size_t>(slices));
+    executor.ParallelFor(slices, [&](int64_t s) { refusals[static_cast<size_t>(s)] = slice(s); });
+    for (const absl::Status& refusal : refusals) KVC_RETURN_IF_ERROR(refusal);
   }
   if (n == 0) return absl::OkStatus();
 
@@ -599,18 +612,21 @@ absl::StatusOr<IndexQuery> Cache::PrepareIndexQuery(int64_t position, absl::Span
 namespace {
 
 // The index scores of `query` against index keys [0, n) of `layer` into
-// *scores (resized to n), page by page. A refusal names the page's first
-// entry (the kernel counts keys from the page start).
+// *scores (resized to n), page by page, the pages split across `executor`'s
+// tasks (src/indexer_internal.h; nullptr: this thread). A refusal names the
+// first refusing page's first entry (the kernel counts keys from the page
+// start).
 absl::Status ScoreKeys(const HistoryStream& keys, const Sequence& sq, int layer, const IndexQuery& query, int64_t n,
-                       std::vector<float>* scores) {
+                       std::vector<float>* scores, Executor* executor) {
   scores->resize(static_cast<size_t>(n));
-  for (int64_t first = 0; first < n; first += keys.per_page()) {
-    const int64_t run = std::min(keys.per_page(), n - first);
-    const absl::Status scored =
-        ScoreIndexKeys(query, keys.RowsAt(sq, layer, first, run), absl::MakeSpan(*scores).subspan(static_cast<size_t>(first)));
-    if (!scored.ok()) {
-      return absl::Status(scored.code(), absl::StrCat("index keys from entry ", first, ": ", scored.message()));
-    }
+  const int64_t per_page = keys.per_page();
+  int64_t failed_page = 0;
+  const absl::Status scored = ScoreIndexKeyPages(
+      query, (n + per_page - 1) / per_page, per_page,
+      [&](int64_t p) { return ConstPackedRows(keys.RowsAt(sq, layer, p * per_page, std::min(per_page, n - p * per_page))); },
+      absl::MakeSpan(*scores), executor, &failed_page);
+  if (!scored.ok()) {
+    return absl::Status(scored.code(), absl::StrCat("index keys from entry ", failed_page * per_page, ": ", scored.message()));
   }
   return absl::OkStatus();
 }
@@ -667,7 +683,8 @@ absl::Status Cache::SelectAttentionSet(SequenceId id, int layer, const IndexQuer
     return absl::OkStatus();
   }
   const int64_t keyed = std::min(visible, ls.key_rows);
-  if (const absl::Status scored = ScoreKeys(*impl_->KeysOf(layer), sq, layer, *query, keyed, &scratch->scores);
+  if (const absl::Status scored = ScoreKeys(*impl_->KeysOf(layer), sq, layer, *query, keyed, &scratch->scores,
+                                                 impl_->options.executor);
       !scored.ok()) {
     return absl::Status(scored.code(), absl::StrCat("SelectAttentionSet: layer ", layer, ", ", scored.message()));
   }
@@ -770,7 +787,8 @@ absl::Status Cache::SelectAttentionSets(SequenceId id, int layer, int64_t first,
       } else {
         const int64_t keyed = std::min(visible, ls.key_rows);
         const IndexQuery& query = *queries[static_cast<size_t>(t - first)];
-        if (const absl::Status scored = ScoreKeys(*impl_->KeysOf(layer), sq, layer, query, keyed, &scratch->scores);
+        if (const absl::Status scored = ScoreKeys(*impl_->KeysOf(layer), sq, layer, query, keyed, &scratch->scores,
+                                                       impl_->options.executor);
             !scored.ok()) {
           return absl::Status(scored.code(), absl::StrCat(kWhat, ": layer ", layer, ", position ", t, ", ",
                                                           scored.message()));

@@ -2,6 +2,8 @@
 // per Highway target. Each performs, per element, the fp32 operations of its
 // scalar reference in the same order; the one reduction across channels
 // (RMSNorm's sum of squares) uses the reference's canonical 16-sum order.
+#include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
@@ -10,6 +12,54 @@
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
 #include "kvc/compressor.h"
+#include "src/fp_exact.h"
+
+#ifndef KVC_COMPRESSOR_KERNELS_SHARED_
+#define KVC_COMPRESSOR_KERNELS_SHARED_
+namespace kvc {
+namespace compressor_exact {
+
+// Pooling's weighting of one channel (PoolRef's last loop), emulated in
+// fp64 (src/fp_exact.h): for channels where w = e / sum or w * kv would be
+// subnormal. e: the slots' exp values (normal or 0), sum their sum.
+inline float WeightedSumEmulated(const float* e, size_t e_stride, int n, float sum, const PoolSlot* slots, int64_t ch) {
+  const double total = fp_exact::FromF32(sum);
+  double acc = 0.0;
+  for (int j = 0; j < n; ++j) {
+    const double w = fp_exact::RoundToF32(fp_exact::FromF32(e[static_cast<size_t>(j) * e_stride]) / total);
+    acc = fp_exact::RoundToF32(acc + fp_exact::RoundToF32(w * fp_exact::FromF32(slots[j].kv[ch])));
+  }
+  return fp_exact::ToF32(acc);
+}
+
+// NormRopeRef emulated in fp64, for rows whose fp32 intermediates could be
+// subnormal.
+inline void NormRopeEmulated(const float* pooled, int dim, const float* weight, float eps, const float* cos_sin, Bf16* out) {
+  using fp_exact::RoundToF32;
+  auto bf16 = [](double x) { return fp_exact::FromF32Bits(static_cast<uint32_t>(Bf16BitsFromF32(fp_exact::ToF32(x))) << 16); };
+  double y[512];
+  for (int i = 0; i < dim; ++i) y[i] = fp_exact::FromF32Bits(static_cast<uint32_t>(Bf16BitsFromF32(pooled[i])) << 16);
+  double acc[16] = {};
+  for (int i = 0; i < dim; ++i) acc[i % 16] = RoundToF32(acc[i % 16] + RoundToF32(y[i] * y[i]));
+  for (int width = 8; width >= 1; width /= 2) {
+    for (int k = 0; k < width; ++k) acc[k] = RoundToF32(acc[k] + acc[k + width]);
+  }
+  const double mean = RoundToF32(acc[0] / static_cast<double>(dim));
+  const double r = RoundToF32(1.0 / RoundToF32(std::sqrt(RoundToF32(mean + fp_exact::FromF32(eps)))));
+  for (int i = 0; i < dim; ++i) y[i] = bf16(RoundToF32(fp_exact::FromF32(weight[i]) * RoundToF32(y[i] * r)));
+  double* rope = y + dim - 64;
+  for (int j = 0; j < 32; ++j) {
+    const double a = rope[2 * j], b = rope[2 * j + 1];
+    const double c = fp_exact::FromF32(cos_sin[2 * j]), sn = fp_exact::FromF32(cos_sin[2 * j + 1]);
+    rope[2 * j] = bf16(RoundToF32(RoundToF32(a * c) - RoundToF32(b * sn)));
+    rope[2 * j + 1] = bf16(RoundToF32(RoundToF32(a * sn) + RoundToF32(b * c)));
+  }
+  for (int i = 0; i < dim; ++i) out[i] = Bf16{static_cast<uint16_t>(fp_exact::F32BitsOf(y[i]) >> 16)};
+}
+
+}  // namespace compressor_exact
+}  // namespace kvc
+#endif  // KVC_COMPRESSOR_KERNELS_SHARED_
 
 HWY_BEFORE_NAMESPACE();
 namespace kvc {
@@ -38,29 +88,146 @@ HWY_INLINE VF Exp(DF df, VF x) {
   return hn::IfThenElseZero(hn::Ge(x, hn::Set(df, -87.0f)), hn::Mul(y, scale));
 }
 
+// |v| below 2^-90 -> +0, by an integer compare (pooling's scores: see
+// PoolChannels; the sign of a zero score never changes an exp).
+HWY_INLINE VF FlushTiny(DF df, VF v) {
+  const hn::RebindToSigned<DF> di;
+  const auto a = hn::And(hn::BitCast(di, v), hn::Set(di, 0x7FFFFFFF));
+  return hn::IfThenZeroElse(hn::RebindMask(df, hn::Lt(a, hn::Set(di, (127 - 90) << 23))), v);
+}
+
+// Pooling without a subnormal operation, bit-identical to PoolRef:
+// - Scores: only e_j = SoftmaxExp(s_j - max) matters, and SoftmaxExp(x) is
+//   exactly 1 for |x| < 2^-26. Setting scores, ape and s below 2^-90 to ±0
+//   changes no e_j: such a value either leaves a sum unchanged (next to one
+//   >= 2^-66) or everything it meets is below 2^-65, where every x it makes is
+//   below 2^-26 either way. Then every sum and difference is 0 or a multiple
+//   of 2^-113 (so normal);
+//   x below 2^-26 is set to 0, and x is clamped at -87 before exp's
+//   arithmetic (lanes below are zeroed anyway; further down, exp's scale
+//   factor could be a tiny normal).
+// - Weighting, fast: with every nonzero e >= 2^-117 (w = e / sum >= 2^-125,
+//   sum <= 256) and every nonzero |w * kv| >= 2^-103 (so the running sums are
+//   multiples of 2^-126), nothing is subnormal.
+// - Weighting, scaled (channels where some e or product is smaller, e.g.
+//   scores spread over ~60 or more): the running sum is kept scaled by
+//   2^sigma (sums of scaled exact values round as the reference's, and its
+//   subnormal sums are exact); each product carries the factor on kv, or on
+//   e for the lanes with tiny e; the rare lanes where the reference's w or
+//   w * kv is subnormal (rounded to 2^-149) are recomputed in fp64.
+// - Subnormal kv: the fp64 emulation.
 void PoolChannels(const PoolSlot* slots, int n, int64_t channels, float* out) {
   const DF df;
+  const hn::RebindToSigned<DF> di;
+  const hn::RebindToUnsigned<DF> du;
   const size_t lanes = hn::Lanes(df);
   HWY_ALIGN float e_buf[256 * kMaxLanes];
+  HWY_ALIGN float sum_buf[kMaxLanes];
+  HWY_ALIGN float fix[kMaxLanes];
+  HWY_ALIGN int32_t bad_lane[kMaxLanes];
   for (int64_t ch = 0; ch < channels; ch += static_cast<int64_t>(lanes)) {
-    auto score = [&](int j) {
-      const VF s = hn::LoadU(df, slots[j].score + ch);
-      return slots[j].ape != nullptr ? hn::Add(s, hn::LoadU(df, slots[j].ape + ch)) : s;
-    };
     VF max = hn::Set(df, -INFINITY);
-    for (int j = 0; j < n; ++j) max = hn::Max(max, score(j));
-    VF sum = hn::Zero(df);
+    auto kv_min = hn::Set(du, 0xFFFFFFFFu);  // smallest nonzero |kv| bits - 1
     for (int j = 0; j < n; ++j) {
-      const VF e = Exp(df, hn::Sub(score(j), max));
-      hn::Store(e, df, e_buf + static_cast<size_t>(j) * lanes);
-      sum = hn::Add(sum, e);
+      // A sum of two values that are 0 or >= 2^-90 is 0 or a multiple of
+      // 2^-113: normal, and it needs no flush of its own.
+      VF s = FlushTiny(df, hn::LoadU(df, slots[j].score + ch));
+      if (slots[j].ape != nullptr) s = hn::Add(s, FlushTiny(df, hn::LoadU(df, slots[j].ape + ch)));
+      hn::Store(s, df, e_buf + static_cast<size_t>(j) * lanes);
+      max = hn::Max(max, s);
+      const auto kv_abs = hn::And(hn::BitCast(du, hn::LoadU(df, slots[j].kv + ch)), hn::Set(du, 0x7FFFFFFFu));
+      kv_min = hn::Min(kv_min, hn::Sub(kv_abs, hn::Set(du, 1u)));
     }
+    VF sum = hn::Zero(df);
+    auto e_min = hn::Set(du, 0xFFFFFFFFu);  // smallest nonzero e bits - 1
+    for (int j = 0; j < n; ++j) {
+      float* e_at = e_buf + static_cast<size_t>(j) * lanes;
+      VF x = hn::Sub(hn::Load(df, e_at), max);
+      const auto tiny = hn::Lt(hn::And(hn::BitCast(di, x), hn::Set(di, 0x7FFFFFFF)), hn::Set(di, (127 - 26) << 23));
+      x = hn::IfThenZeroElse(hn::RebindMask(df, tiny), x);
+      const VF e = hn::IfThenZeroElse(hn::Lt(x, hn::Set(df, -87.0f)), Exp(df, hn::Max(x, hn::Set(df, -87.0f))));
+      hn::Store(e, df, e_at);
+      sum = hn::Add(sum, e);
+      e_min = hn::Min(e_min, hn::Sub(hn::BitCast(du, e), hn::Set(du, 1u)));
+    }
+    // Lane-wise exponent fields of the smallest nonzero e and |kv| (all-zero
+    // lanes: 255, no bound).
+    const auto field = [&](hn::Vec<decltype(du)> bits_minus_one) {
+      return hn::BitCast(di, hn::ShiftRight<23>(hn::Add(bits_minus_one, hn::Set(du, 1u))));
+    };
+    const auto zero_e = hn::Eq(e_min, hn::Set(du, 0xFFFFFFFFu)), zero_kv = hn::Eq(kv_min, hn::Set(du, 0xFFFFFFFFu));
+    const auto e_field = hn::IfThenElse(hn::RebindMask(di, zero_e), hn::Set(di, 255), field(e_min));
+    const auto kv_field = hn::IfThenElse(hn::RebindMask(di, zero_kv), hn::Set(di, 255), field(kv_min));
+    // e >= 2^-117; e / 256 * |kv| >= 2^-103, i.e. (e_field - 127) - 8 + (kv_field - 127) >= -103.
+    const auto e_ok = hn::Gt(e_field, hn::Set(di, 127 - 117 - 1));
+    const auto product_ok = hn::Gt(hn::Add(e_field, kv_field), hn::Set(di, 2 * 127 + 8 - 103 - 1));
+    if (hn::AllTrue(di, hn::And(e_ok, product_ok))) {
+      VF acc = hn::Zero(df);
+      for (int j = 0; j < n; ++j) {
+        const VF w = hn::Div(hn::Load(df, e_buf + static_cast<size_t>(j) * lanes), sum);
+        acc = hn::Add(acc, hn::Mul(w, hn::LoadU(df, slots[j].kv + ch)));
+      }
+      hn::StoreU(acc, df, out + ch);
+      continue;
+    }
+    hn::Store(sum, df, sum_buf);
+    auto kv_max = hn::Zero(du);  // (only this rare path needs it)
+    for (int j = 0; j < n; ++j) {
+      kv_max = hn::Max(kv_max, hn::And(hn::BitCast(du, hn::LoadU(df, slots[j].kv + ch)), hn::Set(du, 0x7FFFFFFFu)));
+    }
+    const int kv_max_field = static_cast<int>(hn::GetLane(hn::MaxOfLanes(du, kv_max)) >> 23);
+    const int sigma = std::min(64, 125 - (kv_max_field - 127));
+    if (!hn::AllFalse(di, hn::Eq(kv_field, hn::Zero(di))) || sigma < 23) {  // subnormal kv, or huge next to tiny
+      for (size_t i = 0; i < lanes; ++i) {
+        out[ch + static_cast<int64_t>(i)] =
+            compressor_exact::WeightedSumEmulated(e_buf + i, lanes, n, sum_buf[i], slots, ch + static_cast<int64_t>(i));
+      }
+      continue;
+    }
+    const auto sigma_bits = hn::Set(du, static_cast<uint32_t>(sigma) << 23);
+    const auto scaled_min = hn::Set(du, static_cast<uint32_t>(sigma - 126 + 127) << 23);  // 2^(sigma-126)
     VF acc = hn::Zero(df);
     for (int j = 0; j < n; ++j) {
-      const VF w = hn::Div(hn::Load(df, e_buf + static_cast<size_t>(j) * lanes), sum);
-      acc = hn::Add(acc, hn::Mul(w, hn::LoadU(df, slots[j].kv + ch)));
+      const VF e = hn::Load(df, e_buf + static_cast<size_t>(j) * lanes);
+      const auto e_bits = hn::BitCast(du, e);
+      const auto tiny_e = hn::RebindMask(df, hn::And(hn::Gt(hn::BitCast(di, e_bits), hn::Zero(di)),
+                                                     hn::Lt(hn::BitCast(di, e_bits), hn::Set(di, (127 - 117) << 23))));
+      const VF kv = hn::LoadU(df, slots[j].kv + ch);
+      const auto kv_abs = hn::And(hn::BitCast(du, kv), hn::Set(du, 0x7FFFFFFFu));
+      const VF kv_scaled = hn::IfThenElse(hn::RebindMask(df, hn::Eq(kv_abs, hn::Zero(du))), kv,
+                                          hn::BitCast(df, hn::Add(hn::BitCast(du, kv), sigma_bits)));
+      const VF w = hn::Div(hn::IfThenElse(tiny_e, hn::BitCast(df, hn::Add(e_bits, sigma_bits)), e), sum);
+      const VF p = hn::Mul(w, hn::IfThenElse(tiny_e, kv, kv_scaled));
+      // Where the reference's w (tiny e lanes) or product is below 2^-126.
+      const auto w_small = hn::And(tiny_e, hn::RebindMask(df, hn::Lt(hn::BitCast(di, w), hn::BitCast(di, scaled_min))));
+      // (|p| - 1 wraps a zero product, which is exact, to the top.)
+      const auto p_small = hn::RebindMask(df, hn::Lt(hn::Sub(hn::And(hn::BitCast(du, p), hn::Set(du, 0x7FFFFFFFu)), hn::Set(du, 1u)),
+                                                     hn::Sub(scaled_min, hn::Set(du, 1u))));
+      const auto bad = hn::Or(w_small, p_small);
+      VF term = p;
+      if (!hn::AllFalse(df, bad)) {
+        hn::Store(p, df, fix);
+        hn::Store(hn::VecFromMask(di, hn::RebindMask(di, bad)), di, bad_lane);
+        for (size_t i = 0; i < lanes; ++i) {
+          if (bad_lane[i] == 0) continue;
+          const double w64 = fp_exact::RoundToF32(static_cast<double>(e_buf[static_cast<size_t>(j) * lanes + i]) / static_cast<double>(sum_buf[i]));
+          const double product = fp_exact::RoundToF32(w64 * static_cast<double>(slots[j].kv[ch + static_cast<int64_t>(i)]));
+          fix[i] = static_cast<float>(std::ldexp(product, sigma));  // normal: the grid 2^-149 scales to >= 2^-126
+        }
+        term = hn::Load(df, fix);
+      }
+      acc = hn::Add(acc, term);
     }
-    hn::StoreU(acc, df, out + ch);
+    // Unscale: acc is the reference's sum times 2^sigma, on its grid.
+    const auto u = hn::BitCast(du, acc);
+    const auto a = hn::And(u, hn::Set(du, 0x7FFFFFFFu));
+    const auto new_field = hn::Sub(hn::BitCast(di, hn::ShiftRight<23>(a)), hn::Set(di, sigma));
+    const auto normal = hn::Sub(u, sigma_bits);
+    const auto significand = hn::Or(hn::And(a, hn::Set(du, 0x7FFFFFu)), hn::Set(du, 0x800000u));
+    const auto shift = hn::BitCast(du, hn::Min(hn::Sub(hn::Set(di, 1), new_field), hn::Set(di, 31)));
+    const auto sub = hn::Or(hn::And(u, hn::Set(du, 0x80000000u)), hn::Shr(significand, shift));
+    const auto result = hn::IfThenElse(hn::RebindMask(du, hn::Gt(new_field, hn::Zero(di))), normal, sub);
+    hn::StoreU(hn::BitCast(df, hn::IfThenElse(hn::Eq(a, hn::Zero(du)), u, result)), df, out + ch);
   }
 }
 
@@ -73,11 +240,48 @@ HWY_INLINE VF RoundBf16(DF df, VF v) {
   return hn::BitCast(df, rounded);
 }
 
+// The exponent field of the smallest nonzero |x| over n floats (n a
+// multiple of the lanes), 255 if all are ±0: integer operations only.
+HWY_INLINE int MinNonzeroField(DF df, const float* x, int n) {
+  const hn::RebindToUnsigned<DF> du;
+  auto m = hn::Set(du, 0xFFFFFFFFu);
+  for (int i = 0; i < n; i += static_cast<int>(hn::Lanes(df))) {
+    m = hn::Min(m, hn::Sub(hn::And(hn::BitCast(du, hn::LoadU(df, x + i)), hn::Set(du, 0x7FFFFFFFu)), hn::Set(du, 1u)));
+  }
+  const uint32_t smallest = hn::GetLane(hn::MinOfLanes(du, m));
+  return smallest == 0xFFFFFFFFu ? 255 : static_cast<int>((smallest + 1) >> 23);
+}
+
+// RMSNorm + RoPE without a subnormal operation, bit-identical to
+// NormRopeRef. Every nonzero y^2 is normal when |y| >= 2^-63, their mean when
+// some |y| >= 2^-58; then y * r, weight * (y * r) and RoPE's products are at
+// least 2^(e_y + e_r), 2^(e_w + e_y + e_r) and 2^(e_w + e_y + e_r + e_cs)
+// (e_*: the smallest nonzero exponents), and RoPE's differences, of products
+// >= 2^-103, are multiples of 2^-126. Rows outside these bounds (tiny
+// values: no model's RMSNorm input) go through the fp64 emulation.
 void NormRope(const float* pooled, int dim, const float* weight, float eps, const float* cos_sin, Bf16* out) {
   const DF df;
+  const hn::RebindToUnsigned<DF> du;
   const size_t lanes = hn::Lanes(df);
   HWY_ALIGN float y[512];
-  for (int i = 0; i < dim; i += static_cast<int>(lanes)) hn::Store(RoundBf16(df, hn::LoadU(df, pooled + i)), df, y + i);
+  auto y_max = hn::Zero(du);
+  auto y_min = hn::Set(du, 0xFFFFFFFFu);  // smallest nonzero |y| bits - 1
+  for (int i = 0; i < dim; i += static_cast<int>(lanes)) {
+    const VF v = RoundBf16(df, hn::LoadU(df, pooled + i));
+    hn::Store(v, df, y + i);
+    const auto a = hn::And(hn::BitCast(du, v), hn::Set(du, 0x7FFFFFFFu));
+    y_max = hn::Max(y_max, a);
+    y_min = hn::Min(y_min, hn::Sub(a, hn::Set(du, 1u)));
+  }
+  const uint32_t largest = hn::GetLane(hn::MaxOfLanes(du, y_max));
+  const uint32_t smallest_m1 = hn::GetLane(hn::MinOfLanes(du, y_min));
+  const int e_y = smallest_m1 == 0xFFFFFFFFu ? 255 : static_cast<int>((smallest_m1 + 1) >> 23);
+  const int eps_field = static_cast<int>((F32Bits(eps) >> 23) & 0xFF);
+  const bool all_zero = largest == 0;
+  if (!(all_zero || (e_y >= 127 - 63 && static_cast<int>(largest >> 23) >= 127 - 58)) ||
+      (eps_field == 0 && (F32Bits(eps) & 0x7FFFFFFFu) != 0)) {
+    return compressor_exact::NormRopeEmulated(pooled, dim, weight, eps, cos_sin, out);
+  }
   // The 16 running sums of SumSquaresRef, held as 16 / lanes vectors.
   HWY_ALIGN float acc[16];
   const size_t vectors = 16 / lanes;
@@ -93,13 +297,64 @@ void NormRope(const float* pooled, int dim, const float* weight, float eps, cons
     for (int k = 0; k < width; ++k) acc[k] += acc[k + width];
   }
   const float mean = acc[0] / static_cast<float>(dim);
-  const VF r = hn::Set(df, 1.0f / std::sqrt(mean + eps));
+  const float r_scalar = 1.0f / std::sqrt(mean + eps);
+  if (!all_zero) {
+    const int e_r = static_cast<int>((F32Bits(r_scalar) >> 23) & 0xFF) - 127;
+    const int e_w = MinNonzeroField(df, weight, dim) - 127;
+    const int e_cs = MinNonzeroField(df, cos_sin, 64) - 127;
+    const int e_ymin = e_y - 127;
+    if (e_ymin + e_r < -126 || e_w + e_ymin + e_r < -126 || e_w + e_ymin + e_r + e_cs < -103) {
+      return compressor_exact::NormRopeEmulated(pooled, dim, weight, eps, cos_sin, out);
+    }
+  }
+  const VF r = hn::Set(df, r_scalar);
   for (int i = 0; i < dim; i += static_cast<int>(lanes)) {
     const VF v = hn::Mul(hn::LoadU(df, weight + i), hn::Mul(hn::Load(df, y + i), r));
     hn::Store(RoundBf16(df, v), df, y + i);
   }
-  RotateLast64(y, dim, cos_sin);
+  RotateLast64(y, dim, cos_sin);  // its products and sums are normal: checked above
   for (int i = 0; i < dim; ++i) out[i] = Bf16{static_cast<uint16_t>(F32Bits(y[i]) >> 16)};
+}
+
+// The first i < n with fl(score[i] + ape[i]) = ±inf, or -1 (n a multiple
+// of the lanes). Values below 2^-90 are set to 0 first: that cannot change
+// whether a sum overflows, and keeps every sum free of subnormals.
+int64_t FindScorePlusApeOverflow(const float* score, const float* ape, int64_t n) {
+  const DF df;
+  const hn::RebindToSigned<DF> di;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
+  for (int64_t i = 0; i < n; i += lanes) {
+    const VF sum = hn::Add(FlushTiny(df, hn::LoadU(df, score + i)), FlushTiny(df, hn::LoadU(df, ape + i)));
+    const auto a = hn::And(hn::BitCast(di, sum), hn::Set(di, 0x7FFFFFFF));
+    if (hn::AllFalse(di, hn::Gt(a, hn::Set(di, 0x7F7FFFFF)))) continue;
+    for (int64_t k = i; k < i + lanes; ++k) {
+      const uint32_t exact = fp_exact::F32BitsOf(fp_exact::RoundToF32(fp_exact::FromF32(score[k]) + fp_exact::FromF32(ape[k])));
+      if ((exact & 0x7FFFFFFFu) >= 0x7F800000u) return k;
+    }
+  }
+  return -1;
+}
+
+// out[i] = fl(score[i] + ape[i]) for i < n (n a multiple of the lanes),
+// bit for bit, without a subnormal operation: sums of values that are 0 or
+// at least 2^-103 are 0 or at least 2^-126; lanes with a smaller input are
+// added in fp64 (src/fp_exact.h).
+void AddScoreAndApe(const float* score, const float* ape, float* out, int64_t n) {
+  const DF df;
+  const hn::RebindToUnsigned<DF> du;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
+  const auto small = hn::Set(du, ((127u - 103u) << 23) - 1u);  // |x| - 1 below this: 0 < |x| < 2^-103
+  for (int64_t i = 0; i < n; i += lanes) {
+    const VF s = hn::LoadU(df, score + i), a = hn::LoadU(df, ape + i);
+    auto tiny = [&](VF v) {
+      return hn::Lt(hn::Sub(hn::And(hn::BitCast(du, v), hn::Set(du, 0x7FFFFFFFu)), hn::Set(du, 1u)), small);
+    };
+    if (hn::AllFalse(du, hn::Or(tiny(s), tiny(a)))) {
+      hn::StoreU(hn::Add(s, a), df, out + i);
+      continue;
+    }
+    for (int64_t k = i; k < i + lanes; ++k) out[k] = fp_exact::ToF32(fp_exact::FromF32(score[k]) + fp_exact::FromF32(ape[k]));
+  }
 }
 
 // NOLINTNEXTLINE(google-readability-namespace-comments)
@@ -112,6 +367,16 @@ namespace kvc {
 
 HWY_EXPORT(PoolChannels);
 HWY_EXPORT(NormRope);
+HWY_EXPORT(FindScorePlusApeOverflow);
+HWY_EXPORT(AddScoreAndApe);
+
+int64_t FindScorePlusApeOverflow(const float* score, const float* ape, int64_t n) {
+  return HWY_DYNAMIC_DISPATCH(FindScorePlusApeOverflow)(score, ape, n);
+}
+
+void AddScoreAndApe(const float* score, const float* ape, float* out, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(AddScoreAndApe)(score, ape, out, n);
+}
 
 void PoolChannels(const PoolSlot* slots, int n, int64_t channels, float* out) {
   HWY_DYNAMIC_DISPATCH(PoolChannels)(slots, n, channels, out);

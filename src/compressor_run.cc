@@ -138,14 +138,8 @@ absl::Status CheckScorePlusApe(const CompressorRun& run, int64_t from, int64_t t
   for (int64_t i = from; i < to; ++i) {
     const float* score = run.score + i * width;
     const float* ape = run.params->ape.data() + ((run.first + i) % run.g.ratio) * width;
-    int overflow = 0;
-    for (int64_t c = 0; c < width; ++c) {
-      const float sum = score[c] + ape[c];
-      overflow |= (sum - sum != 0.0f);  // inf - inf is NaN
-    }
-    if (overflow == 0) continue;
-    for (int64_t c = 0; c < width; ++c) {
-      if (std::isfinite(score[c] + ape[c])) continue;
+    const int64_t c = FindScorePlusApeOverflow(score, ape, width);  // a SIMD pass, no subnormal arithmetic
+    if (c >= 0) {
       return absl::InvalidArgumentError(absl::StrCat(
           "Append: layer ", run.layer, " ", run.indexer ? "indexer_score" : "compressor_score", " at position ",
           run.first + i, " channel ", c, ": score ", score[c], " + ape ", ape[c],
@@ -188,7 +182,7 @@ void WriteState(const CompressorRun& run, int64_t n) {
     const PoolSlot src = Slot(run, t, 0);
     float* row = run.state + (t % run.capacity) * 2 * width;
     std::memcpy(row, src.kv, static_cast<size_t>(width) * sizeof(float));
-    for (int64_t c = 0; c < width; ++c) row[width + c] = src.score[c] + src.ape[c];
+    AddScoreAndApe(src.score, src.ape, row + width, width);  // bit for bit, no subnormal arithmetic
   }
 }
 

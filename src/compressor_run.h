@@ -52,6 +52,12 @@ absl::Status CheckScorePlusApe(const CompressorRun& run, int64_t from, int64_t t
 absl::Status ComputeEntries(const CompressorRun& main, const CompressorRun* indexer, const RopeTable& rope,
                             int64_t from, int64_t to, absl::Span<Bf16> entries, absl::Span<Bf16> keys);
 
+// SIMD helpers (src/compressor_kernels.cc), without a subnormal operation;
+// n a multiple of 16. The first i with fl(score[i] + ape[i]) = ±inf, or -1;
+// and out[i] = fl(score[i] + ape[i]) bit for bit.
+int64_t FindScorePlusApeOverflow(const float* score, const float* ape, int64_t n);
+void AddScoreAndApe(const float* score, const float* ape, float* out, int64_t n);
+
 // Keeps the chunk's last n tokens (as many as the ring holds) in the state
 // ring: kv, then score + ape. Call after every ComputeEntries of the chunk.
 void WriteState(const CompressorRun& run, int64_t n);

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <type_traits>
 
 #undef HWY_TARGET_INCLUDE
@@ -19,6 +20,59 @@
 #include "kvc/number_formats.h"
 #include "kvc/reference_codecs.h"
 #include "kvc/row_formats.h"
+
+#ifndef KVC_ROW_KERNELS_SHARED_
+#define KVC_ROW_KERNELS_SHARED_
+#include <cmath>
+#include "src/fp_exact.h"
+namespace kvc {
+namespace row_exact {
+
+using fp_exact::RoundToF32;
+using fp_exact::F32BitsOf;
+inline double F64FromF32Bits(uint32_t u) { return fp_exact::FromF32Bits(u); }
+
+// QuantizeIndexKeyRef, emulated: Hadamard butterflies and the 128^-0.5
+// scale each rounded to fp32, bf16 rounding on the bits, then the FP4 block
+// rule and E2M1 codes of y = fl(x * 2^k), compared in fp64 (exact).
+inline void QuantizeIndexKeyEmulated(const Bf16* in, uint8_t* codes, uint8_t* scales) {
+  double x[kIndexDim];
+  for (int i = 0; i < kIndexDim; ++i) x[i] = F64FromF32Bits(static_cast<uint32_t>(in[i].bits) << 16);
+  for (int h = 1; h < kIndexDim; h *= 2) {
+    for (int base = 0; base < kIndexDim; base += 2 * h) {
+      for (int k = base; k < base + h; ++k) {
+        const double a = x[k], b = x[k + h];
+        x[k] = RoundToF32(a + b);
+        x[k + h] = RoundToF32(a - b);
+      }
+    }
+  }
+  uint32_t bits[kIndexDim];
+  for (int i = 0; i < kIndexDim; ++i) {
+    const uint32_t scaled = F32BitsOf(RoundToF32(x[i] * static_cast<double>(kHadamardScale)));
+    bits[i] = static_cast<uint32_t>(Bf16BitsFromF32(F32FromBits(scaled))) << 16;  // integer rounding only
+  }
+  uint8_t nibbles[kIndexDim];
+  for (int block = 0; block < kIndexDim / kFp4BlockSize; ++block) {
+    uint32_t amax = 0;
+    for (int i = block * kFp4BlockSize; i < (block + 1) * kFp4BlockSize; ++i) amax = std::max(amax, bits[i] & 0x7FFFFFFFu);
+    const uint32_t floor_bits = F32Bits(kFp4AmaxFloor);
+    const BlockScale s = Fp4BlockScale(F32FromBits(amax > floor_bits ? amax : floor_bits));
+    for (int i = block * kFp4BlockSize; i < (block + 1) * kFp4BlockSize; ++i) {
+      const double y = RoundToF32(std::ldexp(F64FromF32Bits(bits[i]), 127 - s.byte));
+      const double clamped = std::min(std::max(y, -6.0), 6.0);
+      const double a = std::fabs(clamped);
+      const int index = (a > 0.25) + (a >= 0.75) + (a > 1.25) + (a >= 1.75) + (a > 2.5) + (a >= 3.5) + (a > 5.0);
+      nibbles[i] = static_cast<uint8_t>((clamped < 0.0 ? 8 : 0) | index);
+    }
+    scales[block] = s.byte;
+  }
+  for (int i = 0; i < kIndexDim / 2; ++i) codes[i] = static_cast<uint8_t>(nibbles[2 * i] | (nibbles[2 * i + 1] << 4));
+}
+
+}  // namespace row_exact
+}  // namespace kvc
+#endif  // KVC_ROW_KERNELS_SHARED_
 
 HWY_BEFORE_NAMESPACE();
 namespace kvc {
@@ -50,8 +104,11 @@ HWY_INLINE VU32 Bf16BitsRne(DF df, VF v) {
   const VU32 rounded = hn::ShiftRight<16>(hn::Add(hn::Add(u, hn::Set(du32, 0x7FFFu)), lsb));
   const VU32 nan = hn::Or(hn::And(hn::ShiftRight<16>(u), hn::Set(du32, 0x8000u)),
                           hn::Set(du32, 0x7FC0u));
+  // NaN by an integer compare: a float compare would meet subnormal values.
+  const DI32 di32;
+  const auto is_nan = hn::Gt(hn::BitCast(di32, hn::And(u, hn::Set(du32, 0x7FFFFFFFu))), hn::Set(di32, 0x7F800000));
   (void)df;
-  return hn::IfThenElse(hn::RebindMask(du32, hn::IsNaN(v)), nan, rounded);
+  return hn::IfThenElse(hn::RebindMask(du32, is_nan), nan, rounded);
 }
 
 HWY_INLINE VF RoundToBf16(DF df, VF v) {
@@ -67,17 +124,17 @@ HWY_INLINE void StoreValues(DF df, VF v, Bf16* out) {
              reinterpret_cast<uint16_t*>(out));
 }
 
-// E4M3 codes of y = x / s inside an FP8 block, in u32 lanes: the bits of
-// E4M3FromF32(clamp(y, ±448)) without the clamp. The block rule bounds
-// |y| <= amax / v <= 448 * (1 + 2^-22) (v = amax * fp32(1/448) has two
-// roundings of 2^-24 each, and s >= v), and every |y| in (448, 464) rounds to
-// 448 anyway, so the clamp could never change a code. Saves two ops/vector.
-HWY_INLINE VU32 E4M3CodesInBlock(DF df, VF y) {
+// E4M3 codes of y = x / s inside an FP8 block, in u32 lanes, from y's sign
+// (bit 31) and |y| bits: the bits of E4M3FromF32(clamp(y, ±448)) without the
+// clamp. The block rule bounds |y| <= amax / v <= 448 * (1 + 2^-22) (v =
+// amax * fp32(1/448) has two roundings of 2^-24 each, and s >= v), and every
+// |y| in (448, 464) rounds to 448 anyway, so the clamp could never change a
+// code. Saves two ops/vector. |y| is 0 or at least 2^-11 (normal): the one
+// fp32 addition below never meets a subnormal.
+HWY_INLINE VU32 E4M3CodesInBlock(DF df, VU32 sign_bit, VU32 a) {
   const DU32 du32;
   const DI32 di32;
-  const VU32 u = hn::BitCast(du32, y);
-  const VU32 sign = hn::And(hn::ShiftRight<24>(u), hn::Set(du32, 0x80u));
-  const VU32 a = hn::And(u, hn::Set(du32, 0x7FFFFFFFu));
+  const VU32 sign = hn::ShiftRight<24>(sign_bit);
   // Normal range: keep 3 mantissa bits, RNE; rebias the exponent 127 -> 7.
   const VU32 lsb = hn::And(hn::ShiftRight<20>(a), hn::Set(du32, 1u));
   const VU32 rounded = hn::Add(hn::Add(a, hn::Set(du32, 0x7FFFFu)), lsb);
@@ -88,6 +145,36 @@ HWY_INLINE VU32 E4M3CodesInBlock(DF df, VF y) {
   const auto is_subnormal =
       hn::RebindMask(du32, hn::Lt(hn::BitCast(di32, a), hn::Set(di32, 0x3C800000)));
   return hn::Or(sign, hn::IfThenElse(is_subnormal, subnormal, normal));
+}
+
+// The block scales from the block's largest |x| bits (as Fp8BlockScale and
+// Fp4BlockScale, whose comparison with the floor would meet a subnormal
+// amax): for non-negative floats, an integer max of the bits is the max.
+HWY_INLINE BlockScale Fp8BlockScaleFromBits(uint32_t amax_bits) {
+  const uint32_t floor_bits = F32Bits(kFp8AmaxFloor);
+  return Fp8BlockScale(F32FromBits(amax_bits > floor_bits ? amax_bits : floor_bits));
+}
+HWY_INLINE BlockScale Fp4BlockScaleFromBits(uint32_t amax_bits) {
+  const uint32_t floor_bits = F32Bits(kFp4AmaxFloor);
+  return Fp4BlockScale(F32FromBits(amax_bits > floor_bits ? amax_bits : floor_bits));
+}
+
+// v * 2^e exactly, for an E4M3 value v (at most 4 significant bits, |v| >=
+// 2^-9), ±0 or NaN, and e in [-127, -118], without a subnormal operation: a
+// normal product is v's bits plus e in the exponent; a subnormal one is
+// |v| * 2^(e+149) (a normal fp32 product, an integer below 2^23 then, since
+// v has few bits) as the integer count of 2^-149 units.
+HWY_INLINE VF ScaleE4M3Exactly(DF df, VF v, int e) {
+  const DU32 du32;
+  const DI32 di32;
+  const VU32 u = hn::BitCast(du32, v);
+  const VU32 a = hn::And(u, hn::Set(du32, 0x7FFFFFFFu));
+  const VF units = hn::Mul(hn::BitCast(df, a), hn::BitCast(df, hn::Set(du32, static_cast<uint32_t>(e + 149 + 127) << 23)));
+  const auto subnormal = hn::RebindMask(du32, hn::Lt(hn::BitCast(di32, units), hn::Set(di32, (23 + 127) << 23)));
+  const VU32 normal = hn::Add(u, hn::BitCast(du32, hn::Set(di32, e * (1 << 23))));
+  const VU32 tiny = hn::Or(hn::And(u, hn::Set(du32, 0x80000000u)), hn::BitCast(du32, hn::ConvertTo(di32, units)));
+  const auto nan = hn::RebindMask(du32, hn::Gt(hn::BitCast(di32, a), hn::Set(di32, 0x7F800000)));
+  return hn::BitCast(df, hn::IfThenElse(nan, u, hn::IfThenElse(subnormal, tiny, normal)));
 }
 
 // fp32 values of E4M3 codes (as F32FromE4M3), codes in u32 lanes.
@@ -128,14 +215,21 @@ HWY_INLINE VU32 E2M1Codes(DF df, VF y) {
 // multiple of N). Non-negative IEEE floats order like their bit patterns, so
 // one integer max yields both the block amax (as bits) and a non-finite test
 // (result >= 0x7F800000); unlike a float max it cannot lose a NaN.
+// With min_nonzero_bits, also the smallest nonzero |x| bits there (all
+// ones if none).
 template <class LoadFn>
-HWY_INLINE uint32_t MaxAbsBits(DF df, size_t count, const LoadFn& load) {
+HWY_INLINE uint32_t MaxAbsBits(DF df, size_t count, const LoadFn& load, uint32_t* min_nonzero_bits = nullptr) {
   const DI32 di32;
+  const DU32 du32;
   auto vmax = hn::Zero(di32);
+  auto vmin = hn::Set(du32, 0xFFFFFFFFu);
   const auto abs_mask = hn::Set(di32, 0x7FFFFFFF);
   for (size_t i = 0; i < count; i += hn::Lanes(df)) {
-    vmax = hn::Max(vmax, hn::And(hn::BitCast(di32, load(i)), abs_mask));
+    const auto a = hn::And(hn::BitCast(di32, load(i)), abs_mask);
+    vmax = hn::Max(vmax, a);
+    if (min_nonzero_bits != nullptr) vmin = hn::Min(vmin, hn::Sub(hn::BitCast(du32, a), hn::Set(du32, 1u)));
   }
+  if (min_nonzero_bits != nullptr) *min_nonzero_bits = hn::GetLane(hn::MinOfLanes(du32, vmin)) + 1u - (hn::GetLane(hn::MinOfLanes(du32, vmin)) == 0xFFFFFFFFu ? 1u : 0u);
   return static_cast<uint32_t>(hn::GetLane(hn::MaxOfLanes(di32, vmax)));
 }
 
@@ -153,6 +247,35 @@ HWY_INLINE uint32_t MaxAbsBitsBf16(const Bf16* p, size_t count) {
   return static_cast<uint32_t>(static_cast<uint16_t>(hn::GetLane(hn::MaxOfLanes(d16, vmax)))) << 16;
 }
 
+// The smallest nonzero |x| of `count` bf16 values as fp32 bits, or
+// 0xFFFF0000 if all are ±0 (int16 lanes: |bits| - 1 wraps zeros to the top).
+HWY_INLINE uint32_t MinNonzeroAbsBitsBf16(const Bf16* p, size_t count) {
+  const hn::ScalableTag<uint16_t> d16;
+  auto vmin = hn::Set(d16, uint16_t{0xFFFF});
+  const auto abs_mask = hn::Set(d16, uint16_t{0x7FFF});
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(p);
+  for (size_t i = 0; i < count; i += hn::Lanes(d16)) {
+    vmin = hn::Min(vmin, hn::Sub(hn::And(hn::LoadU(d16, bits + i), abs_mask), hn::Set(d16, uint16_t{1})));
+  }
+  return (static_cast<uint32_t>(static_cast<uint16_t>(hn::GetLane(hn::MinOfLanes(d16, vmin)) + 1u)) << 16) |
+         (hn::GetLane(hn::MinOfLanes(d16, vmin)) == 0xFFFF ? 0xFFFF0000u : 0u);
+}
+
+// E2M1 codes of one FP4 block of x (fp32 bits u, each normal or ±0) with
+// 1/s = 2^k, k <= 0: lanes with |x| < 2^(-126-k) would make y = x * 2^k
+// tiny; they get magnitude 0 and the reference's sign, set iff x < 0 and
+// fl(x * 2^k) != 0, i.e. |x| > 2^(-150-k) (`nonzero_above`, as bits).
+HWY_INLINE VU32 E2M1CodesWithTinyLanes(DF df, VU32 u, VF inverse, VU32 tiny_below, VU32 nonzero_above) {
+  const DU32 du32;
+  const DI32 di32;
+  const VU32 a = hn::And(u, hn::Set(du32, 0x7FFFFFFFu));
+  const auto tiny = hn::RebindMask(du32, hn::Lt(hn::BitCast(di32, a), hn::BitCast(di32, tiny_below)));
+  const VU32 codes = E2M1Codes(df, hn::Mul(hn::BitCast(df, hn::IfThenZeroElse(tiny, u)), inverse));
+  const auto negative = hn::RebindMask(du32, hn::Lt(hn::BitCast(di32, u), hn::Zero(di32)));
+  const auto signed_zero = hn::And(hn::And(tiny, negative), hn::RebindMask(du32, hn::Gt(hn::BitCast(di32, a), hn::BitCast(di32, nonzero_above))));
+  return hn::Or(codes, hn::IfThenElseZero(signed_zero, hn::Set(du32, 8u)));
+}
+
 constexpr uint32_t kInfinityBits = 0x7F800000u;
 // NoPE values at or above this (fp32 bits) would read back as ±inf
 // (kMaxKvNopeBf16Bits).
@@ -160,6 +283,9 @@ constexpr uint32_t kKvNopeLimitBits = (uint32_t{kMaxKvNopeBf16Bits} + 1) << 16;
 // Index-key inputs above 2^120 could overflow the Hadamard sums in fp32
 // (128 * 2^120 < FLT_MAX); real keys are O(1).
 constexpr uint32_t kIndexKeyLimitBits = (120u + 127u) << 23;
+// Index-key rows whose nonzero values are all at least 2^-115 take the fp32
+// path without meeting a subnormal (QuantizeIndexKeys).
+constexpr uint32_t kHadamardSafeBits = (127u - 115u) << 23;
 
 // ---------------------------------------------------------------------------
 // KV rows.
@@ -170,6 +296,8 @@ int64_t QuantizeKvRows(const Bf16* in, int64_t count, uint8_t* data, int64_t dat
                        uint8_t* scales, int64_t scale_stride) {
   const DF df;
   const DU8 du8;
+  const DU32 du32;
+  const DI32 di32;
   const size_t lanes = hn::Lanes(df);
   constexpr int kBlocks = kNopeDim / kFp8BlockSize;
   for (int64_t r = 0; r < count; ++r) {
@@ -190,10 +318,19 @@ int64_t QuantizeKvRows(const Bf16* in, int64_t count, uint8_t* data, int64_t dat
     uint8_t* row_scales = scales + r * scale_stride;
     for (int block = 0; block < kBlocks; ++block) {
       const Bf16* xb = x + block * kFp8BlockSize;
-      const BlockScale s = Fp8BlockScale(F32FromBits(amax_bits[block]));
-      const VF inverse = hn::Set(df, s.inverse);
+      const BlockScale s = Fp8BlockScaleFromBits(amax_bits[block]);
+      // y = x * 2^k (k = 127 - byte, in [-120, 22] above the 1e-4 floor).
+      // |y| < 2^-11 codes as sign | 0; those lanes (|x| < 2^(byte - 138), every
+      // subnormal x among them) become ±0, and the others scale by an exponent
+      // add (|y| >= 2^-11: normal and exact, as the reference's multiply).
+      const VU32 small = hn::Set(du32, static_cast<uint32_t>(s.byte - 11) << 23);
+      const VU32 k_bits = hn::Set(du32, static_cast<uint32_t>(127 - s.byte) << 23);
       for (size_t i = 0; i < kFp8BlockSize; i += lanes) {
-        const VU32 codes = E4M3CodesInBlock(df, hn::Mul(LoadBf16(df, xb + i), inverse));
+        const VU32 u = hn::BitCast(du32, LoadBf16(df, xb + i));
+        const VU32 a = hn::And(u, hn::Set(du32, 0x7FFFFFFFu));
+        const VU32 y = hn::IfThenZeroElse(hn::RebindMask(du32, hn::Lt(hn::BitCast(di32, a), hn::BitCast(di32, small))),
+                                          hn::Add(a, k_bits));
+        const VU32 codes = E4M3CodesInBlock(df, hn::And(u, hn::Set(du32, 0x80000000u)), y);
         hn::StoreU(hn::U8FromU32(codes), du8, row + block * kFp8BlockSize + i);
       }
       row_scales[block] = s.byte;
@@ -212,11 +349,19 @@ HWY_INLINE void DequantizeKvRow(const uint8_t* data, const uint8_t* scales, Out*
   const DU8 du8;
   const size_t lanes = hn::Lanes(df);
   for (int block = 0; block < kNopeDim / kFp8BlockSize; ++block) {
-    const VF scale = hn::Set(df, F32FromUe8m0(scales[block]));
     const int base = block * kFp8BlockSize;
-    for (size_t i = 0; i < kFp8BlockSize; i += lanes) {
-      const VU32 codes = hn::PromoteTo(du32, hn::LoadU(du8, data + base + i));
-      StoreValues(df, hn::Mul(E4M3Values(df, codes), scale), out + base + i);
+    const uint8_t byte = scales[block];
+    if (byte >= 10) {  // scale >= 2^-117 (or NaN): |code value| >= 2^-9 keeps every product normal
+      const VF scale = hn::Set(df, F32FromUe8m0(byte));
+      for (size_t i = 0; i < kFp8BlockSize; i += lanes) {
+        const VU32 codes = hn::PromoteTo(du32, hn::LoadU(du8, data + base + i));
+        StoreValues(df, hn::Mul(E4M3Values(df, codes), scale), out + base + i);
+      }
+    } else {  // tiny scales (an engine's rows): exact products, built from the bits
+      for (size_t i = 0; i < kFp8BlockSize; i += lanes) {
+        const VU32 codes = hn::PromoteTo(du32, hn::LoadU(du8, data + base + i));
+        StoreValues(df, ScaleE4M3Exactly(df, E4M3Values(df, codes), byte - 127), out + base + i);
+      }
     }
   }
   const Bf16* rope = reinterpret_cast<const Bf16*>(data + kNopeDim);
@@ -279,6 +424,14 @@ int64_t QuantizeIndexKeys(const Bf16* in, int64_t count, uint8_t* data, int64_t 
     if (MaxAbsBitsBf16(key, kIndexDim) > kIndexKeyLimitBits) {
       return r;
     }
+    // With every nonzero |input| >= 2^-115 (a multiple of 2^-122), every
+    // butterfly value is 0 or >= 2^-122 and every scaled one 0 or >= 2^-126:
+    // no fp32 operation below meets a subnormal. Rows with smaller values
+    // (which no model produces) are quantized by the fp64 emulation.
+    if (MinNonzeroAbsBitsBf16(key, kIndexDim) < kHadamardSafeBits) {
+      row_exact::QuantizeIndexKeyEmulated(key, data + r * data_stride, scales + r * scale_stride);
+      continue;
+    }
     for (size_t i = 0; i < kIndexDim; i += lanes) {
       VF v = LoadBf16(df, key + i);
       for (int stage = 0; stage < in_vector_stages; ++stage) {
@@ -305,12 +458,28 @@ int64_t QuantizeIndexKeys(const Bf16* in, int64_t count, uint8_t* data, int64_t 
     uint8_t* key_scales = scales + r * scale_stride;
     for (int block = 0; block < kIndexDim / kFp4BlockSize; ++block) {
       const float* xb = x + block * kFp4BlockSize;
-      const uint32_t amax_bits = MaxAbsBits(df, kFp4BlockSize, [&](size_t i) { return hn::Load(df, xb + i); });
-      const BlockScale s = Fp4BlockScale(F32FromBits(amax_bits));
+      uint32_t min_bits = 0;
+      const uint32_t amax_bits = MaxAbsBits(df, kFp4BlockSize, [&](size_t i) { return hn::Load(df, xb + i); }, &min_bits);
+      const BlockScale s = Fp4BlockScaleFromBits(amax_bits);
       const VF inverse = hn::Set(df, s.inverse);
-      for (size_t i = 0; i < kFp4BlockSize; i += lanes) {
-        const VU32 codes = E2M1Codes(df, hn::Mul(hn::Load(df, xb + i), inverse));
-        hn::StoreU(hn::U8FromU32(codes), du8, nibbles + block * kFp4BlockSize + i);
+      // y = x * 2^k is tiny for |x| < 2^(-126-k): possible only for k < 0
+      // (x is 0 or normal here), i.e. blocks with values above 6 next to
+      // values near 2^-126.
+      const int k = 127 - s.byte;
+      const uint32_t tiny_below = k < 0 ? static_cast<uint32_t>(1 - k) << 23 : 0;
+      if (min_bits >= tiny_below) {
+        for (size_t i = 0; i < kFp4BlockSize; i += lanes) {
+          const VU32 codes = E2M1Codes(df, hn::Mul(hn::Load(df, xb + i), inverse));
+          hn::StoreU(hn::U8FromU32(codes), du8, nibbles + block * kFp4BlockSize + i);
+        }
+      } else {
+        // 2^(-150-k) as bits: subnormal for k in [-23, -1], normal below.
+        const uint32_t nonzero_above = k >= -23 ? 1u << (-1 - k) : static_cast<uint32_t>(-23 - k) << 23;
+        for (size_t i = 0; i < kFp4BlockSize; i += lanes) {
+          const VU32 codes = E2M1CodesWithTinyLanes(df, hn::BitCast(du32, hn::Load(df, xb + i)), inverse,
+                                                    hn::Set(du32, tiny_below), hn::Set(du32, nonzero_above));
+          hn::StoreU(hn::U8FromU32(codes), du8, nibbles + block * kFp4BlockSize + i);
+        }
       }
       key_scales[block] = s.byte;
     }

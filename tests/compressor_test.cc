@@ -10,6 +10,7 @@
 #include <random>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "gmock/gmock.h"
@@ -19,6 +20,8 @@
 #include "src/compressor_run.h"
 #include "tests/testing/tiny_model.h"
 #include "tests/testing/every_target.h"
+#include "tests/testing/distributions.h"
+#include "tests/testing/subnormal_traps.h"
 
 namespace kvc {
 namespace {
@@ -87,6 +90,105 @@ TEST_P(CompressorKernelsTest, NormRopeMatchesReference) {
       NormRope(pooled.data(), dim, weight.data(), 1e-6f, cos_sin.data(), simd.data());
       NormRopeRef(pooled.data(), dim, weight.data(), 1e-6f, cos_sin.data(), ref.data());
       for (int i = 0; i < dim; ++i) ASSERT_EQ(simd[static_cast<size_t>(i)].bits, ref[static_cast<size_t>(i)].bits) << dim << "/" << i;
+    }
+  }
+}
+
+// Pooling and RMSNorm + RoPE on every distribution (testing/distributions.h):
+// the reference's bits, and no fp operation on a subnormal. Scores are tiny,
+// N(0,1) or spread far beyond exp's range.
+TEST_P(CompressorKernelsTest, EveryDistributionIsExactWithoutSubnormalArithmetic) {
+  std::mt19937 rng(31);
+  for (const testing::Distribution d : testing::AllDistributions()) {
+    for (const testing::Distribution score_d : {testing::Distribution::kNormal, testing::Distribution::kTiny, testing::Distribution::kMixed}) {
+      const std::string name = testing::Name(d) + " kv, " + testing::Name(score_d) + " scores";
+      const int n = 8;
+      const int64_t channels = 512;
+      std::vector<std::vector<float>> kv, score, ape;
+      std::vector<PoolSlot> slots;
+      for (int j = 0; j < n; ++j) {
+        kv.push_back(testing::Floats(d, static_cast<size_t>(channels), rng));
+        score.push_back(testing::Floats(score_d, static_cast<size_t>(channels), rng, 8));
+        ape.push_back(testing::Floats(score_d, static_cast<size_t>(channels), rng, 8));
+      }
+      for (int j = 0; j < n; ++j) slots.push_back({kv[j].data(), score[j].data(), j % 2 ? ape[j].data() : nullptr});
+      std::vector<float> simd(static_cast<size_t>(channels)), ref(simd.size());
+      PoolChannels(slots.data(), n, channels, simd.data());
+      PoolRef(slots.data(), n, channels, ref.data());
+      for (int64_t c = 0; c < channels; ++c) {
+        ASSERT_EQ(F32Bits(simd[static_cast<size_t>(c)]), F32Bits(ref[static_cast<size_t>(c)])) << name << ", channel " << c;
+      }
+      testing::ExpectNoSubnormalOperations("PoolChannels " + name, [&] { PoolChannels(slots.data(), n, channels, simd.data()); });
+    }
+    for (const int tiny_exp : {-128, -70}) {  // bf16 subnormals; squares below 2^-126
+    for (const int dim : {128, 512}) {
+      const std::vector<float> pooled = testing::Floats(d, static_cast<size_t>(dim), rng, 60, tiny_exp);
+      const std::vector<float> weight = testing::Floats(testing::Distribution::kNormal, static_cast<size_t>(dim), rng);
+      std::vector<float> cos_sin(64);
+      for (int j = 0; j < 32; ++j) cos_sin[2 * j] = std::cos(0.3f * static_cast<float>(j)), cos_sin[2 * j + 1] = std::sin(0.3f * static_cast<float>(j));
+      std::vector<Bf16> simd(static_cast<size_t>(dim)), ref(simd.size());
+      NormRope(pooled.data(), dim, weight.data(), 1e-6f, cos_sin.data(), simd.data());
+      NormRopeRef(pooled.data(), dim, weight.data(), 1e-6f, cos_sin.data(), ref.data());
+      for (int i = 0; i < dim; ++i) ASSERT_EQ(simd[static_cast<size_t>(i)].bits, ref[static_cast<size_t>(i)].bits) << testing::Name(d) << " " << dim << "/" << i;
+      testing::ExpectNoSubnormalOperations("NormRope " + testing::Name(d) + " (tiny 2^" + std::to_string(tiny_exp) + ")", [&] {
+        NormRope(pooled.data(), dim, weight.data(), 1e-6f, cos_sin.data(), simd.data());
+      });
+    }
+    }
+  }
+}
+
+// A whole Append through the cache (finiteness checks, score + ape checks,
+// pooling, RMSNorm + RoPE, the state ring, FP8 rows and FP4 keys) with
+// projections of every distribution meets no subnormal operation, and a
+// cache fed the same tokens in other chunks holds the same bytes.
+TEST(CompressedStreams, AppendMeetsNoSubnormalOnAnyDistribution) {
+  testing::TinyModel model;
+  std::mt19937 rng(41);
+  for (const testing::Distribution d : testing::AllDistributions()) {
+    for (const testing::Distribution score_d : {testing::Distribution::kNormal, testing::Distribution::kTiny}) {
+      const std::string name = testing::Name(d) + " kv, " + testing::Name(score_d) + " scores";
+      CacheOptions options;
+      options.history_bytes = 64 << 20;
+      options.state_bytes = 64 << 20;
+      auto cache = *Cache::Create(model.spec(), options);
+      const SequenceId seq = *cache->CreateSequence();
+      const int64_t n = 300;
+      const std::vector<Bf16> window = testing::Bf16s(d, static_cast<size_t>(n) * kHeadDim, rng, 60);
+      const std::vector<float> kv = testing::Floats(d, static_cast<size_t>(n) * 1024, rng, 60),
+                               score = testing::Floats(score_d, static_cast<size_t>(n) * 1024, rng, 60),
+                               ikv = testing::Floats(d, static_cast<size_t>(n) * 256, rng, 60),
+                               iscore = testing::Floats(score_d, static_cast<size_t>(n) * 256, rng, 60);
+      const LayerTokens csa{window, kv, score, ikv, iscore};
+      const LayerTokens hca{window, absl::MakeConstSpan(kv).first(static_cast<size_t>(n) * 512),
+                            absl::MakeConstSpan(score).first(static_cast<size_t>(n) * 512), {}, {}};
+      // The same tokens in two chunks into a second cache: the reference bytes.
+      auto split = *Cache::Create(model.spec(), options);
+      const SequenceId split_seq = *split->CreateSequence();
+      auto part = [&](const LayerTokens& t, int64_t from, int64_t to, int64_t width, int64_t iwidth) {
+        auto sub = [&](auto span, int64_t w) { return span.empty() ? span : span.subspan(static_cast<size_t>(from * w), static_cast<size_t>((to - from) * w)); };
+        return LayerTokens{sub(t.window_rows, kHeadDim), sub(t.compressor_kv, width), sub(t.compressor_score, width),
+                           sub(t.indexer_kv, iwidth), sub(t.indexer_score, iwidth)};
+      };
+      for (const auto& [from, to] : {std::pair<int64_t, int64_t>{0, 131}, {131, n}}) {
+        ASSERT_TRUE(split->Append(split_seq, testing::TinyModel::kCsaLayer, from, part(csa, from, to, 1024, 256)).ok()) << name;
+        ASSERT_TRUE(split->Append(split_seq, testing::TinyModel::kHcaLayer, from, part(hca, from, to, 512, 0)).ok()) << name;
+      }
+      testing::ExpectNoSubnormalOperations("Cache::Append " + name, [&] {
+        if (!cache->Append(seq, testing::TinyModel::kCsaLayer, 0, csa).ok()) std::abort();
+        if (!cache->Append(seq, testing::TinyModel::kHcaLayer, 0, hca).ok()) std::abort();
+      });
+      ASSERT_TRUE(cache->Append(seq, testing::TinyModel::kCsaLayer, 0, csa).ok()) << name;
+      ASSERT_TRUE(cache->Append(seq, testing::TinyModel::kHcaLayer, 0, hca).ok()) << name;
+      for (const int layer : {testing::TinyModel::kCsaLayer, testing::TinyModel::kHcaLayer}) {
+        const HistoryView a = *cache->CompressedRows(seq, layer), b = *split->CompressedRows(split_seq, layer);
+        ASSERT_EQ(a.rows, b.rows);
+        for (int64_t i = 0; i < a.rows; ++i) {
+          const ConstPackedRows& pa = a.pages[static_cast<size_t>(i / a.rows_per_page)];
+          const ConstPackedRows& pb = b.pages[static_cast<size_t>(i / b.rows_per_page)];
+          ASSERT_EQ(0, std::memcmp(pa.row_data(i % a.rows_per_page), pb.row_data(i % b.rows_per_page), 576)) << name << " row " << i;
+        }
+      }
     }
   }
 }

@@ -1,12 +1,15 @@
 #include "kvc/indexer.h"
 
 #include <algorithm>
+#include <csignal>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -15,6 +18,7 @@
 #include "kvc/cache.h"
 #include "kvc/row_kernels.h"
 #include "tests/testing/every_target.h"
+#include "tests/testing/subnormal_traps.h"
 
 namespace kvc {
 namespace {
@@ -68,6 +72,150 @@ TEST_P(IndexerKernelsTest, ScoresMatchTheReferenceForAnyHeadCount) {
     }
   }
 }
+
+// Keys written byte by byte (as an engine or a snapshot may): random codes
+// (each block all zero with probability `zero_blocks`) and block scale bytes
+// from `scale_byte`.
+std::vector<uint8_t> KeysWithScales(int64_t n, std::mt19937& rng, const std::function<int(int64_t, int)>& scale_byte,
+                                    double zero_blocks = 0.0) {
+  std::vector<uint8_t> page(static_cast<size_t>(n) * 68);
+  const PackedRows keys = PageFooterRows(RowFormat::kIndexFp4, page.data(), n);
+  std::bernoulli_distribution zero(zero_blocks);
+  for (int64_t j = 0; j < n; ++j) {
+    for (int b = 0; b < 4; ++b) {
+      const bool z = zero(rng);
+      for (int i = 16 * b; i < 16 * b + 16; ++i) keys.row_data(j)[i] = z ? static_cast<uint8_t>((rng() & 1) ? 0x88 : 0) : static_cast<uint8_t>(rng());
+      keys.row_scales(j)[b] = static_cast<uint8_t>(scale_byte(j, b));
+    }
+  }
+  return page;
+}
+
+// The key distributions the scoring kernels must score exactly and without a
+// subnormal operation: realistic N(0,1) keys, all-zero keys, keys at the
+// largest scales the query accepts, tiny scales (block products, sums and
+// relu * w in the subnormal range, and scales that round to 0), scales around
+// the fast path's threshold, zero blocks among tiny ones, and keys whose
+// blocks span the whole exponent range (the fp64 emulation).
+struct KeyDistribution {
+  std::string name;
+  std::function<std::vector<uint8_t>(int64_t, std::mt19937&, const IndexQuery&)> make;
+};
+
+std::vector<KeyDistribution> KeyDistributions() {
+  auto uniform = [](int lo, int hi) {
+    return [lo, hi](int64_t n, std::mt19937& rng, const IndexQuery& q) {
+      const int top = std::min(hi, q.max_key_scale_byte());
+      std::uniform_int_distribution<int> byte(std::min(lo, top), top);
+      return KeysWithScales(n, rng, [&](int64_t, int) { return byte(rng); });
+    };
+  };
+  return {
+      {"normal", [](int64_t n, std::mt19937& rng, const IndexQuery&) {
+         std::vector<uint8_t> page(static_cast<size_t>(n) * 68);
+         EXPECT_TRUE(QuantizeIndexKeys(RandomBf16(static_cast<size_t>(n) * kIndexDim, rng),
+                                       PageFooterRows(RowFormat::kIndexFp4, page.data(), n)).ok());
+         return page;
+       }},
+      {"zeros", [](int64_t n, std::mt19937& rng, const IndexQuery& q) {
+         return KeysWithScales(n, rng, [&](int64_t, int) { return static_cast<int>(rng() % (q.max_key_scale_byte() + 1)); }, 1.0);
+       }},
+      {"huge", uniform(200, 254)},
+      {"tiny", uniform(0, 12)},
+      {"threshold", uniform(20, 60)},
+      {"tiny_with_zero_blocks", [](int64_t n, std::mt19937& rng, const IndexQuery&) {
+         return KeysWithScales(n, rng, [&](int64_t, int) { return static_cast<int>(rng() % 8); }, 0.4);
+       }},
+      {"spanning", [](int64_t n, std::mt19937& rng, const IndexQuery& q) {
+         return KeysWithScales(n, rng, [&](int64_t j, int b) { return b == static_cast<int>(j % 4) ? q.max_key_scale_byte() : static_cast<int>(rng() % 4); });
+       }},
+      {"any", uniform(0, 254)},
+  };
+}
+
+// Queries: N(0,1) with weights of both signs; positive weights; tiny queries;
+// subnormal and zero weights, all-zero heads; huge queries.
+std::vector<std::pair<std::string, IndexQuery>> QueryDistributions(std::mt19937& rng) {
+  float cos_sin[64];
+  for (int j = 0; j < 32; ++j) cos_sin[2 * j] = std::cos(0.1f * static_cast<float>(j)), cos_sin[2 * j + 1] = std::sin(0.1f * static_cast<float>(j));
+  std::vector<std::pair<std::string, IndexQuery>> out;
+  out.emplace_back("mixed_weights", RandomQuery(64, rng));
+  std::vector<float> w(64, 0.02f);
+  out.emplace_back("positive_weights", *IndexQuery::Prepare(RandomBf16(64 * kIndexDim, rng), w, cos_sin));
+  out.emplace_back("tiny_query", *IndexQuery::Prepare(RandomBf16(64 * kIndexDim, rng, 0x1p-118f), w, cos_sin));
+  std::vector<Bf16> some_zero = RandomBf16(20 * kIndexDim, rng);
+  std::fill(some_zero.begin() + 3 * kIndexDim, some_zero.begin() + 4 * kIndexDim, ToBf16(0.0f));
+  std::vector<float> odd(20, -0.3f);
+  odd[1] = 0x1p-140f;  // subnormal
+  odd[2] = 0.0f;
+  odd[5] = -0.0f;
+  odd[7] = 0x1p-126f;
+  out.emplace_back("odd_weights", *IndexQuery::Prepare(some_zero, odd, cos_sin));
+  out.emplace_back("huge_query", *IndexQuery::Prepare(RandomBf16(16 * kIndexDim, rng, 0x1p100f), std::vector<float>(16, 1.0f), cos_sin));
+  return out;
+}
+
+TEST_P(IndexerKernelsTest, ScoresMatchTheReferenceOnEveryDistribution) {
+  std::mt19937 rng(11);
+  for (const auto& [query_name, q] : QueryDistributions(rng)) {
+    for (const KeyDistribution& dist : KeyDistributions()) {
+      const int64_t n = 77;  // two VNNI groups and a tail
+      const std::vector<uint8_t> page = dist.make(n, rng, q);
+      const ConstPackedRows keys = PageFooterRows(RowFormat::kIndexFp4, page.data(), n);
+      std::vector<float> scores(static_cast<size_t>(n));
+      const absl::Status status = ScoreIndexKeys(q, keys, absl::MakeSpan(scores));
+      ASSERT_TRUE(status.ok()) << query_name << " x " << dist.name << ": " << status;
+      for (int64_t j = 0; j < n; ++j) {
+        ASSERT_EQ(F32Bits(scores[static_cast<size_t>(j)]), F32Bits(IndexScoreRef(q, keys.row_data(j), keys.row_scales(j))))
+            << query_name << " x " << dist.name << ", key " << j << ": " << scores[static_cast<size_t>(j)] << " vs "
+            << IndexScoreRef(q, keys.row_data(j), keys.row_scales(j));
+      }
+    }
+  }
+}
+
+TEST_P(IndexerKernelsTest, ScoringMeetsNoSubnormalOperation) {
+  std::mt19937 rng(12);
+  // Preparing a query: tiny (bf16 subnormal) values, RoPE and the index-key pipeline.
+  for (const float scale : {1.0f, 0x1p-118f, 0x1p-128f}) {
+    const std::vector<Bf16> q_raw = RandomBf16(64 * kIndexDim, rng, scale);
+    std::vector<float> w(64, 0.02f);
+    float cos_sin[64];
+    for (int j = 0; j < 32; ++j) cos_sin[2 * j] = std::cos(0.1f * static_cast<float>(j)), cos_sin[2 * j + 1] = std::sin(0.1f * static_cast<float>(j));
+    IndexQuery q;
+    ASSERT_TRUE(IndexQuery::Prepare(q_raw, w, cos_sin, &q).ok());
+    testing::ExpectNoSubnormalOperations("IndexQuery::Prepare", [&] {
+      if (!IndexQuery::Prepare(q_raw, w, cos_sin, &q).ok()) std::abort();
+    });
+  }
+  for (const auto& [query_name, q] : QueryDistributions(rng)) {
+    for (const KeyDistribution& dist : KeyDistributions()) {
+      const int64_t n = 77;
+      const std::vector<uint8_t> page = dist.make(n, rng, q);
+      std::vector<float> scores(static_cast<size_t>(n));
+      testing::ExpectNoSubnormalOperations(query_name + " x " + dist.name, [&] {
+        if (!ScoreIndexKeys(q, PageFooterRows(RowFormat::kIndexFp4, page.data(), n), absl::MakeSpan(scores)).ok()) std::abort();
+      });
+    }
+  }
+}
+
+#ifdef KVC_HAVE_SUBNORMAL_TRAPS
+// The harness above catches subnormal arithmetic: the scalar reference, which
+// multiplies by the subnormal scale 2^-127 of a zero block, dies under it.
+TEST(SubnormalTraps, CatchTheReferencesSubnormalArithmetic) {
+  std::mt19937 rng(13);
+  const IndexQuery q = RandomQuery(16, rng);
+  const std::vector<uint8_t> page = KeysWithScales(1, rng, [](int64_t, int) { return 0; });
+  const ConstPackedRows keys = PageFooterRows(RowFormat::kIndexFp4, page.data(), 1);
+  EXPECT_EXIT(
+      {
+        testing::RunWithSubnormalTraps([&] { volatile float score = IndexScoreRef(q, keys.row_data(0), keys.row_scales(0)); (void)score; });
+        std::_Exit(0);
+      },
+      ::testing::KilledBySignal(SIGFPE), "");
+}
+#endif
 
 TEST_P(IndexerKernelsTest, TopKEqualsBruteForceIncludingTies) {
   std::mt19937 rng(2);
@@ -281,6 +429,53 @@ TEST_P(IndexerKernelsTest, TopKRefusesNaNNamingTheIndex) {
   EXPECT_EQ(untouched, std::vector<int64_t>{42});
   ASSERT_TRUE(TopK(std::vector<float>(10, 1.0f), 0, &untouched).ok());
   EXPECT_TRUE(untouched.empty());
+}
+
+// The decode path on tiny keys and rows (subnormal scores): preparing the
+// query, scoring, top-k and gathering meet no subnormal operation, and top-k
+// picks what it picks on scores compared as floats.
+TEST(Indexer, SelectionOnTinyKeysMeetsNoSubnormal) {
+  std::mt19937 rng(21);
+  ModelSpec spec = ModelSpec::V4Flash();
+  spec.layers.assign(1, LayerSpec{});
+  spec.layers[0].kind = LayerKind::kCsa;
+  spec.window = 8;
+  spec.index_topk = 64;
+  CacheOptions options;
+  options.rollback_depth = 4;
+  auto cache = *Cache::Create(spec, options);
+  const SequenceId seq = *cache->CreateSequence();
+  const int64_t entries = 3000;
+  for (int64_t at = 0; at < 4 * entries; at += 8) ASSERT_TRUE(cache->Append(seq, 0, at, {RandomBf16(8 * kHeadDim, rng, 0x1p-128f)}).ok());
+  ASSERT_TRUE(cache->AppendCompressedRows(seq, 0, 0, RandomBf16(entries * kHeadDim, rng, 0x1p-128f)).ok());
+  ASSERT_TRUE(cache->AppendIndexKeys(seq, 0, 0, RandomBf16(entries * kIndexDim, rng, 0x1p-124f)).ok());
+  const std::vector<Bf16> q_raw = RandomBf16(64 * kIndexDim, rng, 0x1p-20f);
+  const std::vector<float> w(64, 0.03f);
+  IndexQuery q;
+  SelectionScratch scratch;
+  AttentionSet set;
+  std::vector<float> rows_f32;
+  std::vector<Bf16> rows_bf16;
+  ASSERT_TRUE(cache->PrepareIndexQuery(4 * entries - 1, q_raw, w, &q).ok());
+  ASSERT_TRUE(cache->SelectAttentionSet(seq, 0, &q, &scratch, &set).ok());
+  size_t subnormal = 0;
+  for (const float x : scratch.scores) subnormal += x != 0.0f && std::fabs(x) < 0x1p-126f;
+  EXPECT_GT(subnormal, scratch.scores.size() / 2) << "the scores should be subnormal";
+  // Top-k on subnormal scores: the float ordering (ties to the lower index).
+  std::vector<int64_t> order(scratch.scores.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return scratch.scores[static_cast<size_t>(a)] > scratch.scores[static_cast<size_t>(b)]; });
+  order.resize(64);
+  std::sort(order.begin(), order.end());
+  EXPECT_EQ(scratch.entries, order);
+  rows_f32.resize(set.rows.size() * kHeadDim);
+  rows_bf16.resize(set.rows.size() * kHeadDim);
+  testing::ExpectNoSubnormalOperations("decode on tiny keys", [&] {
+    if (!cache->PrepareIndexQuery(4 * entries - 1, q_raw, w, &q).ok() || !cache->SelectAttentionSet(seq, 0, &q, &scratch, &set).ok() ||
+        !GatherAttentionRows(set, absl::MakeSpan(rows_f32)).ok() || !GatherAttentionRows(set, absl::MakeSpan(rows_bf16)).ok()) {
+      std::abort();
+    }
+  });
 }
 
 TEST(Indexer, ScoresAreTheMathOfTheDequantizedValues) {

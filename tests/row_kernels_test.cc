@@ -16,7 +16,9 @@
 #include "gtest/gtest.h"
 #include "hwy/targets.h"
 #include "kvc/reference_codecs.h"
+#include "tests/testing/distributions.h"
 #include "tests/testing/every_target.h"
+#include "tests/testing/subnormal_traps.h"
 
 namespace kvc {
 namespace {
@@ -196,6 +198,80 @@ TEST_P(RowKernelsTest, QuantizeIndexKeysMatchesReference) {
                 F32Bits(expected[static_cast<size_t>(i)]));
     }
   }
+}
+
+// Every distribution (testing/distributions.h) gives the reference's bits,
+// and no fp operation of the kernels meets a subnormal (stored rows with tiny
+// scale bytes, as an engine may write them, included).
+TEST_P(RowKernelsTest, EveryDistributionIsExactWithoutSubnormalArithmetic) {
+  std::mt19937 rng(21);
+  for (const testing::Distribution d : testing::AllDistributions()) {
+    const std::string name = testing::Name(d);
+    const int rows = 37;
+    const std::vector<Bf16> in = testing::Bf16s(d, static_cast<size_t>(rows) * kHeadDim, rng);
+    std::vector<uint8_t> simd(static_cast<size_t>(rows) * kKv), ref(simd.size());
+    ASSERT_TRUE(QuantizeKvRows(in, ContiguousRows(RowFormat::kKvFp8, simd.data(), rows)).ok()) << name;
+    for (int r = 0; r < rows; ++r) QuantizeKvRowRef(in.data() + r * kHeadDim, ref.data() + r * kKv, ref.data() + r * kKv + 576);
+    ASSERT_EQ(simd, ref) << name;
+    testing::ExpectNoSubnormalOperations("QuantizeKvRows " + name, [&] {
+      if (!QuantizeKvRows(in, ContiguousRows(RowFormat::kKvFp8, simd.data(), rows)).ok()) std::abort();
+    });
+
+    // Dequantize those rows, and rows of any bytes with tiny scale bytes.
+    std::vector<uint8_t> tiny_scales = RandomBytes(simd.size(), 22);
+    for (int r = 0; r < rows; ++r) {
+      for (int b = 0; b < 8; ++b) tiny_scales[static_cast<size_t>(r) * kKv + 576 + b] = static_cast<uint8_t>(rng() % 24);
+    }
+    for (const std::vector<uint8_t>* stored : {&simd, &tiny_scales}) {
+      const ConstPackedRows view = ContiguousRows(RowFormat::kKvFp8, stored->data(), rows);
+      std::vector<float> expected(static_cast<size_t>(rows) * kHeadDim), f32(expected.size());
+      std::vector<Bf16> bf16(expected.size());
+      for (int r = 0; r < rows; ++r) DequantizeKvRowRef(view.row_data(r), view.row_scales(r), expected.data() + r * kHeadDim);
+      ASSERT_TRUE(DequantizeKvRows(view, absl::MakeSpan(f32)).ok());
+      ASSERT_TRUE(DequantizeKvRows(view, absl::MakeSpan(bf16)).ok());
+      for (size_t i = 0; i < expected.size(); ++i) {
+        ASSERT_EQ(F32Bits(f32[i]), F32Bits(expected[i])) << name << " value " << i;
+        ASSERT_EQ(bf16[i].bits, Bf16BitsFromF32(expected[i])) << name << " value " << i;
+      }
+      testing::ExpectNoSubnormalOperations("DequantizeKvRows " + name, [&] {
+        if (!DequantizeKvRows(view, absl::MakeSpan(f32)).ok() || !DequantizeKvRows(view, absl::MakeSpan(bf16)).ok()) std::abort();
+      });
+    }
+
+    const std::vector<Bf16> keys_in = testing::Bf16s(d, static_cast<size_t>(rows) * kIndexDim, rng, 110);
+    std::vector<uint8_t> keys(static_cast<size_t>(rows) * kKey), keys_ref(keys.size());
+    ASSERT_TRUE(QuantizeIndexKeys(keys_in, ContiguousRows(RowFormat::kIndexFp4, keys.data(), rows)).ok()) << name;
+    for (int r = 0; r < rows; ++r) QuantizeIndexKeyRef(keys_in.data() + r * kIndexDim, keys_ref.data() + r * kKey, keys_ref.data() + r * kKey + 64);
+    ASSERT_EQ(keys, keys_ref) << name;
+    testing::ExpectNoSubnormalOperations("QuantizeIndexKeys " + name, [&] {
+      if (!QuantizeIndexKeys(keys_in, ContiguousRows(RowFormat::kIndexFp4, keys.data(), rows)).ok()) std::abort();
+    });
+  }
+}
+
+// Hadamard outputs tiny next to huge ones in the same FP4 block (two equal
+// huge inputs cancel in half the outputs, leaving a small input there):
+// y = x / s underflows, and the code keeps the reference's sign exactly when
+// fl(y) is not 0.
+TEST_P(RowKernelsTest, IndexKeyBlocksWithTinyAndHugeValuesAreExact) {
+  std::vector<Bf16> in;
+  for (const int small_exp : {-20, -40, -49, -50, -51, -60, -110}) {
+    for (const float sign : {1.0f, -1.0f}) {
+      std::vector<Bf16> key(kIndexDim, ToBf16(0.0f));
+      key[0] = key[1] = ToBf16(0x1p100f);
+      key[2] = ToBf16(sign * std::ldexp(1.0f, small_exp));
+      key[37] = ToBf16(-sign * std::ldexp(1.5f, small_exp));
+      in.insert(in.end(), key.begin(), key.end());
+    }
+  }
+  const int keys = static_cast<int>(in.size()) / kIndexDim;
+  std::vector<uint8_t> simd(static_cast<size_t>(keys) * kKey), ref(simd.size());
+  ASSERT_TRUE(QuantizeIndexKeys(in, ContiguousRows(RowFormat::kIndexFp4, simd.data(), keys)).ok());
+  for (int k = 0; k < keys; ++k) QuantizeIndexKeyRef(in.data() + k * kIndexDim, ref.data() + k * kKey, ref.data() + k * kKey + 64);
+  ASSERT_EQ(simd, ref);
+  testing::ExpectNoSubnormalOperations("QuantizeIndexKeys tiny next to huge", [&] {
+    if (!QuantizeIndexKeys(in, ContiguousRows(RowFormat::kIndexFp4, simd.data(), keys)).ok()) std::abort();
+  });
 }
 
 TEST_P(RowKernelsTest, NonFiniteRowIsRejectedAndItAndLaterRowsAreUntouched) {

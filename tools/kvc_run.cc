@@ -9,7 +9,12 @@
 // cache and compared with the original byte for byte; the file is removed.
 //
 //   kvc-run [--model v4-flash|v4-pro|CONFIG.json] [--tokens N] [--decode-steps K] [--json FILE]
-//           [--snapshot FILE|none] [--max-context N]
+//           [--snapshot FILE|none] [--max-context N] [--threads N]
+//
+// --threads: the cache's executor (kvc::ThreadPoolExecutor; default: every
+// core of the machine, 1 = the calling thread only). The decode summary
+// reads the decode time against the int8 floor measured on as many threads:
+// the index scoring's multiply-adds at this machine's vpdpbusd peak.
 //
 // Exit status: 0 when every stage succeeded (and the restored sequence is
 // identical); 1 when a stage failed, after printing which stage and why;
@@ -25,16 +30,19 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "fmt/core.h"
 #include "kvc/cache.h"
+#include "kvc/executor.h"
 #include "kvc/footprint.h"
 #include "kvc/row_kernels.h"
 #include "kvc/snapshot.h"
 #include "nlohmann/json.hpp"
+#include "tools/int8_peak.h"
 #include "tools/synthetic_model.h"
 #include "tools/tool_flags.h"
 
@@ -43,6 +51,7 @@ ABSL_FLAG(int64_t, tokens, 1048576, "tokens to prefill, 1..2^30");
 ABSL_FLAG(int64_t, decode_steps, 8, "decode steps after the prefill, 0..10000");
 ABSL_FLAG(std::string, json, "kvc-run.json", "file the JSON summary is written to");
 ABSL_FLAG(std::string, snapshot, "kvc-run.kvcsnap", "snapshot file for the save/restore round trip (removed after), or none");
+ABSL_FLAG(int64_t, threads, 0, "threads kvc may use (its executor), 1..1024; 0: every core");
 ABSL_FLAG(int64_t, max_context, 0,
           "the cache's max_context in tokens; 0 (default): exactly what the run appends (tokens + decode steps, "
           "+1 for the incremental save's token). Smaller values make the run fail where it runs out (for tests)");
@@ -55,7 +64,7 @@ int Usage(const std::string& error) {
   std::FILE* out = error.empty() ? stdout : stderr;
   if (!error.empty()) fmt::print(stderr, "kvc-run: {}\n", error);
   fmt::print(out, "usage: kvc-run [--model v4-flash|v4-pro|CONFIG.json] [--tokens N] [--decode-steps K] [--json FILE]\n"
-                  "               [--snapshot FILE|none] [--max-context N]\n");
+                  "               [--snapshot FILE|none] [--max-context N] [--threads N]\n");
   return error.empty() ? 0 : 2;
 }
 
@@ -138,6 +147,9 @@ int Run(int argc, char** argv) {
   if (tokens < 1 || tokens > (int64_t{1} << 30)) return Usage("--tokens takes 1..2^30");
   if (steps < 0 || steps > 10000) return Usage("--decode-steps takes 0..10000");
   if (max_context < 0 || max_context > (int64_t{1} << 31)) return Usage("--max-context takes 0..2^31");
+  int64_t threads = absl::GetFlag(FLAGS_threads);
+  if (threads < 0 || threads > 1024) return Usage("--threads takes 0..1024");
+  if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
   if (json_path.empty() || snapshot_path.empty()) return Usage("--json and --snapshot take a file name");
   const bool snapshot = snapshot_path != "none";
   if (struct stat st; snapshot && ::lstat(snapshot_path.c_str(), &st) == 0) {
@@ -157,15 +169,18 @@ int Run(int argc, char** argv) {
   kvc::ModelSpec spec = analytic->spec;
   spec.max_context = max_context > 0 ? max_context : std::max(spec.max_context, appended);
   const kvc::tools::SyntheticModel synthetic(spec, 8192);
+  absl::StatusOr<std::unique_ptr<kvc::Executor>> executor = kvc::ThreadPoolExecutor(static_cast<int>(threads));
+  if (!executor.ok()) return Fail("creating the executor", executor.status());
   kvc::CacheOptions options;  // the defaults: rollback depth 16, 64-row pages
+  options.executor = executor->get();
   options.history_bytes = static_cast<int64_t>(analytic->TotalBytes(appended) * 1.05) + (int64_t{256} << 20);
   absl::StatusOr<std::unique_ptr<kvc::Cache>> cache = kvc::Cache::Create(synthetic.spec(), options);
   if (!cache.ok()) return Fail("creating the cache", cache.status());
   const absl::StatusOr<kvc::SequenceId> created = (*cache)->CreateSequence();
   if (!created.ok()) return Fail("creating the sequence", created.status());
   const kvc::SequenceId seq = *created;
-  fmt::print("kvc-run: {} ({} layers), one sequence of {} tokens + {} decode steps, SIMD target {}\n", spec.name,
-             spec.layers.size(), tokens, steps, kvc::ActiveSimdTargetName());
+  fmt::print("kvc-run: {} ({} layers), one sequence of {} tokens + {} decode steps, SIMD target {}, {} thread{}\n", spec.name,
+             spec.layers.size(), tokens, steps, kvc::ActiveSimdTargetName(), threads, threads > 1 ? "s" : "");
   std::fflush(stdout);
 
   // Prefill.
@@ -188,7 +203,7 @@ int Run(int argc, char** argv) {
   // Decode.
   kvc::tools::SyntheticModel::StepStats stats;
   for (int64_t t = tokens; t < length; ++t) {
-    if (const absl::Status s = synthetic.DecodeStep(**cache, seq, t, &stats); !s.ok()) {
+    if (const absl::Status s = synthetic.DecodeStep(**cache, seq, t, &stats, executor->get()); !s.ok()) {
       return Fail(absl::StrCat("decode step at token ", t), s);
     }
     fmt::print(stderr, "  decode step {} of {}: {:.1f} ms\n", stats.steps, steps,
@@ -210,10 +225,22 @@ int Run(int argc, char** argv) {
              "peak RSS", rss, options.rollback_depth);
   fmt::print("\nprefill   {:.1f} s, {:.0f} tokens/s ({} layers, chunks of {})\n", prefill_seconds,
              static_cast<double>(tokens) / prefill_seconds, spec.layers.size(), synthetic.chunk_tokens());
+  // The floor: the step's index multiply-adds at the int8 peak measured now
+  // on as many threads (0 without AVX512-VNNI).
+  const double macs_per_step = steps > 0 ? static_cast<double>(stats.keys_scored) / static_cast<double>(steps) * spec.index_heads * 128 : 0;
+  const double peak = steps > 0 ? kvc::tools::MeasureInt8Peak(**executor) : 0;
+  const double floor_ms = peak > 0 ? 1e3 * macs_per_step / peak : 0;
   if (steps > 0) {
     fmt::print("decode    {:.1f} ms/token: append {:.1f}, index queries {:.2f}, score + top-k + sets {:.1f}, gather {:.1f}\n",
                ms(stats.total()), ms(stats.append), ms(stats.index_query), ms(stats.select), ms(stats.gather));
     fmt::print("          per step: {} keys scored, {} rows gathered\n", stats.keys_scored / steps, stats.rows_gathered / steps);
+    if (peak > 0) {
+      fmt::print("          = {:.2f} x the int8 floor of {:.1f} ms/token ({:.2f} G multiply-adds at the {:.0f} G/s vpdpbusd peak "
+                 "measured on {} thread{})\n",
+                 ms(stats.total()) / floor_ms, floor_ms, 1e-9 * macs_per_step, 1e-9 * peak, threads, threads > 1 ? "s" : "");
+    } else {
+      fmt::print("          (no int8 floor: this CPU has no AVX512-VNNI)\n");
+    }
   }
 
   // Snapshot: save, one more token, incremental save, restore, compare.
@@ -279,6 +306,7 @@ int Run(int argc, char** argv) {
       {"layers", spec.layers.size()},
       {"tokens", length},
       {"simd_target", kvc::ActiveSimdTargetName()},
+      {"threads", threads},
       {"memory",
        {{"components", components}, {"used_bytes", usage.used_bytes()}, {"analytic_bytes", analytic_bytes},
         {"peak_rss_bytes", rss}}},
@@ -289,6 +317,8 @@ int Run(int argc, char** argv) {
        {{"steps", steps}, {"ms_per_token", ms(stats.total())}, {"append_ms", ms(stats.append)},
         {"index_query_ms", ms(stats.index_query)}, {"select_ms", ms(stats.select)}, {"gather_ms", ms(stats.gather)},
         {"keys_scored_per_step", steps > 0 ? stats.keys_scored / steps : 0},
+        {"int8_peak_macs_per_second", peak}, {"int8_floor_ms", floor_ms},
+        {"vs_int8_floor", floor_ms > 0 ? ms(stats.total()) / floor_ms : 0},
         {"rows_gathered_per_step", steps > 0 ? stats.rows_gathered / steps : 0}}},
       {"snapshot",
        {{"file_bytes", snap.file_bytes}, {"save_seconds", snap.save_s}, {"incremental_bytes", snap.incremental_bytes},

@@ -39,9 +39,11 @@ class SyntheticModel {
     double total() const { return append + index_query + select + gather; }
   };
   // One decode step at position t (the sequence holds t tokens): append
-  // token t to every layer, then select and gather every layer's set.
+  // token t to every layer, then select and gather every layer's set (the
+  // cache's executor splits each layer's index scoring; `executor`, if
+  // given, the gathering of each set's rows).
   // Not thread-safe: it selects and gathers into this object's scratch buffers.
-  absl::Status DecodeStep(Cache& cache, SequenceId seq, int64_t t, StepStats* stats) const;
+  absl::Status DecodeStep(Cache& cache, SequenceId seq, int64_t t, StepStats* stats, Executor* executor = nullptr) const;
 
  private:
   ModelSpec spec_;

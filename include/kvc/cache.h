@@ -45,6 +45,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "kvc/executor.h"
 #include "kvc/indexer.h"
 #include "kvc/model_spec.h"
 #include "kvc/number_formats.h"
@@ -159,6 +160,12 @@ struct CacheOptions {
   int32_t draft_slots = 0;
   int32_t rows_per_page = 64;  // 584-byte rows per page (window ring and compressed rows)
   int32_t keys_per_page = 64;  // 68-byte index keys per page
+  // Where a call runs its independent work (include/kvc/executor.h): the
+  // index scoring of SelectAttentionSet (keys split across tasks) and the
+  // compressors of Append (a chunk's 512-token slices). Not owned; must
+  // outlive the cache. nullptr: every call runs on its caller's thread.
+  // Results are identical whatever the executor.
+  Executor* executor = nullptr;
 
   // Prefix caching (docs/prefix-cache.md). Tokens per prefix block, B: a
   // positive multiple of 128 (every stream's boundary), at most 2^20. The

@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "kvc/executor.h"
 #include "kvc/number_formats.h"
 #include "kvc/row_formats.h"
 
@@ -18,8 +19,8 @@ namespace kvc {
 
 // A prepared index query: per head, RoPE (at the query position, on the last
 // 64 dims) -> bf16 -> Hadamard-128 -> bf16 -> FP4, exactly as an index key;
-// kept in the layout the scoring kernel reads (heads contiguous, padded to a
-// multiple of 16 with zero weight).
+// also kept in the layout the scoring kernels read (src/indexer_layout.h:
+// the heads that can add to a score, with their codes and scale exponents).
 class IndexQuery {
  public:
   // q_raw: heads x 128 bf16 (wq_b output, before RoPE), |x| <= 2^120;
@@ -57,24 +58,38 @@ class IndexQuery {
   // Dequantized values, heads x 128 (the official `idx_q`).
   std::vector<float> Values() const;
 
-  // Scoring layout (read by the kernels).
-  const float* q_f32() const { return q_f32_.data(); }      // [128][padded] 2*E2M1 codes as floats
-  const int8_t* q_s8() const { return q_s8_.data(); }       // [32 groups][padded/16][16 heads x 4 codes]
-  const int32_t* q_offset() const { return q_offset_.data(); }  // [4 blocks][padded] 12 * Σ codes of the block
-  const float* q_scale() const { return q_scale_.data(); }  // [4 blocks][padded] scale * 0.25
-  const float* weights() const { return weights_.data(); }  // [padded], 0 for padding
+  // The head weights, padded with zeros to padded_heads().
+  const float* weights() const { return weights_.data(); }
 
  private:
+  friend struct IndexQueryScoringView;  // src/indexer_layout.h: the kernels' view of the layout below
+
   int heads_ = 0;
   int padded_ = 0;
   int max_key_scale_byte_ = 254;
   int limiting_head_ = 0;
   std::vector<IndexKeyFp4> stored_;
-  std::vector<float> q_f32_;
-  std::vector<int8_t> q_s8_;
-  std::vector<int32_t> q_offset_;
-  std::vector<float> q_scale_;
   std::vector<float> weights_;
+  // The scoring layout (src/indexer_layout.h documents each field): the
+  // active heads (nonzero weight and codes) as slots grouped by head mod 16,
+  // their codes, block offsets, scale exponents and weights, and the key
+  // exponent thresholds of the subnormal-free paths.
+  std::vector<int32_t> slot_head_;
+  std::vector<int32_t> group_begin_;
+  std::vector<int8_t> slot_codes_;
+  std::vector<float> slot_codes_f32_;
+  std::vector<int32_t> slot_offset_;
+  std::vector<int32_t> slot_scale_bits_;
+  std::vector<float> slot_weight_;
+  std::vector<double> slot_weight_f64_;
+  std::vector<int8_t> slot_codes_shifted_;
+  std::vector<int32_t> slot_offset_shifted_;
+  std::vector<int32_t> slot_min_scale_bits_;
+  int max_q_shift_ = -1;
+  int min_q_exp_ = 0;
+  int fast_min_key_exp_ = 0;
+  int neutral_key_exp_ = 0;
+  bool fast_allowed_ = true;
 };
 
 // Index scores of `count` keys (rows of `keys`, 68-byte FP4 keys in any
@@ -88,6 +103,10 @@ class IndexQuery {
 // included) is refused with kInvalidArgument naming the key (its index in
 // `keys`) and block, before any score is written.
 absl::Status ScoreIndexKeys(const IndexQuery& query, ConstPackedRows keys, absl::Span<float> scores);
+// The same, the keys split across `executor`'s tasks (nullptr: the calling
+// thread): one query's latency on several cores. Identical scores and
+// refusals (checked before any score is written).
+absl::Status ScoreIndexKeys(const IndexQuery& query, ConstPackedRows keys, absl::Span<float> scores, Executor* executor);
 
 // The scalar reference of one key's score (for tests). Finite for keys whose
 // scale bytes are at most query.max_key_scale_byte().
