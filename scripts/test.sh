@@ -5,8 +5,8 @@
 # job (./scripts/run.sh) at a reduced size and at its max_context edge, each
 # leaving nothing behind but its JSON summary; the concurrent parts (cache,
 # the stress test with saves and restores, concurrent prefix publishers and
-# matchers, the parallel paths through an executor) under ThreadSanitizer;
-# and the parsers, the snapshot loader and
+# matchers, planned steps raced, the parallel paths through an executor) under
+# ThreadSanitizer; and the parsers, the snapshot loader and
 # the C API under libFuzzer for a bounded time.
 # Installs missing packages first. This is what CI runs (.ci/run).
 set -euo pipefail
@@ -40,11 +40,11 @@ only_json_left
 echo "== ThreadSanitizer build of the concurrent parts (-Werror)"
 cmake -S . -B build/tsan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVC_WERROR=ON \
   -DKVC_SANITIZE=thread -DKVC_BUILD_BENCH=OFF -DKVC_BUILD_TOOLS=OFF -DKVC_BUILD_EXAMPLES=OFF > /dev/null
-cmake --build build/tsan -j "$jobs" --target cache_stress_test cache_test prefix_cache_test executor_test
+cmake --build build/tsan -j "$jobs" --target cache_stress_test cache_test prefix_cache_test step_adversarial_test executor_test
 # executor_test's SpawnedThreads tests run kvc's parallel paths on std::threads
 # (oneTBB's own synchronization is invisible to TSan).
 TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
-  ctest --test-dir build/tsan --output-on-failure -j "$jobs" -R '^(CacheStress|Cache|PrefixCacheConcurrency)\.|SpawnedThreads$'
+  ctest --test-dir build/tsan --output-on-failure -j "$jobs" -R '^(CacheStress|Cache|PrefixCacheConcurrency|StepAdversarialConcurrency)\.|SpawnedThreads$'
 
 echo "== libFuzzer: JSON, safetensors, config.json, snapshot loader, C API call sequences (${FUZZ_SECONDS:-20}s each)"
 ./scripts/fuzz.sh

@@ -8,6 +8,7 @@
 #include <new>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -32,7 +33,13 @@ struct kvc_index_query {
 
 struct kvc_step_plan {
   kvc::StepPlan plan;
-  std::vector<kvc_page_copy> copies, abort_copies;
+  // The copies as C structs, made on the first kvc_step_plan_copies /
+  // kvc_step_plan_abort_copies: kvc_step_plan_create allocates nothing once
+  // the step is open, and a conversion that runs out of memory fails that
+  // getter alone (it is tried again on the next call).
+  mutable std::mutex convert_mu;
+  mutable bool converted = false;  // guarded by convert_mu; the vectors are fixed once it is set
+  mutable std::vector<kvc_page_copy> copies, abort_copies;
 };
 
 namespace {
@@ -807,16 +814,7 @@ int kvc_step_plan_create(kvc_cache* cache, const kvc_seq* seqs, const int64_t* n
     auto plan = std::make_unique<kvc_step_plan>();
     absl::StatusOr<kvc::StepPlan> planned = cache->cache->PlanStep(requests);
     if (!planned.ok()) return FromStatus(planned.status());
-    plan->plan = *std::move(planned);
-    // The step is open now: a failure below (memory for the C copies) must
-    // not leave it so.
-    try {
-      plan->copies = ToCCopies(plan->plan.copies);
-      plan->abort_copies = ToCCopies(plan->plan.abort_copies);
-    } catch (...) {
-      if (!cache->cache->AbortStep(plan->plan.epoch).ok()) return Fail(KVC_ERR_INTERNAL, absl::StrCat(function, ": abort failed"));
-      throw;
-    }
+    plan->plan = *std::move(planned);  // the step is open: nothing below allocates
     *out = plan.release();
     return KVC_OK;
   });
@@ -850,11 +848,27 @@ int kvc_step_plan_slots(const kvc_step_plan* plan, int32_t stream, const int32_t
   });
 }
 
+namespace {
+
+// The plan's copies as C structs (kvc_step_plan::converted).
+void ConvertCopies(const kvc_step_plan& plan) {
+  std::lock_guard<std::mutex> lock(plan.convert_mu);
+  if (plan.converted) return;
+  std::vector<kvc_page_copy> copies = ToCCopies(plan.plan.copies);
+  std::vector<kvc_page_copy> abort_copies = ToCCopies(plan.plan.abort_copies);
+  plan.copies = std::move(copies);
+  plan.abort_copies = std::move(abort_copies);
+  plan.converted = true;
+}
+
+}  // namespace
+
 int kvc_step_plan_copies(const kvc_step_plan* plan, const kvc_page_copy** copies, int64_t* count) {
   return Guarded(__func__, [&](const char* function) -> int {
     KVC_C_REQUIRE(plan);
     KVC_C_REQUIRE(copies);
     KVC_C_REQUIRE(count);
+    ConvertCopies(*plan);
     *copies = plan->copies.data();
     *count = static_cast<int64_t>(plan->copies.size());
     return KVC_OK;
@@ -866,6 +880,7 @@ int kvc_step_plan_abort_copies(const kvc_step_plan* plan, const kvc_page_copy** 
     KVC_C_REQUIRE(plan);
     KVC_C_REQUIRE(copies);
     KVC_C_REQUIRE(count);
+    ConvertCopies(*plan);
     *copies = plan->abort_copies.data();
     *count = static_cast<int64_t>(plan->abort_copies.size());
     return KVC_OK;

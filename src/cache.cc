@@ -8,6 +8,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -67,8 +68,16 @@ int64_t SequenceUsage::total_bytes() const {
 Cache::Cache(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 Cache::~Cache() {
-  std::lock_guard<std::mutex> lock(impl_->mu);
-  for (auto& [id, seq] : impl_->sequences) {
+  // The sequences are taken out under the cache's lock and released under
+  // their own after it: every call takes a sequence's lock before the
+  // cache's, and so does this (no call may run during destruction; this
+  // keeps ThreadSanitizer's lock-order graph acyclic).
+  std::unordered_map<SequenceId, std::shared_ptr<Sequence>> sequences;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    sequences.swap(impl_->sequences);
+  }
+  for (auto& [id, seq] : sequences) {
     std::lock_guard<std::mutex> seq_lock(seq->mu);
     impl_->Release(*seq);
   }
@@ -286,7 +295,13 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
     KVC_ASSIGN_OR_RETURN(entry_plan, entry_part->PlanAppend(sq, layer, static_cast<int64_t>(entries.size()) / kHeadDim));
   }
   if (indexes) {
-    absl::StatusOr<HistoryStream::Plan> plan = key_part->PlanAppend(sq, layer, static_cast<int64_t>(keys.size()) / kIndexDim);
+    absl::StatusOr<HistoryStream::Plan> plan;
+    try {  // the entries' pages are granted: a std::bad_alloc must give them back
+      plan = key_part->PlanAppend(sq, layer, static_cast<int64_t>(keys.size()) / kIndexDim);
+    } catch (...) {
+      entry_part->Abandon(entry_plan);
+      throw;
+    }
     if (!plan.ok()) {
       entry_part->Abandon(entry_plan);
       return plan.status();
@@ -310,6 +325,7 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
   }
   ls.length += n;
   ls.ring_end = ls.length;
+  ls.state_end = std::max(ls.state_end, ls.length);
   ls.floor = std::max(ls.floor, ls.length - impl_->depth());
   if (!applied.ok()) return absl::InternalError(absl::StrCat("Append: ", applied.message()));
   return absl::OkStatus();
@@ -423,6 +439,19 @@ absl::StatusOr<SequenceId> Cache::Fork(SequenceId id, std::vector<PageCopy>* eng
     KVC_RETURN_IF_ERROR(Impl::RefuseInStep(*parent, id, "Fork"));
     KVC_RETURN_IF_ERROR(impl_->SameLengthEverywhere(parent->layers, id, "Fork:"));
     std::lock_guard<std::mutex> child_lock(child->mu);
+    // Room first for the shared history tables and the copies the parts
+    // list: once the child's pages are granted nothing may allocate (a
+    // std::bad_alloc would drop the unregistered child with its pages).
+    size_t private_pages = 0;
+    for (int s = 0; s < cache_internal::kStreamCount; ++s) {
+      const std::vector<PageId>& table = parent->tables[static_cast<size_t>(s)];
+      if (impl_->History(s) != nullptr) {
+        child->tables[static_cast<size_t>(s)].reserve(table.size());
+      } else {
+        private_pages += table.size();
+      }
+    }
+    if (impl_->page_manager()) copies.reserve(private_pages);
     KVC_RETURN_IF_ERROR(impl_->AllocateState(*child));
     // Apply (cannot fail): every part copies its private pages in every
     // layer (lists them, in page-manager mode) and shares the history.

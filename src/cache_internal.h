@@ -126,12 +126,18 @@ struct Cache::Impl {
   int32_t depth() const { return options.rollback_depth; }
   int32_t rows_per_page() const { return options.rows_per_page; }
 
-  // Adds a fully built sequence and returns its new id.
+  // Adds a fully built sequence and returns its new id. If the map cannot
+  // grow (std::bad_alloc), the sequence's pages are released before the
+  // exception propagates: nothing changed.
   SequenceId Register(std::shared_ptr<Sequence> seq) {
     std::lock_guard<std::mutex> lock(mu);
-    const SequenceId id = next_id++;
-    sequences.emplace(id, std::move(seq));
-    return id;
+    try {
+      sequences.emplace(next_id, seq);
+    } catch (...) {
+      Release(*seq);
+      throw;
+    }
+    return next_id++;
   }
 
   // The live sequences' ids, ascending.
@@ -275,6 +281,11 @@ struct Cache::Impl {
     }
     int64_t rows = 0;
     for (const int32_t l : store->spec(s).layers) rows = std::max(rows, StreamRowsOf(seq, l, s));
+    // Mid-step a history table already lists the step's pages: it describes
+    // the rows the step will hold (what the step's kernels address).
+    if (seq.step != nullptr && History(s) != nullptr) {
+      rows = std::max(rows, EntriesAt(KindOf(store->spec(s).layers[0]), seq.step->start + seq.step->new_tokens));
+    }
     return TableRows{&seq.tables[static_cast<size_t>(s)], rows, store->spec(s).rows_per_page};
   }
 
@@ -282,20 +293,26 @@ struct Cache::Impl {
   // ring's valid slots (window, compressor state), a history stream's rows.
   int64_t StreamRowsOf(const Sequence& seq, int layer, int s) const {
     const int64_t length = seq.layers[static_cast<size_t>(layer)].length;
-    if (s == cache_internal::kWindowStream) return std::min<int64_t>(length, ring_slots());
-    if (cache_internal::IsStateStream(s)) return std::min<int64_t>(length, store->spec(s).rows_per_page);
+    // The window ring holds positions [OldestRingPosition, length): in
+    // page-manager mode a truncation leaves later rows in their slots.
+    if (s == cache_internal::kWindowStream) return std::max<int64_t>(0, length - OldestRingPosition(seq, layer));
+    if (cache_internal::IsStateStream(s)) {  // tokens [max(length, state_end) - capacity, length)
+      const int64_t end = std::max(length, seq.layers[static_cast<size_t>(layer)].state_end);
+      return std::max<int64_t>(0, length - std::max<int64_t>(0, end - store->spec(s).rows_per_page));
+    }
     return History(s)->Rows(seq, layer);
   }
 
   // --- What every part does ------------------------------------------------
 
   // The pages of a new sequence (or fork) every part holds from its
-  // creation, all or nothing, with their first contents.
+  // creation, all or nothing, with their first contents. Allocates nothing
+  // once the pages are granted (a std::bad_alloc before leaves no page).
   absl::Status AllocateState(Sequence& seq) const {
     std::vector<PageStore::Request> requests;
     for (const StreamPart* part : all_parts) part->Reserve(seq, &requests);
-    KVC_RETURN_IF_ERROR(store->Allocate(requests));
     seq.layers.assign(spec.layers.size(), LayerStreams{});
+    KVC_RETURN_IF_ERROR(store->Allocate(requests));
     for (const StreamPart* part : all_parts) part->Init(seq);
     return absl::OkStatus();
   }

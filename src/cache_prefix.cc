@@ -211,6 +211,9 @@ absl::StatusOr<Cache::PrefixMatch> Cache::CreateSequenceFromPrefix(absl::Span<co
         ls.length = entry.tokens;
         ls.floor = entry.tokens;  // the rollback records start here
         ls.ring_end = entry.ring_ends[static_cast<size_t>(layer)];
+        // The checkpointed state rings were written up to at most `depth`
+        // past the prefix (a publish refuses a sequence further along).
+        ls.state_end = entry.tokens + impl_->depth();
         if (impl_->RowsOf(layer) != nullptr) ls.compressed_rows = EntriesAt(kind, entry.tokens);
         if (impl_->KeysOf(layer) != nullptr) ls.key_rows = EntriesAt(kind, entry.tokens);
       }

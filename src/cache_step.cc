@@ -6,6 +6,10 @@
 // releases the page frees a running step could still read (page-manager
 // mode). The slots of every row the step writes come back in the plan.
 #include <algorithm>
+#include <array>
+#include <cstdint>
+#include <limits>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <utility>
@@ -99,22 +103,76 @@ absl::StatusOr<StepPlan> Cache::PlanStep(absl::Span<const StepRequest> batch) {
       }
     }
   }
+  // The slots each stream lists (one per token in a ring, one per closed
+  // row in a history stream): their indptr is int32.
+  std::array<int64_t, kNumStreams> slot_counts{};
+  for (int s = 0; s < kNumStreams; ++s) {
+    if (!store.present(s)) continue;
+    const bool ring = s == kWindowStream || IsStateStream(s);
+    const LayerKind kind = impl.KindOf(store.spec(s).layers[0]);
+    for (const SeqPlan& p : plans) {
+      slot_counts[static_cast<size_t>(s)] += ring ? p.n : EntriesAt(kind, p.start + p.n) - EntriesAt(kind, p.start);
+    }
+    if (slot_counts[static_cast<size_t>(s)] > std::numeric_limits<int32_t>::max()) {
+      return absl::OutOfRangeError(absl::StrCat(kWhat, ": the batch writes ", slot_counts[static_cast<size_t>(s)], " ",
+                                                StreamName(static_cast<Stream>(s)),
+                                                " rows; a step lists at most 2^31 - 1 per stream (its indptr is int32)"));
+    }
+  }
+
+  // Every allocation the apply phase needs, made before any page is granted:
+  // past store.Allocate nothing may fail, or the granted ids would leak and a
+  // sequence could be left in a step no one can end. A std::bad_alloc here
+  // leaves the cache as it was.
+  StepPlan plan;
+  std::vector<std::unique_ptr<OpenStep>> steps(batch.size());
+  size_t copies = 0;
+  for (size_t b = 0; b < batch.size(); ++b) {
+    Sequence& seq = *locked.seqs[b];
+    const SeqPlan& p = plans[b];
+    steps[b] = std::make_unique<OpenStep>();
+    steps[b]->layers_at_plan = seq.layers;
+    for (int s = 0; s < kStreamCount; ++s) {
+      std::vector<PageId>& table = seq.tables[static_cast<size_t>(s)];
+      table.reserve(table.size() + static_cast<size_t>(p.new_pages[static_cast<size_t>(s)]));
+      steps[b]->replaced[static_cast<size_t>(s)].reserve(p.cow[static_cast<size_t>(s)].size());
+      copies += p.cow[static_cast<size_t>(s)].size();
+    }
+    if (p.checkpointed) {
+      for (const int s : kCheckpointStreams) {
+        if (store.present(s)) copies += seq.tables[static_cast<size_t>(s)].size();
+      }
+    }
+  }
+  if (store.page_manager()) {
+    plan.copies.reserve(copies);
+    plan.abort_copies.reserve(copies);
+  }
+  plan.seqs.reserve(batch.size());
+  plan.first_position.reserve(batch.size());
+  plan.new_tokens.reserve(batch.size());
+  for (int s = 0; s < kNumStreams; ++s) {
+    if (!store.present(s)) continue;
+    plan.slots[s].indptr.reserve(batch.size() + 1);
+    plan.slots[s].slots.reserve(static_cast<size_t>(slot_counts[static_cast<size_t>(s)]));
+  }
+  std::map<uint64_t, std::vector<SequenceId>> open_entry;  // moved into impl.open_steps without allocating
+  open_entry.emplace(0, ids);
+
   {
     const absl::Status granted = store.Allocate(requests);
     if (!granted.ok()) return absl::Status(granted.code(), absl::StrCat(kWhat, ": ", granted.message()));
   }
 
-  // Apply (cannot fail, bar memory for the plan's own vectors).
-  StepPlan plan;
+  // Apply (allocates nothing: cannot fail).
   plan.epoch = store.BeginStep();
   for (size_t b = 0; b < batch.size(); ++b) {
     Sequence& seq = *locked.seqs[b];
     SeqPlan& p = plans[b];
-    auto step = std::make_unique<OpenStep>();
+    std::unique_ptr<OpenStep> step = std::move(steps[b]);
     step->epoch = plan.epoch;
     step->start = p.start;
     step->new_tokens = p.n;
-    step->layers_at_plan = seq.layers;
     for (int s = 0; s < kStreamCount; ++s) step->table_size[static_cast<size_t>(s)] = seq.tables[static_cast<size_t>(s)].size();
     for (int s = 0; s < kStreamCount; ++s) {
       std::vector<PageId>& table = seq.tables[static_cast<size_t>(s)];
@@ -136,7 +194,7 @@ absl::StatusOr<StepPlan> Cache::PlanStep(absl::Span<const StepRequest> batch) {
           store.CopyPage(s, table[k], copy[k], &plan.copies);
           if (store.page_manager()) plan.abort_copies.push_back({static_cast<Stream>(s), copy[k], table[k]});
         }
-        step->checkpoint[static_cast<size_t>(s)] = copy;
+        step->checkpoint[static_cast<size_t>(s)] = std::move(p.checkpoint[static_cast<size_t>(s)]);
       }
     }
     seq.step = std::move(step);
@@ -165,8 +223,10 @@ absl::StatusOr<StepPlan> Cache::PlanStep(absl::Span<const StepRequest> batch) {
       out.indptr.push_back(static_cast<int32_t>(out.slots.size()));
     }
   }
+  auto entry = open_entry.extract(open_entry.begin());
+  entry.key() = plan.epoch;
   std::lock_guard<std::mutex> lock(impl.mu);
-  impl.open_steps.emplace(plan.epoch, ids);
+  impl.open_steps.insert(std::move(entry));
   return plan;
 }
 
@@ -220,6 +280,7 @@ absl::Status Cache::CommitStep(uint64_t epoch) {
         const LayerKind kind = impl.KindOf(static_cast<int>(l));
         ls.length = end;
         ls.ring_end = std::max(ls.ring_end, end);
+        ls.state_end = std::max(ls.state_end, end);
         ls.floor = std::max(ls.floor, end - impl.depth());
         if (kind != LayerKind::kWindow) ls.compressed_rows = EntriesAt(kind, end);
         if (kind == LayerKind::kCsa) ls.key_rows = EntriesAt(kind, end);
@@ -276,9 +337,13 @@ absl::Status Cache::AbortStep(uint64_t epoch) {
       // gone: a later Truncate can reach back only as far as after an append
       // of `reached` tokens would allow.
       const int64_t written = impl.page_manager() ? step.start + step.new_tokens : reached;
-      for (LayerStreams& ls : seq.layers) ls.floor = std::max(ls.floor, written - impl.depth());
+      for (LayerStreams& ls : seq.layers) {
+        ls.floor = std::max(ls.floor, written - impl.depth());
+        ls.state_end = std::max(ls.state_end, written);  // the state ring keeps what it was written
+      }
     }
-    if (impl.page_manager()) {  // the engine's ring rows stay where it wrote them
+    if (impl.page_manager() && !step.checkpointed) {  // the engine's ring rows stay where it wrote them
+      // (a checkpointed step's abort copies put the ring back as planned)
       for (LayerStreams& ls : seq.layers) ls.ring_end = std::max(ls.ring_end, step.start + step.new_tokens);
     }
     EndStep(store, seq, /*keep_copies=*/false);

@@ -43,10 +43,10 @@ HistoryView HistoryStream::View(const Sequence& seq, int layer) const {
   return view;
 }
 
-absl::StatusOr<HistoryStream::Plan> HistoryStream::PlanAppend(const Sequence& seq, int layer, int64_t n) const {
+absl::StatusOr<HistoryStream::Plan> HistoryStream::PlanAppend(Sequence& seq, int layer, int64_t n) const {
   Plan plan;
   if (n <= 0) return plan;
-  const std::vector<PageId>& table = seq.tables[static_cast<size_t>(stream_)];
+  std::vector<PageId>& table = seq.tables[static_cast<size_t>(stream_)];
   const int64_t rows = Rows(seq, layer);
   const int64_t end = (rows + n + per_page_ - 1) / per_page_;
   const int64_t have = static_cast<int64_t>(table.size());
@@ -54,6 +54,7 @@ absl::StatusOr<HistoryStream::Plan> HistoryStream::PlanAppend(const Sequence& se
     if (store_.RefCount(stream_, table[static_cast<size_t>(p)]) > 1) plan.copies.push_back(static_cast<size_t>(p));
   }
   const int64_t new_pages = std::max<int64_t>(0, end - have);
+  table.reserve(table.size() + static_cast<size_t>(new_pages));  // Commit's push_back allocates nothing
   KVC_RETURN_IF_ERROR(store_.Allocate(stream_, new_pages + static_cast<int64_t>(plan.copies.size()), &plan.fresh));
   return plan;
 }

@@ -65,12 +65,13 @@ class HistoryStream final : public StreamPart {
   // The pages `n` more rows of `layer` need: new pages past the table, plus
   // a private copy of every page of the table they write into that is shared
   // with a fork (copied in every layer of the stream). Allocated now (all or
-  // nothing); Commit uses them, Abandon returns them.
+  // nothing), with room in the table for them first, so that Commit
+  // allocates nothing; Commit uses them, Abandon returns them.
   struct Plan {
     std::vector<PageId> fresh;
     std::vector<size_t> copies;  // table positions to copy, ascending
   };
-  absl::StatusOr<Plan> PlanAppend(const Sequence& seq, int layer, int64_t n) const;
+  absl::StatusOr<Plan> PlanAppend(Sequence& seq, int layer, int64_t n) const;
   void Abandon(const Plan& plan) const {
     for (const PageId id : plan.fresh) store_.Unref(stream_, id);
   }

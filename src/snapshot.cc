@@ -427,6 +427,9 @@ absl::StatusOr<std::vector<SequenceId>> RestoreSnapshot(Cache& cache, const std:
         }
         ls.length = le.length;
         ls.ring_end = le.length;
+        // How far the saved state ring was written is not in the file; at
+        // most `depth` past the floor (a truncation never goes below it).
+        ls.state_end = std::max(le.length, le.floor + impl.depth());
         ls.floor = le.floor;
         const HistoryStream* histories[kStreams] = {impl.RowsOf(li), impl.KeysOf(li)};
         for (int st = 0; st < kStreams; ++st) {

@@ -58,6 +58,11 @@ struct LayerStreams {
   // page-manager mode a truncation or abort leaves the later rows in place,
   // so older positions are gone until the sequence grows past ring_end.
   int64_t ring_end = 0;
+  // The furthest length whose compressor state rows were written (never
+  // lowered by a truncation, in either mode: the state ring keeps `depth`
+  // extra rows instead of rollback records). The state ring holds the
+  // tokens [max(length, state_end) - capacity, length).
+  int64_t state_end = 0;
 };
 
 // A sequence's part in an open step (Cache::PlanStep): what the plan

@@ -500,7 +500,8 @@ class Cache {
   // checkpoint of the sequence's ring and state pages (so an abort can undo
   // it). All or nothing: kResourceExhausted naming the stream, and nothing
   // changes. Each sequence must exist, be in no open step, hold the same
-  // length in every layer and stay within max_context; each at most once.
+  // length in every layer and stay within max_context (kOutOfRange); each at
+  // most once. A batch lists at most 2^31 - 1 slots per stream (kOutOfRange).
   // The block tables then already cover the step's rows.
   //
   // Then the step's rows are written: by Append (kvc's mode; layer by layer,
@@ -616,9 +617,11 @@ class Cache {
   absl::StatusOr<CsrBlockTables> BatchBlockTablesCsr(absl::Span<const SequenceId> seqs, Stream stream) const;
 
   // Rows `layer` of `seq` stores in `stream`: kWindow, the ring's valid
-  // slots, min(length, window + draft_slots); history streams, the rows
-  // appended (row r at BlockTable[r / B], offset r % B). kNotFound when the
-  // layer has no such stream.
+  // slots, min(length, window + draft_slots) -- in page-manager mode fewer
+  // after a truncation, whose later rows stay in their slots until the
+  // sequence grows past them; history streams, the rows appended (row r
+  // at BlockTable[r / B], offset r % B). kNotFound when the layer has no
+  // such stream.
   absl::StatusOr<int64_t> StreamRows(SequenceId seq, int layer, Stream stream) const;
 
   // Ready-made rows for a layer whose compressor runs in the engine:

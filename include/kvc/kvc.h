@@ -320,7 +320,8 @@ int kvc_batch_block_tables_csr(const kvc_cache* cache, const kvc_seq* seqs, int6
 int kvc_seq_append_rows(kvc_cache* cache, kvc_seq seq, int32_t layer, int32_t stream, int64_t first,
                         const uint8_t* rows, int64_t count);
 /* Rows `layer` stores in `stream`: for KVC_STREAM_WINDOW the ring's valid
- * slots (min(length, window + draft_slots)), else the rows appended. KVC_ERR_NOT_FOUND:
+ * slots (min(length, window + draft_slots); in page-manager mode fewer after a
+ * truncation, until the sequence grows back), else the rows appended. KVC_ERR_NOT_FOUND:
  * unknown sequence, or the layer has no such stream. */
 int kvc_seq_stream_rows(const kvc_cache* cache, kvc_seq seq, int32_t layer, int32_t stream, int64_t* out);
 /* What the query at `layer`'s last position attends to, as row indices into
@@ -422,7 +423,8 @@ int kvc_snapshot_restore(kvc_cache* cache, const char* path, kvc_seq* out, size_
  * kvc_steps_complete(epoch) says the device finished that step.
  * kvc_step_plan_create: KVC_ERR_NOT_FOUND unknown sequence;
  * KVC_ERR_INVALID_ARGUMENT new_tokens < 1, a sequence twice, batch < 0;
- * KVC_ERR_OUT_OF_RANGE past max_context; KVC_ERR_FAILED_PRECONDITION a
+ * KVC_ERR_OUT_OF_RANGE past max_context, or more than 2^31 - 1 slots in a
+ * stream; KVC_ERR_FAILED_PRECONDITION a
  * sequence already in a step or with layers of different lengths;
  * KVC_ERR_RESOURCE_EXHAUSTED not enough pages (the message names the stream). */
 typedef struct kvc_step_plan kvc_step_plan;

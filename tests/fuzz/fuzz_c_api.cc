@@ -1,9 +1,12 @@
 // libFuzzer: random sequences of C API calls on one small cache, created with
 // or without compressor parameters. Every call returns KVC_OK or a documented
 // error code with a message; lengths follow a shadow model of what succeeded;
-// index scores number the CSA entries closed; used bytes never exceed
-// reserved ones; prefixes restore at most what the lookup said; freeing
-// everything leaves only the cached prefixes' bytes, within their budget.
+// index scores number the CSA entries closed; planned steps list a window
+// slot per token and end as a whole (committed once every layer was
+// appended, else aborted back to the planned lengths); used bytes never
+// exceed reserved ones; prefixes restore at most what the lookup said;
+// freeing everything leaves only the cached prefixes' bytes, within their
+// budget.
 #include <unistd.h>
 
 #include <algorithm>
@@ -119,7 +122,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return it->first;
   };
   for (int step = 0; step < 200 && !in.empty(); ++step) {
-    const uint8_t op = in.Byte() % 15;
+    const uint8_t op = in.Byte() % 16;
     const kvc_seq seq = pick(in.Byte());
     const auto known = lengths.find(seq);
     switch (op) {
@@ -299,6 +302,79 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
           Check(sets.window_total > capacity || sets.compressed_total > capacity);
         }
         for (kvc_index_query* query : queries) kvc_index_query_destroy(query);
+        break;
+      }
+      case 14: {  // a planned step over 1..3 sequences, appended and committed, or aborted part-way
+        const uint8_t shape = in.Byte();
+        std::vector<kvc_seq> seqs = {seq};
+        for (int i = 0; i < shape % 3; ++i) seqs.push_back(pick(in.Byte()));  // maybe unknown, maybe twice
+        std::vector<int64_t> tokens;
+        for (size_t i = 0; i < seqs.size(); ++i) tokens.push_back(static_cast<int64_t>(in.Byte() % 10) - 1);  // < 1: refused
+        kvc_step_plan* plan = nullptr;
+        const int rc = kvc_step_plan_create(cache, seqs.data(), tokens.data(), static_cast<int64_t>(seqs.size()), &plan);
+        CheckCode(rc);
+        Check((rc == KVC_OK) == (plan != nullptr));
+        if (rc != KVC_OK) break;
+        int64_t total = 0;
+        for (size_t b = 0; b < seqs.size(); ++b) {
+          const auto it = lengths.find(seqs[b]);
+          Check(it != lengths.end() && tokens[b] >= 1 && std::count(seqs.begin(), seqs.end(), seqs[b]) == 1);
+          Check(std::count(it->second.begin(), it->second.end(), it->second[0]) == kLayers);  // one length
+          total += tokens[b];
+        }
+        uint64_t epoch = 0;
+        Check(kvc_step_plan_epoch(plan, &epoch) == KVC_OK);
+        const int32_t* indptr = nullptr;
+        const int64_t* slots = nullptr;
+        int64_t n = -1;
+        Check(kvc_step_plan_slots(plan, KVC_STREAM_WINDOW, &indptr, &slots, &n) == KVC_OK);
+        Check(n == total && indptr[0] == 0 && indptr[seqs.size()] == n);
+        const kvc_page_copy* copies = nullptr;
+        Check(kvc_step_plan_copies(plan, &copies, &n) == KVC_OK && n == 0);  // kvc's mode copies itself
+        // Every layer of the first `written` sequences; the others not at all.
+        const size_t written = in.Byte() % (seqs.size() + 1);
+        for (size_t b = 0; b < written; ++b) {
+          const std::vector<int64_t>& l = lengths[seqs[b]];
+          for (int32_t layer = 0; layer < kLayers; ++layer) {
+            for (size_t i = 0; i < static_cast<size_t>(tokens[b]) * KVC_HEAD_DIM; ++i) {
+              rows[i] = static_cast<uint16_t>(0x3F80 + (i * shape) % 512);
+            }
+            int appended;
+            if (with_params && layer > 0) {
+              for (size_t i = 0; i < projections.size(); ++i) projections[i] = static_cast<float>((i * shape) % 64) / 32.0f - 1.0f;
+              const float* p = projections.data();
+              const kvc_layer_tokens t{rows.data(), p, p, kIndexWidth[layer] > 0 ? p : nullptr,
+                                       kIndexWidth[layer] > 0 ? p : nullptr, tokens[b]};
+              appended = kvc_seq_append_tokens(cache, seqs[b], layer, l[static_cast<size_t>(layer)], &t);
+            } else {
+              appended = kvc_seq_append(cache, seqs[b], layer, l[static_cast<size_t>(layer)], rows.data(), tokens[b]);
+            }
+            Check(appended == KVC_OK);
+          }
+        }
+        const bool complete = written == seqs.size();
+        const bool commit = in.Byte() % 2 == 0;
+        if (commit) {
+          const int committed = kvc_step_commit(cache, epoch);
+          CheckCode(committed);
+          Check((committed == KVC_OK) == complete);
+          if (committed == KVC_OK) {
+            for (size_t b = 0; b < seqs.size(); ++b) {
+              for (int64_t& length : lengths[seqs[b]]) length += tokens[b];
+            }
+          }
+        }
+        if (!commit || !complete) Check(kvc_step_abort(cache, epoch) == KVC_OK);
+        Check(kvc_step_commit(cache, epoch) == KVC_ERR_NOT_FOUND && kvc_step_abort(cache, epoch) == KVC_ERR_NOT_FOUND);
+        kvc_step_plan_destroy(plan);
+        for (const kvc_seq s : seqs) {
+          for (int32_t layer = 0; layer < kLayers; ++layer) {
+            int64_t length = -1;
+            Check(kvc_seq_length(cache, s, layer, &length) == KVC_OK && length == lengths[s][static_cast<size_t>(layer)]);
+          }
+        }
+        kvc_usage usage;
+        Check(kvc_cache_usage(cache, &usage) == KVC_OK && usage.open_steps == 0 && usage.deferred_pages == 0);
         break;
       }
       case 12:
