@@ -137,6 +137,12 @@ absl::StatusOr<std::unique_ptr<Cache>> Cache::Create(ModelSpec spec, CacheOption
   impl->options = std::move(options);
   KVC_ASSIGN_OR_RETURN(impl->store, PageStore::Create(impl->spec, impl->options));
   impl->compressed_rope = std::make_unique<RopeTable>(impl->spec.compressed_rope);
+  for (const LayerSpec& l : impl->spec.layers) {
+    auto has_tiny = [](absl::Span<const float> ape) {
+      return std::any_of(ape.begin(), ape.end(), [](float x) { return x != 0.0f && std::fabs(x) < 0x1p-90f; });
+    };
+    impl->ape_has_tiny.push_back({has_tiny(l.compressor.ape), has_tiny(l.indexer.ape)});
+  }
   impl->Compose();
   return std::unique_ptr<Cache>(new Cache(std::move(impl)));
 }
@@ -218,6 +224,22 @@ absl::Status CheckFiniteSlice(const LayerTokens& t, int64_t from, int64_t to, co
   return absl::OkStatus();
 }
 
+// Whether the chunk rows pooling did not read (UnpooledTokens) hold finite
+// kv and score and a finite score + ape: what the exact path's checks ask.
+bool UnpooledRowsValid(const CompressorRun& main, const CompressorRun* indexer, int64_t n) {
+  for (const CompressorRun* run : {&main, indexer}) {
+    if (run == nullptr) continue;
+    const int64_t from = UnpooledTokens(*run, n), width = run->g.width();
+    const size_t values = static_cast<size_t>((n - from) * width);
+    if (!CheckFiniteF32(absl::MakeConstSpan(run->kv + from * width, values), width, "").ok() ||
+        !CheckFiniteF32(absl::MakeConstSpan(run->score + from * width, values), width, "").ok() ||
+        !CheckScorePlusApe(*run, from, n).ok()) {
+      return false;
+    }
+  }
+  return true;
+}
+
 }  // namespace
 
 absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const LayerTokens& tokens) {
@@ -260,30 +282,49 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
       keys.resize(static_cast<size_t>(closed * kIndexDim));
     }
   }
-  // Validate and compute slice by slice, so a slice's inputs are still in
-  // cache when its entries are pooled. Nothing in the cache changes here.
-  // The slices are independent (each writes its own entries): through the
-  // executor, the first refusal in slice order is the one returned.
+  // Validate and compute slice by slice (independent: each writes its own
+  // entries), through the executor. Nothing in the cache changes here.
+  // Fast path: pooling checks the projections it reads as it reads them
+  // (one pass over them, not two), and the rows it does not read (the open
+  // windows') are checked after. Whenever it is not sure (any refusal, or a
+  // pooled sum it cannot vouch for), the exact path runs instead: every
+  // check of a slice, in order, then its entries, slice by slice, so the
+  // refusal returned is always the first in that order.
   constexpr int64_t kSlice = 512;
-  auto slice = [&](int64_t s) -> absl::Status {
+  const int64_t slices = (n + kSlice - 1) / kSlice;
+  const RopeTable& rope = *impl_->compressed_rope;
+  auto valid_slice = [&](int64_t s) {
+    const int64_t from = s * kSlice, to = std::min(n, from + kSlice);
+    if (!CheckKvRows(tokens.window_rows.subspan(static_cast<size_t>(from * kHeadDim), static_cast<size_t>((to - from) * kHeadDim)),
+                     "").ok()) {
+      return false;
+    }
+    return !compresses || ComputeEntriesIfValid(main_run, indexes ? &indexer_run : nullptr, rope, position + from,
+                                                position + to, absl::MakeSpan(entries), absl::MakeSpan(keys));
+  };
+  auto exact_slice = [&](int64_t s) -> absl::Status {
     const int64_t from = s * kSlice, to = std::min(n, from + kSlice);
     KVC_RETURN_IF_ERROR(CheckFiniteSlice(tokens, from, to, layer_spec, impl_->spec));
     if (compresses) {
       KVC_RETURN_IF_ERROR(CheckScorePlusApe(main_run, from, to));
       if (indexes) KVC_RETURN_IF_ERROR(CheckScorePlusApe(indexer_run, from, to));
-      KVC_RETURN_IF_ERROR(ComputeEntries(main_run, indexes ? &indexer_run : nullptr, *impl_->compressed_rope, position + from,
-                                                position + to, absl::MakeSpan(entries), absl::MakeSpan(keys)));
+      KVC_RETURN_IF_ERROR(ComputeEntries(main_run, indexes ? &indexer_run : nullptr, rope, position + from,
+                                         position + to, absl::MakeSpan(entries), absl::MakeSpan(keys)));
     }
     return absl::OkStatus();
   };
-  const int64_t slices = (n + kSlice - 1) / kSlice;
+  bool valid = true;
   Executor& executor = ExecutorOrInline(impl_->options.executor);
   if (slices <= 1 || executor.concurrency() == 1) {
-    for (int64_t s = 0; s < slices; ++s) KVC_RETURN_IF_ERROR(slice(s));
+    for (int64_t s = 0; s < slices && valid; ++s) valid = valid_slice(s);
   } else {
-    std::vector<absl::Status> refusals(static_cast<size_t>(slices));
-    executor.ParallelFor(slices, [&](int64_t s) { refusals[static_cast<size_t>(s)] = slice(s); });
-    for (const absl::Status& refusal : refusals) KVC_RETURN_IF_ERROR(refusal);
+    std::vector<char> slice_valid(static_cast<size_t>(slices));
+    executor.ParallelFor(slices, [&](int64_t s) { slice_valid[static_cast<size_t>(s)] = valid_slice(s); });
+    valid = std::all_of(slice_valid.begin(), slice_valid.end(), [](char v) { return v != 0; });
+  }
+  if (valid && compresses) valid = UnpooledRowsValid(main_run, indexes ? &indexer_run : nullptr, n);
+  if (!valid) {
+    for (int64_t s = 0; s < slices; ++s) KVC_RETURN_IF_ERROR(exact_slice(s));
   }
   if (n == 0) return absl::OkStatus();
 

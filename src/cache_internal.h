@@ -57,6 +57,9 @@ struct Cache::Impl {
   CacheOptions options;
   std::unique_ptr<PageStore> store;  // every stream's arrays, ids and budgets
   std::unique_ptr<RopeTable> compressed_rope;  // CSA/HCA layers' RoPE
+  // Per layer, [main, indexer]: whether the compressor's ape holds a nonzero
+  // value below 2^-90 (which pooling sets to 0 before adding it).
+  std::vector<std::array<bool, 2>> ape_has_tiny;
 
   // The parts, over `store`: the window (every layer), one history part per
   // history stream and one state part per compressor state stream the model
@@ -261,6 +264,7 @@ struct Cache::Impl {
     run.kv = indexer ? t.indexer_kv.data() : t.compressor_kv.data();
     run.score = indexer ? t.indexer_score.data() : t.compressor_score.data();
     run.first = ls.length;
+    run.ape_has_tiny = ape_has_tiny[static_cast<size_t>(layer)][indexer ? 1 : 0];
     run.layer = layer;
     run.indexer = indexer;
     run.norm_eps = static_cast<float>(spec.norm_eps);

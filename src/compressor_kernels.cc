@@ -70,8 +70,8 @@ using DF = hn::ScalableTag<float>;
 using VF = hn::Vec<DF>;
 constexpr size_t kMaxLanes = HWY_MAX_BYTES / sizeof(float);
 
-// SoftmaxExp, lane-wise, op for op.
-HWY_INLINE VF Exp(DF df, VF x) {
+// SoftmaxExp, lane-wise, op for op, for lanes x >= -87.
+HWY_INLINE VF ExpInRange(DF df, VF x) {
   const hn::RebindToSigned<DF> di;
   const VF magic = hn::Set(df, 12582912.0f);
   const VF n = hn::Sub(hn::Add(hn::Mul(x, hn::Set(df, 1.44269504088896341f)), magic), magic);
@@ -85,7 +85,12 @@ HWY_INLINE VF Exp(DF df, VF x) {
   p = hn::Add(hn::Mul(p, r), hn::Set(df, 5.0000001201e-1f));
   const VF y = hn::Add(hn::Add(hn::Mul(p, hn::Mul(r, r)), r), hn::Set(df, 1.0f));
   const VF scale = hn::BitCast(df, hn::ShiftLeft<23>(hn::Add(hn::ConvertTo(di, n), hn::Set(di, 127))));
-  return hn::IfThenElseZero(hn::Ge(x, hn::Set(df, -87.0f)), hn::Mul(y, scale));
+  return hn::Mul(y, scale);
+}
+
+// SoftmaxExp, lane-wise, op for op.
+HWY_INLINE VF Exp(DF df, VF x) {
+  return hn::IfThenElseZero(hn::Ge(x, hn::Set(df, -87.0f)), ExpInRange(df, x));
 }
 
 // |v| below 2^-90 -> +0, by an integer compare (pooling's scores: see
@@ -116,7 +121,13 @@ HWY_INLINE VF FlushTiny(DF df, VF v) {
 //   e for the lanes with tiny e; the rare lanes where the reference's w or
 //   w * kv is subnormal (rounded to 2^-149) are recomputed in fp64.
 // - Subnormal kv: the fp64 emulation.
-void PoolChannels(const PoolSlot* slots, int n, int64_t channels, float* out) {
+//
+// kCheckInputs: returns false (out partly written) if some slot's kv or
+// score + ape (s) is not finite in a channel; the scan costs three integer
+// operations per slot and vector (Append's fast path checks the projections
+// where pooling reads them).
+template <bool kCheckInputs>
+HWY_INLINE bool PoolChannelsImpl(const PoolSlot* slots, int n, int64_t ch_begin, int64_t ch_end, float* out) {
   const DF df;
   const hn::RebindToSigned<DF> di;
   const hn::RebindToUnsigned<DF> du;
@@ -125,19 +136,23 @@ void PoolChannels(const PoolSlot* slots, int n, int64_t channels, float* out) {
   HWY_ALIGN float sum_buf[kMaxLanes];
   HWY_ALIGN float fix[kMaxLanes];
   HWY_ALIGN int32_t bad_lane[kMaxLanes];
-  for (int64_t ch = 0; ch < channels; ch += static_cast<int64_t>(lanes)) {
+  for (int64_t ch = ch_begin; ch < ch_end; ch += static_cast<int64_t>(lanes)) {
     VF max = hn::Set(df, -INFINITY);
     auto kv_min = hn::Set(du, 0xFFFFFFFFu);  // smallest nonzero |kv| bits - 1
+    auto worst = hn::Zero(du);               // largest |s| or |kv| bits (kCheckInputs)
     for (int j = 0; j < n; ++j) {
       // A sum of two values that are 0 or >= 2^-90 is 0 or a multiple of
-      // 2^-113: normal, and it needs no flush of its own.
+      // 2^-113: normal, and it needs no flush of its own. (Nor does the
+      // flush change whether the sum is finite.)
       VF s = FlushTiny(df, hn::LoadU(df, slots[j].score + ch));
       if (slots[j].ape != nullptr) s = hn::Add(s, FlushTiny(df, hn::LoadU(df, slots[j].ape + ch)));
       hn::Store(s, df, e_buf + static_cast<size_t>(j) * lanes);
       max = hn::Max(max, s);
       const auto kv_abs = hn::And(hn::BitCast(du, hn::LoadU(df, slots[j].kv + ch)), hn::Set(du, 0x7FFFFFFFu));
       kv_min = hn::Min(kv_min, hn::Sub(kv_abs, hn::Set(du, 1u)));
+      if (kCheckInputs) worst = hn::Max(worst, hn::Max(kv_abs, hn::And(hn::BitCast(du, s), hn::Set(du, 0x7FFFFFFFu))));
     }
+    if (kCheckInputs && !hn::AllTrue(du, hn::Lt(worst, hn::Set(du, 0x7F800000u)))) return false;
     VF sum = hn::Zero(df);
     auto e_min = hn::Set(du, 0xFFFFFFFFu);  // smallest nonzero e bits - 1
     for (int j = 0; j < n; ++j) {
@@ -229,6 +244,116 @@ void PoolChannels(const PoolSlot* slots, int n, int64_t channels, float* out) {
     const auto result = hn::IfThenElse(hn::RebindMask(du, hn::Gt(new_field, hn::Zero(di))), normal, sub);
     hn::StoreU(hn::BitCast(df, hn::IfThenElse(hn::Eq(a, hn::Zero(du)), u, result)), df, out + ch);
   }
+  return true;
+}
+
+void PoolChannels(const PoolSlot* slots, int n, int64_t channels, float* out) {
+  PoolChannelsImpl<false>(slots, n, 0, channels, out);
+}
+
+// PoolChannelsIfFinite's common case, kGroup vectors of channels from ch at
+// a time (so each slot's row is read in runs of kGroup lines, which the
+// hardware prefetchers follow, and the per-slot work is amortized): 1 when
+// out is written; -1 otherwise (PoolChannelsImpl then handles the group).
+// Op for op PoolChannelsImpl's fast path, when every x = s - max >= -80
+// (checked on x_min = fl(s_min - max) <= every x): no exp clamps, every e
+// normal and >= 2^-117, and a bound e >= 2^E (E = trunc(x_min log2 e - 2) <=
+// its floor - 1) for the products' check (e / 256 * |kv| >= 2^-103).
+// Non-finite inputs need no scan of their own: an infinite s makes x_min
+// -inf or NaN, a NaN s makes x_min or every e of its lane NaN, and a
+// non-finite kv (times w > 0) a non-finite sum, so -1 follows from the range
+// check or the check of the sums. kFlushApe: ape may hold values below 2^-90
+// (else its flush changes nothing and is skipped).
+template <size_t kGroup, bool kFlushApe>
+HWY_INLINE int PoolGroup(const PoolSlot* slots, int n, int64_t ch, float* HWY_RESTRICT e_buf, float* out) {
+  const DF df;
+  const hn::RebindToSigned<DF> di;
+  const hn::RebindToUnsigned<DF> du;
+  using VU = hn::Vec<decltype(du)>;
+  const size_t lanes = hn::Lanes(df);
+  const size_t stride = kGroup * lanes;  // e_buf floats per slot
+  VF max[kGroup], s_min[kGroup];
+  VU kv_min[kGroup];  // smallest nonzero |kv| bits - 1
+  for (size_t g = 0; g < kGroup; ++g) {
+    max[g] = hn::Set(df, -INFINITY);
+    s_min[g] = hn::Set(df, INFINITY);
+    kv_min[g] = hn::Set(du, 0xFFFFFFFFu);
+  }
+  const VU abs_mask = hn::Set(du, 0x7FFFFFFFu), one = hn::Set(du, 1u);
+  for (int j = 0; j < n; ++j) {
+    const float* score = slots[j].score + ch;
+    const float* ape = slots[j].ape;
+    const float* kv = slots[j].kv + ch;
+    float* e_at = e_buf + static_cast<size_t>(j) * stride;
+    auto step = [&](size_t g, VF s) {
+      hn::Store(s, df, e_at + g * lanes);
+      max[g] = hn::Max(max[g], s);
+      s_min[g] = hn::Min(s_min[g], s);
+      kv_min[g] = hn::Min(kv_min[g], hn::Sub(hn::And(hn::BitCast(du, hn::LoadU(df, kv + g * lanes)), abs_mask), one));
+    };
+    if (ape != nullptr) {
+      ape += ch;
+      for (size_t g = 0; g < kGroup; ++g) {
+        const VF a = hn::LoadU(df, ape + g * lanes);
+        step(g, hn::Add(FlushTiny(df, hn::LoadU(df, score + g * lanes)), kFlushApe ? FlushTiny(df, a) : a));
+      }
+    } else {
+      for (size_t g = 0; g < kGroup; ++g) step(g, FlushTiny(df, hn::LoadU(df, score + g * lanes)));
+    }
+  }
+  bool in_range = true;
+  for (size_t g = 0; g < kGroup; ++g) {
+    const VF x_min = hn::Sub(s_min[g], max[g]);
+    const auto e_exp = hn::ConvertTo(di, hn::Sub(hn::Mul(x_min, hn::Set(df, 1.44269504f)), hn::Set(df, 2.0f)));
+    const auto zero_kv = hn::Eq(kv_min[g], hn::Set(du, 0xFFFFFFFFu));
+    const auto kv_field = hn::IfThenElse(hn::RebindMask(di, zero_kv), hn::Set(di, 255),
+                                         hn::BitCast(di, hn::ShiftRight<23>(hn::Add(kv_min[g], one))));
+    // e >= 2^(e_exp); e / 256 * |kv| >= 2^-103: e_exp - 8 + kv_field - 127 >= -103.
+    const auto ok = hn::And(hn::RebindMask(di, hn::Ge(x_min, hn::Set(df, -80.0f))),
+                            hn::Gt(hn::Add(e_exp, kv_field), hn::Set(di, 127 + 8 - 103 - 1)));
+    in_range = in_range && hn::AllTrue(di, ok);
+  }
+  if (!in_range) return -1;
+  VF sum[kGroup];
+  for (size_t g = 0; g < kGroup; ++g) sum[g] = hn::Zero(df);
+  for (int j = 0; j < n; ++j) {
+    float* e_at = e_buf + static_cast<size_t>(j) * stride;
+    for (size_t g = 0; g < kGroup; ++g) {
+      VF x = hn::Sub(hn::Load(df, e_at + g * lanes), max[g]);
+      const auto tiny = hn::Lt(hn::And(hn::BitCast(di, x), hn::Set(di, 0x7FFFFFFF)), hn::Set(di, (127 - 26) << 23));
+      x = hn::IfThenZeroElse(hn::RebindMask(df, tiny), x);
+      const VF e = ExpInRange(df, x);
+      hn::Store(e, df, e_at + g * lanes);
+      sum[g] = hn::Add(sum[g], e);
+    }
+  }
+  VF acc[kGroup];
+  for (size_t g = 0; g < kGroup; ++g) acc[g] = hn::Zero(df);
+  for (int j = 0; j < n; ++j) {
+    const float* e_at = e_buf + static_cast<size_t>(j) * stride;
+    const float* kv = slots[j].kv + ch;
+    for (size_t g = 0; g < kGroup; ++g) {
+      acc[g] = hn::Add(acc[g], hn::Mul(hn::Div(hn::Load(df, e_at + g * lanes), sum[g]), hn::LoadU(df, kv + g * lanes)));
+    }
+  }
+  for (size_t g = 0; g < kGroup; ++g) {
+    if (!hn::AllTrue(du, hn::Lt(hn::And(hn::BitCast(du, acc[g]), abs_mask), hn::Set(du, 0x7F800000u)))) return -1;
+  }
+  for (size_t g = 0; g < kGroup; ++g) hn::StoreU(acc[g], df, out + ch + static_cast<int64_t>(g * lanes));
+  return 1;
+}
+
+bool PoolChannelsIfFinite(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny) {
+  constexpr size_t kGroup = 4;
+  const int64_t step = static_cast<int64_t>(kGroup * hn::Lanes(DF()));
+  HWY_ALIGN float e_buf[256 * kGroup * kMaxLanes];
+  int64_t ch = 0;
+  for (; ch + step <= channels; ch += step) {
+    const int done = ape_has_tiny ? PoolGroup<kGroup, true>(slots, n, ch, e_buf, out)
+                                  : PoolGroup<kGroup, false>(slots, n, ch, e_buf, out);
+    if (done < 0 && !PoolChannelsImpl<true>(slots, n, ch, ch + step, out)) return false;
+  }
+  return PoolChannelsImpl<true>(slots, n, ch, channels, out);
 }
 
 // bf16(v) as fp32 (RNE; inputs are finite here).
@@ -366,6 +491,7 @@ HWY_AFTER_NAMESPACE();
 namespace kvc {
 
 HWY_EXPORT(PoolChannels);
+HWY_EXPORT(PoolChannelsIfFinite);
 HWY_EXPORT(NormRope);
 HWY_EXPORT(FindScorePlusApeOverflow);
 HWY_EXPORT(AddScoreAndApe);
@@ -380,6 +506,10 @@ void AddScoreAndApe(const float* score, const float* ape, float* out, int64_t n)
 
 void PoolChannels(const PoolSlot* slots, int n, int64_t channels, float* out) {
   HWY_DYNAMIC_DISPATCH(PoolChannels)(slots, n, channels, out);
+}
+
+bool PoolChannelsIfFinite(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny) {
+  return HWY_DYNAMIC_DISPATCH(PoolChannelsIfFinite)(slots, n, channels, out, ape_has_tiny);
 }
 
 void NormRope(const float* pooled, int dim, const float* weight, float eps, const float* cos_sin, Bf16* out) {

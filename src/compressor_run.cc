@@ -47,13 +47,20 @@ int EntrySlots(const CompressorRun& run, int64_t i, PoolSlot* slots, int64_t* to
 }
 
 // Entry i of a compressor: pools its window's slots, then norm + RoPE with
-// the given (cos, sin) pairs into `out` (dim bf16 values).
-void ComputeEntry(const CompressorRun& run, int64_t i, const float* cos_sin, float* pooled, Bf16* out) {
+// the given (cos, sin) pairs into `out` (dim bf16 values). kCheckInputs:
+// false if a slot's kv or score + ape is not finite (out not written).
+template <bool kCheckInputs = false>
+bool ComputeEntry(const CompressorRun& run, int64_t i, const float* cos_sin, float* pooled, Bf16* out) {
   PoolSlot slots[256];
   int64_t tokens[256];
   const int count = EntrySlots(run, i, slots, tokens);
-  PoolChannels(slots, count, run.g.dim, pooled);
+  if (kCheckInputs) {
+    if (!PoolChannelsIfFinite(slots, count, run.g.dim, pooled, run.ape_has_tiny)) return false;
+  } else {
+    PoolChannels(slots, count, run.g.dim, pooled);
+  }
   NormRope(pooled, run.g.dim, run.params->norm_weight.data(), run.norm_eps, cos_sin, out);
+  return true;
 }
 
 // The largest bf16 magnitudes (bits without the sign) the row kernels
@@ -66,15 +73,22 @@ constexpr uint16_t kMaxKeyBits = 0x7B80;  // 2^120
 // the entry's tokens, the channel, the cause and the token that dominates it.
 absl::Status RefusedEntry(const CompressorRun& run, int64_t i, const Bf16* out, uint16_t max_bits, bool non_finite);
 
-absl::Status CheckEntry(const CompressorRun& run, int64_t i, const Bf16* out) {
-  // Entries: NoPE dims up to kMaxKvNopeBf16Bits, RoPE dims any finite value.
+// Whether the row kernels accept entry row `out`: entries' NoPE dims up to
+// kMaxKvNopeBf16Bits, RoPE dims any finite value; keys up to kMaxKeyBits.
+bool EntryStorable(const CompressorRun& run, const Bf16* out, uint16_t* largest_bits) {
   const uint16_t max_bits = run.indexer ? kMaxKeyBits : kMaxKvNopeBf16Bits;
   const int limited_dims = run.indexer ? run.g.dim : kNopeDim;
   uint16_t largest = 0, largest_rest = 0;
   for (int c = 0; c < limited_dims; ++c) largest = std::max<uint16_t>(largest, out[c].bits & 0x7FFF);
   for (int c = limited_dims; c < run.g.dim; ++c) largest_rest = std::max<uint16_t>(largest_rest, out[c].bits & 0x7FFF);
-  if (largest <= max_bits && largest_rest <= kMaxFiniteBf16Bits) return absl::OkStatus();
-  return RefusedEntry(run, i, out, max_bits, std::max(largest, largest_rest) >= 0x7F80);
+  *largest_bits = std::max(largest, largest_rest);
+  return largest <= max_bits && largest_rest <= kMaxFiniteBf16Bits;
+}
+
+absl::Status CheckEntry(const CompressorRun& run, int64_t i, const Bf16* out) {
+  uint16_t largest;
+  if (EntryStorable(run, out, &largest)) return absl::OkStatus();
+  return RefusedEntry(run, i, out, run.indexer ? kMaxKeyBits : kMaxKvNopeBf16Bits, largest >= 0x7F80);
 }
 
 absl::Status RefusedEntry(const CompressorRun& run, int64_t i, const Bf16* out, uint16_t max_bits,
@@ -172,6 +186,32 @@ absl::Status ComputeEntries(const CompressorRun& main, const CompressorRun* inde
     }
   }
   return absl::OkStatus();
+}
+
+bool ComputeEntriesIfValid(const CompressorRun& main, const CompressorRun* indexer, const RopeTable& rope,
+                           int64_t from, int64_t to, absl::Span<Bf16> entries, absl::Span<Bf16> keys) {
+  const int m = main.g.ratio;
+  const int64_t first_entry = main.first / m;
+  std::vector<float> pooled(static_cast<size_t>(main.g.dim));
+  float cos_sin[64];
+  uint16_t largest;
+  for (int64_t i = from / m; i < to / m; ++i) {
+    rope.At(i * m, cos_sin);
+    const size_t at = static_cast<size_t>(i - first_entry);
+    Bf16* entry = &entries[at * static_cast<size_t>(main.g.dim)];
+    if (!ComputeEntry<true>(main, i, cos_sin, pooled.data(), entry) || !EntryStorable(main, entry, &largest)) return false;
+    if (indexer != nullptr) {
+      Bf16* key = &keys[at * static_cast<size_t>(indexer->g.dim)];
+      if (!ComputeEntry<true>(*indexer, i, cos_sin, pooled.data(), key) || !EntryStorable(*indexer, key, &largest)) return false;
+    }
+  }
+  return true;
+}
+
+int64_t UnpooledTokens(const CompressorRun& run, int64_t n) {
+  const int64_t closed_end = (run.first + n) / run.g.ratio * run.g.ratio;  // tokens before it are in closed windows
+  const int64_t pooled_end = run.g.overlap ? closed_end - run.g.ratio : closed_end;
+  return std::clamp<int64_t>(pooled_end - run.first, 0, n);
 }
 
 // Keeps the chunk's last tokens (as many as the ring holds) in the state

@@ -29,6 +29,7 @@ struct CompressorRun {
   const float* kv;     // chunk projections, n x width
   const float* score;  // without ape
   int64_t first;       // position of the chunk's first token
+  bool ape_has_tiny = true;  // ape holds a nonzero |value| < 2^-90 (pooling flushes it)
   int layer;           // for messages
   bool indexer;        // CSA's indexer (index keys) rather than the main compressor
   float norm_eps;      // the model's RMSNorm epsilon
@@ -52,11 +53,31 @@ absl::Status CheckScorePlusApe(const CompressorRun& run, int64_t from, int64_t t
 absl::Status ComputeEntries(const CompressorRun& main, const CompressorRun* indexer, const RopeTable& rope,
                             int64_t from, int64_t to, absl::Span<Bf16> entries, absl::Span<Bf16> keys);
 
+// ComputeEntries for inputs not yet checked, fused with their checks: false
+// if a kv or score read by the windows closing in [from, to) is not finite,
+// a score + ape overflows, or an entry or key would be refused. Then nothing
+// is said of why: the caller runs the checks and ComputeEntries in order for
+// the message. The rows pooling does not read (the chunk's open windows:
+// UnpooledTokens) are not checked here.
+bool ComputeEntriesIfValid(const CompressorRun& main, const CompressorRun* indexer, const RopeTable& rope,
+                           int64_t from, int64_t to, absl::Span<Bf16> entries, absl::Span<Bf16> keys);
+
+// The first chunk token (relative to run.first) of the rows, up to the
+// chunk's end n, that pooling the windows closed by tokens before
+// run.first + n does not read in full: the open window's tokens, and with
+// overlapping windows also the last closed window's (its first halves belong
+// to the next entry).
+int64_t UnpooledTokens(const CompressorRun& run, int64_t n);
+
 // SIMD helpers (src/compressor_kernels.cc), without a subnormal operation;
 // n a multiple of 16. The first i with fl(score[i] + ape[i]) = ±inf, or -1;
 // and out[i] = fl(score[i] + ape[i]) bit for bit.
 int64_t FindScorePlusApeOverflow(const float* score, const float* ape, int64_t n);
 void AddScoreAndApe(const float* score, const float* ape, float* out, int64_t n);
+// PoolChannels, returning false (out partly written) if a slot's kv or score
+// + ape is not finite in some channel. ape_has_tiny = false promises that no
+// slot's ape holds a nonzero value below 2^-90 (its flush is then skipped).
+bool PoolChannelsIfFinite(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny = true);
 
 // Keeps the chunk's last n tokens (as many as the ring holds) in the state
 // ring: kv, then score + ape. Call after every ComputeEntries of the chunk.

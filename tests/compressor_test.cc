@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -65,11 +66,72 @@ TEST_P(CompressorKernelsTest, PoolChannelsMatchesReference) {
         ape.push_back(Random(static_cast<size_t>(channels), rng, 0.5f));
       }
       for (int j = 0; j < n; ++j) slots.push_back({kv[j].data(), score[j].data(), j % 2 ? ape[j].data() : nullptr});
-      std::vector<float> simd(static_cast<size_t>(channels)), ref(static_cast<size_t>(channels));
+      std::vector<float> simd(static_cast<size_t>(channels)), checked(simd.size()), ref(static_cast<size_t>(channels));
       PoolChannels(slots.data(), n, channels, simd.data());
+      ASSERT_TRUE(PoolChannelsIfFinite(slots.data(), n, channels, checked.data()));
       PoolRef(slots.data(), n, channels, ref.data());
       for (int64_t c = 0; c < channels; ++c) {
         ASSERT_EQ(F32Bits(simd[static_cast<size_t>(c)]), F32Bits(ref[static_cast<size_t>(c)])) << n << " slots, channel " << c;
+        ASSERT_EQ(F32Bits(checked[static_cast<size_t>(c)]), F32Bits(ref[static_cast<size_t>(c)])) << n << " slots, channel " << c;
+      }
+    }
+  }
+}
+
+// Append's fused check: false exactly when some slot's kv or score is not
+// finite, or a score + ape overflows, in any channel (including the last
+// channels of a group and those past the last whole group), whatever the
+// slot; and the reference's bits whenever true.
+TEST_P(CompressorKernelsTest, PoolChannelsIfFiniteRefusesEveryNonFiniteInput) {
+  std::mt19937 rng(7);
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  for (const int n : {8, 128}) {
+    for (const int64_t channels : {int64_t{128}, int64_t{512}, int64_t{80}}) {
+      std::vector<std::vector<float>> kv, score, ape;
+      for (int j = 0; j < n; ++j) {
+        kv.push_back(Random(static_cast<size_t>(channels), rng, 2.0f));
+        score.push_back(Random(static_cast<size_t>(channels), rng, 1.0f));
+        ape.push_back(Random(static_cast<size_t>(channels), rng, 0.5f));
+      }
+      auto slots = [&] {
+        std::vector<PoolSlot> out;
+        for (int j = 0; j < n; ++j) out.push_back({kv[j].data(), score[j].data(), j % 2 ? ape[j].data() : nullptr});
+        return out;
+      };
+      std::vector<float> out(static_cast<size_t>(channels));
+      ASSERT_TRUE(PoolChannelsIfFinite(slots().data(), n, channels, out.data()));
+      for (const int j : {0, n / 2 + 1, n - 1}) {
+        for (const int64_t c : {int64_t{0}, int64_t{15}, int64_t{63}, int64_t{64}, channels - 1}) {
+          const size_t at = static_cast<size_t>(c);
+          struct Case { std::vector<float>* row; float value; const char* what; };
+          for (const Case& bad : {Case{&kv[static_cast<size_t>(j)], nan, "kv NaN"}, Case{&kv[static_cast<size_t>(j)], -inf, "kv -inf"},
+                                  Case{&score[static_cast<size_t>(j)], inf, "score inf"}, Case{&score[static_cast<size_t>(j)], nan, "score NaN"},
+                                  Case{&score[static_cast<size_t>(j)], 3.4e38f, "score + ape overflows"}}) {
+            const float saved = (*bad.row)[at];
+            (*bad.row)[at] = bad.value;
+            if (bad.row == &score[static_cast<size_t>(j)] && bad.value == 3.4e38f) {
+              if (j % 2 == 0) {  // a slot without ape: an overflow needs ape
+                (*bad.row)[at] = saved;
+                continue;
+              }
+              ape[static_cast<size_t>(j)][at] = 3.4e38f;
+            }
+            EXPECT_FALSE(PoolChannelsIfFinite(slots().data(), n, channels, out.data())) << bad.what << " at slot " << j << " channel " << c;
+            (*bad.row)[at] = saved;
+            ape[static_cast<size_t>(j)][at] = 0.25f;
+          }
+          // A large but finite sum is accepted, with the reference's bits.
+          if (j % 2 == 1) {
+            score[static_cast<size_t>(j)][at] = 1.7e38f;
+            ape[static_cast<size_t>(j)][at] = 1.6e38f;
+            std::vector<float> ref(out.size());
+            ASSERT_TRUE(PoolChannelsIfFinite(slots().data(), n, channels, out.data())) << "slot " << j << " channel " << c;
+            PoolRef(slots().data(), n, channels, ref.data());
+            for (size_t i = 0; i < out.size(); ++i) ASSERT_EQ(F32Bits(out[i]), F32Bits(ref[i])) << "channel " << i;
+            score[static_cast<size_t>(j)][at] = 0.5f;
+            ape[static_cast<size_t>(j)][at] = 0.25f;
+          }
+        }
       }
     }
   }
@@ -112,13 +174,18 @@ TEST_P(CompressorKernelsTest, EveryDistributionIsExactWithoutSubnormalArithmetic
         ape.push_back(testing::Floats(score_d, static_cast<size_t>(channels), rng, 8));
       }
       for (int j = 0; j < n; ++j) slots.push_back({kv[j].data(), score[j].data(), j % 2 ? ape[j].data() : nullptr});
-      std::vector<float> simd(static_cast<size_t>(channels)), ref(simd.size());
+      std::vector<float> simd(static_cast<size_t>(channels)), checked(simd.size()), ref(simd.size());
       PoolChannels(slots.data(), n, channels, simd.data());
+      ASSERT_TRUE(PoolChannelsIfFinite(slots.data(), n, channels, checked.data())) << name;
       PoolRef(slots.data(), n, channels, ref.data());
       for (int64_t c = 0; c < channels; ++c) {
         ASSERT_EQ(F32Bits(simd[static_cast<size_t>(c)]), F32Bits(ref[static_cast<size_t>(c)])) << name << ", channel " << c;
+        ASSERT_EQ(F32Bits(checked[static_cast<size_t>(c)]), F32Bits(ref[static_cast<size_t>(c)])) << name << ", channel " << c;
       }
       testing::ExpectNoSubnormalOperations("PoolChannels " + name, [&] { PoolChannels(slots.data(), n, channels, simd.data()); });
+      testing::ExpectNoSubnormalOperations("PoolChannelsIfFinite " + name, [&] {
+        if (!PoolChannelsIfFinite(slots.data(), n, channels, simd.data())) std::abort();
+      });
     }
     for (const int tiny_exp : {-128, -70}) {  // bf16 subnormals; squares below 2^-126
     for (const int dim : {128, 512}) {
