@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kvc/cache.h"
@@ -473,6 +474,74 @@ TEST(CompressedStreams, BadProjectionsAreRejectedAndChangeNothing) {
   const absl::Status s = no_params->Append(s2, 1, 0, tokens.For(1, 0, 4));
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(s.message()), HasSubstr("set ModelSpec.layers[i].compressor"));
+}
+
+// Append checks the projections while pooling reads them and checks the
+// rows pooling does not read (the open windows') afterwards; a refusal then
+// reruns the checks in order. A non-finite value anywhere in a multi-slice
+// chunk -- in a pooled row of any slice, at a slice boundary, in the last
+// closed window's first halves (read only by the next entry) or in the open
+// window -- is named by its row and column, and changes nothing.
+TEST(CompressedStreams, ANonFiniteProjectionAnywhereInAChunkIsNamedAndChangesNothing) {
+  std::mt19937 rng(15);
+  const Model model(rng);
+  const int64_t start = 6, n = 1100;  // three 512-token slices; CSA pools rows < 1094, HCA rows < 1018
+  Tokens tokens(start + n, rng);
+  auto cache = *Cache::Create(model.spec, Options());
+  const SequenceId seq = *cache->CreateSequence();
+  ASSERT_TRUE(AppendAll(*cache, seq, tokens, 0, start).ok());
+  const std::vector<uint8_t> before = HistoryBytes(*cache, seq);
+  struct Input {
+    int layer;
+    std::vector<float> Tokens::*values;
+    int64_t width;
+    const char* name;
+    std::vector<int64_t> rows;
+  };
+  const std::vector<int64_t> csa_rows = {0, 3, 511, 512, 1023, 1093, 1094, 1097, 1099};
+  const std::vector<Input> inputs = {
+      {0, &Tokens::csa_kv, 1024, "compressor_kv", csa_rows},
+      {0, &Tokens::csa_score, 1024, "compressor_score", csa_rows},
+      {0, &Tokens::idx_kv, 256, "indexer_kv", csa_rows},
+      {0, &Tokens::idx_score, 256, "indexer_score", csa_rows},
+      {1, &Tokens::hca_kv, 512, "compressor_kv", {0, 600, 1017, 1018, 1099}},
+      {1, &Tokens::hca_score, 512, "compressor_score", {0, 600, 1017, 1018, 1099}},
+  };
+  for (const Input& in : inputs) {
+    for (const int64_t row : in.rows) {
+      for (const int64_t column : {int64_t{0}, in.width / 2 + 3, in.width - 1}) {
+        for (const float bad : {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity()}) {
+          float& at = (tokens.*in.values)[static_cast<size_t>((start + row) * in.width + column)];
+          const float saved = at;
+          at = bad;
+          const absl::Status s = cache->Append(seq, in.layer, start, tokens.For(in.layer, start, n));
+          at = saved;
+          const std::string expected = absl::StrCat("Append: ", in.name, " row ", row, " column ", column,
+                                                    std::isnan(bad) ? " is NaN" : " is infinite");
+          EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << expected << ": " << s;
+          EXPECT_THAT(std::string(s.message()), HasSubstr(expected));
+        }
+      }
+    }
+  }
+  EXPECT_EQ(HistoryBytes(*cache, seq), before);
+  EXPECT_EQ(*cache->Length(seq, 0), start);
+  EXPECT_EQ(*cache->Length(seq, 1), start);
+  // Two faults: the first in check order is named (slice 0's refused entry
+  // before slice 1's NaN; a slice's NaN before its own refused entry).
+  tokens.csa_kv[static_cast<size_t>((start + 700) * 1024 + 9)] = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t row = 96; row < 112; ++row) {  // windows whose entries pool FLT_MAX in channel 188: past bf16's range
+    tokens.csa_kv[static_cast<size_t>((start + row) * 1024 + 188)] = std::numeric_limits<float>::max();
+    tokens.csa_kv[static_cast<size_t>((start + row) * 1024 + 512 + 188)] = std::numeric_limits<float>::max();
+  }
+  absl::Status s = cache->Append(seq, 0, start, tokens.For(0, start, n));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("compressed entry")) << s;
+  tokens.csa_kv[static_cast<size_t>((start + 300) * 1024 + 9)] = std::numeric_limits<float>::quiet_NaN();
+  s = cache->Append(seq, 0, start, tokens.For(0, start, n));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("compressor_kv row 300 column 9 is NaN")) << s;
+  EXPECT_EQ(HistoryBytes(*cache, seq), before);
+  EXPECT_EQ(*cache->Length(seq, 0), start);
+  EXPECT_EQ(*cache->Length(seq, 1), start);
 }
 
 TEST(CompressedStreams, HistoryExhaustionDuringAppendChangesNothing) {
