@@ -272,15 +272,16 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
   const bool compresses = KvcCompresses(layer_spec);
   const bool indexes = compresses && layer_spec.kind == LayerKind::kCsa;
   CompressorRun main_run, indexer_run;
-  std::vector<Bf16> entries, keys;
+  std::unique_ptr<Bf16[]> computed;  // the entries, then the keys (every value written before it is read)
+  absl::Span<Bf16> entries, keys;
   if (compresses) {
     main_run = impl_->RunFor(sq, false, layer, tokens);
-    const int64_t closed = (position + n) / main_run.g.ratio - position / main_run.g.ratio;
-    entries.resize(static_cast<size_t>(closed * kHeadDim));
-    if (indexes) {
-      indexer_run = impl_->RunFor(sq, true, layer, tokens);
-      keys.resize(static_cast<size_t>(closed * kIndexDim));
-    }
+    const size_t closed = static_cast<size_t>((position + n) / main_run.g.ratio - position / main_run.g.ratio);
+    const size_t key_values = indexes ? closed * kIndexDim : 0;
+    computed.reset(new Bf16[closed * kHeadDim + key_values]);
+    entries = absl::MakeSpan(computed.get(), closed * kHeadDim);
+    keys = absl::MakeSpan(computed.get() + closed * kHeadDim, key_values);
+    if (indexes) indexer_run = impl_->RunFor(sq, true, layer, tokens);
   }
   // Validate and compute slice by slice (independent: each writes its own
   // entries), through the executor. Nothing in the cache changes here.
@@ -300,7 +301,7 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
       return false;
     }
     return !compresses || ComputeEntriesIfValid(main_run, indexes ? &indexer_run : nullptr, rope, position + from,
-                                                position + to, absl::MakeSpan(entries), absl::MakeSpan(keys));
+                                                position + to, entries, keys);
   };
   auto exact_slice = [&](int64_t s) -> absl::Status {
     const int64_t from = s * kSlice, to = std::min(n, from + kSlice);
@@ -309,7 +310,7 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
       KVC_RETURN_IF_ERROR(CheckScorePlusApe(main_run, from, to));
       if (indexes) KVC_RETURN_IF_ERROR(CheckScorePlusApe(indexer_run, from, to));
       KVC_RETURN_IF_ERROR(ComputeEntries(main_run, indexes ? &indexer_run : nullptr, rope, position + from,
-                                         position + to, absl::MakeSpan(entries), absl::MakeSpan(keys)));
+                                         position + to, entries, keys));
     }
     return absl::OkStatus();
   };
@@ -357,12 +358,12 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
   if (compresses) {
     WriteState(main_run, n);
     applied.Update(entry_part->Commit(sq, layer, entry_plan, static_cast<int64_t>(entries.size()) / kHeadDim,
-                                      Quantizer(entries, kHeadDim, QuantizeKvRows)));
+                                      Quantizer(entries, kHeadDim, QuantizeKvRows), &executor));
   }
   if (indexes) {
     WriteState(indexer_run, n);
     applied.Update(key_part->Commit(sq, layer, key_plan, static_cast<int64_t>(keys.size()) / kIndexDim,
-                                    Quantizer(keys, kIndexDim, QuantizeIndexKeys)));
+                                    Quantizer(keys, kIndexDim, QuantizeIndexKeys), &executor));
   }
   ls.length += n;
   ls.ring_end = ls.length;

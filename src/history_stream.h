@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/types/span.h"
 #include "kvc/cache.h"
+#include "kvc/executor.h"
 #include "kvc/number_formats.h"
 #include "kvc/row_formats.h"
 #include "src/stream_part.h"
@@ -81,7 +82,8 @@ class HistoryStream final : public StreamPart {
   // refusal would be a broken invariant and is returned, not dropped (the
   // pages are in the stream either way: nothing leaks).
   template <typename Write>
-  absl::Status Commit(Sequence& seq, int layer, const Plan& plan, int64_t n, Write write) const;
+  absl::Status Commit(Sequence& seq, int layer, const Plan& plan, int64_t n, Write write,
+                      Executor* executor = nullptr) const;
   // Plan + Commit of bf16 values quantized by `quantize` (dims values per row).
   absl::Status Append(Sequence& seq, int layer, absl::Span<const Bf16> values, int dims,
                       absl::Status (*quantize)(absl::Span<const Bf16>, PackedRows)) const;
@@ -102,7 +104,8 @@ class HistoryStream final : public StreamPart {
 };
 
 template <typename Write>
-absl::Status HistoryStream::Commit(Sequence& seq, int layer, const Plan& plan, int64_t n, Write write) const {
+absl::Status HistoryStream::Commit(Sequence& seq, int layer, const Plan& plan, int64_t n, Write write,
+                                   Executor* executor) const {
   std::vector<PageId>& table = seq.tables[static_cast<size_t>(stream_)];
   int64_t& stored = Rows(seq, layer);
   size_t next = 0;
@@ -113,13 +116,38 @@ absl::Status HistoryStream::Commit(Sequence& seq, int layer, const Plan& plan, i
     table[p] = plan.fresh[next++];
   }
   while (next < plan.fresh.size()) table.push_back(plan.fresh[next++]);
-  for (int64_t i = 0; i < n;) {
-    const int64_t at = stored + i;
-    const int64_t run = std::min(n - i, per_page_ - at % per_page_);
-    const absl::Status s = write(i, run, RowsAt(seq, layer, at, run));
-    if (!s.ok()) return absl::InternalError(absl::StrCat("a checked row was refused: ", s.message()));
-    i += run;
+  // The rows' runs, one per page; written through the executor when there
+  // are enough of them (the writers are independent: disjoint rows).
+  constexpr int64_t kRowsPerTask = 256;
+  const int tasks = executor == nullptr ? 1 : static_cast<int>(std::min<int64_t>(executor->concurrency(), n / kRowsPerTask));
+  absl::Status refused;
+  if (tasks <= 1) {
+    for (int64_t i = 0; i < n;) {
+      const int64_t at = stored + i;
+      const int64_t run = std::min(n - i, per_page_ - at % per_page_);
+      refused.Update(write(i, run, RowsAt(seq, layer, at, run)));
+      i += run;
+    }
+  } else {
+    struct Run {
+      int64_t first, rows;
+      PackedRows to;
+    };
+    std::vector<Run> runs;
+    for (int64_t i = 0; i < n;) {
+      const int64_t at = stored + i;
+      const int64_t run = std::min(n - i, per_page_ - at % per_page_);
+      runs.push_back({i, run, RowsAt(seq, layer, at, run)});
+      i += run;
+    }
+    std::vector<absl::Status> statuses(runs.size());
+    executor->ParallelFor(static_cast<int64_t>(runs.size()), [&](int64_t r) {
+      const Run& run = runs[static_cast<size_t>(r)];
+      statuses[static_cast<size_t>(r)] = write(run.first, run.rows, run.to);
+    });
+    for (const absl::Status& s : statuses) refused.Update(s);
   }
+  if (!refused.ok()) return absl::InternalError(absl::StrCat("a checked row was refused: ", refused.message()));
   stored += n;
   return absl::OkStatus();
 }
