@@ -10,6 +10,7 @@
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "src/compressor_kernels.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/cache_control.h"
 #include "hwy/highway.h"
 #include "kvc/compressor.h"
 #include "src/fp_exact.h"
@@ -265,13 +266,20 @@ void PoolChannels(const PoolSlot* slots, int n, int64_t channels, float* out) {
 // check or the check of the sums. kFlushApe: ape may hold values below 2^-90
 // (else its flush changes nothing and is skipped).
 template <size_t kGroup, bool kFlushApe>
-HWY_INLINE int PoolGroup(const PoolSlot* slots, int n, int64_t ch, float* HWY_RESTRICT e_buf, float* out) {
+HWY_INLINE int PoolGroup(const PoolSlot* slots, int n, int64_t ch, float* HWY_RESTRICT e_buf, float* out,
+                         const PoolSlot* ahead, int ahead_n) {
   const DF df;
   const hn::RebindToSigned<DF> di;
   const hn::RebindToUnsigned<DF> du;
   using VU = hn::Vec<decltype(du)>;
   const size_t lanes = hn::Lanes(df);
   const size_t stride = kGroup * lanes;  // e_buf floats per slot
+  for (int j = 0; j < ahead_n; ++j) {  // the same channels of a later call's slots, spread over the work
+    for (size_t b = 0; b < stride * sizeof(float); b += 64) {
+      __builtin_prefetch(reinterpret_cast<const char*>(ahead[j].kv + ch) + b, 0, 2);
+      __builtin_prefetch(reinterpret_cast<const char*>(ahead[j].score + ch) + b, 0, 2);
+    }
+  }
   VF max[kGroup], s_min[kGroup];
   VU kv_min[kGroup];  // smallest nonzero |kv| bits - 1
   for (size_t g = 0; g < kGroup; ++g) {
@@ -343,14 +351,15 @@ HWY_INLINE int PoolGroup(const PoolSlot* slots, int n, int64_t ch, float* HWY_RE
   return 1;
 }
 
-bool PoolChannelsIfFinite(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny) {
+bool PoolChannelsIfFinite(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny,
+                          const PoolSlot* ahead, int ahead_n) {
   constexpr size_t kGroup = 4;
   const int64_t step = static_cast<int64_t>(kGroup * hn::Lanes(DF()));
   HWY_ALIGN float e_buf[256 * kGroup * kMaxLanes];
   int64_t ch = 0;
   for (; ch + step <= channels; ch += step) {
-    const int done = ape_has_tiny ? PoolGroup<kGroup, true>(slots, n, ch, e_buf, out)
-                                  : PoolGroup<kGroup, false>(slots, n, ch, e_buf, out);
+    const int done = ape_has_tiny ? PoolGroup<kGroup, true>(slots, n, ch, e_buf, out, ahead, ahead_n)
+                                  : PoolGroup<kGroup, false>(slots, n, ch, e_buf, out, ahead, ahead_n);
     if (done < 0 && !PoolChannelsImpl<true>(slots, n, ch, ch + step, out)) return false;
   }
   return PoolChannelsImpl<true>(slots, n, ch, channels, out);
@@ -508,8 +517,9 @@ void PoolChannels(const PoolSlot* slots, int n, int64_t channels, float* out) {
   HWY_DYNAMIC_DISPATCH(PoolChannels)(slots, n, channels, out);
 }
 
-bool PoolChannelsIfFinite(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny) {
-  return HWY_DYNAMIC_DISPATCH(PoolChannelsIfFinite)(slots, n, channels, out, ape_has_tiny);
+bool PoolChannelsIfFinite(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny,
+                          const PoolSlot* ahead, int ahead_n) {
+  return HWY_DYNAMIC_DISPATCH(PoolChannelsIfFinite)(slots, n, channels, out, ape_has_tiny, ahead, ahead_n);
 }
 
 void NormRope(const float* pooled, int dim, const float* weight, float eps, const float* cos_sin, Bf16* out) {

@@ -49,13 +49,27 @@ int EntrySlots(const CompressorRun& run, int64_t i, PoolSlot* slots, int64_t* to
 // Entry i of a compressor: pools its window's slots, then norm + RoPE with
 // the given (cos, sin) pairs into `out` (dim bf16 values). kCheckInputs:
 // false if a slot's kv or score + ape is not finite (out not written).
+// kCheckInputs also prefetches the chunk rows of entry i + kAhead if they
+// are chunk rows before position `prefetch_end`.
 template <bool kCheckInputs = false>
-bool ComputeEntry(const CompressorRun& run, int64_t i, const float* cos_sin, float* pooled, Bf16* out) {
+bool ComputeEntry(const CompressorRun& run, int64_t i, const float* cos_sin, float* pooled, Bf16* out,
+                  int64_t prefetch_end = 0) {
   PoolSlot slots[256];
   int64_t tokens[256];
   const int count = EntrySlots(run, i, slots, tokens);
   if (kCheckInputs) {
-    if (!PoolChannelsIfFinite(slots, count, run.g.dim, pooled, run.ape_has_tiny)) return false;
+    constexpr int64_t kAhead = 2;  // entries
+    PoolSlot ahead[256];
+    int ahead_n = 0;
+    // (CSA's windows only: an HCA window's 128 rows are 0.5 MiB, too far ahead.)
+    if (run.g.ratio <= 8 && (i + kAhead + 1) * run.g.ratio <= prefetch_end) {
+      ahead_n = EntrySlots(run, i + kAhead, ahead, tokens);
+      while (ahead_n > 0 && ahead[0].ape == nullptr) {  // state rows, not the chunk's: already in cache
+        std::copy(ahead + 1, ahead + ahead_n, ahead);
+        --ahead_n;
+      }
+    }
+    if (!PoolChannelsIfFinite(slots, count, run.g.dim, pooled, run.ape_has_tiny, ahead, ahead_n)) return false;
   } else {
     PoolChannels(slots, count, run.g.dim, pooled);
   }
@@ -200,10 +214,10 @@ bool ComputeEntriesIfValid(const CompressorRun& main, const CompressorRun* index
     rope.At(i * m, cos_sin);
     const size_t at = static_cast<size_t>(i - first_entry);
     Bf16* entry = &entries[at * static_cast<size_t>(main.g.dim)];
-    if (!ComputeEntry<true>(main, i, cos_sin, pooled.data(), entry) || !EntryStorable(main, entry, &largest)) return false;
+    if (!ComputeEntry<true>(main, i, cos_sin, pooled.data(), entry, to) || !EntryStorable(main, entry, &largest)) return false;
     if (indexer != nullptr) {
       Bf16* key = &keys[at * static_cast<size_t>(indexer->g.dim)];
-      if (!ComputeEntry<true>(*indexer, i, cos_sin, pooled.data(), key) || !EntryStorable(*indexer, key, &largest)) return false;
+      if (!ComputeEntry<true>(*indexer, i, cos_sin, pooled.data(), key, to) || !EntryStorable(*indexer, key, &largest)) return false;
     }
   }
   return true;
