@@ -137,6 +137,7 @@ absl::StatusOr<std::unique_ptr<Cache>> Cache::Create(ModelSpec spec, CacheOption
   impl->options = std::move(options);
   KVC_ASSIGN_OR_RETURN(impl->store, PageStore::Create(impl->spec, impl->options));
   impl->compressed_rope = std::make_unique<RopeTable>(impl->spec.compressed_rope);
+  impl->rope_memo = std::make_unique<RopeMemo>(*impl->compressed_rope);
   for (const LayerSpec& l : impl->spec.layers) {
     auto has_tiny = [](absl::Span<const float> ape) {
       return std::any_of(ape.begin(), ape.end(), [](float x) { return x != 0.0f && std::fabs(x) < 0x1p-90f; });
@@ -293,14 +294,22 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
   // refusal returned is always the first in that order.
   constexpr int64_t kSlice = 512;
   const int64_t slices = (n + kSlice - 1) / kSlice;
-  const RopeTable& rope = *impl_->compressed_rope;
+  // RoPE rows of the windows that close: a chunk's through the memo (a CSA
+  // layer's rows serve every layer appending the same chunk); a few tokens'
+  // computed here (at most a window or two).
+  std::shared_ptr<const RopeRows> rope_rows;
+  if (compresses) {
+    const int64_t m = main_run.g.ratio;
+    rope_rows = n >= 128 ? impl_->rope_memo->Rows(position / 128 * 128, position + n, m)
+                         : std::make_shared<const RopeRows>(*impl_->compressed_rope, position / m * m, position + n, m);
+  }
   auto valid_slice = [&](int64_t s) {
     const int64_t from = s * kSlice, to = std::min(n, from + kSlice);
     if (!CheckKvRows(tokens.window_rows.subspan(static_cast<size_t>(from * kHeadDim), static_cast<size_t>((to - from) * kHeadDim)),
                      "").ok()) {
       return false;
     }
-    return !compresses || ComputeEntriesIfValid(main_run, indexes ? &indexer_run : nullptr, rope, position + from,
+    return !compresses || ComputeEntriesIfValid(main_run, indexes ? &indexer_run : nullptr, *rope_rows, position + from,
                                                 position + to, entries, keys);
   };
   auto exact_slice = [&](int64_t s) -> absl::Status {
@@ -309,7 +318,7 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
     if (compresses) {
       KVC_RETURN_IF_ERROR(CheckScorePlusApe(main_run, from, to));
       if (indexes) KVC_RETURN_IF_ERROR(CheckScorePlusApe(indexer_run, from, to));
-      KVC_RETURN_IF_ERROR(ComputeEntries(main_run, indexes ? &indexer_run : nullptr, rope, position + from,
+      KVC_RETURN_IF_ERROR(ComputeEntries(main_run, indexes ? &indexer_run : nullptr, *rope_rows, position + from,
                                          position + to, entries, keys));
     }
     return absl::OkStatus();

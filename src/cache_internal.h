@@ -28,6 +28,7 @@
 #include "src/compressor_state.h"
 #include "src/history_stream.h"
 #include "src/page_store.h"
+#include "src/rope_rows.h"
 #include "src/prefix_cache.h"
 #include "src/stream_part.h"
 #include "src/window_stream.h"
@@ -57,6 +58,7 @@ struct Cache::Impl {
   CacheOptions options;
   std::unique_ptr<PageStore> store;  // every stream's arrays, ids and budgets
   std::unique_ptr<RopeTable> compressed_rope;  // CSA/HCA layers' RoPE
+  std::unique_ptr<RopeMemo> rope_memo;         // its rows for the chunk the layers are appending
   // Per layer, [main, indexer]: whether the compressor's ape holds a nonzero
   // value below 2^-90 (which pooling sets to 0 before adding it).
   std::vector<std::array<bool, 2>> ape_has_tiny;

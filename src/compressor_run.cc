@@ -182,14 +182,13 @@ absl::Status CheckScorePlusApe(const CompressorRun& run, int64_t from, int64_t t
 // tokens [from, to) of the chunk, written at their index relative to the
 // chunk's first closed window; changes nothing in the cache. Refuses an
 // entry or key the row kernels would not store (CheckEntry).
-absl::Status ComputeEntries(const CompressorRun& main, const CompressorRun* indexer, const RopeTable& rope,
+absl::Status ComputeEntries(const CompressorRun& main, const CompressorRun* indexer, const RopeRows& rope,
                             int64_t from, int64_t to, absl::Span<Bf16> entries, absl::Span<Bf16> keys) {
   const int m = main.g.ratio;
   const int64_t first_entry = main.first / m;
   std::vector<float> pooled(static_cast<size_t>(main.g.dim));
-  float cos_sin[64];
   for (int64_t i = from / m; i < to / m; ++i) {
-    rope.At(i * m, cos_sin);       // shared by the entry and its index key
+    const float* cos_sin = rope.At(i * m);  // shared by the entry and its index key
     const size_t at = static_cast<size_t>(i - first_entry);
     Bf16* entry = &entries[at * static_cast<size_t>(main.g.dim)];
     ComputeEntry(main, i, cos_sin, pooled.data(), entry);
@@ -203,15 +202,14 @@ absl::Status ComputeEntries(const CompressorRun& main, const CompressorRun* inde
   return absl::OkStatus();
 }
 
-bool ComputeEntriesIfValid(const CompressorRun& main, const CompressorRun* indexer, const RopeTable& rope,
+bool ComputeEntriesIfValid(const CompressorRun& main, const CompressorRun* indexer, const RopeRows& rope,
                            int64_t from, int64_t to, absl::Span<Bf16> entries, absl::Span<Bf16> keys) {
   const int m = main.g.ratio;
   const int64_t first_entry = main.first / m;
   std::vector<float> pooled(static_cast<size_t>(main.g.dim));
-  float cos_sin[64];
   uint16_t largest;
   for (int64_t i = from / m; i < to / m; ++i) {
-    rope.At(i * m, cos_sin);
+    const float* cos_sin = rope.At(i * m);
     const size_t at = static_cast<size_t>(i - first_entry);
     Bf16* entry = &entries[at * static_cast<size_t>(main.g.dim)];
     if (!ComputeEntry<true>(main, i, cos_sin, pooled.data(), entry, to) || !EntryStorable(main, entry, &largest)) return false;

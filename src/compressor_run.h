@@ -15,6 +15,7 @@
 #include "kvc/compressor.h"
 #include "kvc/model_spec.h"
 #include "kvc/number_formats.h"
+#include "src/rope_rows.h"
 
 namespace kvc {
 
@@ -45,12 +46,12 @@ absl::Status CheckScorePlusApe(const CompressorRun& run, int64_t from, int64_t t
 // keys (indexer->g.dim each) of the windows that close with tokens
 // [from, to) (absolute positions), written at their index relative to the
 // chunk's first closed window (entry main.first / ratio goes to row 0).
-// RoPE at each window's first position from `rope`. Reads the state rows and
+// RoPE at each window's first position from `rope` (covering them). Reads the state rows and
 // the projections; writes only `entries` and `keys`. Refuses an entry or key
 // the row kernels would not store: kInvalidArgument naming the layer, the
 // entry's tokens, the channel, the cause and the token that dominates it.
 // Requires the projections checked finite and CheckScorePlusApe passed.
-absl::Status ComputeEntries(const CompressorRun& main, const CompressorRun* indexer, const RopeTable& rope,
+absl::Status ComputeEntries(const CompressorRun& main, const CompressorRun* indexer, const RopeRows& rope,
                             int64_t from, int64_t to, absl::Span<Bf16> entries, absl::Span<Bf16> keys);
 
 // ComputeEntries for inputs not yet checked, fused with their checks: false
@@ -59,7 +60,7 @@ absl::Status ComputeEntries(const CompressorRun& main, const CompressorRun* inde
 // is said of why: the caller runs the checks and ComputeEntries in order for
 // the message. The rows pooling does not read (the chunk's open windows:
 // UnpooledTokens) are not checked here.
-bool ComputeEntriesIfValid(const CompressorRun& main, const CompressorRun* indexer, const RopeTable& rope,
+bool ComputeEntriesIfValid(const CompressorRun& main, const CompressorRun* indexer, const RopeRows& rope,
                            int64_t from, int64_t to, absl::Span<Bf16> entries, absl::Span<Bf16> keys);
 
 // The first chunk token (relative to run.first) of the rows, up to the

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <random>
 #include <string>
 #include <tuple>
@@ -20,6 +21,7 @@
 #include "kvc/cache.h"
 #include "kvc/row_kernels.h"
 #include "src/compressor_run.h"
+#include "src/rope_rows.h"
 #include "tests/testing/tiny_model.h"
 #include "tests/testing/every_target.h"
 #include "tests/testing/distributions.h"
@@ -482,6 +484,35 @@ TEST(CompressedStreams, BadProjectionsAreRejectedAndChangeNothing) {
 // chunk -- in a pooled row of any slice, at a slice boundary, in the last
 // closed window's first halves (read only by the next entry) or in the open
 // window -- is named by its row and column, and changes nothing.
+// The RoPE rows a chunk's layers share are RopeTable::At's, bit for bit, at
+// every window start they cover; the memo hands out covering rows or computes
+// new ones, and rows a caller holds stay valid after the memo moves on.
+TEST(RopeRowsTest, RowsAreTheTablesAndTheMemoCoversWhatIsAsked) {
+  const RopeTable table(ModelSpec::V4Flash().compressed_rope);
+  float want[64];
+  for (const int64_t step : {int64_t{4}, int64_t{128}}) {
+    const RopeRows rows(table, 1024 * step, 1024 * step + 70 * step + 1, step);
+    for (int64_t p = 1024 * step; p <= 1024 * step + 70 * step; p += step) {
+      table.At(p, want);
+      for (int i = 0; i < 64; ++i) ASSERT_EQ(F32Bits(rows.At(p)[i]), F32Bits(want[i])) << "position " << p << " dim " << i;
+    }
+  }
+  RopeMemo memo(table);
+  const std::shared_ptr<const RopeRows> a = memo.Rows(8192, 16384, 4);
+  EXPECT_EQ(memo.Rows(8192 + 128, 16000, 128).get(), a.get());  // covered: shared
+  const std::shared_ptr<const RopeRows> b = memo.Rows(16384, 24576, 4);
+  EXPECT_NE(b.get(), a.get());
+  EXPECT_EQ(memo.Rows(16384, 24576, 4).get(), b.get());
+  const std::shared_ptr<const RopeRows> c = memo.Rows(32768, 40960, 128);  // HCA's own rows, not kept
+  EXPECT_EQ(memo.Rows(16384, 20000, 128).get(), b.get());
+  table.At(40960 - 128, want);
+  for (int i = 0; i < 64; ++i) EXPECT_EQ(F32Bits(c->At(40960 - 128)[i]), F32Bits(want[i]));
+  table.At(9000, want);
+  for (int i = 0; i < 64; ++i) EXPECT_EQ(F32Bits(a->At(9000)[i]), F32Bits(want[i]));
+  table.At(24572, want);
+  for (int i = 0; i < 64; ++i) EXPECT_EQ(F32Bits(b->At(24572)[i]), F32Bits(want[i]));
+}
+
 TEST(CompressedStreams, ANonFiniteProjectionAnywhereInAChunkIsNamedAndChangesNothing) {
   std::mt19937 rng(15);
   const Model model(rng);
@@ -770,7 +801,8 @@ TEST(CompressorRunTest, ComputesWhatTheCacheStoresWithoutACache) {
     std::vector<Bf16> e(static_cast<size_t>(closed * kHeadDim)), k(static_cast<size_t>(closed * kIndexDim));
     ASSERT_TRUE(CheckScorePlusApe(main_run, 0, n).ok());
     ASSERT_TRUE(CheckScorePlusApe(indexer_run, 0, n).ok());
-    ASSERT_TRUE(ComputeEntries(main_run, &indexer_run, rope, at, at + n, absl::MakeSpan(e), absl::MakeSpan(k)).ok());
+    const RopeRows rows(rope, at / 4 * 4, at + n);
+    ASSERT_TRUE(ComputeEntries(main_run, &indexer_run, rows, at, at + n, absl::MakeSpan(e), absl::MakeSpan(k)).ok());
     WriteState(main_run, n);
     WriteState(indexer_run, n);
     entries.insert(entries.end(), e.begin(), e.end());

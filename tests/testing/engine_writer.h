@@ -101,8 +101,9 @@ inline void EngineWrite(const Cache& cache, const TinyModel& model, const StepPl
   const int64_t closed = (start + n) / ratio - start / ratio;
   std::vector<Bf16> entries(static_cast<size_t>(closed * kHeadDim)), keys(static_cast<size_t>(closed * kIndexDim));
   const RopeTable rope(cache.spec().compressed_rope);
+  const RopeRows rope_rows(rope, start / ratio * ratio, start + n, ratio);
   ASSERT_TRUE(CheckScorePlusApe(main, 0, n).ok());
-  ASSERT_TRUE(ComputeEntries(main, csa ? &indexer : nullptr, rope, start, start + n, absl::MakeSpan(entries),
+  ASSERT_TRUE(ComputeEntries(main, csa ? &indexer : nullptr, rope_rows, start, start + n, absl::MakeSpan(entries),
                              absl::MakeSpan(keys))
                   .ok());
   WriteState(main, n);
