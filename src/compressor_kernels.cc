@@ -351,11 +351,11 @@ HWY_INLINE int PoolGroup(const PoolSlot* slots, int n, int64_t ch, float* HWY_RE
   return 1;
 }
 
-bool PoolChannelsIfFinite(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny,
-                          const PoolSlot* ahead, int ahead_n) {
-  constexpr size_t kGroup = 4;
+// The groups of kGroup vectors of channels from `ch` on, then the rest.
+template <size_t kGroup>
+HWY_INLINE bool PoolGroups(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny,
+                           const PoolSlot* ahead, int ahead_n, float* e_buf) {
   const int64_t step = static_cast<int64_t>(kGroup * hn::Lanes(DF()));
-  HWY_ALIGN float e_buf[256 * kGroup * kMaxLanes];
   int64_t ch = 0;
   for (; ch + step <= channels; ch += step) {
     const int done = ape_has_tiny ? PoolGroup<kGroup, true>(slots, n, ch, e_buf, out, ahead, ahead_n)
@@ -363,6 +363,16 @@ bool PoolChannelsIfFinite(const PoolSlot* slots, int n, int64_t channels, float*
     if (done < 0 && !PoolChannelsImpl<true>(slots, n, ch, ch + step, out)) return false;
   }
   return PoolChannelsImpl<true>(slots, n, ch, channels, out);
+}
+
+// Long windows (HCA's 128 slots) take 8 vectors of channels at a time: each
+// pass over the slots touches one 4 KiB page per slot row, and a wider group
+// halves the passes (TLB misses) per window.
+bool PoolChannelsIfFinite(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny,
+                          const PoolSlot* ahead, int ahead_n) {
+  HWY_ALIGN float e_buf[256 * 4 * kMaxLanes];
+  if (n > 16 && n <= 128) return PoolGroups<8>(slots, n, channels, out, ape_has_tiny, ahead, ahead_n, e_buf);
+  return PoolGroups<4>(slots, n, channels, out, ape_has_tiny, ahead, ahead_n, e_buf);
 }
 
 // bf16(v) as fp32 (RNE; inputs are finite here).
@@ -447,7 +457,26 @@ void NormRope(const float* pooled, int dim, const float* weight, float eps, cons
     hn::Store(RoundBf16(df, v), df, y + i);
   }
   RotateLast64(y, dim, cos_sin);  // its products and sums are normal: checked above
-  for (int i = 0; i < dim; ++i) out[i] = Bf16{static_cast<uint16_t>(F32Bits(y[i]) >> 16)};
+  // The top halves of the (bf16-valued) floats: a saturating demotion of
+  // values below 2^16 is exact.
+  const hn::RebindToSigned<DF> di;
+  const hn::Rebind<uint16_t, DF> du16;
+  for (int i = 0; i < dim; i += static_cast<int>(lanes)) {
+    const auto top = hn::BitCast(di, hn::ShiftRight<16>(hn::BitCast(du, hn::Load(df, y + i))));
+    hn::StoreU(hn::DemoteTo(du16, top), du16, reinterpret_cast<uint16_t*>(out) + i);
+  }
+}
+
+// The largest |x| of n bf16 values, as bits without the sign (0x7F80: inf;
+// above: NaN); n a multiple of 64.
+uint16_t MaxMagnitudeBits(const Bf16* v, int64_t n) {
+  const hn::ScalableTag<int16_t> d16;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(d16));
+  auto m = hn::Zero(d16);  // magnitudes < 2^15: a signed max
+  for (int64_t i = 0; i < n; i += lanes) {
+    m = hn::Max(m, hn::And(hn::LoadU(d16, reinterpret_cast<const int16_t*>(v) + i), hn::Set(d16, 0x7FFF)));
+  }
+  return static_cast<uint16_t>(hn::GetLane(hn::MaxOfLanes(d16, m)));
 }
 
 // The first i < n with fl(score[i] + ape[i]) = ±inf, or -1 (n a multiple
@@ -501,6 +530,7 @@ namespace kvc {
 
 HWY_EXPORT(PoolChannels);
 HWY_EXPORT(PoolChannelsIfFinite);
+HWY_EXPORT(MaxMagnitudeBits);
 HWY_EXPORT(NormRope);
 HWY_EXPORT(FindScorePlusApeOverflow);
 HWY_EXPORT(AddScoreAndApe);
@@ -521,6 +551,8 @@ bool PoolChannelsIfFinite(const PoolSlot* slots, int n, int64_t channels, float*
                           const PoolSlot* ahead, int ahead_n) {
   return HWY_DYNAMIC_DISPATCH(PoolChannelsIfFinite)(slots, n, channels, out, ape_has_tiny, ahead, ahead_n);
 }
+
+uint16_t MaxMagnitudeBits(const Bf16* v, int64_t n) { return HWY_DYNAMIC_DISPATCH(MaxMagnitudeBits)(v, n); }
 
 void NormRope(const float* pooled, int dim, const float* weight, float eps, const float* cos_sin, Bf16* out) {
   HWY_DYNAMIC_DISPATCH(NormRope)(pooled, dim, weight, eps, cos_sin, out);

@@ -92,11 +92,9 @@ absl::Status RefusedEntry(const CompressorRun& run, int64_t i, const Bf16* out, 
 bool EntryStorable(const CompressorRun& run, const Bf16* out, uint16_t* largest_bits) {
   const uint16_t max_bits = run.indexer ? kMaxKeyBits : kMaxKvNopeBf16Bits;
   const int limited_dims = run.indexer ? run.g.dim : kNopeDim;
-  // Magnitudes as int16 (< 2^15): a signed max, which SSE2 vectorizes.
-  int16_t largest = 0, largest_rest = 0;
-  for (int c = 0; c < limited_dims; ++c) largest = std::max(largest, static_cast<int16_t>(out[c].bits & 0x7FFF));
-  for (int c = limited_dims; c < run.g.dim; ++c) largest_rest = std::max(largest_rest, static_cast<int16_t>(out[c].bits & 0x7FFF));
-  *largest_bits = static_cast<uint16_t>(std::max(largest, largest_rest));
+  const uint16_t largest = MaxMagnitudeBits(out, limited_dims);
+  const uint16_t largest_rest = MaxMagnitudeBits(out + limited_dims, run.g.dim - limited_dims);
+  *largest_bits = std::max(largest, largest_rest);
   return largest <= max_bits && largest_rest <= kMaxFiniteBf16Bits;
 }
 

@@ -75,6 +75,10 @@ int64_t UnpooledTokens(const CompressorRun& run, int64_t n);
 // and out[i] = fl(score[i] + ape[i]) bit for bit.
 int64_t FindScorePlusApeOverflow(const float* score, const float* ape, int64_t n);
 void AddScoreAndApe(const float* score, const float* ape, float* out, int64_t n);
+// The largest |x| of n bf16 values (n a multiple of 64) as bits without the
+// sign: 0x7F80 is infinity, above it NaN.
+uint16_t MaxMagnitudeBits(const Bf16* v, int64_t n);
+
 // PoolChannels, returning false (out partly written) if a slot's kv or score
 // + ape is not finite in some channel. ape_has_tiny = false promises that no
 // slot's ape holds a nonzero value below 2^-90 (its flush is then skipped).

@@ -140,6 +140,21 @@ TEST_P(CompressorKernelsTest, PoolChannelsIfFiniteRefusesEveryNonFiniteInput) {
   }
 }
 
+TEST_P(CompressorKernelsTest, MaxMagnitudeBitsIsTheLargestMagnitude) {
+  std::mt19937 rng(9);
+  std::uniform_int_distribution<int> bits(0, 0xFFFF), where(0, 511);
+  for (int trial = 0; trial < 200; ++trial) {
+    std::vector<Bf16> v(512);
+    for (Bf16& x : v) x.bits = static_cast<uint16_t>(bits(rng) & (trial % 2 ? 0xBF7F : 0xFFFF));  // some rows without inf/NaN
+    if (trial % 5 == 0) v[static_cast<size_t>(where(rng))].bits = 0xFF80;  // -inf
+    for (const int64_t n : {int64_t{0}, int64_t{64}, int64_t{448}, int64_t{512}}) {
+      uint16_t want = 0;
+      for (int64_t i = 0; i < n; ++i) want = std::max<uint16_t>(want, v[static_cast<size_t>(i)].bits & 0x7FFF);
+      ASSERT_EQ(MaxMagnitudeBits(v.data(), n), want) << "trial " << trial << " n " << n;
+    }
+  }
+}
+
 TEST_P(CompressorKernelsTest, NormRopeMatchesReference) {
   std::mt19937 rng(2);
   for (const int dim : {128, 512}) {
