@@ -74,8 +74,9 @@ constexpr size_t kMaxLanes = HWY_MAX_BYTES / sizeof(float);
 // SoftmaxExp, lane-wise, op for op, for lanes x >= -87.
 HWY_INLINE VF ExpInRange(DF df, VF x) {
   const hn::RebindToSigned<DF> di;
-  const VF magic = hn::Set(df, 12582912.0f);
-  const VF n = hn::Sub(hn::Add(hn::Mul(x, hn::Set(df, 1.44269504088896341f)), magic), magic);
+  const VF magic = hn::Set(df, 12582912.0f);  // 1.5 x 2^23
+  const VF t = hn::Add(hn::Mul(x, hn::Set(df, 1.44269504088896341f)), magic);
+  const VF n = hn::Sub(t, magic);
   VF r = hn::Sub(x, hn::Mul(n, hn::Set(df, 0.693359375f)));
   r = hn::Sub(r, hn::Mul(n, hn::Set(df, -2.12194440e-4f)));
   VF p = hn::Set(df, 1.9875691500e-4f);
@@ -85,7 +86,11 @@ HWY_INLINE VF ExpInRange(DF df, VF x) {
   p = hn::Add(hn::Mul(p, r), hn::Set(df, 1.6666665459e-1f));
   p = hn::Add(hn::Mul(p, r), hn::Set(df, 5.0000001201e-1f));
   const VF y = hn::Add(hn::Add(hn::Mul(p, hn::Mul(r, r)), r), hn::Set(df, 1.0f));
-  const VF scale = hn::BitCast(df, hn::ShiftLeft<23>(hn::Add(hn::ConvertTo(di, n), hn::Set(di, 127))));
+  // 2^n: t is 1.5 x 2^23 + n exactly (|n| <= 126), so its bits are those of
+  // 1.5 x 2^23 plus n, and (bits(t) << 23) + ((127 - bits(1.5 x 2^23)) << 23)
+  // (mod 2^32) is (n + 127) << 23: n's conversion to an integer, for free.
+  const auto k = hn::Set(di, static_cast<int32_t>((127u - 0x4B400000u) << 23));
+  const VF scale = hn::BitCast(df, hn::Add(hn::ShiftLeft<23>(hn::BitCast(di, t)), k));
   return hn::Mul(y, scale);
 }
 
