@@ -332,9 +332,10 @@ HWY_INLINE int PoolGroup(const PoolSlot* slots, int n, int64_t ch, float* HWY_RE
   for (int j = 0; j < n; ++j) {
     float* e_at = e_buf + static_cast<size_t>(j) * stride;
     for (size_t g = 0; g < kGroup; ++g) {
+      // x <= 0, and 0 or at most -2^-113 (a normal float): |x| < 2^-26 is
+      // one compare.
       VF x = hn::Sub(hn::Load(df, e_at + g * lanes), max[g]);
-      const auto tiny = hn::Lt(hn::And(hn::BitCast(di, x), hn::Set(di, 0x7FFFFFFF)), hn::Set(di, (127 - 26) << 23));
-      x = hn::IfThenZeroElse(hn::RebindMask(df, tiny), x);
+      x = hn::IfThenZeroElse(hn::Gt(x, hn::Set(df, -0x1p-26f)), x);
       const VF e = ExpInRange(df, x);
       hn::Store(e, df, e_at + g * lanes);
       sum[g] = hn::Add(sum[g], e);
