@@ -10,7 +10,6 @@
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "src/compressor_kernels.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
-#include "hwy/cache_control.h"
 #include "hwy/highway.h"
 #include "kvc/compressor.h"
 #include "src/fp_exact.h"
@@ -271,20 +270,13 @@ void PoolChannels(const PoolSlot* slots, int n, int64_t channels, float* out) {
 // check or the check of the sums. kFlushApe: ape may hold values below 2^-90
 // (else its flush changes nothing and is skipped).
 template <size_t kGroup, bool kFlushApe>
-HWY_INLINE int PoolGroup(const PoolSlot* slots, int n, int64_t ch, float* HWY_RESTRICT e_buf, float* out,
-                         const PoolSlot* ahead, int ahead_n) {
+HWY_INLINE int PoolGroup(const PoolSlot* slots, int n, int64_t ch, float* HWY_RESTRICT e_buf, float* out) {
   const DF df;
   const hn::RebindToSigned<DF> di;
   const hn::RebindToUnsigned<DF> du;
   using VU = hn::Vec<decltype(du)>;
   const size_t lanes = hn::Lanes(df);
   const size_t stride = kGroup * lanes;  // e_buf floats per slot
-  for (int j = 0; j < ahead_n; ++j) {  // the same channels of a later call's slots, spread over the work
-    for (size_t b = 0; b < stride * sizeof(float); b += 64) {
-      __builtin_prefetch(reinterpret_cast<const char*>(ahead[j].kv + ch) + b, 0, 2);
-      __builtin_prefetch(reinterpret_cast<const char*>(ahead[j].score + ch) + b, 0, 2);
-    }
-  }
   VF max[kGroup], s_min[kGroup];
   VU kv_min[kGroup];  // smallest nonzero |kv| bits - 1
   for (size_t g = 0; g < kGroup; ++g) {
@@ -360,12 +352,12 @@ HWY_INLINE int PoolGroup(const PoolSlot* slots, int n, int64_t ch, float* HWY_RE
 // The groups of kGroup vectors of channels from `ch` on, then the rest.
 template <size_t kGroup>
 HWY_INLINE bool PoolGroups(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny,
-                           const PoolSlot* ahead, int ahead_n, float* e_buf) {
+                           float* e_buf) {
   const int64_t step = static_cast<int64_t>(kGroup * hn::Lanes(DF()));
   int64_t ch = 0;
   for (; ch + step <= channels; ch += step) {
-    const int done = ape_has_tiny ? PoolGroup<kGroup, true>(slots, n, ch, e_buf, out, ahead, ahead_n)
-                                  : PoolGroup<kGroup, false>(slots, n, ch, e_buf, out, ahead, ahead_n);
+    const int done = ape_has_tiny ? PoolGroup<kGroup, true>(slots, n, ch, e_buf, out)
+                                  : PoolGroup<kGroup, false>(slots, n, ch, e_buf, out);
     if (done < 0 && !PoolChannelsImpl<true>(slots, n, ch, ch + step, out)) return false;
   }
   return PoolChannelsImpl<true>(slots, n, ch, channels, out);
@@ -374,11 +366,10 @@ HWY_INLINE bool PoolGroups(const PoolSlot* slots, int n, int64_t channels, float
 // Long windows (HCA's 128 slots) take 8 vectors of channels at a time: each
 // pass over the slots touches one 4 KiB page per slot row, and a wider group
 // halves the passes (TLB misses) per window.
-bool PoolChannelsIfFinite(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny,
-                          const PoolSlot* ahead, int ahead_n) {
+bool PoolChannelsIfFinite(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny) {
   HWY_ALIGN float e_buf[256 * 4 * kMaxLanes];
-  if (n > 16 && n <= 128) return PoolGroups<8>(slots, n, channels, out, ape_has_tiny, ahead, ahead_n, e_buf);
-  return PoolGroups<4>(slots, n, channels, out, ape_has_tiny, ahead, ahead_n, e_buf);
+  if (n > 16 && n <= 128) return PoolGroups<8>(slots, n, channels, out, ape_has_tiny, e_buf);
+  return PoolGroups<4>(slots, n, channels, out, ape_has_tiny, e_buf);
 }
 
 // bf16(v) as fp32 (RNE; inputs are finite here).
@@ -553,9 +544,8 @@ void PoolChannels(const PoolSlot* slots, int n, int64_t channels, float* out) {
   HWY_DYNAMIC_DISPATCH(PoolChannels)(slots, n, channels, out);
 }
 
-bool PoolChannelsIfFinite(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny,
-                          const PoolSlot* ahead, int ahead_n) {
-  return HWY_DYNAMIC_DISPATCH(PoolChannelsIfFinite)(slots, n, channels, out, ape_has_tiny, ahead, ahead_n);
+bool PoolChannelsIfFinite(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny) {
+  return HWY_DYNAMIC_DISPATCH(PoolChannelsIfFinite)(slots, n, channels, out, ape_has_tiny);
 }
 
 uint16_t MaxMagnitudeBits(const Bf16* v, int64_t n) { return HWY_DYNAMIC_DISPATCH(MaxMagnitudeBits)(v, n); }

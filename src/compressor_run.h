@@ -82,10 +82,7 @@ uint16_t MaxMagnitudeBits(const Bf16* v, int64_t n);
 // PoolChannels, returning false (out partly written) if a slot's kv or score
 // + ape is not finite in some channel. ape_has_tiny = false promises that no
 // slot's ape holds a nonzero value below 2^-90 (its flush is then skipped).
-// `ahead`: the slots of a later call (ahead_n of them, each `channels` kv and
-// score values), whose rows are prefetched as this call's work goes.
-bool PoolChannelsIfFinite(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny = true,
-                          const PoolSlot* ahead = nullptr, int ahead_n = 0);
+bool PoolChannelsIfFinite(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny = true);
 
 // Keeps the chunk's last n tokens (as many as the ring holds) in the state
 // ring: kv, then score + ape. Call after every ComputeEntries of the chunk.
