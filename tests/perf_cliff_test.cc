@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstdio>
 #include <functional>
 #include <map>
@@ -23,6 +24,7 @@
 #include "kvc/compressor.h"
 #include "kvc/indexer.h"
 #include "kvc/row_kernels.h"
+#include "src/compressor_run.h"
 #include "tests/testing/distributions.h"
 
 namespace kvc {
@@ -199,20 +201,28 @@ TEST(PerfCliff, PoolChannels) {
   const size_t asserted = inputs.size();
   inputs.push_back(make("subnormal kv (2^-138)", Distribution::kTiny, -138, Distribution::kNormal, 0));
   std::vector<float> out(static_cast<size_t>(channels));
-  std::vector<Case> cases;
-  for (const Input& in : inputs) {
-    cases.push_back({in.name, [&in, &out, n, channels] {
-                       PoolSlot slots[n];
-                       for (int w = 0; w < windows; ++w) {
-                         for (int j = 0; j < n; ++j) {
-                           const size_t at = static_cast<size_t>((w * n + j) * channels);
-                           slots[j] = {in.kv.data() + at, in.score.data() + at, nullptr};
+  // PoolChannels, and Append's path (PoolChannelsIfFinite: its fast groups,
+  // or the general kernel where a group is out of their range).
+  for (const bool checked : {false, true}) {
+    std::vector<Case> cases;
+    for (const Input& in : inputs) {
+      cases.push_back({in.name, [&in, &out, n, channels, checked] {
+                         PoolSlot slots[n];
+                         for (int w = 0; w < windows; ++w) {
+                           for (int j = 0; j < n; ++j) {
+                             const size_t at = static_cast<size_t>((w * n + j) * channels);
+                             slots[j] = {in.kv.data() + at, in.score.data() + at, nullptr};
+                           }
+                           if (!checked) {
+                             PoolChannels(slots, n, channels, out.data());
+                           } else if (!PoolChannelsIfFinite(slots, n, channels, out.data())) {
+                             std::abort();
+                           }
                          }
-                         PoolChannels(slots, n, channels, out.data());
-                       }
-                     }});
+                       }});
+    }
+    ExpectNoCliff(checked ? "PoolChannelsIfFinite" : "PoolChannels", cases, asserted);
   }
-  ExpectNoCliff("PoolChannels", cases, asserted);
 }
 
 // RMSNorm + RoPE of 2048 rows of 512: tiny = 2^-40 (squares near 2^-80);
