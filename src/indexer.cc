@@ -74,7 +74,7 @@ void BuildScoringLayout(IndexQuery& q, std::vector<int32_t>& slot_head, std::vec
         codes_f32[slot * kIndexDim + static_cast<size_t>(e)] = c;
         sum += c;
       }
-      offset[slot * 4 + static_cast<size_t>(b)] = 12 * sum;
+      offset[slot * 4 + static_cast<size_t>(b)] = -12 * sum;
       if (block_is_zero(h, b)) continue;
       const int qe = stored.scales[b] - 129;
       head_min = std::min(head_min, qe);
@@ -119,7 +119,7 @@ void BuildScoringLayout(IndexQuery& q, std::vector<int32_t>& slot_head, std::vec
         codes_shifted[slot * kIndexDim + static_cast<size_t>(e)] = static_cast<int8_t>(c);
         sum += c;
       }
-      offset_shifted[slot * 4 + static_cast<size_t>(b)] = 12 * sum;
+      offset_shifted[slot * 4 + static_cast<size_t>(b)] = -12 * sum;
     }
   }
   if (max_q_shift > 3) max_q_shift = -1;  // not usable: the integer path is off for this query

@@ -299,9 +299,12 @@ KVC_VNNI512 HWY_INLINE void ScoreSlotsVnni(const IndexQueryScoringView& v, int f
   // group loop made GCC copy them between registers every iteration).
 #pragma GCC unroll 4
   for (int b = 0; b < 4; ++b) {
+    // Each block sum starts at -12 * Σ codes (undoing the keys' +12), so no
+    // subtraction per head and block.
     __m512i acc[kSlots][kKv];
     for (int i = 0; i < kSlots; ++i) {
-      for (int kv = 0; kv < kKv; ++kv) acc[i][kv] = _mm512_setzero_si512();
+      const __m512i start = _mm512_set1_epi32(offsets[static_cast<size_t>(first + i) * 4 + static_cast<size_t>(b)]);
+      for (int kv = 0; kv < kKv; ++kv) acc[i][kv] = start;
     }
 #pragma GCC unroll 8
     for (int g = 8 * b; g < 8 * b + 8; ++g) {
@@ -316,13 +319,12 @@ KVC_VNNI512 HWY_INLINE void ScoreSlotsVnni(const IndexQueryScoringView& v, int f
     }
     for (int i = 0; i < kSlots; ++i) {
       const size_t at = static_cast<size_t>(first + i) * 4 + static_cast<size_t>(b);
-      const __m512i offset = _mm512_set1_epi32(offsets[at]);  // undoes the +12 key offset
       for (int kv = 0; kv < kKv; ++kv) {
         if (kIntSums) {
-          const __m512i t = _mm512_sllv_epi32(_mm512_sub_epi32(acc[i][kv], offset), setup[kv].key_shift[b].raw);
+          const __m512i t = _mm512_sllv_epi32(acc[i][kv], setup[kv].key_shift[b].raw);
           sum[i][kv] = b == 0 ? t : _mm512_add_epi32(sum[i][kv], t);
         } else {
-          const VF exact = VF{_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][kv], offset))};
+          const VF exact = VF{_mm512_cvtepi32_ps(acc[i][kv])};
           const VF t = BlockTerm<kScaled>(exact, v.scale_bits[at], setup[kv], b);
           s[i][kv] = b == 0 ? t : hn::Add(s[i][kv], t);
         }

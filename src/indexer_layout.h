@@ -78,7 +78,7 @@ struct IndexQueryScoringView {
   const int32_t* group_begin;  // [17]: slots of heads h = p mod 16 are [group_begin[p], group_begin[p+1])
   const int8_t* codes;       // [slot][128] 2*E2M1 codes, in [-12, 12]
   const float* codes_f32;    // [slot][128] the same as floats
-  const int32_t* offset;     // [slot][4] 12 * Σ codes of the block (the +12 key offset of the VNNI path)
+  const int32_t* offset;     // [slot][4] -12 * Σ codes of the block: the VNNI path's block sums start there (undoing the keys' +12)
   const int32_t* scale_bits; // [slot][4] (qe + 127) << 23, qe the exponent of s_q/4 (zero blocks: min_q_exp)
   const float* weight;       // [slot]
   const double* weight_f64;  // [slot]
@@ -87,7 +87,7 @@ struct IndexQueryScoringView {
   // qe_min,h; usable when that shift is at most 3 (codes * 8 fit int8) for
   // every head: max_q_shift, else -1.
   const int8_t* codes_shifted;    // [slot][128]
-  const int32_t* offset_shifted;  // [slot][4] 12 * Σ shifted codes of the block
+  const int32_t* offset_shifted;  // [slot][4] -12 * Σ shifted codes of the block
   const int32_t* min_scale_bits;  // [slot] (qe_min,h + 127) << 23
   int max_q_shift;
   int min_q_exp;             // smallest qe over the active slots' nonzero blocks
