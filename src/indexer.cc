@@ -342,26 +342,40 @@ absl::Status ScoreIndexKeyPages(const IndexQuery& query, int64_t pages, int64_t 
   };
   Refusal inline_refusal;
   std::array<Refusal, kMaxKeyTasks> refusals;  // on the stack: the decode path allocates nothing
-  // Each task takes its pages in batches: checks their scales (the first
-  // refusal in order stops it), then scores the batch in one kernel call.
+  // Each task takes its pages in batches: checks their views, scores the
+  // batch in one kernel call, then checks the scales it just read (in cache
+  // now; checking first made every page's footer a DRAM miss on the critical
+  // path). The first refusal in page order stops the task; the scores are
+  // unspecified then, as the contract allows (the kernels give any scale
+  // byte defined, if meaningless, results).
   auto run = [&](int64_t t, Refusal& refusal) {
     constexpr int64_t kBatch = 64;
     ConstPackedRows batch[kBatch];
     const int64_t end = std::min(pages, (t + 1) * per_task);
     for (int64_t first = t * per_task; first < end; first += kBatch) {
-      const int64_t count = std::min(kBatch, end - first);
+      int64_t count = std::min(kBatch, end - first);
+      absl::Status bad_view;
       for (int64_t i = 0; i < count; ++i) {
         batch[i] = page(first + i);
         const ConstPackedRows& keys = batch[i];
-        absl::Status checked = keys.count > 0 && (keys.data == nullptr || keys.scales == nullptr || keys.data_stride < 64 || keys.scale_stride < 4)
-                                   ? absl::InvalidArgumentError("ScoreIndexKeys: keys view has null pointers or strides below 64 / 4 bytes")
-                                   : CheckKeyScales(query, keys);
+        if (keys.count > 0 && (keys.data == nullptr || keys.scales == nullptr || keys.data_stride < 64 || keys.scale_stride < 4)) {
+          bad_view = absl::InvalidArgumentError("ScoreIndexKeys: keys view has null pointers or strides below 64 / 4 bytes");
+          count = i;  // score and check the pages before it
+          break;
+        }
+      }
+      ScoreKeyPagesDispatch(query, batch, count, keys_per_page, scores.data() + first * keys_per_page);
+      for (int64_t i = 0; i < count; ++i) {
+        absl::Status checked = CheckKeyScales(query, batch[i]);
         if (!checked.ok()) {
           refusal = {first + i, std::move(checked)};
           return;
         }
       }
-      ScoreKeyPagesDispatch(query, batch, count, keys_per_page, scores.data() + first * keys_per_page);
+      if (!bad_view.ok()) {
+        refusal = {first + count, std::move(bad_view)};
+        return;
+      }
     }
   };
   if (tasks <= 1) {
