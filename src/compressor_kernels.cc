@@ -12,6 +12,7 @@
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
 #include "kvc/compressor.h"
+#include "src/compressor_run.h"
 #include "src/fp_exact.h"
 
 #ifndef KVC_COMPRESSOR_KERNELS_SHARED_
@@ -269,8 +270,25 @@ void PoolChannels(const PoolSlot* slots, int n, int64_t channels, float* out) {
 // non-finite kv (times w > 0) a non-finite sum, so -1 follows from the range
 // check or the check of the sums. kFlushApe: ape may hold values below 2^-90
 // (else its flush changes nothing and is skipped).
+// Walks a ReadAhead's lines, `per_slot` software prefetches per pooling slot.
+struct Prefetcher {
+  const ReadAhead* ahead = nullptr;
+  int64_t per_slot = 0;
+  int run = 0;
+  int64_t line = 0;
+  HWY_INLINE void Next() {
+    for (int64_t k = 0; k < per_slot && run < ahead->count; ++k) {
+      __builtin_prefetch(ahead->run[run] + line * 16, 0, 3);
+      if (++line == ahead->lines[run]) {
+        line = 0;
+        ++run;
+      }
+    }
+  }
+};
+
 template <size_t kGroup, bool kFlushApe>
-HWY_INLINE int PoolGroup(const PoolSlot* slots, int n, int64_t ch, float* HWY_RESTRICT e_buf, float* out) {
+HWY_INLINE int PoolGroup(const PoolSlot* slots, int n, int64_t ch, float* HWY_RESTRICT e_buf, float* out, Prefetcher& pf) {
   const DF df;
   const hn::RebindToSigned<DF> di;
   const hn::RebindToUnsigned<DF> du;
@@ -290,6 +308,7 @@ HWY_INLINE int PoolGroup(const PoolSlot* slots, int n, int64_t ch, float* HWY_RE
     const float* ape = slots[j].ape;
     const float* kv = slots[j].kv + ch;
     float* e_at = e_buf + static_cast<size_t>(j) * stride;
+    pf.Next();
     auto step = [&](size_t g, VF s) {
       hn::Store(s, df, e_at + g * lanes);
       max[g] = hn::Max(max[g], s);
@@ -349,15 +368,23 @@ HWY_INLINE int PoolGroup(const PoolSlot* slots, int n, int64_t ch, float* HWY_RE
   return 1;
 }
 
-// The groups of kGroup vectors of channels from `ch` on, then the rest.
+// The groups of kGroup vectors of channels from `ch` on, then the rest;
+// `ahead`'s prefetches spread over the groups' slots (one in 8 CSA slots'
+// first passes issues 10 of a window's 640).
 template <size_t kGroup>
 HWY_INLINE bool PoolGroups(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny,
-                           float* e_buf) {
+                           float* e_buf, const ReadAhead* ahead) {
   const int64_t step = static_cast<int64_t>(kGroup * hn::Lanes(DF()));
+  Prefetcher pf;
+  if (ahead != nullptr && n > 0) {
+    const int64_t groups = std::max<int64_t>(1, channels / step);
+    pf.ahead = ahead;
+    pf.per_slot = (ahead->total_lines + groups * n - 1) / (groups * n);
+  }
   int64_t ch = 0;
   for (; ch + step <= channels; ch += step) {
-    const int done = ape_has_tiny ? PoolGroup<kGroup, true>(slots, n, ch, e_buf, out)
-                                  : PoolGroup<kGroup, false>(slots, n, ch, e_buf, out);
+    const int done = ape_has_tiny ? PoolGroup<kGroup, true>(slots, n, ch, e_buf, out, pf)
+                                  : PoolGroup<kGroup, false>(slots, n, ch, e_buf, out, pf);
     if (done < 0 && !PoolChannelsImpl<true>(slots, n, ch, ch + step, out)) return false;
   }
   return PoolChannelsImpl<true>(slots, n, ch, channels, out);
@@ -366,10 +393,11 @@ HWY_INLINE bool PoolGroups(const PoolSlot* slots, int n, int64_t channels, float
 // Long windows (HCA's 128 slots) take 8 vectors of channels at a time: each
 // pass over the slots touches one 4 KiB page per slot row, and a wider group
 // halves the passes (TLB misses) per window.
-bool PoolChannelsIfFinite(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny) {
+bool PoolChannelsIfFinite(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny,
+                          const ReadAhead* ahead) {
   HWY_ALIGN float e_buf[256 * 4 * kMaxLanes];
-  if (n > 16 && n <= 128) return PoolGroups<8>(slots, n, channels, out, ape_has_tiny, e_buf);
-  return PoolGroups<4>(slots, n, channels, out, ape_has_tiny, e_buf);
+  if (n > 16 && n <= 128) return PoolGroups<8>(slots, n, channels, out, ape_has_tiny, e_buf, ahead);
+  return PoolGroups<4>(slots, n, channels, out, ape_has_tiny, e_buf, ahead);
 }
 
 // bf16(v) as fp32 (RNE; inputs are finite here).
@@ -544,8 +572,9 @@ void PoolChannels(const PoolSlot* slots, int n, int64_t channels, float* out) {
   HWY_DYNAMIC_DISPATCH(PoolChannels)(slots, n, channels, out);
 }
 
-bool PoolChannelsIfFinite(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny) {
-  return HWY_DYNAMIC_DISPATCH(PoolChannelsIfFinite)(slots, n, channels, out, ape_has_tiny);
+bool PoolChannelsIfFinite(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny,
+                          const ReadAhead* ahead) {
+  return HWY_DYNAMIC_DISPATCH(PoolChannelsIfFinite)(slots, n, channels, out, ape_has_tiny, ahead);
 }
 
 uint16_t MaxMagnitudeBits(const Bf16* v, int64_t n) { return HWY_DYNAMIC_DISPATCH(MaxMagnitudeBits)(v, n); }

@@ -50,12 +50,13 @@ int EntrySlots(const CompressorRun& run, int64_t i, PoolSlot* slots, int64_t* to
 // the given (cos, sin) pairs into `out` (dim bf16 values). kCheckInputs:
 // false if a slot's kv or score + ape is not finite (out not written).
 template <bool kCheckInputs = false>
-bool ComputeEntry(const CompressorRun& run, int64_t i, const float* cos_sin, float* pooled, Bf16* out) {
+bool ComputeEntry(const CompressorRun& run, int64_t i, const float* cos_sin, float* pooled, Bf16* out,
+                  const ReadAhead* ahead = nullptr) {
   PoolSlot slots[256];
   int64_t tokens[256];
   const int count = EntrySlots(run, i, slots, tokens);
   if (kCheckInputs) {
-    if (!PoolChannelsIfFinite(slots, count, run.g.dim, pooled, run.ape_has_tiny)) return false;
+    if (!PoolChannelsIfFinite(slots, count, run.g.dim, pooled, run.ape_has_tiny, ahead)) return false;
   } else {
     PoolChannels(slots, count, run.g.dim, pooled);
   }
@@ -186,26 +187,14 @@ absl::Status ComputeEntries(const CompressorRun& main, const CompressorRun* inde
   return absl::OkStatus();
 }
 
-// Reads one word of every cache line of the chunk rows (kv and score) of
-// window w's tokens before position `end`, as integers (no fp operation).
-// Pooling reads a window's rows column block by column block across its
-// tokens; on the machines measured, software prefetches of those lines were
-// mostly lost, while these plain loads, a window ahead, stream each row
-// sequentially (TLB and hardware prefetchers warm): CSA pooling from DRAM
-// ~20% faster.
-void TouchWindow(const CompressorRun& run, int64_t w, int64_t end) {
+// Adds the chunk rows of window w's tokens before position `end` to
+// *ahead: kv and score, each one contiguous run.
+void AddWindowRows(const CompressorRun& run, int64_t w, int64_t end, ReadAhead* ahead) {
   const int64_t width = run.g.width();
-  uint32_t sink = 0;
-  for (int64_t t = std::max(w * run.g.ratio, run.first); t < std::min((w + 1) * run.g.ratio, end); ++t) {
-    for (const float* row : {run.kv + (t - run.first) * width, run.score + (t - run.first) * width}) {
-      for (int64_t c = 0; c < width; c += 16) {
-        uint32_t word;
-        std::memcpy(&word, row + c, sizeof(word));
-        sink |= word;
-      }
-    }
-  }
-  asm volatile("" : : "r"(sink));  // the loads are the point
+  const int64_t begin = std::max(w * run.g.ratio, run.first), stop = std::min((w + 1) * run.g.ratio, end);
+  if (begin >= stop) return;
+  ahead->Add(run.kv + (begin - run.first) * width, (stop - begin) * width);
+  ahead->Add(run.score + (begin - run.first) * width, (stop - begin) * width);
 }
 
 bool ComputeEntriesIfValid(const CompressorRun& main, const CompressorRun* indexer, const RopeRows& rope,
@@ -218,11 +207,22 @@ bool ComputeEntriesIfValid(const CompressorRun& main, const CompressorRun* index
     const float* cos_sin = rope.At(i * m);
     const size_t at = static_cast<size_t>(i - first_entry);
     Bf16* entry = &entries[at * static_cast<size_t>(main.g.dim)];
-    if (main.g.ratio <= 8) {  // CSA (an HCA window's rows, 0.5 MiB, are too many to read ahead: measured slower)
-      TouchWindow(main, i + 1, to);
-      if (indexer != nullptr) TouchWindow(*indexer, i + 1, to);
+    // The next window's rows (main and indexer), prefetched while the main
+    // compressor pools this one. Pooling reads a window's rows column block
+    // by column block across its tokens, which the hardware prefetchers do
+    // not follow. Measured on one CSA layer (BM_Append_Csa, 1 / 2 threads):
+    // nothing 1.34 / 0.76 s; a plain load of every line a window ahead
+    // (which stalls the pooling behind them) 1.15-1.21 / 0.68-0.73 s; the
+    // same lines as software prefetches issued together (most dropped: the
+    // core's miss buffers fill) no better; spread over the pooling's slots
+    // 0.92-0.99 / 0.55-0.60 s. CSA only: an HCA window's rows (0.5 MiB) prefetched so
+    // appended slower (0.40 vs 0.34-0.35 s).
+    ReadAhead ahead;
+    if (main.g.ratio <= 8) {
+      AddWindowRows(main, i + 1, to, &ahead);
+      if (indexer != nullptr) AddWindowRows(*indexer, i + 1, to, &ahead);
     }
-    if (!ComputeEntry<true>(main, i, cos_sin, pooled.data(), entry) || !EntryStorable(main, entry, &largest)) return false;
+    if (!ComputeEntry<true>(main, i, cos_sin, pooled.data(), entry, &ahead) || !EntryStorable(main, entry, &largest)) return false;
     if (indexer != nullptr) {
       Bf16* key = &keys[at * static_cast<size_t>(indexer->g.dim)];
       if (!ComputeEntry<true>(*indexer, i, cos_sin, pooled.data(), key) || !EntryStorable(*indexer, key, &largest)) return false;

@@ -79,10 +79,31 @@ void AddScoreAndApe(const float* score, const float* ape, float* out, int64_t n)
 // sign: 0x7F80 is infinity, above it NaN.
 uint16_t MaxMagnitudeBits(const Bf16* v, int64_t n);
 
+// Memory to prefetch while pooling (the next window's chunk rows): the
+// 64-byte lines of up to kMaxRuns runs of floats, one software prefetch per
+// line, spread evenly over the pooling's slots. (Issued all at once, most
+// were dropped on the machines measured: the core's miss buffers fill.)
+// A hint: results do not depend on it; runs past kMaxRuns are ignored.
+struct ReadAhead {
+  static constexpr int kMaxRuns = 4;
+  const float* run[kMaxRuns] = {};
+  int64_t lines[kMaxRuns] = {};  // lines of run i (its floats / 16)
+  int count = 0;
+  int64_t total_lines = 0;
+  void Add(const float* p, int64_t floats) {
+    if (count == kMaxRuns || floats < 16) return;
+    run[count] = p;
+    lines[count++] = floats / 16;
+    total_lines += floats / 16;
+  }
+};
+
 // PoolChannels, returning false (out partly written) if a slot's kv or score
 // + ape is not finite in some channel. ape_has_tiny = false promises that no
 // slot's ape holds a nonzero value below 2^-90 (its flush is then skipped).
-bool PoolChannelsIfFinite(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny = true);
+// `ahead`, if given, is prefetched meanwhile.
+bool PoolChannelsIfFinite(const PoolSlot* slots, int n, int64_t channels, float* out, bool ape_has_tiny = true,
+                          const ReadAhead* ahead = nullptr);
 
 // Keeps the chunk's last n tokens (as many as the ring holds) in the state
 // ring: kv, then score + ape. Call after every ComputeEntries of the chunk.
