@@ -221,6 +221,8 @@ class PageStore {
   };
   // Allocate and AllocatePinned (under mu_ for the grant).
   absl::Status AllocateIds(absl::Span<const Request> requests, bool pinned);
+  // Maps ids [first, end) of kvc's own array of stream s in every layer (page_store.cc).
+  void Prefault(int s, PageId first, PageId end) const;
   // The id moved between live and cache-only: its bytes change budget.
   void ToCacheOnly(int s);
   void ToLive(int s);
