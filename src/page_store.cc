@@ -1,6 +1,7 @@
 #include "src/page_store.h"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
@@ -348,8 +349,8 @@ absl::Status PageStore::AllocateIds(absl::Span<const Request> requests, bool pin
 }
 
 // Fresh pages of kvc's arrays have never been touched: the writes that
-// follow the grant would take one page fault per 4 KiB (a trap each; ~8% of
-// a 1M-token prefill in a VM). One MADV_POPULATE_WRITE per layer maps the
+// follow the grant would take one page fault per OS page (a trap each; ~8%
+// of a 1M-token prefill in a VM). One MADV_POPULATE_WRITE per layer maps the
 // whole range in a single call instead. Contents are unchanged (fresh pages
 // read as zero either way), so a concurrent writer of a neighbouring id
 // sharing an OS page is unaffected. A hint only: where the kernel refuses it
@@ -358,7 +359,7 @@ absl::Status PageStore::AllocateIds(absl::Span<const Request> requests, bool pin
 void PageStore::Prefault(int s, PageId first, PageId end) const {
 #ifdef MADV_POPULATE_WRITE
   const int64_t page_bytes = spec(s).page_bytes;
-  const uintptr_t os_page = 4096;
+  static const uintptr_t os_page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
   for (const int32_t l : spec(s).layers) {
     const uintptr_t begin = reinterpret_cast<uintptr_t>(Page(s, l, first)) & ~(os_page - 1);
     const uintptr_t stop = reinterpret_cast<uintptr_t>(Page(s, l, first)) + static_cast<uintptr_t>((end - first) * page_bytes);

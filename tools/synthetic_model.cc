@@ -137,7 +137,7 @@ absl::Status SyntheticModel::DecodeStep(Cache& cache, SequenceId seq, int64_t t,
     if (csa) stats->keys_scored += (t + 1) / 4;
     start = std::chrono::steady_clock::now();
     // Grown, never shrunk: a resize between a CSA layer's 640 rows and an
-    // HCA layer's 8,320 would zero 16 MiB per HCA layer (~a third of the gather).
+    // HCA layer's 8,320 would zero 16 MiB per HCA layer for nothing.
     const size_t values = set.rows.size() * kHeadDim;
     if (gathered_.size() < values) gathered_.resize(values);
     KVC_RETURN_IF_ERROR(GatherRows(set, absl::MakeSpan(gathered_).first(values), ExecutorOrInline(executor)));
