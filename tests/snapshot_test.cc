@@ -853,12 +853,11 @@ TEST(SnapshotCrash, KilledWriterLeavesThePreviousSnapshotUsable) {
     ASSERT_TRUE(SaveSnapshot(*cache, {seq}, path).ok());
   }
   std::mt19937 rng(11);
-  // 30 kills, and more (up to 300) until one lands mid-write: a save now
-  // spends much of its time checking the file it appends to, and under
-  // sanitizers the write window is narrow.
+  // 30 kills, and more (up to 300) until one lands mid-write: a save
+  // spends much of its time checking the file it appends to.
   int interrupted = 0, kills = 0;
   for (int trial = 0; trial < 300 && (trial < 30 || interrupted == 0); ++trial) {
-    int ready[2];  // the child writes a byte once it is saving in its loop
+    int ready[2];  // the child writes a byte after each of its first two saves
     ASSERT_EQ(::pipe(ready), 0);
     const pid_t child = ::fork();
     ASSERT_GE(child, 0);
@@ -874,15 +873,21 @@ TEST(SnapshotCrash, KilledWriterLeavesThePreviousSnapshotUsable) {
         SaveOptions options;
         options.incremental = save % 3 != 2;
         if (!SaveSnapshot(*cache, {seq}, path, options).ok()) ::_exit(3);
-        if (save == 0 && ::write(ready[1], "x", 1) != 1) ::_exit(5);
+        if (save < 2 && ::write(ready[1], "x", 1) != 1) ::_exit(5);
       }
     }
     ::close(ready[1]);
     char byte = 0;
     ASSERT_EQ(::read(ready[0], &byte, 1), 1) << "the writer died before its first save";
+    const auto first = std::chrono::steady_clock::now();
+    ASSERT_EQ(::read(ready[0], &byte, 1), 1) << "the writer died before its second save";
     ::close(ready[0]);
-    // Anywhere in the next few saves (each takes a few milliseconds).
-    std::this_thread::sleep_for(std::chrono::microseconds(rng() % 20000));
+    // Anywhere in the next three grow-and-save cycles, timed on this one (a
+    // fixed window missed every save where a cycle outlasts it: sanitizers on
+    // a slow machine spent it all growing and checking).
+    const auto cycle = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - first);
+    const uint64_t window_us = std::max<uint64_t>(1000, 3 * static_cast<uint64_t>(cycle.count()));
+    std::this_thread::sleep_for(std::chrono::microseconds(rng() % window_us));
     ASSERT_EQ(::kill(child, SIGKILL), 0);
     int status = 0;
     ASSERT_EQ(::waitpid(child, &status, 0), child);
