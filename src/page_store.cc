@@ -257,9 +257,7 @@ absl::Status PageStore::AllocateIds(absl::Span<const Request> requests, bool pin
   // Grant under the lock (all or nothing); zero the pages after it.
   std::vector<std::pair<int, PageId>> to_zero;
   // Per stream, the ids created by this call in kvc's own arrays: [first, end).
-  PageId fresh_first[kStreamCount], fresh_end[kStreamCount];
-  std::fill(fresh_first, fresh_first + kStreamCount, PageId{0});
-  std::fill(fresh_end, fresh_end + kStreamCount, PageId{0});
+  PageId fresh_first[kStreamCount] = {}, fresh_end[kStreamCount] = {};
   {
     std::lock_guard<std::mutex> lock(mu_);
     int64_t need[kStreamCount] = {};
@@ -357,7 +355,6 @@ absl::Status PageStore::AllocateIds(absl::Span<const Request> requests, bool pin
 // (before Linux 5.14: EINVAL; ENOMEM under memory pressure) the pages fault
 // in on first write, as without it.
 void PageStore::Prefault(int s, PageId first, PageId end) const {
-#ifdef MADV_POPULATE_WRITE
   const int64_t page_bytes = spec(s).page_bytes;
   static const uintptr_t os_page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
   for (const int32_t l : spec(s).layers) {
@@ -365,9 +362,6 @@ void PageStore::Prefault(int s, PageId first, PageId end) const {
     const uintptr_t stop = reinterpret_cast<uintptr_t>(Page(s, l, first)) + static_cast<uintptr_t>((end - first) * page_bytes);
     if (::madvise(reinterpret_cast<void*>(begin), stop - begin, MADV_POPULATE_WRITE) != 0) return;  // see above
   }
-#else
-  (void)s, (void)first, (void)end;
-#endif
 }
 
 void PageStore::Ref(int s, PageId id) {
