@@ -32,7 +32,7 @@ void BuildScoringLayout(IndexQuery& q, std::vector<int32_t>& slot_head, std::vec
                         std::vector<int8_t>& codes, std::vector<float>& codes_f32, std::vector<int32_t>& offset,
                         std::vector<int32_t>& scale_bits, std::vector<float>& weight, std::vector<double>& weight_f64,
                         std::vector<int8_t>& codes_shifted, std::vector<int32_t>& offset_shifted,
-                        std::vector<int32_t>& min_scale_bits, int& max_q_shift,
+                        std::vector<int32_t>& offset_prescaled, std::vector<int32_t>& min_scale_bits, int& max_q_shift,
                         int& min_q_exp, int& fast_min_key_exp, int& neutral_key_exp, bool& fast_allowed) {
   slot_head.clear();
   group_begin.assign(17, 0);
@@ -101,6 +101,7 @@ void BuildScoringLayout(IndexQuery& q, std::vector<int32_t>& slot_head, std::vec
   // head's smallest exponent (zero blocks: shift 0), if every shift is <= 3.
   codes_shifted.assign(slots * kIndexDim, 0);
   offset_shifted.assign(slots * 4, 0);
+  offset_prescaled.assign(slots, 0);
   min_scale_bits.assign(slots, 0);
   max_q_shift = 0;
   for (size_t slot = 0; slot < slots; ++slot) {
@@ -120,6 +121,7 @@ void BuildScoringLayout(IndexQuery& q, std::vector<int32_t>& slot_head, std::vec
         sum += c;
       }
       offset_shifted[slot * 4 + static_cast<size_t>(b)] = -12 * sum;
+      offset_prescaled[slot] += -96 * sum;
     }
   }
   if (max_q_shift > 3) max_q_shift = -1;  // not usable: the integer path is off for this query
@@ -218,7 +220,7 @@ absl::Status IndexQuery::Prepare(absl::Span<const Bf16> q_raw, absl::Span<const 
   }
   BuildScoringLayout(q, q.slot_head_, q.group_begin_, q.slot_codes_, q.slot_codes_f32_, q.slot_offset_, q.slot_scale_bits_,
                      q.slot_weight_, q.slot_weight_f64_, q.slot_codes_shifted_, q.slot_offset_shifted_,
-                     q.slot_min_scale_bits_, q.max_q_shift_, q.min_q_exp_, q.fast_min_key_exp_, q.neutral_key_exp_,
+                     q.slot_offset_prescaled_, q.slot_min_scale_bits_, q.max_q_shift_, q.min_q_exp_, q.fast_min_key_exp_, q.neutral_key_exp_,
                      q.fast_allowed_);
   q.max_key_scale_byte_ = byte;
   return absl::OkStatus();

@@ -5,9 +5,12 @@
 // a time), so the per-block scaling runs once per N keys; the arithmetic and
 // how it avoids every subnormal fp32 operation while reproducing
 // IndexScoreRef's bits are in src/indexer_layout.h. Per key group:
-//   1. the keys' codes in the target's layout (AVX3_DL: transposed and
-//      decoded to unsigned bytes 2*E2M1 + 12 for vpdpbusd; elsewhere the
-//      codes as exact floats), and per lane the key's block exponents;
+//   1. the keys' codes in the target's layout (AVX3_DL: 64 keys transposed
+//      and decoded to unsigned bytes for vpdpbusd, 2*E2M1 + 12, or when every
+//      block exponent of the group is within 3 of its key's smallest,
+//      2*E2M1 * 2^d_b + 96, so one accumulator per head runs over all four
+//      blocks; elsewhere the codes as exact floats), and per lane the key's
+//      block exponents;
 //   2. per lane the path (fast, scaled by 2^sigma, or fp64 emulation) and the
 //      block scale exponents to add;
 //   3. per active head: the 4 exact block sums, scaled in the exponent
@@ -81,7 +84,16 @@ struct GroupSetup {
   // query's are at most 9.
   VI key_shift[4];
   VI min_key_bits;
+#if HWY_TARGET != HWY_SCALAR
+  // Scaled path: per half of the lanes, in fp64, 2^(sigma-126) (the top of
+  // the reference's subnormal range, scaled) and 2^(sigma-149+52) (whose ulp
+  // is its grid): WeightedRelu's constants, once per group.
+  hn::Vec<hn::Rebind<double, hn::Half<DF>>> grid_top[2], grid_c[2];
+#endif
   bool integer_sums = false;
+  // Integer sums with every lane's shifts at most 3: the shifts can ride in
+  // the key bytes themselves (AVX3_DL's prescaled keys).
+  bool prescalable = false;
 };
 
 // From the lanes' block scale bytes and zero-block masks. Returns false if
@@ -107,6 +119,20 @@ HWY_INLINE bool SetupGroup(const IndexQueryScoringView& v, const VI* bytes, cons
     g->key_bits[b] = hn::ShiftLeft<23>(hn::Add(hn::IfThenElse(zero[b], zero_exp, ke[b]), g->sigma));
   }
   g->underflow = hn::ShiftLeft<23>(hn::Sub(g->sigma, hn::Set(di, 22)));
+#if HWY_TARGET != HWY_SCALAR
+  if (g->scaled) {
+    const hn::Half<DF> dh;
+    const hn::Rebind<double, decltype(dh)> dd;
+    const hn::Rebind<int64_t, decltype(dh)> di64;
+    const hn::Rebind<int32_t, decltype(dh)> dh32;
+    const hn::Vec<decltype(dh32)> halves[2] = {hn::LowerHalf(dh32, g->sigma), hn::UpperHalf(dh32, g->sigma)};
+    for (int half = 0; half < 2; ++half) {
+      const auto sig = hn::PromoteTo(di64, halves[half]);
+      g->grid_top[half] = hn::BitCast(dd, hn::ShiftLeft<52>(hn::Add(sig, hn::Set(di64, 1023 - 126))));
+      g->grid_c[half] = hn::BitCast(dd, hn::ShiftLeft<52>(hn::Add(sig, hn::Set(di64, 1023 - 126 + 29))));
+    }
+  }
+#endif
   if (!g->scaled && v.max_q_shift >= 0) {
     VI widest = hn::Zero(di);
     for (int b = 0; b < 4; ++b) {
@@ -115,6 +141,7 @@ HWY_INLINE bool SetupGroup(const IndexQueryScoringView& v, const VI* bytes, cons
     }
     g->min_key_bits = hn::ShiftLeft<23>(zero_exp);
     g->integer_sums = hn::AllTrue(di, hn::Lt(widest, hn::Set(di, 9 - v.max_q_shift + 1)));
+    g->prescalable = g->integer_sums && hn::AllTrue(di, hn::Lt(widest, hn::Set(di, 4)));
   }
   return true;
 }
@@ -152,21 +179,15 @@ HWY_INLINE VF WeightedRelu(VF s, float w, double w64, const GroupSetup& g) {
 #else
   const hn::Half<DF> dh;
   const hn::Rebind<double, decltype(dh)> dd;
-  const hn::Rebind<int64_t, decltype(dh)> di64;
-  const hn::Rebind<int32_t, decltype(dh)> dh32;
-  auto half_product = [&](hn::Vec<decltype(dh)> r, hn::Vec<decltype(dh32)> sigma) {
+  auto half_product = [&](hn::Vec<decltype(dh)> r, int half) {
     const auto x = hn::Mul(hn::PromoteTo(dd, r), hn::Set(dd, w64));
-    const auto sig = hn::PromoteTo(di64, sigma);
-    // 2^(sigma-126) (the top of the reference's subnormal range, scaled) and
-    // c = 2^(sigma-149+52), whose ulp is the grid.
-    const auto top = hn::BitCast(dd, hn::ShiftLeft<52>(hn::Add(sig, hn::Set(di64, 1023 - 126))));
-    const auto c = hn::BitCast(dd, hn::ShiftLeft<52>(hn::Add(sig, hn::Set(di64, 1023 - 126 + 29))));
     const auto a = hn::Abs(x);
+    const auto c = g.grid_c[half];
     const auto gridded = hn::CopySignToAbs(hn::Sub(hn::Add(a, c), c), x);
-    return hn::DemoteTo(dh, hn::IfThenElse(hn::Lt(a, top), gridded, x));
+    return hn::DemoteTo(dh, hn::IfThenElse(hn::Lt(a, g.grid_top[half]), gridded, x));
   };
-  const auto lo = half_product(hn::LowerHalf(dh, relu), hn::LowerHalf(dh32, g.sigma));
-  const auto hi = half_product(hn::UpperHalf(dh, relu), hn::UpperHalf(dh32, g.sigma));
+  const auto lo = half_product(hn::LowerHalf(dh, relu), 0);
+  const auto hi = half_product(hn::UpperHalf(dh, relu), 1);
   return hn::Combine(df, hi, lo);
 #endif
 }
@@ -206,18 +227,29 @@ HWY_INLINE VF Halve(VF* partial) {
 // still inline into it).
 #define KVC_VNNI512 __attribute__((target(HWY_TARGET_STR ",avx512vnni")))
 
+// How a key group's four block sums of a head are combined:
+//   kFloat: each block sum converted and scaled on its own (any exponents);
+//   kInteger: block sums shifted by the lane's d_b and added as integers;
+//   kPrescaled: the keys' bytes already carry 2^d_b, one accumulator for all
+//     128 codes (no per-block work at all).
+enum class BlockSums { kFloat, kInteger, kPrescaled };
+
 // Keys in the VNNI layout: for key vector kv and group g (codes 4g..4g+3),
-// 16 lanes (keys) of 4 unsigned bytes 2*E2M1 + 12. A 16 x 16 transpose of
-// the packed keys' dwords, then each dword's 8 nibbles -> two groups'
+// 16 lanes (keys) of 4 unsigned bytes, 2*E2M1 + 12 (kFloat, kInteger) or
+// 2*E2M1 * 2^d_b + 96 (kPrescaled, d_b <= 3: 0..192). Built in two steps, as
+// the encoding depends on both key vectors' setup: a 16 x 16 transpose of the
+// packed keys' dwords (columns), then each dword's 8 nibbles -> two groups'
 // bytes (vpmultishiftqb picks nibbles, vpermb maps them).
+constexpr int kMaxKv = 4;  // key vectors scored together: 64 keys
 struct VnniKeys {
-  alignas(64) uint8_t u8[2][32][64];
-  VI bytes[2][4];
-  MI zero[2][4];
+  alignas(64) uint8_t u8[kMaxKv][32][64];
+  alignas(64) uint8_t column[kMaxKv][16][64];  // column d, lane i: dword d of key i's packed codes
+  VI bytes[kMaxKv][4];
+  MI zero[kMaxKv][4];
 };
 
-KVC_VNNI512 HWY_INLINE void LoadVnniKeys(const uint8_t* codes, int64_t code_stride, const uint8_t* scales,
-                                        int64_t scale_stride, int64_t count, int kv, VnniKeys* keys) {
+KVC_VNNI512 HWY_INLINE void TransposeVnniKeys(const uint8_t* codes, int64_t code_stride, const uint8_t* scales,
+                                             int64_t scale_stride, int64_t count, int kv, VnniKeys* keys) {
   __m512i r[16];
   __m512i all_scales;  // lane i: key i's 4 scale bytes
   if (count >= 16) {
@@ -261,14 +293,7 @@ KVC_VNNI512 HWY_INLINE void LoadVnniKeys(const uint8_t* codes, int64_t code_stri
     column[8 + x] = _mm512_shuffle_i32x4(w1, w3, 0x88);
     column[12 + x] = _mm512_shuffle_i32x4(w1, w3, 0xDD);
   }
-  // Nibble -> 2*E2M1 + 12, indexed by the low 6 bits (vpermb).
-  const __m512i table = _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
-  const __m512i low_groups = _mm512_set1_epi64(0x2C2824200C080400LL);   // nibbles 0-3 of each dword
-  const __m512i high_groups = _mm512_set1_epi64(0x3C3834301C181410LL);  // nibbles 4-7
-  for (int d = 0; d < 16; ++d) {
-    _mm512_store_si512(keys->u8[kv][2 * d], _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(low_groups, column[d]), table));
-    _mm512_store_si512(keys->u8[kv][2 * d + 1], _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(high_groups, column[d]), table));
-  }
+  for (int d = 0; d < 16; ++d) _mm512_store_si512(keys->column[kv][d], column[d]);
   // Block b is codes 32b..32b+31: packed dwords 4b..4b+3. Zero codes are
   // nibbles 0 and 8.
   const __m512i magnitude = _mm512_set1_epi32(0x77777777);
@@ -280,63 +305,128 @@ KVC_VNNI512 HWY_INLINE void LoadVnniKeys(const uint8_t* codes, int64_t code_stri
   }
 }
 
+// vpermb's table for prescaled keys: entry 16d + n is 96 + 2*E2M1(n) * 2^d.
+struct PrescaledTable {
+  alignas(64) uint8_t bytes[64];
+};
+constexpr PrescaledTable MakePrescaledTable() {
+  PrescaledTable t{};
+  for (int i = 0; i < 64; ++i) t.bytes[i] = static_cast<uint8_t>(96 + kTwiceE2M1[i & 15] * (1 << (i >> 4)));
+  return t;
+}
+constexpr PrescaledTable kPrescaledTable = MakePrescaledTable();
+
+// Columns -> bytes. `prescale`: the group's setup whose key_shift (d_b <= 3
+// per lane) the bytes carry (kPrescaled), or nullptr (2*E2M1 + 12).
+KVC_VNNI512 HWY_INLINE void EncodeVnniKeys(int kv, const GroupSetup* prescale, VnniKeys* keys) {
+  // vpermb indexes 64 bytes by the low 6 bits: nibble in bits 0-3; for
+  // prescaled keys the shift d in bits 4-5 picks the table's quarter d.
+  const __m512i plain = _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+  const __m512i table = prescale != nullptr ? _mm512_load_si512(kPrescaledTable.bytes) : plain;
+  const __m512i low_groups = _mm512_set1_epi64(0x2C2824200C080400LL);   // nibbles 0-3 of each dword
+  const __m512i high_groups = _mm512_set1_epi64(0x3C3834301C181410LL);  // nibbles 4-7
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  for (int b = 0; b < 4; ++b) {
+    // Each byte: d_b << 4 of its lane (0 for plain keys).
+    const __m512i quarter = prescale != nullptr
+                                ? _mm512_mullo_epi32(prescale->key_shift[b].raw, _mm512_set1_epi32(0x10101010))
+                                : _mm512_setzero_si512();
+    for (int d = 4 * b; d < 4 * b + 4; ++d) {
+      const __m512i column = _mm512_load_si512(keys->column[kv][d]);
+      // (picked & 0x0F) | quarter
+      const __m512i lo = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(low_groups, column), nibble, quarter, 0xEA);
+      const __m512i hi = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(high_groups, column), nibble, quarter, 0xEA);
+      _mm512_store_si512(keys->u8[kv][2 * d], _mm512_permutexvar_epi8(lo, table));
+      _mm512_store_si512(keys->u8[kv][2 * d + 1], _mm512_permutexvar_epi8(hi, table));
+    }
+  }
+}
+
 // Scores the slots [first, first + kSlots) of one running sum against kKv
-// key vectors, adding relu * w into partial[kv] in slot order. kIntSums: the
-// four block sums of a head combined as integers (shifted codes), one
-// conversion and scale per head.
-template <int kSlots, int kKv, bool kScaled, bool kIntSums>
-KVC_VNNI512 HWY_INLINE void ScoreSlotsVnni(const IndexQueryScoringView& v, int first, const VnniKeys& keys,
+// key vectors, adding relu * w into partial[kv] in slot order, the block
+// sums combined as kSums says.
+template <int kSlots, int kKv, bool kScaled, BlockSums kSums>
+KVC_VNNI512 HWY_INLINE void ScoreSlotsVnni(const IndexQueryScoringView& v, int first, const uint8_t* key_u8,
                                           const GroupSetup* setup, VF* partial) {
   // The key vectors are read from L1 for every chunk of slots: hide the
   // pointer, or GCC hoists all 64 loads out of the slot loop and spills them.
-  const uint8_t* key_u8 = &keys.u8[0][0][0];
   asm volatile("" : "+r"(key_u8));
-  const int8_t* codes = kIntSums ? v.codes_shifted : v.codes;
-  const int32_t* offsets = kIntSums ? v.offset_shifted : v.offset;
   VF s[kSlots][kKv];
-  __m512i sum[kSlots][kKv];
-  // Fully unrolled, so that the accumulators stay in registers (a rolled
-  // group loop made GCC copy them between registers every iteration).
-#pragma GCC unroll 4
-  for (int b = 0; b < 4; ++b) {
-    // Each block sum starts at -12 * Σ codes (undoing the keys' +12), so no
-    // subtraction per head and block.
+  if constexpr (kSums == BlockSums::kPrescaled) {
+    // One accumulator per slot and key vector over all 32 groups, starting
+    // at -96 * Σ shifted codes (undoing the keys' +96); the exact integer
+    // Σ_b acc_b * 2^(d_b + q_b), then one conversion and scale.
     __m512i acc[kSlots][kKv];
     for (int i = 0; i < kSlots; ++i) {
-      const __m512i start = _mm512_set1_epi32(offsets[static_cast<size_t>(first + i) * 4 + static_cast<size_t>(b)]);
+      const __m512i start = _mm512_set1_epi32(v.offset_prescaled[first + i]);
       for (int kv = 0; kv < kKv; ++kv) acc[i][kv] = start;
     }
-#pragma GCC unroll 8
-    for (int g = 8 * b; g < 8 * b + 8; ++g) {
+#pragma GCC unroll 32
+    for (int g = 0; g < 32; ++g) {
       __m512i key[kKv];
       for (int kv = 0; kv < kKv; ++kv) key[kv] = _mm512_load_si512(key_u8 + (kv * 32 + g) * 64);
       for (int i = 0; i < kSlots; ++i) {
         int32_t four;
-        std::memcpy(&four, codes + static_cast<size_t>(first + i) * 128 + 4 * g, 4);
+        std::memcpy(&four, v.codes_shifted + static_cast<size_t>(first + i) * 128 + 4 * g, 4);
         const __m512i q4 = _mm512_set1_epi32(four);
         for (int kv = 0; kv < kKv; ++kv) acc[i][kv] = _mm512_dpbusd_epi32(acc[i][kv], key[kv], q4);
       }
     }
     for (int i = 0; i < kSlots; ++i) {
-      const size_t at = static_cast<size_t>(first + i) * 4 + static_cast<size_t>(b);
-      for (int kv = 0; kv < kKv; ++kv) {
-        if (kIntSums) {
-          const __m512i t = _mm512_sllv_epi32(acc[i][kv], setup[kv].key_shift[b].raw);
-          sum[i][kv] = b == 0 ? t : _mm512_add_epi32(sum[i][kv], t);
-        } else {
-          const VF exact = VF{_mm512_cvtepi32_ps(acc[i][kv])};
-          const VF t = BlockTerm<kScaled>(exact, v.scale_bits[at], setup[kv], b);
-          s[i][kv] = b == 0 ? t : hn::Add(s[i][kv], t);
-        }
-      }
-    }
-  }
-  if (kIntSums) {
-    for (int i = 0; i < kSlots; ++i) {
       const __m512i head_bits = _mm512_set1_epi32(v.min_scale_bits[first + i]);
       for (int kv = 0; kv < kKv; ++kv) {
         const __m512 scale = _mm512_castsi512_ps(_mm512_add_epi32(head_bits, setup[kv].min_key_bits.raw));
-        s[i][kv] = VF{_mm512_mul_ps(_mm512_cvtepi32_ps(sum[i][kv]), scale)};
+        s[i][kv] = VF{_mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][kv]), scale)};
+      }
+    }
+  } else {
+    constexpr bool kIntSums = kSums == BlockSums::kInteger;
+    const int8_t* codes = kIntSums ? v.codes_shifted : v.codes;
+    const int32_t* offsets = kIntSums ? v.offset_shifted : v.offset;
+    __m512i sum[kSlots][kKv];
+    // Fully unrolled, so that the accumulators stay in registers (a rolled
+    // group loop made GCC copy them between registers every iteration).
+#pragma GCC unroll 4
+    for (int b = 0; b < 4; ++b) {
+      // Each block sum starts at -12 * Σ codes (undoing the keys' +12), so no
+      // subtraction per head and block.
+      __m512i acc[kSlots][kKv];
+      for (int i = 0; i < kSlots; ++i) {
+        const __m512i start = _mm512_set1_epi32(offsets[static_cast<size_t>(first + i) * 4 + static_cast<size_t>(b)]);
+        for (int kv = 0; kv < kKv; ++kv) acc[i][kv] = start;
+      }
+#pragma GCC unroll 8
+      for (int g = 8 * b; g < 8 * b + 8; ++g) {
+        __m512i key[kKv];
+        for (int kv = 0; kv < kKv; ++kv) key[kv] = _mm512_load_si512(key_u8 + (kv * 32 + g) * 64);
+        for (int i = 0; i < kSlots; ++i) {
+          int32_t four;
+          std::memcpy(&four, codes + static_cast<size_t>(first + i) * 128 + 4 * g, 4);
+          const __m512i q4 = _mm512_set1_epi32(four);
+          for (int kv = 0; kv < kKv; ++kv) acc[i][kv] = _mm512_dpbusd_epi32(acc[i][kv], key[kv], q4);
+        }
+      }
+      for (int i = 0; i < kSlots; ++i) {
+        const size_t at = static_cast<size_t>(first + i) * 4 + static_cast<size_t>(b);
+        for (int kv = 0; kv < kKv; ++kv) {
+          if (kIntSums) {
+            const __m512i t = _mm512_sllv_epi32(acc[i][kv], setup[kv].key_shift[b].raw);
+            sum[i][kv] = b == 0 ? t : _mm512_add_epi32(sum[i][kv], t);
+          } else {
+            const VF exact = VF{_mm512_cvtepi32_ps(acc[i][kv])};
+            const VF t = BlockTerm<kScaled>(exact, v.scale_bits[at], setup[kv], b);
+            s[i][kv] = b == 0 ? t : hn::Add(s[i][kv], t);
+          }
+        }
+      }
+    }
+    if (kIntSums) {
+      for (int i = 0; i < kSlots; ++i) {
+        const __m512i head_bits = _mm512_set1_epi32(v.min_scale_bits[first + i]);
+        for (int kv = 0; kv < kKv; ++kv) {
+          const __m512 scale = _mm512_castsi512_ps(_mm512_add_epi32(head_bits, setup[kv].min_key_bits.raw));
+          s[i][kv] = VF{_mm512_mul_ps(_mm512_cvtepi32_ps(sum[i][kv]), scale)};
+        }
       }
     }
   }
@@ -347,26 +437,58 @@ KVC_VNNI512 HWY_INLINE void ScoreSlotsVnni(const IndexQueryScoringView& v, int f
   }
 }
 
-template <int kKv, bool kScaled, bool kIntSums = false>
-KVC_VNNI512 void ScoreGroupVnni(const IndexQueryScoringView& v, const VnniKeys& keys, const GroupSetup* setup,
-                                VF (*partial)[16]) {
+// Key vectors [kv0, kv0 + kKv) of `keys` into partial[kv0 ...].
+template <int kKv, bool kScaled, BlockSums kSums>
+KVC_VNNI512 void ScoreGroupVnni(const IndexQueryScoringView& v, const VnniKeys& keys, int kv0, const GroupSetup* all_setup,
+                                VF (*all_partial)[16]) {
   const DF df;
+  const uint8_t* key_u8 = &keys.u8[kv0][0][0];
+  const GroupSetup* setup = all_setup + kv0;
+  VF(*partial)[16] = all_partial + kv0;
   for (int p = 0; p < 16; ++p) {
     VF sum[kKv];
     for (int kv = 0; kv < kKv; ++kv) sum[kv] = hn::Zero(df);
     int slot = v.group_begin[p];
     const int end = v.group_begin[p + 1];
-    for (; slot + 4 <= end; slot += 4) ScoreSlotsVnni<4, kKv, kScaled, kIntSums>(v, slot, keys, setup, sum);
-    if (end - slot == 3) ScoreSlotsVnni<3, kKv, kScaled, kIntSums>(v, slot, keys, setup, sum);
-    if (end - slot == 2) ScoreSlotsVnni<2, kKv, kScaled, kIntSums>(v, slot, keys, setup, sum);
-    if (end - slot == 1) ScoreSlotsVnni<1, kKv, kScaled, kIntSums>(v, slot, keys, setup, sum);
+    for (; slot + 4 <= end; slot += 4) ScoreSlotsVnni<4, kKv, kScaled, kSums>(v, slot, key_u8, setup, sum);
+    if (end - slot == 3) ScoreSlotsVnni<3, kKv, kScaled, kSums>(v, slot, key_u8, setup, sum);
+    if (end - slot == 2) ScoreSlotsVnni<2, kKv, kScaled, kSums>(v, slot, key_u8, setup, sum);
+    if (end - slot == 1) ScoreSlotsVnni<1, kKv, kScaled, kSums>(v, slot, key_u8, setup, sum);
     for (int kv = 0; kv < kKv; ++kv) partial[kv][p] = sum[kv];
+  }
+}
+
+// The kvs key vectors of a group. Prescaled keys are scored four vectors
+// (16 accumulators) at a time; the other paths keep per-block state beside
+// the accumulators and take two at a time (four would spill).
+KVC_VNNI512 void ScoreGroupVnniDispatch(int kvs, bool scaled, BlockSums sums, const IndexQueryScoringView& v,
+                                        const VnniKeys& keys, const GroupSetup* setup, VF (*partial)[16]) {
+  if (!scaled && sums == BlockSums::kPrescaled) {
+    switch (kvs) {
+      case 4: return ScoreGroupVnni<4, false, BlockSums::kPrescaled>(v, keys, 0, setup, partial);
+      case 3: return ScoreGroupVnni<3, false, BlockSums::kPrescaled>(v, keys, 0, setup, partial);
+      case 2: return ScoreGroupVnni<2, false, BlockSums::kPrescaled>(v, keys, 0, setup, partial);
+      default: return ScoreGroupVnni<1, false, BlockSums::kPrescaled>(v, keys, 0, setup, partial);
+    }
+  }
+  for (int kv0 = 0; kv0 < kvs; kv0 += 2) {
+    const bool pair = kvs - kv0 >= 2;
+    if (scaled) {
+      pair ? ScoreGroupVnni<2, true, BlockSums::kFloat>(v, keys, kv0, setup, partial)
+           : ScoreGroupVnni<1, true, BlockSums::kFloat>(v, keys, kv0, setup, partial);
+    } else if (sums == BlockSums::kInteger) {
+      pair ? ScoreGroupVnni<2, false, BlockSums::kInteger>(v, keys, kv0, setup, partial)
+           : ScoreGroupVnni<1, false, BlockSums::kInteger>(v, keys, kv0, setup, partial);
+    } else {
+      pair ? ScoreGroupVnni<2, false, BlockSums::kFloat>(v, keys, kv0, setup, partial)
+           : ScoreGroupVnni<1, false, BlockSums::kFloat>(v, keys, kv0, setup, partial);
+    }
   }
 }
 
 KVC_VNNI512 void ScoreKeysVnni(const IndexQueryScoringView& v, const IndexQuery& q, const uint8_t* codes,
                                int64_t code_stride, const uint8_t* scales, int64_t scale_stride, int64_t n, float* out) {
-  constexpr int kKv = 2;
+  constexpr int kKv = kMaxKv;
   VnniKeys keys;
   for (int64_t j = 0; j < n; j += 16 * kKv) {
     const int64_t count = n - j < 16 * kKv ? n - j : 16 * kKv;
@@ -381,8 +503,8 @@ KVC_VNNI512 void ScoreKeysVnni(const IndexQueryScoringView& v, const IndexQuery&
     bool feasible = true, scaled = false;
     for (int kv = 0; kv < kvs; ++kv) {
       const int64_t first = j + 16 * kv;
-      LoadVnniKeys(codes + first * code_stride, code_stride, scales + first * scale_stride, scale_stride,
-                   count - 16 * kv, kv, &keys);
+      TransposeVnniKeys(codes + first * code_stride, code_stride, scales + first * scale_stride, scale_stride,
+                        count - 16 * kv, kv, &keys);
       feasible = feasible && SetupGroup(v, keys.bytes[kv], keys.zero[kv], &setup[kv]);
       scaled = scaled || setup[kv].scaled;
     }
@@ -390,26 +512,15 @@ KVC_VNNI512 void ScoreKeysVnni(const IndexQueryScoringView& v, const IndexQuery&
       for (int64_t k = j; k < j + count; ++k) out[k] = ScoreKeyEmulated(q, codes + k * code_stride, scales + k * scale_stride);
       continue;
     }
-    bool integer_sums = !scaled;
-    for (int kv = 0; kv < kvs; ++kv) integer_sums = integer_sums && setup[kv].integer_sums;
-    VF partial[kKv][16];
-    if (kvs == 2) {
-      if (scaled) {
-        ScoreGroupVnni<2, true>(v, keys, setup, partial);
-      } else if (integer_sums) {
-        ScoreGroupVnni<2, false, true>(v, keys, setup, partial);
-      } else {
-        ScoreGroupVnni<2, false>(v, keys, setup, partial);
-      }
-    } else {
-      if (scaled) {
-        ScoreGroupVnni<1, true>(v, keys, setup, partial);
-      } else if (integer_sums) {
-        ScoreGroupVnni<1, false, true>(v, keys, setup, partial);
-      } else {
-        ScoreGroupVnni<1, false>(v, keys, setup, partial);
-      }
+    bool integer_sums = !scaled, prescaled = !scaled;
+    for (int kv = 0; kv < kvs; ++kv) {
+      integer_sums = integer_sums && setup[kv].integer_sums;
+      prescaled = prescaled && setup[kv].prescalable;
     }
+    const BlockSums sums = prescaled ? BlockSums::kPrescaled : integer_sums ? BlockSums::kInteger : BlockSums::kFloat;
+    for (int kv = 0; kv < kvs; ++kv) EncodeVnniKeys(kv, prescaled ? &setup[kv] : nullptr, &keys);
+    VF partial[kKv][16];
+    ScoreGroupVnniDispatch(kvs, scaled, sums, v, keys, setup, partial);
     for (int kv = 0; kv < kvs; ++kv) {
       VF score = Halve(partial[kv]);
       if (scaled) score = Unscale(score, setup[kv].sigma);

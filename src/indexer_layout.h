@@ -41,7 +41,9 @@
 //   exponents and the head's differ from their minima by d_b <= 9 in all,
 //   every partial sum of s_h is an integer below 2^24 times 2^E_min, so exact:
 //   s_h = (Σ_b acc_b << d_b) * 2^E_min, one conversion and one multiply per
-//   head instead of four.
+//   head instead of four. When every key's d_b is at most 3 (N(0,1) keys:
+//   0..2), AVX3_DL puts 2^d_b in the key bytes themselves (prescaled keys),
+//   and the integer Σ_b acc_b << d_b comes out of one accumulator.
 // - Keys neither path can take (block scales spanning more of the exponent
 //   range than the scaled domain holds) are scored by an fp64 emulation of
 //   the reference.
@@ -66,6 +68,7 @@ struct IndexQueryScoringView {
         weight_f64(q.slot_weight_f64_.data()),
         codes_shifted(q.slot_codes_shifted_.data()),
         offset_shifted(q.slot_offset_shifted_.data()),
+        offset_prescaled(q.slot_offset_prescaled_.data()),
         min_scale_bits(q.slot_min_scale_bits_.data()),
         max_q_shift(q.max_q_shift_),
         min_q_exp(q.min_q_exp_),
@@ -88,6 +91,10 @@ struct IndexQueryScoringView {
   // every head: max_q_shift, else -1.
   const int8_t* codes_shifted;    // [slot][128]
   const int32_t* offset_shifted;  // [slot][4] -12 * Σ shifted codes of the block
+  // Prescaled keys (AVX3_DL, when every key's block shifts are also <= 3):
+  // the key bytes carry their own shift, 2*E2M1 * 2^d_b + 96, so one
+  // accumulator runs over all 128 codes, starting here.
+  const int32_t* offset_prescaled;  // [slot] -96 * Σ shifted codes of the head
   const int32_t* min_scale_bits;  // [slot] (qe_min,h + 127) << 23
   int max_q_shift;
   int min_q_exp;             // smallest qe over the active slots' nonzero blocks

@@ -132,6 +132,18 @@ std::vector<KeyDistribution> KeyDistributions() {
          return KeysWithScales(n, rng, [&](int64_t j, int b) { return b == static_cast<int>(j % 4) ? q.max_key_scale_byte() : static_cast<int>(rng() % 4); });
        }},
       {"any", uniform(0, 254)},
+      // Block exponents within a key 0..3 apart (the VNNI kernel's prescaled
+      // keys), 0..7 apart (its shifted integer block sums), and each key of a
+      // group either (the group falls back to the common path).
+      {"blocks_within_3", [](int64_t n, std::mt19937& rng, const IndexQuery&) {
+         return KeysWithScales(n, rng, [&](int64_t, int) { return 120 + static_cast<int>(rng() % 4); });
+       }},
+      {"blocks_within_7", [](int64_t n, std::mt19937& rng, const IndexQuery&) {
+         return KeysWithScales(n, rng, [&](int64_t, int) { return 118 + static_cast<int>(rng() % 8); });
+       }},
+      {"blocks_mixed", [](int64_t n, std::mt19937& rng, const IndexQuery&) {
+         return KeysWithScales(n, rng, [&](int64_t j, int) { return 118 + static_cast<int>(rng() % (j % 5 == 0 ? 8 : 4)); });
+       }},
   };
 }
 
@@ -161,7 +173,7 @@ TEST_P(IndexerKernelsTest, ScoresMatchTheReferenceOnEveryDistribution) {
   std::mt19937 rng(11);
   for (const auto& [query_name, q] : QueryDistributions(rng)) {
     for (const KeyDistribution& dist : KeyDistributions()) {
-      const int64_t n = 77;  // two VNNI groups and a tail
+      const int64_t n = 141;  // two VNNI groups of 64 keys and a tail
       const std::vector<uint8_t> page = dist.make(n, rng, q);
       const ConstPackedRows keys = PageFooterRows(RowFormat::kIndexFp4, page.data(), n);
       std::vector<float> scores(static_cast<size_t>(n));

@@ -84,6 +84,7 @@ class IndexQuery {
   std::vector<double> slot_weight_f64_;
   std::vector<int8_t> slot_codes_shifted_;
   std::vector<int32_t> slot_offset_shifted_;
+  std::vector<int32_t> slot_offset_prescaled_;
   std::vector<int32_t> slot_min_scale_bits_;
   int max_q_shift_ = -1;
   int min_q_exp_ = 0;
