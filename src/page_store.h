@@ -30,6 +30,7 @@
 #include "absl/types/span.h"
 #include "kvc/cache.h"
 #include "kvc/compressor.h"
+#include "kvc/executor.h"
 #include "kvc/model_spec.h"
 
 namespace kvc {
@@ -221,7 +222,8 @@ class PageStore {
   };
   // Allocate and AllocatePinned (under mu_ for the grant).
   absl::Status AllocateIds(absl::Span<const Request> requests, bool pinned);
-  // Maps ids [first, end) of kvc's own array of stream s in every layer (page_store.cc).
+  // Maps ids [first, end) of kvc's own array of stream s in every layer, the
+  // layers split across the executor (page_store.cc).
   void Prefault(int s, PageId first, PageId end) const;
   // The id moved between live and cache-only: its bytes change budget.
   void ToCacheOnly(int s);
@@ -237,6 +239,7 @@ class PageStore {
   std::vector<std::pair<uint8_t*, int64_t>> mappings_;  // kvc's arrays, unmapped by the destructor
   int64_t limit_[2] = {0, 0};
   bool page_manager_ = false;
+  Executor* executor_ = nullptr;  // CacheOptions::executor (not owned): Prefault's layers run through it
   int64_t prefix_limit_ = 0;
   std::function<void()> over_budget_hook_;
   mutable std::mutex mu_;  // guards the id tables, used_, prefix_used_ and the epochs
