@@ -120,7 +120,10 @@ HWY_INLINE bool SetupGroup(const IndexQueryScoringView& v, const VI* bytes, cons
   }
   g->underflow = hn::ShiftLeft<23>(hn::Sub(g->sigma, hn::Set(di, 22)));
 #if HWY_TARGET != HWY_SCALAR
-  if (g->scaled) {
+  // Set for every group, scaled or not: a group of key vectors is scored on
+  // the scaled path when any of its vectors needs it, and then a fast
+  // vector's lanes (sigma 0) read these too (2^-126 and 2^-97: no change).
+  {
     const hn::Half<DF> dh;
     const hn::Rebind<double, decltype(dh)> dd;
     const hn::Rebind<int64_t, decltype(dh)> di64;

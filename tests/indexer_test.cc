@@ -144,6 +144,14 @@ std::vector<KeyDistribution> KeyDistributions() {
       {"blocks_mixed", [](int64_t n, std::mt19937& rng, const IndexQuery&) {
          return KeysWithScales(n, rng, [&](int64_t j, int) { return 118 + static_cast<int>(rng() % (j % 5 == 0 ? 8 : 4)); });
        }},
+      // Key vectors (16 keys) that need the scaled path beside fast ones, at
+      // a different place in each 64-key group (vectors 1, 6, ...): a group
+      // is scored scaled, its fast vectors included, which must not inherit
+      // anything from the previous group's scaled vector at their place
+      // (with the tiny query: fast keys from 2^9, scaled ones with sigma ~120).
+      {"tiny_beside_fast", [](int64_t n, std::mt19937& rng, const IndexQuery&) {
+         return KeysWithScales(n, rng, [&](int64_t j, int) { return j / 16 % 5 == 1 ? 1 + static_cast<int>(rng() % 3) : 136 + static_cast<int>(rng() % 5); });
+       }},
   };
 }
 
@@ -173,16 +181,17 @@ TEST_P(IndexerKernelsTest, ScoresMatchTheReferenceOnEveryDistribution) {
   std::mt19937 rng(11);
   for (const auto& [query_name, q] : QueryDistributions(rng)) {
     for (const KeyDistribution& dist : KeyDistributions()) {
-      const int64_t n = 141;  // two VNNI groups of 64 keys and a tail
-      const std::vector<uint8_t> page = dist.make(n, rng, q);
-      const ConstPackedRows keys = PageFooterRows(RowFormat::kIndexFp4, page.data(), n);
-      std::vector<float> scores(static_cast<size_t>(n));
-      const absl::Status status = ScoreIndexKeys(q, keys, absl::MakeSpan(scores));
-      ASSERT_TRUE(status.ok()) << query_name << " x " << dist.name << ": " << status;
-      for (int64_t j = 0; j < n; ++j) {
-        ASSERT_EQ(F32Bits(scores[static_cast<size_t>(j)]), F32Bits(IndexScoreRef(q, keys.row_data(j), keys.row_scales(j))))
-            << query_name << " x " << dist.name << ", key " << j << ": " << scores[static_cast<size_t>(j)] << " vs "
-            << IndexScoreRef(q, keys.row_data(j), keys.row_scales(j));
+      for (const int64_t n : {int64_t{141}, int64_t{104}}) {  // 64-key groups and tails of 13 and 40 keys
+        const std::vector<uint8_t> page = dist.make(n, rng, q);
+        const ConstPackedRows keys = PageFooterRows(RowFormat::kIndexFp4, page.data(), n);
+        std::vector<float> scores(static_cast<size_t>(n));
+        const absl::Status status = ScoreIndexKeys(q, keys, absl::MakeSpan(scores));
+        ASSERT_TRUE(status.ok()) << query_name << " x " << dist.name << ": " << status;
+        for (int64_t j = 0; j < n; ++j) {
+          ASSERT_EQ(F32Bits(scores[static_cast<size_t>(j)]), F32Bits(IndexScoreRef(q, keys.row_data(j), keys.row_scales(j))))
+              << query_name << " x " << dist.name << ", " << n << " keys, key " << j << ": "
+              << scores[static_cast<size_t>(j)] << " vs " << IndexScoreRef(q, keys.row_data(j), keys.row_scales(j));
+        }
       }
     }
   }
