@@ -343,12 +343,13 @@ absl::Status Cache::Append(SequenceId id, int layer, int64_t position, const Lay
   const HistoryStream* key_part = impl_->KeysOf(layer);
   HistoryStream::Plan entry_plan, key_plan;
   if (compresses) {
-    KVC_ASSIGN_OR_RETURN(entry_plan, entry_part->PlanAppend(sq, layer, static_cast<int64_t>(entries.size()) / kHeadDim));
+    KVC_ASSIGN_OR_RETURN(entry_plan,
+                         entry_part->PlanAppend(sq, layer, static_cast<int64_t>(entries.size()) / kHeadDim, &executor));
   }
   if (indexes) {
     absl::StatusOr<HistoryStream::Plan> plan;
     try {  // the entries' pages are granted: a std::bad_alloc must give them back
-      plan = key_part->PlanAppend(sq, layer, static_cast<int64_t>(keys.size()) / kIndexDim);
+      plan = key_part->PlanAppend(sq, layer, static_cast<int64_t>(keys.size()) / kIndexDim, &executor);
     } catch (...) {
       entry_part->Abandon(entry_plan);
       throw;

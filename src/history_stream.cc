@@ -43,7 +43,8 @@ HistoryView HistoryStream::View(const Sequence& seq, int layer) const {
   return view;
 }
 
-absl::StatusOr<HistoryStream::Plan> HistoryStream::PlanAppend(Sequence& seq, int layer, int64_t n) const {
+absl::StatusOr<HistoryStream::Plan> HistoryStream::PlanAppend(Sequence& seq, int layer, int64_t n,
+                                                              Executor* prefault_executor) const {
   Plan plan;
   if (n <= 0) return plan;
   std::vector<PageId>& table = seq.tables[static_cast<size_t>(stream_)];
@@ -55,7 +56,8 @@ absl::StatusOr<HistoryStream::Plan> HistoryStream::PlanAppend(Sequence& seq, int
   }
   const int64_t new_pages = std::max<int64_t>(0, end - have);
   table.reserve(table.size() + static_cast<size_t>(new_pages));  // Commit's push_back allocates nothing
-  KVC_RETURN_IF_ERROR(store_.Allocate(stream_, new_pages + static_cast<int64_t>(plan.copies.size()), &plan.fresh));
+  KVC_RETURN_IF_ERROR(store_.Allocate(stream_, new_pages + static_cast<int64_t>(plan.copies.size()), &plan.fresh,
+                                      prefault_executor));
   return plan;
 }
 

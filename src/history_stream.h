@@ -72,7 +72,7 @@ class HistoryStream final : public StreamPart {
     std::vector<PageId> fresh;
     std::vector<size_t> copies;  // table positions to copy, ascending
   };
-  absl::StatusOr<Plan> PlanAppend(Sequence& seq, int layer, int64_t n) const;
+  absl::StatusOr<Plan> PlanAppend(Sequence& seq, int layer, int64_t n, Executor* prefault_executor = nullptr) const;
   void Abandon(const Plan& plan) const {
     for (const PageId id : plan.fresh) store_.Unref(stream_, id);
   }

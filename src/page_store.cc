@@ -190,7 +190,6 @@ absl::StatusOr<std::unique_ptr<PageStore>> PageStore::Create(const ModelSpec& mo
   KVC_ASSIGN_OR_RETURN(const auto engine, EngineArrays(specs, model, options));
   std::unique_ptr<PageStore> store(new PageStore());
   store->page_manager_ = options.page_manager;
-  store->executor_ = options.executor;
   store->limit_[static_cast<int>(StreamClass::kHistory)] = options.history_bytes;
   store->limit_[static_cast<int>(StreamClass::kState)] = options.state_bytes;
   store->prefix_limit_ = options.prefix_bytes;
@@ -251,11 +250,13 @@ PageStore::~PageStore() {
   for (const auto& [p, bytes] : mappings_) ::munmap(p, static_cast<size_t>(bytes));
 }
 
-absl::Status PageStore::Allocate(absl::Span<const Request> requests) { return AllocateIds(requests, false); }
+absl::Status PageStore::Allocate(absl::Span<const Request> requests, Executor* prefault_executor) {
+  return AllocateIds(requests, false, prefault_executor);
+}
 
-absl::Status PageStore::AllocatePinned(absl::Span<const Request> requests) { return AllocateIds(requests, true); }
+absl::Status PageStore::AllocatePinned(absl::Span<const Request> requests) { return AllocateIds(requests, true, nullptr); }
 
-absl::Status PageStore::AllocateIds(absl::Span<const Request> requests, bool pinned) {
+absl::Status PageStore::AllocateIds(absl::Span<const Request> requests, bool pinned, Executor* prefault_executor) {
   // Grant under the lock (all or nothing); zero the pages after it.
   std::vector<std::pair<int, PageId>> to_zero;
   // Per stream, the ids created by this call in kvc's own arrays: [first, end).
@@ -343,7 +344,7 @@ absl::Status PageStore::AllocateIds(absl::Span<const Request> requests, bool pin
     for (const int32_t l : spec(s).layers) std::memset(Page(s, l, id), 0, static_cast<size_t>(spec(s).page_bytes));
   }
   for (int s = 0; s < kStreamCount; ++s) {
-    if (fresh_end[s] > fresh_first[s]) Prefault(s, fresh_first[s], fresh_end[s]);
+    if (fresh_end[s] > fresh_first[s]) Prefault(s, fresh_first[s], fresh_end[s], prefault_executor);
   }
   return absl::OkStatus();
 }
@@ -356,15 +357,17 @@ absl::Status PageStore::AllocateIds(absl::Span<const Request> requests, bool pin
 // sharing an OS page is unaffected. A hint only: where the kernel refuses it
 // (before Linux 5.14: EINVAL; ENOMEM under memory pressure) the pages fault
 // in on first write, as without it. The kernel zeroes every page it maps
-// (a tenth of a 1M-token prefill's time in a VM), so the layers' calls run
-// through the executor: a fresh id is mapped in all 21 CSA layers' arrays at
-// once, which one thread did while the other core waited.
-void PageStore::Prefault(int s, PageId first, PageId end) const {
+// (a tenth of a 1M-token prefill's time in a VM), so Append's grants run the
+// layers' calls through its executor: a fresh id is mapped in all 21 CSA
+// layers' arrays at once, which one thread did while the other core waited.
+// Grants under 1 MiB in all (a decode step's) stay on this thread.
+void PageStore::Prefault(int s, PageId first, PageId end, Executor* executor) const {
   const int64_t page_bytes = spec(s).page_bytes;
   static const uintptr_t os_page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
   const std::vector<int32_t>& layers = spec(s).layers;
+  const bool parallel = (end - first) * page_bytes * static_cast<int64_t>(layers.size()) >= (int64_t{1} << 20);
   std::atomic<bool> refused{false};
-  ExecutorOrInline(executor_).ParallelFor(static_cast<int64_t>(layers.size()), [&](int64_t i) {
+  ExecutorOrInline(parallel ? executor : nullptr).ParallelFor(static_cast<int64_t>(layers.size()), [&](int64_t i) {
     if (refused.load(std::memory_order_relaxed)) return;  // see above: the rest fault in as written
     const int32_t l = layers[static_cast<size_t>(i)];
     const uintptr_t begin = reinterpret_cast<uintptr_t>(Page(s, l, first)) & ~(os_page - 1);

@@ -142,8 +142,13 @@ class PageStore {
     int64_t n;
     std::vector<PageId>* out;
   };
-  absl::Status Allocate(absl::Span<const Request> requests);
-  absl::Status Allocate(int s, int64_t n, std::vector<PageId>* out) { return Allocate({Request{s, n, out}}); }
+  // `prefault_executor`: maps the fresh pages through it (nullptr: this
+  // thread). Only for callers that hold no cache-wide lock (Append's page
+  // planning, under its sequence's lock like Append's other tasks).
+  absl::Status Allocate(absl::Span<const Request> requests, Executor* prefault_executor = nullptr);
+  absl::Status Allocate(int s, int64_t n, std::vector<PageId>* out, Executor* prefault_executor = nullptr) {
+    return Allocate({Request{s, n, out}}, prefault_executor);
+  }
 
   void Ref(int s, PageId id);
   void Unref(int s, PageId id);  // frees the id with its last reference; allocates nothing
@@ -221,10 +226,10 @@ class PageStore {
     int64_t cached = 0;  // ids with pins == refcount > 0
   };
   // Allocate and AllocatePinned (under mu_ for the grant).
-  absl::Status AllocateIds(absl::Span<const Request> requests, bool pinned);
+  absl::Status AllocateIds(absl::Span<const Request> requests, bool pinned, Executor* prefault_executor);
   // Maps ids [first, end) of kvc's own array of stream s in every layer, the
-  // layers split across the executor (page_store.cc).
-  void Prefault(int s, PageId first, PageId end) const;
+  // layers split across `executor` when there is enough to map (page_store.cc).
+  void Prefault(int s, PageId first, PageId end, Executor* executor) const;
   // The id moved between live and cache-only: its bytes change budget.
   void ToCacheOnly(int s);
   void ToLive(int s);
@@ -239,7 +244,6 @@ class PageStore {
   std::vector<std::pair<uint8_t*, int64_t>> mappings_;  // kvc's arrays, unmapped by the destructor
   int64_t limit_[2] = {0, 0};
   bool page_manager_ = false;
-  Executor* executor_ = nullptr;  // CacheOptions::executor (not owned): Prefault's layers run through it
   int64_t prefix_limit_ = 0;
   std::function<void()> over_budget_hook_;
   mutable std::mutex mu_;  // guards the id tables, used_, prefix_used_ and the epochs

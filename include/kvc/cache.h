@@ -162,7 +162,8 @@ struct CacheOptions {
   int32_t keys_per_page = 64;  // 68-byte index keys per page
   // Where a call runs its independent work (include/kvc/executor.h): the
   // index scoring of SelectAttentionSet (keys split across tasks) and the
-  // compressors of Append (a chunk's 512-token slices). Not owned; must
+  // compressors of Append (a chunk's 512-token slices, then the mapping of
+  // the fresh pages its entries need, by layer). Not owned; must
   // outlive the cache. nullptr: every call runs on its caller's thread.
   // Results are identical whatever the executor.
   Executor* executor = nullptr;
