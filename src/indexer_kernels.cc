@@ -345,6 +345,21 @@ KVC_VNNI512 HWY_INLINE void EncodeVnniKeys(int kv, const GroupSetup* prescale, V
   }
 }
 
+// s = fl(sum * 2^(head's min exponent + key lane's min exponent)): an exact
+// integer block sum (prescaled or shifted) converted once and scaled by the
+// fp32 whose bits are the head's exponent bits plus the lane's.
+template <int kSlots, int kKv>
+KVC_VNNI512 HWY_INLINE void ScaleIntegerSums(const IndexQueryScoringView& v, int first, const GroupSetup* setup,
+                                            const __m512i (&sum)[kSlots][kKv], VF (&s)[kSlots][kKv]) {
+  for (int i = 0; i < kSlots; ++i) {
+    const __m512i head_bits = _mm512_set1_epi32(v.min_scale_bits[first + i]);
+    for (int kv = 0; kv < kKv; ++kv) {
+      const __m512 scale = _mm512_castsi512_ps(_mm512_add_epi32(head_bits, setup[kv].min_key_bits.raw));
+      s[i][kv] = VF{_mm512_mul_ps(_mm512_cvtepi32_ps(sum[i][kv]), scale)};
+    }
+  }
+}
+
 // Scores the slots [first, first + kSlots) of one running sum against kKv
 // key vectors, adding relu * w into partial[kv] in slot order, the block
 // sums combined as kSums says.
@@ -375,13 +390,7 @@ KVC_VNNI512 HWY_INLINE void ScoreSlotsVnni(const IndexQueryScoringView& v, int f
         for (int kv = 0; kv < kKv; ++kv) acc[i][kv] = _mm512_dpbusd_epi32(acc[i][kv], key[kv], q4);
       }
     }
-    for (int i = 0; i < kSlots; ++i) {
-      const __m512i head_bits = _mm512_set1_epi32(v.min_scale_bits[first + i]);
-      for (int kv = 0; kv < kKv; ++kv) {
-        const __m512 scale = _mm512_castsi512_ps(_mm512_add_epi32(head_bits, setup[kv].min_key_bits.raw));
-        s[i][kv] = VF{_mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][kv]), scale)};
-      }
-    }
+    ScaleIntegerSums<kSlots, kKv>(v, first, setup, acc, s);
   } else {
     constexpr bool kIntSums = kSums == BlockSums::kInteger;
     const int8_t* codes = kIntSums ? v.codes_shifted : v.codes;
@@ -423,15 +432,7 @@ KVC_VNNI512 HWY_INLINE void ScoreSlotsVnni(const IndexQueryScoringView& v, int f
         }
       }
     }
-    if (kIntSums) {
-      for (int i = 0; i < kSlots; ++i) {
-        const __m512i head_bits = _mm512_set1_epi32(v.min_scale_bits[first + i]);
-        for (int kv = 0; kv < kKv; ++kv) {
-          const __m512 scale = _mm512_castsi512_ps(_mm512_add_epi32(head_bits, setup[kv].min_key_bits.raw));
-          s[i][kv] = VF{_mm512_mul_ps(_mm512_cvtepi32_ps(sum[i][kv]), scale)};
-        }
-      }
-    }
+    if (kIntSums) ScaleIntegerSums<kSlots, kKv>(v, first, setup, sum, s);
   }
   for (int i = 0; i < kSlots; ++i) {
     for (int kv = 0; kv < kKv; ++kv) {
