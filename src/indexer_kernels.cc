@@ -77,6 +77,7 @@ float ScoreKeyEmulated(const IndexQuery& q, const uint8_t* codes, const uint8_t*
 struct GroupSetup {
   VI key_bits[4];  // (ke' + sigma) << 23 per lane and block
   VI sigma;        // 0 (fast lanes) or the lane's scaling exponent
+  VI relu_min_field;  // sigma + 128: see WeightedRelu
   VI underflow;    // (sigma - 22) << 23: a block scale field below it is fl(...) = 0 (scaled path)
   bool scaled = false;
   // Integer block sums (src/indexer_layout.h): per lane and block the shift
@@ -111,6 +112,7 @@ HWY_INLINE bool SetupGroup(const IndexQueryScoringView& v, const VI* bytes, cons
   const MI fast = hn::Or(all_zero, v.fast_allowed ? hn::Gt(kmin, hn::Set(di, v.fast_min_key_exp - 1)) : hn::FirstN(di, 0));
   const VI wanted = hn::Max(hn::Set(di, 23), hn::Sub(hn::Set(di, -126 - v.min_q_exp), kmin));
   g->sigma = hn::IfThenZeroElse(fast, wanted);
+  g->relu_min_field = hn::Add(g->sigma, hn::Set(di, 128));  // every group: see grid_top below
   const MI feasible = hn::Or(fast, hn::Lt(hn::Add(kmax, g->sigma), hn::Set(di, v.key_exp_limit + 1)));
   if (!hn::AllTrue(di, feasible)) return false;
   g->scaled = !v.fast_allowed || !hn::AllTrue(di, fast);
@@ -180,6 +182,20 @@ HWY_INLINE VF WeightedRelu(VF s, float w, double w64, const GroupSetup& g) {
   const double y = a < grid_top ? std::copysign((a + c) - c, x) : x;
   return hn::Set(df, static_cast<float>(y));
 #else
+  // Every lane 0 or with relu and w normal and the exact product at least
+  // 2^(sigma-126) (2^-126 unscaled: normal in the reference, so rounded as
+  // fp32's multiply rounds it, with no subnormal operand or result): the
+  // field test relu_field + w_field - 254 >= sigma - 126. Tiny keys' scores
+  // usually pass; the rest take fp64, where gridding is exact.
+  const DI di;
+  const int w_field = static_cast<int>((F32Bits(w) >> 23) & 0xFF);
+  if (w_field != 0) {
+    const VI bits = hn::BitCast(di, relu);
+    const VI field = hn::ShiftRight<23>(hn::And(bits, hn::Set(di, 0x7F800000)));
+    const VI need = hn::Max(hn::Sub(g.relu_min_field, hn::Set(di, w_field)), hn::Set(di, 1));
+    const auto ok = hn::Or(hn::Eq(hn::And(bits, hn::Set(di, 0x7FFFFFFF)), hn::Zero(di)), hn::Gt(hn::Add(field, hn::Set(di, 1)), need));  // field >= need
+    if (hn::AllTrue(di, ok)) return hn::Mul(relu, hn::Set(df, w));
+  }
   const hn::Half<DF> dh;
   const hn::Rebind<double, decltype(dh)> dd;
   auto half_product = [&](hn::Vec<decltype(dh)> r, int half) {

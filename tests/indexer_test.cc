@@ -197,6 +197,48 @@ TEST_P(IndexerKernelsTest, ScoresMatchTheReferenceOnEveryDistribution) {
   }
 }
 
+// Random sweeps the fixed distributions miss: block scale bytes in random
+// windows of 0..74 (the scaled path's range) with zero blocks, and head
+// weights N(0,1)-sized, shrunk by up to 2^-40, spread over 2^±20 or partly
+// subnormal: each product relu * w either side of the reference's 2^-126
+// (where the kernel switches between fp32 and gridded fp64). Every score
+// bit-exact, and no subnormal operation on the way.
+TEST_P(IndexerKernelsTest, ScoresMatchTheReferenceOverRandomScalesAndWeights) {
+  std::mt19937 rng(23);
+  for (int trial = 0; trial < 160; ++trial) {
+    std::vector<float> w(64);
+    for (size_t h = 0; h < w.size(); ++h) {
+      float x = std::uniform_real_distribution<float>(-0.3f, 0.3f)(rng);
+      if (trial % 4 == 1) x = std::ldexp(x, -std::uniform_int_distribution<int>(0, 40)(rng));
+      if (trial % 4 == 2 && h % 7 == 0) x = std::ldexp(x, -135);
+      if (trial % 4 == 3) x = std::ldexp(x, std::uniform_int_distribution<int>(-20, 20)(rng));
+      w[h] = x;
+    }
+    float cos_sin[64];
+    for (int j = 0; j < 32; ++j) cos_sin[2 * j] = 1.0f, cos_sin[2 * j + 1] = 0.0f;
+    const float q_scale = trial % 3 == 0 ? 0x1p-100f : 1.0f;
+    IndexQuery q;
+    ASSERT_TRUE(IndexQuery::Prepare(RandomBf16(64 * kIndexDim, rng, q_scale), w, cos_sin, &q).ok());
+    const int64_t n = 1 + std::uniform_int_distribution<int64_t>(0, 150)(rng);
+    const int lo = std::uniform_int_distribution<int>(0, 60)(rng), spread = std::uniform_int_distribution<int>(0, 14)(rng);
+    std::uniform_int_distribution<int> byte(lo, std::min(lo + spread, q.max_key_scale_byte()));
+    std::vector<uint8_t> page(static_cast<size_t>(n) * 68);
+    for (size_t i = 0; i < static_cast<size_t>(n) * 64; ++i) page[i] = static_cast<uint8_t>(rng());
+    for (size_t i = static_cast<size_t>(n) * 64; i < page.size(); ++i) page[i] = rng() % 9 == 0 ? 0 : static_cast<uint8_t>(byte(rng));
+    const ConstPackedRows keys = PageFooterRows(RowFormat::kIndexFp4, page.data(), n);
+    std::vector<float> scores(static_cast<size_t>(n));
+    const std::string what = absl::StrCat("trial ", trial, " (scale bytes ", lo, "..", lo + spread, ")");
+    testing::ExpectNoSubnormalOperations(what, [&] {
+      if (!ScoreIndexKeys(q, keys, absl::MakeSpan(scores)).ok()) std::abort();
+    });
+    ASSERT_TRUE(ScoreIndexKeys(q, keys, absl::MakeSpan(scores)).ok()) << what;
+    for (int64_t j = 0; j < n; ++j) {
+      ASSERT_EQ(F32Bits(scores[static_cast<size_t>(j)]), F32Bits(IndexScoreRef(q, keys.row_data(j), keys.row_scales(j))))
+          << what << ", key " << j;
+    }
+  }
+}
+
 TEST_P(IndexerKernelsTest, ScoringMeetsNoSubnormalOperation) {
   std::mt19937 rng(12);
   // Preparing a query: tiny (bf16 subnormal) values, RoPE and the index-key pipeline.
