@@ -55,13 +55,35 @@ std::vector<double> BestTimes(const std::vector<Case>& cases) {
   return best;
 }
 
+// A measurement taken while the host runs something else on the core's
+// sibling or caches slows some kernels more than others (index scoring's
+// scaled path is bound by vector ALUs, its N(0,1) path by VNNI; measured
+// on a shared VM: 1.5-1.6x quiet, 1.9-2.1x in such a period, N(0,1) itself
+// 10 % slower then). Over the limit, the cases are timed again, up to
+// kAttempts in all, and each case keeps its best over every attempt: a
+// real cliff (2x or 28x on every call) fails every attempt.
+constexpr int kAttempts = 3;
+
+bool OverLimit(const std::vector<double>& best, size_t asserted) {
+  for (size_t i = 1; i < asserted; ++i) {
+    if (best[i] > kLimit * best[0]) return true;
+  }
+  return false;
+}
+
 // Asserts cases[1..] within kLimit of cases[0]; `extra` cases are timed and
 // printed but not held to the limit (documented slow paths).
 void ExpectNoCliff(const std::string& kernel, const std::vector<Case>& cases, size_t asserted) {
-  const std::vector<double> best = BestTimes(cases);
+  std::vector<double> best = BestTimes(cases);
+  int attempts = 1;
+  for (; attempts < kAttempts && OverLimit(best, asserted); ++attempts) {
+    const std::vector<double> again = BestTimes(cases);
+    for (size_t i = 0; i < best.size(); ++i) best[i] = std::min(best[i], again[i]);
+  }
   for (size_t i = 0; i < cases.size(); ++i) {
-    std::printf("%-20s %-28s %9.3f ms  %5.2fx N(0,1)%s\n", kernel.c_str(), cases[i].name.c_str(), 1e3 * best[i],
-                best[i] / best[0], i < asserted ? "" : "  (not asserted)");
+    std::printf("%-20s %-28s %9.3f ms  %5.2fx N(0,1)%s%s\n", kernel.c_str(), cases[i].name.c_str(), 1e3 * best[i],
+                best[i] / best[0], i < asserted ? "" : "  (not asserted)",
+                attempts > 1 && i == 0 ? (" (best of " + std::to_string(attempts) + " attempts)").c_str() : "");
     if (i < asserted) {
       EXPECT_LE(best[i], kLimit * best[0]) << kernel << " on " << cases[i].name << " takes " << best[i] / best[0]
                                            << "x its time on N(0,1) data";
