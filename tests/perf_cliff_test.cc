@@ -58,8 +58,8 @@ std::vector<double> BestTimes(const std::vector<Case>& cases) {
 // A measurement taken while the host runs something else on the core's
 // sibling or caches slows some kernels more than others (index scoring's
 // scaled path is bound by vector ALUs, its N(0,1) path by VNNI; measured
-// on a shared VM: 1.5-1.6x quiet, 1.9-2.1x in such a period, N(0,1) itself
-// 10 % slower then). Over the limit, the cases are timed again, up to
+// on a shared VM: 1.5-1.8x otherwise, 2.06-2.13x in such a period, N(0,1)
+// itself 10-20 % slower then). Over the limit, the cases are timed again, up to
 // kAttempts in all, and each case keeps its best over every attempt: a
 // real cliff (2x or 28x on every call) fails every attempt.
 constexpr int kAttempts = 3;
