@@ -59,7 +59,7 @@ std::vector<float> Random(size_t n, std::mt19937& rng, float scale) {
 
 TEST_P(CompressorKernelsTest, PoolChannelsMatchesReference) {
   std::mt19937 rng(1);
-  for (const int n : {1, 4, 7, 8, 128, 200}) {
+  for (const int n : {1, 4, 7, 8, 13, 127, 128, 200}) {  // whole and partial passes of every group width
     for (const int64_t channels : {int64_t{128}, int64_t{512}}) {
       std::vector<std::vector<float>> kv, score, ape;
       std::vector<PoolSlot> slots;
