@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -856,23 +857,77 @@ absl::Status Cache::SelectAttentionSets(SequenceId id, int layer, int64_t first,
 
 namespace {
 
+// Dequantizes rows [begin, end) of the set. Rows that do not follow their
+// predecessor in memory (a CSA layer's top-k: random rows of a pool of
+// ~150 MB at 1M tokens) are all prefetched first, and runs of rows that do
+// (an HCA layer's, page by page) go to the kernel in one call, left to the
+// hardware prefetcher. Measured on a Zen 5 VM, 1,152 random rows: 160-170 ns
+// per row against 450-500 without the prefetch pass; prefetching 8 or 64 rows
+// ahead inside the loop did not help, nor did prefetching the runs.
 template <typename Out>
-absl::Status GatherRows(const AttentionSet& set, absl::Span<Out> out) {
+absl::Status GatherBlock(const AttentionSet& set, int64_t begin, int64_t end, absl::Span<Out> out) {
+  constexpr int64_t kKvDataBytes = FormatInfo(RowFormat::kKvFp8).data_bytes;    // 576
+  constexpr int64_t kKvScaleBytes = FormatInfo(RowFormat::kKvFp8).scale_bytes;  // 8
+  const auto follows = [&](int64_t k) {
+    const RowRef& prev = set.rows[static_cast<size_t>(k - 1)];
+    const RowRef& row = set.rows[static_cast<size_t>(k)];
+    return row.data == prev.data + kKvDataBytes && row.scales == prev.scales + kKvScaleBytes;
+  };
+  for (int64_t k = begin; k < end; ++k) {
+    if (k > begin && follows(k)) continue;
+    const RowRef& row = set.rows[static_cast<size_t>(k)];
+    for (int64_t line = 0; line < kKvDataBytes; line += 64) __builtin_prefetch(row.data + line);
+    __builtin_prefetch(row.scales);
+  }
+  for (int64_t i = begin; i < end;) {
+    int64_t n = 1;
+    while (i + n < end && follows(i + n)) ++n;
+    const RowRef& first = set.rows[static_cast<size_t>(i)];
+    KVC_RETURN_IF_ERROR(DequantizeKvRows(ConstPackedRows{first.data, first.scales, kKvDataBytes, kKvScaleBytes, n},
+                                         out.subspan(static_cast<size_t>(i) * kHeadDim, static_cast<size_t>(n) * kHeadDim)));
+    i += n;
+  }
+  return absl::OkStatus();
+}
+
+template <typename Out>
+absl::Status GatherRows(const AttentionSet& set, absl::Span<Out> out, Executor* executor) {
   if (out.size() != set.rows.size() * kHeadDim) {
     return absl::InvalidArgumentError(absl::StrCat("GatherAttentionRows: out holds ", out.size(), " values, expected ",
                                                    set.rows.size(), " x 512"));
   }
   for (size_t i = 0; i < set.rows.size(); ++i) {
-    const ConstPackedRows row{set.rows[i].data, set.rows[i].scales, 576, 8, 1};
-    KVC_RETURN_IF_ERROR(DequantizeKvRows(row, out.subspan(i * kHeadDim, kHeadDim)));
+    if (set.rows[i].data == nullptr || set.rows[i].scales == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat("GatherAttentionRows: row ", i, " of ", set.rows.size(),
+                                                     " has a null data or scale pointer"));
+    }
   }
+  constexpr int64_t kBlockRows = 512;
+  const int64_t rows = static_cast<int64_t>(set.rows.size());
+  const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
+  // Every row checked above: a kernel refusal would be a broken invariant.
+  std::atomic<bool> failed{false};
+  auto block = [&](int64_t b) {
+    if (!GatherBlock(set, b * kBlockRows, std::min(rows, (b + 1) * kBlockRows), out).ok()) failed = true;
+  };
+  Executor& run = ExecutorOrInline(executor);
+  if (blocks <= 1 || run.concurrency() == 1) {
+    for (int64_t b = 0; b < blocks; ++b) block(b);
+  } else {
+    run.ParallelFor(blocks, block);
+  }
+  if (failed) return absl::InternalError("GatherAttentionRows: the row kernel refused a checked row");
   return absl::OkStatus();
 }
 
 }  // namespace
 
-absl::Status GatherAttentionRows(const AttentionSet& set, absl::Span<float> out) { return GatherRows(set, out); }
-absl::Status GatherAttentionRows(const AttentionSet& set, absl::Span<Bf16> out) { return GatherRows(set, out); }
+absl::Status GatherAttentionRows(const AttentionSet& set, absl::Span<float> out, Executor* executor) {
+  return GatherRows(set, out, executor);
+}
+absl::Status GatherAttentionRows(const AttentionSet& set, absl::Span<Bf16> out, Executor* executor) {
+  return GatherRows(set, out, executor);
+}
 
 // --- Pages as an engine kernel addresses them ------------------------------
 

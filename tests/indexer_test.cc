@@ -6,8 +6,10 @@
 #include <csignal>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
@@ -18,6 +20,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kvc/cache.h"
+#include "kvc/executor.h"
 #include "kvc/row_kernels.h"
 #include "tests/testing/every_target.h"
 #include "tests/testing/subnormal_traps.h"
@@ -642,6 +645,55 @@ TEST(Indexer, SelectAttentionSetWindowHcaAndCsa) {
   ASSERT_TRUE(DequantizeKvRows(rows.pages[static_cast<size_t>(picked[0] / rows.rows_per_page)].Slice(picked[0] % rows.rows_per_page, 1),
                                absl::MakeSpan(entry)).ok());
   EXPECT_EQ(std::vector<float>(gathered.begin() + 8 * kHeadDim, gathered.begin() + 9 * kHeadDim), entry);
+}
+
+// GatherAttentionRows over a set mixing page-like runs (rows next to each
+// other, scales too) with scattered rows, more than one 512-row block: the
+// bytes of each row's own DequantizeKvRows, whatever the executor; and a
+// refusal writes nothing.
+TEST(GatherAttentionRows, MatchesEachRowsDequantizationOnEveryExecutor) {
+  std::mt19937 rng(17);
+  constexpr int64_t kPool = 3000;
+  std::vector<uint8_t> data(static_cast<size_t>(kPool) * 576), scales(static_cast<size_t>(kPool) * 8);
+  ASSERT_TRUE(QuantizeKvRows(RandomBf16(static_cast<size_t>(kPool) * kHeadDim, rng, 3.0f),
+                             PackedRows{data.data(), scales.data(), 576, 8, kPool}).ok());
+  auto ref = [&](int64_t i) { return RowRef{data.data() + i * 576, scales.data() + i * 8}; };
+  AttentionSet set;
+  for (int64_t i = 2000; i < 2128; ++i) set.rows.push_back(ref(i));  // a run (an HCA layer's page)
+  std::uniform_int_distribution<int64_t> any(0, kPool - 1);
+  for (int k = 0; k < 700; ++k) set.rows.push_back(ref(any(rng)));  // scattered (a CSA top-k), repeats included
+  for (int64_t i = 10; i < 400; ++i) set.rows.push_back(ref(i));     // a run across the block boundary
+  set.rows.push_back(RowRef{data.data() + 400 * 576, scales.data() + 401 * 8});  // data follows, scales do not
+  std::vector<float> want(set.rows.size() * kHeadDim);
+  for (size_t i = 0; i < set.rows.size(); ++i) {
+    ASSERT_TRUE(DequantizeKvRows(ConstPackedRows{set.rows[i].data, set.rows[i].scales, 576, 8, 1},
+                                 absl::MakeSpan(want).subspan(i * kHeadDim, kHeadDim)).ok());
+  }
+  std::vector<Bf16> want_bf16(want.size());
+  for (size_t i = 0; i < set.rows.size(); ++i) {
+    ASSERT_TRUE(DequantizeKvRows(ConstPackedRows{set.rows[i].data, set.rows[i].scales, 576, 8, 1},
+                                 absl::MakeSpan(want_bf16).subspan(i * kHeadDim, kHeadDim)).ok());
+  }
+  const std::unique_ptr<Executor> pool = *ThreadPoolExecutor(2);
+  for (Executor* executor : {static_cast<Executor*>(nullptr), &InlineExecutor(), pool.get()}) {
+    std::vector<float> got(want.size(), -1.0f);
+    ASSERT_TRUE(GatherAttentionRows(set, absl::MakeSpan(got), executor).ok());
+    EXPECT_EQ(0, std::memcmp(got.data(), want.data(), want.size() * sizeof(float)));
+    std::vector<Bf16> got_bf16(want.size(), Bf16{0x7777});
+    ASSERT_TRUE(GatherAttentionRows(set, absl::MakeSpan(got_bf16), executor).ok());
+    EXPECT_EQ(0, std::memcmp(got_bf16.data(), want_bf16.data(), want_bf16.size() * sizeof(Bf16)));
+  }
+  // Refusals, before any row is written.
+  std::vector<float> untouched(want.size(), -1.0f);
+  std::vector<float> short_out(want.size() - kHeadDim, -1.0f);
+  EXPECT_EQ(GatherAttentionRows(set, absl::MakeSpan(short_out), pool.get()).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(std::all_of(short_out.begin(), short_out.end(), [](float v) { return v == -1.0f; }));
+  AttentionSet broken = set;
+  broken.rows[900].scales = nullptr;
+  const absl::Status refused = GatherAttentionRows(broken, absl::MakeSpan(untouched), pool.get());
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(refused.message()), ::testing::HasSubstr("row 900"));
+  EXPECT_TRUE(std::all_of(untouched.begin(), untouched.end(), [](float v) { return v == -1.0f; }));
 }
 
 }  // namespace

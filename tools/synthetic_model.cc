@@ -1,7 +1,6 @@
 #include "tools/synthetic_model.h"
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
@@ -85,41 +84,6 @@ absl::Status SyntheticModel::Append(Cache& cache, SequenceId seq, int64_t first,
   return absl::OkStatus();
 }
 
-namespace {
-
-// GatherAttentionRows, faster: runs of rows that lie next to each other in
-// a page (row i + 1's bytes right after row i's, its scales right after
-// too: compressed entries) are dequantized in one call, and the rows are
-// split across the executor's tasks. The same bytes.
-absl::Status GatherRows(const AttentionSet& set, absl::Span<float> out, Executor& executor) {
-  const int64_t rows = static_cast<int64_t>(set.rows.size());
-  if (out.size() != set.rows.size() * kHeadDim) return GatherAttentionRows(set, out);  // its refusal
-  constexpr int64_t kRowsPerTask = 512;
-  const int64_t tasks = executor.concurrency() == 1 ? 1 : (rows + kRowsPerTask - 1) / kRowsPerTask;
-  std::atomic<bool> failed{false};
-  auto gather = [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end;) {
-      const RowRef& first = set.rows[static_cast<size_t>(i)];
-      int64_t n = 1;
-      while (i + n < end && set.rows[static_cast<size_t>(i + n)].data == first.data + 576 * n &&
-             set.rows[static_cast<size_t>(i + n)].scales == first.scales + 8 * n) {
-        ++n;
-      }
-      const ConstPackedRows run{first.data, first.scales, 576, 8, n};
-      if (!DequantizeKvRows(run, out.subspan(static_cast<size_t>(i) * kHeadDim, static_cast<size_t>(n) * kHeadDim)).ok()) failed = true;
-      i += n;
-    }
-  };
-  if (tasks <= 1) {
-    gather(0, rows);
-  } else {
-    executor.ParallelFor(tasks, [&](int64_t task) { gather(task * kRowsPerTask, std::min(rows, (task + 1) * kRowsPerTask)); });
-  }
-  return failed ? GatherAttentionRows(set, out) : absl::OkStatus();  // the refusal, as the serial gather words it
-}
-
-}  // namespace
-
 absl::Status SyntheticModel::DecodeStep(Cache& cache, SequenceId seq, int64_t t, StepStats* stats, Executor* executor) const {
   auto start = std::chrono::steady_clock::now();
   KVC_RETURN_IF_ERROR(Append(cache, seq, t, 1));
@@ -140,7 +104,7 @@ absl::Status SyntheticModel::DecodeStep(Cache& cache, SequenceId seq, int64_t t,
     // HCA layer's 8,320 would zero 16 MiB per HCA layer for nothing.
     const size_t values = set.rows.size() * kHeadDim;
     if (gathered_.size() < values) gathered_.resize(values);
-    KVC_RETURN_IF_ERROR(GatherRows(set, absl::MakeSpan(gathered_).first(values), ExecutorOrInline(executor)));
+    KVC_RETURN_IF_ERROR(GatherAttentionRows(set, absl::MakeSpan(gathered_).first(values), executor));
     stats->gather += Since(start);
     stats->rows_gathered += static_cast<int64_t>(set.rows.size());
   }

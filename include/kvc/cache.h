@@ -421,9 +421,12 @@ struct CsrBlockTables {
   std::vector<int32_t> last_page_len;  // batch
 };
 
-// Dequantizes the set's rows into `out` (rows.size() x 512, in order).
-absl::Status GatherAttentionRows(const AttentionSet& set, absl::Span<float> out);
-absl::Status GatherAttentionRows(const AttentionSet& set, absl::Span<Bf16> out);
+// Dequantizes the set's rows into `out` (rows.size() x 512, in order), in
+// blocks of 512 rows through `executor` (nullptr: on the calling thread).
+// Every row is checked first: a refusal (out's size; a row with a null
+// pointer) writes nothing. The bytes are the same whatever the executor.
+absl::Status GatherAttentionRows(const AttentionSet& set, absl::Span<float> out, Executor* executor = nullptr);
+absl::Status GatherAttentionRows(const AttentionSet& set, absl::Span<Bf16> out, Executor* executor = nullptr);
 
 class Cache {
  public:
