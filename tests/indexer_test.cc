@@ -22,6 +22,7 @@
 #include "kvc/cache.h"
 #include "kvc/executor.h"
 #include "kvc/row_kernels.h"
+#include "tests/testing/distributions.h"
 #include "tests/testing/every_target.h"
 #include "tests/testing/subnormal_traps.h"
 
@@ -224,10 +225,7 @@ TEST_P(IndexerKernelsTest, ScoresMatchTheReferenceOverRandomScalesAndWeights) {
     ASSERT_TRUE(IndexQuery::Prepare(RandomBf16(64 * kIndexDim, rng, q_scale), w, cos_sin, &q).ok());
     const int64_t n = 1 + std::uniform_int_distribution<int64_t>(0, 150)(rng);
     const int lo = std::uniform_int_distribution<int>(0, 60)(rng), spread = std::uniform_int_distribution<int>(0, 14)(rng);
-    std::uniform_int_distribution<int> byte(lo, std::min(lo + spread, q.max_key_scale_byte()));
-    std::vector<uint8_t> page(static_cast<size_t>(n) * 68);
-    for (size_t i = 0; i < static_cast<size_t>(n) * 64; ++i) page[i] = static_cast<uint8_t>(rng());
-    for (size_t i = static_cast<size_t>(n) * 64; i < page.size(); ++i) page[i] = rng() % 9 == 0 ? 0 : static_cast<uint8_t>(byte(rng));
+    const std::vector<uint8_t> page = testing::RandomIndexKeyPage(n, lo, std::min(lo + spread, q.max_key_scale_byte()), 9, rng);
     const ConstPackedRows keys = PageFooterRows(RowFormat::kIndexFp4, page.data(), n);
     std::vector<float> scores(static_cast<size_t>(n));
     const std::string what = absl::StrCat("trial ", trial, " (scale bytes ", lo, "..", lo + spread, ")");

@@ -107,11 +107,7 @@ TEST(PerfCliff, ScoreIndexKeys) {
   // the query's limit); tiny (2^-127 .. 2^-115: block products, sums and
   // relu * w subnormal in the reference).
   auto keys_with_scales = [&](int lo, int hi) {
-    std::vector<uint8_t> page(static_cast<size_t>(n) * 68);
-    std::uniform_int_distribution<int> byte(lo, std::min(hi, q.max_key_scale_byte()));
-    for (size_t i = 0; i < static_cast<size_t>(n) * 64; ++i) page[i] = static_cast<uint8_t>(rng());
-    for (size_t i = static_cast<size_t>(n) * 64; i < page.size(); ++i) page[i] = static_cast<uint8_t>(byte(rng));
-    return page;
+    return testing::RandomIndexKeyPage(n, lo, std::min(hi, q.max_key_scale_byte()), 0, rng);
   };
   std::vector<std::vector<uint8_t>> pages;
   pages.emplace_back(static_cast<size_t>(n) * 68);

@@ -62,6 +62,22 @@ inline std::vector<Bf16> Bf16s(Distribution d, size_t n, std::mt19937& rng, int 
   return out;
 }
 
+// A page of n FP4 index keys as PageFooterRows lays them out (n x 64 code
+// bytes, then n x 4 UE8M0 scale bytes): random codes, scale bytes uniform in
+// [lo, hi]; with zero_one_in > 0, one scale byte in zero_one_in (at random)
+// is 0 instead (a block scaled to 2^-127). Keys whose block exponents spread
+// or sit at the range's ends: what the scaled scoring paths must handle.
+inline std::vector<uint8_t> RandomIndexKeyPage(int64_t n, int lo, int hi, int zero_one_in, std::mt19937& rng) {
+  std::vector<uint8_t> page(static_cast<size_t>(n) * 68);
+  const size_t codes = static_cast<size_t>(n) * 64;
+  std::uniform_int_distribution<int> byte(lo, hi);
+  for (size_t i = 0; i < codes; ++i) page[i] = static_cast<uint8_t>(rng());
+  for (size_t i = codes; i < page.size(); ++i) {
+    page[i] = zero_one_in > 0 && rng() % static_cast<unsigned>(zero_one_in) == 0 ? 0 : static_cast<uint8_t>(byte(rng));
+  }
+  return page;
+}
+
 }  // namespace kvc::testing
 
 #endif  // KVC_TESTS_TESTING_DISTRIBUTIONS_H_
