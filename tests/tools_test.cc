@@ -97,6 +97,14 @@ TEST(KvcRun, ReducedRunTakesEveryStageAndLeavesOnlyTheJson) {
   EXPECT_EQ(summary["model"], "DeepSeek-V4-Flash");
   EXPECT_EQ(summary["tokens"], 5002);
   EXPECT_EQ(summary["decode"]["steps"], 2);
+  // The mean over both steps is the mean of the first and the warm one.
+  const nlohmann::json& decode = summary["decode"];
+  EXPECT_GT(decode["first_step_ms"].get<double>(), 0);
+  EXPECT_GT(decode["warm_ms_per_token"].get<double>(), 0);
+  EXPECT_NEAR(decode["ms_per_token"].get<double>(),
+              (decode["first_step_ms"].get<double>() + decode["warm_ms_per_token"].get<double>()) / 2,
+              1e-9 * decode["ms_per_token"].get<double>());
+  EXPECT_THAT(out, HasSubstr("first step "));
   EXPECT_EQ(summary["snapshot"]["identical"], true);
   EXPECT_GT(summary["snapshot"]["incremental_bytes"].get<int64_t>(), 0);
   EXPECT_LT(summary["snapshot"]["incremental_bytes"].get<int64_t>(), summary["snapshot"]["file_bytes"].get<int64_t>());
