@@ -134,7 +134,36 @@ class RooflineReporter : public benchmark::BenchmarkReporter {
                            Threads(name) > 1 ? "s" : "");
       }
     }
+    PrintFlatRooflines(out);
     out.flush();
+  }
+
+  // A roofline whose multi-thread rate is under 1.25 x its one-thread rate
+  // was probably measured while the other cores (or the memory) were busy,
+  // e.g. a VM whose host took them for a while: the ratios against it then
+  // overstate. Only a warning: on a machine where one core nearly saturates
+  // memory, a flat copy rate is real.
+  void PrintFlatRooflines(std::ostream& out) const {
+    std::set<std::pair<std::string, std::string>> used;  // (reference, counter)
+    for (const auto& [name, refs] : References()) {
+      for (const Roofline& ref : refs) used.insert({ref.reference, ref.counter});
+    }
+    for (const auto& [reference, counter] : used) {
+      double one = 0;
+      for (const auto& [name, counters] : rates_) {
+        if (BaseName(name) == reference && Threads(name) == 1 && counters.count(counter) != 0) one = counters.at(counter);
+      }
+      if (one <= 0) continue;
+      for (const auto& [name, counters] : rates_) {
+        if (BaseName(name) != reference || Threads(name) < 2 || counters.count(counter) == 0) continue;
+        const double scaling = counters.at(counter) / one;
+        if (scaling >= 1.25) continue;
+        out << fmt::format("note: {} measured {:.2f} G, {:.2f} x the 1-thread run's {:.2f} G. Unless one core nearly "
+                           "saturates this machine, that roofline was measured while the other cores or the memory were "
+                           "busy, and the ratios against it overstate; rerun.\n",
+                           name, counters.at(counter) / 1e9, scaling, one / 1e9);
+      }
+    }
   }
 
   benchmark::BenchmarkReporter* inner_;

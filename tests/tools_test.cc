@@ -2,6 +2,7 @@
 // reduced size through every stage and through each way it can fail;
 // kvc-run and kvc-footprint JSON with names that need escaping; the flags of
 // every program refusing bad values; kvc_bench's standard output formats.
+#include <sched.h>
 #include <stdlib.h>
 
 #include <filesystem>
@@ -282,6 +283,29 @@ TEST(KvcBench, JsonOutputCarriesRooflineRatios) {
                                       "--benchmark_format=csv", &out, false), 0) << out;
   EXPECT_THAT(out, HasSubstr("items_per_second/BM_NthElement_1M"));
   EXPECT_THAT(out, Not(HasSubstr("Ratios to rooflines")));
+}
+
+// A roofline whose two threads share one CPU (taskset) runs at about its
+// one-thread rate: the ratio table notes that it overstates. A reference run
+// on one thread only (BM_NthElement_1M) gets no note.
+TEST(KvcBench, FlatMultiThreadRooflineGetsANote) {
+  cpu_set_t allowed;
+  CPU_ZERO(&allowed);
+  ASSERT_EQ(sched_getaffinity(0, sizeof(allowed), &allowed), 0);
+  int cpu = 0;
+  while (cpu < CPU_SETSIZE && !CPU_ISSET(cpu, &allowed)) ++cpu;
+  ASSERT_LT(cpu, CPU_SETSIZE);
+  std::string out;
+  ASSERT_EQ(testing::RunProgram("taskset -c " + std::to_string(cpu) + " " + Quote(KVC_BENCH_EXE),
+                                "--benchmark_filter='^BM_(Memcpy|TopK_1M|NthElement_1M)/' "
+                                "--benchmark_min_time=0.2",
+                                &out, false),
+            0)
+      << out;
+  EXPECT_THAT(out, HasSubstr("Ratios to rooflines"));
+  EXPECT_THAT(out, HasSubstr("note: BM_Memcpy/real_time/threads:2 measured")) << out;
+  EXPECT_THAT(out, Not(HasSubstr("note: BM_Memcpy/real_time/threads:1"))) << out;
+  EXPECT_THAT(out, Not(HasSubstr("note: BM_NthElement"))) << out;
 }
 #endif
 
