@@ -280,6 +280,29 @@ int Create(absl::StatusOr<kvc::ModelSpec> spec, const kvc_options* options, cons
   return KVC_OK;
 }
 
+// (Helpers returning C++ types stay outside extern "C".)
+std::vector<kvc_page_copy> ToCCopies(const std::vector<kvc::PageCopy>& copies) {
+  std::vector<kvc_page_copy> out;
+  out.reserve(copies.size());
+  for (const kvc::PageCopy& c : copies) out.push_back({static_cast<int32_t>(c.stream), c.src, c.dst});
+  return out;
+}
+
+// The most page copies a prefix call lists (page-manager mode): the ring's
+// pages and one page of each CSA compressor state; none in kvc's mode.
+absl::StatusOr<int64_t> CheckpointCopies(const kvc_cache& cache) {
+  const kvc::CacheOptions& options = cache.cache->options();
+  if (!options.page_manager) return 0;
+  absl::StatusOr<std::vector<kvc::StreamGeometry>> geometry = kvc::Cache::PageGeometry(cache.cache->spec(), options);
+  if (!geometry.ok()) return geometry.status();
+  const kvc::StreamGeometry& window = (*geometry)[static_cast<size_t>(kvc::Stream::kWindow)];
+  int64_t copies = (window.ring_slots + window.rows_per_page - 1) / window.rows_per_page;
+  for (const kvc::Stream s : {kvc::Stream::kCsaState, kvc::Stream::kCsaIndexerState}) {
+    if (!(*geometry)[static_cast<size_t>(s)].layers.empty()) ++copies;
+  }
+  return copies;
+}
+
 }  // namespace
 
 extern "C" {
@@ -788,17 +811,6 @@ int kvc_snapshot_restore(kvc_cache* cache, const char* path, kvc_seq* out, size_
 
 // --- Planned batch steps ----------------------------------------------------
 
-namespace {
-
-std::vector<kvc_page_copy> ToCCopies(const std::vector<kvc::PageCopy>& copies) {
-  std::vector<kvc_page_copy> out;
-  out.reserve(copies.size());
-  for (const kvc::PageCopy& c : copies) out.push_back({static_cast<int32_t>(c.stream), c.src, c.dst});
-  return out;
-}
-
-}  // namespace
-
 int kvc_step_plan_create(kvc_cache* cache, const kvc_seq* seqs, const int64_t* new_tokens, int64_t batch,
                          kvc_step_plan** out) {
   return Guarded(__func__, [&](const char* function) -> int {
@@ -1012,21 +1024,6 @@ int kvc_cache_prefix_usage(const kvc_cache* cache, kvc_prefix_usage* out) {
 }
 
 namespace {
-
-// The most page copies a prefix call lists (page-manager mode): the ring's
-// pages and one page of each CSA compressor state; none in kvc's mode.
-absl::StatusOr<int64_t> CheckpointCopies(const kvc_cache& cache) {
-  const kvc::CacheOptions& options = cache.cache->options();
-  if (!options.page_manager) return 0;
-  absl::StatusOr<std::vector<kvc::StreamGeometry>> geometry = kvc::Cache::PageGeometry(cache.cache->spec(), options);
-  if (!geometry.ok()) return geometry.status();
-  const kvc::StreamGeometry& window = (*geometry)[static_cast<size_t>(kvc::Stream::kWindow)];
-  int64_t copies = (window.ring_slots + window.rows_per_page - 1) / window.rows_per_page;
-  for (const kvc::Stream s : {kvc::Stream::kCsaState, kvc::Stream::kCsaIndexerState}) {
-    if (!(*geometry)[static_cast<size_t>(s)].layers.empty()) ++copies;
-  }
-  return copies;
-}
 
 // Checks a page-copy buffer; OK when `capacity` holds the most copies a
 // prefix call lists (else KVC_ERR_OUT_OF_RANGE with *copy_count the need).
