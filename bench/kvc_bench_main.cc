@@ -4,7 +4,6 @@
 // on the console as a table after the usual one; in JSON, CSV and the
 // --benchmark_out file as a counter named "<counter>/<roofline benchmark>"
 // (e.g. "bytes_per_second/BM_Memcpy") on each benchmark that has one.
-#include <algorithm>
 #include <cstdlib>
 #include <map>
 #include <memory>
@@ -113,13 +112,22 @@ class RooflineReporter : public benchmark::BenchmarkReporter {
       const auto value = counters->second.find(ref.counter);
       if (value == counters->second.end()) continue;
       // The roofline run at the same thread count.
-      const auto roof = std::find_if(rates_.begin(), rates_.end(), [&](const auto& run) {
-        return BaseName(run.first) == ref.reference && Threads(run.first) == Threads(name) && run.second.count(ref.counter) != 0;
-      });
-      if (roof == rates_.end() || roof->second.at(ref.counter) <= 0) continue;
-      ratios.push_back({ref, value->second, roof->second.at(ref.counter)});
+      const double roof = RoofRate(ref.reference, Threads(name), ref.counter);
+      if (roof <= 0) continue;
+      ratios.push_back({ref, value->second, roof});
     }
     return ratios;
+  }
+
+  // `counter` of the first run of roofline `reference` at `threads` threads;
+  // 0 if there is none.
+  double RoofRate(const std::string& reference, int threads, const std::string& counter) const {
+    for (const auto& [name, counters] : rates_) {
+      if (BaseName(name) != reference || Threads(name) != threads) continue;
+      const auto rate = counters.find(counter);
+      if (rate != counters.end()) return rate->second;
+    }
+    return 0;
   }
 
   void PrintTable() {
@@ -149,10 +157,7 @@ class RooflineReporter : public benchmark::BenchmarkReporter {
       for (const Roofline& ref : refs) used.insert({ref.reference, ref.counter});
     }
     for (const auto& [reference, counter] : used) {
-      double one = 0;
-      for (const auto& [name, counters] : rates_) {
-        if (BaseName(name) == reference && Threads(name) == 1 && counters.count(counter) != 0) one = counters.at(counter);
-      }
+      const double one = RoofRate(reference, 1, counter);
       if (one <= 0) continue;
       for (const auto& [name, counters] : rates_) {
         if (BaseName(name) != reference || Threads(name) < 2 || counters.count(counter) == 0) continue;
