@@ -992,6 +992,14 @@ void KillASaveMidWrite(const TinyModel& model, const std::string& path, int64_t 
   ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
 }
 
+// Saves `length` tokens of the test sequence to `path` (a full save).
+void SaveGrownSequence(const TinyModel& model, const std::string& path, int64_t length) {
+  auto cache = NewCache(model);
+  const SequenceId seq = *cache->CreateSequence();
+  ASSERT_TRUE(model.Grow(*cache, seq, length, kSeed).ok());
+  ASSERT_TRUE(SaveSnapshot(*cache, {seq}, path).ok());
+}
+
 // The snapshot at `path` restores to `length` tokens of the test sequence.
 void ExpectRestoresTo(const TinyModel& model, const std::string& path, int64_t length) {
   auto restored = NewCache(model);
@@ -1009,12 +1017,7 @@ void ExpectRestoresTo(const TinyModel& model, const std::string& path, int64_t l
 TEST(SnapshotCrash, WriterKilledMidIncrementalSaveKeepsThePreviousCommit) {
   const TinyModel model;
   const std::string path = TempPath("killed_incremental.kvcsnap");
-  {
-    auto cache = NewCache(model);
-    const SequenceId seq = *cache->CreateSequence();
-    ASSERT_TRUE(model.Grow(*cache, seq, 300, kSeed).ok());
-    ASSERT_TRUE(SaveSnapshot(*cache, {seq}, path).ok());
-  }
+  ASSERT_NO_FATAL_FAILURE(SaveGrownSequence(model, path, 300));
   const absl::StatusOr<SnapshotInfo> before = ReadSnapshotInfo(path);
   ASSERT_TRUE(before.ok()) << before.status();
   KillASaveMidWrite(model, path, 400, 0, true);
@@ -1044,12 +1047,7 @@ TEST(SnapshotCrash, WriterKilledMidIncrementalSaveKeepsThePreviousCommit) {
 TEST(SnapshotCrash, WriterKilledMidFullSaveLeavesNoTempFile) {
   const TinyModel model;
   const std::string path = TempPath("killed_full.kvcsnap");
-  {
-    auto cache = NewCache(model);
-    const SequenceId seq = *cache->CreateSequence();
-    ASSERT_TRUE(model.Grow(*cache, seq, 300, kSeed).ok());
-    ASSERT_TRUE(SaveSnapshot(*cache, {seq}, path).ok());
-  }
+  ASSERT_NO_FATAL_FAILURE(SaveGrownSequence(model, path, 300));
   KillASaveMidWrite(model, path, 400, 0, false);
   ExpectRestoresTo(model, path, 300);
   const std::vector<std::string> beside = FilesBeside(path);
@@ -1071,12 +1069,7 @@ TEST(SnapshotCrash, WriterKilledMidFullSaveLeavesNoTempFile) {
 TEST(SnapshotCrash, NamedTempFileLeftByAKilledWriterIsReported) {
   const TinyModel model;
   const std::string path = TempPath("killed_named.kvcsnap");
-  {
-    auto cache = NewCache(model);
-    const SequenceId seq = *cache->CreateSequence();
-    ASSERT_TRUE(model.Grow(*cache, seq, 300, kSeed).ok());
-    ASSERT_TRUE(SaveSnapshot(*cache, {seq}, path).ok());
-  }
+  ASSERT_NO_FATAL_FAILURE(SaveGrownSequence(model, path, 300));
   const absl::StatusOr<std::vector<std::string>> none = FindLeftoverTempFiles(path);
   ASSERT_TRUE(none.ok()) << none.status();
   EXPECT_TRUE(none->empty());
