@@ -838,6 +838,14 @@ TEST(SnapshotCorpus, CraftedOverflowFilesAreDataLoss) {
 
 // --- A writer killed mid-save ----------------------------------------------------
 
+// Saves `length` tokens of the test sequence to `path` (a full save).
+void SaveGrownSequence(const TinyModel& model, const std::string& path, int64_t length) {
+  auto cache = NewCache(model);
+  const SequenceId seq = *cache->CreateSequence();
+  ASSERT_TRUE(model.Grow(*cache, seq, length, kSeed).ok());
+  ASSERT_TRUE(SaveSnapshot(*cache, {seq}, path).ok());
+}
+
 // The child saves in a loop, growing its sequence between saves (every
 // third save a full rewrite); once it has saved, the parent kills it at a
 // random moment. The file must then restore to exactly one of the states
@@ -846,12 +854,7 @@ TEST(SnapshotCrash, KilledWriterLeavesThePreviousSnapshotUsable) {
   const TinyModel model;
   const std::string path = TempPath("crash");
   constexpr int64_t kStart = 400, kStep = 40;
-  {
-    auto cache = NewCache(model);
-    const SequenceId seq = *cache->CreateSequence();
-    ASSERT_TRUE(model.Grow(*cache, seq, kStart, kSeed).ok());
-    ASSERT_TRUE(SaveSnapshot(*cache, {seq}, path).ok());
-  }
+  ASSERT_NO_FATAL_FAILURE(SaveGrownSequence(model, path, kStart));
   std::mt19937 rng(11);
   // 30 kills anywhere. How many land mid-write is chance (a save spends
   // much of its time checking the file it appends to), so it is only
@@ -978,8 +981,8 @@ void KillASaveMidWrite(const TinyModel& model, const std::string& path, int64_t 
     fs.unnamed_errno = unnamed_errno;
     SaveOptions options;
     options.incremental = incremental;
-    (void)snapshot_format::SaveSnapshotUsing(fs, *cache, {seq}, path, options);
-    ::_exit(3);  // the save returned: it never wrote
+    const absl::StatusOr<SaveStats> saved = snapshot_format::SaveSnapshotUsing(fs, *cache, {seq}, path, options);
+    ::_exit(saved.ok() ? 3 : 6);  // the save returned: it never wrote
   }
   ::close(ready[1]);
   char byte = 0;
@@ -990,14 +993,6 @@ void KillASaveMidWrite(const TinyModel& model, const std::string& path, int64_t 
   ASSERT_EQ(::waitpid(child, &status, 0), child);
   ASSERT_EQ(got, 1) << "the writer never wrote: exit " << WEXITSTATUS(status);
   ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
-}
-
-// Saves `length` tokens of the test sequence to `path` (a full save).
-void SaveGrownSequence(const TinyModel& model, const std::string& path, int64_t length) {
-  auto cache = NewCache(model);
-  const SequenceId seq = *cache->CreateSequence();
-  ASSERT_TRUE(model.Grow(*cache, seq, length, kSeed).ok());
-  ASSERT_TRUE(SaveSnapshot(*cache, {seq}, path).ok());
 }
 
 // The snapshot at `path` restores to `length` tokens of the test sequence.
